@@ -1,0 +1,82 @@
+"""The `premoe` command: a thin typer front end over the premoe library.
+
+Library errors (`premoe.errors.PremoeError`) become one line on stderr and a non-zero exit code;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+
+import premoe
+from premoe.errors import PremoeError
+from premoe_cli.archs import archs
+from premoe_cli.inspect_cmd import inspect
+
+
+@dataclass
+class _State:
+    quiet: bool = False
+    verbose: int = 0
+
+
+state = _State()
+
+app = typer.Typer(
+    name="premoe",
+    help="Run huge Mixture-of-Experts models in far less memory: profile which experts each task "
+    "uses, route queries to task patterns, export pruned checkpoints, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"premoe {premoe.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")
+    ] = 0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only errors; no progress bars.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    state.quiet, state.verbose = quiet, verbose
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+app.command("archs")(archs)
+app.command("inspect")(inspect)
+
+
+def main() -> None:
+    """Console entry point: usage errors are handled by typer; library errors become one line."""
+    try:
+        app()
+    except PremoeError as err:
+        typer.echo(f"premoe: error: {err}", err=True)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()
