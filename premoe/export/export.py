@@ -1,0 +1,454 @@
+"""Export a pruned Hugging Face checkpoint (or an expert list) without loading the full model.
+
+Shape legend: E experts in the source, K kept per MoE layer, H hidden size.
+
+`export_pruned` streams the source checkpoint shard by shard through
+`premoe.prune.iter_pruned_tensors` (per-expert tensors of dropped experts are never opened; fused
+`[E, ...]` tensors and router rows are read row by row) into a `ShardedWriter`, whose buffer holds
+at most one output shard. Into the same temporary folder go the rewritten `config.json` (expert
+count, top-k and group fields edited in the source's own JSON, so key names stay as the source
+has them), every small non-weight file of the source (tokenizer, chat template,
+generation_config.json...), and `premoe.json` (provenance). The folder is renamed into place only
+when everything succeeded.
+
+`export_from_store` goes from a pattern store, task(s) and a policy to `export_pruned`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import premoe
+from premoe.arch.spec import _get
+from premoe.errors import OutputExistsError, UsageError
+from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, format_expert_list
+from premoe.fingerprint import fingerprint_source
+from premoe.io import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, atomic_output_dir
+from premoe.plan import SizeModel, check_store_layers, open_store, shard_metadata, store_scores
+from premoe.policy import Selection, select_experts
+from premoe.prune import GroupPlan, KeepSets, iter_pruned_tensors, pruned_config
+from premoe.source import ModelSource, resolve_model
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_NAME = "premoe.json"
+FORMATS = ("hf", "expert-list")
+MAX_COPY_BYTES = 256 * 2**20
+"""Non-weight files larger than this are not copied (with a warning)."""
+
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".npz",
+    ".onnx",
+)
+_SKIP_NAMES = {"config.json", PROVENANCE_NAME}
+
+Progress = Callable[[int, int], None]
+"""`progress(done_bytes, total_bytes)`, called after each tensor written."""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    keep_count: int  # experts kept per MoE layer
+    num_experts: int  # experts per MoE layer in the source
+    moe_layers: int
+    top_k: int  # routed count of the pruned model
+    tensor_bytes: int  # bytes of tensor data written (0 for an expert list)
+    file_bytes: int  # size of the written *.safetensors files
+    source_bytes: int  # tensor bytes of the full source checkpoint
+    bytes_read: int  # tensor bytes read from the source while streaming
+    shards: int
+    group_plan: GroupPlan
+    seconds: float
+    copied: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        """Size of the pruned model relative to the source (resident bytes)."""
+        return self.tensor_bytes / self.source_bytes if self.source_bytes else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "format": self.format,
+            "experts_kept": self.keep_count,
+            "experts": self.num_experts,
+            "moe_layers": self.moe_layers,
+            "top_k": self.top_k,
+            "bytes_written": self.tensor_bytes,
+            "file_bytes": self.file_bytes,
+            "source_bytes": self.source_bytes,
+            "fraction": self.fraction,
+            "bytes_read": self.bytes_read,
+            "shards": self.shards,
+            "group_exact": self.group_plan.exact,
+            "group_reason": self.group_plan.reason,
+            "seconds": self.seconds,
+            "copied": self.copied,
+        }
+
+
+# ---- checks --------------------------------------------------------------------------------------
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(out: str | Path, source: Path, *, overwrite: bool) -> Path:
+    """Refuse an existing `out` (unless `overwrite`), and any `out` inside the source folder or
+    containing it."""
+    out = Path(out).expanduser()
+    real_out, real_src = out.resolve(), source.resolve()
+    if _inside(real_out, real_src):
+        raise UsageError(
+            f"output {out} is inside the source model folder {source}; write the export "
+            "somewhere else"
+        )
+    if _inside(real_src, real_out):
+        raise UsageError(
+            f"output {out} contains the source model folder {source}; replacing it would delete "
+            "the source, choose another output"
+        )
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError(
+            f"output {out} already exists; pass --overwrite to replace it or choose another path"
+        )
+    return out
+
+
+# ---- config --------------------------------------------------------------------------------------
+
+
+def _aliases(config: Any, key: str) -> list[str]:
+    amap = dict(getattr(config, "attribute_map", {}) or {})
+    names = [key, *(a for a, target in amap.items() if target == key)]
+    if key in amap:
+        names.append(amap[key])
+    return list(dict.fromkeys(names))
+
+
+def _set_raw(raw: dict[str, Any], key: str, value: Any, config: Any) -> None:
+    """Set `key` (dotted, or an attribute_map alias) in the raw config.json dict."""
+    if "." in key:
+        *parents, last = key.split(".")
+        obj = raw
+        for p in parents:
+            obj = obj.setdefault(p, {})
+        obj[last] = value
+        return
+    present = [n for n in _aliases(config, key) if n in raw]
+    for name in present or [key]:
+        raw[name] = value
+
+
+def pruned_config_json(
+    src: ModelSource, keep: KeepSets, plan: GroupPlan, *, top_k: int | None = None
+) -> dict[str, Any]:
+    """The source's config.json with the fields that pruning changes rewritten."""
+    arch, config = src.arch, src.config
+    path = src.path / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {path}: {err}") from None
+    new = pruned_config(arch, config, keep, plan, top_k=top_k)
+    keys = [arch.num_experts_key, arch.top_k_key]
+    if arch.router.grouped:
+        keys += ["n_group", "topk_group"]
+    for key in keys:
+        if _get(config, key) != _get(new, key) or _get(config, key) is None:
+            _set_raw(raw, key, _get(new, key), config)
+    for key in arch.extra_config_keys:
+        _set_raw(raw, key, keep.count, config)
+    check = type(config).from_dict(dict(raw))
+    want = (keep.count, arch.top_k(new), arch.groups(new))
+    got = (arch.num_experts(check), arch.top_k(check), arch.groups(check))
+    if got != want:  # a key name premoe does not know: write the transformers serialisation
+        log.warning(
+            "config.json rewrite gave %s, expected %s; writing transformers' own", got, want
+        )
+        raw = new.to_dict()
+    return raw
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def _is_weight(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json")
+
+
+def copy_extra_files(source: Path, dest: Path) -> list[str]:
+    """Copy tokenizer files, chat template, generation config and any other small non-weight
+    file (not hidden, not config.json / premoe.json) from `source` into `dest`."""
+    copied = []
+    for root, dirs, files in os.walk(source, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_root = Path(root).relative_to(source)
+        for name in sorted(files):
+            rel = rel_root / name
+            if name.startswith(".") or _is_weight(name) or str(rel) in _SKIP_NAMES:
+                continue
+            path = Path(root) / name
+            try:
+                size = path.stat().st_size
+            except OSError:  # a dangling link
+                continue
+            if size > MAX_COPY_BYTES:
+                log.warning("not copying %s (%d bytes): too large for a non-weight file", rel, size)
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest / rel)
+            copied.append(str(rel))
+    return copied
+
+
+# ---- export --------------------------------------------------------------------------------------
+
+
+def _provenance(
+    src: ModelSource,
+    fingerprint: dict[str, Any],
+    keep: KeepSets,
+    plan: GroupPlan,
+    top_k: int | None,
+    fmt: str,
+    extra: dict[str, Any] | None,
+    selection: Selection | None,
+) -> dict[str, Any]:
+    n_group, topk_group = src.arch.groups(src.config)
+    core: dict[str, Any] = {
+        "premoe_version": premoe.__version__,
+        "kind": "pruned-checkpoint" if fmt == "hf" else "expert-list",
+        "format": fmt,
+        "source": {"path": str(src.path), "fingerprint": fingerprint},
+        "num_experts": {"source": src.num_experts, "pruned": keep.count},
+        "top_k": {"source": src.top_k, "pruned": src.top_k if top_k is None else top_k},
+        "groups": {
+            "source": {"n_group": n_group, "topk_group": topk_group},
+            "pruned": {"n_group": plan.n_group, "topk_group": plan.topk_group},
+            "exact": plan.exact,
+            "reason": plan.reason,
+        },
+        "keep": keep.to_json(),
+    }
+    if selection is not None:
+        core["ranked"] = {str(k): v for k, v in sorted(selection.ranked.items())}
+    return {**(extra or {}), **core}
+
+
+def export_pruned(
+    model: str | Path | ModelSource,
+    keep: KeepSets | Selection,
+    out: str | Path,
+    *,
+    top_k: int | None = None,
+    provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    format: str = "hf",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Progress | None = None,
+    fingerprint: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Write `model` pruned to `keep` (original expert ids per MoE layer) to folder `out`.
+
+    `format="hf"`: a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained` loads
+    (same architecture, E' = keep count, routed count `top_k` if given). `format="expert-list"`:
+    `experts.jsonl` (per-layer ranked expert lists; see `premoe.export.expert_list`). Both write
+    `premoe.json`. `keep` may be a policy `Selection` (its ranking and scores go into the expert
+    list and provenance; its `top_k` is used when `top_k` is None). `provenance` adds fields
+    (tasks, metric, policy...) to `premoe.json`. Atomic: on any failure `out` is left as it was.
+    """
+    if format not in FORMATS:
+        raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    selection = keep if isinstance(keep, Selection) else None
+    if selection is not None:
+        keep = selection.keep
+        top_k = selection.top_k if top_k is None else top_k
+    assert isinstance(keep, KeepSets)
+    src = model if isinstance(model, ModelSource) else resolve_model(model)
+    start = time.perf_counter()
+    try:
+        out = check_output(out, src.path, overwrite=overwrite)
+        plan = keep.validate(src.arch, src.config, top_k=top_k)
+        if fingerprint is None:
+            fingerprint = fingerprint_source(src)
+        sizes = SizeModel.from_source(src)
+        prov = _provenance(src, fingerprint, keep, plan, top_k, format, provenance, selection)
+        k_routed = prov["top_k"]["pruned"]
+        common = dict(
+            out=out,
+            format=format,
+            keep_count=keep.count,
+            num_experts=src.num_experts,
+            moe_layers=len(keep.layers),
+            top_k=k_routed,
+            source_bytes=sizes.source_bytes,
+            group_plan=plan,
+        )
+        if format == "expert-list":
+            lines = expert_list_lines(
+                keep,
+                src.num_experts,
+                order=None if selection is None else selection.order,
+                layers=None if selection is None else selection.layers,
+                scores=None if selection is None else selection.scores,
+            )
+            with atomic_output_dir(out, overwrite=overwrite) as tmp:
+                (tmp / EXPERT_LIST_NAME).write_text(format_expert_list(lines), encoding="utf-8")
+                _write_json(tmp / PROVENANCE_NAME, prov)
+            return ExportResult(
+                **common,
+                tensor_bytes=0,
+                file_bytes=0,
+                bytes_read=0,
+                shards=0,
+                seconds=time.perf_counter() - start,
+                provenance=prov,
+            )
+
+        config_json = pruned_config_json(src, keep, plan, top_k=top_k)
+        total = sizes.resident(keep.count) if keep.is_uniform else 0
+        read_before = src.reader.bytes_read
+        done = 0
+        with ShardedWriter(
+            out, max_shard_bytes=max_shard_bytes, metadata=shard_metadata(), overwrite=overwrite
+        ) as writer:
+            for name, tensor in iter_pruned_tensors(src.keymap, src.reader, keep):
+                writer.add(name, tensor)
+                done += tensor.nbytes
+                if progress is not None:
+                    progress(done, total)
+            _write_json(writer.path / "config.json", config_json)
+            copied = copy_extra_files(src.path, writer.path)
+            prov["bytes"] = {"tensors": writer.total_bytes, "source": sizes.source_bytes}
+            _write_json(writer.path / PROVENANCE_NAME, prov)
+        if total and writer.total_bytes != total:
+            log.warning("wrote %d tensor bytes, plan predicted %d", writer.total_bytes, total)
+        return ExportResult(
+            **common,
+            tensor_bytes=writer.total_bytes,
+            file_bytes=sum(p.stat().st_size for p in writer.shard_files),
+            bytes_read=src.reader.bytes_read - read_before,
+            shards=len(writer.shard_files),
+            seconds=time.perf_counter() - start,
+            copied=copied,
+            provenance=prov,
+        )
+    finally:
+        if not isinstance(model, ModelSource):
+            src.close()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def export_from_store(
+    model: str | Path | ModelSource,
+    store: Any,
+    tasks: Sequence[str],
+    out: str | Path,
+    *,
+    keep: int | None = None,
+    coverage: float | None = None,
+    budget: int | str | None = None,
+    top_k: int | None = None,
+    metric: str = "tcess",
+    policy: str = "task",
+    merge: str = "sum",
+    seed: int = 0,
+    overwrite: bool = False,
+    format: str = "hf",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Choose keep sets from a pattern store's task scores with a policy, then `export_pruned`.
+
+    `store`: a store folder or a loaded `PatternStore` (it must be of this model). `tasks`: one
+    or more task names (merged by `merge`: "sum" or "union"); may be empty for the `global` and
+    `random` policies. Exactly one of `keep`, `coverage`, `budget` (bytes or "24GiB").
+    The `random` policy needs no store (pass None) unless `coverage` is asked for.
+    """
+    src = model if isinstance(model, ModelSource) else resolve_model(model)
+    try:
+        check_output(out, src.path, overwrite=overwrite)
+        if format not in FORMATS:
+            raise UsageError(
+                f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}"
+            )
+        tasks = list(tasks)
+        if policy == "task" and not tasks:
+            raise UsageError("the task policy needs at least one --task")
+        fingerprint = fingerprint_source(src)
+        scores = None
+        pooled = None
+        store_info: dict[str, Any] | None = None
+        if store is not None:
+            store_path = store if isinstance(store, str | Path) else getattr(store, "path", None)
+            store = open_store(store, fingerprint)
+            check_store_layers(store, src)
+            scores = store_scores(store, tasks, metric) if tasks else None
+            if policy == "global":
+                store_scores(store, [], metric)
+                pooled = store.pooled_scores(metric)
+            store_info = {"path": None if store_path is None else str(store_path)}
+        elif policy != "random" or tasks:
+            raise UsageError(f"the {policy} policy needs a pattern store (--store)")
+        sizes = SizeModel.from_source(src)
+        selection = select_experts(
+            scores,
+            src.moe_layers,
+            num_experts=src.num_experts,
+            routed=src.top_k,
+            keep=keep,
+            coverage=coverage,
+            budget=budget,
+            bytes_for=sizes.resident,
+            top_k=top_k,
+            policy=policy,
+            pooled=pooled,
+            merge=merge,
+            groups=src.arch.groups(src.config),
+            seed=seed,
+        )
+        provenance = {
+            "tasks": tasks,
+            "metric": metric if store is not None else None,
+            "store": store_info,
+            "policy": selection.provenance,
+        }
+        return export_pruned(
+            src,
+            selection,
+            out,
+            provenance=provenance,
+            overwrite=overwrite,
+            format=format,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            fingerprint=fingerprint,
+        )
+    finally:
+        if not isinstance(model, ModelSource):
+            src.close()

@@ -1,0 +1,382 @@
+"""`plan`: what a pruned model costs, per keep count, from the checkpoint headers alone.
+
+Shape legend: L MoE layers, E routed experts per layer, K experts kept per layer.
+
+The resident size of a model that keeps K experts in every MoE layer is linear in K:
+
+    resident(K) = fixed + K * (expert_per_k + router_per_k)
+
+where `fixed` is every tensor that pruning copies unchanged (embeddings, attention, norms, dense
+and shared-expert layers), `expert_per_k` the bytes of one expert summed over the MoE layers and
+`router_per_k` one router row (plus bias entries) summed over the MoE layers. Only the safetensors
+headers are read (shapes and dtypes); with a pattern store, the router weights are read too, to
+check that the store was made for this model.
+
+`SizeModel.file_bytes(K)` predicts the size of the exported `*.safetensors` files, headers
+included, by replaying the export's tensor order and shard split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import premoe
+from premoe.arch.keys import ExpertKey, RouterKey
+from premoe.errors import StoreError, UsageError
+from premoe.io import DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_DTYPES
+from premoe.policy import group_exact_possible, human_bytes, kept_share, parse_bytes, take
+from premoe.source import ModelSource, resolve_model
+
+log = logging.getLogger(__name__)
+
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def shard_metadata() -> dict[str, str]:
+    """safetensors header metadata of exported shards (besides `format`)."""
+    return {"premoe_version": premoe.__version__}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the pruned checkpoint, as its header will describe it."""
+
+    name: str
+    code: str  # safetensors dtype code ("BF16")
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class SizeModel:
+    """Resident and on-disk sizes of a model pruned to K experts per MoE layer (headers only)."""
+
+    num_experts: int
+    fixed_bytes: int  # tensors copied unchanged
+    expert_per_k: int  # bytes of one kept expert, summed over MoE layers
+    router_per_k: int  # bytes of one router row (and bias entries), summed over MoE layers
+    source_bytes: int  # resident bytes of the full model (= resident(E))
+    _entries: list[tuple[str, Any, str, tuple[int, ...], int]] = field(repr=False)
+    # (name, role, dtype code, source shape, itemsize) in export order
+
+    @classmethod
+    def from_source(cls, src: ModelSource) -> SizeModel:
+        reader, km = src.reader, src.keymap
+        e = src.num_experts
+        fixed = expert = router = 0
+        entries = []
+        for keys in reader.keys_by_shard().values():
+            for key in keys:
+                dtype = reader.dtype(key)
+                shape = reader.shape(key)
+                nbytes = math.prod(shape) * dtype.itemsize
+                role = km.role(key)
+                if role is None:
+                    fixed += nbytes
+                elif isinstance(role, RouterKey):
+                    router += nbytes
+                else:
+                    expert += nbytes
+                entries.append((key, role, _DTYPE_CODES[dtype], shape, dtype.itemsize))
+        if expert % e or router % e:
+            raise UsageError(
+                f"expert tensors of {src.path} ({expert} bytes) do not split evenly over its "
+                f"{e} experts; is config.json the one the checkpoint was saved with?"
+            )
+        return cls(e, fixed, expert // e, router // e, fixed + expert + router, entries)
+
+    def check(self, k: int) -> None:
+        if not 0 <= k <= self.num_experts:
+            raise UsageError(f"keep must be between 0 and {self.num_experts}, got {k}")
+
+    def expert_bytes(self, k: int) -> int:
+        """Bytes of the kept experts' weights."""
+        self.check(k)
+        return k * self.expert_per_k
+
+    def non_expert_bytes(self, k: int) -> int:
+        """Bytes of everything else: unchanged tensors plus the K router rows."""
+        self.check(k)
+        return self.fixed_bytes + k * self.router_per_k
+
+    def resident(self, k: int) -> int:
+        """Resident bytes with K experts kept in every MoE layer."""
+        return self.expert_bytes(k) + self.non_expert_bytes(k)
+
+    __call__ = resident
+
+    def entries(self, k: int) -> Iterator[Entry]:
+        """The tensors of a checkpoint pruned to K experts, in the order export writes them."""
+        self.check(k)
+        for name, role, code, shape, itemsize in self._entries:
+            if role is None:
+                out = shape
+            elif isinstance(role, RouterKey):
+                out = list(shape)
+                out[role.tensor.dim] = k
+                out = tuple(out)
+            elif isinstance(role, ExpertKey) and role.expert is None:
+                out = (k * shape[0] // self.num_experts, *shape[1:])
+            else:
+                # per-expert tensors of experts 0..K-1 keep their names after renumbering
+                if role.expert >= k:
+                    continue
+                out = shape
+            yield Entry(name, code, out, math.prod(out) * itemsize)
+
+    def file_bytes(
+        self,
+        k: int,
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ) -> int:
+        """Predicted total size of the exported `*.safetensors` files (headers included)."""
+        meta = {"format": "pt", **(shard_metadata() if metadata is None else metadata)}
+        shards: list[list[Entry]] = [[]]
+        size = 0
+        for entry in self.entries(k):  # the same greedy split as ShardedWriter
+            if shards[-1] and size + entry.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += entry.nbytes
+        return sum(_shard_file_bytes(entries, meta) for entries in shards)
+
+
+def _shard_file_bytes(entries: Sequence[Entry], meta: dict[str, str]) -> int:
+    header = len(json.dumps({"__metadata__": meta}, separators=(",", ":"))) - 1
+    offset = 0
+    for e in entries:
+        start, offset = offset, offset + e.nbytes
+        header += (
+            len(json.dumps(e.name))
+            + len(e.code)
+            + len(",".join(str(n) for n in e.shape))
+            + len(str(start))
+            + len(str(offset))
+            + 44  # ,"":{"dtype":"","shape":[],"data_offsets":[,]}
+        )
+    header += 1  # closing brace
+    return 8 + (header + 7) // 8 * 8 + offset
+
+
+# ---- the store (contract of premoe.patterns.store) -----------------------------------------------
+
+
+def open_store(store: Any, fingerprint: dict[str, Any] | None = None) -> Any:
+    """A `PatternStore` from a path (or as given), checked against `fingerprint` if given."""
+    if isinstance(store, str | Path):
+        try:
+            from premoe.patterns.store import PatternStore
+        except ImportError as err:  # the store module ships separately
+            raise StoreError(f"pattern stores are not available in this install ({err})") from None
+        store = PatternStore.load(store)
+    if fingerprint is not None:
+        store.check_model(fingerprint)
+    return store
+
+
+def store_scores(
+    store: Any, tasks: Sequence[str], metric: str = "tcess"
+) -> dict[str, torch.Tensor]:
+    """`{task: [L, E] scores}` from a store; unknown tasks and metrics are usage errors."""
+    metrics = list(store.metrics)
+    if metric not in metrics:
+        raise UsageError(
+            f"metric {metric!r} is not in the store; it has {', '.join(metrics) or 'none'}"
+        )
+    names = list(store.task_names)
+    unknown = [t for t in tasks if t not in names]
+    if unknown:
+        raise UsageError(
+            f"task {unknown[0]!r} is not in the store; it has {', '.join(names) or 'no tasks'}"
+        )
+    if len(set(tasks)) != len(tasks):
+        raise UsageError(f"task given twice in {list(tasks)}")
+    return {t: store.scores(t, metric=metric) for t in tasks}
+
+
+def check_store_layers(store: Any, src: ModelSource) -> None:
+    if list(store.moe_layers) != list(src.moe_layers) or int(store.num_experts) != src.num_experts:
+        from premoe.errors import StoreMismatchError
+
+        raise StoreMismatchError(
+            f"the store has layers {list(store.moe_layers)} x {store.num_experts} experts, the "
+            f"model {src.moe_layers} x {src.num_experts}; profile this model to make a store"
+        )
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    keep: int
+    expert_bytes: int
+    non_expert_bytes: int
+    resident_bytes: int
+    file_bytes: int  # predicted exported *.safetensors size
+    fraction: float  # resident / full model
+    group_exact: bool
+    coverage_min: float | None = None
+    coverage_mean: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    family: str
+    num_experts: int
+    top_k: int  # routed count of the pruned model
+    moe_layers: list[int]
+    full_bytes: int
+    expert_per_k: int
+    router_per_k: int
+    fixed_bytes: int
+    rows: list[PlanRow]
+    budget: int | None = None
+    fits: int | None = None  # largest K within the budget
+    tasks: list[str] | None = None
+    metric: str | None = None
+
+    def row(self, keep: int) -> PlanRow:
+        return next(r for r in self.rows if r.keep == keep)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["premoe_version"] = premoe.__version__
+        return data
+
+
+def keep_ladder(routed: int, num_experts: int, extra: Sequence[int] = ()) -> list[int]:
+    """top-k, the powers of two between, E, and any `extra` counts."""
+    ks = {routed, num_experts, *extra}
+    p = 1
+    while p < num_experts:
+        if p > routed:
+            ks.add(p)
+        p *= 2
+    return sorted(k for k in ks if routed <= k <= num_experts)
+
+
+def plan(
+    model: str | Path | ModelSource,
+    *,
+    store: Any = None,
+    tasks: Sequence[str] = (),
+    metric: str = "tcess",
+    merge: str = "sum",
+    budget: int | str | None = None,
+    top_k: int | None = None,
+    keeps: Sequence[int] = (),
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Plan:
+    """Resident bytes per keep count (a ladder of K plus `keeps`), from checkpoint headers.
+
+    With `store`, each row also gives the kept share of the scores (min and mean over layers)
+    of `tasks` (merged by `merge`), or of all tasks pooled when no task is given. With
+    `budget`, `Plan.fits` is the largest K that fits (and is added to the rows).
+    """
+    from premoe.fingerprint import fingerprint_source
+    from premoe.policy import expert_order, merge_sum, union_order
+
+    src = model if isinstance(model, ModelSource) else resolve_model(model)
+    try:
+        sizes = SizeModel.from_source(src)
+        e, routed = src.num_experts, src.top_k
+        if top_k is not None and not 1 <= top_k <= routed:
+            raise UsageError(f"--top-k must be between 1 and the model's {routed}, got {top_k}")
+        k_routed = routed if top_k is None else top_k
+        groups = src.arch.groups(src.config)
+        bad = [k for k in keeps if not k_routed <= k <= e]
+        if bad:
+            raise UsageError(f"keep counts {bad} are outside {k_routed}..{e} (top-k..experts)")
+        fits = None
+        budget_bytes = None
+        if budget is not None:
+            from premoe.policy import budget_count
+
+            budget_bytes = parse_bytes(budget)
+            fits = budget_count(budget_bytes, sizes.resident, e, routed=k_routed, groups=groups)
+        cover_scores: list[torch.Tensor] = []
+        order = None
+        if store is not None:
+            store = open_store(store, fingerprint_source(src))
+            check_store_layers(store, src)
+            if tasks:
+                by_task = store_scores(store, tasks, metric)
+                if merge == "union" and len(by_task) > 1:
+                    order = union_order([expert_order(s) for s in by_task.values()])
+                    cover_scores = list(by_task.values())
+                else:
+                    merged = merge_sum(list(by_task.values()))
+                    order, cover_scores = expert_order(merged), [merged]
+            else:
+                store_scores(store, [], metric)  # checks the metric
+                pooled = store.pooled_scores(metric)
+                order, cover_scores = expert_order(pooled), [pooled]
+        rows = []
+        for k in keep_ladder(k_routed, e, [*keeps, *([fits] if fits else [])]):
+            cov_min = cov_mean = None
+            if order is not None:
+                kept = take(order, k, groups=groups, routed=k_routed)
+                share = torch.stack([kept_share(s, kept) for s in cover_scores]).min(dim=0)
+                cov_min, cov_mean = float(share.values.min()), float(share.values.mean())
+            resident = sizes.resident(k)
+            rows.append(
+                PlanRow(
+                    keep=k,
+                    expert_bytes=sizes.expert_bytes(k),
+                    non_expert_bytes=sizes.non_expert_bytes(k),
+                    resident_bytes=resident,
+                    file_bytes=sizes.file_bytes(k, max_shard_bytes=max_shard_bytes),
+                    fraction=resident / sizes.source_bytes,
+                    group_exact=group_exact_possible(k, e, groups, k_routed),
+                    coverage_min=cov_min,
+                    coverage_mean=cov_mean,
+                )
+            )
+        if fits is not None:
+            log.info("largest keep count within %s: %d", human_bytes(budget_bytes or 0), fits)
+        return Plan(
+            model=str(src.path),
+            family=src.arch.name,
+            num_experts=e,
+            top_k=k_routed,
+            moe_layers=list(src.moe_layers),
+            full_bytes=sizes.source_bytes,
+            expert_per_k=sizes.expert_per_k,
+            router_per_k=sizes.router_per_k,
+            fixed_bytes=sizes.fixed_bytes,
+            rows=rows,
+            budget=budget_bytes,
+            fits=fits,
+            tasks=list(tasks) if store is not None else None,
+            metric=metric if store is not None else None,
+        )
+    finally:
+        if not isinstance(model, ModelSource):
+            src.close()
+
+
+__all__ = [
+    "Entry",
+    "Plan",
+    "PlanRow",
+    "SizeModel",
+    "check_store_layers",
+    "keep_ladder",
+    "open_store",
+    "plan",
+    "shard_metadata",
+    "store_scores",
+]
