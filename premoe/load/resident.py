@@ -1,0 +1,367 @@
+"""Expert residency: a loaded pruned model whose K expert slots per layer switch patterns in place.
+
+`ResidentModel` holds a model loaded by `load_pruned` (K slots per MoE layer) and, per layer, the
+original expert id in each slot. `swap_to(new_keep)` makes the model equal to
+`load_pruned(new_keep)`, moving as little as possible:
+
+1. experts kept by both patterns stay on the device; where their slot changes (slot order is the
+   sorted order of the keep set, which group-limited routers and exact tie-breaking need), they
+   are permuted on the device (`index_select` + `index_copy_`, counted as device-to-device);
+2. experts the new pattern lacks are copied from the host cache (pinned, asynchronous) or the
+   checkpoint (page cache -> pinned staging -> device) into the slots freed by dropped experts;
+3. router rows and biases (`arch.router_tensors`) are rewritten from a host copy of the full
+   router tensors, so slot s routes as original expert keep[s].
+
+Every write goes into the existing storage (`tensor[slot].copy_(...)`): parameters are never
+reassigned, so `data_ptr()`s, compiled graphs and captured CUDA graphs stay valid (DESIGN.md
+invariant 5). On CUDA the copies run on a side stream that waits for the compute stream; the
+compute stream then waits for the copies (an event), and by default the host waits too so that
+`SwapStats.seconds` is the real transfer time.
+
+Shape legend: E experts in the source, K slots per MoE layer, H hidden, R rows of one expert's
+slice in a fused parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from premoe.arch.spec import RouterTensor
+from premoe.errors import KeepSetError
+from premoe.load.host_cache import HostExpertCache
+from premoe.load.loader import (
+    Copier,
+    ExpertIO,
+    LoadInfo,
+    Progress,
+    _tensor_of,
+    as_source,
+    expert_view,
+    load_pruned_with_info,
+    moe_layer,
+    param_bytes,
+)
+from premoe.prune.keepsets import GroupPlan, KeepSets
+from premoe.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+_GROUP_ATTRS = ("n_group", "num_group", "topk_group")
+
+
+@dataclass
+class SourceCount:
+    experts: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class SwapStats:
+    """What one `swap_to` moved. `experts_moved`/`bytes`: experts copied onto the device from
+    outside it (host cache + checkpoint), per source in `per_source`; `device_moves`/
+    `device_bytes`: resident experts permuted between slots; `router_bytes`: router rows."""
+
+    experts_moved: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    per_source: dict[str, SourceCount] = field(
+        default_factory=lambda: {"cache": SourceCount(), "disk": SourceCount()}
+    )
+    device_moves: int = 0
+    device_bytes: int = 0
+    router_bytes: int = 0
+    layers_changed: int = 0
+    group_plan_changed: bool = False
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "experts_moved": self.experts_moved,
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+            "bytes_per_second": self.bytes_per_second,
+            "per_source": {k: vars(v).copy() for k, v in self.per_source.items()},
+            "device_moves": self.device_moves,
+            "device_bytes": self.device_bytes,
+            "router_bytes": self.router_bytes,
+            "layers_changed": self.layers_changed,
+            "group_plan_changed": self.group_plan_changed,
+        }
+
+
+@dataclass
+class _Layer:
+    experts: list[torch.Tensor]  # one [K, ...] view per ArchSpec.experts entry (param storage)
+    routers: list[tuple[RouterTensor, torch.Tensor, torch.Tensor]]  # spec, resident, host full
+    expert_bytes: int  # one slot, all tensors
+
+
+class ResidentModel:
+    """A pruned model with K expert slots per MoE layer that can switch patterns in place.
+
+    Build it with `ResidentModel.load(model, keep, device=..., host_cache=...)`, or wrap a model
+    that `load_pruned(source, keep)` returned. `model` is an ordinary transformers model.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        source: ModelSource,
+        keep: KeepSets,
+        plan: GroupPlan,
+        *,
+        host_cache: HostExpertCache | None = None,
+        owns_source: bool = False,
+    ) -> None:
+        self.model = model
+        self.source = source
+        self.arch = source.arch
+        self.keep = keep
+        self.plan = plan
+        self.host_cache = host_cache
+        self.load_info: LoadInfo | None = None
+        self._owns_source = owns_source
+        self.top_k = self.arch.top_k(model.config)
+        self.slots = self.arch.num_experts(model.config)
+        self.device = next(model.parameters()).device
+        self._io = ExpertIO(source)
+        if set(keep.layers) != set(source.moe_layers) or any(
+            len(v) != self.slots for v in keep.layers.values()
+        ):
+            raise KeepSetError(
+                f"the model has {self.slots} expert slots in MoE layers {source.moe_layers}; "
+                "the keep sets it was loaded with do not match"
+            )
+        pin = self.device.type == "cuda"
+        self._layers: dict[int, _Layer] = {}
+        km, reader = source.keymap, source.reader
+        for layer in source.moe_layers:
+            mod = moe_layer(model, self.arch, layer)
+            views = [
+                expert_view(_tensor_of(mod, t.memory), t, self.slots) for t in self.arch.experts
+            ]  # [K, ...] each
+            routers = []
+            for t in self.arch.router_tensors:
+                dst = _tensor_of(mod, t.memory)
+                full = reader.get(km.router_key(layer, t.role)).to(dst.dtype)  # all E rows
+                routers.append((t, dst, full.pin_memory() if pin else full.contiguous()))
+            nbytes = sum(v[0].numel() * v.element_size() for v in views)
+            self._layers[layer] = _Layer(views, routers, nbytes)
+        self.expert_bytes = max(ly.expert_bytes for ly in self._layers.values())
+        if host_cache is not None:
+            host_cache.check_fits(self.expert_bytes)
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | ModelSource,
+        keep: KeepSets,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        top_k: int | None = None,
+        host_cache: HostExpertCache | None = None,
+        progress: Progress | None = None,
+        **from_config_kwargs: Any,
+    ) -> ResidentModel:
+        """`load_pruned(model, keep, ...)` wrapped for swapping."""
+        src, owned = as_source(model)
+        try:
+            m, info = load_pruned_with_info(
+                src,
+                keep,
+                device=device,
+                dtype=dtype,
+                top_k=top_k,
+                progress=progress,
+                **from_config_kwargs,
+            )
+            resident = cls(m, src, keep, info.plan, host_cache=host_cache, owns_source=owned)
+        except BaseException:
+            if owned:
+                src.close()
+            raise
+        resident.load_info = info
+        return resident
+
+    def close(self) -> None:
+        if self._owns_source:
+            self.source.close()
+
+    def __enter__(self) -> ResidentModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- inspection ----------------------------------------------------------------------------
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of every parameter on the device (unique storage)."""
+        return param_bytes(self.model)
+
+    def slot_map(self, layer: int) -> tuple[int, ...]:
+        """Original expert id held in each slot of `layer`."""
+        return self.keep.layers[layer]
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidentModel({self.arch.name}, {self.slots} slots x {len(self._layers)} MoE "
+            f"layers, {self.resident_bytes / 2**30:.2f} GiB on {self.device})"
+        )
+
+    # ---- host cache ---------------------------------------------------------------------------
+
+    def _read_entry(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        like = [v[0] for v in self._layers[layer].experts]
+        pin = self.host_cache.pin if self.host_cache is not None else False
+        return self._io.read(layer, expert, like, pin=pin)
+
+    def prefetch(self, keep: KeepSets | dict[int, list[int]]) -> int:
+        """Read the given experts into the host cache (those not there yet); returns bytes read."""
+        if self.host_cache is None:
+            raise KeepSetError("this resident model has no host cache to prefetch into")
+        layers = keep.layers if isinstance(keep, KeepSets) else keep
+        nbytes = 0
+        for layer, experts in sorted(layers.items()):
+            for e in experts:
+                if (layer, e) in self.host_cache:
+                    continue
+                entry = self._read_entry(layer, e)
+                if self.host_cache.put(layer, e, entry):
+                    nbytes += HostExpertCache.entry_bytes(entry)
+        return nbytes
+
+    # ---- swapping ------------------------------------------------------------------------------
+
+    def _check(self, keep: KeepSets) -> GroupPlan:
+        layers = sorted(self._layers)
+        if set(keep.layers) != set(layers):
+            raise KeepSetError(
+                f"keep sets must cover exactly the MoE layers {layers} of the resident model"
+            )
+        wrong = {layer: len(v) for layer, v in keep.layers.items() if len(v) != self.slots}
+        if wrong:
+            layer, n = next(iter(sorted(wrong.items())))
+            raise KeepSetError(
+                f"layer {layer} keeps {n} experts but the resident model has {self.slots} slots "
+                f"per layer; load a new model to change the kept count"
+            )
+        return keep.validate(self.arch, self.source.config, top_k=self.top_k)
+
+    def _set_groups(self, plan: GroupPlan) -> None:
+        """Point group-limited routers at the new plan (python attributes; compiled graphs that
+        guard on them recompile once)."""
+        cfg = self.model.config
+        for attr, value in (("n_group", plan.n_group), ("topk_group", plan.topk_group)):
+            if hasattr(cfg, attr):
+                setattr(cfg, attr, value)
+        for layer in self._layers:
+            mod = moe_layer(self.model, self.arch, layer)
+            for owner in (
+                mod.get_submodule(self.arch.router.module),
+                mod.get_submodule(self.arch.block),
+            ):
+                for attr in _GROUP_ATTRS:
+                    if hasattr(owner, attr):
+                        value = plan.topk_group if attr == "topk_group" else plan.n_group
+                        setattr(owner, attr, value)
+
+    def swap_to(
+        self, keep: KeepSets, *, cache_misses: bool = True, blocking: bool = True
+    ) -> SwapStats:
+        """Make the resident experts those of `keep` (same count per layer as the slots).
+
+        Afterwards the model equals `load_pruned(source, keep)`. Experts missing from the
+        device come from the host cache when it has them, else from the checkpoint (and are then
+        added to the cache unless `cache_misses=False`). With `blocking=False` the host does
+        not wait for the copies (the compute stream still does); `seconds` is then issue time.
+        """
+        plan = self._check(keep)
+        stats = SwapStats()
+        t0 = time.perf_counter()
+        copier = Copier(self.device)
+        device = self.device
+        with torch.no_grad():
+            for layer, ly in sorted(self._layers.items()):
+                old, new = self.keep.layers[layer], keep.layers[layer]
+                if old == new:
+                    continue
+                stats.layers_changed += 1
+                old_slot = {e: s for s, e in enumerate(old)}
+                moves = [(old_slot[e], j) for j, e in enumerate(new) if e in old_slot]
+                moves = [(i, j) for i, j in moves if i != j]
+                loads = [(e, j) for j, e in enumerate(new) if e not in old_slot]
+                if moves:  # permute resident experts first: their old slots may be overwritten
+
+                    def permute(ly: _Layer = ly, moves: list[tuple[int, int]] = moves) -> None:
+                        src = torch.tensor([i for i, _ in moves], device=device)
+                        dst = torch.tensor([j for _, j in moves], device=device)
+                        for view in ly.experts:
+                            view.index_copy_(0, dst, view.index_select(0, src))  # [m, ...]
+
+                    copier.run(permute)
+                    stats.device_moves += len(moves)
+                    stats.device_bytes += len(moves) * ly.expert_bytes
+                for e, j in loads:
+                    source = self._load_expert(copier, layer, ly, e, j, cache_misses)
+                    count = stats.per_source[source]
+                    count.experts += 1
+                    count.bytes += ly.expert_bytes
+                    stats.experts_moved += 1
+                    stats.bytes += ly.expert_bytes
+                idx = torch.tensor(new, dtype=torch.long)
+                for t, dst, full in ly.routers:
+                    rows = full.index_select(t.dim % full.dim(), idx)  # [K, H] / [K] / [1, K]
+                    stats.router_bytes += copier.copy(dst, rows)
+            copier.finish(blocking=blocking)
+        if (plan.n_group, plan.topk_group) != (self.plan.n_group, self.plan.topk_group):
+            self._set_groups(plan)
+            stats.group_plan_changed = True
+        self.keep, self.plan = keep, plan
+        stats.seconds = time.perf_counter() - t0
+        log.info(
+            "swap: %d experts loaded (%.1f MB: %d from cache, %d from disk), %d permuted on the "
+            "device, %d layers, %.3f s",
+            stats.experts_moved,
+            stats.bytes / 1e6,
+            stats.per_source["cache"].experts,
+            stats.per_source["disk"].experts,
+            stats.device_moves,
+            stats.layers_changed,
+            stats.seconds,
+        )
+        return stats
+
+    def _load_expert(
+        self, copier: Copier, layer: int, ly: _Layer, expert: int, slot: int, cache_misses: bool
+    ) -> str:
+        """Copy original `expert` into `slot` of `layer`; returns its source ("cache"/"disk")."""
+        cache = self.host_cache
+        entry = cache.get(layer, expert) if cache is not None else None
+        if entry is not None:
+            for view, t in zip(ly.experts, entry, strict=True):
+                copier.copy(view[slot], t)
+            return "cache"
+        if cache is not None and cache_misses:
+            entry = self._read_entry(layer, expert)
+            cache.put(layer, expert, entry)
+            for view, t in zip(ly.experts, entry, strict=True):
+                copier.copy(view[slot], t)
+            return "disk"
+        for ti, view in enumerate(ly.experts):
+            for _, off, piece in self._io.pieces(layer, ti, [expert]):
+                copier.copy(view[slot].narrow(0, off, piece.shape[0]), piece)
+        return "disk"
