@@ -1,0 +1,608 @@
+"""The pattern store: per-task expert-usage scores and a FAISS index of routing keys.
+
+A store is a folder of three files, written together atomically:
+
+- ``store.json``: format and premoe version, the source model's fingerprint, the metrics and
+  their options, the key spec, and per task its source, sample and token counts, creation time
+  and profiling options;
+- ``scores.safetensors``: per task ``sums/{task}/{row}`` [L, E] float64 (rows: ``counts``, the
+  routed selections per expert, and each accumulated metric), ``tokens/{task}`` [1] int64, and
+  the per-sample routing keys ``keys/{task}/{kind}`` [N, D] float32 for both key kinds;
+- ``index.faiss``: the FAISS index over the keys of the store's key kind (`faiss.write_index`).
+
+No pickle anywhere. Sums and token counts (not only means) are kept so that tasks merge and grow.
+
+**Similarity.** Keys are L2-normalised and searched by inner product, i.e. cosine similarity.
+Cosine ignores a key's length, which for a mean hidden state depends on the prompt's length and
+position mix rather than its content, and for a TCESS vector only scales with the threshold;
+what identifies a task is the direction. With ``search="knn"`` (default, DESIGN.md (b)) every
+calibration sample is one row; a query's k nearest rows (k = ``key["k"]``, ≈15) vote, each with
+its cosine, and a task's similarity is the sum of its voters' cosines divided by k (so it equals
+the cosine when all k neighbours agree, and drops for ambiguous or far-away queries). With
+``search="centroid"`` each task is one row (the normalised mean of its samples' normalised keys)
+and the similarity is the plain cosine.
+
+Shape legend: L MoE layers (model order), E routed experts, N samples, D key dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import premoe
+from premoe.errors import StoreError, StoreMismatchError, UsageError
+from premoe.fingerprint import describe_difference, same_model
+from premoe.io.atomic import atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = "premoe-pattern-store"
+FORMAT_VERSION = 1
+META_FILE = "store.json"
+SCORES_FILE = "scores.safetensors"
+INDEX_FILE = "index.faiss"
+GLOBAL = "__global__"
+"""Name of the pooled pattern (all tasks, token-weighted), the default routing fallback."""
+
+METRICS: tuple[str, ...] = ("tcess", "frequency", "paper-logits", "reap")
+KEY_KINDS: tuple[str, ...] = ("router_input", "tcess")
+SEARCHES: tuple[str, ...] = ("knn", "centroid")
+INDEX_TYPES: tuple[str, ...] = ("auto", "flat", "hnsw")
+DEFAULT_KNN = 15
+_HNSW_ABOVE = 1 << 22  # rows × dim above which "auto" builds an HNSW graph instead of a flat scan
+_HNSW_M = 32
+_HNSW_EF = 128
+
+
+def key_spec(
+    kind: str = "router_input",
+    layer: int = 0,
+    search: str = "knn",
+    k: int = DEFAULT_KNN,
+    index: str = "auto",
+) -> dict[str, Any]:
+    """A validated key spec, as stored in store.json."""
+    if kind not in KEY_KINDS:
+        raise UsageError(f"unknown key kind {kind!r}; choose from {', '.join(KEY_KINDS)}")
+    if search not in SEARCHES:
+        raise UsageError(f"unknown search {search!r}; choose from {', '.join(SEARCHES)}")
+    if index not in INDEX_TYPES:
+        raise UsageError(f"unknown index type {index!r}; choose from {', '.join(INDEX_TYPES)}")
+    if int(k) < 1:
+        raise UsageError(f"--knn must be >= 1, got {k}")
+    return {
+        "kind": kind,
+        "layer": int(layer),
+        "search": search,
+        "k": int(k),
+        "index": index,
+        "similarity": "cosine",
+    }
+
+
+@dataclass
+class TaskInfo:
+    """What store.json records about one task."""
+
+    source: str
+    samples: int
+    tokens: int
+    created: str  # ISO 8601, UTC
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class PatternStore:
+    """Per-task expert-usage patterns of one model, with a FAISS index over routing keys."""
+
+    path: Path | None
+    model: dict[str, Any]
+    metrics: list[str]
+    moe_layers: list[int]
+    num_experts: int
+    key: dict[str, Any]
+    tasks: dict[str, TaskInfo]
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        metrics: list[str],
+        key: dict[str, Any],
+        *,
+        metric_options: dict[str, Any] | None = None,
+        premoe_version: str | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.path = path
+        self.model = dict(model)
+        self.metrics = list(metrics)
+        self.moe_layers = [int(i) for i in model["moe_layers"]]
+        self.num_experts = int(model["num_experts"])
+        self.top_k = int(model["top_k"])
+        self.key = dict(key)
+        self.metric_options = dict(metric_options or {})
+        self.premoe_version = premoe_version or premoe.__version__
+        self.tasks = {}
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}  # task -> row -> [L, E] float64
+        self._tokens: dict[str, int] = {}
+        self._keys: dict[str, dict[str, np.ndarray]] = {}  # task -> kind -> [N, D] float32
+        self._index: Any = None
+        self._row_tasks: list[str] = []
+
+    # -- contents ----------------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.moe_layers), self.num_experts
+
+    def add_task(
+        self,
+        name: str,
+        info: TaskInfo,
+        sums: dict[str, torch.Tensor],
+        keys: dict[str, Any],
+        *,
+        rebuild: bool = True,
+    ) -> None:
+        """Add or replace a task. `sums`: row -> [L, E] (rows: counts + accumulated metrics)."""
+        need = {"counts", *(m for m in self.metrics if m != "frequency")}
+        missing = need - set(sums)
+        if missing:
+            raise StoreError(f"task {name!r} lacks sums for {', '.join(sorted(missing))}")
+        clean = {}
+        for row, t in sums.items():
+            t = torch.as_tensor(t, dtype=torch.float64).cpu()
+            if tuple(t.shape) != self.shape:
+                raise StoreError(
+                    f"task {name!r} sums {row} have shape {tuple(t.shape)}, expected {self.shape}"
+                )
+            clean[row] = t.contiguous()
+        self.tasks[name] = info
+        self._sums[name] = clean
+        self._tokens[name] = int(info.tokens)
+        self._keys[name] = {
+            k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in keys.items()
+        }
+        if rebuild:
+            self.build_index()
+
+    def remove_task(self, name: str) -> None:
+        self._check_task(name)
+        for d in (self.tasks, self._sums, self._tokens, self._keys):
+            d.pop(name, None)  # type: ignore[attr-defined]
+        self.build_index()
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            valid = ", ".join(self.tasks) or "none"
+            raise StoreError(f"unknown task {task!r}; tasks in this store: {valid}")
+
+    def _check_metric(self, metric: str) -> None:
+        if metric not in self.metrics:
+            raise StoreError(
+                f"metric {metric!r} is not in this store; metrics: {', '.join(self.metrics)}"
+            )
+
+    def _mean(self, sums: dict[str, torch.Tensor], tokens: int, metric: str) -> torch.Tensor:
+        counts = sums["counts"]
+        if metric == "frequency":
+            out = counts / max(tokens * self.top_k, 1)
+        elif metric == "reap":  # REAP: mean over the tokens routed to each expert
+            out = sums["reap"] / counts.clamp(min=1.0)
+        else:
+            out = sums[metric] / max(tokens, 1)
+        return out.float()
+
+    def scores(self, task: str, metric: str = "tcess") -> torch.Tensor:
+        """[L, E] float32 per-layer means of `metric` for `task`.
+
+        Means are sums / tokens (``frequency``: share of routed selections, each layer sums to
+        1), except ``reap``, whose mean is over the tokens routed to each expert (REAP's
+        definition; experts never routed score 0).
+        """
+        if task == GLOBAL:
+            return self.pooled_scores(metric)
+        self._check_task(task)
+        self._check_metric(metric)
+        return self._mean(self._sums[task], self._tokens[task], metric)
+
+    def sums(self, task: str) -> dict[str, torch.Tensor]:
+        """The raw [L, E] float64 sums of a task (rows: counts and accumulated metrics)."""
+        self._check_task(task)
+        return {k: v.clone() for k, v in self._sums[task].items()}
+
+    def tokens(self, task: str) -> int:
+        self._check_task(task)
+        return self._tokens[task]
+
+    def pooled_scores(self, metric: str = "tcess") -> torch.Tensor:
+        """[L, E] float32 scores of all tasks pooled (sums added, so token-weighted)."""
+        self._check_metric(metric)
+        if not self.tasks:
+            raise StoreError("the store has no task")
+        rows = next(iter(self._sums.values())).keys()
+        pooled = {r: sum(self._sums[t][r] for t in self.tasks) for r in rows}
+        return self._mean(pooled, sum(self._tokens.values()), metric)  # type: ignore[arg-type]
+
+    def keys(self, task: str, kind: str | None = None) -> np.ndarray:
+        """Per-sample routing keys [N, D] of a task (not normalised)."""
+        self._check_task(task)
+        return self._keys[task][kind or self.key["kind"]].copy()
+
+    # -- index -------------------------------------------------------------------------------------
+    def _rows(self) -> tuple[np.ndarray, list[str]]:
+        kind = self.key["kind"]
+        vecs: list[np.ndarray] = []
+        labels: list[str] = []
+        for task in self.tasks:
+            k = _l2_normalise(self._keys[task][kind])  # [N, D]
+            if self.key["search"] == "centroid":
+                k = _l2_normalise(k.mean(0, keepdims=True))  # [1, D]
+            vecs.append(k)
+            labels.extend([task] * len(k))
+        if not vecs:
+            return np.zeros((0, self.key_dim or 1), dtype=np.float32), []
+        return np.ascontiguousarray(np.concatenate(vecs)), labels
+
+    @property
+    def key_dim(self) -> int | None:
+        kind = self.key["kind"]
+        for task in self._keys.values():
+            if kind in task:
+                return int(task[kind].shape[1])
+        return None
+
+    def _index_type(self, rows: int, dim: int) -> str:
+        kind = self.key.get("index", "auto")
+        if kind == "auto":
+            return "hnsw" if rows * dim > _HNSW_ABOVE else "flat"
+        return str(kind)
+
+    def build_index(self) -> None:
+        """(Re)build the FAISS index over the keys of the store's key spec."""
+        import faiss
+
+        x, labels = self._rows()
+        dim = x.shape[1]
+        if self._index_type(len(x), dim) == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = _HNSW_EF
+            index.hnsw.efSearch = max(_HNSW_EF, 4 * int(self.key["k"]))
+        else:
+            index = faiss.IndexFlatIP(dim)
+        if len(x):
+            index.add(x)
+        self._index = index
+        self._row_tasks = labels
+
+    def with_key(
+        self,
+        kind: str | None = None,
+        search: str | None = None,
+        k: int | None = None,
+        index: str | None = None,
+    ) -> PatternStore:
+        """A copy (sharing tensors) whose index uses another key kind or search mode."""
+        spec = key_spec(
+            kind or self.key["kind"],
+            self.key["layer"],
+            search or self.key["search"],
+            k or self.key["k"],
+            index or self.key.get("index", "auto"),
+        )
+        other = PatternStore(
+            self.model,
+            self.metrics,
+            spec,
+            metric_options=self.metric_options,
+            premoe_version=self.premoe_version,
+            path=self.path,
+        )
+        other.tasks, other._sums = dict(self.tasks), dict(self._sums)
+        other._tokens, other._keys = dict(self._tokens), dict(self._keys)
+        other.build_index()
+        return other
+
+    def search(self, key: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
+        """Tasks by similarity to a query key [D], best first (at most `k`; see the module doc).
+
+        In knn mode only tasks with at least one row among the query's nearest neighbours are
+        returned.
+        """
+        if self._index is None:
+            self.build_index()
+        q = np.asarray(key, dtype=np.float32).reshape(1, -1)
+        dim = self._index.d
+        if q.shape[1] != dim:
+            raise UsageError(
+                f"query key has dimension {q.shape[1]}, the store's keys have {dim} "
+                f"(key kind {self.key['kind']!r})"
+            )
+        if not np.all(np.isfinite(q)):
+            raise UsageError("query key has non-finite values")
+        q = _l2_normalise(q)
+        n = self._index.ntotal
+        if n == 0 or k < 1:
+            return []
+        if self.key["search"] == "centroid":
+            sims, idx = self._index.search(q, min(k, n))
+            return [
+                (self._row_tasks[i], float(s))
+                for s, i in zip(sims[0], idx[0], strict=True)
+                if i >= 0
+            ]
+        nn = min(int(self.key["k"]), n)
+        sims, idx = self._index.search(q, nn)
+        votes: dict[str, float] = defaultdict(float)
+        for s, i in zip(sims[0], idx[0], strict=True):
+            if i >= 0:
+                votes[self._row_tasks[i]] += float(s)
+        ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [(task, v / nn) for task, v in ranked[:k]]
+
+    # -- model binding -----------------------------------------------------------------------------
+    def check_model(self, fingerprint: dict[str, Any]) -> None:
+        """Raise StoreMismatchError if `fingerprint` is not the store's source model."""
+        if not same_model(self.model, fingerprint):
+            where = f" {self.path}" if self.path else ""
+            raise StoreMismatchError(
+                f"pattern store{where} was made for another model "
+                f"({describe_difference(self.model, fingerprint)}); profile this model into "
+                "a new store"
+            )
+
+    # -- JSON views --------------------------------------------------------------------------------
+    def to_json(self, tasks: list[str] | None = None) -> dict[str, Any]:
+        """The `premoe patterns show --json` contract (per-layer means, MoE layers in order)."""
+        names = self.task_names if tasks is None else tasks
+        for t in names:
+            self._check_task(t)
+        return {
+            "premoe_version": self.premoe_version,
+            "model": dict(self.model),
+            "metrics": list(self.metrics),
+            "tasks": {
+                t: {
+                    "samples": self.tasks[t].samples,
+                    "tokens": self.tasks[t].tokens,
+                    "scores": {m: self.scores(t, m).tolist() for m in self.metrics},
+                }
+                for t in names
+            },
+        }
+
+    def _meta(self) -> dict[str, Any]:
+        dim = self.key_dim
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "premoe_version": self.premoe_version,
+            "model": self.model,
+            "metrics": self.metrics,
+            "metric_options": self.metric_options,
+            "key": self.key,
+            "moe_layers": self.moe_layers,
+            "num_experts": self.num_experts,
+            "index": {
+                "rows": int(self._index.ntotal) if self._index is not None else 0,
+                "dim": dim,
+                "type": type(self._index).__name__,
+                "tasks": self._row_tasks_runs(),
+            },
+            "tasks": {name: asdict(info) for name, info in self.tasks.items()},
+        }
+
+    def _row_tasks_runs(self) -> list[list[Any]]:
+        runs: list[list[Any]] = []
+        for t in self._row_tasks:
+            if runs and runs[-1][0] == t:
+                runs[-1][1] += 1
+            else:
+                runs.append([t, 1])
+        return runs
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write the store folder atomically (an existing one is replaced only with overwrite)."""
+        import faiss
+
+        if self._index is None:
+            self.build_index()
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for task in self.tasks:
+            for row, t in self._sums[task].items():
+                tensors[f"sums/{task}/{row}"] = t.contiguous()
+            tensors[f"tokens/{task}"] = torch.tensor([self._tokens[task]], dtype=torch.int64)
+            for kind, k in self._keys[task].items():
+                tensors[f"keys/{task}/{kind}"] = torch.from_numpy(np.ascontiguousarray(k))
+        meta = json.dumps(self._meta(), indent=2, sort_keys=False) + "\n"
+        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "pt"})
+            faiss.write_index(self._index, str(tmp / INDEX_FILE))
+            (tmp / META_FILE).write_text(meta, encoding="utf-8")
+        self.path = path
+        log.info("saved pattern store %s (%d tasks)", path, len(self.tasks))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PatternStore:
+        """Load and validate a store folder; any inconsistency is a one-line StoreError."""
+        path = Path(path)
+        if not path.is_dir():
+            raise StoreError(f"no pattern store at {path} (make one with `premoe profile`)")
+        meta = _read_meta(path)
+        try:
+            store = cls(
+                meta["model"],
+                list(meta["metrics"]),
+                dict(meta["key"]),
+                metric_options=dict(meta.get("metric_options") or {}),
+                premoe_version=str(meta.get("premoe_version", "")),
+                path=path,
+            )
+            tasks = {
+                name: TaskInfo(
+                    source=str(t["source"]),
+                    samples=int(t["samples"]),
+                    tokens=int(t["tokens"]),
+                    created=str(t["created"]),
+                    options=dict(t.get("options") or {}),
+                )
+                for name, t in meta["tasks"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(
+                f"{path / META_FILE} is incomplete ({type(exc).__name__}: {exc})"
+            ) from None
+        if (
+            store.moe_layers != [int(i) for i in meta.get("moe_layers", store.moe_layers)]
+            or int(meta.get("num_experts", store.num_experts)) != store.num_experts
+        ):
+            raise StoreError(f"{path / META_FILE}: layer/expert counts disagree with the model")
+        for m in store.metrics:
+            if m not in METRICS:
+                raise StoreError(f"{path / META_FILE}: unknown metric {m!r}")
+        if store.key.get("kind") not in KEY_KINDS or store.key.get("search") not in SEARCHES:
+            raise StoreError(f"{path / META_FILE}: bad key spec {store.key}")
+        tensors = _read_tensors(path)
+        for name, info in tasks.items():
+            store._load_task(path, name, info, tensors)
+        store._check_index(path, _read_index(path))
+        return store
+
+    def _load_task(
+        self, path: Path, name: str, info: TaskInfo, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        where = path / SCORES_FILE
+        rows = ["counts", *(m for m in self.metrics if m != "frequency")]
+        sums = {}
+        for row in rows:
+            t = tensors.get(f"sums/{name}/{row}")
+            if t is None:
+                raise StoreError(f"{where} lacks the {row} sums of task {name!r}")
+            if tuple(t.shape) != self.shape or t.dtype != torch.float64:
+                raise StoreError(
+                    f"{where}: {row} sums of task {name!r} are {tuple(t.shape)} {t.dtype}, "
+                    f"expected {self.shape} float64 (the model has {self.shape[0]} MoE layers "
+                    f"of {self.shape[1]} experts)"
+                )
+            sums[row] = t
+        tok = tensors.get(f"tokens/{name}")
+        if tok is None or tok.numel() != 1 or int(tok.item()) != info.tokens:
+            raise StoreError(f"{where}: token count of task {name!r} disagrees with {META_FILE}")
+        keys = {}
+        for kind in KEY_KINDS:
+            k = tensors.get(f"keys/{name}/{kind}")
+            if k is None:
+                if kind == self.key["kind"]:
+                    raise StoreError(f"{where} lacks the {kind} keys of task {name!r}")
+                continue
+            if k.dim() != 2 or k.shape[0] != info.samples or k.dtype != torch.float32:
+                raise StoreError(
+                    f"{where}: {kind} keys of task {name!r} are {tuple(k.shape)} {k.dtype}, "
+                    f"expected [{info.samples}, D] float32"
+                )
+            keys[kind] = k.numpy()
+        self.add_task(name, info, sums, keys, rebuild=False)
+
+    def _check_index(self, path: Path, index: Any) -> None:
+        where = path / INDEX_FILE
+        x, labels = self._rows()
+        if index.ntotal != len(x):
+            raise StoreError(
+                f"{where} holds {index.ntotal} keys but the store has {len(x)} "
+                f"({self.key['search']} over {len(self.tasks)} tasks); re-run `premoe profile`"
+            )
+        if len(x) and index.d != x.shape[1]:
+            raise StoreError(f"{where} has key dimension {index.d}, the keys have {x.shape[1]}")
+        if len(x):
+            try:
+                stored = index.reconstruct_n(0, index.ntotal)
+            except RuntimeError:
+                stored = None
+            if stored is not None and not np.allclose(stored, x, atol=1e-5):
+                raise StoreError(f"{where} does not match the stored keys; re-run `premoe profile`")
+        self._index = index
+        self._row_tasks = labels
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / META_FILE
+    if not file.is_file():
+        raise StoreError(f"{path} is not a pattern store (no {META_FILE})")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise StoreError(f"{file} is damaged ({msg}); re-run `premoe profile`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(f"{file} is not a premoe pattern store")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise StoreError(
+            f"{file} has format version {version!r}; this premoe ({premoe.__version__}) reads "
+            f"version {FORMAT_VERSION}: upgrade premoe or re-profile"
+        )
+    if not isinstance(meta.get("tasks"), dict) or not isinstance(meta.get("model"), dict):
+        raise StoreError(f"{file} is incomplete (no tasks or model)")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    file = path / SCORES_FILE
+    if not file.is_file():
+        raise StoreError(f"{path} lacks {SCORES_FILE}; re-run `premoe profile`")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"{file} is damaged ({first}); re-run `premoe profile`") from None
+
+
+def _read_index(path: Path) -> Any:
+    import faiss
+
+    file = path / INDEX_FILE
+    if not file.is_file():
+        raise StoreError(f"{path} lacks {INDEX_FILE}; re-run `premoe profile`")
+    try:
+        return faiss.read_index(str(file))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(first) > 160:
+            first = first[:157] + "..."
+        raise StoreError(f"{file} is damaged ({first}); re-run `premoe profile`") from None
+
+
+def created_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+__all__ = [
+    "GLOBAL",
+    "PatternStore",
+    "TaskInfo",
+    "created_now",
+    "key_spec",
+]

@@ -1,0 +1,399 @@
+"""`profile()`: run a model over task corpora and write per-task expert-usage patterns.
+
+The model runs in padded batches (right padding, attention mask; padding tokens never count)
+with hooks only on the routers (`hooks.RoutingRecorder`); every requested metric comes from the
+same pass, and per-sample routing keys for both key kinds are taken along the way. Only the
+decoder (`model.model`) runs: the LM head is never computed, since no metric needs it.
+
+Shape legend: B batch, S padded sequence length, L MoE layers, E experts, N samples, D key dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from premoe.arch import ArchSpec, arch_for_config
+from premoe.errors import ModelNotFoundError, StoreError, UsageError
+from premoe.fingerprint import fingerprint_model, fingerprint_source
+from premoe.patterns.store import (
+    DEFAULT_KNN,
+    PatternStore,
+    TaskInfo,
+    created_now,
+    key_spec,
+)
+from premoe.profile.corpus import TaskCorpus, check_task_name, load_task
+from premoe.profile.hooks import Recorded, RoutingRecorder
+from premoe.profile.metrics import DEFAULT_METRIC, check_metrics, check_threshold
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+@dataclass
+class ProgressInfo:
+    """Progress of a profiling run, reported after every batch."""
+
+    task: str
+    samples: int  # samples done, all tasks so far
+    total_samples: int  # samples of all tasks
+    tokens: int  # real (non-padding) tokens done
+    tokens_per_s: float
+
+
+Progress = Callable[[ProgressInfo], None]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` (cuda if present, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if isinstance(device, torch.device):
+        return device
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UsageError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """``auto`` (the checkpoint's own dtype) or one of bf16, fp16, fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    text = str(dtype).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text not in DTYPES:
+        raise UsageError(f"bad --dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return DTYPES[text]
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module) and hasattr(obj, "config")
+
+
+class ModelHandle:
+    """A model to profile: fingerprint and tokenizer at once, weights when `load()` is called."""
+
+    def __init__(self, model: Any, tokenizer: Any = None) -> None:
+        self.path: Path | None = None
+        self._model: Any = None
+        if _is_model(model):
+            self._model = model
+            self.config = model.config
+            self.arch: ArchSpec = arch_for_config(model.config)
+            self.fingerprint = fingerprint_model(model, self.arch)
+            if tokenizer is None:
+                raise UsageError("pass the tokenizer with an already-loaded model")
+        else:
+            from premoe.source import resolve_model
+
+            src = resolve_model(model)
+            try:
+                self.path, self.config, self.arch = src.path, src.config, src.arch
+                self.fingerprint = fingerprint_source(src)
+            finally:
+                src.close()
+            if tokenizer is None:
+                tokenizer = load_tokenizer(src.path)
+        self.tokenizer = tokenizer
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(
+        self,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        device_map: str | dict[str, Any] | None = None,
+    ) -> Any:
+        """The transformers model (loaded from the checkpoint on first call), in eval mode."""
+        if self._model is None:
+            self._model = load_causal_lm(
+                self.path, device=device, dtype=dtype, device_map=device_map
+            )
+        return self._model
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelNotFoundError(
+            f"cannot load a tokenizer from {path} ({type(exc).__name__}); add the tokenizer "
+            "files to the model folder"
+        ) from None
+
+
+def load_causal_lm(
+    path: str | Path | None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict[str, Any] | None = None,
+) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` on a device (or an accelerate device map)."""
+    from transformers import AutoModelForCausalLM
+
+    if path is None:
+        raise UsageError("no model path to load from")
+    torch_dtype = resolve_dtype(dtype)
+    if device_map is None:
+        device_map = {"": str(resolve_device(device))}
+    elif device_map != "auto" and not isinstance(device_map, dict):
+        raise UsageError(f"bad --device-map {device_map!r}; use auto")
+    log.info("loading %s (dtype %s, device map %s)", path, torch_dtype, device_map)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
+    return model.eval()
+
+
+def input_device(model: Any) -> torch.device:
+    return model.model.get_input_embeddings().weight.device
+
+
+def iter_batches(
+    token_ids: list[list[int]], batch_size: int, pad_id: int, *, pin: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Right-padded batches, longest samples first: (ids [B, S], mask [B, S], sample indices)."""
+    order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
+    for start in range(0, len(order), batch_size):
+        sel = order[start : start + batch_size]
+        width = max(len(token_ids[i]) for i in sel)
+        ids = torch.full((len(sel), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sel), width), dtype=torch.long)
+        for row, i in enumerate(sel):
+            n = len(token_ids[i])
+            ids[row, :n] = torch.tensor(token_ids[i], dtype=torch.long)
+            mask[row, :n] = 1
+        if pin:
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        yield ids, mask, sel
+
+
+def pad_token_id(tokenizer: Any, config: Any) -> int:
+    for value in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(config, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def accumulated_rows(metrics: list[str]) -> tuple[str, ...]:
+    """Rows the recorder sums for `metrics` (frequency comes from the always-kept counts)."""
+    return tuple(m for m in metrics if m != "frequency")
+
+
+def run_profile(
+    model: Any,
+    arch: ArchSpec,
+    corpora: Mapping[str, TaskCorpus],
+    *,
+    tokenizer: Any,
+    metrics: list[str],
+    threshold: float = 0.0,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, Recorded]:
+    """Run `model` over every task's samples; per task: [L, E] sums and per-sample keys."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    device = input_device(model)
+    pad_id = pad_token_id(tokenizer, model.config)
+    total = sum(c.samples for c in corpora.values())
+    done_samples = done_tokens = 0
+    start = time.perf_counter()
+    out: dict[str, Recorded] = {}
+    rows = accumulated_rows(metrics)
+    with torch.inference_mode(), RoutingRecorder(model, arch, rows, threshold) as rec:
+        for name, corpus in corpora.items():
+            order: list[int] = []
+            for ids, mask, sel in iter_batches(
+                corpus.token_ids, batch_size, pad_id, pin=device.type == "cuda"
+            ):
+                ids = ids.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True)
+                rec.start_batch(mask)
+                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                order.extend(sel)
+                done_samples += len(sel)
+                done_tokens += sum(len(corpus.token_ids[i]) for i in sel)
+                if progress is not None:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    progress(
+                        ProgressInfo(name, done_samples, total, done_tokens, done_tokens / elapsed)
+                    )
+            recorded = rec.collect()
+            inverse = np.argsort(np.asarray(order))  # batch order -> corpus order
+            recorded.keys = {k: v[torch.from_numpy(inverse)] for k, v in recorded.keys.items()}
+            out[name] = recorded
+    return out
+
+
+def _existing_store(out: Path, overwrite: bool) -> PatternStore | None:
+    if overwrite or not out.exists():
+        return None
+    if not (out / "store.json").exists():
+        raise StoreError(
+            f"{out} exists and is not a pattern store; choose another --out or pass --overwrite"
+        )
+    return PatternStore.load(out)
+
+
+def _merge_options(
+    existing: PatternStore | None,
+    metrics: Any,
+    threshold: float | None,
+) -> tuple[list[str], float]:
+    if existing is None:
+        return check_metrics(metrics or [DEFAULT_METRIC]), check_threshold(threshold or 0.0)
+    have = existing.metrics
+    stored_r = float(existing.metric_options.get("threshold", 0.0))
+    chosen = check_metrics(metrics) if metrics else list(have)
+    if set(chosen) != set(have):
+        raise UsageError(
+            f"store {existing.path} holds metrics {', '.join(have)}; profile with the same "
+            "metrics to add tasks, or pass --overwrite to start a new store"
+        )
+    if threshold is not None and check_threshold(threshold) != stored_r:
+        raise UsageError(
+            f"store {existing.path} was profiled with --threshold {stored_r}; use it again, "
+            "or pass --overwrite to start a new store"
+        )
+    return list(have), stored_r
+
+
+def profile(
+    model: Any,
+    tasks: Mapping[str, str | Path],
+    *,
+    tokenizer: Any = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    metrics: Any = None,
+    threshold: float | None = None,
+    key: str | None = None,
+    search: str | None = None,
+    knn: int | None = None,
+    index: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    max_tokens: int | None = None,
+    max_length: int = 512,
+    seed: int = 0,
+    text_field: str | None = None,
+    progress: Progress | None = None,
+) -> PatternStore:
+    """Profile `model` on `tasks` ({name: source}) and return (and, with `out`, save) the store.
+
+    `model` is a checkpoint folder or hub id, or an already-loaded transformers model (then pass
+    its `tokenizer`). If `out` is an existing store of the same model, the tasks are added to it
+    (a task of the same name is replaced) and the index is rebuilt; `overwrite` replaces the
+    whole store instead. `metrics` default to ``("tcess",)`` (or the store's), `threshold` to 0
+    (or the store's). Key options (`key` router_input|tcess, `search` knn|centroid, `knn`,
+    `index` auto|flat|hnsw) default to the store's or router_input/knn/15/auto. Everything that
+    can be wrong with the inputs is checked before the model runs; a failure leaves `out` as it
+    was.
+    """
+    if not tasks:
+        raise UsageError("give at least one task (--task NAME=SOURCE)")
+    for name in tasks:
+        check_task_name(name)
+    out_path = Path(out) if out is not None else None
+    existing = _existing_store(out_path, overwrite) if out_path is not None else None
+    handle = ModelHandle(model, tokenizer)
+    if existing is not None:
+        existing.check_model(handle.fingerprint)
+    chosen, r = _merge_options(existing, metrics, threshold)
+    layer0 = handle.arch.moe_layer_ids(handle.config)[0]
+    base = existing.key if existing is not None else key_spec(layer=layer0)
+    spec = key_spec(
+        key or base["kind"],
+        layer0,
+        search or base["search"],
+        knn or base.get("k", DEFAULT_KNN),
+        index or base.get("index", "auto"),
+    )
+    max_pos = getattr(handle.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and 0 < max_pos < max_length:
+        log.info("max_length %d > the model's %d positions: using %d", max_length, max_pos, max_pos)
+        max_length = max_pos
+    corpora = {
+        name: load_task(
+            name,
+            source,
+            handle.tokenizer,
+            text_field=text_field,
+            max_samples=max_samples,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            seed=seed,
+        )
+        for name, source in tasks.items()
+    }
+    net = handle.load(device=device, dtype=dtype, device_map=device_map)
+    recorded = run_profile(
+        net,
+        handle.arch,
+        corpora,
+        tokenizer=handle.tokenizer,
+        metrics=chosen,
+        threshold=r,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if existing is not None:
+        store = existing.with_key(spec["kind"], spec["search"], spec["k"], spec["index"])
+    else:
+        store = PatternStore(handle.fingerprint, chosen, spec, metric_options={"threshold": r})
+    dtype_used = str(next(net.parameters()).dtype).removeprefix("torch.")
+    for name, rec in recorded.items():
+        corpus = corpora[name]
+        info = TaskInfo(
+            source=corpus.source,
+            samples=corpus.samples,
+            tokens=corpus.tokens,
+            created=created_now(),
+            options={**corpus.options, "dtype": dtype_used},
+        )
+        store.add_task(
+            name, info, rec.sums, {k: v.numpy() for k, v in rec.keys.items()}, rebuild=False
+        )
+    store.build_index()
+    if out_path is not None:
+        store.save(out_path, overwrite=overwrite or existing is not None)
+    return store
