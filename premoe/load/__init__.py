@@ -1,7 +1,15 @@
-"""Pruned loading and expert residency: `load_pruned`, `ResidentModel`, `HostExpertCache`."""
+"""Pruned loading and expert residency.
+
+- `load_pruned(model, keep, device=, dtype=)`: an ordinary transformers model holding only the
+  kept experts, read from the original checkpoint without materialising the full model.
+- `ResidentModel(model, keep, ...)`: such a model with K slots per MoE layer; `swap_to(keep)`
+  switches patterns in place and reports `SwapStats`.
+- `HostExpertCache(budget)`: pinned host cache of experts that swaps read from first.
+"""
 
 from __future__ import annotations
 
+from premoe.load.host_cache import HostExpertCache
 from premoe.load.loader import (
     ExpertIO,
     LoadInfo,
@@ -14,11 +22,16 @@ from premoe.load.loader import (
     resolve_dtype,
     size_model,
 )
+from premoe.load.resident import ResidentModel, SourceCount, SwapStats
 
 __all__ = [
     "ExpertIO",
+    "HostExpertCache",
     "LoadInfo",
+    "ResidentModel",
     "SizeModel",
+    "SourceCount",
+    "SwapStats",
     "keep_for_budget",
     "load_pruned",
     "load_pruned_with_info",

@@ -35,6 +35,7 @@ from torch import nn
 from premoe.arch.keys import ExpertKey, KeyMap, RouterKey
 from premoe.arch.spec import ArchSpec, ExpertTensor
 from premoe.errors import CheckpointError, UsageError
+from premoe.policy import budget_count, parse_bytes
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
 from premoe.source import ModelSource, resolve_model
@@ -91,22 +92,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, source: ModelSource) -> torch
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise UsageError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32") from None
-
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}
-_UNITS |= {"t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: int | float | str) -> int:
-    """`24GiB`, `1.5GB`, `512MiB`, `1000000` -> bytes."""
-    if isinstance(value, int | float):
-        if value < 0:
-            raise UsageError(f"a byte size must be >= 0, got {value}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"cannot read byte size {value!r}; write e.g. 24GiB, 1.5GB or 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def as_source(model: str | Path | ModelSource) -> tuple[ModelSource, bool]:
@@ -643,54 +628,58 @@ def _finish_model(model: Any, src: ModelSource) -> None:
 
 @dataclass(frozen=True)
 class SizeModel:
-    """Resident bytes of a pruned model as a function of the kept count K (uniform)."""
+    """Resident bytes of a model pruned to K experts per MoE layer, in a given dtype:
+    `resident(K) = base_bytes + K * per_k_bytes` (headers only, no data read)."""
 
-    base_bytes: int  # every non-expert parameter (embeddings, attention, routers at full E...)
-    expert_bytes: int  # one expert of one layer (all its tensors)
+    base_bytes: int  # every tensor pruning leaves unchanged (embeddings, attention, dense...)
+    expert_bytes: int  # one expert of one MoE layer (all its tensors)
+    router_row_bytes: int  # one router row (and bias entries) of one MoE layer
     moe_layers: int
 
-    def resident(self, k: int) -> int:
-        return self.base_bytes + k * self.expert_bytes * self.moe_layers
+    @property
+    def per_k_bytes(self) -> int:
+        return (self.expert_bytes + self.router_row_bytes) * self.moe_layers
 
-    def max_keep(self, budget: int) -> int:
-        if budget <= self.base_bytes:
-            return 0
-        return int((budget - self.base_bytes) // (self.expert_bytes * self.moe_layers))
+    def resident(self, k: int) -> int:
+        return self.base_bytes + k * self.per_k_bytes
 
 
 def size_model(source: ModelSource, dtype: torch.dtype) -> SizeModel:
-    """Bytes from the checkpoint headers (no data read), in `dtype` for floating tensors."""
+    """Sizes from the checkpoint headers, floating tensors counted in `dtype`."""
     km, reader = source.keymap, source.reader
-    itemsize = dtype.itemsize
-    base = 0
-    experts = 0
+    base = experts = routers = 0
     for key in reader.keys():
-        n = reader.nbytes(key)
         dt = reader.dtype(key)
+        n = reader.nbytes(key)
         if dt.is_floating_point:
-            n = n // dt.itemsize * itemsize
+            n = n // dt.itemsize * dtype.itemsize
         role = km.role(key)
         if isinstance(role, ExpertKey):
             experts += n
+        elif isinstance(role, RouterKey):
+            routers += n
         else:
             base += n
-    moe = len(source.moe_layers)
-    per = experts // max(1, moe * source.num_experts)
-    return SizeModel(base_bytes=base, expert_bytes=per, moe_layers=moe)
+    moe = max(1, len(source.moe_layers))
+    e = source.num_experts
+    return SizeModel(
+        base_bytes=base,
+        expert_bytes=experts // (moe * e),
+        router_row_bytes=routers // (moe * e),
+        moe_layers=len(source.moe_layers),
+    )
 
 
-def keep_for_budget(source: ModelSource, budget: int | str, dtype: torch.dtype) -> int:
-    """The largest uniform kept count whose model fits `budget` bytes; an error if even the
-    routed count (top-k) does not fit."""
-    b = parse_bytes(budget)
+def keep_for_budget(
+    source: ModelSource, budget: int | str, dtype: torch.dtype, *, top_k: int | None = None
+) -> int:
+    """The largest uniform kept count whose model fits `budget` bytes in `dtype`; a
+    `UsageError` if even the routed count does not fit."""
     sizes = size_model(source, dtype)
-    k = min(sizes.max_keep(b), source.num_experts)
-    need = sizes.resident(source.top_k)
-    if k < source.top_k:
-        raise UsageError(
-            f"a budget of {b / 2**30:.2f} GiB cannot hold the {source.top_k} experts per layer "
-            f"that are routed per token: non-expert weights take {sizes.base_bytes / 2**30:.2f} "
-            f"GiB and each kept expert {sizes.expert_bytes * sizes.moe_layers / 2**30:.3f} GiB "
-            f"over {sizes.moe_layers} MoE layers; give at least {need / 2**30:.2f} GiB"
-        )
-    return k
+    return budget_count(
+        parse_bytes(budget),
+        sizes.resident,
+        source.num_experts,
+        routed=source.top_k if top_k is None else top_k,
+        groups=source.arch.groups(source.config),
+    )

@@ -108,19 +108,65 @@ class _Layer:
 class ResidentModel:
     """A pruned model with K expert slots per MoE layer that can switch patterns in place.
 
-    Build it with `ResidentModel.load(model, keep, device=..., host_cache=...)`, or wrap a model
-    that `load_pruned(source, keep)` returned. `model` is an ordinary transformers model.
+    `ResidentModel(model, keep, device=..., dtype=..., host_cache=...)` loads `keep`'s experts
+    from `model` (path, hub id or `ModelSource`) with `load_pruned`; `ResidentModel.wrap(...)`
+    adopts a model `load_pruned` already returned. `.model` is an ordinary transformers model.
     """
 
     def __init__(
+        self,
+        model: str | Path | ModelSource,
+        keep: KeepSets,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        top_k: int | None = None,
+        host_cache: HostExpertCache | None = None,
+        progress: Progress | None = None,
+        **from_config_kwargs: Any,
+    ) -> None:
+        src, owned = as_source(model)
+        try:
+            m, info = load_pruned_with_info(
+                src,
+                keep,
+                device=device,
+                dtype=dtype,
+                top_k=top_k,
+                progress=progress,
+                **from_config_kwargs,
+            )
+            self._attach(m, src, keep, info.plan, host_cache, owned)
+        except BaseException:
+            if owned:
+                src.close()
+            raise
+        self.load_info: LoadInfo | None = info
+
+    @classmethod
+    def wrap(
+        cls,
+        model: Any,
+        source: ModelSource,
+        keep: KeepSets,
+        *,
+        host_cache: HostExpertCache | None = None,
+    ) -> ResidentModel:
+        """Adopt `model`, which `load_pruned(source, keep)` returned (not closed with it)."""
+        self = cls.__new__(cls)
+        plan = keep.validate(source.arch, source.config, top_k=source.arch.top_k(model.config))
+        self._attach(model, source, keep, plan, host_cache, False)
+        self.load_info = None
+        return self
+
+    def _attach(
         self,
         model: Any,
         source: ModelSource,
         keep: KeepSets,
         plan: GroupPlan,
-        *,
-        host_cache: HostExpertCache | None = None,
-        owns_source: bool = False,
+        host_cache: HostExpertCache | None,
+        owns_source: bool,
     ) -> None:
         self.model = model
         self.source = source
@@ -128,7 +174,6 @@ class ResidentModel:
         self.keep = keep
         self.plan = plan
         self.host_cache = host_cache
-        self.load_info: LoadInfo | None = None
         self._owns_source = owns_source
         self.top_k = self.arch.top_k(model.config)
         self.slots = self.arch.num_experts(model.config)
@@ -159,41 +204,6 @@ class ResidentModel:
         self.expert_bytes = max(ly.expert_bytes for ly in self._layers.values())
         if host_cache is not None:
             host_cache.check_fits(self.expert_bytes)
-
-    # ---- construction ---------------------------------------------------------------------------
-
-    @classmethod
-    def load(
-        cls,
-        model: str | Path | ModelSource,
-        keep: KeepSets,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype | None = None,
-        top_k: int | None = None,
-        host_cache: HostExpertCache | None = None,
-        progress: Progress | None = None,
-        **from_config_kwargs: Any,
-    ) -> ResidentModel:
-        """`load_pruned(model, keep, ...)` wrapped for swapping."""
-        src, owned = as_source(model)
-        try:
-            m, info = load_pruned_with_info(
-                src,
-                keep,
-                device=device,
-                dtype=dtype,
-                top_k=top_k,
-                progress=progress,
-                **from_config_kwargs,
-            )
-            resident = cls(m, src, keep, info.plan, host_cache=host_cache, owns_source=owned)
-        except BaseException:
-            if owned:
-                src.close()
-            raise
-        resident.load_info = info
-        return resident
 
     def close(self) -> None:
         if self._owns_source:
