@@ -1,0 +1,157 @@
+"""`premoe export MODEL --store S --task T --keep K --out DIR`: write a pruned checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from premoe.export import export_from_store
+from premoe.io import DEFAULT_MAX_SHARD_BYTES
+from premoe.policy import parse_bytes
+from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
+from premoe_cli.options import JsonOpt, ModelArg, OverwriteOpt
+from premoe_cli.plan_cmd import BudgetOpt, MergeOpt, MetricOpt, TopKOpt
+
+
+class _Bar:
+    """A tqdm byte bar on stderr fed by `progress(done, total)`."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total or None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                dynamic_ncols=True,
+                desc="export",
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def export_command(
+    model: ModelArg,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Output folder (must not exist).", show_default=False)
+    ],
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store", "-s", help="Pattern store (made by `premoe profile` for this model)."
+        ),
+    ] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            "-t",
+            help="Task whose experts to keep; repeatable (merged with --merge).",
+            show_default=False,
+        ),
+    ] = None,
+    keep: Annotated[
+        int | None, typer.Option("--keep", "-k", help="Experts kept per MoE layer.")
+    ] = None,
+    coverage: Annotated[
+        float | None,
+        typer.Option(
+            "--coverage",
+            "-c",
+            help="Keep the fewest experts whose scores cover this fraction (0-1] of every "
+            "layer's total.",
+        ),
+    ] = None,
+    budget: BudgetOpt = None,
+    top_k: TopKOpt = None,
+    metric: MetricOpt = "tcess",
+    merge: MergeOpt = "sum",
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="task (the task's scores), global (all tasks pooled) or random (seeded); "
+            "the baselines use the task's keep count."
+        ),
+    ] = "task",
+    seed: Annotated[int, typer.Option(help="Seed of the random policy.")] = 0,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="hf: a Hugging Face checkpoint; expert-list: per-layer ranked expert lists "
+            "(JSON lines) for engines that mask experts at load time.",
+        ),
+    ] = "hf",
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest output shard, e.g. 5GiB or 500MB.")
+    ] = "5GiB",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a pruned checkpoint that keeps, per MoE layer, the experts a task uses most.
+
+    Reads only the kept experts' bytes from MODEL, shard by shard; DIR gets the pruned weights,
+    the rewritten config.json, tokenizer and generation files, and premoe.json (provenance).
+    Give exactly one of --keep, --coverage, --budget.
+
+    Example:
+
+        premoe export ./Qwen3-30B-A3B --store patterns/qwen3 --task math --keep 64 --top-k 8
+        --out ./qwen3-math-64
+    """
+    max_shard = DEFAULT_MAX_SHARD_BYTES if max_shard_size == "5GiB" else parse_bytes(max_shard_size)
+    bar = _Bar() if progress_enabled() else None
+    try:
+        result = export_from_store(
+            model,
+            store,
+            task or [],
+            out,
+            keep=keep,
+            coverage=coverage,
+            budget=budget,
+            top_k=top_k,
+            metric=metric,
+            policy=policy,
+            merge=merge,
+            seed=seed,
+            overwrite=overwrite,
+            format=format,
+            max_shard_bytes=max_shard,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = result.summary()
+    summary["group_plan"] = result.provenance["groups"]
+    summary["policy"] = result.provenance.get("policy")
+    if json_out:
+        print_json(summary)
+        return
+    exact = result.group_plan
+    rows = [
+        ["experts kept", f"{result.keep_count} of {result.num_experts} per MoE layer"],
+        ["routed per token", str(result.top_k)],
+        ["MoE layers", str(result.moe_layers)],
+    ]
+    if result.format == "hf":
+        rows += [
+            ["bytes written", f"{human_bytes(result.tensor_bytes)} in {result.shards} shard(s)"],
+            ["of the full model", f"{result.fraction:.1%} of {human_bytes(result.source_bytes)}"],
+            ["read from source", human_bytes(result.bytes_read)],
+        ]
+    if not exact.exact:
+        rows.append(["group routing", f"one group (fallback: {exact.reason})"])
+    rows += [["time", f"{result.seconds:.1f} s"], ["written to", str(result.out)]]
+    print_table(["export", result.format], rows)

@@ -1,0 +1,117 @@
+"""`premoe plan MODEL [--store S --task T] [--budget 24GiB]`: what fits, per keep count."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from premoe.plan import plan
+from premoe_cli._common import human_bytes, print_json, print_table
+from premoe_cli.options import JsonOpt, ModelArg
+
+TaskOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--task",
+        "-t",
+        help="Task of the store to measure score coverage on; repeatable (merged with --merge). "
+        "Without --task the store's pooled scores are used.",
+        show_default=False,
+    ),
+]
+MetricOpt = Annotated[
+    str, typer.Option("--metric", "-m", help="Score metric of the store: tcess, frequency...")
+]
+MergeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Several tasks: 'sum' of per-layer-normalised scores, or 'union' of the tasks' "
+        "own rankings (round-robin)."
+    ),
+]
+TopKOpt = Annotated[
+    int | None,
+    typer.Option("--top-k", help="Lower the routed count of the pruned model (e.g. 8 -> 4)."),
+]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        "-b",
+        help="Memory budget, e.g. 24GiB, 500MB, 1.5e9: the largest keep count that fits.",
+    ),
+]
+
+
+def plan_command(
+    model: ModelArg,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", "-s", help="Pattern store: adds per-layer score coverage."),
+    ] = None,
+    task: TaskOpt = None,
+    metric: MetricOpt = "tcess",
+    merge: MergeOpt = "sum",
+    budget: BudgetOpt = None,
+    top_k: TopKOpt = None,
+    keep: Annotated[
+        list[int] | None,
+        typer.Option("--keep", "-k", help="Add this keep count to the table; repeatable."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Resident bytes per keep count (experts kept per MoE layer), read from checkpoint headers.
+
+    For each keep count K (top-k, powers of two, all experts): expert and non-expert bytes, the
+    fraction of the full model, the predicted export size, and with a store the share of the
+    task's scores the kept experts cover (min and mean over layers).
+
+    Example:
+
+        premoe plan ./Qwen3-30B-A3B --store patterns/qwen3 --task math --budget 24GiB
+    """
+    if (task or merge != "sum") and store is None:
+        raise typer.BadParameter("--task and --merge need --store")
+    p = plan(
+        model,
+        store=store,
+        tasks=task or [],
+        metric=metric,
+        merge=merge,
+        budget=budget,
+        top_k=top_k,
+        keeps=keep or [],
+    )
+    if json_out:
+        print_json(p.to_json())
+        return
+    headers = ["keep", "experts", "non-expert", "resident", "of full", "export size"]
+    if store is not None:
+        headers += ["coverage min", "coverage mean"]
+    rows = []
+    for r in p.rows:
+        mark = " *" if p.fits == r.keep else ""
+        row = [
+            f"{r.keep}/{p.num_experts}{mark}" + ("" if r.group_exact else " (1 group)"),
+            human_bytes(r.expert_bytes),
+            human_bytes(r.non_expert_bytes),
+            human_bytes(r.resident_bytes),
+            f"{r.fraction:.1%}",
+            human_bytes(r.file_bytes),
+        ]
+        if store is not None:
+            row += [f"{r.coverage_min:.3f}", f"{r.coverage_mean:.3f}"]
+        rows.append(row)
+    typer.echo(
+        f"{p.model}: {p.family}, {len(p.moe_layers)} MoE layers x {p.num_experts} experts, "
+        f"top-{p.top_k}, full model {human_bytes(p.full_bytes)}"
+    )
+    print_table(headers, rows)
+    if p.budget is not None:
+        typer.echo(
+            f"* largest keep count within {human_bytes(p.budget)}: {p.fits} of {p.num_experts} "
+            f"experts per layer ({human_bytes(p.row(p.fits).resident_bytes)})"
+            if p.fits
+            else ""
+        )
