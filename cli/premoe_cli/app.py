@@ -16,7 +16,9 @@ import typer
 import premoe
 from premoe.errors import PremoeError
 from premoe_cli.archs import archs
+from premoe_cli.export_cmd import export_command
 from premoe_cli.inspect_cmd import inspect
+from premoe_cli.plan_cmd import plan_command
 
 
 @dataclass
@@ -67,6 +69,8 @@ def _root(
 
 app.command("archs")(archs)
 app.command("inspect")(inspect)
+app.command("plan")(plan_command)
+app.command("export")(export_command)
 
 
 def main() -> None:
