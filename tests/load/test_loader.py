@@ -91,7 +91,8 @@ def test_dtypes_fp32_modules_and_ties_match_from_pretrained(
     assert torch.equal(logits(model), logits(exported))
     if overrides.get("tie_word_embeddings"):
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    if family == "deepseek_v3":
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    if family == "deepseek_v3" and "gate.weight" in strict:  # transformers >= 5.2x
         assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
 
 
