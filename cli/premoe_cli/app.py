@@ -19,6 +19,7 @@ from premoe_cli.archs import archs
 from premoe_cli.export_cmd import export_command
 from premoe_cli.inspect_cmd import inspect
 from premoe_cli.plan_cmd import plan_command
+from premoe_cli.serve_cmd import serve_command
 
 
 @dataclass
@@ -71,6 +72,7 @@ app.command("archs")(archs)
 app.command("inspect")(inspect)
 app.command("plan")(plan_command)
 app.command("export")(export_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:

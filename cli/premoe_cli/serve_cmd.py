@@ -1,0 +1,168 @@
+"""`premoe serve MODEL --store STORE --budget 24GiB`: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Annotated
+
+import typer
+
+from premoe.errors import UsageError
+from premoe_cli.options import DeviceOpt, DtypeOpt, ModelArg, StoreOpt
+
+log = logging.getLogger(__name__)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve --host {host!r}: {exc}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc})"
+            raise UsageError(f"{host}:{port} {why}; choose another --port") from None
+
+
+def serve_command(
+    model: ModelArg,
+    store: StoreOpt,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Device memory for the resident weights, e.g. 24GiB: keeps the largest number "
+            "of experts per layer that fits. Give this or --keep."
+        ),
+    ] = None,
+    keep: Annotated[
+        int | None, typer.Option(help="Experts kept (resident) per MoE layer. Or --budget.")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind. Only this machine can connect by default.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="PREMOE_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on every endpoint but /health "
+            "(or set PREMOE_API_KEY).",
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(min=1, max=256, help="Requests of one pattern decoded together.")
+    ] = 8,
+    max_wait_ms: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="A pattern whose oldest request has waited this long gets the next turn, "
+            "even if that costs a swap.",
+        ),
+    ] = 200.0,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(help="Context window (prompt + completion tokens); default from the model."),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Requests waiting at most; beyond it: 429.")
+    ] = 256,
+    metric: Annotated[
+        str | None, typer.Option(help="Store metric that ranks experts (default: tcess).")
+    ] = None,
+    route_threshold: Annotated[
+        float | None,
+        typer.Option(help="Similarity below which a request gets the __global__ pattern."),
+    ] = None,
+    cache: Annotated[
+        str, typer.Option(help="KV cache: auto (static on CUDA), dynamic or static.")
+    ] = "auto",
+    compile: Annotated[
+        str,
+        typer.Option(
+            help="torch.compile the decode step: auto (reduce-overhead = CUDA graphs on CUDA), "
+            "none, default or reduce-overhead."
+        ),
+    ] = "auto",
+    host_cache: Annotated[
+        str | None,
+        typer.Option(
+            help="Host memory for an expert cache, e.g. 32GiB: every pattern's experts are read "
+            "into it at start-up, so a swap is only host-to-device copies."
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model id clients use (default: the folder name).")
+    ] = None,
+    max_body: Annotated[
+        int, typer.Option("--max-body-bytes", help="Largest request body accepted.")
+    ] = 1 << 20,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API, routing each request to a stored task
+    pattern and keeping only that pattern's experts resident (swapped in place on demand).
+
+    Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true),
+    GET /v1/models, GET /health, GET /metrics (Prometheus). A request can name its pattern with
+    "premoe": {"task": "math"} in the body; the pattern that served it is in the response's
+    "premoe" field and the X-Premoe-Task header.
+
+    Example: premoe serve ./Qwen3-30B-A3B --store patterns/qwen3 --budget 24GiB --port 8000
+    """
+    import uvicorn
+
+    from premoe.serve import Engine, EngineConfig, create_app
+
+    config = EngineConfig(
+        model=model,
+        store=store,
+        keep=keep,
+        budget=budget,
+        metric=metric,
+        device=device,
+        dtype=dtype,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_model_len=max_model_len,
+        max_queue=max_queue,
+        cache=cache,
+        compile=compile,
+        served_model_name=served_model_name,
+        api_key=api_key,
+        max_body_bytes=max_body,
+        route_threshold=route_threshold,
+        host_cache=host_cache,
+    )
+    config.check()
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning(
+            "serving on %s without --api-key: anyone who can reach this address can use the model",
+            host,
+        )
+    _check_port(host, port)
+    engine = Engine(config)
+    engine.load()  # bad model/store/budget: a one-line error before the socket opens
+    app = create_app(config, engine=engine)
+    typer.echo(
+        f"premoe: serving {engine.model_name} ({len(engine.patterns)} patterns, "
+        f"{engine.info['experts_kept']}/{engine.info['experts_total']} experts per layer) "
+        f"on http://{host}:{port}/v1",
+        err=True,
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        limit_concurrency=max(64, 4 * max_queue),
+    )

@@ -1,0 +1,393 @@
+"""The OpenAI-compatible HTTP API of `premoe serve` (FastAPI).
+
+Endpoints:
+
+- `POST /v1/completions`, `POST /v1/chat/completions`: generation, `stream: true` as server-sent
+  events (`data: {...}\\n\\n`, ending with `data: [DONE]`). A request may name its pattern with
+  `"premoe": {"task": "math"}`; otherwise it is routed by its prompt. Every response says which
+  pattern served it: a `premoe` object in the body (in every stream chunk) and the
+  `X-Premoe-Task` header.
+- `GET /v1/models`: the served model, with its patterns.
+- `GET /health`: liveness and what is resident (no API key needed, for probes).
+- `GET /metrics`: Prometheus text (see metrics.py).
+
+Safety: with an API key every endpoint but `/health` needs `Authorization: Bearer KEY`; bodies
+above `max_body_bytes` are refused (413); every field is validated and every refusal is a JSON
+error in the OpenAI format with a 4xx status. An exception in one request is that request's 500;
+the server keeps serving. A client that disconnects (streaming or not) cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from premoe.serve.decode import SamplingParams
+from premoe.serve.engine import Engine, EngineConfig, GenRequest, RequestError, RouteInfo
+from premoe.serve.metrics import CONTENT_TYPE
+from premoe.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    describe_validation_error,
+    error_body,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.5
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions endpoint
+
+
+def _error_response(err: RequestError, engine: Engine | None = None) -> JSONResponse:
+    if engine is not None:
+        engine.metrics.errors.inc(code=str(err.status), type=err.type)
+    return JSONResponse(
+        error_body(err.message, err.type, err.param, err.code),
+        status_code=err.status,
+        headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None,
+    )
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            too_big = int(length) > limit
+        except ValueError:
+            raise RequestError("invalid Content-Length header", 400) from None
+        if too_big:
+            raise RequestError(
+                f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
+            )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(
+                f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
+            )
+
+    def bad_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(bytes(body), parse_constant=bad_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON ({exc})", 400) from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object", 400)
+    return data
+
+
+def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, param = describe_validation_error(exc)
+        raise RequestError(message, 400, param=param) from None
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its request was waiting or running."""
+
+
+async def _next_event(gen: GenRequest, request: Request) -> tuple[str, Any]:
+    """The request's next event; cancels it when the client has gone away meanwhile."""
+    while True:
+        try:
+            return await asyncio.wait_for(gen.next_event(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                gen.cancel()
+                raise ClientGone() from None
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
+    """The FastAPI app serving `config`; the model loads once, in the lifespan (unless
+    `engine` is given already loaded), and the decode worker runs while the app does."""
+    engine = engine if engine is not None else Engine(config)
+    api_key = config.api_key
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.ready:
+            await asyncio.to_thread(engine.load)
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="premoe",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.engine = engine
+
+    # -- errors ----------------------------------------------------------------------------------
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return _error_response(exc, engine)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(RequestError(str(exc.detail), exc.status_code, kind), engine)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        err = RequestError(f"internal error: {type(exc).__name__}", 500, "server_error")
+        return _error_response(err, engine)
+
+    # -- auth ------------------------------------------------------------------------------------
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Response:
+        if api_key is not None and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return _error_response(
+                    RequestError(
+                        "missing API key: send 'Authorization: Bearer KEY'",
+                        401,
+                        "authentication_error",
+                        code="missing_api_key",
+                    ),
+                    engine,
+                )
+            if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                return _error_response(
+                    RequestError(
+                        "invalid API key", 401, "authentication_error", code="invalid_api_key"
+                    ),
+                    engine,
+                )
+        return await call_next(request)
+
+    # -- info endpoints --------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        data = engine.health()
+        return JSONResponse(data, status_code=200 if data["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        engine.metrics.queue_depth.set(engine._queue_depth())
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.model_name,
+                    "object": "model",
+                    "created": int(engine.info.get("created", time.time())),
+                    "owned_by": "premoe",
+                    "max_model_len": engine.max_model_len,
+                    "premoe": {
+                        "patterns": sorted(engine.patterns),
+                        "default_pattern": engine.default_task,
+                        "experts_kept": engine.info.get("experts_kept"),
+                        "experts_total": engine.info.get("experts_total"),
+                    },
+                }
+            ],
+        }
+
+    # -- generation ------------------------------------------------------------------------------
+    def _check_model(name: str | None) -> None:
+        if name is not None and name != engine.model_name:
+            raise RequestError(
+                f"the model {name!r} does not exist; this server serves {engine.model_name!r}",
+                404,
+                "not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _params(req: Any, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(req.temperature),
+            top_p=float(req.top_p),
+            stop=tuple(req.stop_list()),
+            seed=req.seed,
+        )
+
+    async def _generate(
+        request: Request,
+        endpoint: str,
+        req: Any,
+        prompt_ids: list[int],
+        route_text: str,
+        max_tokens: int,
+    ) -> Response:
+        gen = engine.submit(prompt_ids, route_text, _params(req, max_tokens), task=req.task)
+        try:
+            kind, value = await _next_event(gen, request)
+        except (ClientGone, asyncio.CancelledError):
+            gen.cancel()
+            engine.metrics.requests.inc(task="-", endpoint=endpoint, status="cancelled")
+            return Response(status_code=499)
+        if kind == "error":
+            engine.metrics.requests.inc(task="-", endpoint=endpoint, status="error")
+            raise value
+        route: RouteInfo = value
+        premoe = route.as_json()
+        headers = {"X-Premoe-Task": route.task}
+        rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + gen.id
+        created = int(time.time())
+        chat = endpoint == "chat.completions"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(gen, request, rid, created, chat, premoe, endpoint, include_usage),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        parts: list[str] = []
+        try:
+            while True:
+                kind, value = await _next_event(gen, request)
+                if kind == "delta":
+                    parts.append(value)
+                elif kind == "finish":
+                    break
+                elif kind == "error":
+                    engine.metrics.requests.inc(task=route.task, endpoint=endpoint, status="error")
+                    raise value
+        except (ClientGone, asyncio.CancelledError):
+            engine.metrics.requests.inc(task=route.task, endpoint=endpoint, status="cancelled")
+            return Response(status_code=499)
+        finally:
+            if gen.finish_reason is None:
+                gen.cancel()
+        engine.metrics.requests.inc(task=route.task, endpoint=endpoint, status="ok")
+        build = chat_response if chat else completion_response
+        body = build(
+            rid,
+            engine.model_name,
+            "".join(parts),
+            gen.finish_reason,
+            len(prompt_ids),
+            gen.completion_tokens,
+            premoe,
+            created,
+        )
+        return JSONResponse(body, headers=headers)
+
+    async def _stream(
+        gen: GenRequest,
+        request: Request,
+        rid: str,
+        created: int,
+        chat: bool,
+        premoe: dict[str, Any],
+        endpoint: str,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        model = engine.model_name
+        status = "cancelled"
+        try:
+            if chat:
+                yield _sse(
+                    chat_chunk(
+                        rid, model, {"role": "assistant", "content": ""}, None, premoe, created
+                    )
+                )
+            while True:
+                try:
+                    kind, value = await _next_event(gen, request)
+                except ClientGone:
+                    return
+                if kind == "delta":
+                    if chat:
+                        yield _sse(
+                            chat_chunk(rid, model, {"content": value}, None, premoe, created)
+                        )
+                    else:
+                        yield _sse(completion_chunk(rid, model, value, None, premoe, created))
+                elif kind == "finish":
+                    if chat:
+                        yield _sse(chat_chunk(rid, model, {}, value, premoe, created))
+                    else:
+                        yield _sse(completion_chunk(rid, model, "", value, premoe, created))
+                    if include_usage:
+                        obj = "chat.completion.chunk" if chat else "text_completion"
+                        yield _sse(
+                            usage_chunk(
+                                rid,
+                                model,
+                                obj,
+                                created,
+                                len(gen.prompt_ids),
+                                gen.completion_tokens,
+                            )
+                        )
+                    status = "ok"
+                    yield b"data: [DONE]\n\n"
+                    return
+                elif kind == "error":
+                    err: RequestError = value
+                    status = "error"
+                    engine.metrics.errors.inc(code=str(err.status), type=err.type)
+                    yield _sse(error_body(err.message, err.type, err.param, err.code))
+                    yield b"data: [DONE]\n\n"
+                    return
+        finally:
+            if gen.finish_reason is None:
+                gen.cancel()
+            engine.metrics.requests.inc(task=premoe["task"], endpoint=endpoint, status=status)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        data = await _read_json(request, config.max_body_bytes)
+        req: CompletionRequest = _parse(CompletionRequest, data)
+        _check_model(req.model)
+        text = req.prompt_text()
+        ids = await asyncio.to_thread(engine.encode_prompt, text)
+        max_tokens = engine.resolve_max_tokens(
+            len(ids), req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS
+        )
+        return await _generate(request, "completions", req, ids, text, max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        data = await _read_json(request, config.max_body_bytes)
+        req: ChatCompletionRequest = _parse(ChatCompletionRequest, data)
+        _check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = await asyncio.to_thread(engine.encode_chat, messages)
+        max_tokens = engine.resolve_max_tokens(len(ids), req.requested_max_tokens(), None)
+        route_text = "\n".join(m["content"] for m in messages if m["role"] == "user") or (
+            "\n".join(m["content"] for m in messages)
+        )
+        return await _generate(request, "chat.completions", req, ids, route_text, max_tokens)
+
+    return app

@@ -1,0 +1,664 @@
+"""The serving engine: one worker thread owns the model; requests are routed, queued per pattern,
+batched, and decoded with the pattern's experts resident.
+
+Life of a request:
+
+1. The HTTP handler tokenizes the prompt, checks it against the context window and calls
+   `Engine.submit`, which returns a `GenRequest` (an async stream of events).
+2. A request that names its pattern (`"premoe": {"task": ...}`) is queued at once; any other is
+   routed by the worker: `route(prompt) -> RouteInfo` (TAER on the store's keys), falling back to
+   the store's general pattern (`__global__`) when the match is weak or no router is available.
+3. The `Scheduler` picks the next pattern (see scheduler.py: batching within a pattern, swaps only
+   between batches, a bound on waiting). If that pattern is not resident, the worker swaps the
+   expert slots in place (`Resident.swap_to`), then decodes the batch (`BatchDecoder.generate`).
+4. Invariant: every row of a batch is decoded with exactly the keep sets of the pattern it was
+   routed to. The worker asserts it before the batch and after every decode step (the
+   resident keep sets and a swap counter must not change under a running batch).
+
+A failing batch (any exception) fails its own requests with a 500 error; the worker keeps
+serving. A request whose client leaves is cancelled: dropped from its queue, or, mid-batch, its
+row stops being decoded and the batch ends when no live row is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import premoe
+from premoe.errors import PremoeError, UsageError
+from premoe.prune import KeepSets
+from premoe.serve.decode import BatchDecoder, CacheMode, CompileMode, DecodeRow, SamplingParams
+from premoe.serve.metrics import ServeMetrics
+from premoe.serve.resident import Resident, open_resident
+from premoe.serve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+GLOBAL_PATTERN = "__global__"
+
+
+@dataclass
+class EngineConfig:
+    """Everything `premoe serve` needs; `create_app(EngineConfig(...))` serves it.
+
+    `store` + (`keep` or `budget`) give the patterns; alternatively pass `patterns` (name ->
+    KeepSets) directly and no store is read (requests must then name a pattern, or get
+    `default_task`).
+    """
+
+    model: str
+    store: str | None = None
+    keep: int | None = None
+    budget: str | None = None
+    metric: str | None = None
+    patterns: Mapping[str, KeepSets] | None = None
+    default_task: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 8
+    max_wait_ms: float = 200.0
+    max_model_len: int | None = None
+    max_queue: int = 256
+    cache: str = "auto"  # auto | dynamic | static
+    compile: str = "auto"  # auto | none | default | reduce-overhead
+    warmup: bool | None = None  # None: when compiling
+    experts_implementation: str | None = None  # None: grouped_mm on CUDA, transformers' default
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    route_threshold: float | None = None  # passed to the router when it takes one
+    host_cache: str | None = None  # e.g. "32GiB": every pattern's experts held in host memory
+    decode_buckets: tuple[int, ...] | None = None  # static cache batch sizes (default 1,2,4..)
+
+    def check(self) -> None:
+        if self.keep is not None and self.budget is not None:
+            raise UsageError("give --keep or --budget, not both")
+        if self.store is None and self.patterns is None:
+            raise UsageError("give a pattern store (--store) made by `premoe profile`")
+        if self.max_batch < 1 or self.max_batch > 256:
+            raise UsageError(f"--max-batch must be between 1 and 256, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise UsageError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise UsageError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.max_queue < 1:
+            raise UsageError(f"--max-queue must be >= 1, got {self.max_queue}")
+        if self.cache not in ("auto", "dynamic", "static"):
+            raise UsageError(f"--cache must be auto, dynamic or static, got {self.cache!r}")
+        if self.compile not in ("auto", "none", "default", "reduce-overhead"):
+            raise UsageError(
+                f"--compile must be auto, none, default or reduce-overhead, got {self.compile!r}"
+            )
+        if self.max_body_bytes < 1024:
+            raise UsageError("the body size limit must be at least 1 KiB")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status + OpenAI error fields."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """Which pattern serves a request, and why."""
+
+    task: str
+    similarity: float | None = None
+    fallback: bool = False
+    routed: bool = True  # False: the request named its pattern
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "similarity": self.similarity,
+            "fallback": self.fallback,
+            "routed": self.routed,
+        }
+
+
+RouteFn = Callable[[str], RouteInfo]
+
+_ids = itertools.count()
+
+
+class GenRequest:
+    """One generation request: the worker's row sink and the handler's event stream.
+
+    Events (in order): ("route", RouteInfo), then any number of ("delta", text), then exactly
+    one of ("finish", reason) or ("error", RequestError). A cancelled request gets no more
+    events.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        prompt_text: str,
+        params: SamplingParams,
+        task: str | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.engine = engine
+        self.id = f"{next(_ids):x}-{uuid.uuid4().hex[:12]}"
+        self.prompt_ids = prompt_ids
+        self.prompt_text = prompt_text
+        self.params = params
+        self.requested_task = task
+        self.route: RouteInfo | None = None
+        self.arrival = time.monotonic()
+        self.started: float | None = None
+        self.first_token: float | None = None
+        self.finished: float | None = None
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._cancelled = False
+        self._loop = loop
+        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.served_keep: KeepSets | None = None  # the keep sets it was decoded with
+
+    # -- scheduler protocol ----------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        assert self.route is not None
+        return self.route.task
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    # -- events (worker thread -> event loop) ----------------------------------------------------
+    def _push(self, kind: str, value: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (shutdown)
+            self._cancelled = True
+
+    def set_route(self, route: RouteInfo) -> None:
+        self.route = route
+        self._push("route", route)
+
+    def on_start(self) -> None:
+        self.started = time.monotonic()
+        self.engine.metrics.queue_wait.observe(self.started - self.arrival, task=self.task)
+
+    def on_delta(self, text: str, completion_tokens: int) -> None:
+        if self.first_token is None:
+            self.first_token = time.monotonic()
+            self.engine.metrics.ttft.observe(self.first_token - self.arrival, task=self.task)
+        self.completion_tokens = completion_tokens
+        self._push("delta", text)
+
+    def on_finish(self, reason: str, completion_tokens: int) -> None:
+        self.finished = time.monotonic()
+        self.completion_tokens = completion_tokens
+        self.finish_reason = reason
+        m = self.engine.metrics
+        m.latency.observe(self.finished - self.arrival, task=self.task)
+        m.generated_tokens.inc(completion_tokens, task=self.task)
+        self._push("finish", reason)
+
+    def fail(self, error: RequestError) -> None:
+        self.finished = time.monotonic()
+        self._push("error", error)
+
+    def cancel(self) -> None:
+        """The client left: stop decoding this request, free its place."""
+        if not self._cancelled and self.finished is None:
+            self._cancelled = True
+            self.engine._cancelled(self)
+
+    async def next_event(self) -> tuple[str, Any]:
+        return await self._events.get()
+
+
+class Engine:
+    """Loads the model once and serves generation requests from a worker thread."""
+
+    def __init__(self, config: EngineConfig, router: RouteFn | None = None) -> None:
+        config.check()
+        self.config = config
+        self.metrics = ServeMetrics()
+        self._router = router
+        self.resident: Resident | None = None
+        self.decoder: BatchDecoder | None = None
+        self.tokenizer: Any = None
+        self.patterns: dict[str, KeepSets] = {}
+        self.pattern_info: dict[str, Any] = {}
+        self.model_name = config.served_model_name or Path(config.model).name or config.model
+        self.max_model_len = 0
+        self.resident_task: str | None = None
+        self.swap_epoch = 0
+        self.load_seconds = 0.0
+        self.warmup_seconds = 0.0
+        self.info: dict[str, Any] = {}
+        self.scheduler: Scheduler[GenRequest] = Scheduler(
+            config.max_batch, config.max_wait_ms / 1000.0
+        )
+        self._unrouted: deque[GenRequest] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fatal: BaseException | None = None
+        self.ready = False
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Resolve the model, read the store, build the patterns, load the resident model."""
+        from transformers import AutoTokenizer
+
+        from premoe.load import resolve_device, resolve_dtype
+        from premoe.serve.patterns import build_patterns, make_router
+        from premoe.source import resolve_model
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        src = resolve_model(cfg.model)
+        self.source = src
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, src)
+        self.tokenizer = AutoTokenizer.from_pretrained(src.path)
+        if cfg.patterns is not None:
+            self.patterns = dict(cfg.patterns)
+            self.pattern_info = {"source": "given"}
+            store = None
+        else:
+            assert cfg.store is not None
+            store, self.patterns, self.pattern_info = build_patterns(
+                cfg.store, src, keep=cfg.keep, budget=cfg.budget, dtype=dtype, metric=cfg.metric
+            )
+        if not self.patterns:
+            raise UsageError("no patterns to serve: the store has no tasks")
+        counts = {k.count for k in self.patterns.values()}
+        if len(counts) != 1:
+            raise UsageError(f"all patterns must keep the same expert count, got {counts}")
+        for name, keep in self.patterns.items():
+            try:
+                keep.validate(src.arch, src.config)
+            except UsageError as err:
+                raise UsageError(f"pattern {name!r}: {err}") from None
+        default = cfg.default_task or (
+            GLOBAL_PATTERN if GLOBAL_PATTERN in self.patterns else next(iter(self.patterns))
+        )
+        if default not in self.patterns:
+            raise UsageError(f"default pattern {default!r} is not one of {sorted(self.patterns)}")
+        self.default_task = default
+        kwargs: dict[str, Any] = {}
+        impl = cfg.experts_implementation
+        if impl is None and device.type == "cuda" and dtype == torch.bfloat16:
+            impl = "grouped_mm"
+        if impl is not None:
+            kwargs["experts_implementation"] = impl
+        self.resident = open_resident(
+            src,
+            self.patterns[default],
+            device=device,
+            dtype=dtype,
+            host_cache=cfg.host_cache,
+            prefetch=self.patterns,
+            **kwargs,
+        )
+        self.resident_task = default
+        model = self.resident.model
+        model.eval()
+        max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
+        cache: CacheMode = (
+            ("static" if device.type == "cuda" else "dynamic") if cfg.cache == "auto" else cfg.cache  # type: ignore[assignment]
+        )
+        default_len = 2048 if cache == "static" else 8192
+        self.max_model_len = min(max_pos, cfg.max_model_len or default_len)
+        compile_mode: CompileMode = (
+            ("reduce-overhead" if device.type == "cuda" and cache == "static" else "none")
+            if cfg.compile == "auto"
+            else cfg.compile  # type: ignore[assignment]
+        )
+        if compile_mode != "none" and cache != "static":
+            raise UsageError("--compile needs the static cache (--cache static)")
+        self.decoder = BatchDecoder(
+            model,
+            self.tokenizer,
+            max_batch=cfg.max_batch,
+            max_len=self.max_model_len,
+            cache=cache,
+            compile=compile_mode,
+            buckets=cfg.decode_buckets,
+        )
+        if self._router is None and store is not None:
+            self._router = make_router(store, model, self.tokenizer, src, cfg.route_threshold)
+        self.load_seconds = time.perf_counter() - t0
+        warm = cfg.warmup if cfg.warmup is not None else compile_mode != "none"
+        if warm:
+            with torch.no_grad():
+                self.warmup_seconds = self.decoder.warmup()
+        self.metrics.resident_bytes.set(self.resident.resident_bytes)
+        for name in self.patterns:
+            self.metrics.resident_pattern.set(1.0 if name == default else 0.0, task=name)
+        self.info = {
+            "premoe_version": premoe.__version__,
+            "model": str(src.path),
+            "served_model_name": self.model_name,
+            "architecture": src.arch.name,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "experts_kept": next(iter(counts)),
+            "experts_total": src.num_experts,
+            "patterns": sorted(self.patterns),
+            "default_pattern": default,
+            "router": "store" if self._router is not None else "none (default pattern)",
+            "max_batch": cfg.max_batch,
+            "max_wait_ms": cfg.max_wait_ms,
+            "max_model_len": self.max_model_len,
+            "cache": cache,
+            "compile": compile_mode,
+            "experts_implementation": getattr(model.config, "_experts_implementation", None),
+            "resident_bytes": self.resident.resident_bytes,
+            "load_seconds": round(self.load_seconds, 3),
+            "warmup_seconds": round(self.warmup_seconds, 3),
+            **({"store": self.pattern_info} if self.pattern_info else {}),
+        }
+        self.ready = True
+        log.info(
+            "serving %s: %d patterns, %d of %d experts resident per layer, %s on %s",
+            self.model_name,
+            len(self.patterns),
+            next(iter(counts)),
+            src.num_experts,
+            self.info["dtype"],
+            device,
+        )
+
+    # -- worker ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.ready:
+            self.load()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="premoe-decode", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.scheduler.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        pending = list(self._unrouted)
+        self._unrouted.clear()
+        while (batch := self.scheduler.next_batch(None)) is not None:
+            pending.extend(batch.items)
+        for req in pending:
+            req.fail(RequestError("the server is shutting down", 503, "server_error"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._fatal is None
+
+    def _queue_depth(self) -> int:
+        return len(self._unrouted) + self.scheduler.depth()
+
+    def _update_queue_metric(self) -> None:
+        self.metrics.queue_depth.set(self._queue_depth())
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                while not self._stop.is_set():
+                    self._wake.clear()
+                    self._route_pending()
+                    batch = self.scheduler.next_batch(self.resident_task)
+                    self._update_queue_metric()
+                    if batch is None:
+                        self._wake.wait(0.25)
+                        continue
+                    self._run_batch(batch.task, batch.items)
+        except BaseException as exc:  # pragma: no cover - a bug in the worker itself
+            self._fatal = exc
+            log.exception("decode worker died")
+            raise
+
+    def _route_pending(self) -> None:
+        while self._unrouted:
+            req = self._unrouted.popleft()
+            if req.cancelled:
+                continue
+            try:
+                route = self._route(req.prompt_text)
+            except Exception as exc:
+                log.exception("routing failed")
+                req.fail(RequestError(f"routing failed: {exc}", 500, "server_error"))
+                continue
+            req.set_route(route)
+            self.scheduler.put(req)
+
+    def _route(self, prompt: str) -> RouteInfo:
+        if self._router is None:
+            return RouteInfo(self.default_task, None, True, True)
+        try:
+            route = self._router(prompt)
+        except PremoeError as err:  # e.g. a blank prompt: nothing to route on
+            log.debug("routing fell back to %s: %s", self.default_task, err)
+            return RouteInfo(self.default_task, None, True, True)
+        if route.task not in self.patterns:
+            log.warning("router chose unknown pattern %r; using %r", route.task, self.default_task)
+            return RouteInfo(self.default_task, route.similarity, True, True)
+        return route
+
+    def _check_resident(self, keep: KeepSets, epoch: int) -> None:
+        assert self.resident is not None
+        if self.swap_epoch != epoch or self.resident.keep != keep:
+            raise AssertionError(
+                "invariant broken: the resident expert set changed under a running batch"
+            )
+
+    def _swap(self, task: str) -> None:
+        assert self.resident is not None
+        keep = self.patterns[task]
+        if self.resident.keep == keep:
+            self.resident_task = task
+            return
+        stats = self.resident.swap_to(keep)
+        self.swap_epoch += 1
+        m = self.metrics
+        m.swaps.inc()
+        m.swap_experts.inc(float(getattr(stats, "experts_moved", 0)))
+        m.swap_bytes.inc(float(getattr(stats, "bytes", 0)))
+        m.swap_seconds.inc(float(getattr(stats, "seconds", 0.0)))
+        if self.resident_task is not None:
+            m.resident_pattern.set(0.0, task=self.resident_task)
+        m.resident_pattern.set(1.0, task=task)
+        log.info(
+            "swapped %s -> %s: %s experts, %.1f MB, %.3f s",
+            self.resident_task,
+            task,
+            getattr(stats, "experts_moved", "?"),
+            getattr(stats, "bytes", 0) / 1e6,
+            getattr(stats, "seconds", 0.0),
+        )
+        self.resident_task = task
+
+    def _groups(self, reqs: Sequence[GenRequest]) -> list[list[GenRequest]]:
+        """Split a batch so that every part fits the KV length: all rows of a part share
+        one padded prompt length, and each must still have room for its max_tokens."""
+        assert self.decoder is not None
+        groups: list[list[GenRequest]] = []
+        for req in sorted(reqs, key=lambda r: len(r.prompt_ids)):
+            if groups:
+                g = groups[-1]
+                plen = len(req.prompt_ids)  # sorted: the longest so far
+                if all(plen + r.params.max_tokens <= self.max_model_len for r in (*g, req)):
+                    g.append(req)
+                    continue
+            groups.append([req])
+        return groups
+
+    def _run_batch(self, task: str, reqs: list[GenRequest]) -> None:
+        assert self.decoder is not None and self.resident is not None
+        reqs = [r for r in reqs if not r.cancelled]
+        if not reqs:
+            return
+        keep = self.patterns[task]
+        try:
+            self._swap(task)
+        except Exception as exc:
+            log.exception("swap to %s failed", task)
+            for r in reqs:
+                r.fail(RequestError(f"swapping experts failed: {exc}", 500, "server_error"))
+            return
+        epoch = self.swap_epoch
+        self._check_resident(keep, epoch)
+        m = self.metrics
+        m.batches.inc(task=task)
+        m.batch_size.observe(len(reqs))
+        m.running.set(len(reqs))
+        for r in reqs:
+            assert r.task == task, "a request was batched with another pattern"
+            r.served_keep = keep
+            r.on_start()
+            m.prompt_tokens.inc(len(r.prompt_ids), task=task)
+        try:
+            for group in self._groups(reqs):
+                live = [r for r in group if not r.cancelled]
+                if not live:
+                    continue
+                rows = [DecodeRow(r.prompt_ids, r.params, r) for r in live]
+
+                def check(keep: KeepSets = keep, epoch: int = epoch) -> None:
+                    self._check_resident(keep, epoch)
+
+                self.decoder.generate(rows, between_steps=check)
+                self._check_resident(keep, epoch)
+        except Exception as exc:
+            log.exception("batch of %d requests (%s) failed", len(reqs), task)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            for r in reqs:
+                if r.finish_reason is None and not r.cancelled:
+                    r.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
+        finally:
+            m.running.set(0)
+
+    # -- requests --------------------------------------------------------------------------------
+    def _cancelled(self, req: GenRequest) -> None:
+        if req.route is not None:
+            self.scheduler.remove(req)
+        self._update_queue_metric()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return [int(i) for i in ids]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(
+                f"model {self.model_name!r} has no chat template; use /v1/completions",
+                400,
+                param="messages",
+                code="no_chat_template",
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:
+            raise RequestError(
+                f"the chat template rejected these messages: {exc}", 400, param="messages"
+            ) from None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [int(i) for i in ids]
+
+    def resolve_max_tokens(
+        self, prompt_len: int, requested: int | None, default: int | None
+    ) -> int:
+        """max_tokens for a request, or a 400 when the prompt and it do not fit the window."""
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty", 400, param="prompt")
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {prompt_len} tokens",
+                400,
+                param="messages" if default is None else "prompt",
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return room if default is None else min(default, room)
+        if prompt_len + requested > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; you "
+                f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                f"{requested} for the completion); lower max_tokens to at most {room}",
+                400,
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        prompt_text: str,
+        params: SamplingParams,
+        task: str | None = None,
+    ) -> GenRequest:
+        """Queue a request (call from the event loop). Raises RequestError when refused."""
+        if not self.alive:
+            raise RequestError("the decode worker is not running", 503, "server_error")
+        if task is not None and task not in self.patterns:
+            raise RequestError(
+                f"unknown pattern {task!r}; this server has {sorted(self.patterns)}",
+                400,
+                param="premoe.task",
+                code="unknown_pattern",
+            )
+        if self._queue_depth() >= self.config.max_queue:
+            raise RequestError(
+                f"the server is busy ({self.config.max_queue} requests waiting); retry later",
+                429,
+                "rate_limit_error",
+                code="queue_full",
+            )
+        req = GenRequest(self, prompt_ids, prompt_text, params, task, asyncio.get_running_loop())
+        if task is not None:
+            req.set_route(RouteInfo(task, None, False, False))
+            self.scheduler.put(req)
+        else:
+            self._unrouted.append(req)
+        self._update_queue_metric()
+        self._wake.set()
+        return req
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.alive else "error",
+            "resident_pattern": self.resident_task,
+            "queue_depth": self._queue_depth(),
+            "swaps": int(self.metrics.swaps.value()),
+            **self.info,
+        }

@@ -1,0 +1,126 @@
+"""From a pattern store to what the server serves: one keep set per pattern, and a router.
+
+Every task of the store becomes a pattern (its top-K experts per layer by the store's metric),
+plus `__global__` (all tasks pooled), the fallback for queries that match no task well. K is
+uniform over patterns, so that any pattern fits the same resident slots: `--keep K`, or the
+largest K whose resident weights fit `--budget`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from premoe.errors import UsageError
+from premoe.prune import KeepSets
+from premoe.source import ModelSource
+
+if TYPE_CHECKING:
+    from premoe.patterns import PatternStore
+    from premoe.serve.engine import RouteInfo
+
+log = logging.getLogger(__name__)
+
+
+def keep_count(
+    source: ModelSource, keep: int | None, budget: str | None, dtype: torch.dtype
+) -> int:
+    if keep is not None and budget is not None:
+        raise UsageError("give --keep or --budget, not both")
+    if keep is not None:
+        return int(keep)
+    if budget is None:
+        raise UsageError(
+            "give --keep K (experts kept per layer) or --budget SIZE (e.g. --budget 24GiB)"
+        )
+    from premoe.load import keep_for_budget
+
+    return keep_for_budget(source, budget, dtype)
+
+
+def build_patterns(
+    store_path: str | Path,
+    source: ModelSource,
+    *,
+    keep: int | None,
+    budget: str | None,
+    dtype: torch.dtype,
+    metric: str | None = None,
+) -> tuple[PatternStore, dict[str, KeepSets], dict[str, Any]]:
+    """(store, pattern name -> keep sets, provenance) for serving `source` from a store."""
+    from premoe.fingerprint import fingerprint_source
+    from premoe.patterns import GLOBAL, PatternStore
+    from premoe.policy import select_experts
+
+    store = PatternStore.load(store_path)
+    store.check_model(fingerprint_source(source))
+    if metric is None:
+        metric = "tcess" if "tcess" in store.metrics else store.metrics[0]
+    elif metric not in store.metrics:
+        raise UsageError(f"metric {metric!r} is not in the store; it has {store.metrics}")
+    k = keep_count(source, keep, budget, dtype)
+    common: dict[str, Any] = {
+        "num_experts": source.num_experts,
+        "routed": source.top_k,
+        "keep": k,
+        "groups": source.arch.groups(source.config),
+    }
+    layers = store.moe_layers
+    patterns: dict[str, KeepSets] = {}
+    for task in store.task_names:
+        patterns[task] = select_experts(store.scores(task, metric), layers, **common).keep
+    patterns[GLOBAL] = select_experts(
+        None, layers, policy="global", pooled=store.pooled_scores(metric), **common
+    ).keep
+    info = {
+        "path": str(store_path),
+        "metric": metric,
+        "keep": k,
+        "budget": budget,
+        "key": dict(store.key),
+    }
+    return store, patterns, info
+
+
+def make_router(
+    store: PatternStore,
+    model: Any,
+    tokenizer: Any,
+    source: ModelSource,
+    threshold: float | None = None,
+) -> Callable[[str], RouteInfo] | None:
+    """prompt -> RouteInfo with the store's keys (TAER), or None when premoe.route is absent."""
+    from premoe.serve.engine import RouteInfo
+
+    try:
+        from premoe.route import QueryKeyer, route
+    except ImportError:
+        log.warning(
+            "premoe.route is not available: requests that do not name a pattern get the "
+            "default pattern"
+        )
+        return None
+    if store.key.get("kind") != "router_input":
+        # a tcess key needs the first MoE router's scores over all E experts; the resident
+        # model's router has only the kept rows
+        log.warning(
+            "the store's routing key is %r, which needs the full router; the server computes "
+            "router_input keys only (re-profile with --key router_input). Requests that do not "
+            "name a pattern get the default pattern",
+            store.key.get("kind"),
+        )
+        return None
+    # the store was checked against the source checkpoint; the resident model is pruned, so
+    # its own fingerprint differs by design
+    keyer = QueryKeyer.for_store(store, model, tokenizer, check=False)
+    extra = {} if threshold is None else {"threshold": threshold}
+
+    def fn(prompt: str) -> RouteInfo:
+        res = route(store, keyer, prompt, **extra)
+        return RouteInfo(str(res.task), float(res.similarity), bool(res.fallback), True)
+
+    return fn

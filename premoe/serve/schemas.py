@@ -1,0 +1,247 @@
+"""Request models (pydantic, strict) and response builders of the OpenAI-compatible API.
+
+Requests are validated strictly: a string where a number belongs, a float where an integer
+belongs, a value out of range or an unknown field is a 400 error in the OpenAI error format
+(`{"error": {"message", "type", "param", "code"}}`) that names the field. Fields OpenAI clients
+commonly send with neutral values (`n: 1`, `presence_penalty: 0`, `logprobs: null`, `user`) are
+accepted; non-neutral values of features premoe does not implement are rejected, never ignored.
+
+premoe's own request extension: `"premoe": {"task": "math"}` serves the request with the named
+pattern instead of routing it by its prompt. Every response carries `"premoe": {"task",
+"similarity", "fallback", "routed"}` saying which pattern served it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PremoeOptions(_Strict):
+    """The `premoe` field of a request."""
+
+    task: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class _GenerationRequest(_Strict):
+    model: Annotated[str, Field(max_length=512)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
+    user: Annotated[str, Field(max_length=512)] | None = None
+    premoe: PremoeOptions | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def task(self) -> str | None:
+        return self.premoe.task if self.premoe is not None else None
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Literal[0] | None = None
+    echo: Literal[False] = False
+    suffix: None = None
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(max_length=256)]
+    name: Annotated[str, Field(max_length=256)] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Literal[False] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else (self.max_tokens)
+        )
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """The OpenAI error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
+    """(one-line message, offending field) for the first error of a pydantic validation."""
+    first = err.errors(include_url=False)[0]
+    loc = [str(p) for p in first.get("loc", ())]
+    # unions report the branch type in loc ("str", "list[...]"); keep the field path only
+    param = ".".join(p for p in loc if not p.startswith(("list[", "str", "int", "float", "bool")))
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        msg = f"unsupported field {param!r}"
+    elif kind == "missing":
+        msg = f"missing required field {param!r}"
+    else:
+        msg = f"invalid value for {param!r}: {first.get('msg', 'invalid')}"
+    return msg, param or None
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    premoe: dict[str, Any],
+    created: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+        "premoe": premoe,
+    }
+
+
+def completion_chunk(
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    premoe: dict[str, Any],
+    created: int,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "premoe": premoe,
+    }
+
+
+def chat_response(
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    premoe: dict[str, Any],
+    created: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+        "premoe": premoe,
+    }
+
+
+def chat_chunk(
+    rid: str,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    premoe: dict[str, Any],
+    created: int,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "premoe": premoe,
+    }
+
+
+def usage_chunk(
+    rid: str, model: str, obj: str, created: int, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
