@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from safetensors.torch import save_file
 import premoe
 from premoe.errors import StoreError, StoreMismatchError, UsageError
 from premoe.fingerprint import describe_difference, same_model
-from premoe.io.atomic import atomic_output_dir
+from premoe.io.atomic import atomic_output_dir, default_mode
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +440,8 @@ class PatternStore:
             save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "pt"})
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             (tmp / META_FILE).write_text(meta, encoding="utf-8")
+            for name in (SCORES_FILE, INDEX_FILE, META_FILE):  # as a plain open() would make them
+                os.chmod(tmp / name, default_mode(is_dir=False))
         self.path = path
         log.info("saved pattern store %s (%d tasks)", path, len(self.tasks))
 

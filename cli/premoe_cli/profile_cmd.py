@@ -1,0 +1,162 @@
+"""`premoe profile MODEL --task NAME=SOURCE ... --out STORE`: measure expert usage per task."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from premoe.profile import ProgressInfo, parse_task_specs, profile
+from premoe_cli._common import print_json, print_table, progress_enabled
+from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, OverwriteOpt
+
+
+class _Bar:
+    """A tqdm bar on stderr fed by the library's progress callback."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, p: ProgressInfo) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.total_samples, unit="sample", dynamic_ncols=True)
+        self.bar.n = p.samples
+        self.bar.set_postfix_str(
+            f"{p.task} {p.tokens:,} tok {p.tokens_per_s:,.0f} tok/s", refresh=False
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def profile_command(
+    model: ModelArg,
+    task: Annotated[
+        list[str],
+        typer.Option(
+            "--task",
+            "-t",
+            help="NAME=SOURCE, repeatable. SOURCE: a .jsonl/.json file (field text, or "
+            "prompt+completion/response, or chat messages), a .txt file (one sample per "
+            "non-empty line), .parquet/.csv, or hf:NAME[:CONFIG][:SPLIT].",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Pattern store folder. An existing store of the same model gets the tasks "
+            "added (same name: replaced).",
+            show_default=False,
+        ),
+    ],
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            help="tcess (default), frequency, paper-logits or reap; repeatable, all from one pass.",
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="TCESS confidence threshold r in [0, 1): count a routed expert only "
+            "if its score >= r x the token's best score (default 0)."
+        ),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="Routing key: router_input (default; mean first-router input) or "
+            "tcess (first-layer TCESS)."
+        ),
+    ] = None,
+    search: Annotated[
+        str | None,
+        typer.Option(
+            help="knn (default: one row per sample, k nearest vote) or centroid (one row per task)."
+        ),
+    ] = None,
+    knn: Annotated[int | None, typer.Option(help="Neighbours that vote (default 15).")] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help="Field/column holding the text (default: auto).")
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option(help="At most this many samples per task (seeded choice).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="At most this many tokens per task (seeded choice).")
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate samples to this many tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: Annotated[
+        str | None,
+        typer.Option(help="'auto': spread a model that does not fit one device (accelerate)."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure how much each expert of each MoE layer is used, per task, into a pattern store.
+
+    \b
+    Example:
+      premoe profile ./Qwen3-30B-A3B --task math=math.jsonl \\
+        --task code=hf:org/code::train --max-samples 512 --out patterns/qwen3
+    """
+    tasks = parse_task_specs(task)
+    bar = _Bar() if progress_enabled() else None
+    try:
+        store = profile(
+            model,
+            tasks,
+            out=out,
+            overwrite=overwrite,
+            metrics=metric or None,
+            threshold=threshold,
+            key=key,
+            search=search,
+            knn=knn,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            seed=seed,
+            text_field=text_field,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = {
+        "store": out,
+        "metrics": store.metrics,
+        "key": store.key,
+        "tasks": {
+            name: {"samples": store.tasks[name].samples, "tokens": store.tasks[name].tokens}
+            for name in tasks
+        },
+    }
+    if json_out:
+        print_json(summary)
+        return
+    rows = [
+        [n, store.tasks[n].samples, store.tasks[n].tokens, store.tasks[n].source] for n in tasks
+    ]
+    print_table(["task", "samples", "tokens", "source"], rows)
+    typer.echo(
+        f"store {out}: {len(store.tasks)} task(s), metrics {', '.join(store.metrics)}, "
+        f"key {store.key['kind']}/{store.key['search']}"
+    )
