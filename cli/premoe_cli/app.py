@@ -18,7 +18,10 @@ from premoe.errors import PremoeError
 from premoe_cli.archs import archs
 from premoe_cli.export_cmd import export_command
 from premoe_cli.inspect_cmd import inspect
+from premoe_cli.patterns_cmd import patterns_app
 from premoe_cli.plan_cmd import plan_command
+from premoe_cli.profile_cmd import profile_command
+from premoe_cli.route_cmd import route_command
 from premoe_cli.serve_cmd import serve_command
 
 
@@ -70,6 +73,9 @@ def _root(
 
 app.command("archs")(archs)
 app.command("inspect")(inspect)
+app.command("profile")(profile_command)
+app.add_typer(patterns_app, name="patterns")
+app.command("route")(route_command)
 app.command("plan")(plan_command)
 app.command("export")(export_command)
 app.command("serve")(serve_command)
