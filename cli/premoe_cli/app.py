@@ -17,6 +17,7 @@ import premoe
 from premoe.errors import PremoeError
 from premoe_cli.archs import archs
 from premoe_cli.export_cmd import export_command
+from premoe_cli.generate_cmd import generate_command
 from premoe_cli.inspect_cmd import inspect
 from premoe_cli.patterns_cmd import patterns_app
 from premoe_cli.plan_cmd import plan_command
@@ -78,6 +79,7 @@ app.add_typer(patterns_app, name="patterns")
 app.command("route")(route_command)
 app.command("plan")(plan_command)
 app.command("export")(export_command)
+app.command("generate")(generate_command)
 app.command("serve")(serve_command)
 
 

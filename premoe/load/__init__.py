@@ -5,6 +5,8 @@
 - `ResidentModel(model, keep, ...)`: such a model with K slots per MoE layer; `swap_to(keep)`
   switches patterns in place and reports `SwapStats`.
 - `HostExpertCache(budget)`: pinned host cache of experts that swaps read from first.
+- `load_prefix(model)`: the model up to the first MoE router, experts on meta (routing keys).
+- `premoe.load.generate.generate(model, store, prompt)`: route, load, generate.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from premoe.load.loader import (
     LoadInfo,
     SizeModel,
     keep_for_budget,
+    load_prefix,
     load_pruned,
     load_pruned_with_info,
     parse_bytes,
@@ -33,6 +36,7 @@ __all__ = [
     "SourceCount",
     "SwapStats",
     "keep_for_budget",
+    "load_prefix",
     "load_pruned",
     "load_pruned_with_info",
     "parse_bytes",

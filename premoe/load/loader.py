@@ -143,16 +143,19 @@ def _fp32_patterns(model: Any, dtype: torch.dtype) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
 
 
-def materialize(model: Any, device: torch.device, dtype: torch.dtype) -> None:
+def materialize(
+    model: Any, device: torch.device, dtype: torch.dtype, only: set[int] | None = None
+) -> None:
     """Give every meta parameter real (uninitialised) storage on `device`, once per tied group,
-    in the dtype `from_pretrained` would use; move buffers to `device`."""
+    in the dtype `from_pretrained` would use; move buffers to `device`. With `only` (ids of
+    parameter objects), the other parameters stay on the meta device."""
     fp32 = _fp32_patterns(model, dtype)
     params: dict[int, nn.Parameter] = {}
     buffers: dict[int, torch.Tensor] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         prefix = f"{mod_name}." if mod_name else ""
         for name, p in list(mod._parameters.items()):
-            if p is None:
+            if p is None or (only is not None and id(p) not in only):
                 continue
             if id(p) not in params:
                 dt = torch.float32 if fp32 is not None and fp32.search(prefix + name) else p.dtype
@@ -621,6 +624,82 @@ def _finish_model(model: Any, src: ModelSource) -> None:
             model.generation_config = GenerationConfig.from_pretrained(src.path)
         except Exception as exc:  # a broken generation config should not block loading
             log.warning("ignoring %s: %s", src.path / "generation_config.json", exc)
+
+
+def _layer_of(key: str, prefix: str) -> int | None:
+    """The decoder-layer index of checkpoint key `key` (`{prefix}.{i}.*`), or None."""
+    if not key.startswith(prefix + "."):
+        return None
+    head = key[len(prefix) + 1 :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def load_prefix(
+    model: str | Path | ModelSource,
+    *,
+    layer: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """The model's prefix up to the router of MoE `layer` (default: the first MoE layer).
+
+    The returned transformers model has the source's own (unpruned) config; only the input
+    embeddings, every parameter of the decoder layers before `layer`, and the non-expert
+    parameters of `layer` itself (attention, norms, shared experts, the full router) are read
+    and placed on `device`. Experts, later layers and the output head stay on the meta device,
+    so a forward pass must stop at that router, as `premoe.route.QueryKeyer` does: routing keys
+    cost no expert. Raises `UsageError` when an earlier MoE layer exists (its experts would be
+    needed).
+    """
+    src, owned = as_source(model)
+    try:
+        arch, km, reader = src.arch, src.keymap, src.reader
+        moe = src.moe_layers
+        layer = moe[0] if layer is None else int(layer)
+        if layer not in moe:
+            raise UsageError(f"layer {layer} is not an MoE layer of this model (MoE: {moe})")
+        earlier = [n for n in moe if n < layer]
+        if earlier:
+            raise UsageError(
+                f"a routing key at MoE layer {layer} needs the experts of the MoE layers "
+                f"{earlier} before it; the expert-free prefix only reaches the first MoE layer "
+                f"({moe[0]})"
+            )
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, src)
+        skel = build_skeleton(src.config, dt)
+        state = skel.state_dict(keep_vars=True)
+        head = skel.get_output_embeddings()
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        head_ids -= {id(p) for p in skel.get_input_embeddings().parameters()}  # tied: keep
+        reads: list[tuple[str, str]] = []  # (checkpoint key, model name)
+        for key in reader.keys():
+            role = km.role(key)
+            if isinstance(role, ExpertKey):
+                continue
+            if isinstance(role, RouterKey):
+                if role.layer == layer:
+                    reads.append((key, f"{arch.layers_prefix}.{layer}.{role.tensor.memory}"))
+                continue
+            index = _layer_of(key, km.prefix)
+            if (index is not None and index > layer) or key not in state:
+                continue
+            if index is None and id(state[key]) in head_ids:
+                continue  # the output head is never reached
+            reads.append((key, key))
+        materialize(skel, dev, dt, only={id(state[name]) for _, name in reads})
+        state = skel.state_dict(keep_vars=True)
+        copier = Copier(dev)
+        with torch.no_grad():
+            for key, name in reads:
+                copier.copy(state[name], reader.get(key))
+            copier.finish()
+        skel.eval()
+        log.debug("prefix to MoE layer %d: %d tensors, %d bytes", layer, len(reads), copier.bytes)
+        return skel
+    finally:
+        if owned:
+            src.close()
 
 
 # ---- sizes ---------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""The simplest end-to-end path: route a prompt, load its pattern's experts, generate.
+
+`generate(model, store, prompt)`:
+
+1. checks that the store was made for `model` (fingerprint), and the prompt;
+2. computes the prompt's routing key on the expert-free prefix of the model (`load_prefix`:
+   embeddings and layers up to the first MoE layer's router, experts on the meta device) and
+   routes it (`premoe.route.route`: best stored task, or the fallback pattern);
+3. picks the keep set from the routed task's scores (`premoe.policy.select_experts`: a fixed
+   count, a byte budget or a score coverage);
+4. loads the pruned model from the original checkpoint (`load_pruned`) and generates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import premoe
+from premoe.errors import ModelNotFoundError, UsageError
+from premoe.load.loader import (
+    Progress,
+    load_prefix,
+    load_pruned_with_info,
+    resolve_device,
+    resolve_dtype,
+    size_model,
+)
+from premoe.source import ModelSource, resolve_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COVERAGE = 0.9
+"""Score coverage used when neither a kept count nor a budget is given."""
+
+
+@dataclass
+class GenerateResult:
+    """What `generate` did. `to_json()` is the `premoe generate --json` contract."""
+
+    prompt: str
+    text: str  # the generated continuation (without the prompt)
+    task: str  # the pattern used
+    similarity: float
+    fallback: bool
+    routed: bool  # False when the task was given (no routing)
+    candidates: list[dict[str, Any]]
+    metric: str
+    keep_count: int
+    top_k: int
+    resident_bytes: int
+    full_bytes: int
+    bytes_read: int
+    route_seconds: float
+    load_seconds: float
+    generate_seconds: float
+    new_tokens: int
+    device: str
+    dtype: str
+    selection: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "pattern": {
+                "task": self.task,
+                "similarity": None if math.isnan(self.similarity) else self.similarity,
+                "fallback": self.fallback,
+                "routed": self.routed,
+                "candidates": self.candidates,
+            },
+            "keep": self.keep_count,
+            "top_k": self.top_k,
+            "metric": self.metric,
+            "resident_bytes": self.resident_bytes,
+            "full_bytes": self.full_bytes,
+            "bytes_read": self.bytes_read,
+            "timing": {
+                "route_seconds": self.route_seconds,
+                "load_seconds": self.load_seconds,
+                "generate_seconds": self.generate_seconds,
+                "new_tokens": self.new_tokens,
+                "tokens_per_second": self.tokens_per_second,
+            },
+            "device": self.device,
+            "dtype": self.dtype,
+            "selection": self.selection,
+            "model": self.model_fingerprint,
+            "premoe_version": premoe.__version__,
+        }
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelNotFoundError(
+            f"cannot load a tokenizer from {path} ({type(exc).__name__}); add the tokenizer "
+            "files to the model folder"
+        ) from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(
+    model: str | Path | ModelSource,
+    store: Any,
+    prompt: str,
+    *,
+    keep: int | None = None,
+    budget: int | str | None = None,
+    coverage: float | None = None,
+    task: str | None = None,
+    metric: str | None = None,
+    threshold: float | None = None,
+    fallback: str | None = None,
+    max_new_tokens: int = 64,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    do_sample: bool = False,
+    progress: Progress | None = None,
+) -> GenerateResult:
+    """Route `prompt` to a stored pattern of `store` (a path or `PatternStore`), load `model`
+    with that pattern's experts only, and generate up to `max_new_tokens` tokens (greedy).
+
+    The kept count is `keep`, or the largest that fits `budget` bytes, or the smallest whose
+    kept scores cover `coverage` of every layer (default 0.9). `task` skips routing and uses
+    that stored task (or `__global__`, all tasks pooled). `threshold`/`fallback` are those of
+    `premoe.route.route`.
+    """
+    from premoe.fingerprint import fingerprint_source
+    from premoe.patterns.store import GLOBAL
+    from premoe.plan import check_store_layers, open_store, store_scores
+    from premoe.policy import select_experts
+    from premoe.route import QueryKeyer, route
+    from premoe.route.keys import encode_prompt
+    from premoe.route.retrieve import check_fallback
+
+    if sum(x is not None for x in (keep, budget, coverage)) > 1:
+        raise UsageError("give at most one of --keep, --budget and --coverage")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("the prompt is empty; give some text to generate from")
+    src = model if isinstance(model, ModelSource) else resolve_model(model)
+    owned = not isinstance(model, ModelSource)
+    try:
+        fingerprint = fingerprint_source(src)
+        st = open_store(store, fingerprint)
+        check_store_layers(st, src)
+        metric = metric or ("tcess" if "tcess" in st.metrics else st.metrics[0])
+        fallback = GLOBAL if fallback is None else fallback
+        check_fallback(st, fallback)
+        # unknown task or metric: a clear error, before any weight is read
+        store_scores(st, [task] if task is not None and task != GLOBAL else [], metric)
+        tokenizer = load_tokenizer(src.path)
+        ids = encode_prompt(tokenizer, prompt)  # no tokens: a clear error before any weight
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, src)
+
+        # 1. route on the expert-free prefix
+        t0 = time.perf_counter()
+        if task is None:
+            key_layer = int(st.key.get("layer", src.moe_layers[0]))
+            prefix = load_prefix(src, layer=key_layer, device=dev, dtype=dt)
+            keyer = QueryKeyer.for_store(st, prefix, tokenizer, check=False)
+            found = route(st, keyer, prompt, threshold=threshold, fallback=fallback)
+            del keyer, prefix
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            chosen, similarity, is_fallback = found.task, found.similarity, found.fallback
+            candidates = [{"task": c.task, "similarity": c.similarity} for c in found.candidates]
+        else:
+            chosen, similarity, is_fallback, candidates = task, float("nan"), False, []
+        route_s = time.perf_counter() - t0
+
+        # 2. the keep set from the task's scores
+        scores = st.pooled_scores(metric) if chosen == GLOBAL else st.scores(chosen, metric)
+        sizes = size_model(src, dt)
+        selection = select_experts(
+            scores,
+            src.moe_layers,
+            num_experts=src.num_experts,
+            routed=src.top_k,
+            keep=keep,
+            budget=budget,
+            coverage=DEFAULT_COVERAGE
+            if keep is None and budget is None and coverage is None
+            else coverage,
+            bytes_for=sizes.resident,
+            groups=src.arch.groups(src.config),
+        )
+
+        # 3. load the pruned model
+        t0 = time.perf_counter()
+        net, info = load_pruned_with_info(
+            src, selection.keep, device=dev, dtype=dt, progress=progress
+        )
+        _sync(dev)
+        load_s = time.perf_counter() - t0
+
+        # 4. generate
+        input_ids = torch.tensor([ids], device=dev)
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad
+        with torch.inference_mode():
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = net.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=pad,
+            )
+            _sync(dev)
+            gen_s = time.perf_counter() - t0
+        new = out[0, input_ids.shape[1] :]
+        text = tokenizer.decode(new.tolist(), skip_special_tokens=True)
+        full = sizes.resident(src.num_experts)
+        result = GenerateResult(
+            prompt=prompt,
+            text=text,
+            task=chosen,
+            similarity=float(similarity),
+            fallback=is_fallback,
+            routed=task is None,
+            candidates=candidates,
+            metric=metric,
+            keep_count=selection.keep.count,
+            top_k=src.arch.top_k(net.config),
+            resident_bytes=info.param_bytes,
+            full_bytes=full,
+            bytes_read=info.bytes_read,
+            route_seconds=route_s,
+            load_seconds=load_s,
+            generate_seconds=gen_s,
+            new_tokens=int(new.numel()),
+            device=str(dev),
+            dtype=info.dtype,
+            selection=selection.provenance,
+            model_fingerprint=fingerprint,
+        )
+        del net
+        return result
+    finally:
+        if owned:
+            src.close()
