@@ -454,6 +454,7 @@ class BatchDecoder:
                     continue
                 if r.sink.cancelled:
                     r.done = True
+                    r.sink.on_finish("cancelled", r.generated)
                     continue
                 assert r.stream is not None
                 r.generated += 1

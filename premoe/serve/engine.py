@@ -215,12 +215,14 @@ class GenRequest:
         self._push("delta", text)
 
     def on_finish(self, reason: str, completion_tokens: int) -> None:
-        self.finished = time.monotonic()
-        self.completion_tokens = completion_tokens
-        self.finish_reason = reason
         m = self.engine.metrics
-        m.latency.observe(self.finished - self.arrival, task=self.task)
         m.generated_tokens.inc(completion_tokens, task=self.task)
+        self.completion_tokens = completion_tokens
+        if reason == "cancelled":  # the client left; nobody reads events any more
+            return
+        self.finished = time.monotonic()
+        self.finish_reason = reason
+        m.latency.observe(self.finished - self.arrival, task=self.task)
         self._push("finish", reason)
 
     def fail(self, error: RequestError) -> None:

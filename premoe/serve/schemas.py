@@ -122,12 +122,15 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
 def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
     """(one-line message, offending field) for the first error of a pydantic validation."""
     first = err.errors(include_url=False)[0]
     loc = [str(p) for p in first.get("loc", ())]
     # unions report the branch type in loc ("str", "list[...]"); keep the field path only
-    param = ".".join(p for p in loc if not p.startswith(("list[", "str", "int", "float", "bool")))
+    param = ".".join(p for p in loc if p not in _TYPE_TAGS and "[" not in p and "-" not in p)
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         msg = f"unsupported field {param!r}"
