@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from premoe.arch.spec import ArchSpec, _get
 from premoe.errors import UnsupportedArchitectureError, UsageError
@@ -222,7 +221,8 @@ def token_contributions(
                 c = c * keep
             out.append(c)
         elif row == "paper-logits":
-            top1 = F.one_hot(w.argmax(-1), w.shape[-1]).to(w.dtype)  # [T, K]
+            slots = torch.arange(w.shape[-1], device=w.device)  # [K]
+            top1 = (slots == w.argmax(-1, keepdim=True)).to(w.dtype)  # [T, K] one-hot
             out.append(logits.gather(1, idx) * top1 * m)
         else:
             raise ValueError(f"no per-token contribution for row {row!r}")

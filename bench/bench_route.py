@@ -1,0 +1,212 @@
+"""Benchmark: routing cost (issue 5 figures, routing half).
+
+(a) key computation + search time / full-model prefill time of the same 512-token prompt
+    (target <= 0.05). The key is `QueryKeyer`'s (the model runs only up to the first MoE
+    router; no expert runs); the search is `PatternStore.search` on a store of 10,000 keys.
+    Prefill is `model(ids, use_cache=True, logits_to_keep=1)`, as `generate` does it.
+(b) FAISS search time with 10,000 stored keys: median µs of `PatternStore.search` (FAISS plus
+    the kNN vote) and of the bare `index.search`, for each index type (flat, hnsw) and search
+    mode (knn, centroid), for the router_input key (dim = hidden size) and the tcess key
+    (dim = experts). Target <= 1 ms.
+
+Default model: Qwen3-MoE-shaped, random bf16 weights built directly on the device (hidden 2048,
+moe_intermediate 768, 128 experts, top-8, 24 layers: about 15.6 B parameters).
+
+    python bench/bench_route.py --device cuda --out bench/route.json
+    python bench/bench_route.py --smoke --out /tmp/route_smoke.json   # tiny model, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import premoe
+from premoe.arch import arch_for_config
+from premoe.fingerprint import fingerprint_model
+from premoe.patterns import PatternStore, TaskInfo, key_spec
+from premoe.route import QueryKeyer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_profile import build_model, make_config, sync  # noqa: E402
+
+log = logging.getLogger("bench_route")
+
+
+def synthetic_store(
+    fp: dict[str, Any], kind: str, dim: int, rows: int, tasks: int, search: str, index: str
+) -> PatternStore:
+    """A store of `rows` random keys spread over `tasks` tasks (centroid: one row per task)."""
+    rng = np.random.default_rng(0)
+    layers, experts = len(fp["moe_layers"]), fp["num_experts"]
+    spec = key_spec(kind, fp["moe_layers"][0], search, 15, index)
+    store = PatternStore(fp, ["tcess"], spec, metric_options={"threshold": 0.0})
+    per = rows // tasks if search == "knn" else 1
+    other = "tcess" if kind == "router_input" else "router_input"
+    for t in range(tasks):
+        sums = {r: torch.zeros(layers, experts, dtype=torch.float64) for r in ("counts", "tcess")}
+        keys = {
+            kind: rng.standard_normal((per, dim), dtype=np.float32),
+            other: np.zeros((per, 1), dtype=np.float32),
+        }
+        info = TaskInfo("synthetic", per, per * 100, "now", {})
+        store.add_task(f"t{t}", info, sums, keys, rebuild=False)
+    store.build_index()
+    return store
+
+
+def median_us(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--moe-intermediate", type=int, default=768)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--seq", type=int, default=512, help="prompt length")
+    p.add_argument("--stored", type=int, default=10_000, help="keys in the store")
+    p.add_argument("--tasks", type=int, default=20, help="tasks the keys belong to (knn)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--search-repeats", type=int, default=200)
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.dtype = "cpu", "fp32"
+        args.hidden, args.moe_intermediate, args.experts, args.top_k = 64, 32, 8, 2
+        args.layers, args.heads, args.head_dim, args.vocab = 4, 4, 16, 1000
+        args.seq, args.stored, args.repeats, args.search_repeats = 64, 2000, 3, 20
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    config = make_config(args)
+    model = build_model(config, device, dtype)
+    arch = arch_for_config(config)
+    fp = fingerprint_model(model, arch)
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(10, args.vocab, (args.seq,), generator=torch.Generator().manual_seed(0))
+    prompt = [ids.tolist()]
+
+    # (b) search
+    search_rows = []
+    stores: dict[str, PatternStore] = {}
+    for kind, dim in (("router_input", args.hidden), ("tcess", args.experts)):
+        for search in ("knn", "centroid"):
+            for index in ("flat", "hnsw"):
+                tasks = args.tasks if search == "knn" else args.stored
+                t0 = time.perf_counter()
+                st = synthetic_store(fp, kind, dim, args.stored, tasks, search, index)
+                build_s = time.perf_counter() - t0
+                q = np.random.default_rng(1).standard_normal(dim).astype(np.float32)
+                qn = (q / np.linalg.norm(q)).reshape(1, -1)
+                k = 15 if search == "knn" else 5
+                st.search(q)
+                full = median_us(lambda st=st, q=q: st.search(q), args.search_repeats)
+                bare = median_us(
+                    lambda st=st, qn=qn, k=k: st._index.search(qn, k), args.search_repeats
+                )
+                stores[f"{kind}/{search}/{index}"] = st
+                search_rows.append(
+                    {
+                        "key": kind,
+                        "dim": dim,
+                        "search": search,
+                        "index": index,
+                        "rows": st._index.ntotal,
+                        "search_us": full,
+                        "faiss_us": bare,
+                        "build_s": build_s,
+                    }
+                )
+
+    # (a) key + search vs prefill
+    keyer = QueryKeyer(model, None, arch, {"kind": "router_input", "layer": fp["moe_layers"][0]})
+    store = stores["router_input/knn/flat"]
+    dev_ids = ids.view(1, -1).to(device)
+
+    def key_and_search() -> None:
+        store.search(keyer.keys_from_ids(prompt)[0])
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(input_ids=dev_ids, use_cache=True, logits_to_keep=1)
+        sync(device)
+
+    for _ in range(3):
+        key_and_search()
+        prefill()
+    key_us = median_us(lambda: keyer.keys_from_ids(prompt), args.repeats)
+    route_us = median_us(key_and_search, args.repeats)
+    prefill_us = median_us(prefill, args.repeats)
+    result = {
+        "benchmark": "route",
+        "premoe_version": premoe.__version__,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "faiss": __import__("faiss").__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "model": {
+            "hidden": args.hidden,
+            "experts": args.experts,
+            "layers": args.layers,
+            "params": n_params,
+        },
+        "prompt_tokens": args.seq,
+        "key_us": key_us,
+        "key_plus_search_us": route_us,
+        "prefill_us": prefill_us,
+        "route_over_prefill": route_us / prefill_us,
+        "search": search_rows,
+        "smoke": args.smoke,
+    }
+    print(
+        f"\nrouting cost, {result['device']}, {n_params / 1e9:.2f} B params, "
+        f"{args.seq}-token prompt"
+    )
+    print(
+        f"key {key_us:,.0f} us, key + search {route_us:,.0f} us, prefill {prefill_us:,.0f} us:"
+        f" ratio {route_us / prefill_us:.4f}"
+    )
+    print(
+        f"\n{'key':<13} {'dim':>5} {'search':<8} {'index':<5} {'rows':>6} {'search us':>10} "
+        f"{'faiss us':>9}"
+    )
+    for r in search_rows:
+        print(
+            f"{r['key']:<13} {r['dim']:>5} {r['search']:<8} {r['index']:<5} {r['rows']:>6} "
+            f"{r['search_us']:>10.1f} {r['faiss_us']:>9.1f}"
+        )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
