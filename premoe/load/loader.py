@@ -262,14 +262,16 @@ class Copier:
         with torch.cuda.stream(self.stream):
             return fn()
 
-    def finish(self, *, blocking: bool = True) -> None:
+    def finish(self, *, blocking: bool = True) -> torch.cuda.Event | None:
+        """Order the compute stream after the copies; returns the copies' event (CUDA)."""
         if not self.cuda:
-            return
+            return None
         done = torch.cuda.Event()
         done.record(self.stream)
         torch.cuda.current_stream(self.device).wait_event(done)
         if blocking:
             done.synchronize()
+        return done
 
 
 # ---- experts: where each one lives on disk and in memory ----------------------------------------

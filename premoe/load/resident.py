@@ -101,7 +101,8 @@ class SwapStats:
 @dataclass
 class _Layer:
     experts: list[torch.Tensor]  # one [K, ...] view per ArchSpec.experts entry (param storage)
-    routers: list[tuple[RouterTensor, torch.Tensor, torch.Tensor]]  # spec, resident, host full
+    # spec, resident tensor, host copy of all E rows, host staging of K rows (pinned on CUDA)
+    routers: list[tuple[RouterTensor, torch.Tensor, torch.Tensor, torch.Tensor]]
     expert_bytes: int  # one slot, all tensors
 
 
@@ -175,6 +176,7 @@ class ResidentModel:
         self.plan = plan
         self.host_cache = host_cache
         self._owns_source = owns_source
+        self._pending: torch.cuda.Event | None = None
         self.top_k = self.arch.top_k(model.config)
         self.slots = self.arch.num_experts(model.config)
         self.device = next(model.parameters()).device
@@ -198,7 +200,8 @@ class ResidentModel:
             for t in self.arch.router_tensors:
                 dst = _tensor_of(mod, t.memory)
                 full = reader.get(km.router_key(layer, t.role)).to(dst.dtype)  # all E rows
-                routers.append((t, dst, full.pin_memory() if pin else full.contiguous()))
+                stage = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=pin)
+                routers.append((t, dst, full.pin_memory() if pin else full.contiguous(), stage))
             nbytes = sum(v[0].numel() * v.element_size() for v in views)
             self._layers[layer] = _Layer(views, routers, nbytes)
         self.expert_bytes = max(ly.expert_bytes for ly in self._layers.values())
@@ -300,6 +303,9 @@ class ResidentModel:
         not wait for the copies (the compute stream still does); `seconds` is then issue time.
         """
         plan = self._check(keep)
+        if self._pending is not None:  # the previous swap may still read the router staging
+            self._pending.synchronize()
+            self._pending = None
         stats = SwapStats()
         t0 = time.perf_counter()
         copier = Copier(self.device)
@@ -333,10 +339,10 @@ class ResidentModel:
                     stats.experts_moved += 1
                     stats.bytes += ly.expert_bytes
                 idx = torch.tensor(new, dtype=torch.long)
-                for t, dst, full in ly.routers:
-                    rows = full.index_select(t.dim % full.dim(), idx)  # [K, H] / [K] / [1, K]
-                    stats.router_bytes += copier.copy(dst, rows)
-            copier.finish(blocking=blocking)
+                for t, dst, full, stage in ly.routers:
+                    torch.index_select(full, t.dim % full.dim(), idx, out=stage)  # [K, H] / [K]
+                    stats.router_bytes += copier.copy(dst, stage)
+            self._pending = copier.finish(blocking=blocking)
         if (plan.n_group, plan.topk_group) != (self.plan.n_group, self.plan.topk_group):
             self._set_groups(plan)
             stats.group_plan_changed = True
