@@ -177,13 +177,14 @@ def test_recomputed_routing_equals_the_router(family) -> None:
     order_a, order_b = decoded.indices.argsort(-1), idx.argsort(-1)
     assert torch.equal(decoded.indices.gather(1, order_a), idx.gather(1, order_b))
     assert torch.allclose(decoded.weights.gather(1, order_a), w.gather(1, order_b), atol=1e-6)
-    # the 5.17 conventions decode to the same routing
-    if isinstance(seen["out"], tuple) and len(seen["out"]) == 3:
-        logits, weights, indices = seen["out"]
-        granite = decode_router_output((indices, weights, logits), rule, bias)
-        assert torch.equal(granite.indices, decoded.indices)
-        bare = decode_router_output(logits, rule, bias)  # Jamba 5.17: a bare nn.Linear
-        assert torch.equal(bare.indices.sort(-1)[0], decoded.indices.sort(-1)[0])
+    # the other conventions (GraniteMoe 5.17: (indices, weights, logits); Jamba 5.17: a bare
+    # nn.Linear; Llama 4: (scores, logits)) decode to the same routing
+    logits, weights, indices = decoded.logits, decoded.weights, decoded.indices
+    granite = decode_router_output((indices, weights, logits), rule, bias)
+    assert torch.equal(granite.indices, indices) and torch.equal(granite.logits, logits)
+    for out in (logits, (torch.zeros_like(logits), logits)):
+        other = decode_router_output(out, rule, bias)
+        assert torch.equal(other.indices.sort(-1)[0], indices.sort(-1)[0])
 
 
 def test_padding_never_counts(tmp_path: Path) -> None:
