@@ -20,7 +20,7 @@ from tests.serve.conftest import API_KEY, MAX_LEN, PATTERNS, TASKS, Server, Serv
 MAX_NEW = 12
 
 
-def prompts_for(world: ServeWorld, n: int = 4) -> list[str]:
+def prompts_for(world: ServeWorld, n: int = 3) -> list[str]:
     """Eval prompts of both tasks; asserts that the patterns disagree on some of them, so that a
     request decoded with the wrong experts would be caught."""
     prompts = [r["prompt"] for demo in TASKS.values() for r in generate(demo, n, 1, "eval")]

@@ -1,0 +1,125 @@
+"""The engine in process: every request is decoded with its own pattern's experts, a failing
+request fails alone, a full queue refuses with 429, shutdown answers what is left."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from premoe.serve import Engine, EngineConfig, RequestError, RouteInfo, SamplingParams
+from premoe.serve.engine import GenRequest
+from tests.serve.conftest import KEEP, ServeWorld
+
+
+def router(prompt: str) -> RouteInfo:
+    """Routes by the first character; a prompt starting with '!' makes routing fail."""
+    if prompt.startswith("!"):
+        raise RuntimeError("router exploded")
+    task = "math" if prompt[0].isdigit() else "code" if prompt[0].islower() else "__global__"
+    return RouteInfo(task, 1.0, False, True)
+
+
+@pytest.fixture(scope="module")
+def engine(serve_world: ServeWorld) -> Iterator[Engine]:
+    cfg = EngineConfig(
+        model=str(serve_world.model),
+        store=str(serve_world.store),
+        keep=KEEP,
+        device="cpu",
+        dtype="fp32",
+        max_batch=3,
+        max_wait_ms=10,
+        max_queue=64,
+    )
+    eng = Engine(cfg, router=router)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+async def collect(req: GenRequest) -> tuple[str, str | RequestError]:
+    text = ""
+    while True:
+        kind, value = await asyncio.wait_for(req.next_event(), 60)
+        if kind == "delta":
+            text += value
+        elif kind in ("finish", "error"):
+            return text, value
+
+
+def submit(engine: Engine, prompt: str, task: str | None = None, n: int = 6) -> GenRequest:
+    ids = engine.encode_prompt(prompt)
+    return engine.submit(ids, prompt, SamplingParams(max_tokens=n), task=task)
+
+
+def test_every_request_decoded_with_its_own_pattern(
+    engine: Engine, serve_world: ServeWorld
+) -> None:
+    prompts = ["12+3=", "abc>", "QDK:", "7+70=", "zz>", "AB:", "1+1=", "q>"]
+
+    async def run() -> list[tuple[GenRequest, Any]]:
+        reqs = []
+        for i, p in enumerate(prompts * 2):
+            reqs.append(submit(engine, p, task=None if i % 3 else "__global__"))
+        outs = await asyncio.gather(*(collect(r) for r in reqs))
+        return list(zip(reqs, outs, strict=True))
+
+    swaps = engine.metrics.swaps.value()
+    done = asyncio.run(run())
+    for req, (_, reason) in done:
+        assert reason in ("stop", "length"), reason
+        assert req.served_keep is not None
+        assert req.served_keep == engine.patterns[req.task]  # the invariant
+        if req.route.routed:
+            assert req.task == router(req.prompt_text).task
+    assert engine.metrics.swaps.value() > swaps
+    for req, (text, _) in done[:3]:
+        assert text == serve_world.greedy(req.task, req.prompt_text, 6)
+    assert engine.alive and engine.health()["queue_depth"] == 0
+
+
+def test_a_failing_request_fails_alone(engine: Engine) -> None:
+    async def run() -> list[Any]:
+        reqs = [submit(engine, p) for p in ("12+3=", "!boom", "abc>")]
+        return list(await asyncio.gather(*(collect(r) for r in reqs)))
+
+    (_, a), (_, b), (_, c) = asyncio.run(run())
+    assert a in ("stop", "length") and c in ("stop", "length")
+    assert isinstance(b, RequestError) and b.status == 500 and "router exploded" in b.message
+    assert engine.alive
+
+
+def test_full_queue_refuses_with_429(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine.config, "max_queue", 4)
+
+    async def run() -> tuple[list[GenRequest], list[RequestError]]:
+        accepted, refused = [], []
+        for i in range(40):
+            try:
+                accepted.append(submit(engine, f"{i}+1=", task="math"))
+            except RequestError as err:
+                refused.append(err)
+        await asyncio.gather(*(collect(r) for r in accepted))
+        return accepted, refused
+
+    accepted, refused = asyncio.run(run())
+    assert refused and all(e.status == 429 and e.code == "queue_full" for e in refused)
+    assert len(accepted) >= engine.config.max_queue
+    assert engine.health()["queue_depth"] == 0
+
+
+def test_unknown_pattern_and_context_window(engine: Engine) -> None:
+    async def run() -> None:
+        with pytest.raises(RequestError) as info:
+            submit(engine, "1+1=", task="poetry")
+        assert info.value.code == "unknown_pattern" and info.value.status == 400
+
+    asyncio.run(run())
+    with pytest.raises(RequestError) as info:
+        engine.resolve_max_tokens(10, engine.max_model_len, None)
+    assert info.value.code == "context_length_exceeded"
+    assert engine.resolve_max_tokens(10, None, None) == engine.max_model_len - 10
+    assert engine.resolve_max_tokens(10, None, 16) == 16
