@@ -14,11 +14,19 @@ moe_intermediate 768, 128 experts, top-8, 24 layers: about 15.6 B parameters).
 
     python bench/bench_route.py --device cuda --out bench/route.json
     python bench/bench_route.py --smoke --out /tmp/route_smoke.json   # tiny model, CPU
+
+(c) with ``--accuracy MODEL_DIR`` (CPU; the bundled demo model, premoe/demo/model): held-out
+    routing accuracy on the demo task suite for each key kind (router_input, tcess) and search
+    mode (knn, centroid), at several query lengths (1, 2 or 4 held-out prompts of one task joined
+    by newlines), and the distribution of the best similarity (to choose a fallback threshold).
+
+    python bench/bench_route.py --accuracy premoe/demo/model --out bench/route_accuracy.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import platform
@@ -74,6 +82,109 @@ def median_us(fn: Any, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def routing_accuracy(
+    model_dir: Path, *, n_profile: int, n_eval: int, lengths: list[int], knn: int
+) -> dict[str, Any]:
+    """Held-out routing accuracy of the demo suite for every key kind x search x length."""
+    import tempfile
+
+    from premoe.demo.tasks import read_jsonl, task_names, write_suite
+    from premoe.profile import load_causal_lm, load_tokenizer, profile
+
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, device="cpu", dtype="fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        suite = write_suite(tmp, n_profile=n_profile, n_eval=n_eval, seed=0)
+        t0 = time.perf_counter()
+        store = profile(
+            model, {t: suite[t]["profile"] for t in task_names()}, tokenizer=tok, batch_size=64
+        )
+        profile_s = time.perf_counter() - t0
+        evals = {t: [r["prompt"] for r in read_jsonl(suite[t]["eval"])] for t in task_names()}
+    rows = []
+    for kind, search, center in itertools.product(
+        ("router_input", "tcess"), ("knn", "centroid"), (False, True)
+    ):
+        st = store.with_key(kind, search, knn, center=center)
+        keyer = QueryKeyer.for_store(st, model, tok)
+        for n in lengths:
+            hits, total, sims = 0, 0, []
+            per_task = {}
+            for task, prompts in evals.items():
+                queries = ["\n".join(prompts[i : i + n]) for i in range(0, len(prompts), n)]
+                keys = keyer.keys(queries)
+                ok = 0
+                for key in keys:
+                    best, sim = st.search(key, k=1)[0]
+                    ok += best == task
+                    sims.append(sim)
+                per_task[task] = ok / len(queries)
+                hits, total = hits + ok, total + len(queries)
+            rows.append(
+                {
+                    "key": kind,
+                    "search": search,
+                    "center": center,
+                    "prompts_per_query": n,
+                    "accuracy": hits / total,
+                    "per_task": per_task,
+                    "queries": total,
+                    "best_similarity_p05": float(np.percentile(sims, 5)),
+                    "best_similarity_median": float(np.median(sims)),
+                }
+            )
+    # similarity of off-suite text (what a fallback threshold should catch)
+    off = [
+        "The quick brown fox jumps over the lazy dog.",
+        "def main():\n    return 0",
+        "Dear Sir or Madam, I am writing to",
+        "It was the best of times, it was the worst",
+    ]
+    off_sims = {}
+    for kind, center in itertools.product(("router_input", "tcess"), (False, True)):
+        st = store.with_key(kind, "knn", knn, center=center)
+        keyer = QueryKeyer.for_store(st, model, tok)
+        label = f"{kind}{'/center' if center else ''}"
+        off_sims[label] = [round(st.search(k, k=1)[0][1], 3) for k in keyer.keys(off)]
+    return {
+        "model": str(model_dir),
+        "profile_samples_per_task": n_profile,
+        "eval_prompts_per_task": n_eval,
+        "knn": knn,
+        "profile_s": profile_s,
+        "rows": rows,
+        "off_suite_best_similarity": off_sims,
+    }
+
+
+def accuracy_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    lengths = [int(x) for x in args.lengths.split(",")]
+    res = routing_accuracy(
+        args.accuracy, n_profile=args.n_profile, n_eval=args.n_eval, lengths=lengths, knn=args.knn
+    )
+    res.update(benchmark="route_accuracy", premoe_version=premoe.__version__)
+    print(
+        f"\nheld-out routing accuracy, {args.accuracy} ({res['eval_prompts_per_task']} eval "
+        f"prompts per task, {res['profile_samples_per_task']} profile samples per task)"
+    )
+    head = ("key", "search", "center", "prompts", "accuracy", "sim p05", "sim med")
+    print("{:<13} {:<9} {:<6} {:>7} {:>9} {:>8} {:>8}".format(*head))
+    for r in res["rows"]:
+        print(
+            f"{r['key']:<13} {r['search']:<9} {str(r['center']):<6} {r['prompts_per_query']:>7} "
+            f"{r['accuracy']:>9.3f} {r['best_similarity_p05']:>8.3f} "
+            f"{r['best_similarity_median']:>8.3f}"
+        )
+    print(f"off-suite best similarity: {res['off_suite_best_similarity']}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -93,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-repeats", type=int, default=200)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--accuracy", type=Path, default=None, help="demo model folder: (c)")
+    p.add_argument("--n-profile", type=int, default=256, help="(c) profile samples per task")
+    p.add_argument("--n-eval", type=int, default=100, help="(c) eval prompts per task")
+    p.add_argument("--lengths", default="1,2,4", help="(c) prompts joined per query")
+    p.add_argument("--knn", type=int, default=15, help="(c) neighbours that vote")
     args = p.parse_args(argv)
+    if args.accuracy is not None:
+        return accuracy_main(args)
     if args.smoke:
         args.device, args.dtype = "cpu", "fp32"
         args.hidden, args.moe_intermediate, args.experts, args.top_k = 64, 32, 8, 2

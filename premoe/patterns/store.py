@@ -71,6 +71,7 @@ def key_spec(
     search: str = "knn",
     k: int = DEFAULT_KNN,
     index: str = "auto",
+    center: bool = False,
 ) -> dict[str, Any]:
     """A validated key spec, as stored in store.json."""
     if kind not in KEY_KINDS:
@@ -87,6 +88,7 @@ def key_spec(
         "search": search,
         "k": int(k),
         "index": index,
+        "center": bool(center),
         "similarity": "cosine",
     }
 
@@ -144,6 +146,7 @@ class PatternStore:
         self._keys: dict[str, dict[str, np.ndarray]] = {}  # task -> kind -> [N, D] float32
         self._index: Any = None
         self._row_tasks: list[str] = []
+        self._mu: np.ndarray | None = None  # centre of the keys (key["center"])
 
     # -- contents ----------------------------------------------------------------------------------
     @property
@@ -249,12 +252,26 @@ class PatternStore:
         return self._keys[task][kind or self.key["kind"]].copy()
 
     # -- index -------------------------------------------------------------------------------------
+    def _center(self) -> np.ndarray | None:
+        """Mean of all stored normalised keys [D] (subtracted when key["center"] is set)."""
+        if not self.key.get("center") or not self.tasks:
+            return None
+        kind = self.key["kind"]
+        allk = np.concatenate([_l2_normalise(self._keys[t][kind]) for t in self.tasks])
+        return allk.mean(0).astype(np.float32)
+
+    def _prepare(self, x: np.ndarray, center: np.ndarray | None) -> np.ndarray:
+        """Keys [N, D] -> the unit vectors that are indexed/searched."""
+        x = _l2_normalise(x)
+        return x if center is None else _l2_normalise(x - center)
+
     def _rows(self) -> tuple[np.ndarray, list[str]]:
         kind = self.key["kind"]
         vecs: list[np.ndarray] = []
         labels: list[str] = []
+        self._mu = self._center()
         for task in self.tasks:
-            k = _l2_normalise(self._keys[task][kind])  # [N, D]
+            k = self._prepare(self._keys[task][kind], self._mu)  # [N, D]
             if self.key["search"] == "centroid":
                 k = _l2_normalise(k.mean(0, keepdims=True))  # [1, D]
             vecs.append(k)
@@ -300,6 +317,7 @@ class PatternStore:
         search: str | None = None,
         k: int | None = None,
         index: str | None = None,
+        center: bool | None = None,
     ) -> PatternStore:
         """A copy (sharing tensors) whose index uses another key kind or search mode."""
         spec = key_spec(
@@ -308,6 +326,7 @@ class PatternStore:
             search or self.key["search"],
             k or self.key["k"],
             index or self.key.get("index", "auto"),
+            self.key.get("center", False) if center is None else center,
         )
         other = PatternStore(
             self.model,
@@ -339,7 +358,7 @@ class PatternStore:
             )
         if not np.all(np.isfinite(q)):
             raise UsageError("query key has non-finite values")
-        q = _l2_normalise(q)
+        q = self._prepare(q, self._mu)
         n = self._index.ntotal
         if n == 0 or k < 1:
             return []

@@ -46,8 +46,8 @@ def _same(a: PatternStore, b: PatternStore) -> None:
 
 @pytest.mark.parametrize(
     "variant",
-    [{}, {"search": "centroid"}, {"kind": "tcess"}, {"index": "hnsw"}],
-    ids=["knn", "centroid", "tcess-key", "hnsw"],
+    [{}, {"search": "centroid"}, {"kind": "tcess"}, {"index": "hnsw"}, {"center": True}],
+    ids=["knn", "centroid", "tcess-key", "hnsw", "centered"],
 )
 def test_round_trip(store: PatternStore, variant: dict, tmp_path: Path) -> None:
     st = store.with_key(**variant)
