@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from premoe.load.generate import DEFAULT_COVERAGE, generate
-from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
+from premoe_cli._common import human_bytes, print_json, progress_enabled
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, StoreOpt
 
 
@@ -53,9 +53,10 @@ def generate_command(
 ) -> None:
     """Route a prompt to its stored pattern, load only that pattern's experts, and generate.
 
-    The routing key is computed on the model's prefix up to the first MoE router, with no
-    expert loaded; the kept experts are read straight from the original checkpoint. Reports
-    the pattern, its similarity, resident bytes, load time and tokens/s.
+    The routing key is computed on the model's prefix up to the first MoE router, with no expert
+    loaded. The kept experts are read straight from the original checkpoint.
+
+    Reports the pattern, its similarity, the resident bytes, the load time and tokens/s.
 
     Example: premoe generate ./Qwen3-30B-A3B --store patterns/qwen3 "Integrate x^2" --keep 32
     """
@@ -102,23 +103,27 @@ def generate_command(
         pattern = f"{result.task}{note}, similarity {result.similarity:.4f}"
     else:
         pattern = f"{result.task} (given)"
-    print_table(
-        ["", ""],
+    rows = [
+        ["pattern", pattern],
+        ["experts kept", f"{result.keep_count} per MoE layer (top-{result.top_k} routed)"],
         [
-            ["pattern", pattern],
-            ["experts kept", f"{result.keep_count} per MoE layer (top-{result.top_k} routed)"],
-            [
-                "resident",
-                f"{human_bytes(result.resident_bytes)} of {human_bytes(result.full_bytes)} "
-                f"({result.resident_bytes / max(result.full_bytes, 1):.1%})",
-            ],
-            ["route", f"{result.route_seconds:.2f} s"],
-            ["load", f"{result.load_seconds:.2f} s ({human_bytes(result.bytes_read)} read)"],
-            [
-                "generate",
-                f"{result.new_tokens} tokens in {result.generate_seconds:.2f} s "
-                f"({result.tokens_per_second:.1f} tokens/s)",
-            ],
-            ["device", f"{result.device} ({result.dtype})"],
+            "resident",
+            f"{human_bytes(result.resident_bytes)} of {human_bytes(result.full_bytes)} "
+            f"({result.resident_bytes / max(result.full_bytes, 1):.1%})",
         ],
-    )
+        [
+            "route",
+            f"{result.route_seconds * 1e3:.1f} ms key + search "
+            f"(expert-free prefix built in {result.prefix_seconds:.2f} s)",
+        ],
+        ["load", f"{result.load_seconds:.2f} s ({human_bytes(result.bytes_read)} read)"],
+        [
+            "generate",
+            f"{result.new_tokens} tokens in {result.generate_seconds:.2f} s "
+            f"({result.tokens_per_second:.1f} tokens/s)",
+        ],
+        ["device", f"{result.device} ({result.dtype})"],
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        typer.echo(f"{name.ljust(width)}  {value}")

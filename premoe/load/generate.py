@@ -57,7 +57,8 @@ class GenerateResult:
     resident_bytes: int
     full_bytes: int
     bytes_read: int
-    route_seconds: float
+    prefix_seconds: float  # building the expert-free prefix that computes the key
+    route_seconds: float  # key + search
     load_seconds: float
     generate_seconds: float
     new_tokens: int
@@ -88,6 +89,7 @@ class GenerateResult:
             "full_bytes": self.full_bytes,
             "bytes_read": self.bytes_read,
             "timing": {
+                "prefix_seconds": self.prefix_seconds,
                 "route_seconds": self.route_seconds,
                 "load_seconds": self.load_seconds,
                 "generate_seconds": self.generate_seconds,
@@ -176,12 +178,17 @@ def generate(
         dt = resolve_dtype(dtype, src)
 
         # 1. route on the expert-free prefix
-        t0 = time.perf_counter()
+        prefix_s = route_s = 0.0
         if task is None:
+            t0 = time.perf_counter()
             key_layer = int(st.key.get("layer", src.moe_layers[0]))
             prefix = load_prefix(src, layer=key_layer, device=dev, dtype=dt)
             keyer = QueryKeyer.for_store(st, prefix, tokenizer, check=False)
+            _sync(dev)
+            prefix_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             found = route(st, keyer, prompt, threshold=threshold, fallback=fallback)
+            route_s = time.perf_counter() - t0
             del keyer, prefix
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -189,7 +196,6 @@ def generate(
             candidates = [{"task": c.task, "similarity": c.similarity} for c in found.candidates]
         else:
             chosen, similarity, is_fallback, candidates = task, float("nan"), False, []
-        route_s = time.perf_counter() - t0
 
         # 2. the keep set from the task's scores
         scores = st.pooled_scores(metric) if chosen == GLOBAL else st.scores(chosen, metric)
@@ -249,6 +255,7 @@ def generate(
             resident_bytes=info.param_bytes,
             full_bytes=full,
             bytes_read=info.bytes_read,
+            prefix_seconds=prefix_s,
             route_seconds=route_s,
             load_seconds=load_s,
             generate_seconds=gen_s,
