@@ -42,9 +42,13 @@ def test_cuda_load_equals_from_pretrained(family, layout, tiny_checkpoint, tmp_p
     keep = keep_from_lists(src, [[0, 3, 5, 7]])
     for dtype in (torch.float32, torch.bfloat16):
         model = load_pruned(src, keep, device="cuda", dtype=dtype)
-        ref = AutoModelForCausalLM.from_pretrained(
-            export_pruned(src, keep, tmp_path / f"export-{dtype}"), dtype=dtype, device_map="cuda"
-        ).eval()
+        ref = (
+            AutoModelForCausalLM.from_pretrained(
+                export_pruned(src, keep, tmp_path / f"export-{dtype}"), dtype=dtype
+            )
+            .to("cuda")
+            .eval()
+        )
         assert_same_weights(model, ref)  # buffers (rotary inv_freq) included
         diff = (cuda_logits(model).float() - cuda_logits(ref).float()).abs().max().item()
         assert diff <= 1e-6
