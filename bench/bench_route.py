@@ -61,8 +61,8 @@ def synthetic_store(
     store = PatternStore(fp, ["tcess"], spec, metric_options={"threshold": 0.0})
     per = rows // tasks if search == "knn" else 1
     other = "tcess" if kind == "router_input" else "router_input"
-    for t in range(tasks):
-        sums = {r: torch.zeros(layers, experts, dtype=torch.float64) for r in ("counts", "tcess")}
+    sums = {r: torch.zeros(layers, experts, dtype=torch.float64) for r in ("counts", "tcess")}
+    for t in range(tasks):  # (the zero sums are shared by every task)
         keys = {
             kind: rng.standard_normal((per, dim), dtype=np.float32),
             other: np.zeros((per, 1), dtype=np.float32),

@@ -347,6 +347,7 @@ def profile(
         search or base["search"],
         knn or base.get("k", DEFAULT_KNN),
         index or base.get("index", "auto"),
+        bool(base.get("center", False)),
     )
     max_pos = getattr(handle.config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and 0 < max_pos < max_length:
@@ -377,7 +378,9 @@ def profile(
         progress=progress,
     )
     if existing is not None:
-        store = existing.with_key(spec["kind"], spec["search"], spec["k"], spec["index"])
+        store = existing.with_key(
+            spec["kind"], spec["search"], spec["k"], spec["index"], spec["center"]
+        )
     else:
         store = PatternStore(handle.fingerprint, chosen, spec, metric_options={"threshold": r})
     dtype_used = str(next(net.parameters()).dtype).removeprefix("torch.")

@@ -158,3 +158,22 @@ def test_overwrite_and_not_a_store(made_store, tiny_dir, demo_suite, tmp_path, c
     code, _, err = run_cli([*args, "--overwrite", "--json"], capsys)
     assert code == 0, err
     assert PatternStore.load(folder).task_names == ["x"]
+
+
+def test_device_map_dtype_and_key_options(tiny_dir, demo_suite, tmp_path: Path) -> None:
+    """--device-map auto (accelerate) gives the same patterns; bf16 is close; key options stick
+    when tasks are added to a store."""
+    from premoe.profile import profile
+
+    model, task = tiny_dir("qwen3_moe"), {"add": demo_suite["add"]["profile"]}
+    cpu = profile(model, task, device="cpu", dtype="fp32")
+    auto = profile(model, task, device_map="auto", dtype="fp32")
+    half = profile(model, task, device="cpu", dtype="bf16", metrics=["tcess", "reap"])
+    assert torch.equal(cpu.scores("add"), auto.scores("add"))
+    assert (cpu.scores("add") - half.scores("add")).abs().max().item() < 0.02
+    assert half.tasks["add"].options["dtype"] == "bfloat16"
+    out = tmp_path / "s"
+    profile(model, task, out=out, key="tcess", search="centroid", knn=5)
+    profile(model, {"rev": demo_suite["reverse"]["profile"]}, out=out)
+    key = PatternStore.load(out).key
+    assert (key["kind"], key["search"], key["k"]) == ("tcess", "centroid", 5)
