@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,14 +30,28 @@ import torch
 
 import premoe
 from premoe.arch.keys import ExpertKey, RouterKey
-from premoe.errors import StoreError, UsageError
-from premoe.io import DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_DTYPES
+from premoe.errors import CheckpointError, StoreError, UsageError
+from premoe.io import DEFAULT_MAX_SHARD_BYTES
 from premoe.policy import group_exact_possible, human_bytes, kept_share, parse_bytes, take
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 
-_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) of a safetensors file, without opening its data."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as err:
+        raise CheckpointError(
+            f"cannot read the header of shard {path}: {err}; the file is truncated or corrupt, "
+            "re-download or re-export the checkpoint"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"shard {path} has no safetensors header")
+    return 8 + n, header
 
 
 def shard_metadata() -> dict[str, str]:
@@ -65,19 +79,25 @@ class SizeModel:
     router_per_k: int  # bytes of one router row (and bias entries), summed over MoE layers
     source_bytes: int  # resident bytes of the full model (= resident(E))
     _entries: list[tuple[str, Any, str, tuple[int, ...], int]] = field(repr=False)
-    # (name, role, dtype code, source shape, itemsize) in export order
+    # (name, role, dtype code, header shape, bytes) in export order
 
     @classmethod
     def from_source(cls, src: ModelSource) -> SizeModel:
-        reader, km = src.reader, src.keymap
+        km = src.keymap
         e = src.num_experts
         fixed = expert = router = 0
         entries = []
-        for keys in reader.keys_by_shard().values():
+        for shard, keys in src.reader.keys_by_shard().items():
+            _, header = read_header(shard)
             for key in keys:
-                dtype = reader.dtype(key)
-                shape = reader.shape(key)
-                nbytes = math.prod(shape) * dtype.itemsize
+                info = header.get(key)
+                if info is None:
+                    raise CheckpointError(
+                        f"{shard.name} does not contain tensor {key!r} although the index says "
+                        "it does; re-download or re-export the checkpoint"
+                    )
+                start, stop = (int(x) for x in info["data_offsets"])
+                nbytes = stop - start
                 role = km.role(key)
                 if role is None:
                     fixed += nbytes
@@ -85,7 +105,7 @@ class SizeModel:
                     router += nbytes
                 else:
                     expert += nbytes
-                entries.append((key, role, _DTYPE_CODES[dtype], shape, dtype.itemsize))
+                entries.append((key, role, str(info["dtype"]), tuple(info["shape"]), nbytes))
         if expert % e or router % e:
             raise UsageError(
                 f"expert tensors of {src.path} ({expert} bytes) do not split evenly over its "
@@ -116,21 +136,19 @@ class SizeModel:
     def entries(self, k: int) -> Iterator[Entry]:
         """The tensors of a checkpoint pruned to K experts, in the order export writes them."""
         self.check(k)
-        for name, role, code, shape, itemsize in self._entries:
+        for name, role, code, shape, nbytes in self._entries:
             if role is None:
-                out = shape
+                yield Entry(name, code, shape, nbytes)
             elif isinstance(role, RouterKey):
                 out = list(shape)
                 out[role.tensor.dim] = k
-                out = tuple(out)
+                yield Entry(name, code, tuple(out), nbytes // self.num_experts * k)
             elif isinstance(role, ExpertKey) and role.expert is None:
                 out = (k * shape[0] // self.num_experts, *shape[1:])
-            else:
+                yield Entry(name, code, out, nbytes // self.num_experts * k)
+            elif role.expert < k:
                 # per-expert tensors of experts 0..K-1 keep their names after renumbering
-                if role.expert >= k:
-                    continue
-                out = shape
-            yield Entry(name, code, out, math.prod(out) * itemsize)
+                yield Entry(name, code, shape, nbytes)
 
     def file_bytes(
         self,
@@ -377,6 +395,7 @@ __all__ = [
     "keep_ladder",
     "open_store",
     "plan",
+    "read_header",
     "shard_metadata",
     "store_scores",
 ]

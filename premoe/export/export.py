@@ -5,11 +5,13 @@ Shape legend: E experts in the source, K kept per MoE layer, H hidden size.
 `export_pruned` streams the source checkpoint shard by shard through
 `premoe.prune.iter_pruned_tensors` (per-expert tensors of dropped experts are never opened; fused
 `[E, ...]` tensors and router rows are read row by row) into a `ShardedWriter`, whose buffer holds
-at most one output shard. Into the same temporary folder go the rewritten `config.json` (expert
-count, top-k and group fields edited in the source's own JSON, so key names stay as the source
-has them), every small non-weight file of the source (tokenizer, chat template,
-generation_config.json...), and `premoe.json` (provenance). The folder is renamed into place only
-when everything succeeded.
+at most one output shard. The kept byte ranges of the next source shard are hinted to the kernel
+(`premoe.export.prefetch`), so cold reads happen in large requests, ahead of time.
+
+Into the same temporary folder go the rewritten `config.json` (expert count, top-k and group
+fields edited in the source's own JSON, so key names stay as the source has them), every small
+non-weight file of the source (tokenizer, chat template, generation_config.json...), and
+`premoe.json` (provenance). The folder is renamed into place only when everything succeeded.
 
 `export_from_store` goes from a pattern store, task(s) and a policy to `export_pruned`.
 """
@@ -30,11 +32,18 @@ import premoe
 from premoe.arch.spec import _get
 from premoe.errors import OutputExistsError, UsageError
 from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, format_expert_list
+from premoe.export.prefetch import ShardPrefetcher
 from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, atomic_output_dir
 from premoe.plan import SizeModel, check_store_layers, open_store, shard_metadata, store_scores
 from premoe.policy import Selection, select_experts
-from premoe.prune import GroupPlan, KeepSets, iter_pruned_tensors, pruned_config
+from premoe.prune import (
+    GroupPlan,
+    KeepSets,
+    iter_pruned_tensors,
+    pruned_config,
+    pruned_tensor_names,
+)
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
@@ -334,7 +343,21 @@ def export_pruned(
         with ShardedWriter(
             out, max_shard_bytes=max_shard_bytes, metadata=shard_metadata(), overwrite=overwrite
         ) as writer:
-            for name, tensor in iter_pruned_tensors(src.keymap, src.reader, keep):
+            # the n-th tensor streamed comes from the n-th wanted key (shard order), so the
+            # kept ranges of the next source shard can be hinted to the kernel in time
+            wanted = set(pruned_tensor_names(src.keymap, src.reader, keep))
+            shard_keys = {
+                shard: [k for k in keys if k in wanted]
+                for shard, keys in src.reader.keys_by_shard().items()
+            }
+            order = [shard for shard, keys in shard_keys.items() for _ in keys]
+            prefetch = ShardPrefetcher(shard_keys, src.keymap, keep)
+            current = None
+            streamed = iter_pruned_tensors(src.keymap, src.reader, keep)
+            for shard, (name, tensor) in zip(order, streamed, strict=True):
+                if shard != current:
+                    prefetch.entering(shard)
+                    current = shard
                 writer.add(name, tensor)
                 done += tensor.nbytes
                 if progress is not None:

@@ -305,3 +305,21 @@ def test_interrupted_export_leaves_nothing(sharded, tmp_path) -> None:
         export_pruned(src, keep, parent / "out", max_shard_bytes=20_000, progress=progress)
     assert len(seen) > 3
     assert leftovers(parent) == []
+
+
+@pytest.mark.parametrize(("family", "layout"), [("qwen3_moe", "original"), ("gpt_oss", "original")])
+def test_prefetch_ranges_are_the_kept_bytes(family, layout, tiny_checkpoint) -> None:
+    """The read-ahead hints cover exactly the bytes export reads (per-expert and fused)."""
+    from premoe.export.prefetch import kept_ranges
+    from premoe.prune import pruned_tensor_names
+
+    src = resolve_model(tiny_checkpoint(family, layout))
+    keep = KeepSets.uniform(src.moe_layers, [1, 2, 6])
+    wanted = set(pruned_tensor_names(src.keymap, src.reader, keep))
+    total = 0
+    for shard, keys in src.reader.keys_by_shard().items():
+        ranges = kept_ranges(shard, [k for k in keys if k in wanted], src.keymap, keep)
+        size = shard.stat().st_size
+        assert all(0 < off and off + n <= size for off, n in ranges)
+        total += sum(n for _, n in ranges)
+    assert total == SizeModel.from_source(src).resident(3)

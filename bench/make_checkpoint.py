@@ -1,0 +1,221 @@
+"""Build a big random Qwen3-MoE-shaped checkpoint on disk, quickly (shared benchmark helper).
+
+The checkpoint is in the hub's per-expert layout (`mlp.experts.{e}.{gate,up,down}_proj.weight`),
+bf16, sharded like `save_pretrained` (`model-0000i-of-0000N.safetensors` + index), with a
+config.json and generation_config.json. Names and shapes come from the transformers model class
+built on the meta device, so the folder loads with `AutoModelForCausalLM.from_pretrained`.
+
+Filling GBs with `normal_()` is slow on a CPU, so values come from a pool of random numbers
+(generated once, on `--device`) that every tensor takes a different window of: random-looking
+data at memory-copy speed. Peak memory is about one shard plus the pool.
+
+    python bench/make_checkpoint.py --gb 4 --out /tmp/qwen3-4gb           # ~4 GB, 1 GB shards
+    python bench/make_checkpoint.py --gb 8 --shard 2GB --out /data/q8 --device cuda
+    python bench/make_checkpoint.py --smoke --out /tmp/q-smoke
+
+`--layers` overrides the layer count that `--gb` implies; the other shape options set the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+POOL_ELEMENTS = 1 << 25  # 32 Mi values (64 MiB in bf16)
+
+
+def qwen3_config(
+    *,
+    layers: int,
+    hidden: int = 1024,
+    moe_intermediate: int = 512,
+    experts: int = 64,
+    top_k: int = 8,
+    vocab: int = 32000,
+    heads: int = 16,
+    head_dim: int = 64,
+) -> Any:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        moe_intermediate_size=moe_intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        head_dim=head_dim,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
+def tensor_specs(config: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of the per-expert on-disk layout, in layer order."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    specs: list[tuple[str, tuple[int, ...]]] = []
+    for name, t in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H] -> per expert [I, H] x 2
+            base = name.removesuffix("gate_up_proj")
+            e, two_i, h = t.shape
+            for i in range(e):
+                specs.append((f"{base}{i}.gate_proj.weight", (two_i // 2, h)))
+                specs.append((f"{base}{i}.up_proj.weight", (two_i // 2, h)))
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I] -> per expert [H, I]
+            base = name.removesuffix("down_proj")
+            for i in range(t.shape[0]):
+                specs.append((f"{base}{i}.down_proj.weight", tuple(t.shape[1:])))
+        else:
+            specs.append((name, tuple(t.shape)))
+
+    def layer_of(item: tuple[str, tuple[int, ...]]) -> tuple[int, str]:
+        parts = item[0].split(".")
+        layer = int(parts[2]) if parts[:2] == ["model", "layers"] else -1
+        return (layer if layer >= 0 else (10**9 if "lm_head" in item[0] else -1), item[0])
+
+    # embeddings first, then layer by layer (names sorted inside a layer), lm_head/norm last
+    order = {name: n for n, (name, _) in enumerate(specs)}
+    return sorted(specs, key=lambda s: (layer_of(s)[0], order[s[0]]))
+
+
+def model_bytes(config: Any) -> int:
+    return sum(math.prod(shape) * 2 for _, shape in tensor_specs(config))
+
+
+def layers_for(gb: float, **shape: Any) -> int:
+    """Layer count whose checkpoint is closest to `gb` x 1e9 bytes."""
+    one = model_bytes(qwen3_config(layers=1, **shape))
+    two = model_bytes(qwen3_config(layers=2, **shape))
+    per_layer, rest = two - one, 2 * one - two
+    return max(1, round((gb * 1e9 - rest) / per_layer))
+
+
+def write_checkpoint(
+    config: Any,
+    folder: str | Path,
+    *,
+    shard_bytes: int = 10**9,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write the random checkpoint; returns a summary (bytes, shards, seconds)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    g = torch.Generator(device=device).manual_seed(seed)
+    pool = torch.empty(POOL_ELEMENTS, dtype=torch.float32, device=device)
+    pool.normal_(0.0, 0.02, generator=g)
+    pool = pool.to("cpu", torch.bfloat16)  # [P]
+    specs = tensor_specs(config)
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in specs:
+        n = math.prod(shape) * 2
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += n
+    weight_map: dict[str, str] = {}
+    offset = 0
+    total = 0
+    for index, group in enumerate(groups, 1):
+        shard = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape in group:
+            n = math.prod(shape)
+            out = torch.empty(n, dtype=torch.bfloat16)
+            done = 0
+            while done < n:  # a window of the pool, wrapping around
+                start_at = offset % POOL_ELEMENTS
+                take = min(n - done, POOL_ELEMENTS - start_at)
+                out[done : done + take].copy_(pool[start_at : start_at + take])
+                done += take
+                offset += take
+            offset += 7919  # the next tensor starts elsewhere in the pool
+            tensors[name] = out.view(shape)
+            weight_map[name] = shard
+            total += n * 2
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        del tensors
+    index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+    config.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "max_new_tokens": 32}, indent=2)
+    )
+    return {
+        "path": str(folder),
+        "bytes": total,
+        "shards": len(groups),
+        "largest_shard": max(p.stat().st_size for p in folder.glob("model-*.safetensors")),
+        "layers": config.num_hidden_layers,
+        "experts": config.num_experts,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="Output folder (created).")
+    p.add_argument("--gb", type=float, default=4.0, help="Target size in GB (1e9 bytes).")
+    p.add_argument("--layers", type=int, default=None, help="Layer count (overrides --gb).")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--moe-intermediate", type=int, default=512)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--shard", default="1GB", help="Shard size limit, e.g. 1GB, 500MB.")
+    p.add_argument("--device", default="cpu", help="Where the random pool is generated.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="Tiny model (a few MB), for a CPU check.")
+    return p.parse_args(argv)
+
+
+def shape_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:
+        return dict(hidden=128, moe_intermediate=64, experts=16, top_k=4, vocab=512, heads=4,
+                    head_dim=32)  # fmt: skip
+    return dict(
+        hidden=args.hidden,
+        moe_intermediate=args.moe_intermediate,
+        experts=args.experts,
+        top_k=args.top_k,
+        vocab=args.vocab,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from premoe.policy import parse_bytes
+
+    args = parse_args(argv)
+    shape = shape_args(args)
+    layers = args.layers or (4 if args.smoke else layers_for(args.gb, **shape))
+    config = qwen3_config(layers=layers, **shape)
+    shard = parse_bytes("1MB") if args.smoke else parse_bytes(args.shard)
+    info = write_checkpoint(config, args.out, shard_bytes=shard, device=args.device, seed=args.seed)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
