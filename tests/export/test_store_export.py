@@ -124,3 +124,27 @@ def test_plan_with_store_reports_coverage(tiny_checkpoint, make_store) -> None:
     assert p.row(8).coverage_min == pytest.approx(1.0)
     pooled = plan(folder, store=store)
     assert pooled.rows[0].coverage_min is not None and pooled.tasks == []
+
+
+def test_group_limited_router_keeps_groups_exact(tiny_checkpoint, make_store, tmp_path) -> None:
+    """deepseek_v3 (n_group=2 of 4 experts): keep 4 = the best 2 of each group, exact; keep 3
+    falls back to one group, recorded in premoe.json and config.json."""
+    folder = tiny_checkpoint("deepseek_v3")
+    store = make_store(folder)
+    scores = PatternStore.load(store).scores("math")  # [L, E]
+    exact = export_from_store(folder, store, ["math"], tmp_path / "exact", keep=4)
+    assert exact.group_plan.exact
+    assert exact.provenance["policy"]["group_selection"] == "per group"
+    for row, layer in enumerate(exact.provenance["keep"]):
+        kept = exact.provenance["keep"][layer]
+        for g in (0, 1):
+            block = scores[row, 4 * g : 4 * g + 4]
+            assert sorted(kept)[2 * g : 2 * g + 2] == sorted(
+                (torch.topk(block, 2).indices + 4 * g).tolist()
+            )
+    config = json.loads((tmp_path / "exact" / "config.json").read_text())
+    assert config["n_group"] == 2 and config["n_routed_experts"] == 4
+    fallback = export_from_store(folder, store, ["math"], tmp_path / "fb", keep=3)
+    assert not fallback.group_plan.exact
+    assert fallback.provenance["groups"]["exact"] is False
+    assert json.loads((tmp_path / "fb" / "config.json").read_text())["n_group"] == 1
