@@ -1,0 +1,685 @@
+"""`evaluate()`: what pruning costs, per task, per scoring method, per keep count.
+
+For every task the full model is scored on the task's eval set (`harness`), then the pruned
+model for every (method, K): the experts kept in every MoE layer are
+
+- ``tcess``, ``frequency``, ``paper-logits``, ``reap``: the top K of the task's scores under that
+  metric (the metric must be in the store);
+- ``global``: the top K of all the store's tasks pooled (task-agnostic);
+- ``random``: a seeded random K per layer (the same for every task).
+
+The pruned model is built in process (``via="load"``: `ResidentModel`, one per K, swapping the
+kept experts in place between methods and tasks; equals the exported checkpoint by invariant 2)
+or written by `export_pruned` and read back with ``from_pretrained`` (``via="export"``).
+
+Routing accuracy (TAER): every eval query is routed with the store's key (`premoe.route`), and
+counts as right when it routes to its own task.
+
+Shape legend: L MoE layers, E experts per layer, K experts kept per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import premoe
+from premoe.errors import StoreError, UsageError
+from premoe.eval.harness import (
+    DEFAULT_MAX_NEW_TOKENS,
+    EvalSet,
+    Score,
+    demo_eval_set,
+    load_eval_set,
+    score_many,
+)
+from premoe.patterns.store import METRICS, PatternStore
+from premoe.policy import select_experts
+from premoe.prune import KeepSets
+
+log = logging.getLogger(__name__)
+
+BASELINES: tuple[str, ...] = ("global", "random")
+METHODS: tuple[str, ...] = (*METRICS, *BASELINES)
+VIAS: tuple[str, ...] = ("load", "export")
+METHOD_DESCRIPTIONS = {
+    "tcess": "top K of the task's TCESS",
+    "frequency": "top K of the task's routed-selection share",
+    "paper-logits": "top K of the task's mean top-1 router logits (reference code)",
+    "reap": "top K of the task's REAP saliency",
+    "global": "top K of all tasks pooled (task-agnostic)",
+    "random": "random K per layer (seeded)",
+}
+
+
+@dataclass
+class EvalProgress:
+    """Progress of an evaluation: `done` of `total` scored rows; `stage` says what runs."""
+
+    stage: str
+    done: int
+    total: int
+
+
+Progress = Callable[[EvalProgress], None]
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def parse_keeps(text: str | Sequence[int] | None) -> list[int] | None:
+    """`"4,8,16"` -> [4, 8, 16] (sorted, unique); None stays None."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise UsageError(f"--keep expects counts like 4,8,16, got {text!r}") from None
+    else:
+        values = [int(v) for v in text]
+    if not values:
+        raise UsageError("--keep is empty; give counts like 4,8,16")
+    return sorted(set(values))
+
+
+def parse_methods(text: str | Sequence[str] | None) -> list[str] | None:
+    """`"tcess,random"` -> ["tcess", "random"] (order kept, checked)."""
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        for m in str(item).split(","):
+            m = m.strip().lower()
+            if not m:
+                continue
+            if m not in METHODS:
+                raise UsageError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+            if m not in out:
+                out.append(m)
+    if not out:
+        raise UsageError(f"--method is empty; choose from {', '.join(METHODS)}")
+    return out
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    """An eval set file, for one task or (``by_task``) split by the rows' ``task`` field."""
+
+    path: str
+    by_task: bool = False
+
+
+def parse_eval_sets(specs: Sequence[str], tasks: Sequence[str]) -> dict[str, EvalSource]:
+    """``--eval-set [TASK=]FILE`` values -> {task: EvalSource}.
+
+    A FILE without TASK= belongs to the only task, or (several tasks) holds rows of several
+    tasks told apart by their ``task`` field. Tasks not covered are absent.
+    """
+    out: dict[str, EvalSource] = {}
+    shared: str | None = None
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and name.strip() and path.strip() and not Path(spec).exists():
+            name = name.strip()
+            if name not in tasks:
+                raise UsageError(
+                    f"--eval-set {spec!r} names task {name!r}, which is not among the tasks "
+                    f"evaluated ({', '.join(tasks)})"
+                )
+            if name in out:
+                raise UsageError(f"two eval sets for task {name!r}")
+            out[name] = EvalSource(path.strip())
+        else:
+            if shared is not None:
+                raise UsageError("give at most one --eval-set FILE without a TASK= prefix")
+            shared = spec
+    if shared is not None:
+        for t in tasks:
+            if t not in out:
+                out[t] = EvalSource(shared, by_task=len(tasks) > 1)
+    return out
+
+
+EvalSetSpec = str | Path | EvalSource | EvalSet
+
+
+def build_eval_sets(
+    tasks: Sequence[str],
+    eval_sets: Mapping[str, EvalSetSpec] | Sequence[str] | None,
+    *,
+    max_samples: int | None = None,
+    seed: int = 0,
+    default_n: int = 100,
+) -> dict[str, EvalSet]:
+    """The eval set of every task: given files (`parse_eval_sets` syntax or a mapping), else the
+    bundled demo task's held-out split (`default_n` rows, or `max_samples`)."""
+    if eval_sets is None:
+        given: Mapping[str, EvalSetSpec] = {}
+    elif isinstance(eval_sets, Mapping):
+        unknown = [t for t in eval_sets if t not in tasks]
+        if unknown:
+            raise UsageError(f"eval set given for task {unknown[0]!r}, which is not evaluated")
+        given = eval_sets
+    else:
+        given = parse_eval_sets(list(eval_sets), tasks)
+    out: dict[str, EvalSet] = {}
+    for t in tasks:
+        src = given.get(t)
+        if isinstance(src, EvalSet):
+            out[t] = src
+        elif src is None:
+            out[t] = demo_eval_set(t, max_samples or default_n, seed)
+        else:
+            spec = src if isinstance(src, EvalSource) else EvalSource(str(src))
+            out[t] = load_eval_set(
+                t, spec.path, max_samples=max_samples, seed=seed, filter_task=spec.by_task
+            )
+    return out
+
+
+# ---- keep sets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What keep-set selection needs to know about the model."""
+
+    layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    groups: tuple[int, int]
+
+
+def default_global_metric(store: PatternStore) -> str:
+    return "tcess" if "tcess" in store.metrics else store.metrics[0]
+
+
+def check_methods(store: PatternStore, methods: Sequence[str], tasks: Sequence[str]) -> None:
+    """Metric methods need their metric in the store; task methods need the task there."""
+    for m in methods:
+        if m in METRICS and m not in store.metrics:
+            where = f" {store.path}" if store.path else ""
+            raise StoreError(
+                f"method {m!r} needs the {m} metric, which store{where} lacks (it has "
+                f"{', '.join(store.metrics)}); re-profile with --metric {m} or drop it from "
+                "--method"
+            )
+    if any(m in METRICS for m in methods):
+        missing = [t for t in tasks if t not in store.tasks]
+        if missing:
+            raise StoreError(
+                f"task {missing[0]!r} is not in the store (it has {', '.join(store.tasks)}); "
+                "profile it first, or evaluate only the global and random methods"
+            )
+    if "global" in methods and not store.tasks:
+        raise StoreError("the global method needs a store with at least one task")
+
+
+def check_keeps(keeps: Sequence[int], shape: ModelShape) -> None:
+    for k in keeps:
+        if k < shape.top_k:
+            raise UsageError(
+                f"--keep {k} is fewer than the {shape.top_k} experts routed per token; keep at "
+                f"least {shape.top_k}"
+            )
+        if k > shape.num_experts:
+            raise UsageError(
+                f"--keep {k} is more than the model's {shape.num_experts} experts per layer"
+            )
+
+
+def method_keep(
+    store: PatternStore | None,
+    task: str,
+    method: str,
+    keep: int,
+    shape: ModelShape,
+    *,
+    seed: int = 0,
+    global_metric: str | None = None,
+) -> KeepSets:
+    """The keep sets a method gives for `task` at `keep` experts per layer."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    kwargs: dict[str, Any] = {
+        "num_experts": shape.num_experts,
+        "routed": shape.top_k,
+        "keep": keep,
+        "groups": shape.groups,
+        "seed": seed,
+    }
+    if method == "random":
+        sel = select_experts(None, shape.layers, policy="random", **kwargs)
+    else:
+        if store is None:
+            raise UsageError(f"method {method!r} needs a pattern store")
+        if method == "global":
+            metric = global_metric or default_global_metric(store)
+            sel = select_experts(
+                None, shape.layers, policy="global", pooled=store.pooled_scores(metric), **kwargs
+            )
+        else:
+            sel = select_experts(store.scores(task, method), shape.layers, policy="task", **kwargs)
+    return sel.keep
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRow:
+    """The pruned model's score for one (task, method, K)."""
+
+    task: str
+    method: str
+    keep: int
+    score: Score
+    full: Score  # the full model's score on the same set
+    resident_bytes: int  # parameters of the pruned model
+
+    @property
+    def retained(self) -> float:
+        """accuracy: pruned / full; perplexity: full / pruned (1.0 = no loss, lower is worse)."""
+        if self.score.kind == "accuracy":
+            return self.score.value / self.full.value if self.full.value > 0 else float("nan")
+        return self.full.value / self.score.value if self.score.value > 0 else float("nan")
+
+    def to_json(self, *, predictions: bool = False) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "method": self.method,
+            "keep": self.keep,
+            "kind": self.score.kind,
+            "value": self.score.value,
+            "full": self.full.value,
+            "retained": self.retained,
+            "n": self.score.n,
+            "resident_bytes": self.resident_bytes,
+            **({"predictions": self.score.predictions} if predictions else {}),
+        }
+
+
+@dataclass
+class RoutingReport:
+    """Held-out routing accuracy: does each eval query route to its own task?"""
+
+    key: dict[str, Any]
+    per_task: dict[str, dict[str, Any]]  # task -> {"n", "correct", "accuracy", "routed": {t: n}}
+
+    @property
+    def n(self) -> int:
+        return sum(int(v["n"]) for v in self.per_task.values())
+
+    @property
+    def correct(self) -> int:
+        return sum(int(v["correct"]) for v in self.per_task.values())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "accuracy": self.accuracy,
+            "n": self.n,
+            "correct": self.correct,
+            "per_task": self.per_task,
+        }
+
+
+@dataclass
+class EvalReport:
+    """Everything `evaluate` measured, with provenance. JSON: `to_json()`."""
+
+    model: str
+    fingerprint: dict[str, Any]
+    store: str | None
+    tasks: list[str]
+    methods: list[str]
+    keeps: list[int]
+    num_experts: int
+    top_k: int
+    full: dict[str, Score]
+    full_bytes: int
+    rows: list[EvalRow]
+    routing: RoutingReport | None
+    eval_sets: dict[str, dict[str, Any]]
+    options: dict[str, Any]
+    seconds: float
+    premoe_version: str = field(default_factory=lambda: premoe.__version__)
+
+    def row(self, task: str, method: str, keep: int) -> EvalRow:
+        for r in self.rows:
+            if (r.task, r.method, r.keep) == (task, method, keep):
+                return r
+        raise KeyError((task, method, keep))
+
+    def kind(self, task: str) -> str:
+        return self.full[task].kind
+
+    def mean(self, method: str, keep: int) -> float:
+        """Mean over tasks of the pruned score (the tasks' own kinds)."""
+        vals = [self.row(t, method, keep).score.value for t in self.tasks]
+        return sum(vals) / len(vals)
+
+    def to_json(self, *, predictions: bool = False) -> dict[str, Any]:
+        return {
+            "premoe_version": self.premoe_version,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "store": self.store,
+            "tasks": self.tasks,
+            "methods": self.methods,
+            "method_descriptions": {m: METHOD_DESCRIPTIONS[m] for m in self.methods},
+            "keeps": self.keeps,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "full": {
+                t: {**s.to_json(predictions=predictions), "resident_bytes": self.full_bytes}
+                for t, s in self.full.items()
+            },
+            "results": [r.to_json(predictions=predictions) for r in self.rows],
+            "routing": None if self.routing is None else self.routing.to_json(),
+            "eval_sets": self.eval_sets,
+            "options": self.options,
+            "seconds": self.seconds,
+        }
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+def keep_id(keep: KeepSets) -> tuple[Any, ...]:
+    """A hashable identity of a keep set."""
+    return tuple(sorted((int(layer), tuple(ids)) for layer, ids in keep.layers.items()))
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def routing_accuracy(
+    store: PatternStore,
+    model: Any,
+    tokenizer: Any,
+    eval_sets: Mapping[str, EvalSet],
+    *,
+    batch_size: int = 64,
+) -> RoutingReport:
+    """Route every eval query of the store's tasks with the store's key; count own-task hits.
+
+    Uses `route_key` with its defaults (similarity threshold, pooled fallback): a query that
+    falls back to the pooled pattern counts as wrong.
+    """
+    from premoe.route import QueryKeyer
+    from premoe.route.retrieve import route_key
+
+    keyer = QueryKeyer.for_store(store, model, tokenizer, check=False)
+    per_task: dict[str, dict[str, Any]] = {}
+    for task, es in eval_sets.items():
+        if task not in store.tasks:
+            continue
+        routed: dict[str, int] = {}
+        queries = es.queries
+        for start in range(0, len(queries), batch_size):
+            keys = keyer.keys(queries[start : start + batch_size])  # [B, D]
+            for key in keys:
+                got = route_key(store, key).task
+                routed[got] = routed.get(got, 0) + 1
+        n = len(queries)
+        correct = routed.get(task, 0)
+        per_task[task] = {
+            "n": n,
+            "correct": correct,
+            "accuracy": correct / n if n else float("nan"),
+            "routed": dict(sorted(routed.items(), key=lambda kv: -kv[1])),
+        }
+    return RoutingReport(dict(store.key), per_task)
+
+
+class _Counter:
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.done, self.total, self.progress = 0, total, progress
+        self.stage = ""
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(EvalProgress(self.stage, self.done, self.total))
+
+
+def evaluate(
+    model: str | Path,
+    store: str | Path | PatternStore | None,
+    tasks: Sequence[str],
+    *,
+    keeps: Sequence[int] | str | None = None,
+    methods: Sequence[str] | str | None = None,
+    eval_sets: Mapping[str, EvalSetSpec] | Sequence[str] | None = None,
+    max_samples: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    via: str = "load",
+    seed: int = 0,
+    batch_size: int | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    routing: bool = True,
+    global_metric: str | None = None,
+    workdir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Score the full model and every (method, K) pruned model on every task's eval set.
+
+    `model`: checkpoint folder or hub id. `store`: pattern store of this model (folder or
+    loaded); needed by every method but ``random``. `tasks`: task names. `keeps`: counts per
+    MoE layer (default: top-k, powers of two, E). `methods`: default every metric in the store,
+    then ``global`` and ``random``. `eval_sets`: `{task: file or EvalSet}`, or ``[TASK=]FILE``
+    strings; a task without one uses the bundled demo task's held-out split. `max_samples`
+    caps rows per task (seeded subset). `via`: ``load`` (in process) or ``export`` (write a
+    checkpoint, read it back with from_pretrained; `workdir` holds it, default a temp folder).
+    All inputs are checked before any model runs.
+    """
+    from premoe.fingerprint import fingerprint_source
+    from premoe.load import ResidentModel, resolve_device, resolve_dtype
+    from premoe.plan import keep_ladder
+    from premoe.profile.profiler import load_tokenizer
+    from premoe.source import resolve_model
+
+    t0 = time.perf_counter()
+    tasks = list(tasks)
+    if not tasks:
+        raise UsageError("give at least one --task to evaluate")
+    if len(set(tasks)) != len(tasks):
+        raise UsageError(f"a task is given twice in {tasks}")
+    if via not in VIAS:
+        raise UsageError(f"unknown --via {via!r}; choose load or export")
+
+    src = resolve_model(model)
+    try:
+        fingerprint = fingerprint_source(src)
+        st: PatternStore | None = None
+        if store is not None:
+            st = store if isinstance(store, PatternStore) else PatternStore.load(store)
+            st.check_model(fingerprint)
+        shape = ModelShape(
+            tuple(src.moe_layers), src.num_experts, src.top_k, src.arch.groups(src.config)
+        )
+        chosen = parse_methods(methods)
+        if chosen is None:
+            chosen = [*(st.metrics if st is not None else []), *BASELINES]
+            if st is None:
+                chosen = ["random"]
+        if st is None and any(m != "random" for m in chosen):
+            raise UsageError("methods other than random need a pattern store (--store)")
+        if st is not None:
+            check_methods(st, chosen, tasks)
+        ks = parse_keeps(keeps) or keep_ladder(shape.top_k, shape.num_experts)
+        check_keeps(ks, shape)
+        if global_metric is not None and st is not None and global_metric not in st.metrics:
+            raise StoreError(f"global metric {global_metric!r} is not in the store")
+        sets = build_eval_sets(tasks, eval_sets, max_samples=max_samples, seed=seed)
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype if dtype != "auto" else None, src)
+        tokenizer = load_tokenizer(src.path)
+        # every keep set up front: bad combinations fail before any model runs
+        plan = {
+            (t, m, k): method_keep(st, t, m, k, shape, seed=seed, global_metric=global_metric)
+            for k in ks
+            for t in tasks
+            for m in chosen
+        }
+
+        # evaluations that share a keep set (the baselines, or methods that agree) run together
+        groups: dict[int, dict[tuple[Any, ...], tuple[KeepSets, list[str]]]] = {}
+        for (t, _m, k), keep in plan.items():
+            slot = groups.setdefault(k, {}).setdefault(keep_id(keep), (keep, []))
+            if t not in slot[1]:
+                slot[1].append(t)
+        total = sum(len(sets[t]) for t in tasks) + sum(
+            len(sets[t]) for by_keep in groups.values() for _, ts in by_keep.values() for t in ts
+        )
+        counter = _Counter(total, progress)
+
+        def run(net: Any, names: Sequence[str]) -> dict[str, Score]:
+            got = score_many(
+                net,
+                tokenizer,
+                [sets[t] for t in names],
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=counter,
+            )
+            return dict(zip(names, got, strict=True))
+
+        # the full model
+        from transformers import AutoModelForCausalLM
+
+        counter.stage = "full model"
+        full_model = AutoModelForCausalLM.from_pretrained(
+            src.path, dtype=torch_dtype, device_map={"": str(dev)}
+        ).eval()
+        full_bytes = param_bytes(full_model)
+        full = run(full_model, tasks)
+        route_report = None
+        if routing and st is not None and any(t in st.tasks for t in tasks):
+            counter.stage = "routing"
+            route_report = routing_accuracy(st, full_model, tokenizer, sets)
+        del full_model
+
+        results: dict[tuple[str, int, tuple[Any, ...]], tuple[Score, int]] = {}
+        with tempfile.TemporaryDirectory(prefix="premoe-eval-", dir=workdir) as tmp:
+            for k in ks:
+                resident: Any = None
+                try:
+                    for n_group, (kid, (keep, names)) in enumerate(groups[k].items()):
+                        counter.stage = f"{k} experts kept ({n_group + 1}/{len(groups[k])})"
+                        if via == "load":
+                            if resident is None:
+                                resident = ResidentModel(src, keep, device=dev, dtype=torch_dtype)
+                                resident.model.eval()
+                            else:
+                                resident.swap_to(keep)
+                            net = resident.model
+                        else:
+                            net = _export_and_load(src, keep, Path(tmp), torch_dtype, dev)
+                        nbytes = param_bytes(net)
+                        for t, sc in run(net, names).items():
+                            results[(t, k, kid)] = (sc, nbytes)
+                        del net
+                finally:
+                    if resident is not None:
+                        resident.close()
+        rows: list[EvalRow] = []
+        for t in tasks:
+            for m in chosen:
+                for k in ks:
+                    sc, nbytes = results[(t, k, keep_id(plan[(t, m, k)]))]
+                    rows.append(EvalRow(t, m, k, sc, full[t], nbytes))
+        return EvalReport(
+            model=str(model),
+            fingerprint=fingerprint,
+            store=None if st is None or st.path is None else str(st.path),
+            tasks=tasks,
+            methods=chosen,
+            keeps=ks,
+            num_experts=shape.num_experts,
+            top_k=shape.top_k,
+            full=full,
+            full_bytes=full_bytes,
+            rows=rows,
+            routing=route_report,
+            eval_sets={
+                t: {"source": s.source, "kind": s.kind, "n": len(s)} for t, s in sets.items()
+            },
+            options={
+                "via": via,
+                "seed": seed,
+                "max_samples": max_samples,
+                "device": str(dev),
+                "dtype": str(torch_dtype).removeprefix("torch."),
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "global_metric": None
+                if st is None
+                else (global_metric or default_global_metric(st)),
+                "stop": "eos or newline",
+                "match": "exact, surrounding whitespace ignored",
+            },
+            seconds=time.perf_counter() - t0,
+        )
+    finally:
+        src.close()
+
+
+def _export_and_load(
+    src: Any, keep: KeepSets, tmp: Path, dtype: torch.dtype, device: torch.device
+) -> Any:
+    """`export_pruned` into a fresh folder under `tmp`, then `from_pretrained` it."""
+    from transformers import AutoModelForCausalLM
+
+    from premoe.export import export_pruned
+
+    out = tmp / f"export-{len(list(tmp.iterdir()))}"
+    export_pruned(src, keep, out)
+    net = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": str(device)})
+    return net.eval()
+
+
+__all__ = [
+    "BASELINES",
+    "METHODS",
+    "METHOD_DESCRIPTIONS",
+    "EvalProgress",
+    "EvalReport",
+    "EvalRow",
+    "EvalSource",
+    "ModelShape",
+    "RoutingReport",
+    "build_eval_sets",
+    "check_keeps",
+    "check_methods",
+    "evaluate",
+    "method_keep",
+    "parse_eval_sets",
+    "parse_keeps",
+    "parse_methods",
+    "routing_accuracy",
+]
