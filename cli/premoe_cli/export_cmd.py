@@ -100,14 +100,13 @@ def export_command(
 ) -> None:
     """Write a pruned checkpoint that keeps, per MoE layer, the experts a task uses most.
 
-    Reads only the kept experts' bytes from MODEL, shard by shard; DIR gets the pruned weights,
-    the rewritten config.json, tokenizer and generation files, and premoe.json (provenance).
-    Give exactly one of --keep, --coverage, --budget.
+    Reads only the kept experts' bytes from MODEL, shard by shard. The output folder gets the
+    pruned weights, the rewritten config.json, the tokenizer and generation files, and
+    premoe.json (provenance). Give exactly one of --keep, --coverage or --budget.
 
     Example:
 
-        premoe export ./Qwen3-30B-A3B --store patterns/qwen3 --task math --keep 64 --top-k 8
-        --out ./qwen3-math-64
+        premoe export ./Qwen3-30B-A3B -s patterns/qwen3 -t math --keep 64 -o ./qwen3-math
     """
     max_shard = DEFAULT_MAX_SHARD_BYTES if max_shard_size == "5GiB" else parse_bytes(max_shard_size)
     bar = _Bar() if progress_enabled() else None

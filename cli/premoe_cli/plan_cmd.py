@@ -61,11 +61,11 @@ def plan_command(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Resident bytes per keep count (experts kept per MoE layer), read from checkpoint headers.
+    """Resident bytes per keep count (experts kept per MoE layer), from checkpoint headers.
 
-    For each keep count K (top-k, powers of two, all experts): expert and non-expert bytes, the
-    fraction of the full model, the predicted export size, and with a store the share of the
-    task's scores the kept experts cover (min and mean over layers).
+    For each keep count K (top-k, powers of two, all experts): expert and non-expert bytes,
+    the fraction of the full model, the predicted export size, and with a store the share of
+    the task's scores that the kept experts cover (min and mean over layers).
 
     Example:
 
