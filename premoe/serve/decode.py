@@ -215,6 +215,7 @@ class BatchDecoder:
         pad_id: int | None = None,
         buckets: Sequence[int] | None = None,
         compile_dynamic: bool = False,
+        pipelined: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -239,6 +240,8 @@ class BatchDecoder:
         if cache != "static":
             self.buckets = []
         self.compile_dynamic = compile_dynamic
+        # overlap host work on step k with the device computing step k+1 (CUDA default)
+        self.pipelined = self.device.type == "cuda" if pipelined is None else pipelined
         self._cache_kw = _forward_cache_kwarg(model)
         self._static: dict[int, Any] = {}  # bucket -> StaticCache
         self._steps: dict[int, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -308,6 +311,12 @@ class BatchDecoder:
                 )
             self._steps[bp] = step
         return step
+
+    def disable_compile(self) -> None:
+        """Fall back to the eager decode step (after a compilation failure)."""
+        self._compiled_ok = False
+        self.compile_mode = "none"
+        self._steps.clear()
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warmup(self, buckets: Sequence[int] | None = None, steps: int = 4) -> float:
@@ -380,6 +389,69 @@ class BatchDecoder:
                 f"window of {self.max_len} tokens"
             )
 
+    def _next_tokens(
+        self,
+        rows: Sequence[DecodeRow],
+        logits: torch.Tensor,  # [Bp, V]
+        greedy: torch.Tensor,  # [Bp]
+        bp: int,
+        n: int,
+    ) -> torch.Tensor:
+        """Tokens to feed next ([Bp], our own tensor: graph outputs get overwritten)."""
+        out = self._sample(rows, logits, greedy)
+        out = out.clone() if out is greedy else out
+        if bp > n:
+            out[n:] = out[0]  # padding rows follow row 0
+        return out
+
+    def _launch(
+        self,
+        step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        rows: Sequence[DecodeRow],
+        nxt: torch.Tensor,  # [Bp]
+        state: _LoopState,
+        bp: int,
+        n: int,
+    ) -> torch.Tensor:
+        """Issue one decode step for `nxt`; returns the following tokens (on the device)."""
+        if self.cache_mode == "static":
+            state.valid[:, state.col] = True
+        else:
+            ones = torch.ones((bp, 1), dtype=torch.bool, device=state.valid.device)
+            state.valid = torch.cat([state.valid, ones], 1)  # [Bp, L + 1]
+        if self.compile_mode == "reduce-overhead" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, greedy = step_fn(nxt[:, None], state.next_pos, state.valid)
+        state.next_pos = state.next_pos + 1
+        state.col += 1
+        self.stats.decode_steps += 1
+        return self._next_tokens(rows, logits, greedy, bp, n)
+
+    def _consume(self, rows: Sequence[DecodeRow], tokens: list[int]) -> int:
+        """Hand one token to every live row; returns how many rows are still live."""
+        live = 0
+        for i, r in enumerate(rows):
+            if r.done:
+                continue
+            if r.sink.cancelled:
+                r.done = True
+                r.sink.on_finish("cancelled", r.generated)
+                continue
+            assert r.stream is not None
+            r.generated += 1
+            self.stats.generated_tokens += 1
+            delta = r.stream.push(tokens[i])
+            if not r.stream.finished and r.generated >= r.params.max_tokens:
+                delta += r.stream.finish("length")
+            if delta:
+                r.sink.on_delta(delta, r.generated)
+            if r.stream.finished:
+                r.done = True
+                r.sink.on_finish(r.stream.finish_reason or "stop", r.generated)
+            else:
+                live += 1
+        return live
+
     @torch.no_grad()
     def generate(
         self, rows: Sequence[DecodeRow], between_steps: Callable[[], None] | None = None
@@ -441,59 +513,61 @@ class BatchDecoder:
         self.stats.rows += n
 
         step_fn = self._step_for(bp, cache) if steps_max > 1 else None
-        col = plen
+        state = _LoopState(valid=valid, next_pos=next_pos, col=plen)
+        nxt = self._next_tokens(rows, logits, greedy, bp, n)  # [Bp] on the device
+        del logits, greedy
+        pipelined = self.pipelined and step_fn is not None
+        host = torch.empty(bp, dtype=torch.long, pin_memory=dev.type == "cuda")
         for step in range(steps_max):
+            last = step == steps_max - 1
             t0 = time.perf_counter()
-            nxt = self._sample(rows, logits, greedy)  # [Bp]
-            tokens = nxt.tolist()
-            t1 = time.perf_counter()
-            self.stats.step_wait_s += t1 - t0
-            live = 0
-            for i, r in enumerate(rows):
-                if r.done:
-                    continue
-                if r.sink.cancelled:
-                    r.done = True
-                    r.sink.on_finish("cancelled", r.generated)
-                    continue
-                assert r.stream is not None
-                r.generated += 1
-                self.stats.generated_tokens += 1
-                delta = r.stream.push(tokens[i])
-                if not r.stream.finished and r.generated >= r.params.max_tokens:
-                    delta += r.stream.finish("length")
-                if delta:
-                    r.sink.on_delta(delta, r.generated)
-                if r.stream.finished:
-                    r.done = True
-                    r.sink.on_finish(r.stream.finish_reason or "stop", r.generated)
-                else:
-                    live += 1
-            self.stats.host_s += time.perf_counter() - t1
+            upcoming: torch.Tensor | None = None
+            if pipelined:
+                # copy this step's tokens to the host, launch the next step before reading
+                # them: the host work below overlaps the device computing the next token
+                host.copy_(nxt, non_blocking=True)
+                ready = torch.cuda.Event() if dev.type == "cuda" else None
+                if ready is not None:
+                    ready.record()
+                if not last and any(not r.done for r in rows):
+                    assert step_fn is not None
+                    upcoming = self._launch(step_fn, rows, nxt, state, bp, n)
+                t1 = time.perf_counter()
+                self.stats.step_launch_s += t1 - t0
+                if ready is not None:
+                    ready.synchronize()
+                tokens = host.tolist()
+            else:
+                tokens = nxt.tolist()
+                t1 = time.perf_counter()
+            t2 = time.perf_counter()
+            self.stats.step_wait_s += t2 - t1
+            live = self._consume(rows, tokens)
+            self.stats.host_s += time.perf_counter() - t2
             if between_steps is not None:
                 between_steps()
-            if live == 0 or step_fn is None or step == steps_max - 1:
+            if live == 0 or step_fn is None or last:
                 break
-            t2 = time.perf_counter()
-            if bp > n:
-                nxt[n:] = nxt[0]
-            if self.cache_mode == "static":
-                valid[:, col] = True
+            if pipelined:
+                assert upcoming is not None
+                nxt = upcoming
             else:
-                valid = torch.cat([valid, torch.ones((bp, 1), dtype=torch.bool, device=dev)], 1)
-            if self.compile_mode == "reduce-overhead" and dev.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-            logits, greedy = step_fn(nxt[:, None], next_pos, valid)
-            next_pos = next_pos + 1
-            col += 1
-            self.stats.decode_steps += 1
-            self.stats.step_launch_s += time.perf_counter() - t2
+                t3 = time.perf_counter()
+                nxt = self._launch(step_fn, rows, nxt, state, bp, n)
+                self.stats.step_launch_s += time.perf_counter() - t3
         # a row can only be left undone by a bug or a cancellation; close it for the sink
         for r in rows:
             if not r.done:
                 r.done = True
                 if not r.sink.cancelled:
                     r.sink.on_finish("length", r.generated)
+
+
+@dataclass
+class _LoopState:
+    valid: torch.Tensor  # [Bp, L] which KV positions hold real tokens
+    next_pos: torch.Tensor  # [Bp, 1] position id of the next token of every row
+    col: int  # KV column the next token is written to
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

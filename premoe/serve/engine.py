@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,9 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fatal: BaseException | None = None
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._warmup_pending = False
+        self.warm = threading.Event()
         self.ready = False
 
     # -- loading ---------------------------------------------------------------------------------
@@ -354,10 +358,9 @@ class Engine:
         if self._router is None and store is not None:
             self._router = make_router(store, model, self.tokenizer, src, cfg.route_threshold)
         self.load_seconds = time.perf_counter() - t0
-        warm = cfg.warmup if cfg.warmup is not None else compile_mode != "none"
-        if warm:
-            with torch.no_grad():
-                self.warmup_seconds = self.decoder.warmup()
+        # warm-up (compilation, CUDA graph capture) runs in the worker thread, which is the
+        # thread that replays the graphs (torch keeps CUDA graph trees per thread)
+        self._warmup_pending = cfg.warmup if cfg.warmup is not None else compile_mode != "none"
         self.metrics.resident_bytes.set(self.resident.resident_bytes)
         for name in self.patterns:
             self.metrics.resident_pattern.set(1.0 if name == default else 0.0, task=name)
@@ -410,6 +413,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        while self._calls:
+            self._calls.popleft()[1].cancel()
         pending = list(self._unrouted)
         self._unrouted.clear()
         while (batch := self.scheduler.next_batch(None)) is not None:
@@ -427,11 +432,44 @@ class Engine:
     def _update_queue_metric(self) -> None:
         self.metrics.queue_depth.set(self._queue_depth())
 
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run `fn()` in the worker thread between batches and return its result (benchmarks,
+        maintenance: anything that must not race a batch or must use the worker's graphs)."""
+        fut: Future[Any] = Future()
+        self._calls.append((fn, fut))
+        self._wake.set()
+        return fut.result(timeout)
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, fut = self._calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+    def _warmup(self) -> None:
+        assert self.decoder is not None
+        if self._warmup_pending:
+            self._warmup_pending = False
+            try:
+                self.warmup_seconds = self.decoder.warmup()
+            except Exception as exc:
+                log.exception("warm-up failed; decoding continues without the compiled step")
+                self.decoder.disable_compile()
+                self.info["compile"] = f"none (compilation failed: {type(exc).__name__})"
+            self.info["warmup_seconds"] = round(self.warmup_seconds, 3)
+            log.info("warm-up took %.1f s", self.warmup_seconds)
+        self.warm.set()
+
     def _run(self) -> None:
         try:
             with torch.no_grad():
+                self._warmup()
                 while not self._stop.is_set():
                     self._wake.clear()
+                    self._run_calls()
                     self._route_pending()
                     batch = self.scheduler.next_batch(self.resident_task)
                     self._update_queue_metric()
@@ -657,8 +695,9 @@ class Engine:
         return req
 
     def health(self) -> dict[str, Any]:
+        status = "error" if not self.alive else "ok" if self.warm.is_set() else "warming_up"
         return {
-            "status": "ok" if self.alive else "error",
+            "status": status,
             "resident_pattern": self.resident_task,
             "queue_depth": self._queue_depth(),
             "swaps": int(self.metrics.swaps.value()),

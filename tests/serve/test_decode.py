@@ -69,10 +69,21 @@ def run(
     return sinks
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_batch_equals_each_prompt_alone(tiny: tuple[Any, Any], cache: str) -> None:
+@pytest.mark.parametrize(("cache", "pipelined"), [("dynamic", False), ("static", True)])
+def test_greedy_batch_equals_each_prompt_alone(
+    tiny: tuple[Any, Any], cache: str, pipelined: bool
+) -> None:
+    """Both cache modes, and both loops: plain, and pipelined (the next step is launched
+    before the host reads this step's tokens, the CUDA default)."""
     model, tok = tiny
-    dec = BatchDecoder(model, tok, max_batch=8, max_len=64, cache=cache)  # type: ignore[arg-type]
+    dec = BatchDecoder(
+        model,
+        tok,
+        max_batch=8,
+        max_len=64,
+        cache=cache,  # type: ignore[arg-type]
+        pipelined=pipelined,
+    )
     # different max_tokens per row: rows finish independently; 5 rows pad to the bucket of 8
     lengths = [8, 3, 12, 5, 10]
     sinks = run(dec, tok, PROMPTS, [SamplingParams(max_tokens=n) for n in lengths])
@@ -99,7 +110,7 @@ def test_context_window_is_enforced(tiny: tuple[Any, Any]) -> None:
 
 def test_cancelled_row_stops_others_continue(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
-    dec = BatchDecoder(model, tok, max_batch=4, max_len=64)
+    dec = BatchDecoder(model, tok, max_batch=4, max_len=64, cache="static", pipelined=True)
     sinks = [Sink(cancel_after=2), Sink()]
     rows = [
         DecodeRow(tok(p)["input_ids"], SamplingParams(max_tokens=12), s)

@@ -1,0 +1,743 @@
+"""Benchmark: `premoe serve` on a Qwen3-MoE-shaped random model that does not fit the GPU budget.
+
+Figures (issue 6):
+
+(a) mixed workload: requests over 2-4 patterns sent over HTTP to the real server (uvicorn in this
+    process, requests naming their pattern, round-robin so that the scheduler must batch by
+    pattern and swap): tokens/s, p50/p99 latency, swaps. Versus the same model under
+    accelerate's CPU offload with the same GPU budget (`device_map="auto"`,
+    `max_memory={0: budget, "cpu": ...}`), batch 1 and batch max_batch.
+(b) decode tokens/s at batch 1 for one pattern / the memory-bandwidth bound (active bytes per
+    token / device bandwidth measured with a large device-to-device copy), with where the time
+    goes (host issue time, device wait, host work per token).
+(c) the full model resident in the same engine (all experts, when it fits): pruned decode
+    tokens/s / full decode tokens/s at batch 1.
+
+The model (hidden 2048, 24 layers, 128 experts, moe_intermediate 768, top-8, 32 heads, 4 KV
+heads, vocab 151936: about 16 B parameters, 32 GB in bf16) is generated on the device layer by
+layer and written to disk in the hub's per-expert layout (one shard per layer), so that premoe
+and accelerate both load a real checkpoint. A character tokenizer is saved with it (prompts are
+random printable text). The patterns are random keep sets (seeded); routing by prompt is not
+exercised (a random model has no tasks).
+
+    python bench/bench_serve.py --device cuda --out bench/serve.json
+    python bench/bench_serve.py --device cuda --checkpoint /data/q15 --keep-checkpoint ...
+    python bench/bench_serve.py --smoke --out /tmp/serve_smoke.json   # tiny, CPU, ~1 min
+
+Defaults aim at one full run in about 8 minutes on an H100/H200 (`--skip-full`,
+`--skip-baseline` shorten it; `--checkpoint` reuses a checkpoint written earlier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import platform
+import random
+import shutil
+import socket
+import string
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import premoe  # noqa: E402
+from premoe.prune import KeepSets  # noqa: E402
+
+log = logging.getLogger("bench_serve")
+
+
+def say(msg: str) -> None:
+    print(f"[bench_serve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+
+def make_config(args: argparse.Namespace) -> Any:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        moe_intermediate_size=args.moe_intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
+def write_checkpoint(config: Any, folder: Path, device: torch.device) -> dict[str, Any]:
+    """Random bf16 weights made on `device` one layer at a time, one shard per layer, in the
+    per-expert hub layout; a character tokenizer beside them."""
+    from safetensors.torch import save_file
+
+    from premoe.demo.tasks import build_tokenizer
+
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16
+    h, i_moe, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=device, dtype=dt) * std).cpu()
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    n_shards = config.num_hidden_layers + 1
+
+    def save(tensors: dict[str, torch.Tensor], index: int) -> None:
+        nonlocal total
+        name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+
+    save(
+        {
+            "model.embed_tokens.weight": rnd(config.vocab_size, h),
+            "lm_head.weight": rnd(config.vocab_size, h),
+            "model.norm.weight": torch.ones(h, dtype=dt),
+        },
+        0,
+    )
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        t: dict[str, torch.Tensor] = {
+            p + "input_layernorm.weight": torch.ones(h, dtype=dt),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=dt),
+            p + "self_attn.q_proj.weight": rnd(heads * hd, h),
+            p + "self_attn.k_proj.weight": rnd(kv * hd, h),
+            p + "self_attn.v_proj.weight": rnd(kv * hd, h),
+            p + "self_attn.o_proj.weight": rnd(h, heads * hd),
+            p + "self_attn.q_norm.weight": torch.ones(hd, dtype=dt),
+            p + "self_attn.k_norm.weight": torch.ones(hd, dtype=dt),
+            p + "mlp.gate.weight": rnd(e, h, std=0.5),
+        }
+        for part, shape in (("gate", (i_moe, h)), ("up", (i_moe, h)), ("down", (h, i_moe))):
+            block = torch.randn(e, *shape, generator=g, device=device, dtype=dt).mul_(0.02).cpu()
+            for x in range(e):  # own storage per tensor (safetensors refuses shared storage)
+                t[p + f"mlp.experts.{x}.{part}_proj.weight"] = block[x].clone()
+            del block
+        save(t, layer + 1)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    config.save_pretrained(folder)
+    build_tokenizer(model_max_length=4096).save_pretrained(folder)
+    return {"bytes": total, "seconds": time.perf_counter() - t0}
+
+
+def active_bytes_per_token(config: Any, itemsize: int = 2) -> dict[str, int]:
+    """Bytes one decode token must read at batch 1: every non-expert weight except the
+    embedding table (one row), plus top-k experts in every MoE layer."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    dense = experts = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            experts += p.numel() * itemsize
+        elif "embed_tokens" in name:
+            dense += p.shape[-1] * itemsize
+        else:
+            dense += p.numel() * itemsize
+    per_expert = experts // (config.num_experts * config.num_hidden_layers)
+    routed = config.num_experts_per_tok * per_expert * config.num_hidden_layers
+    return {"dense": dense, "routed_experts": routed, "total": dense + routed}
+
+
+def measure_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Device memory bandwidth (bytes/s) from a large copy: reads + writes."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    a.fill_(1)
+    b.copy_(a)
+    sync(device)
+    iters = 10
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        b.copy_(a)
+    sync(device)
+    took = time.perf_counter() - t0
+    del a, b
+    return 2 * nbytes * iters / took
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    torch._dynamo.reset()  # compiled graphs hold the model they were traced with
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        empty_host = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host is not None:
+            empty_host()
+
+
+def dynamo_counters() -> dict[str, Any]:
+    """torch.compile's counters: graph breaks, recompiles, CUDA graph skips (where time goes)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {k: {str(a): b for a, b in v.items()} for k, v in counters.items() if v}
+
+
+def random_patterns(layers: list[int], experts: int, keep: int, n: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    out = {}
+    for i in range(n):
+        out[f"task{i}"] = KeepSets.from_mapping(
+            {layer: rng.sample(range(experts), keep) for layer in layers}
+        )
+    return out
+
+
+def random_prompt(rng: random.Random, chars: int) -> str:
+    return "".join(rng.choice(string.ascii_letters + string.digits + " ") for _ in range(chars))
+
+
+# ---- premoe: engine + HTTP server ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class HttpServer:
+    """`create_app` served by uvicorn in a background thread of this process."""
+
+    def __init__(self, engine: Any) -> None:
+        import uvicorn
+
+        from premoe.serve import create_app
+
+        self.port = free_port()
+        app = create_app(engine.config, engine=engine)
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.server.started:
+            raise RuntimeError("uvicorn did not start")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+async def run_workload(
+    url: str,
+    jobs: list[tuple[str, str]],
+    max_tokens: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+    tokens = 0
+    errors = 0
+
+    async with httpx.AsyncClient(base_url=url, timeout=600.0) as client:
+
+        async def one(prompt: str, task: str) -> None:
+            nonlocal tokens, errors
+            async with sem:
+                body = {
+                    "prompt": prompt,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "premoe": {"task": task},
+                }
+                t0 = time.perf_counter()
+                r = await client.post("/v1/completions", json=body)
+                lat.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+                    log.warning("request failed: %s %s", r.status_code, r.text[:200])
+                    return
+                tokens += r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(p, t) for p, t in jobs))
+        wall = time.perf_counter() - t0
+    lat.sort()
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * (len(lat) - 1) + 0.5))] if lat else float("nan")
+
+    return {
+        "requests": len(jobs),
+        "errors": errors,
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "p50_s": pct(0.50),
+        "p99_s": pct(0.99),
+        "mean_s": sum(lat) / len(lat) if lat else float("nan"),
+    }
+
+
+def decode_b1(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any]:
+    """Batch-1 greedy decode of `tokens` tokens for `task`, in the worker thread."""
+    from premoe.serve.decode import DecodeRow, DecodeStats, SamplingParams
+
+    class Null:
+        cancelled = False
+
+        def on_delta(self, text: str, n: int) -> None:
+            pass
+
+        def on_finish(self, reason: str, n: int) -> None:
+            pass
+
+    def run() -> dict[str, Any]:
+        dec = engine.decoder
+        engine._swap(task)
+        ids = engine.encode_prompt(prompt)
+        saved, dec.eos_ids = dec.eos_ids, set()  # decode exactly `tokens` tokens
+        try:
+            dec.generate([DecodeRow(ids, SamplingParams(max_tokens=2), Null())])  # settle
+            dec.stats = DecodeStats()
+            sync(dec.device)
+            t0 = time.perf_counter()
+            dec.generate([DecodeRow(ids, SamplingParams(max_tokens=tokens), Null())])
+            sync(dec.device)
+            wall = time.perf_counter() - t0
+        finally:
+            dec.eos_ids = saved
+        s = dec.stats
+        decode_s = wall - s.prefill_s
+        steps = s.decode_steps
+        return {
+            "task": task,
+            "prompt_tokens": len(ids),
+            "tokens": tokens,
+            "prefill_s": s.prefill_s,
+            "decode_s": decode_s,
+            "decode_tokens_per_s": steps / decode_s if decode_s > 0 else 0.0,
+            "per_token_ms": {
+                "total": 1e3 * decode_s / max(steps, 1),
+                "issue (host, launch/replay)": 1e3 * s.step_launch_s / max(steps, 1),
+                "wait (device + sampling sync)": 1e3 * s.step_wait_s / max(steps, 1),
+                "host (detokenize, stop, emit)": 1e3 * s.host_s / max(steps, 1),
+            },
+        }
+
+    return engine.call(run)
+
+
+def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool) -> Any:
+    from premoe.serve import Engine, EngineConfig
+
+    cuda = args.device.startswith("cuda")
+    cfg = EngineConfig(
+        model=str(ckpt),
+        patterns=patterns,
+        default_task=next(iter(patterns)),
+        device=args.device,
+        dtype="bf16" if cuda else "fp32",
+        max_batch=1 if full else args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_model_len=args.max_model_len,
+        cache=args.cache if args.cache != "auto" else ("static" if cuda else "dynamic"),
+        compile=args.compile if (cuda or args.cache == "static") else "none",
+        decode_buckets=(1,) if full else tuple(args.buckets),
+        host_cache=None if (full or not cuda) else args.host_cache,
+        experts_implementation=args.experts_impl,
+        served_model_name="bench",
+        max_queue=4096,
+    )
+    engine = Engine(cfg)
+    engine.load()
+    return engine
+
+
+def bench_premoe(
+    args: argparse.Namespace, ckpt: Path, patterns: dict, rng: random.Random
+) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    engine = make_engine(args, ckpt, patterns, full=False)
+    load_s = time.perf_counter() - t0
+    say(f"premoe engine loaded in {load_s:.1f} s ({engine.info['experts_kept']} experts/layer)")
+    server = HttpServer(engine)
+    try:
+        if not engine.warm.wait(900):
+            raise RuntimeError("warm-up did not finish")
+        say(f"warm-up {engine.warmup_seconds:.1f} s (compile: {engine.info['compile']})")
+        compile_counters = dynamo_counters()
+        task = next(iter(patterns))
+        b1 = decode_b1(engine, task, random_prompt(rng, args.prompt_chars), args.decode_tokens)
+        say(f"batch-1 decode: {b1['decode_tokens_per_s']:.1f} tokens/s")
+        names = list(patterns)[: args.patterns]
+        jobs = [
+            (random_prompt(rng, args.prompt_chars), names[i % len(names)])
+            for i in range(args.requests)
+        ]
+        m = engine.metrics
+        before = {
+            "swaps": m.swaps.value(),
+            "bytes": m.swap_bytes.value(),
+            "seconds": m.swap_seconds.value(),
+            "experts": m.swap_experts.value(),
+            "batches": m.batch_size.count(),
+        }
+        work = asyncio.run(run_workload(server.url, jobs, args.max_tokens, args.concurrency))
+        batches = m.batch_size.count() - before["batches"]
+        work.update(
+            {
+                "patterns": len(names),
+                "max_tokens": args.max_tokens,
+                "concurrency": args.concurrency,
+                "swaps": m.swaps.value() - before["swaps"],
+                "swap_bytes": m.swap_bytes.value() - before["bytes"],
+                "swap_seconds": m.swap_seconds.value() - before["seconds"],
+                "experts_moved": m.swap_experts.value() - before["experts"],
+                "batches": batches,
+                "mean_batch": args.requests / batches if batches else None,
+            }
+        )
+        say(
+            f"mixed workload: {work['tokens_per_s']:.1f} tokens/s, p50 {work['p50_s']:.2f} s, "
+            f"p99 {work['p99_s']:.2f} s, {work['swaps']:.0f} swaps"
+        )
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return {
+            "load_s": load_s,
+            "warmup_s": engine.warmup_seconds,
+            "info": engine.info,
+            "resident_bytes": engine.resident.resident_bytes,
+            "peak_device_bytes": peak,
+            "decode_b1": b1,
+            "workload": work,
+            "compile_counters_after_warmup": compile_counters,
+            "compile_counters_after_workload": dynamo_counters(),
+        }
+    finally:
+        server.close()
+        del engine
+        free_memory()
+
+
+def bench_full(args: argparse.Namespace, ckpt: Path, config: Any, rng: random.Random) -> dict:
+    layers = list(range(config.num_hidden_layers))
+    everything = {"all": KeepSets.uniform(layers, range(config.num_experts))}
+    t0 = time.perf_counter()
+    engine = make_engine(args, ckpt, everything, full=True)
+    load_s = time.perf_counter() - t0
+    engine.start()
+    try:
+        if not engine.warm.wait(900):
+            raise RuntimeError("warm-up did not finish")
+        b1 = decode_b1(engine, "all", random_prompt(rng, args.prompt_chars), args.decode_tokens)
+        say(f"full model batch-1 decode: {b1['decode_tokens_per_s']:.1f} tokens/s")
+        return {
+            "load_s": load_s,
+            "warmup_s": engine.warmup_seconds,
+            "resident_bytes": engine.resident.resident_bytes,
+            "decode_b1": b1,
+        }
+    finally:
+        engine.stop()
+        del engine
+        free_memory()
+
+
+# ---- baseline: accelerate CPU offload ------------------------------------------------------------
+
+
+def bench_accelerate(args: argparse.Namespace, ckpt: Path, rng: random.Random) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = args.device.startswith("cuda")
+    t0 = time.perf_counter()
+    if cuda:
+        dev = torch.device(args.device)
+        index = dev.index if dev.index is not None else 0
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt,
+            dtype=torch.bfloat16,
+            device_map="auto",
+            max_memory={index: args.budget, "cpu": args.host_memory},
+        )
+    else:  # smoke: no GPU to offload from; the same calls on the CPU
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    placement: dict[str, int] = {}
+    for where in (getattr(model, "hf_device_map", None) or {"": "cpu"}).values():
+        placement[str(where)] = placement.get(str(where), 0) + 1
+    say(f"accelerate model loaded in {load_s:.1f} s, placement {placement}")
+    first = next(model.parameters()).device if not cuda else torch.device(args.device)
+
+    def gen(model: Any, batch: int, new: int) -> float:
+        prompts = [random_prompt(rng, args.prompt_chars) for _ in range(batch)]
+        enc = tok(prompts, return_tensors="pt", padding=True).to(first)
+        sync(first)
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=tok.pad_token_id,
+            )
+        sync(first)
+        return time.perf_counter() - t
+
+    out: dict[str, Any] = {"load_s": load_s, "placement": placement}
+    n = args.baseline_tokens
+    for batch in (1, args.max_batch):
+        t1 = gen(model, batch, 1)
+        tn = gen(model, batch, n)
+        decode = (n - 1) / (tn - t1) if tn > t1 else float("nan")
+        out[f"batch{batch}"] = {
+            "prefill_s": t1,
+            "request_s": tn,
+            "tokens": n,
+            "decode_tokens_per_s": batch * decode,
+            "tokens_per_s": batch * n / tn,
+        }
+        say(f"accelerate batch {batch}: {batch * n / tn:.3f} tokens/s ({tn:.1f} s per request)")
+    del model
+    free_memory()
+    return out
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default=None, help="Write the results as JSON here.")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="Tiny model on the CPU, to prove it runs.")
+    p.add_argument("--checkpoint", default=None, help="Reuse (or write) the checkpoint here.")
+    p.add_argument("--keep-checkpoint", action="store_true", help="Do not delete it at the end.")
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--moe-intermediate", type=int, default=768)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--budget", default="10GiB", help="GPU budget for the weights.")
+    p.add_argument("--keep", type=int, default=None, help="Experts kept (default: fit budget).")
+    p.add_argument("--host-cache", default="48GiB", help="premoe's pinned host expert cache.")
+    p.add_argument("--host-memory", default="200GiB", help="accelerate's CPU max_memory.")
+    p.add_argument("--patterns", type=int, default=3, help="Patterns in the mixed workload (2-4).")
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-chars", type=int, default=63, help="Prompt length (+1 BOS token).")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--buckets", default="1,8", help="Static-cache batch sizes compiled.")
+    p.add_argument("--max-wait-ms", type=float, default=200.0)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--compile", default="reduce-overhead", help="none|default|reduce-overhead")
+    p.add_argument("--cache", default="auto", help="KV cache: auto (static on CUDA)|static|dynamic")
+    p.add_argument("--experts-impl", default=None, help="grouped_mm (default on CUDA), ...")
+    p.add_argument("--decode-tokens", type=int, default=256, help="Batch-1 decode length.")
+    p.add_argument("--baseline-tokens", type=int, default=4, help="Tokens per baseline request.")
+    p.add_argument("--skip-full", action="store_true")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device = "cpu"
+        args.layers, args.hidden, args.moe_intermediate, args.experts = 4, 64, 32, 16
+        args.top_k, args.heads, args.kv_heads, args.head_dim, args.vocab = 4, 4, 2, 16, 128
+        args.keep = args.keep or 8
+        args.requests, args.concurrency, args.max_tokens = 12, 4, 8
+        args.max_batch, args.decode_tokens, args.baseline_tokens = 4, 32, 4
+        args.prompt_chars, args.max_model_len = 15, 128
+    args.buckets = [int(b) for b in str(args.buckets).split(",") if b.strip()]
+    if not 1 <= args.patterns:
+        p.error("--patterns must be >= 1")
+    return args
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import transformers
+
+    from premoe.load import keep_for_budget
+    from premoe.source import resolve_model
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    device = torch.device(args.device)
+    config = make_config(args)
+    results: dict[str, Any] = {
+        "premoe_version": premoe.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    t_start = time.perf_counter()
+
+    # checkpoint
+    tmp: Path | None = None
+    if args.checkpoint and (Path(args.checkpoint) / "config.json").is_file():
+        ckpt = Path(args.checkpoint)
+        say(f"reusing checkpoint {ckpt}")
+    else:
+        if args.checkpoint:
+            ckpt = Path(args.checkpoint)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="premoe-bench-serve-"))
+            ckpt = tmp / "model"
+        say(f"writing the random checkpoint to {ckpt}")
+        results["checkpoint"] = write_checkpoint(config, ckpt, device)
+        say(f"checkpoint: {results['checkpoint']['bytes'] / 1e9:.1f} GB in "
+            f"{results['checkpoint']['seconds']:.0f} s")  # fmt: skip
+    src = resolve_model(ckpt)
+    config = src.config
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    keep = args.keep if args.keep is not None else keep_for_budget(src, args.budget, dtype)
+    layers = src.moe_layers
+    patterns = random_patterns(layers, src.num_experts, keep, max(args.patterns, 1), args.seed)
+    active = active_bytes_per_token(config, dtype.itemsize)
+    bw = measure_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 27))
+    bound = bw / active["total"]
+    results.update(
+        {
+            "model": {
+                "layers": config.num_hidden_layers,
+                "experts": src.num_experts,
+                "top_k": src.top_k,
+                "hidden": config.hidden_size,
+                "checkpoint_bytes": sum(src.reader.shard_sizes().values())
+                if hasattr(src.reader, "shard_sizes")
+                else None,
+            },
+            "keep": keep,
+            "budget": args.budget,
+            "active_bytes_per_token": active,
+            "device_bandwidth_bytes_per_s": bw,
+            "bandwidth_bound_tokens_per_s": bound,
+        }
+    )
+    src.close()
+    say(f"keep {keep}/{config.num_experts} experts per layer; bandwidth {bw / 1e9:.0f} GB/s; "
+        f"bound {bound:.0f} tokens/s at batch 1")  # fmt: skip
+
+    results["premoe"] = bench_premoe(args, ckpt, patterns, rng)
+    free_memory()
+    pr = results["premoe"]["decode_b1"]["decode_tokens_per_s"]
+    results["premoe"]["decode_b1"]["fraction_of_bound"] = pr / bound
+    if not args.skip_full:
+        try:
+            results["full"] = bench_full(args, ckpt, config, rng)
+            fr = results["full"]["decode_b1"]["decode_tokens_per_s"]
+            results["pruned_over_full"] = pr / fr if fr else None
+        except torch.cuda.OutOfMemoryError as exc:
+            results["full"] = {"skipped": f"does not fit: {exc}"}
+            free_memory()
+    if not args.skip_baseline:
+        results["accelerate"] = bench_accelerate(args, ckpt, rng)
+        base = results["accelerate"]["batch1"]["tokens_per_s"]
+        results["workload_speedup_vs_accelerate_b1"] = (
+            results["premoe"]["workload"]["tokens_per_s"] / base if base else None
+        )
+    results["total_s"] = time.perf_counter() - t_start
+
+    # report
+    w = results["premoe"]["workload"]
+    b1 = results["premoe"]["decode_b1"]
+    rows = [
+        ("device", results["device"]),
+        ("model", f"{config.num_hidden_layers} x {src.num_experts} experts, top-{src.top_k}"),
+        ("kept per layer (budget)", f"{keep} ({args.budget})"),
+        ("resident bytes", f"{results['premoe']['resident_bytes'] / 2**30:.2f} GiB"),
+        ("peak device bytes", "-" if results["premoe"]["peak_device_bytes"] is None
+         else f"{results['premoe']['peak_device_bytes'] / 2**30:.2f} GiB"),
+        ("load / warm-up", f"{results['premoe']['load_s']:.1f} s / "
+                           f"{results['premoe']['warmup_s']:.1f} s"),
+        ("mixed workload", f"{w['requests']} req, {w['patterns']} patterns, "
+                           f"{w['max_tokens']} tokens, concurrency {w['concurrency']}"),
+        ("  tokens/s", f"{w['tokens_per_s']:.1f}"),
+        ("  latency p50 / p99", f"{w['p50_s']:.2f} s / {w['p99_s']:.2f} s"),
+        ("  swaps (bytes, s)", f"{w['swaps']:.0f} ({w['swap_bytes'] / 1e9:.2f} GB, "
+                               f"{w['swap_seconds']:.2f} s); mean batch {w['mean_batch']}"),
+        ("decode b1 tokens/s", f"{b1['decode_tokens_per_s']:.1f}"),
+        ("bandwidth bound", f"{bound:.0f} tokens/s ({active['total'] / 1e9:.2f} GB/token at "
+                            f"{bw / 1e9:.0f} GB/s)"),
+        ("  fraction of bound", f"{b1['fraction_of_bound']:.3f}"),
+    ]  # fmt: skip
+    for k, v in b1["per_token_ms"].items():
+        rows.append((f"  ms/token {k}", f"{v:.3f}"))
+    if "full" in results and "decode_b1" in results["full"]:
+        fr = results["full"]["decode_b1"]["decode_tokens_per_s"]
+        rows.append(("full model b1 tokens/s", f"{fr:.1f}"))
+        rows.append(("  pruned / full", f"{results['pruned_over_full']:.2f}"))
+    if "accelerate" in results:
+        a = results["accelerate"]
+        rows.append(("accelerate b1 tokens/s", f"{a['batch1']['tokens_per_s']:.3f}"))
+        rows.append((f"accelerate b{args.max_batch} tokens/s",
+                     f"{a[f'batch{args.max_batch}']['tokens_per_s']:.3f}"))  # fmt: skip
+        rows.append(("  premoe workload / accelerate b1",
+                     f"{results['workload_speedup_vs_accelerate_b1']:.0f}x"))  # fmt: skip
+    rows.append(("total", f"{results['total_s']:.0f} s"))
+    print(table(rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        say(f"wrote {args.out}")
+    if tmp is not None and not args.keep_checkpoint:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
