@@ -672,32 +672,67 @@ def main(argv: list[str] | None = None) -> int:
     say(f"keep {keep}/{config.num_experts} experts per layer; bandwidth {bw / 1e9:.0f} GB/s; "
         f"bound {bound:.0f} tokens/s at batch 1")  # fmt: skip
 
-    results["premoe"] = bench_premoe(args, ckpt, patterns, rng)
-    free_memory()
-    pr = results["premoe"]["decode_b1"]["decode_tokens_per_s"]
-    results["premoe"]["decode_b1"]["fraction_of_bound"] = pr / bound
-    if not args.skip_full:
+    def phase(name: str, fn: Any) -> dict[str, Any] | None:
+        """Run one part; a failure is recorded and the other parts still run."""
         try:
-            results["full"] = bench_full(args, ckpt, config, rng)
-            fr = results["full"]["decode_b1"]["decode_tokens_per_s"]
-            results["pruned_over_full"] = pr / fr if fr else None
-        except torch.cuda.OutOfMemoryError as exc:
-            results["full"] = {"skipped": f"does not fit: {exc}"}
-            free_memory()
-    if not args.skip_baseline:
-        results["accelerate"] = bench_accelerate(args, ckpt, rng)
-        base = results["accelerate"]["batch1"]["tokens_per_s"]
-        results["workload_speedup_vs_accelerate_b1"] = (
-            results["premoe"]["workload"]["tokens_per_s"] / base if base else None
-        )
-    results["total_s"] = time.perf_counter() - t_start
+            out = fn()
+        except Exception as exc:  # record and go on: one broken part must not lose the rest
+            import traceback
 
-    # report
+            say(f"{name} failed: {type(exc).__name__}: {exc}")
+            results[name] = {"error": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()}  # fmt: skip
+            out = None
+        else:
+            results[name] = out
+        free_memory()
+        return out
+
+    pruned = phase("premoe", lambda: bench_premoe(args, ckpt, patterns, rng))
+    pr = pruned["decode_b1"]["decode_tokens_per_s"] if pruned else None
+    if pruned:
+        pruned["decode_b1"]["fraction_of_bound"] = pr / bound
+    if not args.skip_full:
+        full = phase("full", lambda: bench_full(args, ckpt, config, rng))
+        if full and pr:
+            fr = full["decode_b1"]["decode_tokens_per_s"]
+            results["pruned_over_full"] = pr / fr if fr else None
+    if not args.skip_baseline:
+        base = phase("accelerate", lambda: bench_accelerate(args, ckpt, rng))
+        if base and pruned:
+            b = base["batch1"]["tokens_per_s"]
+            results["workload_speedup_vs_accelerate_b1"] = (
+                pruned["workload"]["tokens_per_s"] / b if b else None
+            )
+    results["total_s"] = time.perf_counter() - t_start
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        say(f"wrote {args.out}")
+    if tmp is not None and not args.keep_checkpoint:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(report(results, args, config, keep, bound, bw, active))
+    return 0 if pruned else 1
+
+
+def report(
+    results: dict[str, Any],
+    args: argparse.Namespace,
+    config: Any,
+    keep: int,
+    bound: float,
+    bw: float,
+    active: dict[str, int],
+) -> str:
+    """The results as a two-column table."""
+    if "error" in results["premoe"]:
+        return f"premoe failed: {results['premoe']['error']}"
     w = results["premoe"]["workload"]
     b1 = results["premoe"]["decode_b1"]
     rows = [
         ("device", results["device"]),
-        ("model", f"{config.num_hidden_layers} x {src.num_experts} experts, top-{src.top_k}"),
+        ("model", f"{config.num_hidden_layers} x {config.num_experts} experts, "
+                  f"top-{config.num_experts_per_tok}"),
         ("kept per layer (budget)", f"{keep} ({args.budget})"),
         ("resident bytes", f"{results['premoe']['resident_bytes'] / 2**30:.2f} GiB"),
         ("peak device bytes", "-" if results["premoe"]["peak_device_bytes"] is None
@@ -717,26 +752,22 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     for k, v in b1["per_token_ms"].items():
         rows.append((f"  ms/token {k}", f"{v:.3f}"))
-    if "full" in results and "decode_b1" in results["full"]:
+    if "decode_b1" in results.get("full", {}):
         fr = results["full"]["decode_b1"]["decode_tokens_per_s"]
         rows.append(("full model b1 tokens/s", f"{fr:.1f}"))
         rows.append(("  pruned / full", f"{results['pruned_over_full']:.2f}"))
-    if "accelerate" in results:
+    if "batch1" in results.get("accelerate", {}):
         a = results["accelerate"]
         rows.append(("accelerate b1 tokens/s", f"{a['batch1']['tokens_per_s']:.3f}"))
         rows.append((f"accelerate b{args.max_batch} tokens/s",
                      f"{a[f'batch{args.max_batch}']['tokens_per_s']:.3f}"))  # fmt: skip
         rows.append(("  premoe workload / accelerate b1",
                      f"{results['workload_speedup_vs_accelerate_b1']:.0f}x"))  # fmt: skip
+    for part in ("full", "accelerate"):
+        if "error" in results.get(part, {}):
+            rows.append((f"{part}: failed", results[part]["error"][:120]))
     rows.append(("total", f"{results['total_s']:.0f} s"))
-    print(table(rows))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
-        say(f"wrote {args.out}")
-    if tmp is not None and not args.keep_checkpoint:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return table(rows)
 
 
 if __name__ == "__main__":
