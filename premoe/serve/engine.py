@@ -253,7 +253,11 @@ class Engine:
         self.tokenizer: Any = None
         self.patterns: dict[str, KeepSets] = {}
         self.pattern_info: dict[str, Any] = {}
-        self.model_name = config.served_model_name or Path(config.model).name or config.model
+        # a folder is served under its name, a hub id under itself
+        local = Path(config.model).expanduser()
+        self.model_name = config.served_model_name or (
+            local.name if local.exists() and local.name else config.model
+        )
         self.max_model_len = 0
         self.resident_task: str | None = None
         self.swap_epoch = 0
@@ -334,9 +338,8 @@ class Engine:
         model = self.resident.model
         model.eval()
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
-        cache: CacheMode = (
-            ("static" if device.type == "cuda" else "dynamic") if cfg.cache == "auto" else cfg.cache  # type: ignore[assignment]
-        )
+        auto_cache = "static" if device.type == "cuda" else "dynamic"
+        cache: CacheMode = auto_cache if cfg.cache == "auto" else cfg.cache  # type: ignore[assignment]
         default_len = 2048 if cache == "static" else 8192
         self.max_model_len = min(max_pos, cfg.max_model_len or default_len)
         compile_mode: CompileMode = (
@@ -511,7 +514,8 @@ class Engine:
 
     def _check_resident(self, keep: KeepSets, epoch: int) -> None:
         assert self.resident is not None
-        if self.swap_epoch != epoch or self.resident.keep != keep:
+        now = self.resident.keep
+        if self.swap_epoch != epoch or (now is not keep and now != keep):
             raise AssertionError(
                 "invariant broken: the resident expert set changed under a running batch"
             )
