@@ -332,7 +332,8 @@ def decode_b1(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any
         ids = engine.encode_prompt(prompt)
         saved, dec.eos_ids = dec.eos_ids, set()  # decode exactly `tokens` tokens
         try:
-            dec.generate([DecodeRow(ids, SamplingParams(max_tokens=2), Null())])  # settle
+            # settle: compiles (after an implementation switch) and records the CUDA graph
+            dec.generate([DecodeRow(ids, SamplingParams(max_tokens=4), Null())])
             dec.stats = DecodeStats()
             sync(dec.device)
             t0 = time.perf_counter()
@@ -439,6 +440,22 @@ def bench_premoe(
             f"mixed workload: {work['tokens_per_s']:.1f} tokens/s, p50 {work['p50_s']:.2f} s, "
             f"p99 {work['p99_s']:.2f} s, {work['swaps']:.0f} swaps"
         )
+        alternatives = {}
+        model = engine.resident.model
+        default_impl = getattr(model.config, "_experts_implementation", None)
+        for impl in args.also_experts_impl:
+            try:
+                engine.call(lambda impl=impl: model.set_experts_implementation(impl))
+                alt = decode_b1(
+                    engine, task, random_prompt(rng, args.prompt_chars), args.decode_tokens
+                )
+                alternatives[impl] = alt
+                say(f"batch-1 decode with {impl}: {alt['decode_tokens_per_s']:.1f} tokens/s")
+            except Exception as exc:  # an implementation this setup cannot run
+                alternatives[impl] = {"error": f"{type(exc).__name__}: {exc}"}
+                say(f"{impl} failed: {exc}")
+        if alternatives and default_impl is not None:
+            engine.call(lambda: model.set_experts_implementation(default_impl))
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return {
             "load_s": load_s,
@@ -447,6 +464,7 @@ def bench_premoe(
             "resident_bytes": engine.resident.resident_bytes,
             "peak_device_bytes": peak,
             "decode_b1": b1,
+            "decode_b1_other_experts_impl": alternatives,
             "workload": work,
             "compile_counters_after_warmup": compile_counters,
             "compile_counters_after_workload": dynamo_counters(),
@@ -579,6 +597,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", default="reduce-overhead", help="none|default|reduce-overhead")
     p.add_argument("--cache", default="auto", help="KV cache: auto (static on CUDA)|static|dynamic")
     p.add_argument("--experts-impl", default=None, help="grouped_mm (default on CUDA), ...")
+    p.add_argument(
+        "--also-experts-impl",
+        default="",
+        help="Also time batch-1 decode with these experts implementations (comma list, e.g. "
+        "batched_mm); each recompiles the decode step once.",
+    )
     p.add_argument("--decode-tokens", type=int, default=256, help="Batch-1 decode length.")
     p.add_argument("--baseline-tokens", type=int, default=4, help="Tokens per baseline request.")
     p.add_argument("--skip-full", action="store_true")
@@ -594,6 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_batch, args.decode_tokens, args.baseline_tokens = 4, 32, 4
         args.prompt_chars, args.max_model_len = 15, 128
     args.buckets = [int(b) for b in str(args.buckets).split(",") if b.strip()]
+    args.also_experts_impl = [x for x in str(args.also_experts_impl).split(",") if x.strip()]
     if not 1 <= args.patterns:
         p.error("--patterns must be >= 1")
     return args
@@ -752,6 +777,9 @@ def report(
     ]  # fmt: skip
     for k, v in b1["per_token_ms"].items():
         rows.append((f"  ms/token {k}", f"{v:.3f}"))
+    for impl, alt in results["premoe"].get("decode_b1_other_experts_impl", {}).items():
+        value = alt.get("error") or f"{alt['decode_tokens_per_s']:.1f}"
+        rows.append((f"decode b1 tokens/s ({impl})", value))
     if "decode_b1" in results.get("full", {}):
         fr = results["full"]["decode_b1"]["decode_tokens_per_s"]
         rows.append(("full model b1 tokens/s", f"{fr:.1f}"))
