@@ -321,8 +321,11 @@ class Engine:
         self.default_task = default
         kwargs: dict[str, Any] = {}
         impl = cfg.experts_implementation
-        if impl is None and device.type == "cuda" and dtype == torch.bfloat16:
-            impl = "grouped_mm"
+        if impl is None and device.type == "cuda":
+            # grouped_mm reads only the routed experts; compiled, it needs bf16 (otherwise
+            # transformers falls back to a loop with a host sync, which CUDA graphs cannot
+            # capture): batched_mm is graph-safe in every dtype
+            impl = "grouped_mm" if dtype == torch.bfloat16 else "batched_mm"
         if impl is not None:
             kwargs["experts_implementation"] = impl
         self.resident = open_resident(
