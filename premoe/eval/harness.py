@@ -14,10 +14,11 @@ Shape legend: B batch, S padded sequence length, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -182,6 +183,7 @@ class Score:
     n: int  # rows scored
     correct: int | None = None  # accuracy: rows answered exactly
     tokens: int | None = None  # perplexity: tokens predicted
+    nll: float | None = None  # perplexity: total negative log-likelihood (nats)
     predictions: list[str] | None = None  # accuracy: the generated answers, in row order
 
     def to_json(self, *, predictions: bool = False) -> dict[str, Any]:
@@ -193,6 +195,81 @@ class Score:
         if predictions and self.predictions is not None:
             out["predictions"] = list(self.predictions)
         return out
+
+
+def combine(parts: Sequence[tuple[Score, Sequence[int]]], n: int) -> Score:
+    """One `Score` from scores of disjoint subsets of a set of `n` rows ((score, row indices))."""
+    kinds = {s.kind for s, _ in parts}
+    if len(kinds) != 1:
+        raise ValueError("cannot combine accuracy with perplexity")
+    kind = kinds.pop()
+    if sum(len(idx) for _, idx in parts) != n:
+        raise ValueError("the parts do not cover the rows exactly once")
+    if kind == "accuracy":
+        preds: list[str] = [""] * n
+        correct = 0
+        for s, idx in parts:
+            correct += int(s.correct or 0)
+            for i, p in zip(idx, s.predictions or [], strict=True):
+                preds[i] = p
+        return Score(
+            "accuracy", correct / n if n else float("nan"), n, correct=correct, predictions=preds
+        )
+    nll = sum(float(s.nll or 0.0) for s, _ in parts)
+    tokens = sum(int(s.tokens or 0) for s, _ in parts)
+    return Score(
+        "perplexity", math.exp(nll / tokens) if tokens else float("nan"), n, tokens=tokens, nll=nll
+    )
+
+
+def subset(evalset: EvalSet, rows: Sequence[int]) -> EvalSet:
+    """The rows `rows` of an eval set, in that order."""
+    if evalset.kind == "accuracy":
+        return EvalSet(
+            evalset.task,
+            "accuracy",
+            evalset.source,
+            prompts=[evalset.prompts[i] for i in rows],
+            answers=[evalset.answers[i] for i in rows],
+        )
+    return EvalSet(
+        evalset.task, "perplexity", evalset.source, texts=[evalset.texts[i] for i in rows]
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` CPU threads for torch (None: leave as is), restoring the count after.
+
+    Small models on a CPU shared with other work run far faster on one thread: OpenMP worker
+    threads that spin-wait for a busy core can make every tiny kernel 10-100x slower.
+    """
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def no_load_bars() -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights") while models load; premoe
+    reports progress through its callbacks instead."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def model_device(model: Any) -> torch.device:
@@ -278,7 +355,10 @@ def greedy_answers(
             eos_token_id=eos or None,
         )
         new = gen[:, width:].cpu()  # [B, new]
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        # each row keeps only its own budget, so its answer does not depend on its batch-mates
+        texts = tokenizer.batch_decode(
+            [new[row, : limits[i]] for row, i in enumerate(sel)], skip_special_tokens=True
+        )
         for i, text in zip(sel, texts, strict=True):
             out[i] = text.split("\n", 1)[0] if stop_at_newline else text
         if progress is not None:
@@ -293,18 +373,25 @@ def accuracy(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    fixed_budget: int | None = None,
     progress: Progress | None = None,
 ) -> Score:
     """Greedy exact-match accuracy on a prompt/answer set.
 
     Each row may generate up to its reference answer's token count + `ANSWER_SLACK` tokens
     (never more than `max_new_tokens`): a longer answer could not match anyway.
+    `fixed_budget` gives every row that many new tokens instead.
     """
     if evalset.kind != "accuracy":
         raise UsageError(f"eval set {evalset.source} has no prompt/answer rows")
-    budgets = [
-        min(max_new_tokens, t + ANSWER_SLACK) for t in _answer_tokens(tokenizer, evalset.answers)
-    ]
+    budgets: list[int] | int = (
+        fixed_budget
+        if fixed_budget is not None
+        else [
+            min(max_new_tokens, t + ANSWER_SLACK)
+            for t in _answer_tokens(tokenizer, evalset.answers)
+        ]
+    )
     preds = greedy_answers(
         model, tokenizer, evalset.prompts, budgets=budgets, batch_size=batch_size, progress=progress
     )
@@ -360,7 +447,7 @@ def perplexity(
         raise CorpusError(
             f"eval set {evalset.source}: no text has two or more tokens, so perplexity is undefined"
         )
-    return Score("perplexity", math.exp(nll / tokens), len(encoded), tokens=tokens)
+    return Score("perplexity", math.exp(nll / tokens), len(encoded), tokens=tokens, nll=nll)
 
 
 def score(
@@ -432,11 +519,15 @@ __all__ = [
     "EvalSet",
     "Score",
     "accuracy",
+    "combine",
     "demo_eval_set",
     "eval_set_from_rows",
     "greedy_answers",
     "load_eval_set",
+    "no_load_bars",
     "perplexity",
     "score",
     "score_many",
+    "subset",
+    "torch_threads",
 ]

@@ -21,6 +21,7 @@ Shape legend: L MoE layers, E experts per layer, K experts kept per layer.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,18 +37,22 @@ from premoe.eval.harness import (
     DEFAULT_MAX_NEW_TOKENS,
     EvalSet,
     Score,
+    combine,
     demo_eval_set,
     load_eval_set,
+    no_load_bars,
     score_many,
+    subset,
+    torch_threads,
 )
-from premoe.patterns.store import METRICS, PatternStore
+from premoe.patterns.store import GLOBAL, METRICS, PatternStore
 from premoe.policy import select_experts
 from premoe.prune import KeepSets
 
 log = logging.getLogger(__name__)
 
 BASELINES: tuple[str, ...] = ("global", "random")
-METHODS: tuple[str, ...] = (*METRICS, *BASELINES)
+METHODS: tuple[str, ...] = (*METRICS, *BASELINES, "routed")
 VIAS: tuple[str, ...] = ("load", "export")
 METHOD_DESCRIPTIONS = {
     "tcess": "top K of the task's TCESS",
@@ -56,6 +61,7 @@ METHOD_DESCRIPTIONS = {
     "reap": "top K of the task's REAP saliency",
     "global": "top K of all tasks pooled (task-agnostic)",
     "random": "random K per layer (seeded)",
+    "routed": "each query routed by the store's key (TAER), then the top K of that pattern",
 }
 
 
@@ -221,8 +227,9 @@ def check_methods(store: PatternStore, methods: Sequence[str], tasks: Sequence[s
                 f"task {missing[0]!r} is not in the store (it has {', '.join(store.tasks)}); "
                 "profile it first, or evaluate only the global and random methods"
             )
-    if "global" in methods and not store.tasks:
-        raise StoreError("the global method needs a store with at least one task")
+    for m in ("global", "routed"):
+        if m in methods and not store.tasks:
+            raise StoreError(f"the {m} method needs a store with at least one task")
 
 
 def check_keeps(keeps: Sequence[int], shape: ModelShape) -> None:
@@ -273,6 +280,11 @@ def method_keep(
     return sel.keep
 
 
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: undefined ratios become null."""
+    return x if math.isfinite(x) else None
+
+
 # ---- results -----------------------------------------------------------------------------------
 
 
@@ -285,7 +297,8 @@ class EvalRow:
     keep: int
     score: Score
     full: Score  # the full model's score on the same set
-    resident_bytes: int  # parameters of the pruned model
+    resident_bytes: int  # parameters of the pruned model as evaluated (its dtype)
+    checkpoint_bytes: int  # resident bytes at the checkpoint's own dtype (`plan.SizeModel`)
 
     @property
     def retained(self) -> float:
@@ -302,9 +315,10 @@ class EvalRow:
             "kind": self.score.kind,
             "value": self.score.value,
             "full": self.full.value,
-            "retained": self.retained,
+            "retained": finite_or_none(self.retained),
             "n": self.score.n,
             "resident_bytes": self.resident_bytes,
+            "checkpoint_bytes": self.checkpoint_bytes,
             **({"predictions": self.score.predictions} if predictions else {}),
         }
 
@@ -315,6 +329,7 @@ class RoutingReport:
 
     key: dict[str, Any]
     per_task: dict[str, dict[str, Any]]  # task -> {"n", "correct", "accuracy", "routed": {t: n}}
+    routes: dict[str, list[str]] = field(default_factory=dict)  # task -> pattern of each query
 
     @property
     def n(self) -> int:
@@ -331,7 +346,7 @@ class RoutingReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key,
-            "accuracy": self.accuracy,
+            "accuracy": finite_or_none(self.accuracy),
             "n": self.n,
             "correct": self.correct,
             "per_task": self.per_task,
@@ -352,6 +367,7 @@ class EvalReport:
     top_k: int
     full: dict[str, Score]
     full_bytes: int
+    full_checkpoint_bytes: int
     rows: list[EvalRow]
     routing: RoutingReport | None
     eval_sets: dict[str, dict[str, Any]]
@@ -386,7 +402,11 @@ class EvalReport:
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "full": {
-                t: {**s.to_json(predictions=predictions), "resident_bytes": self.full_bytes}
+                t: {
+                    **s.to_json(predictions=predictions),
+                    "resident_bytes": self.full_bytes,
+                    "checkpoint_bytes": self.full_checkpoint_bytes,
+                }
                 for t, s in self.full.items()
             },
             "results": [r.to_json(predictions=predictions) for r in self.rows],
@@ -427,32 +447,36 @@ def routing_accuracy(
     """Route every eval query of the store's tasks with the store's key; count own-task hits.
 
     Uses `route_key` with its defaults (similarity threshold, pooled fallback): a query that
-    falls back to the pooled pattern counts as wrong.
+    falls back to the pooled pattern counts as wrong. `RoutingReport.routes` keeps every
+    query's pattern (tasks not in the store are routed too, but not counted).
     """
     from premoe.route import QueryKeyer
     from premoe.route.retrieve import route_key
 
     keyer = QueryKeyer.for_store(store, model, tokenizer, check=False)
     per_task: dict[str, dict[str, Any]] = {}
+    routes: dict[str, list[str]] = {}
     for task, es in eval_sets.items():
-        if task not in store.tasks:
-            continue
-        routed: dict[str, int] = {}
         queries = es.queries
+        got: list[str] = []
         for start in range(0, len(queries), batch_size):
             keys = keyer.keys(queries[start : start + batch_size])  # [B, D]
-            for key in keys:
-                got = route_key(store, key).task
-                routed[got] = routed.get(got, 0) + 1
+            got.extend(route_key(store, key).task for key in keys)
+        routes[task] = got
+        if task not in store.tasks:
+            continue
+        counts: dict[str, int] = {}
+        for r in got:
+            counts[r] = counts.get(r, 0) + 1
         n = len(queries)
-        correct = routed.get(task, 0)
+        correct = counts.get(task, 0)
         per_task[task] = {
             "n": n,
             "correct": correct,
-            "accuracy": correct / n if n else float("nan"),
-            "routed": dict(sorted(routed.items(), key=lambda kv: -kv[1])),
+            "accuracy": correct / n if n else None,
+            "routed": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
-    return RoutingReport(dict(store.key), per_task)
+    return RoutingReport(dict(store.key), per_task, routes)
 
 
 class _Counter:
@@ -464,6 +488,17 @@ class _Counter:
         self.done += n
         if self.progress is not None:
             self.progress(EvalProgress(self.stage, self.done, self.total))
+
+
+@dataclass
+class _Unit:
+    """Rows scored together under one keep set: a task's set, or the part of it routed to one
+    pattern (method ``routed``)."""
+
+    name: str
+    task: str
+    evalset: EvalSet
+    rows: list[int]  # indices into the task's eval set
 
 
 def evaluate(
@@ -483,6 +518,7 @@ def evaluate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     routing: bool = True,
     global_metric: str | None = None,
+    threads: int | None = None,
     workdir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> EvalReport:
@@ -491,15 +527,61 @@ def evaluate(
     `model`: checkpoint folder or hub id. `store`: pattern store of this model (folder or
     loaded); needed by every method but ``random``. `tasks`: task names. `keeps`: counts per
     MoE layer (default: top-k, powers of two, E). `methods`: default every metric in the store,
-    then ``global`` and ``random``. `eval_sets`: `{task: file or EvalSet}`, or ``[TASK=]FILE``
-    strings; a task without one uses the bundled demo task's held-out split. `max_samples`
-    caps rows per task (seeded subset). `via`: ``load`` (in process) or ``export`` (write a
-    checkpoint, read it back with from_pretrained; `workdir` holds it, default a temp folder).
-    All inputs are checked before any model runs.
+    then ``global`` and ``random``; ``routed`` routes every query with the store's key and
+    uses the chosen pattern's scores (`global_metric`, default tcess). `eval_sets`:
+    `{task: file or EvalSet}`, or ``[TASK=]FILE`` strings; a task without one uses the bundled
+    demo task's held-out split. `max_samples` caps rows per task (seeded subset). `via`:
+    ``load`` (in process) or ``export`` (write a checkpoint, read it back with
+    from_pretrained; `workdir` holds it, default a temp folder). `threads`: torch CPU threads
+    while it runs. All inputs are checked before any model runs.
     """
+    with torch_threads(threads), no_load_bars():
+        return _evaluate(
+            model,
+            store,
+            tasks,
+            keeps=keeps,
+            methods=methods,
+            eval_sets=eval_sets,
+            max_samples=max_samples,
+            device=device,
+            dtype=dtype,
+            via=via,
+            seed=seed,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            routing=routing,
+            global_metric=global_metric,
+            threads=threads,
+            workdir=workdir,
+            progress=progress,
+        )
+
+
+def _evaluate(
+    model: str | Path,
+    store: str | Path | PatternStore | None,
+    tasks: Sequence[str],
+    *,
+    keeps: Sequence[int] | str | None,
+    methods: Sequence[str] | str | None,
+    eval_sets: Mapping[str, EvalSetSpec] | Sequence[str] | None,
+    max_samples: int | None,
+    device: str | torch.device,
+    dtype: str | torch.dtype,
+    via: str,
+    seed: int,
+    batch_size: int | None,
+    max_new_tokens: int,
+    routing: bool,
+    global_metric: str | None,
+    threads: int | None,
+    workdir: str | Path | None,
+    progress: Progress | None,
+) -> EvalReport:
     from premoe.fingerprint import fingerprint_source
     from premoe.load import ResidentModel, resolve_device, resolve_dtype
-    from premoe.plan import keep_ladder
+    from premoe.plan import SizeModel, keep_ladder
     from premoe.profile.profiler import load_tokenizer
     from premoe.source import resolve_model
 
@@ -524,72 +606,97 @@ def evaluate(
         )
         chosen = parse_methods(methods)
         if chosen is None:
-            chosen = [*(st.metrics if st is not None else []), *BASELINES]
-            if st is None:
-                chosen = ["random"]
+            chosen = [*st.metrics, *BASELINES] if st is not None else ["random"]
         if st is None and any(m != "random" for m in chosen):
             raise UsageError("methods other than random need a pattern store (--store)")
+        if "routed" in chosen and not routing:
+            raise UsageError("the routed method needs routing; do not turn routing off")
         if st is not None:
             check_methods(st, chosen, tasks)
+            if global_metric is not None and global_metric not in st.metrics:
+                raise StoreError(
+                    f"metric {global_metric!r} is not in the store (it has {', '.join(st.metrics)})"
+                )
+        gmetric = None if st is None else (global_metric or default_global_metric(st))
         ks = parse_keeps(keeps) or keep_ladder(shape.top_k, shape.num_experts)
         check_keeps(ks, shape)
-        if global_metric is not None and st is not None and global_metric not in st.metrics:
-            raise StoreError(f"global metric {global_metric!r} is not in the store")
         sets = build_eval_sets(tasks, eval_sets, max_samples=max_samples, seed=seed)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype if dtype != "auto" else None, src)
         tokenizer = load_tokenizer(src.path)
-        # every keep set up front: bad combinations fail before any model runs
-        plan = {
-            (t, m, k): method_keep(st, t, m, k, shape, seed=seed, global_metric=global_metric)
-            for k in ks
-            for t in tasks
-            for m in chosen
-        }
+        sizes = SizeModel.from_source(src)
 
-        # evaluations that share a keep set (the baselines, or methods that agree) run together
-        groups: dict[int, dict[tuple[Any, ...], tuple[KeepSets, list[str]]]] = {}
-        for (t, _m, k), keep in plan.items():
-            slot = groups.setdefault(k, {}).setdefault(keep_id(keep), (keep, []))
-            if t not in slot[1]:
-                slot[1].append(t)
-        total = sum(len(sets[t]) for t in tasks) + sum(
-            len(sets[t]) for by_keep in groups.values() for _, ts in by_keep.values() for t in ts
-        )
-        counter = _Counter(total, progress)
+        def keep_for(task: str, method: str, k: int) -> KeepSets:
+            return method_keep(st, task, method, k, shape, seed=seed, global_metric=gmetric)
 
-        def run(net: Any, names: Sequence[str]) -> dict[str, Score]:
+        # every fixed keep set up front: bad combinations fail before any model runs
+        fixed = [m for m in chosen if m != "routed"]
+        plan = {(t, m, k): keep_for(t, m, k) for k in ks for t in tasks for m in fixed}
+
+        counter = _Counter(0, progress)
+
+        def run(net: Any, units: Sequence[_Unit]) -> dict[str, Score]:
             got = score_many(
                 net,
                 tokenizer,
-                [sets[t] for t in names],
+                [u.evalset for u in units],
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
                 progress=counter,
             )
-            return dict(zip(names, got, strict=True))
+            return {u.name: sc for u, sc in zip(units, got, strict=True)}
 
-        # the full model
+        # the full model (and routing, which needs no expert but uses the full model's layers)
         from transformers import AutoModelForCausalLM
 
+        whole = {t: _Unit(t, t, sets[t], list(range(len(sets[t])))) for t in tasks}
+        counter.total = sum(len(s) for s in sets.values())
         counter.stage = "full model"
         full_model = AutoModelForCausalLM.from_pretrained(
             src.path, dtype=torch_dtype, device_map={"": str(dev)}
         ).eval()
         full_bytes = param_bytes(full_model)
-        full = run(full_model, tasks)
+        full = run(full_model, list(whole.values()))
         route_report = None
-        if routing and st is not None and any(t in st.tasks for t in tasks):
+        if routing and st is not None and st.tasks:
             counter.stage = "routing"
             route_report = routing_accuracy(st, full_model, tokenizer, sets)
         del full_model
+
+        # (task, method, K) -> [(unit, keep set)]
+        work: dict[tuple[str, str, int], list[tuple[_Unit, KeepSets]]] = {
+            key: [(whole[key[0]], keep)] for key, keep in plan.items()
+        }
+        if "routed" in chosen:
+            assert route_report is not None
+            for t in tasks:
+                by_pattern: dict[str, list[int]] = {}
+                for i, r in enumerate(route_report.routes[t]):
+                    by_pattern.setdefault(r, []).append(i)
+                for k in ks:
+                    work[(t, "routed", k)] = [
+                        (
+                            _Unit(f"{t}->{r}", t, subset(sets[t], idx), idx),
+                            keep_for(r, "global" if r == GLOBAL else gmetric or "tcess", k),
+                        )
+                        for r, idx in by_pattern.items()
+                    ]
+        # units sharing a keep set run together: K -> keep id -> (keep set, units)
+        groups: dict[int, dict[tuple[Any, ...], tuple[KeepSets, dict[str, _Unit]]]] = {}
+        for (_t, _m, k), parts in work.items():
+            for unit, keep in parts:
+                slot = groups.setdefault(k, {}).setdefault(keep_id(keep), (keep, {}))
+                slot[1].setdefault(unit.name, unit)
+        counter.total += sum(
+            len(u.evalset) for by in groups.values() for _, us in by.values() for u in us.values()
+        )
 
         results: dict[tuple[str, int, tuple[Any, ...]], tuple[Score, int]] = {}
         with tempfile.TemporaryDirectory(prefix="premoe-eval-", dir=workdir) as tmp:
             for k in ks:
                 resident: Any = None
                 try:
-                    for n_group, (kid, (keep, names)) in enumerate(groups[k].items()):
+                    for n_group, (kid, (keep, units)) in enumerate(groups[k].items()):
                         counter.stage = f"{k} experts kept ({n_group + 1}/{len(groups[k])})"
                         if via == "load":
                             if resident is None:
@@ -601,8 +708,8 @@ def evaluate(
                         else:
                             net = _export_and_load(src, keep, Path(tmp), torch_dtype, dev)
                         nbytes = param_bytes(net)
-                        for t, sc in run(net, names).items():
-                            results[(t, k, kid)] = (sc, nbytes)
+                        for name, sc in run(net, list(units.values())).items():
+                            results[(name, k, kid)] = (sc, nbytes)
                         del net
                 finally:
                     if resident is not None:
@@ -611,8 +718,16 @@ def evaluate(
         for t in tasks:
             for m in chosen:
                 for k in ks:
-                    sc, nbytes = results[(t, k, keep_id(plan[(t, m, k)]))]
-                    rows.append(EvalRow(t, m, k, sc, full[t], nbytes))
+                    parts = work[(t, m, k)]
+                    got = [results[(u.name, k, keep_id(keep))] for u, keep in parts]
+                    if len(parts) == 1 and parts[0][0].name == t:
+                        sc = got[0][0]
+                    else:
+                        sc = combine(
+                            [(g[0], u.rows) for g, (u, _) in zip(got, parts, strict=True)],
+                            len(sets[t]),
+                        )
+                    rows.append(EvalRow(t, m, k, sc, full[t], got[0][1], sizes.resident(k)))
         return EvalReport(
             model=str(model),
             fingerprint=fingerprint,
@@ -624,6 +739,7 @@ def evaluate(
             top_k=shape.top_k,
             full=full,
             full_bytes=full_bytes,
+            full_checkpoint_bytes=sizes.resident(shape.num_experts),
             rows=rows,
             routing=route_report,
             eval_sets={
@@ -635,11 +751,10 @@ def evaluate(
                 "max_samples": max_samples,
                 "device": str(dev),
                 "dtype": str(torch_dtype).removeprefix("torch."),
+                "threads": threads,
                 "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens,
-                "global_metric": None
-                if st is None
-                else (global_metric or default_global_metric(st)),
+                "global_metric": gmetric,
                 "stop": "eos or newline",
                 "match": "exact, surrounding whitespace ignored",
             },

@@ -1,0 +1,222 @@
+"""`premoe eval MODEL --store S --task T [--keep 4,8,16] [--method ...]`: what pruning costs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from premoe.eval.runner import METHODS, EvalProgress, EvalReport, evaluate
+from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
+from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg
+
+
+class _Bar:
+    """A tqdm bar on stderr fed by `EvalProgress` (rows scored)."""
+
+    def __init__(self, desc: str = "eval") -> None:
+        self.bar: Any = None
+        self.desc = desc
+
+    def __call__(self, p: EvalProgress) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.total, unit="row", dynamic_ncols=True, desc=self.desc)
+        self.bar.total = p.total
+        self.bar.n = p.done
+        self.bar.set_postfix_str(p.stage, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fmt_value(kind: str, value: float | None) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{100 * value:.1f}%" if kind == "accuracy" else f"{value:.3f}"
+
+
+def print_report(report: EvalReport) -> None:
+    """Per task: methods x keep counts (accuracy or perplexity), the full model, then routing."""
+    e = report.num_experts
+    for t in report.tasks:
+        full = report.full[t]
+        kind = full.kind
+        what = "exact-match accuracy" if kind == "accuracy" else "perplexity (lower is better)"
+        typer.echo(
+            f"\ntask {t}: {what} on {full.n} held-out rows; full model "
+            f"{fmt_value(kind, full.value)} ({human_bytes(report.full_checkpoint_bytes)})"
+        )
+        headers = ["method", *[f"K={k}/{e}" for k in report.keeps]]
+        rows = []
+        for m in report.methods:
+            rows.append(
+                [m, *[fmt_value(kind, report.row(t, m, k).score.value) for k in report.keeps]]
+            )
+        size_row = [
+            "resident",
+            *[
+                human_bytes(report.row(t, report.methods[0], k).checkpoint_bytes)
+                for k in report.keeps
+            ],
+        ]
+        print_table(headers, [*rows, size_row])
+    if report.routing is not None and report.routing.per_task:
+        r = report.routing
+        key = f"{r.key.get('kind')}/{r.key.get('search')}"
+        typer.echo(
+            f"\nrouting (key {key}): {fmt_value('accuracy', r.accuracy)} of {r.n} held-out "
+            "queries routed to their own task"
+        )
+        rows = []
+        for t, v in r.per_task.items():
+            wrong = ", ".join(f"{x} {n}" for x, n in v["routed"].items() if x != t) or "-"
+            rows.append([t, v["n"], fmt_value("accuracy", v["accuracy"]), wrong])
+        print_table(["task", "queries", "routed to own task", "routed elsewhere"], rows)
+    typer.echo(f"\n{report.seconds:.1f} s ({report.options['via']}, {report.options['dtype']})")
+
+
+def eval_command(
+    model: ModelArg,
+    task: Annotated[
+        list[str],
+        typer.Option("--task", "-t", help="Task to evaluate; repeatable.", show_default=False),
+    ],
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            "-s",
+            help="Pattern store of this model (made by `premoe profile`); needed by every "
+            "method but random.",
+        ),
+    ] = None,
+    keep: Annotated[
+        str | None,
+        typer.Option(
+            "--keep",
+            "-k",
+            help="Experts kept per MoE layer, comma-separated (default: top-k, powers of two, "
+            "all).",
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            "-m",
+            help=f"Comma-separated, from {', '.join(METHODS)} (default: every metric in the "
+            "store, global, random). A metric keeps the task's top K by that metric; global "
+            "the top K of all tasks pooled; random a seeded random K; routed routes each query "
+            "(TAER) and keeps the top K of the pattern it gets.",
+        ),
+    ] = None,
+    eval_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval-set",
+            "-e",
+            help="[TASK=]FILE, repeatable: held-out rows (.jsonl with prompt and answer: "
+            "exact-match accuracy; with text only, or .txt: perplexity). A FILE without TASK= "
+            "is split by its rows' task field. Default: the bundled demo task's eval split.",
+            show_default=False,
+        ),
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option(help="At most this many rows per task (seeded choice).")
+    ] = 100,
+    via: Annotated[
+        str,
+        typer.Option(
+            help="load: build the pruned model in process (fast); export: write a pruned "
+            "checkpoint and read it back with from_pretrained."
+        ),
+    ] = "load",
+    batch_size: Annotated[
+        int | None, typer.Option(help="Rows per batch (default 64; perplexity 8).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer, in tokens.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the random method and row choice.")] = 0,
+    routing: Annotated[
+        bool, typer.Option(help="Also measure routing accuracy (needs the store).")
+    ] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch CPU threads (1 is fastest for small models on a busy CPU)."),
+    ] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", help="Write a PNG: accuracy vs experts kept, one line per method."),
+    ] = None,
+    predictions: Annotated[
+        bool, typer.Option(help="With --json: include every generated answer.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --plot file.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure accuracy (or perplexity) retained versus experts kept, per task and method.
+
+    Scores the full model and, for every keep count and method, the pruned model, on each
+    task's held-out set: greedy exact match (stop at end-of-sequence or newline) when rows have
+    prompt and answer, else perplexity of their text. Also reports routing accuracy: how often
+    a held-out query routes to its own task's pattern.
+
+    \b
+    Example:
+      premoe eval premoe/demo/model --store patterns/demo --task add --task sort \\
+        --keep 4,8,16 --method tcess,global,random --plot eval.png
+    """
+    bar = _Bar() if progress_enabled() and not json_out else None
+    if plot is not None:
+        from pathlib import Path
+
+        from premoe.errors import OutputExistsError, UsageError
+
+        if not plot.lower().endswith(".png"):
+            raise UsageError(f"--plot {plot}: the plot is a PNG; give a path ending in .png")
+        if Path(plot).exists() and not overwrite:
+            raise OutputExistsError(
+                f"{plot} already exists; pass --overwrite or choose another --plot"
+            )
+    try:
+        report = evaluate(
+            model,
+            store,
+            task,
+            keeps=keep,
+            methods=method,
+            eval_sets=eval_set or None,
+            max_samples=max_samples,
+            device=device,
+            dtype=dtype,
+            via=via,
+            seed=seed,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            routing=routing,
+            threads=threads,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    plot_path = None
+    if plot is not None:
+        from premoe.eval.plots import plot_eval
+
+        plot_path = plot_eval(report, plot, overwrite=overwrite)
+    if json_out:
+        data = report.to_json(predictions=predictions)
+        data["plot"] = None if plot_path is None else str(plot_path)
+        print_json(data)
+        return
+    print_report(report)
+    if plot_path is not None:
+        typer.echo(f"plot: {plot_path}")
