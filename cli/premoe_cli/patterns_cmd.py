@@ -10,12 +10,14 @@ import typer
 from premoe.patterns import PatternStore
 from premoe_cli._common import print_json, print_table
 from premoe_cli.options import JsonOpt
+from premoe_cli.plot_cmd import plot_command
 
 patterns_app = typer.Typer(
     help="Inspect pattern stores made by `premoe profile`.",
     no_args_is_help=True,
     add_completion=False,
 )
+patterns_app.command("plot")(plot_command)
 
 StoreArg = Annotated[
     str, typer.Argument(help="Pattern store folder (made by `premoe profile`).", show_default=False)
