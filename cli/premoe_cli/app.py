@@ -16,6 +16,8 @@ import typer
 import premoe
 from premoe.errors import PremoeError
 from premoe_cli.archs import archs
+from premoe_cli.demo_cmd import demo_command
+from premoe_cli.eval_cmd import eval_command
 from premoe_cli.export_cmd import export_command
 from premoe_cli.generate_cmd import generate_command
 from premoe_cli.inspect_cmd import inspect
@@ -81,6 +83,8 @@ app.command("plan")(plan_command)
 app.command("export")(export_command)
 app.command("generate")(generate_command)
 app.command("serve")(serve_command)
+app.command("eval")(eval_command)
+app.command("demo")(demo_command)
 
 
 def main() -> None:

@@ -1,0 +1,151 @@
+"""`premoe demo`: the whole pipeline on the bundled model, on the CPU, with no download."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
+from premoe_cli.options import JsonOpt, OverwriteOpt
+
+
+class _Bar:
+    """A tqdm bar over the demo's steps, on stderr."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, p: Any) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.steps, unit="step", dynamic_ncols=True, desc="demo")
+        self.bar.n = p.index - 1
+        self.bar.set_description_str(f"demo: {p.step}", refresh=False)
+        self.bar.set_postfix_str(p.detail, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total
+            self.bar.refresh()
+            self.bar.close()
+
+
+def demo_command(
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (default ./premoe-demo; if that exists, a fresh timestamped "
+            "folder next to it). An explicit --out that exists needs --overwrite.",
+            show_default=False,
+        ),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer samples and one keep count (a smoke run).")
+    ] = False,
+    keep: Annotated[
+        int | None,
+        typer.Option("--keep", "-k", help="Experts kept per layer in the summary (default 8)."),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            "-s",
+            help="Reuse this pattern store of the bundled model (e.g. patterns/demo) instead of "
+            "profiling; its fingerprint is checked.",
+        ),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (1 is fastest for this tiny model).")
+    ] = 1,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run premoe end to end on the bundled demo MoE (CPU, no download, about a minute).
+
+    Writes the task suite, profiles the tasks into a pattern store, routes example prompts,
+    exports a pruned checkpoint for one task, then evaluates the full model against pruned
+    models that keep each task's own experts, the experts TAER routes to, the experts of all
+    tasks pooled, and random experts; prints one summary table and where the plots are.
+
+    \b
+    Example:
+      premoe demo
+      premoe demo --quick --out /tmp/demo --json
+    """
+    from premoe.demo.run import DemoOptions, run_demo
+
+    base = DemoOptions.quick() if quick else DemoOptions()
+    changes: dict[str, Any] = {"threads": threads}
+    if keep is not None:
+        changes["keep"] = keep
+    opts = DemoOptions(**{**base.__dict__, **changes})
+    bar = _Bar() if progress_enabled() and not json_out else None
+    try:
+        result = run_demo(out, overwrite=overwrite, store=store, options=opts, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if json_out:
+        print_json(result.to_json())
+        return
+    _print_result(result)
+
+
+def _print_result(result: Any) -> None:
+    from premoe.demo.run import summary_table
+
+    e = result.num_experts
+    typer.echo(
+        f"premoe demo: bundled {result.fingerprint.get('family')} model, "
+        f"{len(result.fingerprint.get('moe_layers', []))} MoE layers x {e} experts "
+        f"(top-{result.top_k}), {len(result.tasks)} tasks: {', '.join(result.tasks)}"
+    )
+    typer.echo(f"output: {result.out_note}")
+    st = result.store
+    verb = "reused" if st["reused"] else "profiled"
+    samples = sum(st["samples"].values())
+    tokens = sum(st["tokens"].values())
+    typer.echo(
+        f"\n1. pattern store ({verb}): {samples} samples, {tokens:,} tokens, metrics "
+        f"{', '.join(st['metrics'])} -> {st['path']}"
+    )
+    typer.echo("\n2. routing held-out prompts (key: first MoE router's input, no expert run)")
+    print_table(
+        ["prompt", "task", "routed to", "similarity", "runner-up"],
+        [
+            [
+                repr(x["prompt"]),
+                x["task"],
+                x["routed"] + ("" if x["correct"] else "  (wrong)"),
+                f"{x['similarity']:.3f}",
+                "-"
+                if x["runner_up"] is None
+                else f"{x['runner_up']['task']} {x['runner_up']['similarity']:.3f}",
+            ]
+            for x in result.examples
+        ],
+    )
+    ex = result.export
+    typer.echo(
+        f"\n3. exported the {ex['task']!r} pattern, {ex['experts_kept']} of {e} experts per "
+        f"layer: {human_bytes(ex['bytes_written'])} of {human_bytes(ex['source_bytes'])} "
+        f"({ex['fraction']:.1%}); plain from_pretrained of it scores "
+        f"{100 * ex['accuracy']:.1f}% on {ex['n']} held-out {ex['task']} prompts -> {ex['out']}"
+    )
+    n_eval = result.options["n_eval"]
+    typer.echo(
+        f"\n4. summary at {result.keep} of {e} experts per layer: exact-match accuracy, mean of "
+        f"{len(result.tasks)} tasks x {n_eval} held-out prompts"
+    )
+    headers, rows = summary_table(result)
+    print_table(headers, rows)
+    typer.echo("\nplots:")
+    for name, path in result.plots.items():
+        typer.echo(f"  {name}: {path}")
+    typer.echo(f"details: {result.out / 'demo.json'}  ({result.seconds:.0f} s)")

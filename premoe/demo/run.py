@@ -1,0 +1,580 @@
+"""`run_demo()`: the whole premoe pipeline on the bundled demo model, on a CPU, in about a minute.
+
+Steps, every number computed in the run:
+
+1. write the task suite (`premoe.demo.tasks.write_suite`): profiling corpora and held-out
+   eval sets, as JSONL;
+2. profile the tasks into a pattern store (all four metrics from one pass), or reuse a given
+   store after checking its fingerprint;
+3. route a few held-out prompts (TAER: the first MoE router's input, no expert involved);
+4. export a pruned checkpoint for one task (`export_from_store`), read it back with plain
+   ``from_pretrained`` and score it;
+5. evaluate the full model, and the pruned model at every keep count with: the task's own
+   TCESS pattern, the pattern TAER routes each query to, the pattern of all tasks pooled
+   (task-agnostic) and random experts (`premoe.eval.evaluate`), plus held-out routing accuracy;
+6. plot accuracy versus experts kept and the store's patterns.
+
+Everything is written into one output folder, atomically (``tasks/``, ``store/``,
+``export-TASK-kK/``, ``plots/``, ``demo.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import premoe
+from premoe.errors import ModelNotFoundError, OutputExistsError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("premoe-demo")
+#: The pattern store shipped with the source tree for the bundled model (absent from wheels).
+SHIPPED_STORE: Path = Path(__file__).resolve().parents[2] / "patterns" / "demo"
+METRICS: tuple[str, ...] = ("tcess", "frequency", "paper-logits", "reap")
+METHODS: tuple[str, ...] = ("tcess", "routed", "global", "random")
+METHOD_LABELS = {
+    "full": "full model",
+    "tcess": "TCESS, the task's own pattern",
+    "routed": "TCESS, pattern picked by TAER",
+    "global": "all tasks pooled (task-agnostic)",
+    "random": "random experts",
+}
+STEPS: tuple[str, ...] = ("suite", "profile", "route", "export", "evaluate", "plots")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """Sizes of a demo run. `quick()` is the reduced run the tests use."""
+
+    n_profile: int = 256  # profiling samples per task
+    n_eval: int = 100  # held-out eval prompts per task
+    keep: int = 8  # the headline keep count
+    keeps: tuple[int, ...] = (4, 8, 16, 32)  # the sweep of the plot (the headline K is added)
+    export_task: str = "add"
+    seed: int = 0
+    threads: int | None = 1  # torch CPU threads (one is fastest for this model on a busy CPU)
+    dtype: str = "fp32"  # bf16 weights run in fp32 on the CPU (bf16 CPU kernels are slower)
+    batch_size: int = 128
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoOptions:
+        return cls(**{"n_profile": 64, "n_eval": 24, "keeps": (), **overrides})
+
+    def sweep(self, num_experts: int, top_k: int) -> list[int]:
+        ks = {self.keep, *self.keeps}
+        return sorted(k for k in ks if top_k <= k <= num_experts)
+
+
+@dataclass
+class DemoProgress:
+    """`step` (one of `STEPS`) is running: number `index` (1-based) of `steps`."""
+
+    step: str
+    index: int
+    steps: int
+    detail: str = ""
+
+
+Progress = Callable[[DemoProgress], None]
+
+
+@dataclass
+class DemoResult:
+    """What a demo run measured and wrote. JSON: `to_json()` (also written as demo.json)."""
+
+    out: Path
+    out_note: str  # how the output folder was chosen
+    model: str
+    fingerprint: dict[str, Any]
+    options: dict[str, Any]
+    tasks: list[str]
+    num_experts: int
+    top_k: int
+    keep: int
+    store: dict[str, Any]
+    examples: list[dict[str, Any]]
+    export: dict[str, Any]
+    summary: list[dict[str, Any]]
+    routing: dict[str, Any]
+    evaluation: dict[str, Any]
+    plots: dict[str, str]
+    timings: dict[str, float]
+    seconds: float
+    premoe_version: str = field(default_factory=lambda: premoe.__version__)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "premoe_version": self.premoe_version,
+            "out": str(self.out),
+            "out_note": self.out_note,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "options": self.options,
+            "tasks": self.tasks,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "keep": self.keep,
+            "store": self.store,
+            "examples": self.examples,
+            "export": self.export,
+            "summary": self.summary,
+            "routing": self.routing,
+            "evaluation": self.evaluation,
+            "plots": self.plots,
+            "timings": self.timings,
+            "seconds": self.seconds,
+        }
+
+
+def choose_out(out: str | Path | None, overwrite: bool) -> tuple[Path, str]:
+    """The output folder and a line saying how it was chosen.
+
+    An explicit `out` that exists is refused unless `overwrite`; the default ``./premoe-demo``,
+    if it exists, is left alone and a fresh timestamped sibling is used instead.
+    """
+    if out is not None:
+        path = Path(out)
+        if os.path.lexists(path) and not overwrite:
+            raise OutputExistsError(
+                f"output {path} already exists; pass --overwrite to replace it or choose "
+                "another --out"
+            )
+        return path, ("replacing " if os.path.lexists(path) else "") + f"{path}"
+    if not os.path.lexists(DEFAULT_OUT) or overwrite:
+        return DEFAULT_OUT, f"{DEFAULT_OUT}" + (" (replaced)" if DEFAULT_OUT.exists() else "")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{stamp}")
+    n = 1
+    while os.path.lexists(path):
+        n += 1
+        path = DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{stamp}-{n}")
+    return path, f"{path} ({DEFAULT_OUT} exists and was left as it is)"
+
+
+def _load_full(model_dir: Path, dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return net, tok
+
+
+def _model_dir(model: str | Path | None) -> Path:
+    from premoe.demo import MODEL_DIR
+
+    path = Path(model) if model is not None else MODEL_DIR
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"no model at {path}"
+            + (
+                " (the bundled demo model is missing from this install; reinstall premoe from a "
+                "source checkout, or train it with examples/train_demo.py)"
+                if model is None
+                else ""
+            )
+        )
+    return path
+
+
+def profile_demo_store(
+    model: str | Path,
+    profile_files: dict[str, Path],
+    *,
+    batch_size: int = 128,
+    seed: int = 0,
+    sources: dict[str, str] | None = None,
+) -> Any:
+    """Profile the demo tasks (all four metrics, one pass, fp32 on the CPU) into a store.
+
+    `sources` replaces the recorded corpus path of each task (e.g. with the final path of a
+    file written to a temporary folder first).
+    """
+    from premoe.profile import profile
+
+    store = profile(
+        str(model),
+        {t: str(p) for t, p in profile_files.items()},
+        metrics=list(METRICS),
+        device="cpu",
+        dtype="fp32",
+        batch_size=batch_size,
+        seed=seed,
+    )
+    for t, src in (sources or {}).items():
+        store.tasks[t].source = src
+    return store
+
+
+def run_demo(
+    out: str | Path | None = None,
+    *,
+    quick: bool = False,
+    overwrite: bool = False,
+    model: str | Path | None = None,
+    store: str | Path | None = None,
+    options: DemoOptions | None = None,
+    progress: Progress | None = None,
+) -> DemoResult:
+    """Run the demo pipeline (see the module doc) and return what it measured.
+
+    `out`: output folder (default ``./premoe-demo``, or a fresh timestamped folder next to it
+    when it exists; an explicit `out` that exists needs `overwrite`). `quick`: fewer samples
+    and one keep count. `model`: another checkpoint with the demo tokenizer (tests); default
+    the bundled model. `store`: reuse this pattern store (fingerprint checked) instead of
+    profiling; default: profile into ``OUT/store``.
+    """
+    import torch
+
+    from premoe.eval.harness import no_load_bars, torch_threads
+
+    opts = options or (DemoOptions.quick() if quick else DemoOptions())
+    model_dir = _model_dir(model)
+    final, note = choose_out(out, overwrite)
+    t_start = time.perf_counter()
+    with torch_threads(opts.threads), no_load_bars():
+        from premoe.io.atomic import atomic_output_dir
+
+        with atomic_output_dir(final, overwrite=overwrite) as tmp:
+            result = _run(model_dir, tmp, final, note, opts, store, progress, torch.float32)
+    result.seconds = time.perf_counter() - t_start
+    result.timings["total"] = result.seconds
+    # demo.json was written inside the folder before it moved; refresh the final timings
+    from premoe.io.atomic import atomic_write_text
+
+    atomic_write_text(final / "demo.json", json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _run(
+    model_dir: Path,
+    tmp: Path,
+    final: Path,
+    note: str,
+    opts: DemoOptions,
+    store_path: str | Path | None,
+    progress: Progress | None,
+    dtype: Any,
+) -> DemoResult:
+    from premoe.demo import tasks as demo_tasks
+    from premoe.eval.harness import load_eval_set, score
+    from premoe.eval.plots import plot_eval, plot_patterns
+    from premoe.eval.runner import evaluate
+    from premoe.export import export_from_store
+    from premoe.fingerprint import fingerprint_source
+    from premoe.patterns.store import PatternStore
+    from premoe.route import QueryKeyer, route
+    from premoe.source import resolve_model
+
+    timings: dict[str, float] = {}
+    current: dict[str, Any] = {"name": None, "start": 0.0}
+
+    def step(name: str | None, detail: str = "") -> None:
+        """Close the running step's timing; start `name` (None: just close)."""
+        now = time.perf_counter()
+        if current["name"] is not None:
+            timings[current["name"]] = now - current["start"]
+        current.update(name=name, start=now)
+        if name is not None and progress is not None:
+            progress(DemoProgress(name, STEPS.index(name) + 1, len(STEPS), detail))
+
+    src = resolve_model(model_dir)
+    try:
+        fingerprint = fingerprint_source(src)
+        e, top_k = src.num_experts, src.top_k
+    finally:
+        src.close()
+    if not top_k <= opts.keep <= e:
+        raise UsageError(f"keep {opts.keep} must be between top-k {top_k} and {e}")
+    keeps = opts.sweep(e, top_k)
+    names = demo_tasks.task_names()
+    if opts.export_task not in names:
+        raise UsageError(f"export task {opts.export_task!r} is not a demo task")
+
+    # 1. the task suite
+    step("suite", f"{len(names)} tasks")
+    paths = demo_tasks.write_suite(tmp / "tasks", opts.n_profile, opts.n_eval, opts.seed)
+
+    # 2. the pattern store
+    step("profile", f"{len(names)} x {opts.n_profile} samples")
+    store_info: dict[str, Any]
+    if store_path is not None:
+        st = PatternStore.load(store_path)
+        st.check_model(fingerprint)
+        missing = [t for t in names if t not in st.tasks]
+        if missing:
+            raise UsageError(f"store {store_path} lacks the demo task {missing[0]!r}")
+        store_info = {"path": str(store_path), "reused": True}
+    else:
+        st = profile_demo_store(
+            model_dir,
+            {t: p["profile"] for t, p in paths.items()},
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            sources={t: str(final / "tasks" / p["profile"].name) for t, p in paths.items()},
+        )
+        st.save(tmp / "store")
+        st.path = final / "store"
+        store_info = {"path": str(final / "store"), "reused": False}
+    store_info.update(
+        {
+            "metrics": list(st.metrics),
+            "key": dict(st.key),
+            "samples": {t: st.tasks[t].samples for t in names},
+            "tokens": {t: st.tasks[t].tokens for t in names},
+        }
+    )
+
+    # 3. route a few held-out prompts
+    step("route")
+    net, tok = _load_full(model_dir, dtype)
+    keyer = QueryKeyer.for_store(st, net, tok)
+    examples = []
+    for t in names:
+        row = demo_tasks.generate(t, 1, opts.seed + 1, "eval")[0]
+        r = route(st, keyer, row["prompt"])
+        examples.append(
+            {
+                "prompt": row["prompt"],
+                "task": t,
+                "routed": r.task,
+                "similarity": r.similarity,
+                "runner_up": None
+                if len(r.candidates) < 2
+                else {"task": r.candidates[1].task, "similarity": r.candidates[1].similarity},
+                "correct": r.task == t,
+            }
+        )
+    del net, keyer
+
+    # 4. export a pruned checkpoint for one task, read it back with plain transformers
+    step("export", f"{opts.export_task}, {opts.keep} of {e} experts")
+    task = opts.export_task
+    export_name = f"export-{task}-k{opts.keep}"
+    result = export_from_store(model_dir, st, [task], tmp / export_name, keep=opts.keep)
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp / export_name, dtype=dtype).eval()
+    eval_set = load_eval_set(task, paths[task]["eval"])
+    exp_score = score(exported, tok, eval_set, batch_size=opts.batch_size)
+    del exported
+    export_info = {
+        **result.summary(),
+        "out": str(final / export_name),
+        "task": task,
+        "accuracy": exp_score.value,
+        "n": exp_score.n,
+        "loaded_with": "transformers.AutoModelForCausalLM.from_pretrained",
+    }
+
+    # 5. evaluate
+    step("evaluate", f"{len(METHODS)} methods x K in {keeps}")
+
+    def eval_progress(p: Any) -> None:
+        if progress is not None:
+            progress(
+                DemoProgress(
+                    "evaluate",
+                    STEPS.index("evaluate") + 1,
+                    len(STEPS),
+                    f"{p.done}/{p.total} answers, {p.stage}",
+                )
+            )
+
+    report = evaluate(
+        model_dir,
+        st,
+        names,
+        keeps=keeps,
+        methods=list(METHODS),
+        eval_sets={t: paths[t]["eval"] for t in names},
+        device="cpu",
+        dtype=dtype,
+        seed=opts.seed,
+        batch_size=opts.batch_size,
+        progress=eval_progress,
+    )
+    rep = report.to_json()
+
+    # 6. plots
+    step("plots")
+    plots_dir = tmp / "plots"
+    plot_eval(rep, plots_dir / "accuracy_vs_experts.png")
+    pattern_plots = plot_patterns(st, plots_dir, keep=opts.keep)
+    plots = {"accuracy_vs_experts": str(final / "plots" / "accuracy_vs_experts.png")}
+    plots.update({name: str(final / "plots" / p.name) for name, p in pattern_plots.items()})
+    step(None)
+
+    # the summary
+    summary = summarise(report, opts.keep)
+    routing = rep["routing"] or {}
+    for row in summary:
+        row["label"] = METHOD_LABELS.get(row["method"], row["method"])
+    result_obj = DemoResult(
+        out=final,
+        out_note=note,
+        model=str(model_dir),
+        fingerprint=fingerprint,
+        options={
+            "n_profile": opts.n_profile,
+            "n_eval": opts.n_eval,
+            "keep": opts.keep,
+            "keeps": keeps,
+            "export_task": opts.export_task,
+            "seed": opts.seed,
+            "threads": opts.threads,
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": opts.batch_size,
+            "methods": list(METHODS),
+        },
+        tasks=names,
+        num_experts=e,
+        top_k=top_k,
+        keep=opts.keep,
+        store=store_info,
+        examples=examples,
+        export=export_info,
+        summary=summary,
+        routing=routing,
+        evaluation=rep,
+        plots=plots,
+        timings=timings,
+        seconds=0.0,
+    )
+    from premoe.io.atomic import atomic_write_text
+
+    atomic_write_text(tmp / "demo.json", json.dumps(result_obj.to_json(), indent=2) + "\n")
+    return result_obj
+
+
+def summarise(report: Any, keep: int) -> list[dict[str, Any]]:
+    """One row per method at `keep` (and the full model): memory, mean accuracy over tasks,
+    accuracy retained (mean pruned / mean full), worst task."""
+    tasks = report.tasks
+    full_mean = sum(report.full[t].value for t in tasks) / len(tasks)
+    full_bytes = report.full_checkpoint_bytes
+    worst_full = min(tasks, key=lambda t: report.full[t].value)
+    rows = [
+        {
+            "method": "full",
+            "label": "full model",
+            "keep": report.num_experts,
+            "bytes": full_bytes,
+            "saved": 0.0,
+            "accuracy": full_mean,
+            "retained": 1.0,
+            "per_task": {t: report.full[t].value for t in tasks},
+            "worst_task": worst_full,
+        }
+    ]
+    for m in report.methods:
+        per = {t: report.row(t, m, keep).score.value for t in tasks}
+        mean = sum(per.values()) / len(per)
+        nbytes = report.row(tasks[0], m, keep).checkpoint_bytes
+        rows.append(
+            {
+                "method": m,
+                "keep": keep,
+                "bytes": nbytes,
+                "saved": 1.0 - nbytes / full_bytes,
+                "accuracy": mean,
+                "retained": mean / full_mean if full_mean > 0 else None,
+                "per_task": per,
+                "worst_task": min(tasks, key=lambda t: per[t]),
+            }
+        )
+    return rows
+
+
+def summary_table(result: DemoResult) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the one summary table the CLI prints."""
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.2f} MiB"
+
+    headers = [
+        "method",
+        "experts kept",
+        "resident",
+        "memory saved",
+        "accuracy",
+        "retained",
+        "worst task",
+    ]
+    rows = []
+    for r in result.summary:
+        worst = r["worst_task"]
+        rows.append(
+            [
+                r["label"],
+                f"{r['keep']}/{result.num_experts}",
+                mib(r["bytes"]),
+                "-" if r["method"] == "full" else pct(r["saved"]),
+                pct(r["accuracy"]),
+                pct(r["retained"]),
+                f"{worst} {pct(r['per_task'][worst])}",
+            ]
+        )
+    routing = result.routing
+    if routing:
+        per = routing.get("per_task", {})
+        worst = min(per, key=lambda t: per[t]["accuracy"]) if per else None
+        rows.append(
+            [
+                f"TAER routing, held-out ({routing['n']} prompts)",
+                "-",
+                "-",
+                "-",
+                pct(routing["accuracy"]),
+                "-",
+                "-" if worst is None else f"{worst} {pct(per[worst]['accuracy'])}",
+            ]
+        )
+    return headers, rows
+
+
+def shipped_store_matches(model: str | Path | None = None) -> bool:
+    """Whether the shipped store exists and was made for the (bundled) model."""
+    from premoe.errors import PremoeError
+    from premoe.fingerprint import fingerprint_source, same_model
+    from premoe.patterns.store import PatternStore
+    from premoe.source import resolve_model
+
+    if not (SHIPPED_STORE / "store.json").is_file():
+        return False
+    try:
+        st = PatternStore.load(SHIPPED_STORE)
+        src = resolve_model(_model_dir(model))
+        try:
+            return same_model(st.model, fingerprint_source(src))
+        finally:
+            src.close()
+    except PremoeError:
+        return False
+
+
+__all__ = [
+    "DEFAULT_OUT",
+    "METHODS",
+    "SHIPPED_STORE",
+    "STEPS",
+    "DemoOptions",
+    "DemoProgress",
+    "DemoResult",
+    "choose_out",
+    "profile_demo_store",
+    "run_demo",
+    "shipped_store_matches",
+    "summarise",
+    "summary_table",
+]
