@@ -49,7 +49,11 @@ def demo_command(
     ] = False,
     keep: Annotated[
         int | None,
-        typer.Option("--keep", "-k", help="Experts kept per layer in the summary (default 8)."),
+        typer.Option(
+            "--keep",
+            "-k",
+            help="Experts kept per layer in the summary (default: a quarter of the experts).",
+        ),
     ] = None,
     store: Annotated[
         str | None,
@@ -145,7 +149,10 @@ def _print_result(result: Any) -> None:
     )
     headers, rows = summary_table(result)
     print_table(headers, rows)
-    typer.echo("\nplots:")
-    for name, path in result.plots.items():
-        typer.echo(f"  {name}: {path}")
+    if result.plots:
+        typer.echo("\nplots:")
+        for name, path in result.plots.items():
+            typer.echo(f"  {name}: {path}")
+    else:
+        typer.echo("\nno plots: matplotlib is not installed (pip install 'premoe[plot]')")
     typer.echo(f"details: {result.out / 'demo.json'}  ({result.seconds:.0f} s)")

@@ -178,7 +178,9 @@ def eval_command(
         from pathlib import Path
 
         from premoe.errors import OutputExistsError, UsageError
+        from premoe.eval.plots import check_matplotlib
 
+        check_matplotlib()
         if not plot.lower().endswith(".png"):
             raise UsageError(f"--plot {plot}: the plot is a PNG; give a path ending in .png")
         if Path(plot).exists() and not overwrite:

@@ -56,8 +56,8 @@ class DemoOptions:
 
     n_profile: int = 256  # profiling samples per task
     n_eval: int = 100  # held-out eval prompts per task
-    keep: int = 8  # the headline keep count
-    keeps: tuple[int, ...] = (4, 8, 16, 32)  # the sweep of the plot (the headline K is added)
+    keep: int | None = None  # the headline keep count (None: a quarter of the experts)
+    keeps: tuple[int, ...] | None = None  # the plot's sweep (None: top-k, powers of 2, all)
     export_task: str = "add"
     seed: int = 0
     threads: int | None = 1  # torch CPU threads (one is fastest for this model on a busy CPU)
@@ -68,8 +68,16 @@ class DemoOptions:
     def quick(cls, **overrides: Any) -> DemoOptions:
         return cls(**{"n_profile": 64, "n_eval": 24, "keeps": (), **overrides})
 
+    def headline(self, num_experts: int, top_k: int) -> int:
+        """The summary's keep count: `keep`, or a quarter of the experts (at least top-k)."""
+        return self.keep if self.keep is not None else max(top_k, num_experts // 4)
+
     def sweep(self, num_experts: int, top_k: int) -> list[int]:
-        ks = {self.keep, *self.keeps}
+        """Keep counts evaluated: the headline one and `keeps` (default: the plan ladder)."""
+        from premoe.plan import keep_ladder
+
+        extra = keep_ladder(top_k, num_experts) if self.keeps is None else self.keeps
+        ks = {self.headline(num_experts, top_k), *extra}
         return sorted(k for k in ks if top_k <= k <= num_experts)
 
 
@@ -265,7 +273,12 @@ def _run(
 ) -> DemoResult:
     from premoe.demo import tasks as demo_tasks
     from premoe.eval.harness import load_eval_set, score
-    from premoe.eval.plots import plot_eval, plot_patterns
+    from premoe.eval.plots import (
+        PlotUnavailableError,
+        check_matplotlib,
+        plot_eval,
+        plot_patterns,
+    )
     from premoe.eval.runner import evaluate
     from premoe.export import export_from_store
     from premoe.fingerprint import fingerprint_source
@@ -291,8 +304,12 @@ def _run(
         e, top_k = src.num_experts, src.top_k
     finally:
         src.close()
-    if not top_k <= opts.keep <= e:
-        raise UsageError(f"keep {opts.keep} must be between top-k {top_k} and {e}")
+    keep = opts.headline(e, top_k)
+    if not top_k <= keep <= e:
+        raise UsageError(
+            f"--keep {keep} must be between the {top_k} experts routed per token and the "
+            f"model's {e}"
+        )
     keeps = opts.sweep(e, top_k)
     names = demo_tasks.task_names()
     if opts.export_task not in names:
@@ -355,10 +372,10 @@ def _run(
     del net, keyer
 
     # 4. export a pruned checkpoint for one task, read it back with plain transformers
-    step("export", f"{opts.export_task}, {opts.keep} of {e} experts")
+    step("export", f"{opts.export_task}, {keep} of {e} experts")
     task = opts.export_task
-    export_name = f"export-{task}-k{opts.keep}"
-    result = export_from_store(model_dir, st, [task], tmp / export_name, keep=opts.keep)
+    export_name = f"export-{task}-k{keep}"
+    result = export_from_store(model_dir, st, [task], tmp / export_name, keep=keep)
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(tmp / export_name, dtype=dtype).eval()
@@ -405,15 +422,21 @@ def _run(
 
     # 6. plots
     step("plots")
-    plots_dir = tmp / "plots"
-    plot_eval(rep, plots_dir / "accuracy_vs_experts.png")
-    pattern_plots = plot_patterns(st, plots_dir, keep=opts.keep)
-    plots = {"accuracy_vs_experts": str(final / "plots" / "accuracy_vs_experts.png")}
-    plots.update({name: str(final / "plots" / p.name) for name, p in pattern_plots.items()})
+    plots: dict[str, str] = {}
+    try:
+        check_matplotlib()
+    except PlotUnavailableError as err:
+        log.warning("no plots: %s", err)
+    else:
+        plots_dir = tmp / "plots"
+        plot_eval(rep, plots_dir / "accuracy_vs_experts.png")
+        pattern_plots = plot_patterns(st, plots_dir, keep=keep)
+        plots["accuracy_vs_experts"] = str(final / "plots" / "accuracy_vs_experts.png")
+        plots.update({name: str(final / "plots" / p.name) for name, p in pattern_plots.items()})
     step(None)
 
     # the summary
-    summary = summarise(report, opts.keep)
+    summary = summarise(report, keep)
     routing = rep["routing"] or {}
     for row in summary:
         row["label"] = METHOD_LABELS.get(row["method"], row["method"])
@@ -425,7 +448,7 @@ def _run(
         options={
             "n_profile": opts.n_profile,
             "n_eval": opts.n_eval,
-            "keep": opts.keep,
+            "keep": keep,
             "keeps": keeps,
             "export_task": opts.export_task,
             "seed": opts.seed,
@@ -437,7 +460,7 @@ def _run(
         tasks=names,
         num_experts=e,
         top_k=top_k,
-        keep=opts.keep,
+        keep=keep,
         store=store_info,
         examples=examples,
         export=export_info,

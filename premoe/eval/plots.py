@@ -39,7 +39,22 @@ _STYLE = {
 }
 
 
+class PlotUnavailableError(UsageError):
+    """matplotlib is not installed."""
+
+
+def check_matplotlib() -> None:
+    """Raise `PlotUnavailableError` (one line) when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotUnavailableError(
+            "plots need matplotlib: pip install 'premoe[plot]' (or pip install matplotlib)"
+        ) from None
+
+
 def _figure(width: float, height: float) -> Any:
+    check_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -279,6 +294,8 @@ def plot_patterns(
 
 __all__ = [
     "PATTERN_PLOTS",
+    "PlotUnavailableError",
+    "check_matplotlib",
     "coverage_curve",
     "default_plot_keep",
     "jaccard_matrix",
