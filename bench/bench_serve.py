@@ -758,7 +758,8 @@ def report(
         ("device", results["device"]),
         ("model", f"{config.num_hidden_layers} x {config.num_experts} experts, "
                   f"top-{config.num_experts_per_tok}"),
-        ("kept per layer (budget)", f"{keep} ({args.budget})"),
+        ("kept per layer", f"{keep} " + (f"(fits {args.budget})" if args.keep is None
+                                          else "(--keep)")),
         ("resident bytes", f"{results['premoe']['resident_bytes'] / 2**30:.2f} GiB"),
         ("peak device bytes", "-" if results["premoe"]["peak_device_bytes"] is None
          else f"{results['premoe']['peak_device_bytes'] / 2**30:.2f} GiB"),
