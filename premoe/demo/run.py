@@ -566,6 +566,40 @@ def summary_table(result: DemoResult) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def build_shipped_store(
+    out: str | Path = SHIPPED_STORE,
+    *,
+    model: str | Path | None = None,
+    options: DemoOptions | None = None,
+    overwrite: bool = False,
+) -> Any:
+    """Profile the bundled model on the demo suite exactly as `run_demo` does, and save the
+    store to `out` (the shipped ``patterns/demo``). Its task sources name the generator call,
+    so the store is reproducible without the temporary corpus files."""
+    import tempfile
+
+    from premoe.demo import tasks as demo_tasks
+    from premoe.eval.harness import no_load_bars, torch_threads
+
+    opts = options or DemoOptions()
+    model_dir = _model_dir(model)
+    with torch_threads(opts.threads), no_load_bars(), tempfile.TemporaryDirectory() as tmp:
+        paths = demo_tasks.write_suite(Path(tmp), opts.n_profile, 1, opts.seed)
+        store = profile_demo_store(
+            model_dir,
+            {t: p["profile"] for t, p in paths.items()},
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            sources={
+                t: f"premoe.demo.tasks.generate({t!r}, {opts.n_profile}, seed={opts.seed}, "
+                "split='profile')"
+                for t in paths
+            },
+        )
+        store.save(out, overwrite=overwrite)
+    return store
+
+
 def shipped_store_matches(model: str | Path | None = None) -> bool:
     """Whether the shipped store exists and was made for the (bundled) model."""
     from premoe.errors import PremoeError
@@ -594,6 +628,7 @@ __all__ = [
     "DemoOptions",
     "DemoProgress",
     "DemoResult",
+    "build_shipped_store",
     "choose_out",
     "profile_demo_store",
     "run_demo",
@@ -601,3 +636,21 @@ __all__ = [
     "summarise",
     "summary_table",
 ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m premoe.demo.run --write-store patterns/demo``: rebuild the shipped store."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--write-store", type=Path, default=SHIPPED_STORE, help="store folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    args = p.parse_args(argv)
+    store = build_shipped_store(args.write_store, overwrite=args.overwrite)
+    log.info("wrote %s (%d tasks)", args.write_store, len(store.tasks))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("premoe").setLevel(logging.INFO)
+    main()

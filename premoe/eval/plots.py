@@ -145,7 +145,9 @@ def plot_eval(
         axes[j // cols][j % cols].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 7))
-    fig.suptitle(f"Pruned vs full model: {Path(str(data['model'])).name}")
+    family = (data.get("fingerprint") or {}).get("family", "")
+    name = "/".join(Path(str(data["model"])).parts[-2:])
+    fig.suptitle(f"Pruned vs full model: {family} {name}".rstrip())
     return _write(out, _png(fig))
 
 
@@ -223,8 +225,10 @@ def plot_patterns(
     model_name = st.model.get("family", "model")
 
     # heatmaps: one panel per task, layers x experts, share of the layer's score
-    rows, cols = _grid(len(names))
-    fig = _figure(max(4.0, min(0.16 * e, 9.0)) * cols, (0.35 * n_layers + 1.4) * rows + 0.3)
+    cols = 1 if e > 48 else min(len(names), 2 if e > 16 else 3)
+    rows = math.ceil(len(names) / cols)
+    panel_w = min(max(4.0, 0.15 * e), 12.0)
+    fig = _figure(panel_w * cols + 1.2, (0.3 * n_layers + 1.2) * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     image = None
     for i, t in enumerate(names):

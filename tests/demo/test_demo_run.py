@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from premoe.demo import MODEL_DIR
@@ -15,8 +16,10 @@ from premoe.demo.run import (
     METHODS,
     SHIPPED_STORE,
     DemoOptions,
+    build_shipped_store,
     choose_out,
     run_demo,
+    shipped_store_matches,
     summary_table,
 )
 from premoe.demo.tasks import build_tokenizer, task_names
@@ -140,6 +143,12 @@ def test_quick_demo_on_the_bundled_model_cli(tmp_path: Path) -> None:
     summary = {r["method"]: r for r in data["summary"]}
     assert summary["full"]["accuracy"] >= 0.9  # the bundled model solves its tasks
     assert data["export"]["fraction"] < 0.5
+    # the central claim, at a quarter of the experts: the task's own experts keep the model
+    # near its full accuracy; all tasks pooled and random experts fall far below
+    assert summary["tcess"]["retained"] >= 0.85
+    assert summary["tcess"]["accuracy"] >= summary["global"]["accuracy"] + 0.15
+    assert summary["random"]["accuracy"] <= 0.2
+    assert data["routing"]["accuracy"] >= 0.9
     # table output names every part
     res = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d2")])
     assert res.exit_code == 0, res.output
@@ -163,3 +172,10 @@ def test_shipped_store_is_the_bundled_models(tmp_path: Path) -> None:
         src.close()
     assert set(st.task_names) == set(task_names())
     assert set(st.metrics) == {"tcess", "frequency", "paper-logits", "reap"}
+    # it is what the demo pipeline builds (rebuilt here: same options, same scores)
+    fresh = build_shipped_store(tmp_path / "store")
+    for t in st.task_names:
+        assert st.tokens(t) == fresh.tokens(t)
+        for m in st.metrics:
+            assert torch.allclose(st.scores(t, m), fresh.scores(t, m), rtol=1e-4, atol=1e-6)
+    assert shipped_store_matches()
