@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -103,6 +104,27 @@ def profile_command(
         str | None,
         typer.Option(help="'auto': spread a model that does not fit one device (accelerate)."),
     ] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            help="One decoder layer at a time on the device (GPTQ-style): profiles a model "
+            "many times the device's memory; same scores."
+        ),
+    ] = False,
+    sequential_layers: Annotated[
+        int, typer.Option(help="With --sequential: decoder layers on the device at once.")
+    ] = 1,
+    offload_dir: Annotated[
+        str | None,
+        typer.Option(help="With --sequential: spill activations beyond --host-budget here."),
+    ] = None,
+    host_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="With --sequential: host memory for activations, e.g. 64GiB (default: half "
+            "the available memory)."
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -112,9 +134,16 @@ def profile_command(
     Example:
       premoe profile ./Qwen3-30B-A3B --task math=math.jsonl \\
         --task code=hf:org/code::train --max-samples 512 --out patterns/qwen3
+
+    \b
+    A model larger than the GPU, one layer at a time; on 8 GPUs, data-parallel:
+      premoe profile ./DeepSeek-V3 --task math=math.jsonl --sequential --out st
+      torchrun --nproc-per-node 8 -m premoe_cli.app profile ./Qwen3-30B-A3B \\
+        --task math=math.jsonl --out st      (rank 0 writes the store)
     """
     tasks = parse_task_specs(task)
-    bar = _Bar() if progress_enabled() else None
+    main_rank = os.environ.get("RANK", "0") in ("", "0")
+    bar = _Bar() if progress_enabled() and main_rank else None
     try:
         store = profile(
             model,
@@ -136,10 +165,16 @@ def profile_command(
             seed=seed,
             text_field=text_field,
             progress=bar,
+            sequential=sequential or sequential_layers > 1,
+            sequential_layers=sequential_layers,
+            offload_dir=offload_dir,
+            host_budget=host_budget,
         )
     finally:
         if bar is not None:
             bar.close()
+    if not main_rank:
+        return
     summary = {
         "store": out,
         "metrics": store.metrics,

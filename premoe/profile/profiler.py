@@ -317,6 +317,11 @@ def profile(
     seed: int = 0,
     text_field: str | None = None,
     progress: Progress | None = None,
+    sequential: bool = False,
+    sequential_layers: int = 1,
+    offload_dir: str | Path | None = None,
+    host_budget: int | str | None = None,
+    distributed: bool | None = None,
 ) -> PatternStore:
     """Profile `model` on `tasks` ({name: source}) and return (and, with `out`, save) the store.
 
@@ -328,7 +333,21 @@ def profile(
     `index` auto|flat|hnsw) default to the store's or router_input/knn/15/auto. Everything that
     can be wrong with the inputs is checked before the model runs; a failure leaves `out` as it
     was.
+
+    Scale-out (`premoe.profile.distributed.profile_corpora`): `sequential` runs one group of
+    `sequential_layers` decoder layers on the device at a time, activations on the host up to
+    `host_budget` then under `offload_dir`; under torchrun / accelerate launch (`distributed`
+    None: auto) each rank profiles a shard of every task and rank 0 alone writes `out`.
     """
+    from premoe.profile.distributed import check_options, profile_corpora
+
+    check_options(
+        sequential=sequential,
+        sequential_layers=sequential_layers,
+        device_map=device_map,
+        host_budget=host_budget,
+        offload_dir=offload_dir,
+    )
     if not tasks:
         raise UsageError("give at least one task (--task NAME=SOURCE)")
     for name in tasks:
@@ -366,24 +385,30 @@ def profile(
         )
         for name, source in tasks.items()
     }
-    net = handle.load(device=device, dtype=dtype, device_map=device_map)
-    recorded = run_profile(
-        net,
-        handle.arch,
+    run = profile_corpora(
+        handle,
         corpora,
-        tokenizer=handle.tokenizer,
         metrics=chosen,
         threshold=r,
         batch_size=batch_size,
         progress=progress,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        sequential=sequential,
+        sequential_layers=sequential_layers,
+        offload_dir=offload_dir,
+        host_budget=host_budget,
+        distributed=distributed,
     )
+    recorded = run.recorded
     if existing is not None:
         store = existing.with_key(
             spec["kind"], spec["search"], spec["k"], spec["index"], spec["center"]
         )
     else:
         store = PatternStore(handle.fingerprint, chosen, spec, metric_options={"threshold": r})
-    dtype_used = str(next(net.parameters()).dtype).removeprefix("torch.")
+    dtype_used = run.dtype
     for name, rec in recorded.items():
         corpus = corpora[name]
         info = TaskInfo(
@@ -397,6 +422,6 @@ def profile(
             name, info, rec.sums, {k: v.numpy() for k, v in rec.keys.items()}, rebuild=False
         )
     store.build_index()
-    if out_path is not None:
+    if out_path is not None and run.writer:  # data-parallel: rank 0 alone writes
         store.save(out_path, overwrite=overwrite or existing is not None)
     return store
