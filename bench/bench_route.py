@@ -17,8 +17,10 @@ moe_intermediate 768, 128 experts, top-8, 24 layers: about 15.6 B parameters).
 
 (c) with ``--accuracy MODEL_DIR`` (CPU; the bundled demo model, premoe/demo/model): held-out
     routing accuracy on the demo task suite for each key kind (router_input, tcess) and search
-    mode (knn, centroid), at several query lengths (1, 2 or 4 held-out prompts of one task joined
-    by newlines), and the distribution of the best similarity (to choose a fallback threshold).
+    mode (knn, centroid), at several query lengths, and the distribution of the best similarity
+    (to choose a fallback threshold). Lengths (``--lengths``): ``N`` = the first N characters of
+    each held-out prompt, ``full`` = the whole prompt, ``xN`` = N prompts of one task joined by
+    newlines (a format the model never saw in training or profiling).
 
     python bench/bench_route.py --accuracy premoe/demo/model --out bench/route_accuracy.json
 """
@@ -82,8 +84,17 @@ def median_us(fn: Any, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def _queries(prompts: list[str], length: str) -> list[str]:
+    if length == "full":
+        return list(prompts)
+    if length.startswith("x"):
+        n = int(length[1:])
+        return ["\n".join(prompts[i : i + n]) for i in range(0, len(prompts), n)]
+    return [p[: int(length)] for p in prompts]
+
+
 def routing_accuracy(
-    model_dir: Path, *, n_profile: int, n_eval: int, lengths: list[int], knn: int
+    model_dir: Path, *, n_profile: int, n_eval: int, lengths: list[str], knn: int
 ) -> dict[str, Any]:
     """Held-out routing accuracy of the demo suite for every key kind x search x length."""
     import tempfile
@@ -108,10 +119,10 @@ def routing_accuracy(
         st = store.with_key(kind, search, knn, center=center)
         keyer = QueryKeyer.for_store(st, model, tok)
         for n in lengths:
-            hits, total, sims = 0, 0, []
+            hits, total, sims, all_queries = 0, 0, [], []
             per_task = {}
             for task, prompts in evals.items():
-                queries = ["\n".join(prompts[i : i + n]) for i in range(0, len(prompts), n)]
+                queries = _queries(prompts, n)
                 keys = keyer.keys(queries)
                 ok = 0
                 for key in keys:
@@ -120,12 +131,14 @@ def routing_accuracy(
                     sims.append(sim)
                 per_task[task] = ok / len(queries)
                 hits, total = hits + ok, total + len(queries)
+                all_queries += queries
             rows.append(
                 {
                     "key": kind,
                     "search": search,
                     "center": center,
-                    "prompts_per_query": n,
+                    "query": n,
+                    "mean_query_chars": sum(map(len, all_queries)) / len(all_queries),
                     "accuracy": hits / total,
                     "per_task": per_task,
                     "queries": total,
@@ -160,7 +173,7 @@ def routing_accuracy(
 def accuracy_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths.split(",")
     res = routing_accuracy(
         args.accuracy, n_profile=args.n_profile, n_eval=args.n_eval, lengths=lengths, knn=args.knn
     )
@@ -169,11 +182,11 @@ def accuracy_main(args: argparse.Namespace) -> int:
         f"\nheld-out routing accuracy, {args.accuracy} ({res['eval_prompts_per_task']} eval "
         f"prompts per task, {res['profile_samples_per_task']} profile samples per task)"
     )
-    head = ("key", "search", "center", "prompts", "accuracy", "sim p05", "sim med")
+    head = ("key", "search", "center", "query", "accuracy", "sim p05", "sim med")
     print("{:<13} {:<9} {:<6} {:>7} {:>9} {:>8} {:>8}".format(*head))
     for r in res["rows"]:
         print(
-            f"{r['key']:<13} {r['search']:<9} {str(r['center']):<6} {r['prompts_per_query']:>7} "
+            f"{r['key']:<13} {r['search']:<9} {str(r['center']):<6} {r['query']:>7} "
             f"{r['accuracy']:>9.3f} {r['best_similarity_p05']:>8.3f} "
             f"{r['best_similarity_median']:>8.3f}"
         )
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accuracy", type=Path, default=None, help="demo model folder: (c)")
     p.add_argument("--n-profile", type=int, default=256, help="(c) profile samples per task")
     p.add_argument("--n-eval", type=int, default=100, help="(c) eval prompts per task")
-    p.add_argument("--lengths", default="1,2,4", help="(c) prompts joined per query")
+    p.add_argument("--lengths", default="3,6,full,x2", help="(c) query lengths (see above)")
     p.add_argument("--knn", type=int, default=15, help="(c) neighbours that vote")
     args = p.parse_args(argv)
     if args.accuracy is not None:

@@ -117,3 +117,29 @@ def test_route_cli(tiny_dir, demo_suite, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["route", str(tmp_path / "none"), model, "x"], capsys)
     assert_one_line_error(code, err, "no pattern store")
     assert PatternStore.load(store).task_names == ["add", "reverse"]
+
+
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "premoe" / "demo" / "model"
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "config.json").exists(), reason="no trained demo model")
+def test_demo_model_routes_held_out_prompts(tmp_path: Path) -> None:
+    """On the trained demo model, held-out prompts of each of the five tasks route to their
+    own task with the default key (router_input, kNN vote)."""
+    from premoe.demo.tasks import task_names, write_suite
+    from premoe.profile import load_causal_lm, load_tokenizer
+
+    suite = write_suite(tmp_path, n_profile=64, n_eval=40, seed=0)
+    tok = load_tokenizer(DEMO_MODEL)
+    model = load_causal_lm(DEMO_MODEL, device="cpu", dtype="fp32")
+    store = profile(
+        model, {t: suite[t]["profile"] for t in task_names()}, tokenizer=tok, batch_size=64
+    )
+    keyer = QueryKeyer.for_store(store, model, tok)
+    report = {}
+    for task in task_names():
+        prompts = [r["prompt"] for r in read_jsonl(suite[task]["eval"])]
+        hits = [store.search(key, k=1)[0][0] == task for key in keyer.keys(prompts)]
+        report[task] = sum(hits) / len(hits)
+    print(f"held-out routing accuracy (demo model): {report}")
+    assert sum(report.values()) / len(report) >= 0.95 and min(report.values()) >= 0.85, report
