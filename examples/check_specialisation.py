@@ -25,13 +25,14 @@ from premoe.demo import tasks as demo_tasks
 
 
 def gates(model) -> list[torch.nn.Module]:
-    return [layer.mlp.gate for layer in model.model.layers]
+    """Router of every MoE layer (dense layers have none)."""
+    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
 
 
 @torch.no_grad()
 def usage(model, tokenizer, rows: list[dict[str, str]]) -> torch.Tensor:
     """[layers, experts] share of routed selections on the rows' ``text`` (padding excluded)."""
-    n_layers, n_exp = len(model.model.layers), model.config.num_experts
+    n_layers, n_exp = len(gates(model)), model.config.num_experts
     counts = torch.zeros(n_layers, n_exp)
     mask_box: dict[str, torch.Tensor] = {}
 
@@ -89,11 +90,12 @@ def top_k_sets(share: torch.Tensor, k: int) -> list[list[int]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=MODEL_DIR)
-    p.add_argument("--keep", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--keep", type=int, nargs="+", help="default: a quarter and a half")
     p.add_argument("--n-profile", type=int, default=256)
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--random-draws", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", action="store_true", help="also print a markdown table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -101,7 +103,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     names = demo_tasks.task_names()
-    n_layers, n_exp = len(model.model.layers), model.config.num_experts
+    n_layers, n_exp = len(gates(model)), model.config.num_experts
+    if not args.keep:
+        args.keep = [n_exp // 4, n_exp // 2]
     profile = {t: demo_tasks.generate(t, args.n_profile, 0, "profile") for t in names}
     evals = {t: demo_tasks.generate(t, args.n_eval, 0, "eval") for t in names}
     shares = {t: usage(model, tokenizer, profile[t]) for t in names}
@@ -117,8 +121,15 @@ def main() -> None:
     )
     print(header)
     totals: dict[str, list[float]] = {}
+    md = [
+        "| task | all experts |"
+        + "".join(f" own top-{k} | random {k} | pooled top-{k} |" for k in args.keep),
+        "|---|---|" + "---|---|---|" * len(args.keep),
+    ]
     for t in names:
-        line = f"{t:8s} {demo_tasks.accuracy(model, tokenizer, evals[t]):6.3f}"
+        full = demo_tasks.accuracy(model, tokenizer, evals[t])
+        line = f"{t:8s} {full:6.3f}"
+        md_line = f"| `{t}` | {full:.1%} |"
         for k in args.keep:
             with keep_only(model, top_k_sets(shares[t], k)):
                 own = demo_tasks.accuracy(model, tokenizer, evals[t])
@@ -135,7 +146,9 @@ def main() -> None:
             for key, v in ((f"own{k}", own), (f"rand{k}", r), (f"pool{k}", pool)):
                 totals.setdefault(key, []).append(v)
             line += f" {own:7.3f} {r:7.3f} {pool:7.3f}"
+            md_line += f" {own:.1%} | {r:.1%} | {pool:.1%} |"
         print(line, flush=True)
+        md.append(md_line)
     print(
         f"{'mean':8s} {'':6s}"
         + "".join(
@@ -145,6 +158,16 @@ def main() -> None:
             for k in args.keep
         )
     )
+    if args.markdown:
+        md.append(
+            "| mean | |"
+            + "".join(
+                f" {sum(totals[f'{kind}{k}']) / len(names):.1%} |"
+                for k in args.keep
+                for kind in ("own", "rand", "pool")
+            )
+        )
+        print("\n" + "\n".join(md))
     print(f"({time.time() - t0:.0f}s)")
 
 

@@ -48,15 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--moe-intermediate", type=int, default=64)
+    p.add_argument("--moe-intermediate", type=int, default=32)
+    p.add_argument(
+        "--dense-first", type=int, default=0, help="first N layers use a dense MLP instead of MoE"
+    )
     p.add_argument(
         "--experts-implementation",
-        default="eager",
-        help="transformers expert kernel used for training (not saved): eager or grouped_mm",
+        default="grouped_mm",
+        help="transformers expert kernel used for training (not saved): grouped_mm or eager",
     )
-    p.add_argument("--eval-every", type=int, default=500, help="0: only at the end")
+    p.add_argument("--eval-every", type=int, default=1000, help="0: only at the end")
     p.add_argument("--n-eval", type=int, default=500, help="eval prompts per task at the end")
     return p.parse_args(argv)
 
@@ -75,7 +78,7 @@ def make_config(args: argparse.Namespace, tokenizer) -> Qwen3MoeConfig:
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         decoder_sparse_step=1,
-        mlp_only_layers=[],
+        mlp_only_layers=list(range(args.dense_first)),
         moe_intermediate_size=args.moe_intermediate,
         num_experts=args.experts,
         num_experts_per_tok=args.top_k,
@@ -125,7 +128,8 @@ def model_card(
     final_loss: float,
     command: str,
 ) -> str:
-    rows = "\n".join(f"| `{t}` | {demo_tasks.TASKS[t].description} | {acc[t]:.1%} |" for t in acc)
+    cells = {t: demo_tasks.TASKS[t].description.replace("|", "\\|") for t in acc}
+    rows = "\n".join(f"| `{t}` | {cells[t]} | {acc[t]:.1%} |" for t in acc)
     return f"""---
 library_name: transformers
 license: apache-2.0
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = out.loss.item()
         ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if step % 50 == 0 or step == args.steps - 1:
-            aux = float(out.aux_loss) if out.aux_loss is not None else float("nan")
+            aux = out.aux_loss.item() if out.aux_loss is not None else float("nan")
             print(
                 f"step {step:5d}  loss {loss:.4f}  ema {ema:.4f}  aux {aux:.3f}  "
                 f"lr {lr_at(step):.2e}  {time.time() - t0:6.0f}s",
