@@ -38,7 +38,8 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ from premoe.source import ModelSource
 
 log = logging.getLogger(__name__)
 
+READ_THREADS = 4
+"""Worker threads reading checkpoint tensors into host memory (`CheckpointWeights`)."""
 HOST_BUDGET_SHARE = 0.5
 """Default host budget for activations: this share of the host memory available at the start."""
 
@@ -332,6 +335,12 @@ def capture_batch(model: Any, ids: torch.Tensor, mask: torch.Tensor, stop: int) 
 class LayerWeights:
     """Puts parts of the model on the compute device and takes them off again."""
 
+    def prefetch(self, modules: Sequence[nn.Module]) -> None:
+        """Hint: `modules` will be brought in next (start reading them)."""
+
+    def close(self) -> None:
+        """Stop background work."""
+
     model: Any
     device: torch.device
     load_seconds: float = 0.0
@@ -395,6 +404,9 @@ class CheckpointWeights(LayerWeights):
     Parameters are allocated on the device (in the dtype `from_pretrained` would use, fp32 where
     the model keeps modules in fp32) and read with the source's `CheckpointReader` in the fused
     in-memory layout (`premoe.load.loader.ExpertIO`); after `release` they are meta again.
+    Reading is done by worker threads into (pinned) host buffers, one tensor per job, so that
+    `prefetch` of the next group overlaps the device's work on the current one; `bring` then only
+    issues asynchronous host-to-device copies.
     """
 
     def __init__(self, src: ModelSource, device: torch.device, dtype: Any) -> None:
@@ -407,6 +419,8 @@ class CheckpointWeights(LayerWeights):
         self.model = build_skeleton(src.config, self.dtype).eval()
         self.io = ExpertIO(src)
         self.copier = Copier(device)
+        self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="premoe-read")
+        self._pending: dict[int, list[Future[tuple[str, torch.Tensor]]]] = {}
         self._plan()
 
     def _plan(self) -> None:
@@ -455,32 +469,77 @@ class CheckpointWeights(LayerWeights):
                 return i
         return None
 
+    # -- host side: read a module's tensors into (pinned) host memory, in worker threads --------
+    def _host_jobs(self, module: nn.Module) -> list[Callable[[], tuple[str, torch.Tensor]]]:
+        """One job per tensor of `module`: each returns (name relative to the module, host
+        tensor shaped like the model's tensor, in its dtype; pinned when the device is CUDA).
+        Fused expert parameters are assembled whole in the in-memory layout."""
+        from premoe.load.loader import _tensor_of, expert_view
+
+        reader, pin = self.src.reader, self.copier.cuda
+        jobs: list[Callable[[], tuple[str, torch.Tensor]]] = []
+
+        def plain(key: str, rel: str) -> tuple[str, torch.Tensor]:
+            like = _tensor_of(module, rel)  # meta parameter or host buffer
+            src = reader.get(key)
+            if tuple(src.shape) != tuple(like.shape):
+                raise CheckpointError(
+                    f"{key}: checkpoint shape {tuple(src.shape)} does not match the model's "
+                    f"{tuple(like.shape)}; is config.json the one the checkpoint was saved with?"
+                )
+            host = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
+            host.copy_(src)
+            return rel, host
+
+        for key, rel in self.reads.get(id(module), []):
+            jobs.append(lambda key=key, rel=rel: plain(key, rel))
+        layer = self._layer_index(module)
+        if layer is not None and layer in self.src.moe_layers:
+            e = self.src.num_experts
+            for ti, t in enumerate(self.src.arch.experts):
+
+                def experts(ti: int = ti, t: Any = t) -> tuple[str, torch.Tensor]:
+                    like = _tensor_of(module, t.memory)  # meta [E, ...] (DBRX: [E*I, H])
+                    host = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
+                    view = expert_view(host, t, e)  # [E, ...]
+                    self.io.check_shape(layer, ti, view.shape[1:])
+                    for ex, off, piece in self.io.pieces(layer, ti, range(e)):
+                        view[ex].narrow(0, off, piece.shape[0]).copy_(piece)
+                    return t.memory, host
+
+                jobs.append(experts)
+        return jobs
+
+    def prefetch(self, modules: Sequence[nn.Module]) -> None:
+        """Start reading `modules` into host memory in the background (for a later `bring`)."""
+        for mod in modules:
+            if id(mod) not in self._pending:
+                self._pending[id(mod)] = [self._pool.submit(job) for job in self._host_jobs(mod)]
+
+    def close(self) -> None:
+        for futures in self._pending.values():
+            for f in futures:
+                f.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
     def bring(self, modules: Sequence[nn.Module]) -> None:
-        from premoe.load.loader import _tensor_of, expert_view, materialize
+        from premoe.load.loader import _tensor_of, materialize
 
         t0 = time.perf_counter()
+        self.prefetch(modules)  # (already running if the caller asked for it earlier)
         wanted = {id(p) for m in modules for p in m.parameters()}
         with torch.no_grad():
             materialize(self.model, self.device, self.dtype, only=wanted)
             if self.copier.cuda:  # the reused memory may still be read by the compute stream
                 self.copier.stream.wait_stream(torch.cuda.current_stream(self.device))
             filled: set[int] = set()
-            reader = self.src.reader
             for mod in modules:
-                for key, rel in self.reads.get(id(mod), []):
+                for future in self._pending.pop(id(mod)):
+                    rel, host = future.result()
                     dst = _tensor_of(mod, rel)
-                    self.copier.copy(dst, reader.get(key))
+                    self.copier.copy(dst, host)  # pinned, same dtype: asynchronous
                     filled.add(id(dst))
-                layer = self._layer_index(mod)
-                if layer is not None and layer in self.src.moe_layers:
-                    e = self.src.num_experts
-                    for ti, t in enumerate(self.src.arch.experts):
-                        param = _tensor_of(mod, t.memory)
-                        view = expert_view(param, t, e)  # [E, ...]
-                        self.io.check_shape(layer, ti, view.shape[1:])
-                        for ex, off, piece in self.io.pieces(layer, ti, range(e)):
-                            self.copier.copy(view[ex].narrow(0, off, piece.shape[0]), piece)
-                        filled.add(id(param))
             self.copier.finish(blocking=False)
         missing = [n for m in modules for n, p in m.named_parameters() if id(p) not in filled]
         if missing:
@@ -615,6 +674,8 @@ def run_profile_sequential(
             progress=progress,
         )
     finally:
+        if weights is not model:
+            weights.close()
         if owned is not None:
             owned.close()
 
@@ -684,6 +745,7 @@ def _run(
             # 1. capture every layer's inputs, embeddings on the device
             prefix = weights.prefix_modules()
             weights.bring(prefix)
+            weights.prefetch([layers[i] for i in groups[0]])  # read while capturing
             for name, corpus in corpora.items():
                 it = iter_batches(corpus.token_ids, batch_size, pad_id, pin=cuda)
                 for batch, (ids, mask, _) in zip(batches[name], it, strict=True):
@@ -704,6 +766,8 @@ def _run(
             for gi, group in enumerate(groups):
                 mods = [layers[i] for i in group]
                 weights.bring(mods)
+                if gi + 1 < len(groups):  # read the next group while this one runs
+                    weights.prefetch([layers[i] for i in groups[gi + 1]])
                 for name in corpora:
                     rec = recorders[name]
                     rec.attach()

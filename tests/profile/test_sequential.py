@@ -119,6 +119,7 @@ def test_one_layer_group_at_a_time_on_the_device(tiny_dir, tmp_path: Path) -> No
     run = run_profile_sequential(
         weights, src.arch, {"t": corpus}, tokenizer=tok, metrics=["tcess"], batch_size=4
     )
+    weights.close()
     src.close()
     batches = run.stats.batches
     assert [s[0] for s in seen] == [0] * batches + [1] * batches + [2] * batches
