@@ -50,7 +50,8 @@ from torch import nn
 
 from premoe.arch.keys import ExpertKey, RouterKey
 from premoe.arch.spec import ArchSpec
-from premoe.errors import CheckpointError, UsageError
+from premoe.errors import CheckpointError, UnsupportedArchitectureError, UsageError
+from premoe.policy import human_bytes
 from premoe.profile.corpus import TaskCorpus
 from premoe.profile.hooks import Recorded, RoutingRecorder
 from premoe.profile.profiler import (
@@ -69,14 +70,6 @@ READ_THREADS = 4
 """Worker threads reading checkpoint tensors into host memory (`CheckpointWeights`)."""
 HOST_BUDGET_SHARE = 0.5
 """Default host budget for activations: this share of the host memory available at the start."""
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def default_host_budget() -> int:
@@ -200,7 +193,7 @@ class ActivationStore:
             self._put_disk(name, tensors)
         else:
             raise UsageError(
-                f"activations exceed the host budget of {human(self.budget)}; pass "
+                f"activations exceed the host budget of {human_bytes(self.budget)}; pass "
                 "--offload-dir DIR to spill them to disk, or raise --host-budget"
             )
 
@@ -322,9 +315,9 @@ def capture_batch(model: Any, ids: torch.Tensor, mask: torch.Tensor, stop: int) 
         for i, layer in enumerate(originals):
             layers[i] = layer
     if recording.hidden is None or len(recording.layer_args) != stop + 1:
-        raise CheckpointError(
-            "the decoder stack did not call its layers in order; this model's forward is not "
-            "supported by --sequential"
+        raise UnsupportedArchitectureError(
+            "the decoder stack did not call its layers one after the other; profile this model "
+            "without --sequential"
         )
     return recording
 
@@ -335,15 +328,15 @@ def capture_batch(model: Any, ids: torch.Tensor, mask: torch.Tensor, stop: int) 
 class LayerWeights:
     """Puts parts of the model on the compute device and takes them off again."""
 
+    model: Any
+    device: torch.device
+    load_seconds: float = 0.0
+
     def prefetch(self, modules: Sequence[nn.Module]) -> None:
         """Hint: `modules` will be brought in next (start reading them)."""
 
     def close(self) -> None:
         """Stop background work."""
-
-    model: Any
-    device: torch.device
-    load_seconds: float = 0.0
 
     def prefix_modules(self) -> list[nn.Module]:
         """Modules of the decoder stack outside its layers (embeddings, rotary, norm...)."""
@@ -646,9 +639,9 @@ def run_profile_sequential(
     `model`: a checkpoint folder, hub id or `ModelSource` (weights read layer by layer from the
     checkpoint; `dtype` as in `from_pretrained`), a transformers model already loaded on the
     host (its layers are copied to `device` one group at a time), or a `LayerWeights` (whose
-    device is used). Activations stay on the host
-    up to `host_budget` bytes (default: half the available host memory), then go to files under
-    `offload_dir` (a private subfolder, removed at the end).
+    device is used). Activations stay on the host up to `host_budget` bytes (default: half the
+    available host memory), then go to files under `offload_dir` (a private subfolder, removed
+    at the end).
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -715,13 +708,13 @@ def _run(
         batches[name] = []
         for i, (ids, mask, sel) in enumerate(iter_batches(corpus.token_ids, batch_size, pad_id)):
             tokens = sum(len(corpus.token_ids[j]) for j in sel)
-            batches[name].append(_Batch(name, i, mask, sel, tokens))
+            batches[name].append(_Batch(name, i, mask.pin_memory() if cuda else mask, sel, tokens))
             estimate += ids.numel() * hidden * elt  # [B, S, H]
     if estimate > budget and offload_dir is None:
         raise UsageError(
-            f"the activations of all batches need about {human(estimate)}, more than the host "
-            f"budget of {human(budget)}; pass --offload-dir DIR (or raise --host-budget, or "
-            "profile fewer tokens)"
+            f"the activations of all batches need about {human_bytes(estimate)}, more than the "
+            f"host budget of {human_bytes(budget)}; pass --offload-dir DIR (or raise "
+            "--host-budget, or profile fewer tokens)"
         )
     total_tokens = sum(b.tokens for bs in batches.values() for b in bs)
     total_samples = sum(c.samples for c in corpora.values())
@@ -731,7 +724,7 @@ def _run(
         stop + 1,
         len(groups),
         n_batches,
-        human(estimate),
+        human_bytes(estimate),
         dev,
     )
     if cuda:
@@ -831,7 +824,7 @@ def _run(
             seconds,
             weights.load_seconds,
             stats.tokens_per_s,
-            f", peak device memory {human(peak)}" if peak is not None else "",
+            f", peak device memory {human_bytes(peak)}" if peak is not None else "",
         )
         return SequentialRun(out, stats.dtype, stats)
     finally:

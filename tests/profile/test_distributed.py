@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from premoe.errors import UsageError
 from premoe.patterns.store import KEY_KINDS, PatternStore
@@ -118,3 +119,22 @@ def test_detect_reads_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(UsageError, match="RANK"):
         detect()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
+)
+def test_two_gpu_nccl_equals_one_gpu(tiny_dir, tmp_path: Path) -> None:
+    """torchrun on 2 GPUs (NCCL, cuda:LOCAL_RANK each) gives the one-GPU store."""
+    folder = tiny_dir("qwen3_moe")
+    tasks = _tasks(tmp_path)
+    single = profile(folder, tasks, metrics=METRICS, batch_size=3, device="cuda", max_length=40)
+    out = tmp_path / "dp"
+    args = ["profile", str(folder), "--device", "cuda", "--batch-size", "3"]
+    args += ["--max-length", "40", "--out", str(out)]
+    args += [f"--task={n}={p}" for n, p in tasks.items()]
+    args += [f"--metric={m}" for m in METRICS]
+    done = _torchrun(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_equal_stores(single, PatternStore.load(out))

@@ -209,3 +209,36 @@ def test_cli_sequential(tiny_dir, tmp_path: Path, capsys) -> None:
         capsys,
     )
     assert_one_line_error(code, err, "--device-map")
+
+
+# ---- GPU (run with `pytest -m gpu` on a CUDA machine) --------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_cuda_sequential_equals_normal_with_less_memory(family: str, tmp_path: Path) -> None:
+    """On CUDA: same store as the normal mode, peak device memory well under the model's size
+    (8 layers of 32 big experts; the embeddings are small)."""
+    from tests.profile.helpers import save_with_tokenizer
+
+    big = {"num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 512}
+    experts = {"moe_intermediate_size": 512}
+    if family == "gpt_oss":
+        experts = {"intermediate_size": 512}
+    count_key = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+    overrides = {**big, **experts, count_key.get(family, "num_local_experts"): 32}
+    if family == "deepseek_v3":
+        overrides.update(n_group=2, topk_group=1, first_k_dense_replace=1)
+    folder = save_with_tokenizer(tiny_model(family, **overrides), tmp_path / "m")
+    tasks = _tasks(tmp_path)
+    opts = {"metrics": METRICS, "batch_size": 4, "device": "cuda", "max_length": 48}
+    torch.cuda.reset_peak_memory_stats()
+    normal = profile(folder, tasks, **opts)
+    normal_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seq = profile(folder, tasks, sequential=True, **opts)
+    seq_peak = torch.cuda.max_memory_allocated()
+    assert_same_store(normal, seq)
+    assert seq_peak < 0.5 * normal_peak, (seq_peak, normal_peak)
