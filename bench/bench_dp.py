@@ -27,61 +27,31 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+import _common as bc
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("bench_dp")
 
-SHAPE_ARGS = ("hidden", "moe_intermediate", "experts", "top_k", "layers", "heads", "head_dim",
-              "vocab", "batch", "seq", "batches")  # fmt: skip
+RUN_ARGS = ("batch", "seq", "batches")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cuda (one GPU per rank) or cpu (gloo)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--moe-intermediate", type=int, default=768)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=151936)
+    bc.add_model_args(p, kv_ratio=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batches", type=int, default=64, help="batches of the whole corpus")
     p.add_argument("--metrics", default="tcess,frequency")
     p.add_argument("--sequential", action="store_true", help="profile layer by layer from disk")
     p.add_argument("--world", type=int, default=2, help="GPUs of the parallel run")
-
-
-def config_for(args: argparse.Namespace) -> Any:
-    from make_checkpoint import qwen3_config
-
-    cfg = qwen3_config(
-        layers=args.layers,
-        hidden=args.hidden,
-        moe_intermediate=args.moe_intermediate,
-        experts=args.experts,
-        top_k=args.top_k,
-        vocab=args.vocab,
-        heads=args.heads,
-        head_dim=args.head_dim,
-    )
-    cfg.max_position_embeddings = max(4096, args.seq)
-    return cfg
 
 
 # ---- worker (one rank, under torchrun) -----------------------------------------------------------
@@ -104,11 +74,10 @@ def worker(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     if world > 1:  # our own group, so that warm-up and timed run share it
         dist.init_process_group("nccl" if cuda else "gloo")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = bc.torch_dtype(args.dtype)
     tok = build_tokenizer(128)
-    g = torch.Generator().manual_seed(0)
     n = args.batch * args.batches
-    ids = torch.randint(3, min(args.vocab, 128), (n, args.seq), generator=g).tolist()
+    ids = bc.random_token_ids(n, args.seq, min(args.vocab, 128), low=3)
     corpora = {"bench": TaskCorpus("bench", "random", ids)}
     warm = {"warm": TaskCorpus("warm", "random", ids[: args.batch * world])}
     metrics = args.metrics.split(",")
@@ -117,13 +86,9 @@ def worker(args: argparse.Namespace) -> int:
         handle = ModelHandle(args.model_dir, tok)
         fingerprint = handle.fingerprint
     else:
-        from transformers import AutoModelForCausalLM
-
         from premoe.fingerprint import fingerprint_model
 
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config_for(args), dtype=dtype).eval()
+        model = bc.build_on_device(bc.qwen3_config(args), device, dtype)
         handle = ModelHandle(model, tok)
         fingerprint = fingerprint_model(model, handle.arch)
     build_s = time.perf_counter() - t0
@@ -143,15 +108,11 @@ def worker(args: argparse.Namespace) -> int:
     once(warm)
     if world > 1:
         dist.barrier()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    res = once(corpora)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
+    bc.reset_peak(device)
+    with bc.DeviceTimer(device) as timer:
+        res = once(corpora)
+    seconds = timer.seconds
+    peak = bc.peak_bytes(device)
     if world > 1:
         times = [None] * world
         dist.all_gather_object(times, {"seconds": seconds, "peak": peak})
@@ -176,7 +137,7 @@ def worker(args: argparse.Namespace) -> int:
             "build_seconds": build_s,
             "tokens": n * args.seq,
             "fingerprint": fingerprint,
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "device": bc.device_name(device),
             "stats": res.stats,
         }
         (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
@@ -186,12 +147,6 @@ def worker(args: argparse.Namespace) -> int:
 # ---- driver -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(args: argparse.Namespace, world: int, result_dir: Path, extra: list[str]) -> None:
     result_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -199,7 +154,7 @@ def launch(args: argparse.Namespace, world: int, result_dir: Path, extra: list[s
         env["OMP_NUM_THREADS"] = "1"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "--master-addr", "127.0.0.1", "--master-port", str(bc.free_port()),
         str(Path(__file__).resolve()), "--worker", "--result-dir", str(result_dir), *extra,
     ]  # fmt: skip
     log.info("launching %d rank(s)", world)
@@ -216,20 +171,12 @@ def load_recorded(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, x in a.items():
-        y = b.get(name)
-        if y is None or y.shape != x.shape:
-            out[name] = float("inf")
-            continue
-        scale = max(float(x.double().abs().max()), 1e-30)
-        out[name] = float((x.double() - y.double()).abs().max()) / scale
-    return out
+    return {
+        name: bc.max_rel_diff(x, b[name]) if name in b else float("inf") for name, x in a.items()
+    }
 
 
 def driver(args: argparse.Namespace, passthrough: list[str]) -> int:
-    import premoe
-
     work = Path(tempfile.mkdtemp(prefix="bench-dp-", dir=args.work))
     try:
         extra = list(passthrough)
@@ -237,7 +184,7 @@ def driver(args: argparse.Namespace, passthrough: list[str]) -> int:
             from make_checkpoint import write_checkpoint
 
             model_dir = work / "model"
-            write_checkpoint(config_for(args), model_dir, shard_bytes=2 * 10**9)
+            write_checkpoint(bc.qwen3_config(args), model_dir, shard_bytes=2 * 10**9)
             from premoe.demo.tasks import build_tokenizer
 
             build_tokenizer(128).save_pretrained(model_dir)
@@ -252,14 +199,10 @@ def driver(args: argparse.Namespace, passthrough: list[str]) -> int:
         speedup = r1["seconds"] / rn["seconds"]
         result = {
             "benchmark": "data_parallel_profiling",
-            "premoe_version": premoe.__version__,
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "python": platform.python_version(),
             "device": r1["device"],
             "dtype": args.dtype,
             "mode": "sequential" if args.sequential else "plain",
-            "model": {k: getattr(args, k) for k in SHAPE_ARGS},
+            "model": {**bc.model_shape(args), **{k: getattr(args, k) for k in RUN_ARGS}},
             "tokens": r1["tokens"],
             "one": r1,
             "parallel": rn,
@@ -272,22 +215,26 @@ def driver(args: argparse.Namespace, passthrough: list[str]) -> int:
             "targets": {"efficiency_min": 0.85, "agreement_max": 1e-5},
             "smoke": args.smoke,
         }
-        print(
-            f"\ndata-parallel profiling, {result['device']}, {result['mode']}, {args.dtype}, "
-            f"{r1['tokens']:,} tokens"
-        )
-        print(f"{'ranks':<6} {'seconds':>9} {'tok/s':>12} {'speed-up':>9} {'efficiency':>10}")
+        table = []
         for label, r in (("1", r1), (str(args.world), rn)):
             s = r1["seconds"] / r["seconds"]
-            print(
-                f"{label:<6} {r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>12,.0f} {s:>9.3f} "
-                f"{s / r['world']:>10.3f}"
+            table.append(
+                (
+                    label,
+                    f"{r['seconds']:.2f}",
+                    f"{r['tokens'] / r['seconds']:,.0f}",
+                    f"{s:.3f}",
+                    f"{s / r['world']:.3f}",
+                )
             )
+        bc.print_table(
+            ("ranks", "seconds", "tok/s", "speed-up", "efficiency"),
+            table,
+            title=f"data-parallel profiling, {result['device']}, {result['mode']}, {args.dtype}, "
+            f"{r1['tokens']:,} tokens",
+        )
         print(f"same model on every rank: {same_model}; max rel diff {result['max_rel_diff']:.2e}")
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-            print(f"wrote {args.out}")
+        bc.write_json(args.out, result)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -304,15 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.device, args.dtype = "cpu", "fp32"
-        args.hidden, args.moe_intermediate, args.experts, args.top_k = 64, 32, 8, 2
-        args.layers, args.heads, args.head_dim, args.vocab = 4, 4, 16, 1000
-        args.batch, args.seq, args.batches = 2, 32, 6
+        vars(args).update(bc.SMOKE_SHAPE, device="cpu", dtype="fp32", batch=2, seq=32, batches=6)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.worker:
         return worker(args)
     passthrough = [f"--device={args.device}", f"--dtype={args.dtype}", f"--metrics={args.metrics}"]
-    passthrough += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SHAPE_ARGS]
+    passthrough += [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in (*bc.SHAPE_KEYS, *RUN_ARGS)
+        if getattr(args, k) is not None  # (--kv-heads unset: the worker's default rule)
+    ]
     if args.sequential:
         passthrough.append("--sequential")
     return driver(args, passthrough)

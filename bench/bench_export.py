@@ -44,7 +44,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 CHUNK = 64 * 2**20
 
@@ -246,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
+    import _common as bc
     import make_checkpoint
 
-    import premoe
     from premoe.plan import SizeModel
     from premoe.policy import parse_bytes
     from premoe.source import resolve_model
@@ -257,11 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     built = None
     if args.checkpoint is None:
-        ns = make_checkpoint.parse_args(["--out", str(workdir / "src"), "--gb", str(args.gb)])
-        ns.smoke, ns.device = args.smoke, args.device
-        shape = make_checkpoint.shape_args(ns)
-        layers = 4 if args.smoke else make_checkpoint.layers_for(args.gb, **shape)
-        config = make_checkpoint.qwen3_config(layers=layers, **shape)
+        ns = make_checkpoint.parse_args(
+            ["--out", str(workdir / "src"), "--gb", str(args.gb)] + ["--smoke"] * args.smoke
+        )
+        config = make_checkpoint.config_for(ns)
         shard = parse_bytes("1MB") if args.smoke else parse_bytes(args.shard)
         built = make_checkpoint.write_checkpoint(
             config, workdir / "src", shard_bytes=shard, device=args.device
@@ -312,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         }
     results = {
         "benchmark": "export",
-        "premoe_version": premoe.__version__,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -337,20 +334,22 @@ def main(argv: list[str] | None = None) -> int:
         f"checkpoint {sizes.source_bytes / gb:.2f} GB in {len(shards)} shards (largest "
         f"{largest / gb:.2f} GB); keep {keep}/{sizes.num_experts}: {kept_bytes / gb:.2f} GB"
     )
-    header = (
-        f"{'mode':5} {'cp MB/s':>8} {'export MB/s':>11} {'ratio':>6} "
-        f"{'peak RSS GB':>11} {'RSS ratio':>9} {'w/o base':>8}"
+    bc.print_table(
+        ("mode", "cp MB/s", "export MB/s", "ratio", "peak RSS GB", "RSS ratio", "w/o base"),
+        [
+            (
+                mode,
+                f"{r['cp_bytes_per_s'] / 1e6:.0f}",
+                f"{r['export_bytes_per_s'] / 1e6:.0f}",
+                f"{r['throughput_ratio']:.2f}",
+                f"{r['peak_rss'] / gb:.2f}",
+                f"{r['rss_ratio']:.2f}",
+                f"{r['rss_ratio_above_baseline']:.2f}",
+            )
+            for mode, r in runs.items()
+        ],
     )
-    print(header)
-    print("-" * len(header))
-    for mode, r in runs.items():
-        print(
-            f"{mode:5} {r['cp_bytes_per_s'] / 1e6:8.0f} {r['export_bytes_per_s'] / 1e6:11.0f} "
-            f"{r['throughput_ratio']:6.2f} {r['peak_rss'] / gb:11.2f} {r['rss_ratio']:9.2f} "
-            f"{r['rss_ratio_above_baseline']:8.2f}"
-        )
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    bc.write_json(args.out, results)
     cp_src.unlink(missing_ok=True)
     if built is not None and not args.keep_checkpoint:
         shutil.rmtree(args.checkpoint, ignore_errors=True)

@@ -24,9 +24,7 @@ Use `--checkpoint DIR` to reuse a checkpoint written earlier (`--keep-checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import random
 import shutil
 import sys
@@ -35,111 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common as bc
 import torch
 
-import premoe
 from premoe.load import HostExpertCache, ResidentModel, load_pruned, size_model
 from premoe.prune import KeepSets
 from premoe.source import resolve_model
 
 log = logging.getLogger("bench_load_swap")
-
-
-# ---- the checkpoint ------------------------------------------------------------------------------
-
-
-def make_config(args: argparse.Namespace) -> Any:
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 3,
-        moe_intermediate_size=args.moe_intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=max(1, args.heads // 8),
-        head_dim=args.head_dim,
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    )
-
-
-def write_checkpoint(config: Any, folder: Path, device: torch.device) -> dict[str, Any]:
-    """Random bf16 weights generated on `device`, one layer at a time, written as one
-    safetensors shard per layer (+ one for embeddings) in the per-expert hub layout."""
-    from safetensors.torch import save_file
-
-    t0 = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator(device=device).manual_seed(0)
-    dt = torch.bfloat16
-    h, i_moe, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
-    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-
-    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=device, dtype=dt) * std).cpu()
-
-    weight_map: dict[str, str] = {}
-    total = 0
-    n_shards = config.num_hidden_layers + 1
-
-    def save(tensors: dict[str, torch.Tensor], index: int) -> None:
-        nonlocal total
-        name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        for k, v in tensors.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
-
-    save(
-        {
-            "model.embed_tokens.weight": rnd(config.vocab_size, h),
-            "lm_head.weight": rnd(config.vocab_size, h),
-            "model.norm.weight": torch.ones(h, dtype=dt),
-        },
-        0,
-    )
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        t: dict[str, torch.Tensor] = {
-            p + "input_layernorm.weight": torch.ones(h, dtype=dt),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=dt),
-            p + "self_attn.q_proj.weight": rnd(heads * hd, h),
-            p + "self_attn.k_proj.weight": rnd(kv * hd, h),
-            p + "self_attn.v_proj.weight": rnd(kv * hd, h),
-            p + "self_attn.o_proj.weight": rnd(h, heads * hd),
-            p + "self_attn.q_norm.weight": torch.ones(hd, dtype=dt),
-            p + "self_attn.k_norm.weight": torch.ones(hd, dtype=dt),
-            p + "mlp.gate.weight": rnd(e, h, std=0.5),
-        }
-        gate = torch.randn(e, i_moe, h, generator=g, device=device, dtype=dt).mul_(0.02).cpu()
-        up = torch.randn(e, i_moe, h, generator=g, device=device, dtype=dt).mul_(0.02).cpu()
-        down = torch.randn(e, h, i_moe, generator=g, device=device, dtype=dt).mul_(0.02).cpu()
-        for x in range(e):  # separate storage per tensor (safetensors refuses shared storage)
-            t[p + f"mlp.experts.{x}.gate_proj.weight"] = gate[x].clone()
-            t[p + f"mlp.experts.{x}.up_proj.weight"] = up[x].clone()
-            t[p + f"mlp.experts.{x}.down_proj.weight"] = down[x].clone()
-        del gate, up, down
-        save(t, layer + 1)
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
-    config.save_pretrained(folder)
-    return {"bytes": total, "seconds": time.perf_counter() - t0}
-
-
-# ---- measurements ------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def pinned_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
@@ -150,11 +51,9 @@ def pinned_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     best = 0.0
     for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=pin)
-        sync(device)
-        best = max(best, nbytes / (time.perf_counter() - t0))
+        with bc.DeviceTimer(device) as t:
+            dst.copy_(src, non_blocking=pin)
+        best = max(best, nbytes / t.seconds)
     del src, dst
     return best
 
@@ -200,12 +99,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("CUDA is not available; use --device cpu or --smoke")
     cuda = device.type == "cuda"
-    config = make_config(args)
+    config = bc.qwen3_config(args)
     result: dict[str, Any] = {
-        "premoe_version": premoe.__version__,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        **bc.environment(device),
         "options": {k: v for k, v in vars(args).items() if k not in ("out",)},
     }
     tmp = None
@@ -217,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if not (folder / "config.json").is_file():
             log.info("writing the random checkpoint to %s", folder)
-            result["write"] = write_checkpoint(config, folder, device)
+            result["write"] = bc.write_layered_checkpoint(config, folder, device)
             log.info(
                 "wrote %.1f GB in %.1f s",
                 result["write"]["bytes"] / 1e9,
@@ -238,10 +134,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cache = HostExpertCache(
             args.cache_budget or int(2.2 * args.keep * len(src.moe_layers) * one)
         )
-        t0 = time.perf_counter()
-        resident = ResidentModel(src, pats["A"], device=device, dtype=dtype, host_cache=cache)
-        sync(device)
-        load_s = time.perf_counter() - t0
+        with bc.DeviceTimer(device) as t:
+            resident = ResidentModel(src, pats["A"], device=device, dtype=dtype, host_cache=cache)
+        load_s = t.seconds
         kept = resident.resident_bytes
         peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
         info = resident.load_info
@@ -382,11 +277,7 @@ def print_table(result: dict[str, Any]) -> None:
         )
         for r in result["swaps"]
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    for n, row in enumerate([head, *rows]):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    bc.print_table(head, rows)
     s = result["swap"]
     print(
         f"(b) swap from pinned cache / pinned bandwidth: {s['cache_ratio_to_pinned']:.3f} "
@@ -409,15 +300,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--experts", type=int, default=128)
+    bc.add_model_args(ap)
     ap.add_argument("--keep", type=int, default=32)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--moe-intermediate", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--reps", type=int, default=2, help="repetitions of each full swap")
     ap.add_argument("--cache-budget", default=None, help="host cache bytes (default: 3 patterns)")
     ap.add_argument("--checkpoint", default=None, help="reuse (or write to) this folder")
@@ -428,9 +312,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.device = "cpu" if args.device == "auto" else args.device
-        args.layers, args.experts, args.keep, args.top_k = 2, 16, 4, 2
-        args.hidden, args.moe_intermediate, args.heads, args.vocab = 64, 32, 4, 256
-        args.head_dim = 16
+        vars(args).update(bc.SMOKE_SHAPE, layers=2, experts=16, top_k=2, vocab=256, keep=4)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("premoe").setLevel(logging.WARNING)
     t0 = time.perf_counter()
@@ -438,9 +320,7 @@ def main() -> None:
     result["total_seconds"] = time.perf_counter() - t0
     print_table(result)
     print(f"total {result['total_seconds']:.1f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    bc.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -29,26 +29,20 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _common as bc
 import numpy as np
 import torch
 
-import premoe
 from premoe.arch import arch_for_config
 from premoe.fingerprint import fingerprint_model
 from premoe.patterns import PatternStore, TaskInfo, key_spec
 from premoe.route import QueryKeyer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_profile import build_model, make_config, sync  # noqa: E402
 
 log = logging.getLogger("bench_route")
 
@@ -76,12 +70,8 @@ def synthetic_store(
 
 
 def median_us(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    """Median µs of `fn()` (host clock only: callers that use the device synchronise)."""
+    return bc.median_seconds(fn, repeats) * 1e6
 
 
 def _queries(prompts: list[str], length: str) -> list[str]:
@@ -177,24 +167,27 @@ def accuracy_main(args: argparse.Namespace) -> int:
     res = routing_accuracy(
         args.accuracy, n_profile=args.n_profile, n_eval=args.n_eval, lengths=lengths, knn=args.knn
     )
-    res.update(benchmark="route_accuracy", premoe_version=premoe.__version__)
-    print(
-        f"\nheld-out routing accuracy, {args.accuracy} ({res['eval_prompts_per_task']} eval "
-        f"prompts per task, {res['profile_samples_per_task']} profile samples per task)"
+    res.update(benchmark="route_accuracy")
+    bc.print_table(
+        ("key", "search", "center", "query", "accuracy", "sim p05", "sim med"),
+        [
+            (
+                r["key"],
+                r["search"],
+                r["center"],
+                r["query"],
+                f"{r['accuracy']:.3f}",
+                f"{r['best_similarity_p05']:.3f}",
+                f"{r['best_similarity_median']:.3f}",
+            )
+            for r in res["rows"]
+        ],
+        title=f"held-out routing accuracy, {args.accuracy} ({res['eval_prompts_per_task']} eval "
+        f"prompts per task, {res['profile_samples_per_task']} profile samples per task)",
+        align="lllrrrr",
     )
-    head = ("key", "search", "center", "query", "accuracy", "sim p05", "sim med")
-    print("{:<13} {:<9} {:<6} {:>7} {:>9} {:>8} {:>8}".format(*head))
-    for r in res["rows"]:
-        print(
-            f"{r['key']:<13} {r['search']:<9} {str(r['center']):<6} {r['query']:>7} "
-            f"{r['accuracy']:>9.3f} {r['best_similarity_p05']:>8.3f} "
-            f"{r['best_similarity_median']:>8.3f}"
-        )
     print(f"off-suite best similarity: {res['off_suite_best_similarity']}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    bc.write_json(args.out, res, device="cpu")
     return 0
 
 
@@ -202,14 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--moe-intermediate", type=int, default=768)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=151936)
+    bc.add_model_args(p)
     p.add_argument("--seq", type=int, default=512, help="prompt length")
     p.add_argument("--stored", type=int, default=10_000, help="keys in the store")
     p.add_argument("--tasks", type=int, default=20, help="tasks the keys belong to (knn)")
@@ -226,18 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy is not None:
         return accuracy_main(args)
     if args.smoke:
-        args.device, args.dtype = "cpu", "fp32"
-        args.hidden, args.moe_intermediate, args.experts, args.top_k = 64, 32, 8, 2
-        args.layers, args.heads, args.head_dim, args.vocab = 4, 4, 16, 1000
-        args.seq, args.stored, args.repeats, args.search_repeats = 64, 2000, 3, 20
+        vars(args).update(bc.SMOKE_SHAPE, device="cpu", dtype="fp32")
+        vars(args).update(seq=64, stored=2000, repeats=3, search_repeats=20)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    config = make_config(args)
-    model = build_model(config, device, dtype)
+    config = bc.qwen3_config(args)
+    model = bc.build_on_device(config, device, args.dtype)
     arch = arch_for_config(config)
     fp = fingerprint_model(model, arch)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = bc.n_params(model)
     ids = torch.randint(10, args.vocab, (args.seq,), generator=torch.Generator().manual_seed(0))
     prompt = [ids.tolist()]
 
@@ -284,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     def prefill() -> None:
         with torch.inference_mode():
             model(input_ids=dev_ids, use_cache=True, logits_to_keep=1)
-        sync(device)
+        bc.sync(device)
 
     for _ in range(3):
         key_and_search()
@@ -294,19 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     prefill_us = median_us(prefill, args.repeats)
     result = {
         "benchmark": "route",
-        "premoe_version": premoe.__version__,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "faiss": __import__("faiss").__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
-        "model": {
-            "hidden": args.hidden,
-            "experts": args.experts,
-            "layers": args.layers,
-            "params": n_params,
-        },
+        "model": {**bc.model_shape(args), "params": n_params},
         "prompt_tokens": args.seq,
         "key_us": key_us,
         "key_plus_search_us": route_us,
@@ -316,26 +288,31 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
     }
     print(
-        f"\nrouting cost, {result['device']}, {n_params / 1e9:.2f} B params, "
+        f"\nrouting cost, {bc.device_name(device)}, {n_params / 1e9:.2f} B params, "
         f"{args.seq}-token prompt"
     )
     print(
         f"key {key_us:,.0f} us, key + search {route_us:,.0f} us, prefill {prefill_us:,.0f} us:"
         f" ratio {route_us / prefill_us:.4f}"
     )
-    print(
-        f"\n{'key':<13} {'dim':>5} {'search':<8} {'index':<5} {'rows':>6} {'search us':>10} "
-        f"{'faiss us':>9}"
+    print()
+    bc.print_table(
+        ("key", "dim", "search", "index", "rows", "search us", "faiss us"),
+        [
+            (
+                r["key"],
+                r["dim"],
+                r["search"],
+                r["index"],
+                r["rows"],
+                f"{r['search_us']:.1f}",
+                f"{r['faiss_us']:.1f}",
+            )
+            for r in search_rows
+        ],
+        align="lrllrrr",
     )
-    for r in search_rows:
-        print(
-            f"{r['key']:<13} {r['dim']:>5} {r['search']:<8} {r['index']:<5} {r['rows']:>6} "
-            f"{r['search_us']:>10.1f} {r['faiss_us']:>9.1f}"
-        )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    bc.write_json(args.out, result, device=device)
     return 0
 
 

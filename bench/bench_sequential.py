@@ -29,66 +29,30 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
-import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+import _common as bc
 import torch
+from make_checkpoint import write_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import premoe  # noqa: E402
-from premoe.arch import arch_for_config  # noqa: E402
-from premoe.profile.corpus import TaskCorpus  # noqa: E402
-from premoe.profile.profiler import load_causal_lm, run_profile  # noqa: E402
-from premoe.profile.sequential import run_profile_sequential  # noqa: E402
+from premoe.arch import arch_for_config
+from premoe.profile.corpus import TaskCorpus
+from premoe.profile.profiler import load_causal_lm, run_profile
+from premoe.profile.sequential import run_profile_sequential
 
 log = logging.getLogger("bench_sequential")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    return None
-
-
 def ensure_checkpoint(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
-    from make_checkpoint import qwen3_config, write_checkpoint
-
     folder = Path(args.model_dir) if args.model_dir else work / "model"
     if (folder / "config.json").is_file():
         return folder, {"path": str(folder), "reused": True}
-    config = qwen3_config(
-        layers=args.layers,
-        hidden=args.hidden,
-        moe_intermediate=args.moe_intermediate,
-        experts=args.experts,
-        top_k=args.top_k,
-        vocab=args.vocab,
-        heads=args.heads,
-        head_dim=args.head_dim,
-    )
-    config.max_position_embeddings = max(4096, args.seq)
+    config = bc.qwen3_config(args)
     info = write_checkpoint(config, folder, shard_bytes=args.shard_bytes, device=args.pool_device)
     log.info("checkpoint: %.2f GB in %d shards, %.1f s", info["bytes"] / 1e9, info["shards"],
              info["seconds"])  # fmt: skip
@@ -99,33 +63,18 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     """Max relative difference of the sums (per row, scaled by the row's max) and keys."""
     out: dict[str, float] = {}
     for task in a:
-        for row, x in a[task].sums.items():
-            y = b[task].sums[row]
-            scale = max(float(x.abs().max()), 1e-30)
-            key = f"sums/{row}"
-            out[key] = max(out.get(key, 0.0), float((x - y).abs().max()) / scale)
-        for kind, x in a[task].keys.items():
-            y = b[task].keys[kind]
-            if x.shape != y.shape:
-                out[f"keys/{kind}"] = float("inf")
-                continue
-            scale = max(float(x.abs().max()), 1e-30)
-            key = f"keys/{kind}"
-            out[key] = max(out.get(key, 0.0), float((x - y).abs().max()) / scale)
+        for part in ("sums", "keys"):
+            for name, x in getattr(a[task], part).items():
+                key = f"{part}/{name}"
+                diff = bc.max_rel_diff(x, getattr(b[task], part)[name])
+                out[key] = max(out.get(key, 0.0), diff)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--moe-intermediate", type=int, default=768)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=151936)
+    bc.add_model_args(p, kv_ratio=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batches", type=int, default=64, help="batches per profiling pass")
@@ -141,12 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.smoke:
-        args.device = "cpu"
-        args.hidden, args.moe_intermediate, args.experts, args.top_k = 64, 32, 8, 2
-        args.layers, args.heads, args.head_dim, args.vocab = 4, 4, 16, 1000
-        args.batch, args.seq, args.batches = 2, 48, 4
-        args.shard_bytes = 200_000
-        args.layers_at_once = "1,2"
+        vars(args).update(bc.SMOKE_SHAPE, device="cpu", batch=2, seq=48, batches=4)
+        vars(args).update(shard_bytes=200_000, layers_at_once="1,2")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -161,29 +106,25 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
     metrics = args.metrics.split(",")
     folder, ckpt = ensure_checkpoint(args, work)
-    g = torch.Generator().manual_seed(0)
     n = args.batch * args.batches
-    ids = torch.randint(10, args.vocab, (n, args.seq), generator=g).tolist()
+    ids = bc.random_token_ids(n, args.seq, args.vocab)
     corpora = {"bench": TaskCorpus("bench", "random", ids)}
     tokens = n * args.seq
 
     # 1. normal: the whole model on the device
-    reset_peak(device)
-    t0 = time.perf_counter()
-    model = load_causal_lm(folder, device=device, dtype="auto")
-    sync(device)
-    load_s = time.perf_counter() - t0
+    bc.reset_peak(device, empty_cache=True)
+    with bc.DeviceTimer(device) as t:
+        model = load_causal_lm(folder, device=device, dtype="auto")
+    load_s = t.seconds
     arch = arch_for_config(model.config)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     warm = {"warm": TaskCorpus("warm", "random", ids[: args.batch])}
     run_profile(model, arch, warm, tokenizer=None, metrics=metrics, batch_size=args.batch)
-    sync(device)
-    t0 = time.perf_counter()
-    normal = run_profile(model, arch, corpora, tokenizer=None, metrics=metrics,
-                         batch_size=args.batch)  # fmt: skip
-    sync(device)
-    normal_s = time.perf_counter() - t0
-    normal_peak = peak(device)
+    with bc.DeviceTimer(device) as t:
+        normal = run_profile(model, arch, corpora, tokenizer=None, metrics=metrics,
+                             batch_size=args.batch)  # fmt: skip
+    normal_s = t.seconds
+    normal_peak = bc.peak_bytes(device)
     impl = getattr(model.config, "_experts_implementation", None)
     del model
     gc.collect()
@@ -199,7 +140,7 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
     # 2. sequential, per group size
     rows: dict[str, Any] = {}
     for k in [int(x) for x in args.layers_at_once.split(",")]:
-        reset_peak(device)
+        bc.reset_peak(device, empty_cache=True)
         run = run_profile_sequential(
             folder,
             arch,
@@ -214,7 +155,7 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
             host_budget=args.host_budget,
         )
         st = run.stats
-        pk = peak(device)
+        pk = bc.peak_bytes(device)
         rows[str(k)] = {
             **st.to_json(),
             "peak_bytes": pk,
@@ -225,21 +166,8 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
         }
     result = {
         "benchmark": "sequential_profiling",
-        "premoe_version": premoe.__version__,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "experts_implementation": impl,
-        "model": {
-            "hidden": args.hidden,
-            "moe_intermediate": args.moe_intermediate,
-            "experts": args.experts,
-            "top_k": args.top_k,
-            "layers": args.layers,
-            "param_bytes": model_bytes,
-            "checkpoint": ckpt,
-        },
+        "model": {**bc.model_shape(args), "param_bytes": model_bytes, "checkpoint": ckpt},
         "batch": args.batch,
         "seq": args.seq,
         "batches": args.batches,
@@ -250,38 +178,36 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
         "targets": {"peak_ratio_max": 0.15, "throughput_ratio_min": 0.5, "agreement_max": 1e-4},
         "smoke": args.smoke,
     }
-    gib = 2**30
-    print(
-        f"\nsequential vs normal profiling, {result['device']}, model {model_bytes / 1e9:.2f} GB, "
-        f"{args.batches} batches of {args.batch} x {args.seq}"
-    )
-    print(
-        f"{'mode':<14} {'tok/s':>10} {'ratio':>7} {'ratio+load':>10} {'peak GiB':>9} "
-        f"{'peak/model':>10} {'max rel diff':>12}"
-    )
 
     def fmt_peak(b: int | None) -> tuple[str, str]:
         if b is None:
             return "n/a", "n/a"
-        return f"{b / gib:.2f}", f"{b / model_bytes:.3f}"
+        return f"{b / 2**30:.2f}", f"{b / model_bytes:.3f}"
 
-    pk_s, pr_s = fmt_peak(normal_row["peak_bytes"])
-    print(
-        f"{'normal':<14} {normal_row['tokens_per_s']:>10,.0f} {1.0:>7.3f} {'':>10} {pk_s:>9} "
-        f"{pr_s:>10} {'-':>12}"
-    )
+    table = [
+        ("normal", f"{normal_row['tokens_per_s']:,.0f}", "1.000", "",
+         *fmt_peak(normal_row["peak_bytes"]), "-"),
+    ]  # fmt: skip
     for k, r in rows.items():
-        pk_s, pr_s = fmt_peak(r["peak_bytes"])
         diff = max(r["agreement"].values()) if r["agreement"] else 0.0
-        print(
-            f"{'sequential/' + k:<14} {r['tokens_per_s']:>10,.0f} {r['throughput_ratio']:>7.3f} "
-            f"{r['throughput_ratio_with_load']:>10.3f} {pk_s:>9} {pr_s:>10} {diff:>12.2e}"
+        table.append(
+            (
+                f"sequential/{k}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['throughput_ratio']:.3f}",
+                f"{r['throughput_ratio_with_load']:.3f}",
+                *fmt_peak(r["peak_bytes"]),
+                f"{diff:.2e}",
+            )
         )
+    bc.print_table(
+        ("mode", "tok/s", "ratio", "ratio+load", "peak GiB", "peak/model", "max rel diff"),
+        table,
+        title=f"sequential vs normal profiling, {bc.device_name(device)}, model "
+        f"{model_bytes / 1e9:.2f} GB, {args.batches} batches of {args.batch} x {args.seq}",
+    )
     print(f"normal load (not in its tok/s): {load_s:.1f} s")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    bc.write_json(args.out, result, device=device)
     return 0
 
 

@@ -33,12 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import logging
-import platform
 import random
 import shutil
-import socket
 import string
 import sys
 import tempfile
@@ -47,12 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common as bc
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import premoe  # noqa: E402
-from premoe.prune import KeepSets  # noqa: E402
+from premoe.prune import KeepSets
 
 log = logging.getLogger("bench_serve")
 
@@ -64,90 +59,13 @@ def say(msg: str) -> None:
 # ---- the model -----------------------------------------------------------------------------------
 
 
-def make_config(args: argparse.Namespace) -> Any:
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 3,
-        moe_intermediate_size=args.moe_intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    )
-
-
 def write_checkpoint(config: Any, folder: Path, device: torch.device) -> dict[str, Any]:
-    """Random bf16 weights made on `device` one layer at a time, one shard per layer, in the
-    per-expert hub layout; a character tokenizer beside them."""
-    from safetensors.torch import save_file
-
+    """`_common.write_layered_checkpoint` and a character tokenizer beside it."""
     from premoe.demo.tasks import build_tokenizer
 
-    t0 = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator(device=device).manual_seed(0)
-    dt = torch.bfloat16
-    h, i_moe, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
-    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-
-    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=device, dtype=dt) * std).cpu()
-
-    weight_map: dict[str, str] = {}
-    total = 0
-    n_shards = config.num_hidden_layers + 1
-
-    def save(tensors: dict[str, torch.Tensor], index: int) -> None:
-        nonlocal total
-        name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        for k, v in tensors.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
-
-    save(
-        {
-            "model.embed_tokens.weight": rnd(config.vocab_size, h),
-            "lm_head.weight": rnd(config.vocab_size, h),
-            "model.norm.weight": torch.ones(h, dtype=dt),
-        },
-        0,
-    )
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        t: dict[str, torch.Tensor] = {
-            p + "input_layernorm.weight": torch.ones(h, dtype=dt),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=dt),
-            p + "self_attn.q_proj.weight": rnd(heads * hd, h),
-            p + "self_attn.k_proj.weight": rnd(kv * hd, h),
-            p + "self_attn.v_proj.weight": rnd(kv * hd, h),
-            p + "self_attn.o_proj.weight": rnd(h, heads * hd),
-            p + "self_attn.q_norm.weight": torch.ones(hd, dtype=dt),
-            p + "self_attn.k_norm.weight": torch.ones(hd, dtype=dt),
-            p + "mlp.gate.weight": rnd(e, h, std=0.5),
-        }
-        for part, shape in (("gate", (i_moe, h)), ("up", (i_moe, h)), ("down", (h, i_moe))):
-            block = torch.randn(e, *shape, generator=g, device=device, dtype=dt).mul_(0.02).cpu()
-            for x in range(e):  # own storage per tensor (safetensors refuses shared storage)
-                t[p + f"mlp.experts.{x}.{part}_proj.weight"] = block[x].clone()
-            del block
-        save(t, layer + 1)
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
-    config.save_pretrained(folder)
+    info = bc.write_layered_checkpoint(config, folder, device)
     build_tokenizer(model_max_length=4096).save_pretrained(folder)
-    return {"bytes": total, "seconds": time.perf_counter() - t0}
+    return info
 
 
 def active_bytes_per_token(config: Any, itemsize: int = 2) -> dict[str, int]:
@@ -176,20 +94,12 @@ def measure_bandwidth(device: torch.device, nbytes: int) -> float:
     b = torch.empty_like(a)
     a.fill_(1)
     b.copy_(a)
-    sync(device)
     iters = 10
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        b.copy_(a)
-    sync(device)
-    took = time.perf_counter() - t0
+    with bc.DeviceTimer(device) as t:
+        for _ in range(iters):
+            b.copy_(a)
     del a, b
-    return 2 * nbytes * iters / took
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return 2 * nbytes * iters / t.seconds
 
 
 def free_memory() -> None:
@@ -228,12 +138,6 @@ def random_prompt(rng: random.Random, chars: int) -> str:
 # ---- premoe: engine + HTTP server ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class HttpServer:
     """`create_app` served by uvicorn in a background thread of this process."""
 
@@ -242,7 +146,7 @@ class HttpServer:
 
         from premoe.serve import create_app
 
-        self.port = free_port()
+        self.port = bc.free_port()
         app = create_app(engine.config, engine=engine)
         cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(cfg)
@@ -335,11 +239,9 @@ def decode_b1(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any
             # settle: compiles (after an implementation switch) and records the CUDA graph
             dec.generate([DecodeRow(ids, SamplingParams(max_tokens=4), Null())])
             dec.stats = DecodeStats()
-            sync(dec.device)
-            t0 = time.perf_counter()
-            dec.generate([DecodeRow(ids, SamplingParams(max_tokens=tokens), Null())])
-            sync(dec.device)
-            wall = time.perf_counter() - t0
+            with bc.DeviceTimer(dec.device) as t:
+                dec.generate([DecodeRow(ids, SamplingParams(max_tokens=tokens), Null())])
+            wall = t.seconds
         finally:
             dec.eos_ids = saved
         s = dec.stats
@@ -393,8 +295,7 @@ def bench_premoe(
     args: argparse.Namespace, ckpt: Path, patterns: dict, rng: random.Random
 ) -> dict[str, Any]:
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    bc.reset_peak(device)
     t0 = time.perf_counter()
     engine = make_engine(args, ckpt, patterns, full=False)
     load_s = time.perf_counter() - t0
@@ -456,7 +357,7 @@ def bench_premoe(
                 say(f"{impl} failed: {exc}")
         if alternatives and default_impl is not None:
             engine.call(lambda: model.set_experts_implementation(default_impl))
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak = bc.peak_bytes(device)
         return {
             "load_s": load_s,
             "warmup_s": engine.warmup_seconds,
@@ -530,9 +431,7 @@ def bench_accelerate(args: argparse.Namespace, ckpt: Path, rng: random.Random) -
     def gen(model: Any, batch: int, new: int) -> float:
         prompts = [random_prompt(rng, args.prompt_chars) for _ in range(batch)]
         enc = tok(prompts, return_tensors="pt", padding=True).to(first)
-        sync(first)
-        t = time.perf_counter()
-        with torch.no_grad():
+        with bc.DeviceTimer(first) as t, torch.no_grad():
             model.generate(
                 **enc,
                 do_sample=False,
@@ -540,8 +439,7 @@ def bench_accelerate(args: argparse.Namespace, ckpt: Path, rng: random.Random) -
                 min_new_tokens=new,
                 pad_token_id=tok.pad_token_id,
             )
-        sync(first)
-        return time.perf_counter() - t
+        return t.seconds
 
     out: dict[str, Any] = {"load_s": load_s, "placement": placement}
     n = args.baseline_tokens
@@ -572,15 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="Tiny model on the CPU, to prove it runs.")
     p.add_argument("--checkpoint", default=None, help="Reuse (or write) the checkpoint here.")
     p.add_argument("--keep-checkpoint", action="store_true", help="Do not delete it at the end.")
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--moe-intermediate", type=int, default=768)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=151936)
+    bc.add_model_args(p, kv_heads=4)
     p.add_argument("--budget", default="10GiB", help="GPU budget for the weights.")
     p.add_argument("--keep", type=int, default=None, help="Experts kept (default: fit budget).")
     p.add_argument("--host-cache", default="48GiB", help="premoe's pinned host expert cache.")
@@ -611,8 +501,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.device = "cpu"
-        args.layers, args.hidden, args.moe_intermediate, args.experts = 4, 64, 32, 16
-        args.top_k, args.heads, args.kv_heads, args.head_dim, args.vocab = 4, 4, 2, 16, 128
+        vars(args).update(bc.SMOKE_SHAPE, experts=16, top_k=4, kv_heads=2, vocab=128)
         args.keep = args.keep or 8
         args.requests, args.concurrency, args.max_tokens = 12, 4, 8
         args.max_batch, args.decode_tokens, args.baseline_tokens = 4, 32, 4
@@ -624,14 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
-    import transformers
-
     from premoe.load import keep_for_budget
     from premoe.source import resolve_model
 
@@ -640,13 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     device = torch.device(args.device)
-    config = make_config(args)
+    config = bc.qwen3_config(args)
     results: dict[str, Any] = {
-        "premoe_version": premoe.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **bc.environment(device),
         "args": {k: v for k, v in vars(args).items()},
     }
     t_start = time.perf_counter()
@@ -730,10 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                 pruned["workload"]["tokens_per_s"] / b if b else None
             )
     results["total_s"] = time.perf_counter() - t_start
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
-        say(f"wrote {args.out}")
+    bc.write_json(args.out, results)
     if tmp is not None and not args.keep_checkpoint:
         shutil.rmtree(tmp, ignore_errors=True)
     print(report(results, args, config, keep, bound, bw, active))
@@ -796,7 +671,7 @@ def report(
         if "error" in results.get(part, {}):
             rows.append((f"{part}: failed", results[part]["error"][:120]))
     rows.append(("total", f"{results['total_s']:.0f} s"))
-    return table(rows)
+    return bc.format_table(None, rows, align="ll")
 
 
 if __name__ == "__main__":

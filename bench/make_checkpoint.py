@@ -13,7 +13,9 @@ data at memory-copy speed. Peak memory is about one shard plus the pool.
     python bench/make_checkpoint.py --gb 8 --shard 2GB --out /data/q8 --device cuda
     python bench/make_checkpoint.py --smoke --out /tmp/q-smoke
 
-`--layers` overrides the layer count that `--gb` implies; the other shape options set the rest.
+`--layers` overrides the layer count that `--gb` implies; the other shape options set the rest
+(defaults: hidden 1024, moe_intermediate 512, 64 experts, top-8, 16 heads x 64, 4 KV heads, vocab
+32000).
 """
 
 from __future__ import annotations
@@ -21,46 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _common as bc
 import torch
 
 POOL_ELEMENTS = 1 << 25  # 32 Mi values (64 MiB in bf16)
 
-
-def qwen3_config(
-    *,
-    layers: int,
-    hidden: int = 1024,
-    moe_intermediate: int = 512,
-    experts: int = 64,
-    top_k: int = 8,
-    vocab: int = 32000,
-    heads: int = 16,
-    head_dim: int = 64,
-) -> Any:
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 3,
-        moe_intermediate_size=moe_intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
-        head_dim=head_dim,
-        num_experts=experts,
-        num_experts_per_tok=top_k,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    )
+# this script's own default shape (kv heads = heads / 4) and its --smoke shape
+SHAPE_DEFAULTS: dict[str, Any] = dict(
+    layers=None, hidden=1024, moe_intermediate=512, experts=64, top_k=8, vocab=32000, heads=16,
+    head_dim=64,
+)  # fmt: skip
+SMOKE: dict[str, Any] = dict(
+    hidden=128, moe_intermediate=64, experts=16, top_k=4, vocab=512, heads=4, head_dim=32,
+    kv_heads=None,
+)  # fmt: skip
 
 
 def tensor_specs(config: Any) -> list[tuple[str, tuple[int, ...]]]:
@@ -98,10 +78,11 @@ def model_bytes(config: Any) -> int:
     return sum(math.prod(shape) * 2 for _, shape in tensor_specs(config))
 
 
-def layers_for(gb: float, **shape: Any) -> int:
-    """Layer count whose checkpoint is closest to `gb` x 1e9 bytes."""
-    one = model_bytes(qwen3_config(layers=1, **shape))
-    two = model_bytes(qwen3_config(layers=2, **shape))
+def layers_for(gb: float, args: argparse.Namespace) -> int:
+    """Layer count whose checkpoint (of the other shape options in `args`) is closest to `gb` x
+    1e9 bytes."""
+    one = model_bytes(bc.qwen3_config(args, layers=1))
+    two = model_bytes(bc.qwen3_config(args, layers=2))
     per_layer, rest = two - one, 2 * one - two
     return max(1, round((gb * 1e9 - rest) / per_layer))
 
@@ -177,40 +158,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="Output folder (created).")
     p.add_argument("--gb", type=float, default=4.0, help="Target size in GB (1e9 bytes).")
-    p.add_argument("--layers", type=int, default=None, help="Layer count (overrides --gb).")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--moe-intermediate", type=int, default=512)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    bc.add_model_args(p, kv_ratio=4, **SHAPE_DEFAULTS)  # --layers: default None, from --gb
     p.add_argument("--shard", default="1GB", help="Shard size limit, e.g. 1GB, 500MB.")
     p.add_argument("--device", default="cpu", help="Where the random pool is generated.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="Tiny model (a few MB), for a CPU check.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:  # the smoke shape replaces the shape options (not --layers)
+        vars(args).update(SMOKE)
+    return args
 
 
-def shape_args(args: argparse.Namespace) -> dict[str, Any]:
-    if args.smoke:
-        return dict(hidden=128, moe_intermediate=64, experts=16, top_k=4, vocab=512, heads=4,
-                    head_dim=32)  # fmt: skip
-    return dict(
-        hidden=args.hidden,
-        moe_intermediate=args.moe_intermediate,
-        experts=args.experts,
-        top_k=args.top_k,
-        vocab=args.vocab,
-    )
+def config_for(args: argparse.Namespace) -> Any:
+    """The config of `args`: ``--layers``, else 4 layers for ``--smoke``, else as many as make
+    the checkpoint ``--gb`` large."""
+    layers = args.layers or (4 if args.smoke else layers_for(args.gb, args))
+    return bc.qwen3_config(args, layers=layers)
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from premoe.policy import parse_bytes
 
     args = parse_args(argv)
-    shape = shape_args(args)
-    layers = args.layers or (4 if args.smoke else layers_for(args.gb, **shape))
-    config = qwen3_config(layers=layers, **shape)
+    config = config_for(args)
     shard = parse_bytes("1MB") if args.smoke else parse_bytes(args.shard)
     info = write_checkpoint(config, args.out, shard_bytes=shard, device=args.device, seed=args.seed)
     print(json.dumps(info, indent=2))
