@@ -94,3 +94,16 @@ def resolve_model(model: str | Path, *, revision: str | None = None) -> ModelSou
     arch = arch_for_config(config)
     log.debug("resolved %s: %s, %s", model, arch.name, path)
     return ModelSource(path=path, config=config, arch=arch)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """`AutoTokenizer.from_pretrained(path)`; a clear `ModelNotFoundError` when it fails."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelNotFoundError(
+            f"cannot load a tokenizer from {path} ({type(exc).__name__}); add the tokenizer "
+            "files to the model folder"
+        ) from None

@@ -580,10 +580,10 @@ def _evaluate(
     progress: Progress | None,
 ) -> EvalReport:
     from premoe.fingerprint import fingerprint_source
-    from premoe.load import ResidentModel, resolve_device, resolve_dtype
+    from premoe.load import ResidentModel
     from premoe.plan import SizeModel, keep_ladder
-    from premoe.profile.profiler import load_tokenizer
-    from premoe.source import resolve_model
+    from premoe.runtime import resolve_device, resolve_dtype
+    from premoe.source import load_tokenizer, resolve_model
 
     t0 = time.perf_counter()
     tasks = list(tasks)
@@ -622,7 +622,7 @@ def _evaluate(
         check_keeps(ks, shape)
         sets = build_eval_sets(tasks, eval_sets, max_samples=max_samples, seed=seed)
         dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype if dtype != "auto" else None, src)
+        torch_dtype = resolve_dtype(dtype, src)
         tokenizer = load_tokenizer(src.path)
         sizes = SizeModel.from_source(src)
 

@@ -21,8 +21,6 @@ from premoe.load.loader import (
     load_pruned,
     load_pruned_with_info,
     parse_bytes,
-    resolve_device,
-    resolve_dtype,
     size_model,
 )
 from premoe.load.resident import ResidentModel, SourceCount, SwapStats
@@ -40,7 +38,5 @@ __all__ = [
     "load_pruned",
     "load_pruned_with_info",
     "parse_bytes",
-    "resolve_device",
-    "resolve_dtype",
     "size_model",
 ]

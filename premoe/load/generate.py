@@ -23,16 +23,15 @@ from typing import Any
 import torch
 
 import premoe
-from premoe.errors import ModelNotFoundError, UsageError
+from premoe.errors import UsageError
 from premoe.load.loader import (
     Progress,
     load_prefix,
     load_pruned_with_info,
-    resolve_device,
-    resolve_dtype,
     size_model,
 )
-from premoe.source import ModelSource, resolve_model
+from premoe.runtime import resolve_device, resolve_dtype, synchronize
+from premoe.source import ModelSource, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +103,6 @@ class GenerateResult:
         }
 
 
-def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise ModelNotFoundError(
-            f"cannot load a tokenizer from {path} ({type(exc).__name__}); add the tokenizer "
-            "files to the model folder"
-        ) from None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def generate(
     model: str | Path | ModelSource,
     store: Any,
@@ -184,7 +166,7 @@ def generate(
             key_layer = int(st.key.get("layer", src.moe_layers[0]))
             prefix = load_prefix(src, layer=key_layer, device=dev, dtype=dt)
             keyer = QueryKeyer.for_store(st, prefix, tokenizer, check=False)
-            _sync(dev)
+            synchronize(dev)
             prefix_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             found = route(st, keyer, prompt, threshold=threshold, fallback=fallback)
@@ -219,7 +201,7 @@ def generate(
         net, info = load_pruned_with_info(
             src, selection.keep, device=dev, dtype=dt, progress=progress
         )
-        _sync(dev)
+        synchronize(dev)
         load_s = time.perf_counter() - t0
 
         # 4. generate
@@ -227,7 +209,7 @@ def generate(
         pad = tokenizer.pad_token_id
         pad = tokenizer.eos_token_id if pad is None else pad
         with torch.inference_mode():
-            _sync(dev)
+            synchronize(dev)
             t0 = time.perf_counter()
             out = net.generate(
                 input_ids,
@@ -236,7 +218,7 @@ def generate(
                 do_sample=do_sample,
                 pad_token_id=pad,
             )
-            _sync(dev)
+            synchronize(dev)
             gen_s = time.perf_counter() - t0
         new = out[0, input_ids.shape[1] :]
         text = tokenizer.decode(new.tolist(), skip_special_tokens=True)

@@ -38,60 +38,14 @@ from premoe.errors import CheckpointError, UsageError
 from premoe.policy import budget_count, parse_bytes
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
+from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
-_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
-
-
 # ---- options --------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`auto`/None -> cuda if present else cpu; otherwise the device named."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, source: ModelSource) -> torch.dtype:
-    """`auto`/None -> the config's dtype, else the checkpoint's first float dtype (as
-    `from_pretrained(dtype="auto")`); otherwise bf16/fp16/fp32 or a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        cfg = getattr(source.config, "dtype", None)
-        if isinstance(cfg, str):
-            cfg = getattr(torch, cfg, None)
-        if isinstance(cfg, torch.dtype):
-            return cfg
-        for key in source.reader.keys():
-            dt = source.reader.dtype(key)
-            if dt.is_floating_point:
-                return dt
-        return torch.float32
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise UsageError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32") from None
 
 
 def as_source(model: str | Path | ModelSource) -> tuple[ModelSource, bool]:

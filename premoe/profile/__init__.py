@@ -10,8 +10,6 @@ from premoe.profile.profiler import (
     load_causal_lm,
     load_tokenizer,
     profile,
-    resolve_device,
-    resolve_dtype,
     run_profile,
 )
 
@@ -28,8 +26,6 @@ __all__ = [
     "parse_task_specs",
     "profile",
     "read_texts",
-    "resolve_device",
-    "resolve_dtype",
     "route_from_logits",
     "run_profile",
 ]

@@ -36,7 +36,8 @@ import torch
 from premoe.errors import UsageError
 from premoe.profile.corpus import TaskCorpus
 from premoe.profile.hooks import Recorded
-from premoe.profile.profiler import ModelHandle, Progress, resolve_device, run_profile
+from premoe.profile.profiler import ModelHandle, Progress, run_profile
+from premoe.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

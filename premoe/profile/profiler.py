@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from premoe.arch import ArchSpec, arch_for_config
-from premoe.errors import ModelNotFoundError, StoreError, UsageError
+from premoe.errors import StoreError, UsageError
 from premoe.fingerprint import fingerprint_model, fingerprint_source
 from premoe.patterns.store import (
     DEFAULT_KNN,
@@ -33,17 +33,10 @@ from premoe.patterns.store import (
 from premoe.profile.corpus import TaskCorpus, check_task_name, load_task
 from premoe.profile.hooks import Recorded, RoutingRecorder
 from premoe.profile.metrics import DEFAULT_METRIC, check_metrics, check_threshold
+from premoe.runtime import parse_dtype, resolve_device
+from premoe.source import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
 
 
 @dataclass
@@ -58,39 +51,6 @@ class ProgressInfo:
 
 
 Progress = Callable[[ProgressInfo], None]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` (cuda if present, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no CUDA device is available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise UsageError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    """``auto`` (the checkpoint's own dtype) or one of bf16, fp16, fp32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    text = str(dtype).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text not in DTYPES:
-        raise UsageError(f"bad --dtype {dtype!r}; use auto, bf16, fp16 or fp32")
-    return DTYPES[text]
 
 
 def _is_model(obj: Any) -> bool:
@@ -142,18 +102,6 @@ class ModelHandle:
         return self._model
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise ModelNotFoundError(
-            f"cannot load a tokenizer from {path} ({type(exc).__name__}); add the tokenizer "
-            "files to the model folder"
-        ) from None
-
-
 def load_causal_lm(
     path: str | Path | None,
     *,
@@ -166,7 +114,8 @@ def load_causal_lm(
 
     if path is None:
         raise UsageError("no model path to load from")
-    torch_dtype = resolve_dtype(dtype)
+    parsed = parse_dtype(dtype)
+    torch_dtype = "auto" if parsed is None else parsed  # auto: transformers reads the checkpoint
     if device_map is None:
         device_map = {"": str(resolve_device(device))}
     elif device_map != "auto" and not isinstance(device_map, dict):

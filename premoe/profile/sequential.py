@@ -60,8 +60,8 @@ from premoe.profile.profiler import (
     accumulated_rows,
     iter_batches,
     pad_token_id,
-    resolve_device,
 )
+from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -404,11 +404,10 @@ class CheckpointWeights(LayerWeights):
 
     def __init__(self, src: ModelSource, device: torch.device, dtype: Any) -> None:
         from premoe.load.loader import Copier, ExpertIO, build_skeleton
-        from premoe.load.loader import resolve_dtype as loader_dtype
 
         self.src = src
         self.device = device
-        self.dtype = loader_dtype(None if dtype in (None, "auto") else dtype, src)
+        self.dtype = resolve_dtype(dtype, src)
         self.model = build_skeleton(src.config, self.dtype).eval()
         self.io = ExpertIO(src)
         self.copier = Copier(device)

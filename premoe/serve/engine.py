@@ -283,7 +283,7 @@ class Engine:
         """Resolve the model, read the store, build the patterns, load the resident model."""
         from transformers import AutoTokenizer
 
-        from premoe.load import resolve_device, resolve_dtype
+        from premoe.runtime import resolve_device, resolve_dtype
         from premoe.serve.patterns import build_patterns, make_router
         from premoe.source import resolve_model
 

@@ -1,0 +1,101 @@
+"""The ``--device`` and ``--dtype`` options: one meaning for every command and API function.
+
+Device (`resolve_device`):
+
+- ``auto`` (or None): ``cuda`` when CUDA is available, else ``cpu``;
+- ``cpu``, ``cuda``, ``cuda:N`` (case and surrounding spaces ignored), or a `torch.device` of
+  those types: CUDA must be available, and N below the number of CUDA devices. A bare ``cuda``
+  stays index-less (the current CUDA device);
+- anything else: `UsageError`.
+
+Dtype (`parse_dtype`, `resolve_dtype`):
+
+- ``bf16``/``bfloat16``, ``fp16``/``float16``/``half``, ``fp32``/``float32``/``float``, or a
+  `torch.dtype`;
+- ``auto`` (or None): the checkpoint's own dtype, the one ``from_pretrained(dtype="auto")`` picks:
+  the config's ``dtype`` when it names one, else the dtype of the first floating-point tensor in
+  the checkpoint, else fp32. `parse_dtype` leaves it unresolved (None: for callers that hand
+  ``"auto"`` to transformers); `resolve_dtype(dtype, source)` resolves it from the source;
+- anything else: `UsageError`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from premoe.errors import UsageError
+
+if TYPE_CHECKING:
+    from premoe.source import ModelSource
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The `torch.device` of a ``--device`` value (rules in the module docstring)."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device.strip().lower())
+    except (RuntimeError, ValueError, AttributeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"device {str(device)!r} asked for but CUDA is not available; use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The `torch.dtype` of a ``--dtype`` value; None for ``auto`` (not resolved here)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    text = "auto" if dtype is None else str(dtype).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        return DTYPES[text]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, source: ModelSource) -> torch.dtype:
+    """The `torch.dtype` of a ``--dtype`` value, ``auto`` resolved from `source` (its config,
+    else its checkpoint's first floating-point tensor, else fp32)."""
+    parsed = parse_dtype(dtype)
+    if parsed is not None:
+        return parsed
+    cfg = getattr(source.config, "dtype", None)
+    if isinstance(cfg, str):
+        cfg = getattr(torch, cfg, None)
+    if isinstance(cfg, torch.dtype):
+        return cfg
+    for key in source.reader.keys():
+        dt = source.reader.dtype(key)
+        if dt.is_floating_point:
+            return dt
+    return torch.float32
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA); nothing on the CPU. For timings."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
