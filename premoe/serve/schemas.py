@@ -152,6 +152,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _body(
+    rid: str,
+    obj: str,
+    model: str,
+    created: int,
+    choices: list[dict[str, Any]],
+    *,
+    tokens: tuple[int, int] | None = None,
+    premoe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The OpenAI envelope: id, object, created, model, choices, then usage (from `tokens` =
+    (prompt, completion)) and the `premoe` extension when given."""
+    out: dict[str, Any] = {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if tokens is not None:
+        out["usage"] = usage(*tokens)
+    if premoe is not None:
+        out["premoe"] = premoe
+    return out
+
+
+def _choice(finish_reason: str | None, **content: Any) -> dict[str, Any]:
+    """The one choice: index, the content (text, message or delta), logprobs, finish_reason."""
+    return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+
+
 def completion_response(
     rid: str,
     model: str,
@@ -162,15 +193,15 @@ def completion_response(
     premoe: dict[str, Any],
     created: int | None = None,
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created or int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
-        "premoe": premoe,
-    }
+    return _body(
+        rid,
+        "text_completion",
+        model,
+        created or int(time.time()),
+        [_choice(finish_reason, text=text)],
+        tokens=(prompt_tokens, completion_tokens),
+        premoe=premoe,
+    )
 
 
 def completion_chunk(
@@ -181,14 +212,8 @@ def completion_chunk(
     premoe: dict[str, Any],
     created: int,
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "premoe": premoe,
-    }
+    choices = [_choice(finish_reason, text=text)]
+    return _body(rid, "text_completion", model, created, choices, premoe=premoe)
 
 
 def chat_response(
@@ -201,22 +226,15 @@ def chat_response(
     premoe: dict[str, Any],
     created: int | None = None,
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created or int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-        "premoe": premoe,
-    }
+    return _body(
+        rid,
+        "chat.completion",
+        model,
+        created or int(time.time()),
+        [_choice(finish_reason, message={"role": "assistant", "content": text})],
+        tokens=(prompt_tokens, completion_tokens),
+        premoe=premoe,
+    )
 
 
 def chat_chunk(
@@ -227,24 +245,11 @@ def chat_chunk(
     premoe: dict[str, Any],
     created: int,
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        "premoe": premoe,
-    }
+    choices = [_choice(finish_reason, delta=delta)]
+    return _body(rid, "chat.completion.chunk", model, created, choices, premoe=premoe)
 
 
 def usage_chunk(
     rid: str, model: str, obj: str, created: int, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return _body(rid, obj, model, created, [], tokens=(prompt_tokens, completion_tokens))
