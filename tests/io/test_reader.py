@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from premoe.errors import CheckpointError
 from premoe.io import CheckpointReader, ShardedWriter
+from tests.helpers import hf_qwen3_moe
 
 ROW_BYTES = 256 * 256 * 4  # one row of the fused [64, 256, 256] fp32 tensor
 
@@ -28,21 +29,7 @@ def load_all(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random Qwen3-MoE saved by transformers, once sharded (20 KB) and once whole."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=8,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = hf_qwen3_moe()
     root = tmp_path_factory.mktemp("hf")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
     model.save_pretrained(root / "single")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from premoe.errors import OutputExistsError
 from premoe.io import (
@@ -21,6 +22,7 @@ from premoe.io import (
     atomic_write_bytes,
     atomic_write_text,
 )
+from tests.helpers import hf_qwen3_moe
 
 INDEX = "model.safetensors.index.json"
 
@@ -227,21 +229,7 @@ def test_flush_frees_buffered_tensors(tmp_path: Path) -> None:
 
 def test_writer_output_loads_in_transformers(tmp_path: Path) -> None:
     """Copy a transformers checkpoint through reader and writer; transformers loads it back."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=8,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = hf_qwen3_moe()
     model.save_pretrained(tmp_path / "src")
     with (
         CheckpointReader(tmp_path / "src") as reader,
@@ -253,7 +241,7 @@ def test_writer_output_loads_in_transformers(tmp_path: Path) -> None:
             w.add(key, reader.get(key))
         (w.path / "config.json").write_bytes((tmp_path / "src" / "config.json").read_bytes())
     assert len(w.shard_files) > 1
-    copy = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
+    copy = AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
     want = model.state_dict()
     got = copy.state_dict()
     assert got.keys() == want.keys()

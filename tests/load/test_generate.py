@@ -15,7 +15,7 @@ from premoe.policy import select_experts
 from premoe.profile import load_causal_lm, load_tokenizer, profile
 from premoe.route import QueryKeyer, route
 from premoe.source import resolve_model
-from tests.profile.helpers import (
+from tests.helpers import (
     assert_one_line_error,
     run_cli,
     save_with_tokenizer,

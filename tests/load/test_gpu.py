@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from premoe.load import HostExpertCache, ResidentModel, load_pruned, load_pruned_with_info
 from premoe.source import resolve_model
+from tests.helpers import GPU
 from tests.load.helpers import (
     IDS,
     assert_same_weights,
@@ -22,10 +23,7 @@ from tests.load.helpers import (
 )
 from tests.tiny import build_tiny, save_tiny
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = GPU
 
 
 def cuda_logits(model, ids=IDS):

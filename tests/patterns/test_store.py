@@ -13,7 +13,7 @@ import torch
 from premoe.errors import StoreError, StoreMismatchError, UsageError
 from premoe.patterns import GLOBAL, PatternStore
 from premoe.profile import profile
-from tests.profile.helpers import tiny_model, tokenizer
+from tests.helpers import tiny_model, tokenizer
 
 METRICS = ["tcess", "frequency", "paper-logits", "reap"]
 

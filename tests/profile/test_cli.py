@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from premoe.patterns import PatternStore
-from tests.profile.helpers import assert_one_line_error, run_cli, tree_digest
+from tests.helpers import assert_one_line_error, run_cli, tree_digest
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from premoe.errors import CorpusError, UsageError
 from premoe.profile.corpus import load_task, parse_task_specs, read_texts
-from tests.profile.helpers import tokenizer
+from tests.helpers import tokenizer
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 

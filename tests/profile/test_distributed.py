@@ -9,15 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from premoe.errors import UsageError
-from premoe.patterns.store import KEY_KINDS, PatternStore
+from premoe.patterns.store import PatternStore
 from premoe.profile import profile
 from premoe.profile.distributed import detect, shard_indices
-from tests.profile.helpers import random_texts, write_texts
+from tests.helpers import assert_same_store, random_texts, write_texts
 
 METRICS = ["tcess", "frequency", "paper-logits", "reap"]
 
@@ -61,21 +60,6 @@ def _tasks(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def _assert_equal_stores(single: PatternStore, multi: PatternStore) -> None:
-    assert single.task_names == multi.task_names
-    for task in single.task_names:
-        assert single.tasks[task].samples == multi.tasks[task].samples
-        assert single.tokens(task) == multi.tokens(task)
-        for metric in single.metrics:
-            a, b = single.scores(task, metric), multi.scores(task, metric)
-            scale = max(a.abs().max().item(), 1e-12)
-            assert (a - b).abs().max().item() <= 1e-5 * scale, (task, metric)
-        for kind in KEY_KINDS:
-            ka, kb = single.keys(task, kind), multi.keys(task, kind)
-            assert ka.shape == kb.shape  # same set of samples, in corpus order
-            np.testing.assert_allclose(ka, kb, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize(
     "extra", [[], pytest.param(["--sequential"], marks=pytest.mark.slow)], ids=["plain", "seq"]
 )
@@ -90,7 +74,7 @@ def test_two_process_gloo_equals_single_process(extra, tiny_dir, tmp_path: Path)
     args += [f"--metric={m}" for m in METRICS]
     done = _torchrun(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_equal_stores(single, PatternStore.load(out))
+    assert_same_store(single, PatternStore.load(out), rel=1e-5)
     # rank 0 alone wrote (one store, no leftovers) and printed the summary once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "d.jsonl", "dp", "o.jsonl"]
     assert done.stdout.count("store ") == 1
@@ -137,4 +121,4 @@ def test_two_gpu_nccl_equals_one_gpu(tiny_dir, tmp_path: Path) -> None:
     args += [f"--metric={m}" for m in METRICS]
     done = _torchrun(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_equal_stores(single, PatternStore.load(out))
+    assert_same_store(single, PatternStore.load(out), rel=1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from premoe.profile import profile
@@ -15,12 +14,9 @@ from premoe.profile.metrics import (
     scatter_rows,
     token_contributions,
 )
-from tests.profile.helpers import random_texts, tiny_model, tokenizer, write_texts
+from tests.helpers import GPU, random_texts, tiny_model, tokenizer, write_texts
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-]
+pytestmark = GPU
 
 
 def test_hook_math_never_syncs() -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from premoe.errors import UsageError
-from premoe.patterns.store import KEY_KINDS, PatternStore
+from premoe.patterns.store import PatternStore
 from premoe.profile import load_task, profile
 from premoe.profile.sequential import (
     ActivationStore,
@@ -25,8 +24,10 @@ from premoe.profile.sequential import (
     unflatten,
 )
 from premoe.source import resolve_model
-from tests.profile.helpers import (
+from tests.helpers import (
     assert_one_line_error,
+    assert_same_store,
+    needs_cuda,
     random_texts,
     run_cli,
     tiny_model,
@@ -42,23 +43,6 @@ def _tasks(tmp_path: Path) -> dict[str, Path]:
         "alpha": write_texts(tmp_path / "a.jsonl", random_texts(13, 1, alphabet="abcdef +")),
         "digits": write_texts(tmp_path / "d.jsonl", random_texts(9, 2, alphabet="0123456789*")),
     }
-
-
-def assert_same_store(a: PatternStore, b: PatternStore, rel: float = 1e-4) -> None:
-    assert a.task_names == b.task_names
-    for task in a.task_names:
-        assert a.tasks[task].samples == b.tasks[task].samples
-        assert a.tokens(task) == b.tokens(task)
-        for metric in a.metrics:
-            x, y = a.scores(task, metric), b.scores(task, metric)
-            scale = max(x.abs().max().item(), 1e-12)
-            assert (x - y).abs().max().item() <= rel * scale, (task, metric)
-        sums_a, sums_b = a.sums(task), b.sums(task)
-        assert sums_a.keys() == sums_b.keys()
-        for kind in KEY_KINDS:
-            ka, kb = a.keys(task, kind), b.keys(task, kind)
-            assert ka.shape == kb.shape
-            np.testing.assert_allclose(ka, kb, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -215,12 +199,12 @@ def test_cli_sequential(tiny_dir, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_cuda_sequential_equals_normal_with_less_memory(family: str, tmp_path: Path) -> None:
     """On CUDA: same store as the normal mode, peak device memory well under the model's size
     (8 layers of 32 big experts; the embeddings are small)."""
-    from tests.profile.helpers import save_with_tokenizer
+    from tests.helpers import save_with_tokenizer
 
     big = {"num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 512}
     experts = {"moe_intermediate_size": 512}

@@ -20,7 +20,7 @@ from premoe.errors import UnsupportedArchitectureError
 from premoe.profile import profile
 from premoe.profile.hooks import router_module
 from premoe.profile.metrics import RoutingRule, decode_router_output, route_from_logits
-from tests.profile.helpers import random_texts, tiny_model, tokenizer, write_texts
+from tests.helpers import random_texts, tiny_model, tokenizer, write_texts
 from tests.tiny import FAMILIES
 
 

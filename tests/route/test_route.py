@@ -16,7 +16,7 @@ from premoe.patterns import GLOBAL, PatternStore
 from premoe.profile import profile
 from premoe.profile.hooks import experts_module
 from premoe.route import QueryKeyer, route
-from tests.profile.helpers import assert_one_line_error, run_cli, tiny_model, tokenizer
+from tests.helpers import assert_one_line_error, run_cli, tiny_model, tokenizer
 
 
 def _experts_on_meta(model):

@@ -1,5 +1,5 @@
-"""Helpers shared by the profile, patterns and route tests: tiny models with a tokenizer,
-synthetic corpora, and an in-process runner of the real `premoe` entry point."""
+"""Helpers shared by the tests: tiny models with a tokenizer, synthetic corpora, an in-process
+runner of the real `premoe` entry point, store comparison, the GPU marks."""
 
 from __future__ import annotations
 
@@ -10,12 +10,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from premoe.demo.tasks import build_tokenizer, write_jsonl, write_suite
+from premoe.patterns.store import KEY_KINDS, PatternStore
 from tests.tiny import build_tiny, save_tiny
 
 VOCAB = 128  # the demo char tokenizer has 100 ids
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU = [pytest.mark.gpu, needs_cuda]
+"""`pytestmark = GPU`: CUDA tests (not in the default run; skipped without CUDA)."""
 
 
 def tokenizer() -> Any:
@@ -85,3 +92,42 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 def load_json(text: str) -> Any:
     return json.loads(text)
+
+
+def assert_same_store(a: PatternStore, b: PatternStore, rel: float = 1e-4) -> None:
+    """Same tasks, samples and tokens; scores within `rel` of the largest; same sum rows; keys
+    (same shape, corpus order) within `rel` (plus 1e-6 absolute)."""
+    assert a.task_names == b.task_names
+    for task in a.task_names:
+        assert a.tasks[task].samples == b.tasks[task].samples
+        assert a.tokens(task) == b.tokens(task)
+        for metric in a.metrics:
+            x, y = a.scores(task, metric), b.scores(task, metric)
+            scale = max(x.abs().max().item(), 1e-12)
+            assert (x - y).abs().max().item() <= rel * scale, (task, metric)
+        assert a.sums(task).keys() == b.sums(task).keys()
+        for kind in KEY_KINDS:
+            ka, kb = a.keys(task, kind), b.keys(task, kind)
+            assert ka.shape == kb.shape
+            np.testing.assert_allclose(ka, kb, rtol=rel, atol=1e-6)
+
+
+def hf_qwen3_moe() -> Any:
+    """A tiny random Qwen3-MoE made by transformers' own `from_config` (seed 0, fp32; 2 layers of
+    8 experts, top-2, hidden 32), for checkpoints written by `save_pretrained` itself."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model
