@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -39,8 +39,6 @@ from premoe.prune import KeepSets
 
 log = logging.getLogger(__name__)
 
-PolicyName = Literal["task", "random", "global"]
-MergeName = Literal["sum", "union"]
 POLICIES: tuple[str, ...] = ("task", "random", "global")
 MERGES: tuple[str, ...] = ("sum", "union")
 

@@ -26,7 +26,7 @@ Scoring = Literal["softmax", "sigmoid"]
 Selection = Literal["scores", "logits_topk", "sparsemixer"]
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
+def config_value(config: Any, key: str, default: Any = None) -> Any:
     """Read a possibly dotted config key (`"ffn_config.moe_num_experts"`)."""
     obj = config
     for part in key.split("."):
@@ -44,13 +44,13 @@ def _all_layers(config: Any) -> list[int]:
 
 
 def _first_k_dense(config: Any) -> list[int]:
-    k = int(_get(config, "first_k_dense_replace", 0) or 0)
+    k = int(config_value(config, "first_k_dense_replace", 0) or 0)
     return list(range(k, config.num_hidden_layers))
 
 
 def _sparse_step(config: Any) -> list[int]:
-    step = int(_get(config, "decoder_sparse_step", 1) or 1)
-    dense = set(_get(config, "mlp_only_layers", []) or [])
+    step = int(config_value(config, "decoder_sparse_step", 1) or 1)
+    dense = set(config_value(config, "mlp_only_layers", []) or [])
     return [i for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0]
 
 
@@ -159,30 +159,30 @@ class ArchSpec:
 
     # -- config reading --------------------------------------------------------------------------
     def num_experts(self, config: Any) -> int:
-        return int(_get(config, self.num_experts_key))
+        return int(config_value(config, self.num_experts_key))
 
     def top_k(self, config: Any) -> int:
-        return int(_get(config, self.top_k_key))
+        return int(config_value(config, self.top_k_key))
 
     def moe_layer_ids(self, config: Any) -> list[int]:
         return MOE_LAYER_RULES[self.moe_layers](config)
 
     def renormalize(self, config: Any) -> bool:
         r = self.router.renormalize
-        return bool(_get(config, r, False)) if isinstance(r, str) else r
+        return bool(config_value(config, r, False)) if isinstance(r, str) else r
 
     def groups(self, config: Any) -> tuple[int, int]:
         """(n_group, topk_group); (1, 1) when the router is not group-limited."""
         if not self.router.grouped:
             return 1, 1
-        n = int(_get(config, "n_group", 1) or 1)
-        k = int(_get(config, "topk_group", 1) or 1)
+        n = int(config_value(config, "n_group", 1) or 1)
+        k = int(config_value(config, "topk_group", 1) or 1)
         return n, k
 
     def scaling(self, config: Any) -> float:
         if self.router.scaling_key is None:
             return 1.0
-        return float(_get(config, self.router.scaling_key, 1.0) or 1.0)
+        return float(config_value(config, self.router.scaling_key, 1.0) or 1.0)
 
     def has_per_expert_layout(self) -> bool:
         return all(t.per_expert for t in self.experts)

@@ -95,13 +95,13 @@ def eval_set_from_rows(
             prompts=[str(r["prompt"]) for r in rows],
             answers=[str(r["answer"]) for r in rows],
         )
-    from premoe.profile.corpus import _row_text
+    from premoe.profile.corpus import row_text
 
     texts = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise CorpusError(f"{source} row {i + 1}: expected a JSON object")
-        text = _row_text(row, text_field, None, f"{source} row {i + 1}")
+        text = row_text(row, text_field, None, f"{source} row {i + 1}")
         if text.strip():
             texts.append(text)
     if not texts:
@@ -137,9 +137,9 @@ def load_eval_set(
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         rows: list[dict[str, Any]] = [{"text": ln} for ln in lines]
     elif suffix in {".jsonl", ".ndjson", ".json"}:
-        from premoe.profile.corpus import _read_jsonl
+        from premoe.profile.corpus import read_json_rows
 
-        rows = _read_jsonl(path)
+        rows = read_json_rows(path)
     else:
         raise CorpusError(
             f"{path}: unknown eval set format {suffix or '(no suffix)'!r}; use .jsonl or .txt"

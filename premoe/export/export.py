@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import premoe
-from premoe.arch.spec import _get
+from premoe.arch.spec import config_value
 from premoe.errors import OutputExistsError, UsageError
 from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, format_expert_list
 from premoe.export.prefetch import ShardPrefetcher
@@ -184,8 +184,8 @@ def pruned_config_json(
     if arch.router.grouped:
         keys += ["n_group", "topk_group"]
     for key in keys:
-        if _get(config, key) != _get(new, key) or _get(config, key) is None:
-            _set_raw(raw, key, _get(new, key), config)
+        if config_value(config, key) != config_value(new, key) or config_value(config, key) is None:
+            _set_raw(raw, key, config_value(new, key), config)
     for key in arch.extra_config_keys:
         _set_raw(raw, key, keep.count, config)
     check = type(config).from_dict(dict(raw))

@@ -231,7 +231,7 @@ class Copier:
 # ---- experts: where each one lives on disk and in memory ----------------------------------------
 
 
-def _tensor_of(module: nn.Module, name: str) -> torch.Tensor:
+def tensor_of(module: nn.Module, name: str) -> torch.Tensor:
     """Parameter or buffer `name` (dotted, relative to `module`)."""
     owner, _, attr = name.rpartition(".")
     mod = module.get_submodule(owner) if owner else module
@@ -468,7 +468,7 @@ def _load(
                 continue
             if isinstance(role, RouterKey):
                 layer_mod = moe_layer(model, arch, role.layer)
-                dst = _tensor_of(layer_mod, role.tensor.memory)
+                dst = tensor_of(layer_mod, role.tensor.memory)
                 routers.append((key, dst, role.tensor.dim, keep.layers[role.layer]))
                 continue
             if key in tied and tied[key] in reader:
@@ -482,7 +482,7 @@ def _load(
     for layer in src.moe_layers:
         mod = moe_layer(model, arch, layer)
         for ti, t in enumerate(arch.experts):
-            param = _tensor_of(mod, t.memory)
+            param = tensor_of(mod, t.memory)
             view = expert_view(param, t, keep.count)  # [E', ...]
             if view.shape[0] != len(keep.layers[layer]):
                 raise CheckpointError(

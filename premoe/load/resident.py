@@ -40,12 +40,12 @@ from premoe.load.loader import (
     ExpertIO,
     LoadInfo,
     Progress,
-    _tensor_of,
     as_source,
     expert_view,
     load_pruned_with_info,
     moe_layer,
     param_bytes,
+    tensor_of,
 )
 from premoe.prune.keepsets import GroupPlan, KeepSets
 from premoe.source import ModelSource
@@ -194,11 +194,11 @@ class ResidentModel:
         for layer in source.moe_layers:
             mod = moe_layer(model, self.arch, layer)
             views = [
-                expert_view(_tensor_of(mod, t.memory), t, self.slots) for t in self.arch.experts
+                expert_view(tensor_of(mod, t.memory), t, self.slots) for t in self.arch.experts
             ]  # [K, ...] each
             routers = []
             for t in self.arch.router_tensors:
-                dst = _tensor_of(mod, t.memory)
+                dst = tensor_of(mod, t.memory)
                 full = reader.get(km.router_key(layer, t.role)).to(dst.dtype)  # all E rows
                 stage = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=pin)
                 routers.append((t, dst, full.pin_memory() if pin else full.contiguous(), stage))
@@ -224,10 +224,6 @@ class ResidentModel:
     def resident_bytes(self) -> int:
         """Bytes of every parameter on the device (unique storage)."""
         return param_bytes(self.model)
-
-    def slot_map(self, layer: int) -> tuple[int, ...]:
-        """Original expert id held in each slot of `layer`."""
-        return self.keep.layers[layer]
 
     def __repr__(self) -> str:
         return (

@@ -78,9 +78,7 @@ def _describe(source: str) -> str:
     return source if len(source) < 80 else "..." + source[-77:]
 
 
-def _row_text(
-    row: dict[str, Any], text_field: str | None, render: Render | None, where: str
-) -> str:
+def row_text(row: dict[str, Any], text_field: str | None, render: Render | None, where: str) -> str:
     """The text of one row, by the module's field rules."""
     if text_field is not None:
         if text_field not in row:
@@ -152,7 +150,8 @@ class _Rows(Sequence[str]):
         return self._conv(self._get(i), i)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (or a .json array); a one-line `CorpusError` on bad JSON."""
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if path.suffix == ".json" and stripped.startswith("["):
@@ -235,7 +234,7 @@ def read_texts(
     if suffix in _TEXT:
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     if suffix in _JSONL:
-        rows = _read_jsonl(path)
+        rows = read_json_rows(path)
         conv = _converter(str(path), text_field, render)
         return [conv(row, i) for i, row in enumerate(rows)]
     if suffix in _PARQUET | _CSV:
@@ -251,7 +250,7 @@ def read_texts(
 
 def _converter(where: str, text_field: str | None, render: Render | None) -> Callable[..., str]:
     def conv(row: dict[str, Any], i: int) -> str:
-        return _row_text(row, text_field, render, f"{_describe(where)} row {i + 1}")
+        return row_text(row, text_field, render, f"{_describe(where)} row {i + 1}")
 
     return conv
 

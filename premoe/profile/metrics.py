@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from premoe.arch.spec import ArchSpec, _get
+from premoe.arch.spec import ArchSpec, config_value
 from premoe.errors import UnsupportedArchitectureError, UsageError
 from premoe.patterns.store import METRICS
 
@@ -86,7 +86,7 @@ class RoutingRule:
             n_group=n_group,
             topk_group=topk_group,
             scaling=arch.scaling(config),
-            jitter_eps=float(_get(config, "router_jitter_noise", 0.0) or 0.0),
+            jitter_eps=float(config_value(config, "router_jitter_noise", 0.0) or 0.0),
         )
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -466,13 +466,13 @@ class CheckpointWeights(LayerWeights):
         """One job per tensor of `module`: each returns (name relative to the module, host
         tensor shaped like the model's tensor, in its dtype; pinned when the device is CUDA).
         Fused expert parameters are assembled whole in the in-memory layout."""
-        from premoe.load.loader import _tensor_of, expert_view
+        from premoe.load.loader import expert_view, tensor_of
 
         reader, pin = self.src.reader, self.copier.cuda
         jobs: list[Callable[[], tuple[str, torch.Tensor]]] = []
 
         def plain(key: str, rel: str) -> tuple[str, torch.Tensor]:
-            like = _tensor_of(module, rel)  # meta parameter or host buffer
+            like = tensor_of(module, rel)  # meta parameter or host buffer
             src = reader.get(key)
             if tuple(src.shape) != tuple(like.shape):
                 raise CheckpointError(
@@ -491,7 +491,7 @@ class CheckpointWeights(LayerWeights):
             for ti, t in enumerate(self.src.arch.experts):
 
                 def experts(ti: int = ti, t: Any = t) -> tuple[str, torch.Tensor]:
-                    like = _tensor_of(module, t.memory)  # meta [E, ...] (DBRX: [E*I, H])
+                    like = tensor_of(module, t.memory)  # meta [E, ...] (DBRX: [E*I, H])
                     host = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
                     view = expert_view(host, t, e)  # [E, ...]
                     self.io.check_shape(layer, ti, view.shape[1:])
@@ -516,7 +516,7 @@ class CheckpointWeights(LayerWeights):
         self._pool.shutdown(wait=True)
 
     def bring(self, modules: Sequence[nn.Module]) -> None:
-        from premoe.load.loader import _tensor_of, materialize
+        from premoe.load.loader import materialize, tensor_of
 
         t0 = time.perf_counter()
         self.prefetch(modules)  # (already running if the caller asked for it earlier)
@@ -529,7 +529,7 @@ class CheckpointWeights(LayerWeights):
             for mod in modules:
                 for future in self._pending.pop(id(mod)):
                     rel, host = future.result()
-                    dst = _tensor_of(mod, rel)
+                    dst = tensor_of(mod, rel)
                     self.copier.copy(dst, host)  # pinned, same dtype: asynchronous
                     filled.add(id(dst))
             self.copier.finish(blocking=False)

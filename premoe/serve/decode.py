@@ -180,9 +180,6 @@ class DecodeStats:
     warmup_s: float = 0.0
     per_bucket_compiles: dict[int, float] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
-
 
 def _forward_cache_kwarg(model: Any) -> str:
     """`cache` (transformers >= 5.2x) or `past_key_values` (5.17)."""
