@@ -211,7 +211,7 @@ def plot_patterns(
         raise UsageError("the store has no task to plot")
     for t in names:
         st.scores(t, st.metrics[0])  # unknown task: StoreError
-    m = metric or ("tcess" if "tcess" in st.metrics else st.metrics[0])
+    m = metric or st.default_metric
     st.scores(names[0], m)  # unknown metric: StoreError
     e, n_layers = st.num_experts, len(st.moe_layers)
     k = default_plot_keep(st) if keep is None else int(keep)

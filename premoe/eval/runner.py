@@ -206,10 +206,6 @@ class ModelShape:
     groups: tuple[int, int]
 
 
-def default_global_metric(store: PatternStore) -> str:
-    return "tcess" if "tcess" in store.metrics else store.metrics[0]
-
-
 def check_methods(store: PatternStore, methods: Sequence[str], tasks: Sequence[str]) -> None:
     """Metric methods need their metric in the store; task methods need the task there."""
     for m in methods:
@@ -271,7 +267,7 @@ def method_keep(
         if store is None:
             raise UsageError(f"method {method!r} needs a pattern store")
         if method == "global":
-            metric = global_metric or default_global_metric(store)
+            metric = global_metric or store.default_metric
             sel = select_experts(
                 None, shape.layers, policy="global", pooled=store.pooled_scores(metric), **kwargs
             )
@@ -617,7 +613,7 @@ def _evaluate(
                 raise StoreError(
                     f"metric {global_metric!r} is not in the store (it has {', '.join(st.metrics)})"
                 )
-        gmetric = None if st is None else (global_metric or default_global_metric(st))
+        gmetric = None if st is None else (global_metric or st.default_metric)
         ks = parse_keeps(keeps) or keep_ladder(shape.top_k, shape.num_experts)
         check_keeps(ks, shape)
         sets = build_eval_sets(tasks, eval_sets, max_samples=max_samples, seed=seed)

@@ -149,7 +149,7 @@ def generate(
         fingerprint = fingerprint_source(src)
         st = open_store(store, fingerprint)
         check_store_layers(st, src)
-        metric = metric or ("tcess" if "tcess" in st.metrics else st.metrics[0])
+        metric = metric or st.default_metric
         fallback = GLOBAL if fallback is None else fallback
         check_fallback(st, fallback)
         # unknown task or metric: a clear error, before any weight is read

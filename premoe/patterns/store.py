@@ -157,6 +157,11 @@ class PatternStore:
     def shape(self) -> tuple[int, int]:
         return len(self.moe_layers), self.num_experts
 
+    @property
+    def default_metric(self) -> str:
+        """The metric used when none is named: tcess if the store has it, else its first."""
+        return "tcess" if "tcess" in self.metrics else self.metrics[0]
+
     def add_task(
         self,
         name: str,

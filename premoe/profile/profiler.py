@@ -203,11 +203,16 @@ def run_profile(
                     progress(
                         ProgressInfo(name, done_samples, total, done_tokens, done_tokens / elapsed)
                     )
-            recorded = rec.collect()
-            inverse = np.argsort(np.asarray(order))  # batch order -> corpus order
-            recorded.keys = {k: v[torch.from_numpy(inverse)] for k, v in recorded.keys.items()}
-            out[name] = recorded
+            out[name] = in_corpus_order(rec.collect(), order)
     return out
+
+
+def in_corpus_order(recorded: Recorded, order: list[int]) -> Recorded:
+    """`recorded` with its per-sample keys [N, D] moved from batch order to corpus order
+    (`order[j]`: the corpus index of key row j)."""
+    inverse = torch.from_numpy(np.argsort(np.asarray(order)))  # batch order -> corpus order
+    recorded.keys = {k: v[inverse] for k, v in recorded.keys.items()}
+    return recorded
 
 
 def _existing_store(out: Path, overwrite: bool) -> PatternStore | None:

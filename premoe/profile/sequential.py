@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +57,7 @@ from premoe.profile.profiler import (
     Progress,
     ProgressInfo,
     accumulated_rows,
+    in_corpus_order,
     iter_batches,
     pad_token_id,
 )
@@ -793,11 +793,8 @@ def _run(
                 log.debug("layer group %d/%d done", gi + 1, len(groups))
         out: dict[str, Recorded] = {}
         for name in corpora:
-            recorded = recorders[name].collect()
             order = [i for b in batches[name] for i in b.sel]
-            inverse = torch.from_numpy(np.argsort(np.asarray(order)))  # batch order -> corpus
-            recorded.keys = {k: v[inverse] for k, v in recorded.keys.items()}
-            out[name] = recorded
+            out[name] = in_corpus_order(recorders[name].collect(), order)
         if cuda:
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0

@@ -59,7 +59,7 @@ def build_patterns(
     store = PatternStore.load(store_path)
     store.check_model(fingerprint_source(source))
     if metric is None:
-        metric = "tcess" if "tcess" in store.metrics else store.metrics[0]
+        metric = store.default_metric
     elif metric not in store.metrics:
         raise UsageError(f"metric {metric!r} is not in the store; it has {store.metrics}")
     k = keep_count(source, keep, budget, dtype)
