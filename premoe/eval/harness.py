@@ -330,6 +330,8 @@ def greedy_answers(
     limits = [int(budgets)] * n if isinstance(budgets, int) else [int(b) for b in budgets]
     if len(limits) != n:
         raise ValueError("one generation budget per prompt")
+    from premoe.profile.profiler import pad_batch
+
     encoded = [tokenizer.encode(p) for p in prompts]
     order = sorted(range(n), key=lambda i: (len(encoded[i]), limits[i], i))
     device = model_device(model)
@@ -338,13 +340,8 @@ def greedy_answers(
     out: list[str] = [""] * n
     for start in range(0, n, batch_size):
         sel = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in sel)
-        ids = torch.full((len(sel), width), pad, dtype=torch.long)  # [B, S], left padded
-        mask = torch.zeros((len(sel), width), dtype=torch.long)  # [B, S]
-        for row, i in enumerate(sel):
-            toks = encoded[i]
-            ids[row, width - len(toks) :] = torch.tensor(toks, dtype=torch.long)
-            mask[row, width - len(toks) :] = 1
+        ids, mask = pad_batch([encoded[i] for i in sel], pad, left=True)  # [B, S] each
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -415,24 +412,18 @@ def perplexity(
     """Perplexity on the texts: exp(total NLL / predicted tokens), padding excluded."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    from premoe.profile.profiler import iter_batches
+
     max_pos = getattr(model.config, "max_position_embeddings", None)
     limit = max_length or (max_pos if isinstance(max_pos, int) and max_pos > 0 else 2048)
     encoded = [
         tokenizer.encode(t, truncation=True, max_length=limit)[:limit] for t in evalset.texts
     ]
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     device = model_device(model)
     pad = _pad_id(tokenizer, model)
     nll = 0.0
     tokens = 0
-    for start in range(0, len(order), batch_size):
-        sel = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in sel)
-        ids = torch.full((len(sel), width), pad, dtype=torch.long)  # [B, S], right padded
-        mask = torch.zeros((len(sel), width), dtype=torch.long)  # [B, S]
-        for row, i in enumerate(sel):
-            ids[row, : len(encoded[i])] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, : len(encoded[i])] = 1
+    for ids, mask, sel in iter_batches(encoded, batch_size, pad):  # right padded, [B, S] each
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, S, V]
         target = ids[:, 1:]  # [B, S-1]

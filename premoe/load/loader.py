@@ -582,7 +582,7 @@ def _finish_model(model: Any, src: ModelSource) -> None:
             log.warning("ignoring %s: %s", src.path / "generation_config.json", exc)
 
 
-def _layer_of(key: str, prefix: str) -> int | None:
+def layer_of(key: str, prefix: str) -> int | None:
     """The decoder-layer index of checkpoint key `key` (`{prefix}.{i}.*`), or None."""
     if not key.startswith(prefix + "."):
         return None
@@ -637,7 +637,7 @@ def load_prefix(
                 if role.layer == layer:
                     reads.append((key, f"{arch.layers_prefix}.{layer}.{role.tensor.memory}"))
                 continue
-            index = _layer_of(key, km.prefix)
+            index = layer_of(key, km.prefix)
             if (index is not None and index > layer) or key not in state:
                 continue
             if index is None and id(state[key]) in head_ids:

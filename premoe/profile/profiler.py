@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,21 @@ def input_device(model: Any) -> torch.device:
     return model.model.get_input_embeddings().weight.device
 
 
+def pad_batch(
+    rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, S], attention mask [B, S]) of token-id rows padded with `pad_id` to the longest,
+    on the right (or, with `left`, on the left as generation wants)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, toks in enumerate(rows):
+        cols = slice(width - len(toks), width) if left else slice(0, len(toks))
+        ids[row, cols] = torch.tensor(toks, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
 def iter_batches(
     token_ids: list[list[int]], batch_size: int, pad_id: int, *, pin: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
@@ -136,13 +151,7 @@ def iter_batches(
     order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
     for start in range(0, len(order), batch_size):
         sel = order[start : start + batch_size]
-        width = max(len(token_ids[i]) for i in sel)
-        ids = torch.full((len(sel), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sel), width), dtype=torch.long)
-        for row, i in enumerate(sel):
-            n = len(token_ids[i])
-            ids[row, :n] = torch.tensor(token_ids[i], dtype=torch.long)
-            mask[row, :n] = 1
+        ids, mask = pad_batch([token_ids[i] for i in sel], pad_id)
         if pin:
             ids, mask = ids.pin_memory(), mask.pin_memory()
         yield ids, mask, sel

@@ -418,6 +418,8 @@ class CheckpointWeights(LayerWeights):
     def _plan(self) -> None:
         """id(module) -> [(checkpoint key, tensor name relative to the module)]: modules are the
         decoder layers and the other children of the decoder stack (embeddings, norm)."""
+        from premoe.load.loader import layer_of
+
         km, reader = self.src.keymap, self.src.reader
         stack = self.model.model
         layers = stack.layers
@@ -436,7 +438,7 @@ class CheckpointWeights(LayerWeights):
             if isinstance(role, RouterKey):
                 add(layers[role.layer], key, role.tensor.memory)
                 continue
-            layer = _layer_of(key, km.prefix)
+            layer = layer_of(key, km.prefix)
             if layer is not None:
                 if layer < len(layers):  # (DeepSeek-V3's MTP layer is not in the model)
                     add(layers[layer], key, key[len(km.prefix) + len(str(layer)) + 2 :])
@@ -550,13 +552,6 @@ class CheckpointWeights(LayerWeights):
                             torch.empty(p.shape, dtype=p.dtype, device="meta"),
                             requires_grad=False,
                         )
-
-
-def _layer_of(key: str, prefix: str) -> int | None:
-    if not key.startswith(prefix + "."):
-        return None
-    head = key[len(prefix) + 1 :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 # ---- the run -------------------------------------------------------------------------------------
