@@ -87,7 +87,7 @@ def generate_command(
             fallback=fallback,
             max_new_tokens=max_new_tokens,
             device=device,
-            dtype=None if dtype == "auto" else dtype,
+            dtype=dtype,
             progress=progress,
         )
     finally:
