@@ -281,11 +281,9 @@ class Engine:
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
         """Resolve the model, read the store, build the patterns, load the resident model."""
-        from transformers import AutoTokenizer
-
         from premoe.runtime import resolve_device, resolve_dtype
         from premoe.serve.patterns import build_patterns, make_router
-        from premoe.source import resolve_model
+        from premoe.source import load_tokenizer, resolve_model
 
         t0 = time.perf_counter()
         cfg = self.config
@@ -293,7 +291,7 @@ class Engine:
         self.source = src
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, src)
-        self.tokenizer = AutoTokenizer.from_pretrained(src.path)
+        self.tokenizer = load_tokenizer(src.path)
         if cfg.patterns is not None:
             self.patterns = dict(cfg.patterns)
             self.pattern_info = {"source": "given"}
