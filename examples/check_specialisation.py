@@ -121,6 +121,7 @@ def main() -> None:
     )
     print(header)
     totals: dict[str, list[float]] = {}
+    fulls: list[float] = []
     md = [
         "| task | all experts |"
         + "".join(f" own top-{k} | random {k} | pooled top-{k} |" for k in args.keep),
@@ -128,6 +129,7 @@ def main() -> None:
     ]
     for t in names:
         full = demo_tasks.accuracy(model, tokenizer, evals[t])
+        fulls.append(full)
         line = f"{t:8s} {full:6.3f}"
         md_line = f"| `{t}` | {full:.1%} |"
         for k in args.keep:
@@ -160,7 +162,7 @@ def main() -> None:
     )
     if args.markdown:
         md.append(
-            "| mean | |"
+            f"| mean | {sum(fulls) / len(fulls):.1%} |"
             + "".join(
                 f" {sum(totals[f'{kind}{k}']) / len(names):.1%} |"
                 for k in args.keep
