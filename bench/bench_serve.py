@@ -362,6 +362,7 @@ def bench_premoe(
             "load_s": load_s,
             "warmup_s": engine.warmup_seconds,
             "info": engine.info,
+            "compile": engine.info["compile"],
             "resident_bytes": engine.resident.resident_bytes,
             "peak_device_bytes": peak,
             "decode_b1": b1,
@@ -387,10 +388,14 @@ def bench_full(args: argparse.Namespace, ckpt: Path, config: Any, rng: random.Ra
         if not engine.warm.wait(900):
             raise RuntimeError("warm-up did not finish")
         b1 = decode_b1(engine, "all", random_prompt(rng, args.prompt_chars), args.decode_tokens)
-        say(f"full model batch-1 decode: {b1['decode_tokens_per_s']:.1f} tokens/s")
+        say(
+            f"full model batch-1 decode: {b1['decode_tokens_per_s']:.1f} tokens/s "
+            f"(compile: {engine.info['compile']})"
+        )
         return {
             "load_s": load_s,
             "warmup_s": engine.warmup_seconds,
+            "compile": engine.info["compile"],
             "resident_bytes": engine.resident.resident_bytes,
             "decode_b1": b1,
         }
@@ -658,8 +663,11 @@ def report(
         rows.append((f"decode b1 tokens/s ({impl})", value))
     if "decode_b1" in results.get("full", {}):
         fr = results["full"]["decode_b1"]["decode_tokens_per_s"]
-        rows.append(("full model b1 tokens/s", f"{fr:.1f}"))
-        rows.append(("  pruned / full", f"{results['pruned_over_full']:.2f}"))
+        rows.append(("full model b1 tokens/s", f"{fr:.1f} (compile: {results['full']['compile']})"))
+        ratio = f"{results['pruned_over_full']:.2f}"
+        if results["full"]["compile"] != results["premoe"]["compile"]:
+            ratio += " (not comparable: compiled differently)"
+        rows.append(("  pruned / full", ratio))
     if "batch1" in results.get("accelerate", {}):
         a = results["accelerate"]
         rows.append(("accelerate b1 tokens/s", f"{a['batch1']['tokens_per_s']:.3f}"))

@@ -28,10 +28,13 @@ The masks are built here rather than by transformers, so the same code runs on t
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -314,6 +317,25 @@ class BatchDecoder:
         self._compiled_ok = False
         self.compile_mode = "none"
         self._steps.clear()
+
+    def adopt_thread(self) -> None:
+        """Make the calling thread able to capture and replay CUDA graphs (call it first in the
+        thread that decodes).
+
+        torch keeps its CUDA-graph trees in thread-local state. Up to torch 2.12 that state is
+        set up only in the thread that first imported `torch._inductor.cudagraph_trees`, and a
+        'reduce-overhead' step run from any other plain thread fails with a bare AssertionError
+        (seen on torch 2.11: a second Engine in one process, i.e. a second worker thread). Newer
+        torch sets it up on demand; then this finds it present and does nothing."""
+        if self.compile_mode != "reduce-overhead":
+            return
+        trees = importlib.import_module("torch._inductor.cudagraph_trees")
+        if hasattr(trees.local, "tree_manager_containers"):
+            return
+        trees.local.tree_manager_containers = {}
+        trees.local.tree_manager_locks = defaultdict(threading.Lock)
+        torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+        torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warmup(self, buckets: Sequence[int] | None = None, steps: int = 4) -> float:

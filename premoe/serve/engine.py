@@ -469,6 +469,8 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            assert self.decoder is not None
+            self.decoder.adopt_thread()
             with torch.no_grad():
                 self._warmup()
                 while not self._stop.is_set():

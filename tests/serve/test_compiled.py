@@ -72,4 +72,7 @@ def test_compiled_decode_survives_swaps_cpu(serve_world: ServeWorld) -> None:
 def test_cuda_graphs_survive_swaps(serve_world: ServeWorld) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    # twice: the second engine decodes in a new worker thread, which must get torch's CUDA-graph
+    # thread state too (torch 2.11 fell back to eager decoding with an AssertionError here)
+    run_swaps(serve_world, "cuda", "reduce-overhead")
     run_swaps(serve_world, "cuda", "reduce-overhead")
