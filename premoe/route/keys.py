@@ -100,11 +100,22 @@ class QueryKeyer:
         """The key [D] of one prompt (float32, not normalised: the store normalises)."""
         return self.keys([prompt])[0]
 
+    def key_tensor(self, prompt: str) -> torch.Tensor:
+        """The key [D] of one prompt as a float32 tensor left on the model's device: what
+        `route` searches with, so that a model on a GPU is searched there (`PatternStore.search`)
+        with no copy to the host in between."""
+        return self.tensor_keys_from_ids([self.encode(prompt)])[0]
+
     def keys(self, prompts: Sequence[str]) -> np.ndarray:
         """Keys [B, D] of several prompts, in one right-padded batch."""
         return self.keys_from_ids([self.encode(p) for p in prompts])
 
     def keys_from_ids(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Keys [B, D] (float32, on the host) of already tokenized queries."""
+        return self.tensor_keys_from_ids(token_ids).cpu().numpy()
+
+    def tensor_keys_from_ids(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Keys [B, D] float32 on the model's device."""
         if not token_ids or any(len(t) == 0 for t in token_ids):
             raise UsageError("every query needs at least one token")
         pad = pad_token_id(self.tokenizer, self.model.config)
@@ -142,4 +153,4 @@ class QueryKeyer:
             handle.remove()
         if "key" not in captured:
             raise RuntimeError(f"the router of layer {self.layer} never ran")
-        return captured["key"].float().cpu().numpy()
+        return captured["key"].float()

@@ -1,10 +1,11 @@
 """Route a query to the stored pattern that fits it (TAER), with a fallback.
 
 `route(store, keyer, prompt)` computes the query's key (`QueryKeyer`, no expert involved),
-searches the store's FAISS index and returns the best task, its similarity and the runners-up.
-When the best similarity is below `threshold` (or nothing matched), the configurable fallback
-pattern is returned instead, with ``fallback=True``; the default fallback is the pooled pattern
-of all tasks, `GLOBAL` (``"__global__"``), whose scores are `PatternStore.pooled_scores`.
+searches the store (its FAISS index, or exactly on the model's GPU when the model is on one) and
+returns the best task, its similarity and the runners-up. When the best similarity is below
+`threshold` (or nothing matched), the configurable fallback pattern is returned instead, with
+``fallback=True``; the default fallback is the pooled pattern of all tasks, `GLOBAL`
+(``"__global__"``), whose scores are `PatternStore.pooled_scores`.
 """
 
 from __future__ import annotations
@@ -94,4 +95,5 @@ def route(
         raise UsageError(
             f"the keyer makes {keyer.kind!r} keys, the store holds {store.key['kind']!r} keys"
         )
-    return route_key(store, keyer.key(prompt), threshold=threshold, fallback=fallback, top=top)
+    key = keyer.key_tensor(prompt)  # [D] on the model's device: searched there (store doc)
+    return route_key(store, key, threshold=threshold, fallback=fallback, top=top)

@@ -13,7 +13,7 @@ import torch
 from premoe.errors import StoreError, StoreMismatchError, UsageError
 from premoe.patterns import GLOBAL, PatternStore
 from premoe.profile import profile
-from tests.helpers import tiny_model, tokenizer
+from tests.helpers import needs_cuda, tiny_model, tokenizer
 
 METRICS = ["tcess", "frequency", "paper-logits", "reap"]
 
@@ -79,6 +79,41 @@ def test_search_and_scores(store: PatternStore) -> None:
         store.scores("add", "bogus")
     with pytest.raises(UsageError, match="dimension"):
         store.search(np.ones(3, dtype=np.float32))
+
+
+VARIANTS = [{}, {"search": "centroid"}, {"kind": "tcess"}, {"index": "hnsw"}, {"center": True}]
+
+
+def _rounded(found: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    return [(t, round(s, 4)) for t, s in found]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["knn", "centroid", "tcess", "hnsw", "centered"])
+def test_exact_tensor_search_matches_faiss(store: PatternStore, variant: dict) -> None:
+    """The exact search that runs on an accelerator (here run on the CPU: same code) finds the
+    neighbours FAISS finds, with the same similarities."""
+    st = store.with_key(**variant)
+    n = min(int(st.key["k"]), st._index.ntotal)
+    for q in _queries(st):
+        sims, idx = st._search_on_device(torch.from_numpy(q).view(1, -1) * 3.0, n)
+        fsims, fidx = st._search_one(st._prepare(q.reshape(1, -1), st._mu), n)
+        assert set(idx[0].tolist()) == set(fidx[0].tolist())
+        np.testing.assert_allclose(np.sort(sims[0]), np.sort(fsims[0]), atol=1e-5)
+    # a CPU tensor key takes the FAISS path, with the numpy key's answer
+    q = _queries(st)[0]
+    assert st.search(torch.from_numpy(q), k=3) == st.search(q, k=3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["knn", "centroid", "tcess", "hnsw", "centered"])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_key_is_searched_on_the_device(store: PatternStore, variant: dict) -> None:
+    st = store.with_key(**variant)
+    for q in _queries(st):
+        assert _rounded(st.search(torch.from_numpy(q).cuda(), k=3)) == _rounded(st.search(q, k=3))
+    assert st._on_device is not None and st._on_device[0].is_cuda
+    with pytest.raises(UsageError, match="non-finite"):
+        st.search(torch.full((st._index.d,), float("nan"), device="cuda"))
 
 
 def test_tasks_differ(store: PatternStore, demo_suite, tmp_path: Path) -> None:
