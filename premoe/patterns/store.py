@@ -377,8 +377,7 @@ class PatternStore:
                 f"query key has dimension {q.shape[1]}, the store's keys have {dim} "
                 f"(key kind {self.key['kind']!r})"
             )
-        finite = bool(torch.isfinite(q).all()) if on_device else bool(np.all(np.isfinite(q)))
-        if not finite:
+        if not on_device and not np.all(np.isfinite(q)):
             raise UsageError("query key has non-finite values")
         n = self._index.ntotal
         if n == 0 or k < 1:
@@ -386,6 +385,8 @@ class PatternStore:
         nn = min(k, n) if self.key["search"] == "centroid" else min(int(self.key["k"]), n)
         if on_device:
             sims, idx = self._search_on_device(q, nn)
+            if not np.all(np.isfinite(sims)):  # a non-finite key makes every similarity NaN
+                raise UsageError("query key has non-finite values")
         else:
             sims, idx = self._search_one(self._prepare(q, self._mu), nn)
         if self.key["search"] == "centroid":
@@ -425,7 +426,8 @@ class PatternStore:
         if mu is not None:
             q = torch.nn.functional.normalize(q - mu, dim=-1, eps=1e-12)
         top = torch.topk(rows @ q[0], k)  # [N] -> k
-        return top.values.cpu().numpy()[None], top.indices.cpu().numpy()[None]
+        both = torch.stack([top.values, top.indices.to(torch.float64)]).cpu().numpy()  # one copy
+        return both[:1].astype(np.float32), both[1:].astype(np.int64)
 
     # -- model binding -----------------------------------------------------------------------------
     def check_model(self, fingerprint: dict[str, Any]) -> None:

@@ -127,6 +127,9 @@ class QueryKeyer:
             mask[row, : len(t)] = 1
         device = input_device(self.model)
         ids, mask = ids.to(device), mask.to(device)
+        # no padding: let attention use its plain causal path (building a padding mask costs
+        # more than the layers before the first router on a GPU); the pooling still uses `mask`
+        padded = any(len(t) != width for t in token_ids)
         captured: dict[str, torch.Tensor] = {}
         router = router_module(self.model, self.arch, self.layer)
 
@@ -146,7 +149,9 @@ class QueryKeyer:
             handle = router.register_forward_hook(post_hook)
         try:
             with torch.inference_mode():
-                self.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                self.model.model(
+                    input_ids=ids, attention_mask=mask if padded else None, use_cache=False
+                )
         except _KeyReady:
             pass
         finally:

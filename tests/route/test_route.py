@@ -51,6 +51,10 @@ def test_query_key_touches_no_expert(family, kind, tmp_path: Path) -> None:
     assert np.array_equal(got, intact.keys(texts))
     # the key of a text equals its key as a calibration sample (same computation as the store)
     assert np.allclose(got, store.keys("t", kind), atol=1e-5)
+    for i, text in enumerate(texts):  # one query alone (no padding: attention's causal path)
+        alone = meta.key_tensor(text)
+        assert alone.dtype == torch.float32 and alone.device == torch.device("cpu")
+        assert np.allclose(alone.numpy(), store.keys("t", kind)[i], atol=1e-5)
     assert got.shape[1] == (store.num_experts if kind == "tcess" else model.config.hidden_size)
 
 
