@@ -2,10 +2,10 @@
 
 (a) key computation + search time / full-model prefill time of the same 512-token prompt
     (target <= 0.05). The key is `QueryKeyer`'s (the model runs only up to the first MoE
-    router; no expert runs); the search is `PatternStore.search` on a store of 10,000 keys, with
-    the key left on the model's device as `route` does (exact search there), and for comparison
-    with the key copied to the host (FAISS).
-    Prefill is `model(ids, use_cache=True, logits_to_keep=1)`, as `generate` does it.
+    router; no expert runs; replayed from a CUDA graph on a GPU, and timed eagerly too); the
+    search is `PatternStore.search` on a store of 10,000 keys, with the key left on the model's
+    device as `route` does (exact search there), and for comparison with the key copied to the
+    host (FAISS). Prefill is `model(ids, use_cache=True, logits_to_keep=1)`, as `generate` does.
 (b) search time with 10,000 stored keys: median µs of `PatternStore.search` (FAISS plus the
     kNN vote), of the bare `index.search`, and of `PatternStore.search` with the key on the
     device (exact search there; the answer back on the host), for each index type (flat, hnsw)
@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
     # (a) key + search vs prefill
-    keyer = QueryKeyer(model, None, arch, {"kind": "router_input", "layer": fp["moe_layers"][0]})
+    spec = {"kind": "router_input", "layer": fp["moe_layers"][0]}
+    keyer = QueryKeyer(model, None, arch, spec)  # CUDA graphs on a GPU (the default)
+    eager = QueryKeyer(model, None, arch, spec, cuda_graphs=False)
     store = stores["router_input/knn/flat"]
     dev_ids = ids.view(1, -1).to(device)
 
@@ -285,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         key_and_search()
         prefill()
     key_us = median_us(lambda: keyer.keys_from_ids(prompt), args.repeats)
+    eager_key_us = median_us(lambda: eager.keys_from_ids(prompt), args.repeats)
+    graph_diff = float(
+        np.abs(keyer.keys_from_ids(prompt) - eager.keys_from_ids(prompt)).max()
+        / np.abs(eager.keys_from_ids(prompt)).max()
+    )
     route_us = median_us(key_and_search, args.repeats)
     route_faiss_us = median_us(key_and_faiss_search, args.repeats)
     prefill_us = median_us(prefill, args.repeats)
@@ -294,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": {**bc.model_shape(args), "params": n_params},
         "prompt_tokens": args.seq,
         "key_us": key_us,
+        "key_cuda_graphs": keyer._graphs is not None and not keyer._graphs.failed,
+        "eager_key_us": eager_key_us,
+        "graph_vs_eager_key_max_rel_diff": graph_diff,
         "key_plus_search_us": route_us,
         "prefill_us": prefill_us,
         "route_over_prefill": route_us / prefill_us,
@@ -309,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"key {key_us:,.0f} us, key + search {route_us:,.0f} us, prefill {prefill_us:,.0f} us:"
         f" ratio {route_us / prefill_us:.4f}"
+    )
+    print(
+        f"key computed eagerly (no CUDA graph) {eager_key_us:,.0f} us; graph vs eager key: max"
+        f" relative difference {graph_diff:.2e}"
     )
     print(
         f"with the key copied to the host and FAISS: key + search {route_faiss_us:,.0f} us,"

@@ -14,9 +14,9 @@ from premoe.demo.tasks import read_jsonl
 from premoe.errors import StoreError, UsageError
 from premoe.patterns import GLOBAL, PatternStore
 from premoe.profile import profile
-from premoe.profile.hooks import experts_module
+from premoe.profile.hooks import experts_module, router_module
 from premoe.route import QueryKeyer, route
-from tests.helpers import assert_one_line_error, run_cli, tiny_model, tokenizer
+from tests.helpers import assert_one_line_error, needs_cuda, run_cli, tiny_model, tokenizer
 
 
 def _experts_on_meta(model):
@@ -147,3 +147,37 @@ def test_demo_model_routes_held_out_prompts(tmp_path: Path) -> None:
         report[task] = sum(hits) / len(hits)
     print(f"held-out routing accuracy (demo model): {report}")
     assert sum(report.values()) / len(report) >= 0.95 and min(report.values()) >= 0.85, report
+
+
+def test_cuda_graph_keys_need_one_cuda_device() -> None:
+    model = tiny_model("qwen3_moe")
+    assert QueryKeyer(model, tokenizer())._graphs is None  # CPU: eager keys
+    with pytest.raises(UsageError, match="one CUDA device"):
+        QueryKeyer(model, tokenizer(), cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["router_input", "tcess"])
+def test_cuda_graph_keys_equal_eager_keys(family: str, kind: str) -> None:
+    """A single query's key replayed from a CUDA graph (padded to its length bucket) equals the
+    eager key, across buckets, and sees in-place router changes (what a swap does)."""
+    model = tiny_model(family).cuda()
+    tok = tokenizer()
+    graphed = QueryKeyer(model, tok, key_spec={"kind": kind})
+    eager = QueryKeyer(model, tok, key_spec={"kind": kind}, cuda_graphs=False)
+    assert graphed._graphs is not None and eager._graphs is None
+
+    def same(n: int) -> None:
+        ids = [[3 + (7 * i) % 90 for i in range(n)]]
+        got = graphed.tensor_keys_from_ids(ids)
+        torch.testing.assert_close(got, eager.tensor_keys_from_ids(ids), atol=1e-4, rtol=1e-4)
+
+    for n in (1, 5, 16, 17, 40):
+        same(n)
+    assert not graphed._graphs.failed and set(graphed._graphs.graphs) == {16, 32, 64}
+    router = router_module(model, graphed.arch, graphed.layer)
+    with torch.no_grad():
+        next(router.parameters()).mul_(-1.5)
+    same(17)

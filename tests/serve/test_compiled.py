@@ -37,7 +37,9 @@ def run_swaps(world: ServeWorld, device: str, compile: str) -> None:
         assert engine.info["compile"] == compile
         frames = counters["frames"]["total"]
 
-        async def ask(prompt: str, task: str) -> str:
+        routed: list[str] = []
+
+        async def ask(prompt: str, task: str | None) -> str:
             req = engine.submit(
                 engine.encode_prompt(prompt), prompt, SamplingParams(max_tokens=8), task=task
             )
@@ -47,6 +49,7 @@ def run_swaps(world: ServeWorld, device: str, compile: str) -> None:
                 if kind == "delta":
                     text += value
                 elif kind == "finish":
+                    routed.append(req.route.task if req.route else "")
                     return text
                 elif kind == "error":
                     raise value
@@ -57,6 +60,11 @@ def run_swaps(world: ServeWorld, device: str, compile: str) -> None:
                     got = asyncio.run(ask(prompt, task))
                     assert got == world.greedy(task, prompt, 8), (task, prompt)
         assert engine.metrics.swaps.value() >= 5
+        # routed by its prompt: the query key (a CUDA graph of its own on a GPU) is computed in
+        # the worker thread between compiled decode steps
+        for prompt in PROMPTS:
+            got = asyncio.run(ask(prompt, None))
+            assert got == world.greedy(routed[-1], prompt, 8), (routed[-1], prompt)
         assert counters["frames"]["total"] == frames  # no recompilation after warm-up
     finally:
         engine.stop()
