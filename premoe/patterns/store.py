@@ -23,12 +23,12 @@ the cosine when all k neighbours agree, and drops for ambiguous or far-away quer
 and the similarity is the plain cosine.
 
 **Where the search runs.** A key given as a numpy array (or a CPU tensor) is searched with the
-FAISS index. A key given as a tensor on an accelerator (`QueryKeyer.device_key`: the model is
+FAISS index. A key given as a tensor on an accelerator (`QueryKeyer.key_tensor`: the model is
 there) is searched there, exactly, over the vectors the index holds (copied to that device
 once): one [N, D] x [D] product and a top-k, the computation of `IndexFlatIP`, with no
 copy of the key to the host. For an HNSW index that is the exact answer its graph approximates.
-Measured on an H100 (bench/RESULTS.md): 10,000 x 2048 keys, FAISS on one CPU thread 3.3 ms
-(flat) / 1.6 ms (HNSW), the device search well under a millisecond.
+Measured on an H100 (bench/RESULTS.md): 10,000 x 2048 keys, FAISS on one CPU thread 3.2 ms
+(flat) / 1.6 ms (HNSW), the device search 0.19 ms.
 
 Shape legend: L MoE layers (model order), E routed experts, N samples, D key dimension.
 """

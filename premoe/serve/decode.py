@@ -322,11 +322,11 @@ class BatchDecoder:
         """Make the calling thread able to capture and replay CUDA graphs (call it first in the
         thread that decodes).
 
-        torch keeps its CUDA-graph trees in thread-local state. Up to torch 2.12 that state is
-        set up only in the thread that first imported `torch._inductor.cudagraph_trees`, and a
+        torch keeps its CUDA-graph trees in thread-local state. torch 2.11 sets that state up
+        only in the thread that first imported `torch._inductor.cudagraph_trees`, and a
         'reduce-overhead' step run from any other plain thread fails with a bare AssertionError
-        (seen on torch 2.11: a second Engine in one process, i.e. a second worker thread). Newer
-        torch sets it up on demand; then this finds it present and does nothing."""
+        (seen with a second Engine in one process, i.e. a second worker thread); torch 2.13 sets
+        it up on demand. Where it is present this does nothing."""
         if self.compile_mode != "reduce-overhead":
             return
         trees = importlib.import_module("torch._inductor.cudagraph_trees")
