@@ -36,12 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
-
 # the default benchmark model: Qwen3-MoE-shaped, about 15.6 B parameters (31 GB in bf16)
 MODEL_SHAPE: dict[str, Any] = {
     "layers": 24,
@@ -146,7 +140,13 @@ def qwen3_config(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype]
+    """The `torch.dtype` of a ``--dtype`` choice (bf16, fp16, fp32) or a `torch.dtype`."""
+    from premoe.runtime import parse_dtype
+
+    parsed = parse_dtype(dtype)
+    if parsed is None:
+        raise ValueError(f"no dtype to build with: {dtype!r}")
+    return parsed
 
 
 def build_on_device(config: Any, device: torch.device | str, dtype: str | torch.dtype) -> Any:

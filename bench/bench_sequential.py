@@ -41,6 +41,7 @@ import torch
 from make_checkpoint import write_checkpoint
 
 from premoe.arch import arch_for_config
+from premoe.load.loader import param_bytes
 from premoe.profile.corpus import TaskCorpus
 from premoe.profile.profiler import load_causal_lm, run_profile
 from premoe.profile.sequential import run_profile_sequential
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
         model = load_causal_lm(folder, device=device, dtype="auto")
     load_s = t.seconds
     arch = arch_for_config(model.config)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_bytes = param_bytes(model)
     warm = {"warm": TaskCorpus("warm", "random", ids[: args.batch])}
     run_profile(model, arch, warm, tokenizer=None, metrics=metrics, batch_size=args.batch)
     with bc.DeviceTimer(device) as t:

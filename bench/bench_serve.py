@@ -219,31 +219,20 @@ async def run_workload(
 
 def decode_b1(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any]:
     """Batch-1 greedy decode of `tokens` tokens for `task`, in the worker thread."""
-    from premoe.serve.decode import DecodeRow, DecodeStats, SamplingParams
-
-    class Null:
-        cancelled = False
-
-        def on_delta(self, text: str, n: int) -> None:
-            pass
-
-        def on_finish(self, reason: str, n: int) -> None:
-            pass
+    from premoe.serve.decode import DecodeRow, DecodeStats, NullSink, SamplingParams
 
     def run() -> dict[str, Any]:
         dec = engine.decoder
         engine._swap(task)
         ids = engine.encode_prompt(prompt)
-        saved, dec.eos_ids = dec.eos_ids, set()  # decode exactly `tokens` tokens
-        try:
-            # settle: compiles (after an implementation switch) and records the CUDA graph
-            dec.generate([DecodeRow(ids, SamplingParams(max_tokens=4), Null())])
-            dec.stats = DecodeStats()
-            with bc.DeviceTimer(dec.device) as t:
-                dec.generate([DecodeRow(ids, SamplingParams(max_tokens=tokens), Null())])
-            wall = t.seconds
-        finally:
-            dec.eos_ids = saved
+        # decode exactly `tokens` tokens (ignore_eos); first settle: compiles (after an
+        # implementation switch) and records the CUDA graph
+        dec.generate([DecodeRow(ids, SamplingParams(max_tokens=4), NullSink())], ignore_eos=True)
+        dec.stats = DecodeStats()
+        with bc.DeviceTimer(dec.device) as t:
+            row = DecodeRow(ids, SamplingParams(max_tokens=tokens), NullSink())
+            dec.generate([row], ignore_eos=True)
+        wall = t.seconds
         s = dec.stats
         decode_s = wall - s.prefill_s
         steps = s.decode_steps

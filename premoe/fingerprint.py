@@ -30,6 +30,9 @@ _VOLATILE = {
     "output_router_logits",
 }
 
+_IDENTITY_KEYS = ("family", "num_experts", "moe_layers", "config_hash", "router_hash")
+"""Fingerprint fields that must agree for two fingerprints to be of the same model."""
+
 
 def config_hash(config: Any) -> str:
     data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE}
@@ -78,12 +81,11 @@ def fingerprint_model(model: Any, arch: ArchSpec) -> dict[str, Any]:
 
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("family", "num_experts", "moe_layers", "config_hash", "router_hash")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in _IDENTITY_KEYS)
 
 
 def describe_difference(expected: dict[str, Any], actual: dict[str, Any]) -> str:
-    for key in ("family", "num_experts", "moe_layers", "config_hash", "router_hash"):
+    for key in _IDENTITY_KEYS:
         if expected.get(key) != actual.get(key):
             return f"{key} {expected.get(key)!r} != {actual.get(key)!r}"
     return "identical"

@@ -30,9 +30,20 @@ import torch
 
 import premoe
 from premoe.arch.keys import ExpertKey, RouterKey
-from premoe.errors import CheckpointError, StoreError, UsageError
+from premoe.errors import CheckpointError, StoreError, StoreMismatchError, UsageError
+from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES
-from premoe.policy import group_exact_possible, human_bytes, kept_share, parse_bytes, take
+from premoe.policy import (
+    budget_count,
+    expert_order,
+    group_exact_possible,
+    human_bytes,
+    kept_share,
+    merge_sum,
+    parse_bytes,
+    take,
+    union_order,
+)
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
@@ -225,8 +236,6 @@ def store_scores(
 
 def check_store_layers(store: Any, src: ModelSource) -> None:
     if list(store.moe_layers) != list(src.moe_layers) or int(store.num_experts) != src.num_experts:
-        from premoe.errors import StoreMismatchError
-
         raise StoreMismatchError(
             f"the store has layers {list(store.moe_layers)} x {store.num_experts} experts, the "
             f"model {src.moe_layers} x {src.num_experts}; profile this model to make a store"
@@ -304,9 +313,6 @@ def plan(
     of `tasks` (merged by `merge`), or of all tasks pooled when no task is given. With
     `budget`, `Plan.fits` is the largest K that fits (and is added to the rows).
     """
-    from premoe.fingerprint import fingerprint_source
-    from premoe.policy import expert_order, merge_sum, union_order
-
     src = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
         sizes = SizeModel.from_source(src)
@@ -321,8 +327,6 @@ def plan(
         fits = None
         budget_bytes = None
         if budget is not None:
-            from premoe.policy import budget_count
-
             budget_bytes = parse_bytes(budget)
             fits = budget_count(budget_bytes, sizes.resident, e, routed=k_routed, groups=groups)
         cover_scores: list[torch.Tensor] = []

@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from premoe.policy import human_bytes as human_bytes  # re-exported for the commands
+
 
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
@@ -27,14 +29,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def progress_enabled() -> bool:

@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 import typer
 
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
 from premoe_cli.options import JsonOpt, OverwriteOpt
+from premoe_cli.progress import LazyBar, closing
 
 
-class _Bar:
-    """A tqdm bar over the demo's steps, on stderr."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
+class _Bar(LazyBar):
+    """The demo's steps; full when it closes."""
 
     def __call__(self, p: Any) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=p.steps, unit="step", dynamic_ncols=True, desc="demo")
-        self.bar.n = p.index - 1
-        self.bar.set_description_str(f"demo: {p.step}", refresh=False)
-        self.bar.set_postfix_str(p.detail, refresh=False)
-        self.bar.refresh()
+        bar = self.open(total=p.steps, unit="step", dynamic_ncols=True, desc="demo")
+        bar.n = p.index - 1
+        bar.set_description_str(f"demo: {p.step}", refresh=False)
+        bar.set_postfix_str(p.detail, refresh=False)
+        bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.n = self.bar.total
             self.bar.refresh()
-            self.bar.close()
+        super().close()
 
 
 def demo_command(
@@ -88,13 +84,9 @@ def demo_command(
     changes: dict[str, Any] = {"threads": threads}
     if keep is not None:
         changes["keep"] = keep
-    opts = DemoOptions(**{**base.__dict__, **changes})
-    bar = _Bar() if progress_enabled() and not json_out else None
-    try:
+    opts = dataclasses.replace(base, **changes)
+    with closing(_Bar() if progress_enabled() and not json_out else None) as bar:
         result = run_demo(out, overwrite=overwrite, store=store, options=opts, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
     if json_out:
         print_json(result.to_json())
         return

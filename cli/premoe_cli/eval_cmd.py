@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from premoe.eval.runner import METHODS, EvalProgress, EvalReport, evaluate
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg
+from premoe_cli.progress import LazyBar, closing
 
 
-class _Bar:
-    """A tqdm bar on stderr fed by `EvalProgress` (rows scored)."""
-
-    def __init__(self, desc: str = "eval") -> None:
-        self.bar: Any = None
-        self.desc = desc
+class _Bar(LazyBar):
+    """Rows scored (`EvalProgress`), with the stage."""
 
     def __call__(self, p: EvalProgress) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=p.total, unit="row", dynamic_ncols=True, desc=self.desc)
-        self.bar.total = p.total
-        self.bar.n = p.done
-        self.bar.set_postfix_str(p.stage, refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        bar = self.open(total=p.total, unit="row", dynamic_ncols=True, desc="eval")
+        bar.total = p.total
+        bar.n = p.done
+        bar.set_postfix_str(p.stage, refresh=False)
+        bar.refresh()
 
 
 def fmt_value(kind: str, value: float | None) -> str:
@@ -173,7 +163,6 @@ def eval_command(
       premoe eval premoe/demo/model --store patterns/demo --task add --task sort \\
         --keep 4,8,16 --method tcess,global,random --plot eval.png
     """
-    bar = _Bar() if progress_enabled() and not json_out else None
     if plot is not None:
         from pathlib import Path
 
@@ -187,7 +176,7 @@ def eval_command(
             raise OutputExistsError(
                 f"{plot} already exists; pass --overwrite or choose another --plot"
             )
-    try:
+    with closing(_Bar() if progress_enabled() and not json_out else None) as bar:
         report = evaluate(
             model,
             store,
@@ -206,9 +195,6 @@ def eval_command(
             threads=threads,
             progress=bar,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     plot_path = None
     if plot is not None:
         from premoe.eval.plots import plot_eval

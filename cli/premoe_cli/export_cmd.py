@@ -2,41 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from premoe.export import export_from_store
-from premoe.io import DEFAULT_MAX_SHARD_BYTES
 from premoe.policy import parse_bytes
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
-from premoe_cli.options import JsonOpt, ModelArg, OverwriteOpt
-from premoe_cli.plan_cmd import BudgetOpt, MergeOpt, MetricOpt, TopKOpt
+from premoe_cli.options import (
+    BudgetOpt,
+    JsonOpt,
+    MergeOpt,
+    MetricOpt,
+    ModelArg,
+    OverwriteOpt,
+    TopKOpt,
+)
+from premoe_cli.progress import LazyBar, closing
 
 
-class _Bar:
-    """A tqdm byte bar on stderr fed by `progress(done, total)`."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
+class _Bar(LazyBar):
+    """Bytes written, fed by `progress(done, total)`."""
 
     def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total or None,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                dynamic_ncols=True,
-                desc="export",
-            )
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        bar = self.open(
+            total=total or None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            dynamic_ncols=True,
+            desc="export",
+        )
+        bar.update(done - bar.n)
 
 
 def export_command(
@@ -108,9 +105,8 @@ def export_command(
 
         premoe export ./Qwen3-30B-A3B -s patterns/qwen3 -t math --keep 64 -o ./qwen3-math
     """
-    max_shard = DEFAULT_MAX_SHARD_BYTES if max_shard_size == "5GiB" else parse_bytes(max_shard_size)
-    bar = _Bar() if progress_enabled() else None
-    try:
+    max_shard = parse_bytes(max_shard_size)
+    with closing(_Bar() if progress_enabled() else None) as bar:
         result = export_from_store(
             model,
             store,
@@ -129,9 +125,6 @@ def export_command(
             max_shard_bytes=max_shard,
             progress=bar,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     summary = result.summary()
     summary["group_plan"] = result.provenance["groups"]
     summary["policy"] = result.provenance.get("policy")

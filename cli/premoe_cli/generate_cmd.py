@@ -10,6 +10,20 @@ import typer
 from premoe.load.generate import DEFAULT_COVERAGE, generate
 from premoe_cli._common import human_bytes, print_json, progress_enabled
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, StoreOpt
+from premoe_cli.progress import LazyBar, closing
+
+
+class _Bar(LazyBar):
+    """Bytes loaded, fed by `progress(done, total)`; shown from the start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open(total=0, unit="B", unit_scale=True, desc="loading", file=sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
 
 
 def generate_command(
@@ -61,19 +75,7 @@ def generate_command(
     Example: premoe generate ./Qwen3-30B-A3B --store patterns/qwen3 "Integrate x^2" --keep 32
     """
     text = sys.stdin.read() if prompt == "-" else prompt
-    bar = None
-    if progress_enabled() and not json_out:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="loading", file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-    try:
+    with closing(_Bar() if progress_enabled() and not json_out else None) as bar:
         result = generate(
             model,
             store,
@@ -88,11 +90,8 @@ def generate_command(
             max_new_tokens=max_new_tokens,
             device=device,
             dtype=dtype,
-            progress=progress,
+            progress=bar,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     if json_out:
         print_json(result.to_json())
         return

@@ -30,3 +30,25 @@ DeviceOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: auto, bf16, fp16 or fp32.")]
+MetricOpt = Annotated[
+    str, typer.Option("--metric", "-m", help="Score metric of the store: tcess, frequency...")
+]
+MergeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Several tasks: 'sum' of per-layer-normalised scores, or 'union' of the tasks' "
+        "own rankings (round-robin)."
+    ),
+]
+TopKOpt = Annotated[
+    int | None,
+    typer.Option("--top-k", help="Lower the routed count of the pruned model (e.g. 8 -> 4)."),
+]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        "-b",
+        help="Memory budget, e.g. 24GiB, 500MB, 1.5e9: the largest keep count that fits.",
+    ),
+]

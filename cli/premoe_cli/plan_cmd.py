@@ -8,7 +8,7 @@ import typer
 
 from premoe.plan import plan
 from premoe_cli._common import human_bytes, print_json, print_table
-from premoe_cli.options import JsonOpt, ModelArg
+from premoe_cli.options import BudgetOpt, JsonOpt, MergeOpt, MetricOpt, ModelArg, TopKOpt
 
 TaskOpt = Annotated[
     list[str] | None,
@@ -18,28 +18,6 @@ TaskOpt = Annotated[
         help="Task of the store to measure score coverage on; repeatable (merged with --merge). "
         "Without --task the store's pooled scores are used.",
         show_default=False,
-    ),
-]
-MetricOpt = Annotated[
-    str, typer.Option("--metric", "-m", help="Score metric of the store: tcess, frequency...")
-]
-MergeOpt = Annotated[
-    str,
-    typer.Option(
-        help="Several tasks: 'sum' of per-layer-normalised scores, or 'union' of the tasks' "
-        "own rankings (round-robin)."
-    ),
-]
-TopKOpt = Annotated[
-    int | None,
-    typer.Option("--top-k", help="Lower the routed count of the pruned model (e.g. 8 -> 4)."),
-]
-BudgetOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--budget",
-        "-b",
-        help="Memory budget, e.g. 24GiB, 500MB, 1.5e9: the largest keep count that fits.",
     ),
 ]
 

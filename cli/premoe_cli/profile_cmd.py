@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from premoe.profile import ProgressInfo, parse_task_specs, profile
 from premoe_cli._common import print_json, print_table, progress_enabled
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, OverwriteOpt
+from premoe_cli.progress import LazyBar, closing
 
 
-class _Bar:
-    """A tqdm bar on stderr fed by the library's progress callback."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
+class _Bar(LazyBar):
+    """Samples profiled, with the task and token rate."""
 
     def __call__(self, p: ProgressInfo) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=p.total_samples, unit="sample", dynamic_ncols=True)
-        self.bar.n = p.samples
-        self.bar.set_postfix_str(
-            f"{p.task} {p.tokens:,} tok {p.tokens_per_s:,.0f} tok/s", refresh=False
-        )
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        bar = self.open(total=p.total_samples, unit="sample", dynamic_ncols=True)
+        bar.n = p.samples
+        bar.set_postfix_str(f"{p.task} {p.tokens:,} tok {p.tokens_per_s:,.0f} tok/s", refresh=False)
+        bar.refresh()
 
 
 def profile_command(
@@ -143,8 +132,7 @@ def profile_command(
     """
     tasks = parse_task_specs(task)
     main_rank = os.environ.get("RANK", "0") in ("", "0")
-    bar = _Bar() if progress_enabled() and main_rank else None
-    try:
+    with closing(_Bar() if progress_enabled() and main_rank else None) as bar:
         store = profile(
             model,
             tasks,
@@ -170,9 +158,6 @@ def profile_command(
             offload_dir=offload_dir,
             host_budget=host_budget,
         )
-    finally:
-        if bar is not None:
-            bar.close()
     if not main_rank:
         return
     summary = {

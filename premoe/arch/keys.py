@@ -72,6 +72,11 @@ class KeyMap:
                         "checkpoint complete and is config.json the one it was saved with?"
                     )
                 self._roles[name] = role
+        # (layer, router role) -> key: the first such key in `_roles` order, as a scan would find
+        self._routers: dict[tuple[int, str], str] = {}
+        for name, role in self._roles.items():
+            if isinstance(role, RouterKey):
+                self._routers.setdefault((role.layer, role.tensor.role), name)
 
     def layer_key(self, layer: int, rel: str) -> str:
         return f"{self.prefix}.{layer}.{rel}"
@@ -103,11 +108,10 @@ class KeyMap:
 
     def router_key(self, layer: int, role: str = "weight") -> str:
         """The checkpoint key of `layer`'s router tensor with `role`."""
-        return next(
-            k
-            for k, r in self._roles.items()
-            if isinstance(r, RouterKey) and r.layer == layer and r.tensor.role == role
-        )
+        try:
+            return self._routers[(layer, role)]
+        except KeyError:  # as `next()` over the roles found nothing
+            raise StopIteration from None
 
     def renumbered(self, key: ExpertKey, new_expert: int) -> str:
         """The per-expert key of `key`'s tensor for expert number `new_expert`."""

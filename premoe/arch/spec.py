@@ -96,7 +96,6 @@ class ExpertTensor:
     memory: str
     per_expert: tuple[str, ...] = ()
     disk: str | None = None
-    rows_per_expert: int | None = None  # for 2-D [E*I, H] tensors (DBRX): rows = I, from config
 
     @property
     def fused_disk(self) -> str:
@@ -152,7 +151,6 @@ class ArchSpec:
     per_expert_block: str | None = None  # block name in the per-expert disk layout, if any
     shared: tuple[str, ...] = ()  # shared-expert modules left untouched (relative to layer)
     layers_prefix: str = "model.layers"
-    extra_config_keys: tuple[str, ...] = ()  # other keys that must follow E (aliases)
     notes: str = ""
     tested: bool = True
     example_config: dict[str, Any] = field(default_factory=dict)  # tiny config for tests

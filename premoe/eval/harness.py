@@ -31,7 +31,6 @@ from premoe.errors import CorpusError, UsageError
 log = logging.getLogger(__name__)
 
 Kind = Literal["accuracy", "perplexity"]
-KINDS: tuple[str, ...] = ("accuracy", "perplexity")
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -212,9 +211,7 @@ def combine(parts: Sequence[tuple[Score, Sequence[int]]], n: int) -> Score:
             correct += int(s.correct or 0)
             for i, p in zip(idx, s.predictions or [], strict=True):
                 preds[i] = p
-        return Score(
-            "accuracy", correct / n if n else float("nan"), n, correct=correct, predictions=preds
-        )
+        return _accuracy_score(correct, n, preds)
     nll = sum(float(s.nll or 0.0) for s, _ in parts)
     tokens = sum(int(s.tokens or 0) for s, _ in parts)
     return Score(
@@ -304,6 +301,21 @@ def _answer_tokens(tokenizer: Any, answers: Sequence[str]) -> list[int]:
     return [len(tokenizer.encode(a, add_special_tokens=False)) for a in answers]
 
 
+def _budgets(tokenizer: Any, answers: Sequence[str], max_new_tokens: int) -> list[int]:
+    """Per-row generation budgets: the reference answer's tokens + `ANSWER_SLACK`, capped."""
+    return [min(max_new_tokens, t + ANSWER_SLACK) for t in _answer_tokens(tokenizer, answers)]
+
+
+def _accuracy_score(correct: int, n: int, predictions: list[str]) -> Score:
+    return Score(
+        "accuracy", correct / n if n else float("nan"), n, correct=correct, predictions=predictions
+    )
+
+
+def _exact_matches(predictions: Sequence[str], answers: Sequence[str]) -> int:
+    return sum(exact_match(p, a) for p, a in zip(predictions, answers, strict=True))
+
+
 Progress = Callable[[int], None]  # called with the number of rows just finished
 
 
@@ -384,19 +396,12 @@ def accuracy(
     budgets: list[int] | int = (
         fixed_budget
         if fixed_budget is not None
-        else [
-            min(max_new_tokens, t + ANSWER_SLACK)
-            for t in _answer_tokens(tokenizer, evalset.answers)
-        ]
+        else _budgets(tokenizer, evalset.answers, max_new_tokens)
     )
     preds = greedy_answers(
         model, tokenizer, evalset.prompts, budgets=budgets, batch_size=batch_size, progress=progress
     )
-    correct = sum(exact_match(p, a) for p, a in zip(preds, evalset.answers, strict=True))
-    n = len(preds)
-    return Score(
-        "accuracy", correct / n if n else float("nan"), n, correct=correct, predictions=preds
-    )
+    return _accuracy_score(_exact_matches(preds, evalset.answers), len(preds), preds)
 
 
 @torch.inference_mode()
@@ -451,16 +456,14 @@ def score(
     progress: Progress | None = None,
 ) -> Score:
     """`accuracy` or `perplexity`, by the eval set's kind."""
-    if evalset.kind == "accuracy":
-        return accuracy(
-            model,
-            tokenizer,
-            evalset,
-            batch_size=batch_size or DEFAULT_BATCH_SIZE,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-        )
-    return perplexity(model, tokenizer, evalset, batch_size=batch_size or 8, progress=progress)
+    return score_many(
+        model,
+        tokenizer,
+        [evalset],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )[0]
 
 
 def score_many(
@@ -479,14 +482,11 @@ def score_many(
     if qa:
         prompts = [p for s in qa for p in s.prompts]
         answers = [a for s in qa for a in s.answers]
-        budgets = [
-            min(max_new_tokens, t + ANSWER_SLACK) for t in _answer_tokens(tokenizer, answers)
-        ]
         preds = greedy_answers(
             model,
             tokenizer,
             prompts,
-            budgets=budgets,
+            budgets=_budgets(tokenizer, answers, max_new_tokens),
             batch_size=batch_size or DEFAULT_BATCH_SIZE,
             progress=progress,
         )
@@ -494,9 +494,7 @@ def score_many(
         for s in qa:
             mine = preds[start : start + len(s)]
             start += len(s)
-            correct = sum(exact_match(p, a) for p, a in zip(mine, s.answers, strict=True))
-            value = correct / len(s) if len(s) else float("nan")
-            scores[id(s)] = Score("accuracy", value, len(s), correct=correct, predictions=mine)
+            scores[id(s)] = _accuracy_score(_exact_matches(mine, s.answers), len(s), mine)
     for s in evalsets:
         if s.kind == "perplexity":
             scores[id(s)] = perplexity(
@@ -506,7 +504,6 @@ def score_many(
 
 
 __all__ = [
-    "KINDS",
     "EvalSet",
     "Score",
     "accuracy",

@@ -377,14 +377,6 @@ class EvalReport:
                 return r
         raise KeyError((task, method, keep))
 
-    def kind(self, task: str) -> str:
-        return self.full[task].kind
-
-    def mean(self, method: str, keep: int) -> float:
-        """Mean over tasks of the pruned score (the tasks' own kinds)."""
-        vals = [self.row(t, method, keep).score.value for t in self.tasks]
-        return sum(vals) / len(vals)
-
     def to_json(self, *, predictions: bool = False) -> dict[str, Any]:
         return {
             "premoe_version": self.premoe_version,
@@ -419,17 +411,6 @@ class EvalReport:
 def keep_id(keep: KeepSets) -> tuple[Any, ...]:
     """A hashable identity of a keep set."""
     return tuple(sorted((int(layer), tuple(ids)) for layer, ids in keep.layers.items()))
-
-
-def param_bytes(model: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    return total
 
 
 def routing_accuracy(
@@ -531,233 +512,197 @@ def evaluate(
     from_pretrained; `workdir` holds it, default a temp folder). `threads`: torch CPU threads
     while it runs. All inputs are checked before any model runs.
     """
-    with torch_threads(threads), no_load_bars():
-        return _evaluate(
-            model,
-            store,
-            tasks,
-            keeps=keeps,
-            methods=methods,
-            eval_sets=eval_sets,
-            max_samples=max_samples,
-            device=device,
-            dtype=dtype,
-            via=via,
-            seed=seed,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            routing=routing,
-            global_metric=global_metric,
-            threads=threads,
-            workdir=workdir,
-            progress=progress,
-        )
-
-
-def _evaluate(
-    model: str | Path,
-    store: str | Path | PatternStore | None,
-    tasks: Sequence[str],
-    *,
-    keeps: Sequence[int] | str | None,
-    methods: Sequence[str] | str | None,
-    eval_sets: Mapping[str, EvalSetSpec] | Sequence[str] | None,
-    max_samples: int | None,
-    device: str | torch.device,
-    dtype: str | torch.dtype,
-    via: str,
-    seed: int,
-    batch_size: int | None,
-    max_new_tokens: int,
-    routing: bool,
-    global_metric: str | None,
-    threads: int | None,
-    workdir: str | Path | None,
-    progress: Progress | None,
-) -> EvalReport:
     from premoe.fingerprint import fingerprint_source
     from premoe.load import ResidentModel
+    from premoe.load.loader import param_bytes
     from premoe.plan import SizeModel, keep_ladder
     from premoe.runtime import resolve_device, resolve_dtype
     from premoe.source import load_tokenizer, resolve_model
 
-    t0 = time.perf_counter()
-    tasks = list(tasks)
-    if not tasks:
-        raise UsageError("give at least one --task to evaluate")
-    if len(set(tasks)) != len(tasks):
-        raise UsageError(f"a task is given twice in {tasks}")
-    if via not in VIAS:
-        raise UsageError(f"unknown --via {via!r}; choose load or export")
+    with torch_threads(threads), no_load_bars():
+        t0 = time.perf_counter()
+        tasks = list(tasks)
+        if not tasks:
+            raise UsageError("give at least one --task to evaluate")
+        if len(set(tasks)) != len(tasks):
+            raise UsageError(f"a task is given twice in {tasks}")
+        if via not in VIAS:
+            raise UsageError(f"unknown --via {via!r}; choose load or export")
 
-    src = resolve_model(model)
-    try:
-        fingerprint = fingerprint_source(src)
-        st: PatternStore | None = None
-        if store is not None:
-            st = store if isinstance(store, PatternStore) else PatternStore.load(store)
-            st.check_model(fingerprint)
-        shape = ModelShape(
-            tuple(src.moe_layers), src.num_experts, src.top_k, src.arch.groups(src.config)
-        )
-        chosen = parse_methods(methods)
-        if chosen is None:
-            chosen = [*st.metrics, *BASELINES] if st is not None else ["random"]
-        if st is None and any(m != "random" for m in chosen):
-            raise UsageError("methods other than random need a pattern store (--store)")
-        if "routed" in chosen and not routing:
-            raise UsageError("the routed method needs routing; do not turn routing off")
-        if st is not None:
-            check_methods(st, chosen, tasks)
-            if global_metric is not None and global_metric not in st.metrics:
-                raise StoreError(
-                    f"metric {global_metric!r} is not in the store (it has {', '.join(st.metrics)})"
-                )
-        gmetric = None if st is None else (global_metric or st.default_metric)
-        ks = parse_keeps(keeps) or keep_ladder(shape.top_k, shape.num_experts)
-        check_keeps(ks, shape)
-        sets = build_eval_sets(tasks, eval_sets, max_samples=max_samples, seed=seed)
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, src)
-        tokenizer = load_tokenizer(src.path)
-        sizes = SizeModel.from_source(src)
-
-        def keep_for(task: str, method: str, k: int) -> KeepSets:
-            return method_keep(st, task, method, k, shape, seed=seed, global_metric=gmetric)
-
-        # every fixed keep set up front: bad combinations fail before any model runs
-        fixed = [m for m in chosen if m != "routed"]
-        plan = {(t, m, k): keep_for(t, m, k) for k in ks for t in tasks for m in fixed}
-
-        counter = _Counter(0, progress)
-
-        def run(net: Any, units: Sequence[_Unit]) -> dict[str, Score]:
-            got = score_many(
-                net,
-                tokenizer,
-                [u.evalset for u in units],
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                progress=counter,
+        src = resolve_model(model)
+        try:
+            fingerprint = fingerprint_source(src)
+            st: PatternStore | None = None
+            if store is not None:
+                st = store if isinstance(store, PatternStore) else PatternStore.load(store)
+                st.check_model(fingerprint)
+            shape = ModelShape(
+                tuple(src.moe_layers), src.num_experts, src.top_k, src.arch.groups(src.config)
             )
-            return {u.name: sc for u, sc in zip(units, got, strict=True)}
+            chosen = parse_methods(methods)
+            if chosen is None:
+                chosen = [*st.metrics, *BASELINES] if st is not None else ["random"]
+            if st is None and any(m != "random" for m in chosen):
+                raise UsageError("methods other than random need a pattern store (--store)")
+            if "routed" in chosen and not routing:
+                raise UsageError("the routed method needs routing; do not turn routing off")
+            if st is not None:
+                check_methods(st, chosen, tasks)
+                if global_metric is not None and global_metric not in st.metrics:
+                    raise StoreError(
+                        f"metric {global_metric!r} is not in the store "
+                        f"(it has {', '.join(st.metrics)})"
+                    )
+            gmetric = None if st is None else (global_metric or st.default_metric)
+            ks = parse_keeps(keeps) or keep_ladder(shape.top_k, shape.num_experts)
+            check_keeps(ks, shape)
+            sets = build_eval_sets(tasks, eval_sets, max_samples=max_samples, seed=seed)
+            dev = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, src)
+            tokenizer = load_tokenizer(src.path)
+            sizes = SizeModel.from_source(src)
 
-        # the full model (and routing, which needs no expert but uses the full model's layers)
-        from transformers import AutoModelForCausalLM
+            def keep_for(task: str, method: str, k: int) -> KeepSets:
+                return method_keep(st, task, method, k, shape, seed=seed, global_metric=gmetric)
 
-        whole = {t: _Unit(t, t, sets[t], list(range(len(sets[t])))) for t in tasks}
-        counter.total = sum(len(s) for s in sets.values())
-        counter.stage = "full model"
-        full_model = AutoModelForCausalLM.from_pretrained(
-            src.path, dtype=torch_dtype, device_map={"": str(dev)}
-        ).eval()
-        full_bytes = param_bytes(full_model)
-        full = run(full_model, list(whole.values()))
-        route_report = None
-        if routing and st is not None and st.tasks:
-            counter.stage = "routing"
-            route_report = routing_accuracy(st, full_model, tokenizer, sets)
-        del full_model
+            # every fixed keep set up front: bad combinations fail before any model runs
+            fixed = [m for m in chosen if m != "routed"]
+            plan = {(t, m, k): keep_for(t, m, k) for k in ks for t in tasks for m in fixed}
 
-        # (task, method, K) -> [(unit, keep set)]
-        work: dict[tuple[str, str, int], list[tuple[_Unit, KeepSets]]] = {
-            key: [(whole[key[0]], keep)] for key, keep in plan.items()
-        }
-        if "routed" in chosen:
-            assert route_report is not None
-            for t in tasks:
-                by_pattern: dict[str, list[int]] = {}
-                for i, r in enumerate(route_report.routes[t]):
-                    by_pattern.setdefault(r, []).append(i)
+            counter = _Counter(0, progress)
+
+            def run(net: Any, units: Sequence[_Unit]) -> dict[str, Score]:
+                got = score_many(
+                    net,
+                    tokenizer,
+                    [u.evalset for u in units],
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    progress=counter,
+                )
+                return {u.name: sc for u, sc in zip(units, got, strict=True)}
+
+            # the full model (and routing, which needs no expert but uses the full model's layers)
+            from transformers import AutoModelForCausalLM
+
+            whole = {t: _Unit(t, t, sets[t], list(range(len(sets[t])))) for t in tasks}
+            counter.total = sum(len(s) for s in sets.values())
+            counter.stage = "full model"
+            full_model = AutoModelForCausalLM.from_pretrained(
+                src.path, dtype=torch_dtype, device_map={"": str(dev)}
+            ).eval()
+            full_bytes = param_bytes(full_model)
+            full = run(full_model, list(whole.values()))
+            route_report = None
+            if routing and st is not None and st.tasks:
+                counter.stage = "routing"
+                route_report = routing_accuracy(st, full_model, tokenizer, sets)
+            del full_model
+
+            # (task, method, K) -> [(unit, keep set)]
+            work: dict[tuple[str, str, int], list[tuple[_Unit, KeepSets]]] = {
+                key: [(whole[key[0]], keep)] for key, keep in plan.items()
+            }
+            if "routed" in chosen:
+                assert route_report is not None
+                for t in tasks:
+                    by_pattern: dict[str, list[int]] = {}
+                    for i, r in enumerate(route_report.routes[t]):
+                        by_pattern.setdefault(r, []).append(i)
+                    for k in ks:
+                        work[(t, "routed", k)] = [
+                            (
+                                _Unit(f"{t}->{r}", t, subset(sets[t], idx), idx),
+                                keep_for(r, "global" if r == GLOBAL else gmetric or "tcess", k),
+                            )
+                            for r, idx in by_pattern.items()
+                        ]
+            # units sharing a keep set run together: K -> keep id -> (keep set, units)
+            groups: dict[int, dict[tuple[Any, ...], tuple[KeepSets, dict[str, _Unit]]]] = {}
+            for (_t, _m, k), parts in work.items():
+                for unit, keep in parts:
+                    slot = groups.setdefault(k, {}).setdefault(keep_id(keep), (keep, {}))
+                    slot[1].setdefault(unit.name, unit)
+            counter.total += sum(
+                len(u.evalset)
+                for by in groups.values()
+                for _, us in by.values()
+                for u in us.values()
+            )
+
+            results: dict[tuple[str, int, tuple[Any, ...]], tuple[Score, int]] = {}
+            with tempfile.TemporaryDirectory(prefix="premoe-eval-", dir=workdir) as tmp:
                 for k in ks:
-                    work[(t, "routed", k)] = [
-                        (
-                            _Unit(f"{t}->{r}", t, subset(sets[t], idx), idx),
-                            keep_for(r, "global" if r == GLOBAL else gmetric or "tcess", k),
-                        )
-                        for r, idx in by_pattern.items()
-                    ]
-        # units sharing a keep set run together: K -> keep id -> (keep set, units)
-        groups: dict[int, dict[tuple[Any, ...], tuple[KeepSets, dict[str, _Unit]]]] = {}
-        for (_t, _m, k), parts in work.items():
-            for unit, keep in parts:
-                slot = groups.setdefault(k, {}).setdefault(keep_id(keep), (keep, {}))
-                slot[1].setdefault(unit.name, unit)
-        counter.total += sum(
-            len(u.evalset) for by in groups.values() for _, us in by.values() for u in us.values()
-        )
-
-        results: dict[tuple[str, int, tuple[Any, ...]], tuple[Score, int]] = {}
-        with tempfile.TemporaryDirectory(prefix="premoe-eval-", dir=workdir) as tmp:
-            for k in ks:
-                resident: Any = None
-                try:
-                    for n_group, (kid, (keep, units)) in enumerate(groups[k].items()):
-                        counter.stage = f"{k} experts kept ({n_group + 1}/{len(groups[k])})"
-                        if via == "load":
-                            if resident is None:
-                                resident = ResidentModel(src, keep, device=dev, dtype=torch_dtype)
-                                resident.model.eval()
+                    resident: Any = None
+                    try:
+                        for n_group, (kid, (keep, units)) in enumerate(groups[k].items()):
+                            counter.stage = f"{k} experts kept ({n_group + 1}/{len(groups[k])})"
+                            if via == "load":
+                                if resident is None:
+                                    resident = ResidentModel(
+                                        src, keep, device=dev, dtype=torch_dtype
+                                    )
+                                    resident.model.eval()
+                                else:
+                                    resident.swap_to(keep)
+                                net = resident.model
                             else:
-                                resident.swap_to(keep)
-                            net = resident.model
+                                net = _export_and_load(src, keep, Path(tmp), torch_dtype, dev)
+                            nbytes = param_bytes(net)
+                            for name, sc in run(net, list(units.values())).items():
+                                results[(name, k, kid)] = (sc, nbytes)
+                            del net
+                    finally:
+                        if resident is not None:
+                            resident.close()
+            rows: list[EvalRow] = []
+            for t in tasks:
+                for m in chosen:
+                    for k in ks:
+                        parts = work[(t, m, k)]
+                        got = [results[(u.name, k, keep_id(keep))] for u, keep in parts]
+                        if len(parts) == 1 and parts[0][0].name == t:
+                            sc = got[0][0]
                         else:
-                            net = _export_and_load(src, keep, Path(tmp), torch_dtype, dev)
-                        nbytes = param_bytes(net)
-                        for name, sc in run(net, list(units.values())).items():
-                            results[(name, k, kid)] = (sc, nbytes)
-                        del net
-                finally:
-                    if resident is not None:
-                        resident.close()
-        rows: list[EvalRow] = []
-        for t in tasks:
-            for m in chosen:
-                for k in ks:
-                    parts = work[(t, m, k)]
-                    got = [results[(u.name, k, keep_id(keep))] for u, keep in parts]
-                    if len(parts) == 1 and parts[0][0].name == t:
-                        sc = got[0][0]
-                    else:
-                        sc = combine(
-                            [(g[0], u.rows) for g, (u, _) in zip(got, parts, strict=True)],
-                            len(sets[t]),
-                        )
-                    rows.append(EvalRow(t, m, k, sc, full[t], got[0][1], sizes.resident(k)))
-        return EvalReport(
-            model=str(model),
-            fingerprint=fingerprint,
-            store=None if st is None or st.path is None else str(st.path),
-            tasks=tasks,
-            methods=chosen,
-            keeps=ks,
-            num_experts=shape.num_experts,
-            top_k=shape.top_k,
-            full=full,
-            full_bytes=full_bytes,
-            full_checkpoint_bytes=sizes.resident(shape.num_experts),
-            rows=rows,
-            routing=route_report,
-            eval_sets={
-                t: {"source": s.source, "kind": s.kind, "n": len(s)} for t, s in sets.items()
-            },
-            options={
-                "via": via,
-                "seed": seed,
-                "max_samples": max_samples,
-                "device": str(dev),
-                "dtype": str(torch_dtype).removeprefix("torch."),
-                "threads": threads,
-                "batch_size": batch_size,
-                "max_new_tokens": max_new_tokens,
-                "global_metric": gmetric,
-                "stop": "eos or newline",
-                "match": "exact, surrounding whitespace ignored",
-            },
-            seconds=time.perf_counter() - t0,
-        )
-    finally:
-        src.close()
+                            sc = combine(
+                                [(g[0], u.rows) for g, (u, _) in zip(got, parts, strict=True)],
+                                len(sets[t]),
+                            )
+                        rows.append(EvalRow(t, m, k, sc, full[t], got[0][1], sizes.resident(k)))
+            return EvalReport(
+                model=str(model),
+                fingerprint=fingerprint,
+                store=None if st is None or st.path is None else str(st.path),
+                tasks=tasks,
+                methods=chosen,
+                keeps=ks,
+                num_experts=shape.num_experts,
+                top_k=shape.top_k,
+                full=full,
+                full_bytes=full_bytes,
+                full_checkpoint_bytes=sizes.resident(shape.num_experts),
+                rows=rows,
+                routing=route_report,
+                eval_sets={
+                    t: {"source": s.source, "kind": s.kind, "n": len(s)} for t, s in sets.items()
+                },
+                options={
+                    "via": via,
+                    "seed": seed,
+                    "max_samples": max_samples,
+                    "device": str(dev),
+                    "dtype": str(torch_dtype).removeprefix("torch."),
+                    "threads": threads,
+                    "batch_size": batch_size,
+                    "max_new_tokens": max_new_tokens,
+                    "global_metric": gmetric,
+                    "stop": "eos or newline",
+                    "match": "exact, surrounding whitespace ignored",
+                },
+                seconds=time.perf_counter() - t0,
+            )
+        finally:
+            src.close()
 
 
 def _export_and_load(

@@ -3,7 +3,7 @@
 Shape legend: E experts in the source, K kept per MoE layer, H hidden size.
 
 `export_pruned` streams the source checkpoint shard by shard through
-`premoe.prune.iter_pruned_tensors` (per-expert tensors of dropped experts are never opened; fused
+`premoe.prune.pruned_tensor` (per-expert tensors of dropped experts are never opened; fused
 `[E, ...]` tensors and router rows are read row by row) into a `ShardedWriter`, whose buffer holds
 at most one output shard. The kept byte ranges of the next source shard are hinted to the kernel
 (`premoe.export.prefetch`), so cold reads happen in large requests, ahead of time.
@@ -30,18 +30,19 @@ from typing import Any
 
 import premoe
 from premoe.arch.spec import config_value
-from premoe.errors import OutputExistsError, UsageError
+from premoe.errors import UsageError
 from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, format_expert_list
 from premoe.export.prefetch import ShardPrefetcher
 from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, atomic_output_dir
+from premoe.io.atomic import refuse_existing
 from premoe.plan import SizeModel, check_store_layers, open_store, shard_metadata, store_scores
 from premoe.policy import Selection, select_experts
 from premoe.prune import (
     GroupPlan,
     KeepSets,
-    iter_pruned_tensors,
     pruned_config,
+    pruned_tensor,
     pruned_tensor_names,
 )
 from premoe.source import ModelSource, resolve_model
@@ -137,10 +138,7 @@ def check_output(out: str | Path, source: Path, *, overwrite: bool) -> Path:
             f"output {out} contains the source model folder {source}; replacing it would delete "
             "the source, choose another output"
         )
-    if os.path.lexists(out) and not overwrite:
-        raise OutputExistsError(
-            f"output {out} already exists; pass --overwrite to replace it or choose another path"
-        )
+    refuse_existing(out, overwrite=overwrite)
     return out
 
 
@@ -186,8 +184,6 @@ def pruned_config_json(
     for key in keys:
         if config_value(config, key) != config_value(new, key) or config_value(config, key) is None:
             _set_raw(raw, key, config_value(new, key), config)
-    for key in arch.extra_config_keys:
-        _set_raw(raw, key, keep.count, config)
     check = type(config).from_dict(dict(raw))
     want = (keep.count, arch.top_k(new), arch.groups(new))
     got = (arch.num_experts(check), arch.top_k(check), arch.groups(check))
@@ -278,6 +274,7 @@ def export_pruned(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
     fingerprint: dict[str, Any] | None = None,
+    sizes: SizeModel | None = None,
 ) -> ExportResult:
     """Write `model` pruned to `keep` (original expert ids per MoE layer) to folder `out`.
 
@@ -287,6 +284,7 @@ def export_pruned(
     `premoe.json`. `keep` may be a policy `Selection` (its ranking and scores go into the expert
     list and provenance; its `top_k` is used when `top_k` is None). `provenance` adds fields
     (tasks, metric, policy...) to `premoe.json`. Atomic: on any failure `out` is left as it was.
+    `fingerprint` and `sizes` (`SizeModel.from_source`) are computed from `model` when not given.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -302,7 +300,8 @@ def export_pruned(
         plan = keep.validate(src.arch, src.config, top_k=top_k)
         if fingerprint is None:
             fingerprint = fingerprint_source(src)
-        sizes = SizeModel.from_source(src)
+        if sizes is None:
+            sizes = SizeModel.from_source(src)
         prov = _provenance(src, fingerprint, keep, plan, top_k, format, provenance, selection)
         k_routed = prov["top_k"]["pruned"]
         common = dict(
@@ -343,25 +342,23 @@ def export_pruned(
         with ShardedWriter(
             out, max_shard_bytes=max_shard_bytes, metadata=shard_metadata(), overwrite=overwrite
         ) as writer:
-            # the n-th tensor streamed comes from the n-th wanted key (shard order), so the
-            # kept ranges of the next source shard can be hinted to the kernel in time
+            # the wanted keys, shard by shard (the order of `iter_pruned_tensors`), so the kept
+            # ranges of the next source shard can be hinted to the kernel in time
             wanted = set(pruned_tensor_names(src.keymap, src.reader, keep))
             shard_keys = {
                 shard: [k for k in keys if k in wanted]
                 for shard, keys in src.reader.keys_by_shard().items()
             }
-            order = [shard for shard, keys in shard_keys.items() for _ in keys]
             prefetch = ShardPrefetcher(shard_keys, src.keymap, keep)
-            current = None
-            streamed = iter_pruned_tensors(src.keymap, src.reader, keep)
-            for shard, (name, tensor) in zip(order, streamed, strict=True):
-                if shard != current:
+            for shard, keys in shard_keys.items():
+                if keys:
                     prefetch.entering(shard)
-                    current = shard
-                writer.add(name, tensor)
-                done += tensor.nbytes
-                if progress is not None:
-                    progress(done, total)
+                for key in keys:
+                    name, tensor = pruned_tensor(src.keymap, src.reader, keep, key)
+                    writer.add(name, tensor)
+                    done += tensor.nbytes
+                    if progress is not None:
+                        progress(done, total)
             _write_json(writer.path / "config.json", config_json)
             copied = copy_extra_files(src.path, writer.path)
             prov["bytes"] = {"tensors": writer.total_bytes, "source": sizes.source_bytes}
@@ -471,6 +468,7 @@ def export_from_store(
             max_shard_bytes=max_shard_bytes,
             progress=progress,
             fingerprint=fingerprint,
+            sizes=sizes,
         )
     finally:
         if not isinstance(model, ModelSource):

@@ -19,22 +19,13 @@ from pathlib import Path
 
 from premoe.arch.keys import ExpertKey, KeyMap, RouterKey
 from premoe.errors import CheckpointError
+from premoe.io.reader import row_runs
 from premoe.plan import read_header
 from premoe.prune import KeepSets
 
 log = logging.getLogger(__name__)
 
 _HAVE_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
-
-
-def _runs(rows: Iterable[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for r in sorted(set(rows)):
-        if runs and runs[-1][1] == r:
-            runs[-1] = (runs[-1][0], r + 1)
-        else:
-            runs.append((r, r + 1))
-    return runs
 
 
 def kept_ranges(
@@ -56,7 +47,7 @@ def kept_ranges(
             )
             if along_rows and shape and (stop - start) % shape[0] == 0:
                 row = (stop - start) // shape[0]
-                for a, b in _runs(keep.layers[role.layer]):
+                for a, b in row_runs(sorted(set(keep.layers[role.layer]))):
                     ranges.append((base + start + a * row, (b - a) * row))
                 continue
         ranges.append((base + start, stop - start))

@@ -68,6 +68,12 @@ def _refuse(out: Path) -> OutputExistsError:
     )
 
 
+def refuse_existing(out: Path, *, overwrite: bool) -> None:
+    """Raise `OutputExistsError` if `out` exists (even as a dangling link) and not `overwrite`."""
+    if os.path.lexists(out) and not overwrite:
+        raise _refuse(out)
+
+
 def _commit(tmp: Path, out: Path, *, overwrite: bool) -> None:
     """Move `tmp` to `out`; an existing `out` is renamed aside first and deleted only after."""
     if not os.path.lexists(out):
@@ -99,8 +105,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
     is left untouched. Missing parent folders are created.
     """
     out = Path(out)
-    if os.path.lexists(out) and not overwrite:
-        raise _refuse(out)
+    refuse_existing(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARKER}", dir=out.parent))
     try:

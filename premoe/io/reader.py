@@ -105,6 +105,7 @@ class CheckpointReader:
         else:
             self._key_to_shard = self._scan(self._find_shards())
         self._shards = sorted(set(self._key_to_shard.values()))
+        self._sorted_keys = sorted(self._key_to_shard)  # the key set never changes
         LOG.debug(
             "opened checkpoint %s: %d tensors in %d shards",
             self.folder,
@@ -243,7 +244,7 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         """All tensor names, sorted."""
-        return sorted(self._key_to_shard)
+        return list(self._sorted_keys)
 
     def __contains__(self, key: object) -> bool:
         return key in self._key_to_shard
@@ -354,7 +355,7 @@ class CheckpointReader:
             positions.setdefault(row, []).append(pos)
         lead = (slice(None),) * axis
         nread = 0
-        for start, stop in _runs(sorted(positions)):
+        for start, stop in row_runs(sorted(positions)):
             part = piece[(*lead, slice(start * block, stop * block))]
             nread += part.nbytes
             for row in range(start, stop):
@@ -365,7 +366,7 @@ class CheckpointReader:
         return out
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
+def row_runs(rows: list[int]) -> list[tuple[int, int]]:
     """Sorted distinct `rows` as maximal `[start, stop)` runs of consecutive values."""
     runs: list[tuple[int, int]] = []
     for row in rows:

@@ -26,12 +26,13 @@ import premoe
 from premoe.errors import UsageError
 from premoe.load.loader import (
     Progress,
+    as_source,
     load_prefix,
     load_pruned_with_info,
     size_model,
 )
 from premoe.runtime import resolve_device, resolve_dtype, synchronize
-from premoe.source import ModelSource, load_tokenizer, resolve_model
+from premoe.source import ModelSource, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,7 @@ def generate(
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError("the prompt is empty; give some text to generate from")
-    src = model if isinstance(model, ModelSource) else resolve_model(model)
-    owned = not isinstance(model, ModelSource)
+    src, owned = as_source(model)
     try:
         fingerprint = fingerprint_source(src)
         st = open_store(store, fingerprint)

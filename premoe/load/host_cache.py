@@ -99,11 +99,6 @@ class HostExpertCache:
         self.stats.inserts += 1
         return True
 
-    def discard(self, layer: int, expert: int) -> None:
-        old = self._entries.pop((layer, expert), None)
-        if old is not None:
-            self.nbytes -= self.entry_bytes(old)
-
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0

@@ -186,11 +186,7 @@ class Copier:
         if not self.cuda:
             dst.copy_(src)
             return nbytes
-        if src.device.type == "cuda":
-            with torch.cuda.stream(self.stream):
-                dst.copy_(src, non_blocking=True)
-            return nbytes
-        if src.is_pinned() and src.dtype == dst.dtype:
+        if src.device.type == "cuda" or (src.is_pinned() and src.dtype == dst.dtype):
             with torch.cuda.stream(self.stream):
                 dst.copy_(src, non_blocking=True)
             return nbytes
@@ -239,13 +235,6 @@ def tensor_of(module: nn.Module, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise CheckpointError(f"the model has no tensor {name!r}")
     return t
-
-
-def expert_view(param: torch.Tensor, tensor: ExpertTensor, slots: int) -> torch.Tensor:
-    """`param` as `[E', ...]` (same storage): DBRX-style 2-D `[E'*I, H]` becomes `[E', I, H]`."""
-    if tensor.rows_per_expert is None:
-        return param
-    return param.view(slots, -1, *param.shape[1:])
 
 
 class ExpertIO:
@@ -297,9 +286,7 @@ class ExpertIO:
         else:
             key = self.fused_key(layer, t)
             shape = self.reader.shape(key)
-            per = shape[0] // self.num_experts
-            row = (per, *shape[1:]) if t.rows_per_expert is not None else tuple(shape[1:])
-            ok = tuple(row) == tuple(slot_shape)
+            ok = tuple(shape[1:]) == tuple(slot_shape)
             got = f"{key} {tuple(shape)}"
         if not ok:
             raise CheckpointError(
@@ -322,9 +309,7 @@ class ExpertIO:
                     yield e, off, self.reader.get(self.keymap.expert_key(layer, t, e, p))
             return
         key = self.fused_key(layer, t)
-        block = self.reader.shape(key)[0] // self.num_experts if t.rows_per_expert else 1
-        rows = self.reader.get_rows(key, list(experts), block=block)  # [m*block, ...]
-        rows = rows.view(len(experts), -1, *rows.shape[1:]) if t.rows_per_expert else rows
+        rows = self.reader.get_rows(key, list(experts))  # [m, ...]
         for i, e in enumerate(experts):
             yield e, 0, rows[i]
 
@@ -478,23 +463,22 @@ def _load(
                 continue
             plain.append((key, state[key]))
     io = ExpertIO(src)
-    experts: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # layer, index, param, view
+    experts: list[tuple[int, int, torch.Tensor]] = []  # layer, tensor index, param [E', ...]
     for layer in src.moe_layers:
         mod = moe_layer(model, arch, layer)
         for ti, t in enumerate(arch.experts):
-            param = tensor_of(mod, t.memory)
-            view = expert_view(param, t, keep.count)  # [E', ...]
+            view = tensor_of(mod, t.memory)  # [E', ...]
             if view.shape[0] != len(keep.layers[layer]):
                 raise CheckpointError(
                     f"layer {layer}: {t.memory} has {view.shape[0]} slots for "
                     f"{len(keep.layers[layer])} kept experts"
                 )
             io.check_shape(layer, ti, view.shape[1:])
-            experts.append((layer, ti, param, view))
+            experts.append((layer, ti, view))
 
+    ebytes = sum(v.numel() * v.element_size() for _, _, v in experts)
     total = sum(t.numel() * t.element_size() for _, t in plain)
-    total += sum(d.numel() * d.element_size() for _, d, _, _ in routers)
-    total += sum(v.numel() * v.element_size() for _, _, _, v in experts)
+    total += sum(d.numel() * d.element_size() for _, d, _, _ in routers) + ebytes
     done = 0
     copier = Copier(device)
 
@@ -511,13 +495,13 @@ def _load(
         for key, dst, dim, kept in routers:
             advance(copier.copy(dst, reader.get_rows(key, list(kept), dim=dim)))
             filled.add(id(dst))
-        for layer, ti, param, view in experts:
+        for layer, ti, view in experts:
             kept = keep.layers[layer]
             slot_of = {e: s for s, e in enumerate(kept)}
             for e, off, piece in io.pieces(layer, ti, kept):
                 dst = view[slot_of[e]].narrow(0, off, piece.shape[0])  # [rows, ...] of slot
                 advance(copier.copy(dst, piece))
-            filled.add(id(param))
+            filled.add(id(view))
         copier.finish()
 
     missing = [
@@ -540,7 +524,6 @@ def _load(
         )
     _finish_model(model, src)
     pbytes = param_bytes(model)
-    ebytes = sum(v.numel() * v.element_size() for _, _, _, v in experts)
     bbytes = sum(b.numel() * b.element_size() for b in model.buffers())
     info = LoadInfo(
         keep=keep,

@@ -41,7 +41,6 @@ from premoe.load.loader import (
     LoadInfo,
     Progress,
     as_source,
-    expert_view,
     load_pruned_with_info,
     moe_layer,
     param_bytes,
@@ -193,9 +192,7 @@ class ResidentModel:
         km, reader = source.keymap, source.reader
         for layer in source.moe_layers:
             mod = moe_layer(model, self.arch, layer)
-            views = [
-                expert_view(tensor_of(mod, t.memory), t, self.slots) for t in self.arch.experts
-            ]  # [K, ...] each
+            views = [tensor_of(mod, t.memory) for t in self.arch.experts]  # [K, ...] each
             routers = []
             for t in self.arch.router_tensors:
                 dst = tensor_of(mod, t.memory)

@@ -266,33 +266,34 @@ class PatternStore:
         return self._keys[task][kind or self.key["kind"]].copy()
 
     # -- index -------------------------------------------------------------------------------------
-    def _center(self) -> np.ndarray | None:
-        """Mean of all stored normalised keys [D] (subtracted when key["center"] is set)."""
-        if not self.key.get("center") or not self.tasks:
+    def _center(self, unit: list[np.ndarray]) -> np.ndarray | None:
+        """Mean [D] of all normalised keys `unit` (subtracted when key["center"] is set)."""
+        if not self.key.get("center") or not unit:
             return None
-        kind = self.key["kind"]
-        allk = np.concatenate([_l2_normalise(self._keys[t][kind]) for t in self.tasks])
-        return allk.mean(0).astype(np.float32)
+        return np.concatenate(unit).mean(0).astype(np.float32)
 
     def _prepare(self, x: np.ndarray, center: np.ndarray | None) -> np.ndarray:
         """Keys [N, D] -> the unit vectors that are indexed/searched."""
         x = _l2_normalise(x)
         return x if center is None else _l2_normalise(x - center)
 
-    def _rows(self) -> tuple[np.ndarray, list[str]]:
+    def _rows(self) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+        """(rows [N, D] the index holds, their tasks, the centre they were made with)."""
         kind = self.key["kind"]
+        unit = [_l2_normalise(self._keys[t][kind]) for t in self.tasks]  # [N_t, D] each
+        mu = self._center(unit)
         vecs: list[np.ndarray] = []
         labels: list[str] = []
-        self._mu = self._center()
-        for task in self.tasks:
-            k = self._prepare(self._keys[task][kind], self._mu)  # [N, D]
+        for task, k in zip(self.tasks, unit, strict=True):
+            if mu is not None:
+                k = _l2_normalise(k - mu)  # as `_prepare`
             if self.key["search"] == "centroid":
                 k = _l2_normalise(k.mean(0, keepdims=True))  # [1, D]
             vecs.append(k)
             labels.extend([task] * len(k))
         if not vecs:
-            return np.zeros((0, self.key_dim or 1), dtype=np.float32), []
-        return np.ascontiguousarray(np.concatenate(vecs)), labels
+            return np.zeros((0, self.key_dim or 1), dtype=np.float32), [], mu
+        return np.ascontiguousarray(np.concatenate(vecs)), labels, mu
 
     @property
     def key_dim(self) -> int | None:
@@ -312,7 +313,7 @@ class PatternStore:
         """(Re)build the FAISS index over the keys of the store's key spec."""
         import faiss
 
-        x, labels = self._rows()
+        x, labels, mu = self._rows()
         dim = x.shape[1]
         if self._index_type(len(x), dim) == "hnsw":
             index = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
@@ -324,6 +325,7 @@ class PatternStore:
             index.add(x)
         self._index = index
         self._row_tasks = labels
+        self._mu = mu
         self._on_device = None
 
     def with_key(
@@ -333,8 +335,11 @@ class PatternStore:
         k: int | None = None,
         index: str | None = None,
         center: bool | None = None,
+        *,
+        build: bool = True,
     ) -> PatternStore:
-        """A copy (sharing tensors) whose index uses another key kind or search mode."""
+        """A copy (sharing tensors) whose index uses another key kind or search mode (built
+        unless `build` is False: then the caller must call `build_index`)."""
         spec = key_spec(
             kind or self.key["kind"],
             self.key["layer"],
@@ -353,7 +358,8 @@ class PatternStore:
         )
         other.tasks, other._sums = dict(self.tasks), dict(self._sums)
         other._tokens, other._keys = dict(self._tokens), dict(self._keys)
-        other.build_index()
+        if build:
+            other.build_index()
         return other
 
     def search(self, key: np.ndarray | torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
@@ -418,8 +424,8 @@ class PatternStore:
     def _search_on_device(self, q: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner-product search of one raw query [1, D] on its own device (module doc)."""
         if self._on_device is None or self._on_device[0].device != q.device:
-            rows, _ = self._rows()  # [N, D] unit vectors: what the index holds
-            mu = None if self._mu is None else torch.from_numpy(self._mu).to(q.device)
+            rows, _, center = self._rows()  # [N, D] unit vectors: what the index holds
+            mu = None if center is None else torch.from_numpy(center).to(q.device)
             self._on_device = (torch.from_numpy(rows).to(q.device), mu)
         rows, mu = self._on_device
         q = torch.nn.functional.normalize(q, dim=-1, eps=1e-12)  # as _prepare
@@ -598,7 +604,7 @@ class PatternStore:
 
     def _check_index(self, path: Path, index: Any) -> None:
         where = path / INDEX_FILE
-        x, labels = self._rows()
+        x, labels, mu = self._rows()
         if index.ntotal != len(x):
             raise StoreError(
                 f"{where} holds {index.ntotal} keys but the store has {len(x)} "
@@ -615,6 +621,7 @@ class PatternStore:
                 raise StoreError(f"{where} does not match the stored keys; re-run `premoe profile`")
         self._index = index
         self._row_tasks = labels
+        self._mu = mu
         self._on_device = None
 
 

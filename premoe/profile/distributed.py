@@ -213,7 +213,7 @@ def _gather_keys(mine: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
     full = torch.zeros((n, d), dtype=torch.float32)  # [N, D]
     for r, (part, m) in enumerate(zip(parts, lengths, strict=True)):
         if m:
-            full[torch.tensor(list(shard_indices(n, r, ctx.world)))] = part[:m].cpu()
+            full[torch.arange(r, n, ctx.world)] = part[:m].cpu()  # shard_indices(n, r, world)
     return full
 
 

@@ -225,24 +225,17 @@ class RoutingRecorder:
                 )
             contrib = token_contributions(routing, mask, self.rule, rows, self.threshold)
             acc = self._accumulator(layer, device)
-            if len(rows) == acc.shape[0]:
-                scatter_rows(acc, contrib, routing.indices)
-            else:  # REAP's row is filled by the experts hook
-                scatter_rows(acc[: len(rows)], contrib, routing.indices)
+            # (with REAP, its last row is filled by the experts hook)
+            scatter_rows(acc[: len(rows)], contrib, routing.indices)
             if "reap" in self.rows:
                 self._routing[layer] = routing
             if first and "tcess" in self.key_kinds:
                 tc = contrib[rows.index("tcess")] if "tcess" in rows else None
-                self._sample_tcess(routing, mask, tc)
+                assert self._mask is not None
+                keys = sample_tcess(routing, self._mask, self.rule, self.threshold, tc)
+                self._keys["tcess"].append(keys)
 
         return hook
-
-    def _sample_tcess(
-        self, routing: Routing, mask: torch.Tensor, tcess: torch.Tensor | None
-    ) -> None:
-        assert self._mask is not None
-        keys = sample_tcess(routing, self._mask, self.rule, self.threshold, tcess)
-        self._keys["tcess"].append(keys)
 
     def _input_hook(self, module: torch.nn.Module, args: Any) -> None:
         assert self._mask is not None

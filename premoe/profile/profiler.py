@@ -366,8 +366,8 @@ def profile(
     )
     recorded = run.recorded
     if existing is not None:
-        store = existing.with_key(
-            spec["kind"], spec["search"], spec["k"], spec["index"], spec["center"]
+        store = existing.with_key(  # indexed below, once the new tasks are in
+            spec["kind"], spec["search"], spec["k"], spec["index"], spec["center"], build=False
         )
     else:
         store = PatternStore(handle.fingerprint, chosen, spec, metric_options={"threshold": r})

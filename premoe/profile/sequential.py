@@ -90,15 +90,13 @@ class _Leaf:
 _LEAF = _Leaf()
 
 
-def flatten(value: Any) -> tuple[list[torch.Tensor], Any]:
-    """(tensors, spec): `value` (a tensor, a tuple/list/dict of them, or anything else) with its
-    tensors taken out; `unflatten(spec, tensors)` puts them back."""
-    leaves: list[torch.Tensor] = []
+def _map_leaves(value: Any, is_leaf: Callable[[Any], bool], fn: Callable[[Any], Any]) -> Any:
+    """`value` with each leaf (`is_leaf`) replaced by `fn(leaf)`, in depth-first order, through
+    tuples (named ones too), lists and dicts; anything else is kept as it is."""
 
     def go(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            leaves.append(v)
-            return _LEAF
+        if is_leaf(v):
+            return fn(v)
         if isinstance(v, tuple) and hasattr(v, "_fields"):  # named tuple
             return type(v)(*[go(x) for x in v])
         if isinstance(v, (tuple, list)):
@@ -107,24 +105,25 @@ def flatten(value: Any) -> tuple[list[torch.Tensor], Any]:
             return {k: go(x) for k, x in v.items()}
         return v
 
-    return leaves, go(value)
+    return go(value)
+
+
+def flatten(value: Any) -> tuple[list[torch.Tensor], Any]:
+    """(tensors, spec): `value` (a tensor, a tuple/list/dict of them, or anything else) with its
+    tensors taken out; `unflatten(spec, tensors)` puts them back."""
+    leaves: list[torch.Tensor] = []
+
+    def take(t: torch.Tensor) -> _Leaf:
+        leaves.append(t)
+        return _LEAF
+
+    spec = _map_leaves(value, lambda v: isinstance(v, torch.Tensor), take)
+    return leaves, spec
 
 
 def unflatten(spec: Any, leaves: Iterable[torch.Tensor]) -> Any:
     it = iter(leaves)
-
-    def go(v: Any) -> Any:
-        if v is _LEAF:
-            return next(it)
-        if isinstance(v, tuple) and hasattr(v, "_fields"):
-            return type(v)(*[go(x) for x in v])
-        if isinstance(v, (tuple, list)):
-            return type(v)(go(x) for x in v)
-        if isinstance(v, dict):
-            return {k: go(x) for k, x in v.items()}
-        return v
-
-    return go(spec)
+    return _map_leaves(spec, lambda v: v is _LEAF, lambda _: next(it))
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -291,6 +290,7 @@ class _Batch:
     mask: torch.Tensor  # [B, S] long, host
     sel: list[int]  # corpus sample indices of the rows
     tokens: int  # real tokens
+    ids: torch.Tensor | None = None  # [B, S] long, host, until the capture has used it
     spec: Any = None  # the unique argument values, tensors taken out (`flatten`)
     layer_args: dict[int, tuple[list[int], dict[str, int]]] = field(default_factory=dict)
 
@@ -468,7 +468,7 @@ class CheckpointWeights(LayerWeights):
         """One job per tensor of `module`: each returns (name relative to the module, host
         tensor shaped like the model's tensor, in its dtype; pinned when the device is CUDA).
         Fused expert parameters are assembled whole in the in-memory layout."""
-        from premoe.load.loader import expert_view, tensor_of
+        from premoe.load.loader import tensor_of
 
         reader, pin = self.src.reader, self.copier.cuda
         jobs: list[Callable[[], tuple[str, torch.Tensor]]] = []
@@ -493,12 +493,11 @@ class CheckpointWeights(LayerWeights):
             for ti, t in enumerate(self.src.arch.experts):
 
                 def experts(ti: int = ti, t: Any = t) -> tuple[str, torch.Tensor]:
-                    like = tensor_of(module, t.memory)  # meta [E, ...] (DBRX: [E*I, H])
+                    like = tensor_of(module, t.memory)  # meta [E, ...]
                     host = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
-                    view = expert_view(host, t, e)  # [E, ...]
-                    self.io.check_shape(layer, ti, view.shape[1:])
+                    self.io.check_shape(layer, ti, host.shape[1:])
                     for ex, off, piece in self.io.pieces(layer, ti, range(e)):
-                        view[ex].narrow(0, off, piece.shape[0]).copy_(piece)
+                        host[ex].narrow(0, off, piece.shape[0]).copy_(piece)
                     return t.memory, host
 
                 jobs.append(experts)
@@ -702,7 +701,8 @@ def _run(
         batches[name] = []
         for i, (ids, mask, sel) in enumerate(iter_batches(corpus.token_ids, batch_size, pad_id)):
             tokens = sum(len(corpus.token_ids[j]) for j in sel)
-            batches[name].append(_Batch(name, i, mask.pin_memory() if cuda else mask, sel, tokens))
+            mask = mask.pin_memory() if cuda else mask
+            batches[name].append(_Batch(name, i, mask, sel, tokens, ids=ids))
             estimate += ids.numel() * hidden * elt  # [B, S, H]
     if estimate > budget and offload_dir is None:
         raise UsageError(
@@ -733,11 +733,12 @@ def _run(
             prefix = weights.prefix_modules()
             weights.bring(prefix)
             weights.prefetch([layers[i] for i in groups[0]])  # read while capturing
-            for name, corpus in corpora.items():
-                it = iter_batches(corpus.token_ids, batch_size, pad_id, pin=cuda)
-                for batch, (ids, mask, _) in zip(batches[name], it, strict=True):
-                    ids = ids.to(dev, non_blocking=True)
-                    mask_dev = mask.to(dev, non_blocking=True)
+            for name in corpora:
+                for batch in batches[name]:
+                    assert batch.ids is not None
+                    ids = (batch.ids.pin_memory() if cuda else batch.ids).to(dev, non_blocking=True)
+                    batch.ids = None  # the host copy is not needed again
+                    mask_dev = batch.mask.to(dev, non_blocking=True)
                     rec = capture_batch(net, ids, mask_dev, stop)
                     assert rec.hidden is not None
                     store.put(f"h/{batch.name}", [rec.hidden])

@@ -66,7 +66,7 @@ def route_key(
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
     limit = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    found = store.search(key, k=max(top, 1))
+    found = store.search(key, k=top)
     candidates = [Candidate(t, float(s)) for t, s in found]
     best = candidates[0] if candidates else None
     if best is not None and (best.similarity >= limit or fallback is None):

@@ -196,7 +196,7 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        engine.metrics.queue_depth.set(engine._queue_depth())
+        engine._update_queue_metric()
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

@@ -184,6 +184,18 @@ class DecodeStats:
     per_bucket_compiles: dict[int, float] = field(default_factory=dict)
 
 
+class NullSink:
+    """A row sink that discards the text (warm-up, benchmarks)."""
+
+    cancelled = False
+
+    def on_delta(self, text: str, completion_tokens: int) -> None:
+        pass
+
+    def on_finish(self, reason: str, completion_tokens: int) -> None:
+        pass
+
+
 def _forward_cache_kwarg(model: Any) -> str:
     """`cache` (transformers >= 5.2x) or `past_key_values` (5.17)."""
     params = inspect.signature(model.forward).parameters
@@ -318,9 +330,9 @@ class BatchDecoder:
         self.compile_mode = "none"
         self._steps.clear()
 
-    def adopt_thread(self) -> None:
-        """Make the calling thread able to capture and replay CUDA graphs (call it first in the
-        thread that decodes).
+    def _adopt_thread(self) -> None:
+        """Make the calling thread able to capture and replay CUDA graphs (`generate` calls it:
+        whichever thread decodes).
 
         torch keeps its CUDA-graph trees in thread-local state. torch 2.11 sets that state up
         only in the thread that first imported `torch._inductor.cudagraph_trees`, and a
@@ -342,34 +354,19 @@ class BatchDecoder:
         """Run every bucket once so that compilation and graph capture happen now (seconds)."""
         t0 = time.perf_counter()
         ids = self.tokenizer("warm up", add_special_tokens=True)["input_ids"][:8] or [self.pad_id]
-
-        class _Null:
-            cancelled = False
-
-            def on_delta(self, text: str, completion_tokens: int) -> None:
-                pass
-
-            def on_finish(self, reason: str, completion_tokens: int) -> None:
-                pass
-
         for b in buckets if buckets is not None else (self.buckets or [1]):
             tb = time.perf_counter()
             rows = [
-                DecodeRow(list(ids), SamplingParams(max_tokens=steps), _Null()) for _ in range(b)
+                DecodeRow(list(ids), SamplingParams(max_tokens=steps), NullSink()) for _ in range(b)
             ]
-            # EOS must not end warm-up early: decode a fixed number of steps
-            saved, self.eos_ids = self.eos_ids, set()
-            try:
-                self.generate(rows)
-            finally:
-                self.eos_ids = saved
+            self.generate(rows, ignore_eos=True)  # EOS must not end warm-up early
             self.stats.per_bucket_compiles[b] = time.perf_counter() - tb
         took = time.perf_counter() - t0
-        self.stats.warmup_s += took
-        self.stats.batches = self.stats.rows = self.stats.decode_steps = 0
-        self.stats.prefill_tokens = self.stats.generated_tokens = 0
-        self.stats.prefill_s = self.stats.step_launch_s = self.stats.step_wait_s = 0.0
-        self.stats.host_s = 0.0
+        # the counters start afresh; warm-up time and compile times are kept
+        self.stats = DecodeStats(
+            warmup_s=self.stats.warmup_s + took,
+            per_bucket_compiles=self.stats.per_bucket_compiles,
+        )
         return took
 
     # -- sampling --------------------------------------------------------------------------------
@@ -473,15 +470,21 @@ class BatchDecoder:
 
     @torch.no_grad()
     def generate(
-        self, rows: Sequence[DecodeRow], between_steps: Callable[[], None] | None = None
+        self,
+        rows: Sequence[DecodeRow],
+        between_steps: Callable[[], None] | None = None,
+        *,
+        ignore_eos: bool = False,
     ) -> None:
         """Run `rows` to completion, reporting text through each row's sink.
 
         `between_steps` is called after every decode step (the engine asserts there that the
-        expert set did not change under the batch).
+        expert set did not change under the batch). With `ignore_eos` every row decodes its
+        `max_tokens` (warm-up, benchmarks).
         """
         if not rows:
             return
+        self._adopt_thread()
         if len(rows) > self.max_batch:
             raise ValueError(f"batch of {len(rows)} rows exceeds max_batch {self.max_batch}")
         t_start = time.perf_counter()
@@ -490,7 +493,9 @@ class BatchDecoder:
             if not r.prompt_ids:
                 raise ValueError("empty prompt")
             self.check_fits(len(r.prompt_ids), r.params.max_tokens)
-            r.stream = TextStream(self.tokenizer, r.params.stop, self.eos_ids)
+            r.stream = TextStream(
+                self.tokenizer, r.params.stop, set() if ignore_eos else self.eos_ids
+            )
             r.generator = None if r.params.greedy else self._generator(r.params.seed)
             r.generated, r.done = 0, False
         n = len(rows)
@@ -537,6 +542,7 @@ class BatchDecoder:
         del logits, greedy
         pipelined = self.pipelined and step_fn is not None
         host = torch.empty(bp, dtype=torch.long, pin_memory=dev.type == "cuda")
+        ready = torch.cuda.Event() if pipelined and dev.type == "cuda" else None  # re-recorded
         for step in range(steps_max):
             last = step == steps_max - 1
             t0 = time.perf_counter()
@@ -545,7 +551,6 @@ class BatchDecoder:
                 # copy this step's tokens to the host, launch the next step before reading
                 # them: the host work below overlaps the device computing the next token
                 host.copy_(nxt, non_blocking=True)
-                ready = torch.cuda.Event() if dev.type == "cuda" else None
                 if ready is not None:
                     ready.record()
                 if not last and any(not r.done for r in rows):

@@ -413,7 +413,6 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        self.scheduler.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -469,8 +468,6 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            assert self.decoder is not None
-            self.decoder.adopt_thread()
             with torch.no_grad():
                 self._warmup()
                 while not self._stop.is_set():
@@ -533,9 +530,9 @@ class Engine:
         self.swap_epoch += 1
         m = self.metrics
         m.swaps.inc()
-        m.swap_experts.inc(float(getattr(stats, "experts_moved", 0)))
-        m.swap_bytes.inc(float(getattr(stats, "bytes", 0)))
-        m.swap_seconds.inc(float(getattr(stats, "seconds", 0.0)))
+        m.swap_experts.inc(float(stats.experts_moved))
+        m.swap_bytes.inc(float(stats.bytes))
+        m.swap_seconds.inc(stats.seconds)
         if self.resident_task is not None:
             m.resident_pattern.set(0.0, task=self.resident_task)
         m.resident_pattern.set(1.0, task=task)
@@ -543,9 +540,9 @@ class Engine:
             "swapped %s -> %s: %s experts, %.1f MB, %.3f s",
             self.resident_task,
             task,
-            getattr(stats, "experts_moved", "?"),
-            getattr(stats, "bytes", 0) / 1e6,
-            getattr(stats, "seconds", 0.0),
+            stats.experts_moved,
+            stats.bytes / 1e6,
+            stats.seconds,
         )
         self.resident_task = task
 

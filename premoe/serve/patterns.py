@@ -53,15 +53,13 @@ def build_patterns(
 ) -> tuple[PatternStore, dict[str, KeepSets], dict[str, Any]]:
     """(store, pattern name -> keep sets, provenance) for serving `source` from a store."""
     from premoe.fingerprint import fingerprint_source
-    from premoe.patterns import GLOBAL, PatternStore
+    from premoe.patterns import GLOBAL
+    from premoe.plan import open_store, store_scores
     from premoe.policy import select_experts
 
-    store = PatternStore.load(store_path)
-    store.check_model(fingerprint_source(source))
-    if metric is None:
-        metric = store.default_metric
-    elif metric not in store.metrics:
-        raise UsageError(f"metric {metric!r} is not in the store; it has {store.metrics}")
+    store = open_store(store_path, fingerprint_source(source))
+    metric = metric or store.default_metric
+    store_scores(store, [], metric)  # an unknown metric: a usage error
     k = keep_count(source, keep, budget, dtype)
     common: dict[str, Any] = {
         "num_experts": source.num_experts,

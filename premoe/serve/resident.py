@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from premoe.prune import KeepSets
 from premoe.source import ModelSource
+
+if TYPE_CHECKING:
+    from premoe.load import SwapStats
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class Resident(Protocol):
     @property
     def resident_bytes(self) -> int: ...
 
-    def swap_to(self, keep: KeepSets) -> Any: ...  # premoe.load.SwapStats
+    def swap_to(self, keep: KeepSets) -> SwapStats: ...
 
 
 def open_resident(

@@ -63,17 +63,16 @@ class Scheduler(Generic[T]):
         self.max_wait_s = max_wait_s
         self._clock = clock
         self._queues: dict[str, deque[T]] = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
 
     # -- producers -------------------------------------------------------------------------------
     def put(self, item: T) -> None:
-        with self._cond:
+        with self._lock:
             self._queues.setdefault(item.task, deque()).append(item)
-            self._cond.notify_all()
 
     def remove(self, item: T) -> bool:
         """Take a waiting item out (a client that left); False when it is not queued."""
-        with self._cond:
+        with self._lock:
             q = self._queues.get(item.task)
             if q is None:
                 return False
@@ -85,26 +84,16 @@ class Scheduler(Generic[T]):
                 del self._queues[item.task]
             return True
 
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
     # -- state -----------------------------------------------------------------------------------
     def depth(self) -> int:
-        with self._cond:
+        with self._lock:
             return sum(len(q) for q in self._queues.values())
 
     def depth_by_task(self) -> dict[str, int]:
-        with self._cond:
+        with self._lock:
             return {t: len(q) for t, q in self._queues.items()}
 
     # -- consumer --------------------------------------------------------------------------------
-    def wait(self, timeout: float) -> None:
-        """Block until something is put (or `wake`), at most `timeout` seconds."""
-        with self._cond:
-            if not any(self._queues.values()):
-                self._cond.wait(timeout)
-
     def _drop_cancelled(self) -> None:
         for task in list(self._queues):
             q = self._queues[task]
@@ -116,7 +105,7 @@ class Scheduler(Generic[T]):
 
     def choose(self, resident: str | None) -> tuple[str, bool] | None:
         """(task, overdue) of the next batch, or None when nothing waits."""
-        with self._cond:
+        with self._lock:
             return self._choose(resident)
 
     def _choose(self, resident: str | None) -> tuple[str, bool] | None:
@@ -134,7 +123,7 @@ class Scheduler(Generic[T]):
 
     def next_batch(self, resident: str | None) -> Batch[T] | None:
         """Pop the next batch (up to `max_batch` requests of one pattern), or None."""
-        with self._cond:
+        with self._lock:
             choice = self._choose(resident)
             if choice is None:
                 return None
