@@ -591,9 +591,14 @@ class Engine:
                 if not live:
                     continue
                 rows = [DecodeRow(r.prompt_ids, r.params, r) for r in live]
+                last: list[float] = []  # when the previous step ended (none: prefill)
 
-                def check(keep: KeepSets = keep, epoch: int = epoch) -> None:
+                def check(keep: KeepSets = keep, epoch: int = epoch, last: list = last) -> None:
                     self._check_resident(keep, epoch)
+                    now = time.perf_counter()
+                    if last:  # one decode step since the last call (the first call: prefill)
+                        m.step_seconds.observe(now - last[0])
+                    last[:] = [now]
 
                 self.decoder.generate(rows, between_steps=check)
                 self._check_resident(keep, epoch)

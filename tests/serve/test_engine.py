@@ -68,6 +68,7 @@ def test_every_request_decoded_with_its_own_pattern(
         return list(zip(reqs, outs, strict=True))
 
     swaps = engine.metrics.swaps.value()
+    steps = engine.metrics.step_seconds.count()
     done = asyncio.run(run())
     for req, (_, reason) in done:
         assert reason in ("stop", "length"), reason
@@ -76,6 +77,7 @@ def test_every_request_decoded_with_its_own_pattern(
         if req.route.routed:
             assert req.task == router(req.prompt_text).task
     assert engine.metrics.swaps.value() > swaps
+    assert engine.metrics.step_seconds.count() > steps  # decode steps are timed
     for req, (text, _) in done[:3]:
         assert text == serve_world.greedy(req.task, req.prompt_text, 6)
     assert engine.alive and engine.health()["queue_depth"] == 0
