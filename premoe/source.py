@@ -67,7 +67,7 @@ class ModelSource:
 
     @cached_property
     def keymap(self) -> KeyMap:
-        return KeyMap(self.arch, self.config, self.reader.keys())
+        return KeyMap(self.arch, self.config, self.reader.keys(), self.reader.shape)
 
     @property
     def num_experts(self) -> int:
