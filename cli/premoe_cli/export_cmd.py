@@ -92,14 +92,25 @@ def export_command(
     max_shard_size: Annotated[
         str, typer.Option(help="Largest output shard, e.g. 5GiB or 500MB.")
     ] = "5GiB",
+    drop_mtp: Annotated[
+        bool,
+        typer.Option(
+            "--drop-mtp",
+            help="Remove the multi-token-prediction layer (DeepSeek-V3/GLM-4.5 layer N, "
+            "Qwen3-Next mtp.*) and set its count to 0, instead of pruning it to the same K.",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Write a pruned checkpoint that keeps, per MoE layer, the experts a task uses most.
 
     Reads only the kept experts' bytes from MODEL, shard by shard. The output folder gets the
-    pruned weights, the rewritten config.json, the tokenizer and generation files, and
-    premoe.json (provenance). Give exactly one of --keep, --coverage or --budget.
+    pruned weights in the source's own format (bf16, fp8 block, MXFP4, compressed-tensors,
+    GPTQ, AWQ: every expert moves with its scales, nothing is re-quantized), the rewritten
+    config.json, the tokenizer and generation files, and premoe.json (provenance). MTP layers
+    are pruned to the same K (or removed with --drop-mtp). Give exactly one of --keep,
+    --coverage or --budget.
 
     Example:
 
@@ -124,10 +135,13 @@ def export_command(
             format=format,
             max_shard_bytes=max_shard,
             progress=bar,
+            drop_mtp=drop_mtp,
         )
     summary = result.summary()
     summary["group_plan"] = result.provenance["groups"]
     summary["policy"] = result.provenance.get("policy")
+    for key in ("weights", "mtp", "engines"):
+        summary[key] = result.provenance.get(key)
     if json_out:
         print_json(summary)
         return
@@ -145,5 +159,16 @@ def export_command(
         ]
     if not exact.exact:
         rows.append(["group routing", f"one group (fallback: {exact.reason})"])
+    weights, mtp = result.provenance.get("weights") or {}, result.provenance.get("mtp") or {}
+    if weights:
+        rows.append(["weight format", f"{weights['format']} (kept as in the source)"])
+    if mtp.get("layers"):
+        how = mtp["action"] + (f" by {mtp['rule']}" if mtp.get("rule") else "")
+        rows.append(["MTP layers", f"{mtp['layers']} {how}"])
+    engines = result.provenance.get("engines") or {}
+    if engines:
+        eps = ",".join(map(str, engines["expert_parallel_sizes"]))
+        ok = "ok" if engines["ok"] else "; ".join(engines["problems"])
+        rows.append(["vLLM/SGLang", f"{ok}; expert-parallel sizes {eps}"])
     rows += [["time", f"{result.seconds:.1f} s"], ["written to", str(result.out)]]
     print_table(["export", result.format], rows)

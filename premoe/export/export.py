@@ -45,6 +45,9 @@ from premoe.prune import (
     pruned_tensor,
     pruned_tensor_names,
 )
+from premoe.prune.engines import engine_constraints
+from premoe.prune.mtp import MTP_RULE, in_layers, mtp_keep
+from premoe.prune.quant_config import pruned_quant_config
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
@@ -168,9 +171,16 @@ def _set_raw(raw: dict[str, Any], key: str, value: Any, config: Any) -> None:
 
 
 def pruned_config_json(
-    src: ModelSource, keep: KeepSets, plan: GroupPlan, *, top_k: int | None = None
+    src: ModelSource,
+    keep: KeepSets,
+    plan: GroupPlan,
+    *,
+    top_k: int | None = None,
+    drop_mtp: bool = False,
 ) -> dict[str, Any]:
-    """The source's config.json with the fields that pruning changes rewritten."""
+    """The source's config.json with the fields that pruning changes rewritten: expert count,
+    routed count, groups, the MTP count when `drop_mtp`, and `quantization_config` entries that
+    name specific experts."""
     arch, config = src.arch, src.config
     path = src.path / "config.json"
     try:
@@ -192,6 +202,14 @@ def pruned_config_json(
             "config.json rewrite gave %s, expected %s; writing transformers' own", got, want
         )
         raw = new.to_dict()
+    mtp = src.arch.mtp
+    if drop_mtp and mtp is not None and src.keymap.mtp_layers:
+        _set_raw(raw, mtp.count_key, 0, config)
+    if isinstance(raw.get("quantization_config"), dict):
+        dropped = src.keymap.mtp_layers if drop_mtp else []
+        raw["quantization_config"] = pruned_quant_config(
+            raw["quantization_config"], keep.layers, dropped
+        )
     return raw
 
 
@@ -275,8 +293,14 @@ def export_pruned(
     progress: Progress | None = None,
     fingerprint: dict[str, Any] | None = None,
     sizes: SizeModel | None = None,
+    drop_mtp: bool = False,
 ) -> ExportResult:
     """Write `model` pruned to `keep` (original expert ids per MoE layer) to folder `out`.
+
+    The export keeps the source's weight format (fp8 block, MXFP4, compressed-tensors, GPTQ,
+    AWQ or dense): every expert tensor moves with all its quantization companions, nothing is
+    cast. MTP layers the checkpoint holds are pruned to the same count (keep sets for them from
+    `keep` if given, else `premoe.prune.mtp`'s rule), or removed with `drop_mtp`.
 
     `format="hf"`: a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained` loads
     (same architecture, E' = keep count, routed count `top_k` if given). `format="expert-list"`:
@@ -297,6 +321,7 @@ def export_pruned(
     start = time.perf_counter()
     try:
         out = check_output(out, src.path, overwrite=overwrite)
+        keep, mtp_info = _with_mtp(src, keep, drop_mtp)
         plan = keep.validate(src.arch, src.config, top_k=top_k)
         if fingerprint is None:
             fingerprint = fingerprint_source(src)
@@ -304,6 +329,11 @@ def export_pruned(
             sizes = SizeModel.from_source(src)
         prov = _provenance(src, fingerprint, keep, plan, top_k, format, provenance, selection)
         k_routed = prov["top_k"]["pruned"]
+        prov["weights"] = src.keymap.summary()
+        prov["mtp"] = mtp_info
+        prov["engines"] = engine_constraints(src.arch, src.config, keep.count, k_routed)
+        for problem in prov["engines"]["problems"]:
+            log.warning("vLLM/SGLang: %s", problem)
         common = dict(
             out=out,
             format=format,
@@ -335,8 +365,8 @@ def export_pruned(
                 provenance=prov,
             )
 
-        config_json = pruned_config_json(src, keep, plan, top_k=top_k)
-        total = sizes.resident(keep.count) if keep.is_uniform else 0
+        config_json = pruned_config_json(src, keep, plan, top_k=top_k, drop_mtp=drop_mtp)
+        total = sizes.resident(keep.count) if keep.is_uniform and not drop_mtp else 0
         read_before = src.reader.bytes_read
         done = 0
         with ShardedWriter(
@@ -345,6 +375,8 @@ def export_pruned(
             # the wanted keys, shard by shard (the order of `iter_pruned_tensors`), so the kept
             # ranges of the next source shard can be hinted to the kernel in time
             wanted = set(pruned_tensor_names(src.keymap, src.reader, keep))
+            if drop_mtp:
+                wanted = {k for k in wanted if not in_layers(k, src.keymap, src.keymap.mtp_layers)}
             shard_keys = {
                 shard: [k for k in keys if k in wanted]
                 for shard, keys in src.reader.keys_by_shard().items()
@@ -380,6 +412,28 @@ def export_pruned(
             src.close()
 
 
+def _with_mtp(src: ModelSource, keep: KeepSets, drop: bool) -> tuple[KeepSets, dict[str, Any]]:
+    """`keep` completed with keep sets for the checkpoint's MTP layers (or without them when
+    they are dropped), and what was done, for premoe.json."""
+    layers = src.keymap.mtp_layers
+    base = {k: v for k, v in keep.layers.items() if k not in layers}
+    if not layers:
+        return keep, {"layers": [], "action": "none"}
+    if drop:
+        return KeepSets(base), {"layers": layers, "action": "dropped"}
+    missing = [m for m in layers if m not in keep.layers]
+    if not missing:
+        return keep, {"layers": layers, "action": "pruned", "rule": "given"}
+    n_group, _ = src.arch.groups(src.config)
+    extra = mtp_keep(src.keymap, src.reader, keep.count, n_group)
+    return KeepSets({**keep.layers, **extra}), {
+        "layers": layers,
+        "action": "pruned",
+        "rule": MTP_RULE,
+        "keep": {str(k): list(v) for k, v in extra.items()},
+    }
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
@@ -402,6 +456,7 @@ def export_from_store(
     format: str = "hf",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    drop_mtp: bool = False,
 ) -> ExportResult:
     """Choose keep sets from a pattern store's task scores with a policy, then `export_pruned`.
 
@@ -469,6 +524,7 @@ def export_from_store(
             progress=progress,
             fingerprint=fingerprint,
             sizes=sizes,
+            drop_mtp=drop_mtp,
         )
     finally:
         if not isinstance(model, ModelSource):
