@@ -1,0 +1,299 @@
+"""Pruning quantized and MTP checkpoints exactly (issue: real checkpoints).
+
+For each hub format (tiny checkpoints written in exactly the published layout by
+`tests.quantized`): the export keeps the format, moves every companion with its expert, renumbers
+kept experts 0..K-1, slices routers, writes the kept share of the bytes, and (where transformers
+can read the format offline) loads with plain `from_pretrained` and equals the full checkpoint
+with routing masked to the kept experts, both dequantized by transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from premoe.arch.keys import ExpertKey
+from premoe.errors import CheckpointError, UnsupportedArchitectureError
+from premoe.export import export_pruned
+from premoe.prune import KeepSets, masked_routing
+from premoe.prune.quant_config import pruned_quant_config
+from premoe.source import resolve_model
+from tests.export.helpers import token_ids
+from tests.helpers import assert_one_line_error, run_cli
+from tests.quantized import add_mtp, write_quantized
+
+KEEP = [[1, 2, 5, 6], [0, 3, 4, 7]]  # 2 per group of 4: exact for n_group=2
+
+# (family, format, options): transformers dequantizes these on the CPU
+LOADABLE = [
+    ("deepseek_v3", "fp8_block", {}),
+    ("qwen3_moe", "fp8_block", {"scale_dtype": torch.bfloat16}),
+    ("mixtral", "fp8_block", {}),
+    ("qwen3_moe", "ct_int4_pack", {}),
+    ("mixtral", "ct_fp8", {}),
+    ("gpt_oss", "mxfp4", {}),
+]
+BYTES_ONLY = [("qwen3_moe", "gptq"), ("mixtral", "awq")]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    cache = {}
+
+    def make(family: str, fmt: str, mtp: bool = False, **opts):
+        key = (family, fmt, mtp, tuple(sorted(opts.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{family}-{fmt}")
+            src = tiny_checkpoint(family)
+            if mtp:
+                src = add_mtp(_copy(src, root / "dense"))
+            cache[key] = write_quantized(src, root / "q", fmt, **opts)
+        return cache[key]
+
+    return make
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _keep(src) -> KeepSets:
+    return KeepSets.from_mapping({n: KEEP[i % 2] for i, n in enumerate(src.moe_layers)})
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+def _check_bytes(src, out, keep: KeepSets) -> None:
+    """Every kept expert's components are byte-identical under their new number; nothing of a
+    dropped expert is left; routers sliced; the byte total is the kept share."""
+    km = src.keymap
+    got = _tensors(out)
+    expected_bytes = 0
+    for key in src.reader.keys():
+        role = km.role(key)
+        t = src.reader.get(key)
+        if isinstance(role, ExpertKey) and role.expert is not None:
+            kept = keep.layers[role.layer]
+            if role.expert in kept:
+                new = km.renumbered(role, kept.index(role.expert))
+                assert torch.equal(got[new].view(torch.uint8), t.view(torch.uint8)), new
+                expected_bytes += t.nbytes
+            continue
+        if role is None:
+            assert torch.equal(got[key].view(torch.uint8), t.view(torch.uint8)), key
+            expected_bytes += t.nbytes
+            continue
+        rows = list(keep.layers[role.layer])
+        dim = getattr(role.tensor, "dim", 0)
+        want = t.index_select(dim % t.dim(), torch.tensor(rows))
+        assert torch.equal(got[key].view(torch.uint8), want.view(torch.uint8)), key
+        expected_bytes += want.nbytes
+    assert sum(t.nbytes for t in got.values()) == expected_bytes
+
+
+@pytest.mark.parametrize(("family", "fmt", "opts"), LOADABLE)
+def test_quantized_export_loads_and_equals_masked(family, fmt, opts, quantized, tmp_path) -> None:
+    folder = quantized(family, fmt, **opts)
+    src = resolve_model(folder)
+    assert src.keymap.format.name == fmt
+    keep = _keep(src)
+    out = tmp_path / "pruned"
+    result = export_pruned(src, keep, out)
+    _check_bytes(src, out, keep)
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["quantization_config"]
+        == json.loads((folder / "config.json").read_text())["quantization_config"]
+    )
+    assert result.provenance["weights"]["format"] == fmt
+
+    full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert src.arch.num_experts(pruned.config) == 4
+    ids = token_ids(full.config)
+    with torch.no_grad():
+        with masked_routing(full, src.arch, keep):
+            reference = full(ids, use_cache=False).logits
+        unmasked = full(ids, use_cache=False).logits
+        exported = pruned(ids, use_cache=False).logits
+    assert (exported - reference).abs().max().item() <= 1e-5
+    assert (unmasked - reference).abs().max().item() > 1e-4
+    src.close()
+
+
+@pytest.mark.parametrize(("family", "fmt"), BYTES_ONLY)
+def test_gptq_awq_export_moves_every_companion(family, fmt, quantized, tmp_path) -> None:
+    src = resolve_model(quantized(family, fmt))
+    roles = map(src.keymap.role, src.reader.keys())
+    comps = {r.component for r in roles if isinstance(r, ExpertKey)}
+    assert {"qweight", "qzeros", "scales"} <= comps
+    keep = _keep(src)
+    export_pruned(src, keep, tmp_path / "pruned")
+    _check_bytes(src, tmp_path / "pruned", keep)
+    src.close()
+
+
+def test_fp8_deepseek_mtp_pruned_to_same_k_or_dropped(quantized, tmp_path) -> None:
+    folder = quantized("deepseek_v3", "fp8_block", mtp=True)
+    src = resolve_model(folder)
+    n = src.config.num_hidden_layers
+    assert src.keymap.mtp_layers == [n]
+    keep = _keep(src)
+    result = export_pruned(src, keep, tmp_path / "with")
+    mtp = result.provenance["mtp"]
+    assert mtp["action"] == "pruned" and mtp["rule"] == "router-row-norm"
+    mtp_keep = mtp["keep"][str(n)]
+    assert len(mtp_keep) == 4 and sum(e < 4 for e in mtp_keep) == 2  # same count per group
+    full_keep = KeepSets.from_mapping({**keep.layers, n: mtp_keep})
+    _check_bytes(src, tmp_path / "with", full_keep)
+    got = _tensors(tmp_path / "with")
+    assert got[f"model.layers.{n}.mlp.gate.weight"].shape[0] == 4
+    assert got[f"model.layers.{n}.mlp.gate.e_score_correction_bias"].shape == (4,)
+    assert f"model.layers.{n}.mlp.experts.3.down_proj.weight_scale_inv" in got
+    assert f"model.layers.{n}.mlp.experts.4.down_proj.weight" not in got
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "with", dtype=torch.float32)
+    assert pruned.config.n_routed_experts == 4 and pruned.config.num_nextn_predict_layers == 1
+
+    export_pruned(src, keep, tmp_path / "without", drop_mtp=True)
+    config = json.loads((tmp_path / "without" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0
+    assert not [k for k in _tensors(tmp_path / "without") if k.startswith(f"model.layers.{n}.")]
+    src.close()
+
+
+def test_cli_profile_export_reload_fp8_mtp_and_mxfp4(quantized, demo_suite, tmp_path, capsys):
+    """profile -> export -> reload through the CLI, on fp8 DeepSeek-V3 + MTP and MXFP4 gpt-oss."""
+    for family, fmt, mtp in (("deepseek_v3", "fp8_block", True), ("gpt_oss", "mxfp4", False)):
+        folder = quantized(family, fmt, mtp=mtp)
+        _add_tokenizer(folder)
+        store, out = tmp_path / f"{family}-store", tmp_path / f"{family}-out"
+        task = f"add={demo_suite['add']['profile']}"
+        code, _, err = run_cli(
+            ["profile", str(folder), "--task", task, "--out", str(store), "--max-samples", "8"],
+            capsys,
+        )
+        assert code == 0, err
+        code, text, err = run_cli(
+            [
+                "export",
+                str(folder),
+                "-s",
+                str(store),
+                "-t",
+                "add",
+                "--keep",
+                "4",
+                "-o",
+                str(out),
+                "--json",
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        summary = json.loads(text)
+        assert summary["weights"]["format"] == fmt
+        assert summary["mtp"]["action"] == ("pruned" if mtp else "none")
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert model.config.num_local_experts if family == "gpt_oss" else True
+        with torch.no_grad():
+            logits = model(token_ids(model.config), use_cache=False).logits
+        assert torch.isfinite(logits).all()
+
+
+def _add_tokenizer(folder) -> None:
+    from tests.helpers import tokenizer
+
+    tokenizer().save_pretrained(folder)
+
+
+# ---- refusals: one line, non-zero exit, nothing written --------------------------------------
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _rewrite(folder, fn):
+    path = folder / "model.safetensors"
+    state = _tensors(folder)
+    fn(state)
+    from safetensors.torch import save_file
+
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_refusals(quantized, tmp_path, capsys) -> None:
+    base = quantized("qwen3_moe", "fp8_block")
+    cases = []
+
+    unknown = _copy(base, tmp_path / "unknown-method")
+    _edit_config(unknown, quantization_config={"quant_method": "hqq", "nbits": 4})
+    cases.append((unknown, "quantization method 'hqq'"))
+
+    bnb = _copy(base, tmp_path / "bnb")
+    _edit_config(bnb, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    cases.append((bnb, "bitsandbytes"))
+
+    companion = _copy(base, tmp_path / "companion")
+    key = "model.layers.0.mlp.experts.2.up_proj.weight_zero_point"
+    _rewrite(companion, lambda s: s.__setitem__(key, torch.zeros(2)))
+    cases.append((companion, "weight_zero_point"))
+
+    scale = _copy(base, tmp_path / "scale")
+    key = "model.layers.1.mlp.experts.5.gate_proj.weight_scale_inv"
+    _rewrite(scale, lambda s: s.__setitem__(key, torch.ones(7, 7)))
+    cases.append((scale, "scale (7, 7)"))
+
+    extra = _copy(base, tmp_path / "fewer-experts")
+    _edit_config(extra, num_local_experts=6)  # transformers 5 names it so in config.json
+    cases.append((extra, "declares 6 experts"))
+
+    for folder, needle in cases:
+        out = tmp_path / f"out-{folder.name}"
+        code, _, err = run_cli(
+            ["export", str(folder), "--policy", "random", "--keep", "4", "-o", str(out)], capsys
+        )
+        assert_one_line_error(code, err, needle)
+        assert not out.exists()
+        with pytest.raises((CheckpointError, UnsupportedArchitectureError)):
+            resolve_model(folder).keymap  # noqa: B018
+
+
+def test_quant_config_rewrite_renumbers_and_drops_expert_entries() -> None:
+    q = {
+        "quant_method": "fp8",
+        "modules_to_not_convert": [
+            "lm_head",
+            "model.layers.1.mlp.gate",
+            "model.layers.1.mlp.experts.5.down_proj",  # kept as slot 2
+            "model.layers.1.mlp.experts.3.down_proj",  # dropped
+            "model.layers.3.mlp.experts.0.gate_proj",  # MTP layer dropped
+            "re:.*experts\\.7\\..*",  # a pattern: stays
+        ],
+        "dynamic": {"-:model.layers.1.mlp.experts.6.up_proj": {}, "+:.*attn.*": {"bits": 8}},
+    }
+    out = pruned_quant_config(q, {1: (1, 2, 5, 6)}, dropped_layers=[3])
+    assert out["modules_to_not_convert"] == [
+        "lm_head",
+        "model.layers.1.mlp.gate",
+        "model.layers.1.mlp.experts.2.down_proj",
+        "re:.*experts\\.7\\..*",
+    ]
+    assert out["dynamic"] == {
+        "-:model.layers.1.mlp.experts.3.up_proj": {},
+        "+:.*attn.*": {"bits": 8},
+    }
