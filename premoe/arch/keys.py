@@ -133,6 +133,7 @@ class KeyMap:
             if isinstance(role, RouterKey):
                 self._routers.setdefault((role.layer, role.tensor.role), name)
         self._refuse_unclaimed(keys)
+        self._plain = self._map_plain()
 
     # ---- names -----------------------------------------------------------------------------
 
@@ -271,7 +272,36 @@ class KeyMap:
                 "copy it unclaimed"
             )
 
+    def _map_plain(self) -> dict[str, tuple[str | None, Stored | None]]:
+        """Quantized non-MoE linears (attention, shared experts, dense MLPs of an fp8 or GPTQ
+        checkpoint): data key -> (dense `module.weight` name, how it is stored); companion key
+        -> (None, None). Dense keys are absent (they fill the tensor of their own name)."""
+        fmt = self.format
+        out: dict[str, tuple[str | None, Stored | None]] = {}
+        if not fmt.quantized or not fmt.components:
+            return out
+        for module, comps in self._modules.items():
+            names = set(comps)
+            if not set(fmt.components) <= names <= fmt.all_components() | {"bias"}:
+                continue
+            if any(key in self._roles for key in comps.values()):
+                continue
+            quant = {c: k for c, k in comps.items() if c != "bias"}
+            shapes = {c: tuple(self._shape(k)) for c, k in quant.items()}
+            stored = Stored(fmt, quant, shapes)
+            for comp, key in quant.items():
+                out[key] = (
+                    (f"{module}.weight", stored) if comp == fmt.components[0] else (None, None)
+                )
+        return out
+
     # ---- queries ---------------------------------------------------------------------------
+
+    def plain_target(self, key: str) -> tuple[str | None, Stored | None]:
+        """For a key pruning copies unchanged: (the model tensor it fills, how it is stored).
+        A dense key fills itself (stored None); the data key of a quantized linear fills
+        `module.weight` (dequantized from `Stored`); its other companions fill nothing."""
+        return self._plain.get(key, (key, None))
 
     def role(self, key: str) -> Role | None:
         """The MoE role of `key`, or None for tensors that pruning copies unchanged."""

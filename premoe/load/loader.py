@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.arch.keys import ExpertKey, KeyMap, RouterKey
-from premoe.arch.spec import ArchSpec, ExpertTensor
+from premoe.arch.keys import ExpertKey, KeyMap, RouterKey, Stored
+from premoe.arch.spec import ArchSpec
 from premoe.errors import CheckpointError, UsageError
+from premoe.io.dense import read_stored
 from premoe.policy import budget_count, parse_bytes
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
@@ -242,7 +243,8 @@ class ExpertIO:
 
     `pieces(layer, t, experts)` yields `(expert, row_offset, host_tensor)`: for a per-expert
     checkpoint one piece per part (`gate`, `up` at offsets 0 and I), for a fused one the expert's
-    whole slice. Only the requested experts' bytes are read.
+    whole slice. Only the requested experts' bytes are read. Quantized experts (fp8 block,
+    MXFP4, compressed-tensors, GPTQ, AWQ) are dequantized here (`premoe.io.dense`), in fp32.
     """
 
     def __init__(self, source: ModelSource) -> None:
@@ -251,67 +253,62 @@ class ExpertIO:
         self.keymap: KeyMap = source.keymap
         self.reader = source.reader
         self.num_experts = source.num_experts
-        self._part_rows: dict[tuple[int, int], list[int]] = {}
+        self.quantized = self.keymap.format.quantized
 
-    def fused_key(self, layer: int, t: ExpertTensor) -> str:
-        for name in dict.fromkeys((t.fused_disk, t.memory)):
-            key = self.keymap.layer_key(layer, name)
-            if key in self.reader:
-                return key
-        raise CheckpointError(f"checkpoint lacks {self.keymap.layer_key(layer, t.fused_disk)!r}")
+    def _memory_shape(self, stored: Stored) -> tuple[int, ...]:
+        shape = stored.dense_shape
+        if stored.format.quantized and self.arch.memory_transposed:
+            return (*shape[:-2], shape[-1], shape[-2])  # [.., N, K] -> in-memory [.., K, N]
+        return shape
 
     def part_rows(self, layer: int, ti: int) -> list[int]:
         """Rows of each per-expert part of expert tensor `ti` (e.g. [I, I] for gate, up)."""
-        key = (layer, ti)
-        if key not in self._part_rows:
-            t = self.arch.experts[ti]
-            self._part_rows[key] = [
-                self.reader.shape(self.keymap.expert_key(layer, t, 0, p))[0]
-                for p in range(len(t.per_expert))
-            ]
-        return self._part_rows[key]
+        t = self.arch.experts[ti]
+        return [
+            self.keymap.stored(layer, ti, 0, p).dense_shape[0] for p in range(len(t.per_expert))
+        ]
 
     def check_shape(self, layer: int, ti: int, slot_shape: Sequence[int]) -> None:
         """Raise if the checkpoint's expert slice does not fit the model's slot shape."""
         t = self.arch.experts[ti]
         if self.keymap.layout == "per_expert":
             shapes = [
-                self.reader.shape(self.keymap.expert_key(layer, t, 0, p))
-                for p in range(len(t.per_expert))
+                self.keymap.stored(layer, ti, 0, p).dense_shape for p in range(len(t.per_expert))
             ]
             rows = sum(s[0] for s in shapes)
             ok = all(tuple(s[1:]) == tuple(slot_shape[1:]) for s in shapes)
             got = f"parts {shapes}"
             ok = ok and rows == slot_shape[0]
         else:
-            key = self.fused_key(layer, t)
-            shape = self.reader.shape(key)
+            stored = self.keymap.stored(layer, ti)
+            shape = self._memory_shape(stored)
             ok = tuple(shape[1:]) == tuple(slot_shape)
-            got = f"{key} {tuple(shape)}"
+            got = f"{next(iter(stored.keys.values()))} {tuple(shape)}"
         if not ok:
             raise CheckpointError(
                 f"layer {layer} {t.memory}: checkpoint holds {got}, the model expects one expert "
-                f"as {tuple(slot_shape)}; the checkpoint does not match its config.json "
-                "(transposed or quantized expert layouts are not supported)"
+                f"as {tuple(slot_shape)}; the checkpoint does not match its config.json"
             )
 
     def pieces(
         self, layer: int, ti: int, experts: Sequence[int]
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        t = self.arch.experts[ti]
         if not experts:
             return
-        if self.keymap.layout == "per_expert":
+        km, q = self.keymap, self.keymap.qconfig
+        if km.layout == "per_expert":
             rows = self.part_rows(layer, ti)
             offsets = [sum(rows[:p]) for p in range(len(rows))]
             for e in experts:
                 for p, off in enumerate(offsets):
-                    yield e, off, self.reader.get(self.keymap.expert_key(layer, t, e, p))
+                    yield e, off, read_stored(self.reader, km.stored(layer, ti, e, p), q)
             return
-        key = self.fused_key(layer, t)
-        rows = self.reader.get_rows(key, list(experts))  # [m, ...]
+        stored = km.stored(layer, ti)
+        rows_t = read_stored(self.reader, stored, q, rows=list(experts))  # [m, ...]
+        if stored.format.quantized and self.arch.memory_transposed:
+            rows_t = rows_t.transpose(-1, -2)  # [m, N, K] -> in-memory [m, K, N]
         for i, e in enumerate(experts):
-            yield e, 0, rows[i]
+            yield e, 0, rows_t[i]
 
     def read(
         self, layer: int, expert: int, like: Sequence[torch.Tensor], *, pin: bool = False
@@ -324,6 +321,29 @@ class ExpertIO:
                 buf.narrow(0, off, piece.shape[0]).copy_(piece)
             out.append(buf)
         return tuple(out)
+
+
+def read_plain(source: ModelSource, key: str) -> torch.Tensor:
+    """A non-MoE checkpoint tensor as the model holds it (dequantized when it is the data key of
+    a quantized linear; see `KeyMap.plain_target`)."""
+    _, stored = source.keymap.plain_target(key)
+    if stored is None:
+        return source.reader.get(key)
+    return read_stored(source.reader, stored, source.keymap.qconfig)
+
+
+def notice_dequantized(source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
+    """One notice when a quantized checkpoint's weights become dense in memory."""
+    fmt = source.keymap.format
+    if fmt.quantized:
+        log.warning(
+            "%s weights of %s are dequantized to %s at load (resident bytes are dense bytes; "
+            "on %s experts cannot stay quantized yet)",
+            fmt.name,
+            source.path.name,
+            str(dtype).removeprefix("torch."),
+            device.type,
+        )
 
 
 # ---- the loader --------------------------------------------------------------------------------
@@ -436,6 +456,7 @@ def _load(
     config = pruned_config(arch, src.config, keep, plan, top_k=top_k)
     read0 = reader.bytes_read
 
+    notice_dequantized(src, device, dtype)
     model = build_skeleton(config, dtype, **kwargs)
     materialize(model, device, dtype)
     state = model.state_dict(keep_vars=True)  # name -> param / persistent buffer (aliases too)
@@ -449,19 +470,22 @@ def _load(
     for shard_keys in reader.keys_by_shard().values():
         for key in shard_keys:
             role = km.role(key)
-            if isinstance(role, ExpertKey):
+            if isinstance(role, ExpertKey) or (role is not None and km.is_mtp(role.layer)):
                 continue
             if isinstance(role, RouterKey):
                 layer_mod = moe_layer(model, arch, role.layer)
                 dst = tensor_of(layer_mod, role.tensor.memory)
                 routers.append((key, dst, role.tensor.dim, keep.layers[role.layer]))
                 continue
-            if key in tied and tied[key] in reader:
+            name, _ = km.plain_target(key)
+            if name is None:
+                continue  # a quantization companion, read with its weight
+            if name in tied and tied[name] in reader:
                 continue  # a tied copy: the source tensor fills it
-            if key not in state:
+            if name not in state:
                 unexpected.append(key)
                 continue
-            plain.append((key, state[key]))
+            plain.append((key, state[name]))
     io = ExpertIO(src)
     experts: list[tuple[int, int, torch.Tensor]] = []  # layer, tensor index, param [E', ...]
     for layer in src.moe_layers:
@@ -490,7 +514,7 @@ def _load(
 
     with torch.no_grad():
         for key, dst in plain:
-            advance(copier.copy(dst, reader.get(key)))
+            advance(copier.copy(dst, read_plain(src, key)))
             filled.add(id(dst))
         for key, dst, dim, kept in routers:
             advance(copier.copy(dst, reader.get_rows(key, list(kept), dim=dim)))
@@ -620,18 +644,19 @@ def load_prefix(
                 if role.layer == layer:
                     reads.append((key, f"{arch.layers_prefix}.{layer}.{role.tensor.memory}"))
                 continue
+            name, _ = km.plain_target(key)
             index = layer_of(key, km.prefix)
-            if (index is not None and index > layer) or key not in state:
+            if name is None or (index is not None and index > layer) or name not in state:
                 continue
-            if index is None and id(state[key]) in head_ids:
+            if index is None and id(state[name]) in head_ids:
                 continue  # the output head is never reached
-            reads.append((key, key))
+            reads.append((key, name))
         materialize(skel, dev, dt, only={id(state[name]) for _, name in reads})
         state = skel.state_dict(keep_vars=True)
         copier = Copier(dev)
         with torch.no_grad():
             for key, name in reads:
-                copier.copy(state[name], reader.get(key))
+                copier.copy(state[name], read_plain(src, key))
             copier.finish()
         skel.eval()
         log.debug("prefix to MoE layer %d: %d tensors, %d bytes", layer, len(reads), copier.bytes)

@@ -433,20 +433,23 @@ class CheckpointWeights(LayerWeights):
 
         for key in reader.keys():
             role = km.role(key)
-            if isinstance(role, ExpertKey):
-                continue  # read by `ExpertIO` when the layer is brought in
+            if isinstance(role, ExpertKey) or (role is not None and km.is_mtp(role.layer)):
+                continue  # experts: read by `ExpertIO` when the layer is brought in
             if isinstance(role, RouterKey):
                 add(layers[role.layer], key, role.tensor.memory)
                 continue
+            target, _ = km.plain_target(key)
+            if target is None:
+                continue  # a quantization companion: read with its weight
             layer = layer_of(key, km.prefix)
             if layer is not None:
                 if layer < len(layers):  # (DeepSeek-V3's MTP layer is not in the model)
-                    add(layers[layer], key, key[len(km.prefix) + len(str(layer)) + 2 :])
+                    add(layers[layer], key, target[len(km.prefix) + len(str(layer)) + 2 :])
                 else:
                     unused.append(key)
                 continue
-            name = key
-            source = tied.get(key)
+            name = target
+            source = tied.get(name)
             if source is not None and source not in reader:
                 name = source  # a tied head saved in place of its source (the embeddings)
             child, _, rel = name.removeprefix("model.").partition(".")
@@ -468,14 +471,14 @@ class CheckpointWeights(LayerWeights):
         """One job per tensor of `module`: each returns (name relative to the module, host
         tensor shaped like the model's tensor, in its dtype; pinned when the device is CUDA).
         Fused expert parameters are assembled whole in the in-memory layout."""
-        from premoe.load.loader import tensor_of
+        from premoe.load.loader import read_plain, tensor_of
 
-        reader, pin = self.src.reader, self.copier.cuda
+        pin = self.copier.cuda
         jobs: list[Callable[[], tuple[str, torch.Tensor]]] = []
 
         def plain(key: str, rel: str) -> tuple[str, torch.Tensor]:
             like = tensor_of(module, rel)  # meta parameter or host buffer
-            src = reader.get(key)
+            src = read_plain(self.src, key)
             if tuple(src.shape) != tuple(like.shape):
                 raise CheckpointError(
                     f"{key}: checkpoint shape {tuple(src.shape)} does not match the model's "

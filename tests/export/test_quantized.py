@@ -20,11 +20,19 @@ from transformers import AutoModelForCausalLM
 from premoe.arch.keys import ExpertKey
 from premoe.errors import CheckpointError, UnsupportedArchitectureError
 from premoe.export import export_pruned
+from premoe.load import load_pruned
+from premoe.profile import profile
 from premoe.prune import KeepSets, masked_routing
 from premoe.prune.quant_config import pruned_quant_config
 from premoe.source import resolve_model
 from tests.export.helpers import token_ids
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import (
+    assert_one_line_error,
+    assert_same_store,
+    random_texts,
+    run_cli,
+    write_texts,
+)
 from tests.quantized import add_mtp, write_quantized
 
 KEEP = [[1, 2, 5, 6], [0, 3, 4, 7]]  # 2 per group of 4: exact for n_group=2
@@ -297,3 +305,51 @@ def test_quant_config_rewrite_renumbers_and_drops_expert_entries() -> None:
         "-:model.layers.1.mlp.experts.3.up_proj": {},
         "+:.*attn.*": {"bits": 8},
     }
+
+
+# ---- loading and profiling quantized checkpoints (dequantized on the CPU) ---------------------
+
+
+@pytest.mark.parametrize(("family", "fmt", "opts"), LOADABLE)
+def test_load_pruned_quantized_equals_its_export(family, fmt, opts, quantized, tmp_path) -> None:
+    """Invariant 2 on quantized sources: the in-process pruned model (premoe's dequantization)
+    holds exactly the weights of the export loaded by transformers (transformers'
+    dequantization). Weights, not logits: transformers' compressed-tensors integration keeps
+    forward hooks on the model it loads that change the float rounding (5e-5 on these logits)."""
+    folder = quantized(family, fmt, **opts)
+    src = resolve_model(folder)
+    keep = _keep(src)
+    export_pruned(src, keep, tmp_path / "pruned")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32)
+    loaded = load_pruned(src, keep, dtype=torch.float32)
+    want, got = exported.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for name, tensor in want.items():
+        assert torch.equal(tensor, got[name]), name
+    src.close()
+
+
+@pytest.mark.parametrize(("family", "fmt"), BYTES_ONLY)
+def test_load_pruned_gptq_awq_close_to_dense(family, fmt, quantized, tiny_checkpoint) -> None:
+    """GPTQ/AWQ (transformers needs gptqmodel for them): premoe's dequantized pruned model stays
+    within int4 rounding of the dense original pruned the same way."""
+    src = resolve_model(quantized(family, fmt))
+    keep = _keep(src)
+    dense = load_pruned(tiny_checkpoint(family), keep, dtype=torch.float32)
+    q = load_pruned(src, keep, dtype=torch.float32)
+    ids = token_ids(dense.config)
+    with torch.no_grad():
+        a, b = dense(ids, use_cache=False).logits, q(ids, use_cache=False).logits
+    assert ((a - b).norm() / a.norm()).item() < 0.2
+    src.close()
+
+
+def test_sequential_profile_of_fp8_equals_normal(quantized, tmp_path) -> None:
+    """`--sequential` dequantizes one layer at a time and gives the normal profile's store."""
+    folder = quantized("deepseek_v3", "fp8_block", mtp=True)
+    _add_tokenizer(folder)
+    tasks = {"t": write_texts(tmp_path / "t.jsonl", random_texts(9, 3, alphabet="abc 123"))}
+    opts = {"metrics": ["tcess", "reap"], "batch_size": 4, "device": "cpu", "max_length": 32}
+    normal = profile(folder, tasks, out=tmp_path / "normal", **opts)
+    seq = profile(folder, tasks, out=tmp_path / "seq", sequential=True, **opts)
+    assert_same_store(normal, seq)
