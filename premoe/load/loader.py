@@ -410,6 +410,23 @@ def load_pruned_with_info(
             src.close()
 
 
+def load_full(
+    model: str | Path | ModelSource,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """The whole model (every expert kept), read like `load_pruned`: quantized checkpoints are
+    dequantized by premoe, on any device, with no download."""
+    src, owned = as_source(model)
+    try:
+        keep = KeepSets.uniform(src.moe_layers, range(src.num_experts))
+        return load_pruned(src, keep, device=device, dtype=dtype)
+    finally:
+        if owned:
+            src.close()
+
+
 def load_pruned(
     model: str | Path | ModelSource,
     keep: KeepSets,

@@ -10,6 +10,7 @@ Shape legend: B batch, S padded sequence length, L MoE layers, E experts, N samp
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -120,9 +121,24 @@ def load_causal_lm(
         device_map = {"": str(resolve_device(device))}
     elif device_map != "auto" and not isinstance(device_map, dict):
         raise UsageError(f"bad --device-map {device_map!r}; use auto")
+    single = isinstance(device_map, dict) and set(device_map) == {""}
+    if single and _quantized(path):
+        # transformers' quantized kernels need downloads on a GPU; premoe's loader dequantizes
+        # every format it declares, on any device (all experts kept: the full model)
+        from premoe.load.loader import load_full
+
+        return load_full(path, device=device_map[""], dtype=parsed)
     log.info("loading %s (dtype %s, device map %s)", path, torch_dtype, device_map)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
     return model.eval()
+
+
+def _quantized(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    try:
+        return "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def input_device(model: Any) -> torch.device:
