@@ -21,6 +21,7 @@ R rows of one expert's slice in a fused parameter (2I for gate_up, H for down).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,7 @@ from premoe.io.dense import read_stored
 from premoe.policy import budget_count, parse_bytes
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
+from premoe.prune.mtp import in_layers
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import ModelSource, resolve_model
 
@@ -705,28 +707,43 @@ class SizeModel:
 
 
 def size_model(source: ModelSource, dtype: torch.dtype) -> SizeModel:
-    """Sizes from the checkpoint headers, floating tensors counted in `dtype`."""
+    """Resident sizes from the checkpoint headers: floating tensors counted in `dtype`,
+    quantized weights at their dequantized (dense) size, MTP layers left out (never loaded)."""
     km, reader = source.keymap, source.reader
-    base = experts = routers = 0
+
+    def dense(shape: Sequence[int]) -> int:
+        return math.prod(shape) * dtype.itemsize
+
+    base = routers = 0
     for key in reader.keys():
-        dt = reader.dtype(key)
-        n = reader.nbytes(key)
-        if dt.is_floating_point:
-            n = n // dt.itemsize * dtype.itemsize
         role = km.role(key)
-        if isinstance(role, ExpertKey):
-            experts += n
-        elif isinstance(role, RouterKey):
+        if isinstance(role, ExpertKey) or in_layers(key, km, km.mtp_layers):
+            continue  # experts are counted per expert below
+        n = reader.nbytes(key)
+        if reader.dtype(key).is_floating_point:
+            n = n // reader.dtype(key).itemsize * dtype.itemsize
+        if isinstance(role, RouterKey):
             routers += n
-        else:
-            base += n
-    moe = max(1, len(source.moe_layers))
+            continue
+        name, stored = km.plain_target(key)
+        if name is not None:
+            base += n if stored is None else dense(stored.dense_shape)
+    moe = source.moe_layers
+    expert = 0
+    for layer in moe:
+        for ti, t in enumerate(source.arch.experts):
+            if km.layout == "per_expert":
+                expert += sum(
+                    dense(km.stored(layer, ti, 0, p).dense_shape) for p in range(len(t.per_expert))
+                )
+            else:
+                expert += dense(km.stored(layer, ti).dense_shape[1:])
     e = source.num_experts
     return SizeModel(
         base_bytes=base,
-        expert_bytes=experts // (moe * e),
-        router_row_bytes=routers // (moe * e),
-        moe_layers=len(source.moe_layers),
+        expert_bytes=expert // max(1, len(moe)),
+        router_row_bytes=routers // (max(1, len(moe)) * e),
+        moe_layers=len(moe),
     )
 
 

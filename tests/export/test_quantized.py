@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from premoe.arch.keys import ExpertKey
 from premoe.errors import CheckpointError, UnsupportedArchitectureError
 from premoe.export import export_pruned
-from premoe.load import load_pruned
+from premoe.load import load_pruned, load_pruned_with_info, size_model
 from premoe.profile import profile
 from premoe.prune import KeepSets, masked_routing
 from premoe.prune.quant_config import pruned_quant_config
@@ -353,3 +353,17 @@ def test_sequential_profile_of_fp8_equals_normal(quantized, tmp_path) -> None:
     normal = profile(folder, tasks, out=tmp_path / "normal", **opts)
     seq = profile(folder, tasks, out=tmp_path / "seq", sequential=True, **opts)
     assert_same_store(normal, seq)
+
+
+@pytest.mark.parametrize(("family", "fmt"), [("deepseek_v3", "fp8_block"), ("qwen3_moe", "gptq")])
+def test_resident_size_counts_dequantized_bytes(family, fmt, quantized, tiny_checkpoint) -> None:
+    """`plan --budget` / `serve --budget` count what will be resident: dense bytes in the load
+    dtype (as for the dense source), not the quantized bytes on disk, and no MTP layer."""
+    src = resolve_model(quantized(family, fmt, mtp=family == "deepseek_v3"))
+    dense = resolve_model(tiny_checkpoint(family))
+    keep = _keep(src)
+    _, info = load_pruned_with_info(src, keep, dtype=torch.bfloat16)
+    got = size_model(src, torch.bfloat16).resident(4)
+    assert got == size_model(dense, torch.bfloat16).resident(4)
+    assert got == pytest.approx(info.param_bytes, rel=0.01)  # (routers some families keep fp32)
+    src.close()
