@@ -163,19 +163,17 @@ def eval_command(
       premoe eval premoe/demo/model --store patterns/demo --task add --task sort \\
         --keep 4,8,16 --method tcess,global,random --plot eval.png
     """
-    if plot is not None:
-        from pathlib import Path
-
-        from premoe.errors import OutputExistsError, UsageError
+    if plot is not None:  # before any work: the plot is written after the whole evaluation
+        from premoe.errors import UsageError
         from premoe.eval.plots import check_matplotlib
+        from premoe.io.atomic import check_output_file
 
         check_matplotlib()
         if not plot.lower().endswith(".png"):
             raise UsageError(f"--plot {plot}: the plot is a PNG; give a path ending in .png")
-        if Path(plot).exists() and not overwrite:
-            raise OutputExistsError(
-                f"{plot} already exists; pass --overwrite or choose another --plot"
-            )
+        inputs = [("model folder", model), ("pattern store", store)]
+        inputs += [("eval set", e.partition("=")[2] or e) for e in eval_set or []]
+        check_output_file(plot, overwrite=overwrite, inputs=inputs)
     with closing(_Bar() if progress_enabled() and not json_out else None) as bar:
         report = evaluate(
             model,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from premoe.load.generate import DEFAULT_COVERAGE, generate
-from premoe_cli._common import human_bytes, print_json, progress_enabled
+from premoe_cli._common import human_bytes, print_json, progress_enabled, read_stdin
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, StoreOpt
 from premoe_cli.progress import LazyBar, closing
 
@@ -74,7 +74,7 @@ def generate_command(
 
     Example: premoe generate ./Qwen3-30B-A3B --store patterns/qwen3 "Integrate x^2" --keep 32
     """
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = read_stdin() if prompt == "-" else prompt
     with closing(_Bar() if progress_enabled() and not json_out else None) as bar:
         result = generate(
             model,

@@ -32,6 +32,7 @@ from typing import Any
 
 import premoe
 from premoe.errors import ModelNotFoundError, OutputExistsError, UsageError
+from premoe.io.atomic import check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,8 @@ def run_demo(
     opts = options or (DemoOptions.quick() if quick else DemoOptions())
     model_dir = _model_dir(model)
     final, note = choose_out(out, overwrite)
+    inputs = [("model folder", model_dir), ("pattern store", store)]
+    check_output_path(final, overwrite=overwrite, inputs=inputs)
     t_start = time.perf_counter()
     with torch_threads(opts.threads), no_load_bars():
         from premoe.io.atomic import atomic_output_dir

@@ -35,7 +35,7 @@ from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, forma
 from premoe.export.prefetch import ShardPrefetcher
 from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, atomic_output_dir
-from premoe.io.atomic import refuse_existing
+from premoe.io.atomic import Inputs, check_output_path
 from premoe.plan import SizeModel, check_store_layers, open_store, shard_metadata, store_scores
 from premoe.policy import Selection, select_experts
 from premoe.prune import (
@@ -122,27 +122,13 @@ class ExportResult:
 # ---- checks --------------------------------------------------------------------------------------
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def check_output(out: str | Path, source: Path, *, overwrite: bool) -> Path:
-    """Refuse an existing `out` (unless `overwrite`), and any `out` inside the source folder or
-    containing it."""
-    out = Path(out).expanduser()
-    real_out, real_src = out.resolve(), source.resolve()
-    if _inside(real_out, real_src):
-        raise UsageError(
-            f"output {out} is inside the source model folder {source}; write the export "
-            "somewhere else"
-        )
-    if _inside(real_src, real_out):
-        raise UsageError(
-            f"output {out} contains the source model folder {source}; replacing it would delete "
-            "the source, choose another output"
-        )
-    refuse_existing(out, overwrite=overwrite)
-    return out
+def check_output(out: str | Path, source: Path, *, overwrite: bool, inputs: Inputs = ()) -> Path:
+    """Refuse, before any work, an `out` that is, contains or lies inside the source folder or
+    another input (a store), an existing `out` (unless `overwrite`, and then only one premoe
+    wrote) and an unwritable location (`premoe.io.atomic.check_output_path`)."""
+    return check_output_path(
+        out, overwrite=overwrite, inputs=[("source model folder", source), *inputs]
+    )
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -467,7 +453,8 @@ def export_from_store(
     """
     src = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
-        check_output(out, src.path, overwrite=overwrite)
+        store_path = store if isinstance(store, str | Path) else getattr(store, "path", None)
+        check_output(out, src.path, overwrite=overwrite, inputs=[("pattern store", store_path)])
         if format not in FORMATS:
             raise UsageError(
                 f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}"
@@ -480,7 +467,6 @@ def export_from_store(
         pooled = None
         store_info: dict[str, Any] | None = None
         if store is not None:
-            store_path = store if isinstance(store, str | Path) else getattr(store, "path", None)
             store = open_store(store, fingerprint)
             check_store_layers(store, src)
             scores = store_scores(store, tasks, metric) if tasks else None

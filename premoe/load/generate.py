@@ -104,6 +104,29 @@ class GenerateResult:
         }
 
 
+def fit_context(prompt_len: int, max_new_tokens: int, config: Any) -> int:
+    """`max_new_tokens`, lowered to what fits the model's context after the prompt (with a
+    warning); a prompt that leaves no room is a `UsageError` (as the server's 400)."""
+    window = getattr(config, "max_position_embeddings", None)
+    if not isinstance(window, int) or window <= 0:
+        return max_new_tokens
+    room = window - prompt_len
+    if room < 1:
+        raise UsageError(
+            f"this model's maximum context length is {window} tokens; the prompt has "
+            f"{prompt_len} tokens: shorten it"
+        )
+    if max_new_tokens > room:
+        log.warning(
+            "the prompt has %d tokens of the model's %d: generating at most %d new tokens",
+            prompt_len,
+            window,
+            room,
+        )
+        return room
+    return max_new_tokens
+
+
 def generate(
     model: str | Path | ModelSource,
     store: Any,
@@ -156,6 +179,7 @@ def generate(
         store_scores(st, [task] if task is not None and task != GLOBAL else [], metric)
         tokenizer = load_tokenizer(src.path)
         ids = encode_prompt(tokenizer, prompt)  # no tokens: a clear error before any weight
+        max_new_tokens = fit_context(len(ids), max_new_tokens, src.config)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, src)
 

@@ -35,6 +35,7 @@ Shape legend: L MoE layers (model order), E routed experts, N samples, D key dim
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from safetensors.torch import save_file
 import premoe
 from premoe.errors import StoreError, StoreMismatchError, UsageError
 from premoe.fingerprint import describe_difference, same_model
-from premoe.io.atomic import atomic_output_dir, default_mode
+from premoe.io.atomic import atomic_output_dir, default_mode, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,11 @@ class PatternStore:
         self._row_tasks: list[str] = []
         self._mu: np.ndarray | None = None  # centre of the keys (key["center"])
         self._on_device: tuple[torch.Tensor, torch.Tensor | None] | None = None  # rows, centre
+        # compare-and-swap at save: the store.json digest this object was loaded from (or last
+        # saved as), and the tasks changed since (see `save`)
+        self._base: tuple[Path, str] | None = None
+        self._changed: set[str] = set()
+        self._removed: set[str] = set()
 
     # -- contents ----------------------------------------------------------------------------------
     @property
@@ -194,6 +200,8 @@ class PatternStore:
                 )
             clean[row] = t.contiguous()
         self.tasks[name] = info
+        self._changed.add(name)
+        self._removed.discard(name)
         self._sums[name] = clean
         self._tokens[name] = int(info.tokens)
         self._keys[name] = {
@@ -206,6 +214,8 @@ class PatternStore:
         self._check_task(name)
         for d in (self.tasks, self._sums, self._tokens, self._keys):
             d.pop(name, None)  # type: ignore[attr-defined]
+        self._removed.add(name)
+        self._changed.discard(name)
         self.build_index()
 
     def _check_task(self, task: str) -> None:
@@ -344,7 +354,7 @@ class PatternStore:
             kind or self.key["kind"],
             self.key["layer"],
             search or self.key["search"],
-            k or self.key["k"],
+            self.key["k"] if k is None else k,
             index or self.key.get("index", "auto"),
             self.key.get("center", False) if center is None else center,
         )
@@ -358,6 +368,11 @@ class PatternStore:
         )
         other.tasks, other._sums = dict(self.tasks), dict(self._sums)
         other._tokens, other._keys = dict(self._tokens), dict(self._keys)
+        other._base, other._changed, other._removed = (
+            self._base,
+            set(self._changed),
+            set(self._removed),
+        )
         if build:
             other.build_index()
         return other
@@ -497,13 +512,76 @@ class PatternStore:
         return runs
 
     # -- files -------------------------------------------------------------------------------------
-    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Write the store folder atomically (an existing one is replaced only with overwrite)."""
+    def save(self, path: str | Path, *, overwrite: bool = False, merge: bool = False) -> None:
+        """Write the store folder atomically (an existing one is replaced only with overwrite).
+
+        Compare-and-swap, under the output's lock: if the store at `path` changed since this
+        object was loaded from it (another process added tasks meanwhile), or `merge` is set and
+        a store appeared there, this object's added/removed tasks are applied to that store
+        instead of replacing it, so no task is lost; a store that cannot take them (another
+        model, other metrics) is a `StoreError` and nothing is written.
+        """
+        path = Path(path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from premoe.errors import OutputError
+
+            raise OutputError(f"cannot write {path}: {exc.strerror} ({path.parent})") from None
+        with output_lock(path):
+            on_disk = _meta_digest(path)
+            ours = self._base is not None and self._base[0] == path
+            if on_disk is not None and (merge or ours) and (not ours or self._base[1] != on_disk):
+                self._rebase(path)
+                overwrite = True
+            self._write(path, overwrite)
+            self._base = (path, _meta_digest(path) or "")
+            self._changed.clear()
+            self._removed.clear()
+
+    def _rebase(self, path: Path) -> None:
+        """Apply this store's changed tasks onto the store now at `path` (see `save`)."""
+        fresh = PatternStore.load(path)
+        same = (
+            same_model(fresh.model, self.model)
+            and set(fresh.metrics) == set(self.metrics)
+            and fresh.metric_options == self.metric_options
+        )
+        if not same:
+            raise StoreError(
+                f"pattern store {path} was replaced by another premoe process while this one "
+                f"ran (metrics {', '.join(fresh.metrics)}, options {fresh.metric_options}); "
+                "nothing was written: run again"
+            )
+        k = self.key
+        merged = fresh.with_key(
+            k["kind"], k["search"], k["k"], k.get("index"), k.get("center"), build=False
+        )
+        for name in self._removed & set(merged.tasks):
+            for d in (merged.tasks, merged._sums, merged._tokens, merged._keys):
+                d.pop(name, None)  # type: ignore[attr-defined]
+        for name in sorted(self._changed & set(self.tasks)):
+            merged.add_task(
+                name, self.tasks[name], self._sums[name], self._keys[name], rebuild=False
+            )
+        merged.build_index()
+        log.warning(
+            "pattern store %s was changed by another premoe process meanwhile; adding this "
+            "run's task(s) %s to its %d task(s)",
+            path,
+            ", ".join(sorted(self._changed)) or "-",
+            len(fresh.tasks),
+        )
+        self.tasks, self._sums, self._tokens = merged.tasks, merged._sums, merged._tokens
+        self._keys, self._index, self._row_tasks = merged._keys, merged._index, merged._row_tasks
+        self._mu, self._on_device = merged._mu, None
+        self.metrics = merged.metrics
+
+    def _write(self, path: Path, overwrite: bool) -> None:
         import faiss
 
         if self._index is None:
             self.build_index()
-        path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         for task in self.tasks:
             for row, t in self._sums[task].items():
@@ -565,6 +643,8 @@ class PatternStore:
         for name, info in tasks.items():
             store._load_task(path, name, info, tensors)
         store._check_index(path, _read_index(path))
+        store._base = (path, _meta_digest(path) or "")
+        store._changed.clear()
         return store
 
     def _load_task(
@@ -623,6 +703,14 @@ class PatternStore:
         self._row_tasks = labels
         self._mu = mu
         self._on_device = None
+
+
+def _meta_digest(path: Path) -> str | None:
+    """sha256 of a store's store.json (None: no store there): its version for `save`."""
+    try:
+        return hashlib.sha256((path / META_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

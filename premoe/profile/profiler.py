@@ -24,6 +24,7 @@ import torch
 from premoe.arch import ArchSpec, arch_for_config
 from premoe.errors import StoreError, UsageError
 from premoe.fingerprint import fingerprint_model, fingerprint_source
+from premoe.io.atomic import check_not_input, check_writable, is_premoe_output, refuse_existing
 from premoe.patterns.store import (
     DEFAULT_KNN,
     PatternStore,
@@ -38,6 +39,8 @@ from premoe.runtime import parse_dtype, resolve_device
 from premoe.source import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
@@ -244,10 +247,42 @@ def _existing_store(out: Path, overwrite: bool) -> PatternStore | None:
     if overwrite or not out.exists():
         return None
     if not (out / "store.json").exists():
-        raise StoreError(
-            f"{out} exists and is not a pattern store; choose another --out or pass --overwrite"
-        )
+        hint = " or pass --overwrite" if is_premoe_output(out) else ""
+        raise StoreError(f"{out} exists and is not a pattern store; choose another --out{hint}")
     return PatternStore.load(out)
+
+
+def _check_out(out: Path, overwrite: bool, model: Path | None, tasks: Mapping[str, Any]) -> None:
+    """The store location, before any work: not an input, replaceable, writable."""
+    inputs: list[tuple[str, str | Path | None]] = [("model folder", model)]
+    for name, source in tasks.items():
+        src = str(source)
+        local = src[3:].split(":")[0] if src.startswith("hf:") else src
+        inputs.append((f"corpus of task {name!r}", local or None))
+    check_not_input(out, inputs)
+    if overwrite:
+        refuse_existing(out, overwrite=True)
+    check_writable(out)
+
+
+def _check_max_length(existing: PatternStore | None, tasks: Any, max_length: int) -> None:
+    """Refuse mixing token windows: the store's other tasks were profiled with another
+    --max-length."""
+    if existing is None:
+        return
+    other = {
+        name: info.options.get("max_length")
+        for name, info in existing.tasks.items()
+        if name not in tasks and info.options.get("max_length") is not None
+    }
+    bad = sorted(n for n, v in other.items() if int(v) != max_length)
+    if bad:
+        used = sorted({int(other[n]) for n in bad})
+        raise UsageError(
+            f"store {existing.path} holds tasks profiled with --max-length "
+            f"{', '.join(map(str, used))} ({', '.join(bad)}), not {max_length}; use the same "
+            "--max-length to add tasks, or pass --overwrite to start a new store"
+        )
 
 
 def _merge_options(
@@ -273,6 +308,24 @@ def _merge_options(
     return list(have), stored_r
 
 
+def _max_length(
+    existing: PatternStore | None, tasks: Any, max_length: int | None, config: Any
+) -> int:
+    """The token window: `max_length` (default: the store's, else 512) clamped to the model's
+    positions; it must match the store's other tasks."""
+    if max_length is None:
+        known = [t.options.get("max_length") for t in (existing.tasks if existing else {}).values()]
+        max_length = next((int(v) for v in known if v is not None), DEFAULT_MAX_LENGTH)
+    if max_length < 1:
+        raise UsageError(f"--max-length must be >= 1, got {max_length}")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and 0 < max_pos < max_length:
+        log.info("max_length %d > the model's %d positions: using %d", max_length, max_pos, max_pos)
+        max_length = max_pos
+    _check_max_length(existing, tasks, max_length)
+    return max_length
+
+
 def profile(
     model: Any,
     tasks: Mapping[str, str | Path],
@@ -292,7 +345,7 @@ def profile(
     batch_size: int = 8,
     max_samples: int | None = None,
     max_tokens: int | None = None,
-    max_length: int = 512,
+    max_length: int | None = None,
     seed: int = 0,
     text_field: str | None = None,
     progress: Progress | None = None,
@@ -334,6 +387,8 @@ def profile(
     out_path = Path(out) if out is not None else None
     existing = _existing_store(out_path, overwrite) if out_path is not None else None
     handle = ModelHandle(model, tokenizer)
+    if out_path is not None:
+        _check_out(out_path, overwrite, handle.path, tasks)
     if existing is not None:
         existing.check_model(handle.fingerprint)
     chosen, r = _merge_options(existing, metrics, threshold)
@@ -343,14 +398,11 @@ def profile(
         key or base["kind"],
         layer0,
         search or base["search"],
-        knn or base.get("k", DEFAULT_KNN),
+        knn if knn is not None else base.get("k", DEFAULT_KNN),
         index or base.get("index", "auto"),
         bool(base.get("center", False)),
     )
-    max_pos = getattr(handle.config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and 0 < max_pos < max_length:
-        log.info("max_length %d > the model's %d positions: using %d", max_length, max_pos, max_pos)
-        max_length = max_pos
+    max_length = _max_length(existing, tasks, max_length, handle.config)
     corpora = {
         name: load_task(
             name,
@@ -402,5 +454,5 @@ def profile(
         )
     store.build_index()
     if out_path is not None and run.writer:  # data-parallel: rank 0 alone writes
-        store.save(out_path, overwrite=overwrite or existing is not None)
+        store.save(out_path, overwrite=overwrite or existing is not None, merge=not overwrite)
     return store
