@@ -105,6 +105,29 @@ def serve_command(
     max_body: Annotated[
         int, typer.Option("--max-body-bytes", help="Largest request body accepted.")
     ] = 1 << 20,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM/SIGINT: seconds in-flight requests get to finish; then each is "
+            "ended with an error event (streams) or a 503, and the server exits 0.",
+        ),
+    ] = 30.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a connection gets to send its request headers."),
+    ] = 5.0,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request gets to send its body.")
+    ] = 30.0,
+    max_pending_per_client: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Connections one client address may hold without having sent a whole "
+            "request; one more closes its oldest.",
+        ),
+    ] = 64,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -118,9 +141,9 @@ def serve_command(
 
     Example: premoe serve ./Qwen3-30B-A3B --store patterns/qwen3 --budget 24GiB --port 8000
     """
-    import uvicorn
-
     from premoe.serve import Engine, EngineConfig, create_app
+    from premoe.serve.guard import GuardSettings
+    from premoe.serve.server import ServerOptions, run_server
 
     config = EngineConfig(
         model=model,
@@ -158,11 +181,10 @@ def serve_command(
         f"on http://{host}:{port}/v1",
         err=True,
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-        limit_concurrency=max(64, 4 * max_queue),
+    guard = GuardSettings(
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_pending_per_client=max_pending_per_client,
     )
+    opts = ServerOptions(host=host, port=port, shutdown_timeout=shutdown_timeout, guard=guard)
+    run_server(app, engine, opts)

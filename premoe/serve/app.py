@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from premoe.serve.decode import SamplingParams
 from premoe.serve.engine import Engine, EngineConfig, GenRequest, RequestError, RouteInfo
@@ -76,12 +77,17 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
                 f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
             )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(
-                f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
-            )
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(
+                    f"request body is larger than the limit of {limit} bytes",
+                    413,
+                    code="too_large",
+                )
+    except ClientDisconnect:  # closed by the client, or by the guard's body timeout
+        raise RequestError("the client closed the connection", 400, code="disconnected") from None
 
     def bad_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -90,6 +96,16 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(bytes(body), parse_constant=bad_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})", 400) from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply", 400) from None
+    try:  # a lone surrogate ("\\ud800") parses but is no text: refuse it here, not in a 500
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(
+            "the request body holds an invalid string (a lone UTF-16 surrogate)", 400
+        ) from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply", 400) from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object", 400)
     return data
@@ -189,9 +205,17 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         return await call_next(request)
 
     # -- info endpoints --------------------------------------------------------------------------
+    def _authorized(request: Request) -> bool:
+        if api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), api_key.encode()
+        )
+
     @app.get("/health")
-    async def health() -> JSONResponse:
-        data = engine.health()
+    async def health(request: Request) -> JSONResponse:
+        data = engine.health(detail=_authorized(request))
         return JSONResponse(data, status_code=200 if data["status"] == "ok" else 503)
 
     @app.get("/metrics")

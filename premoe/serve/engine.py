@@ -179,6 +179,8 @@ class GenRequest:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._cancelled = False
+        self._ended = False
+        self._lock = threading.Lock()
         self._loop = loop
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.served_keep: KeepSets | None = None  # the keep sets it was decoded with
@@ -215,11 +217,23 @@ class GenRequest:
         self.completion_tokens = completion_tokens
         self._push("delta", text)
 
+    def _close(self) -> bool:
+        """Mark the request ended; False when it had ended already (one terminal event)."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._ended = True
+        self.engine._forget(self)
+        return True
+
     def on_finish(self, reason: str, completion_tokens: int) -> None:
         m = self.engine.metrics
         m.generated_tokens.inc(completion_tokens, task=self.task)
         self.completion_tokens = completion_tokens
         if reason == "cancelled":  # the client left; nobody reads events any more
+            self._close()
+            return
+        if not self._close():
             return
         self.finished = time.monotonic()
         self.finish_reason = reason
@@ -227,13 +241,17 @@ class GenRequest:
         self._push("finish", reason)
 
     def fail(self, error: RequestError) -> None:
+        if not self._close():
+            return
         self.finished = time.monotonic()
+        self._cancelled = True  # the worker stops decoding it
         self._push("error", error)
 
     def cancel(self) -> None:
         """The client left: stop decoding this request, free its place."""
         if not self._cancelled and self.finished is None:
             self._cancelled = True
+            self._close()
             self.engine._cancelled(self)
 
     async def next_event(self) -> tuple[str, Any]:
@@ -275,6 +293,8 @@ class Engine:
         self._fatal: BaseException | None = None
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._warmup_pending = False
+        self._live: set[GenRequest] = set()  # submitted and not ended
+        self.shutting_down = False
         self.warm = threading.Event()
         self.ready = False
 
@@ -424,6 +444,31 @@ class Engine:
             pending.extend(batch.items)
         for req in pending:
             req.fail(RequestError("the server is shutting down", 503, "server_error"))
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """Admit no more requests (503); the ones in flight continue."""
+        self.shutting_down = True
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def abort_all(self, message: str) -> int:
+        """End every request in flight with a 503 error event; returns how many."""
+        with self._lock:
+            live = list(self._live)
+        n = 0
+        for req in live:
+            if not req.cancelled:
+                req.fail(RequestError(message, 503, "server_error", code="shutting_down"))
+                n += 1
+        self._wake.set()
+        return n
+
+    def _forget(self, req: GenRequest) -> None:
+        with self._lock:
+            self._live.discard(req)
 
     @property
     def alive(self) -> bool:
@@ -677,6 +722,10 @@ class Engine:
         task: str | None = None,
     ) -> GenRequest:
         """Queue a request (call from the event loop). Raises RequestError when refused."""
+        if self.shutting_down:
+            raise RequestError(
+                "the server is shutting down", 503, "server_error", code="shutting_down"
+            )
         if not self.alive:
             raise RequestError("the decode worker is not running", 503, "server_error")
         if task is not None and task not in self.patterns:
@@ -694,6 +743,8 @@ class Engine:
                 code="queue_full",
             )
         req = GenRequest(self, prompt_ids, prompt_text, params, task, asyncio.get_running_loop())
+        with self._lock:
+            self._live.add(req)
         if task is not None:
             req.set_route(RouteInfo(task, None, False, False))
             self.scheduler.put(req)
@@ -703,12 +754,26 @@ class Engine:
         self._wake.set()
         return req
 
-    def health(self) -> dict[str, Any]:
-        status = "error" if not self.alive else "ok" if self.warm.is_set() else "warming_up"
+    def health(self, detail: bool = True) -> dict[str, Any]:
+        """Liveness and what is resident. `detail=False` (a caller without the API key) leaves
+        out the model and store paths."""
+        status = (
+            "error"
+            if not self.alive
+            else "shutting_down"
+            if self.shutting_down
+            else "ok"
+            if self.warm.is_set()
+            else "warming_up"
+        )
+        info = self.info if detail else {k: v for k, v in self.info.items() if k not in _PRIVATE}
         return {
             "status": status,
             "resident_pattern": self.resident_task,
             "queue_depth": self._queue_depth(),
             "swaps": int(self.metrics.swaps.value()),
-            **self.info,
+            **info,
         }
+
+
+_PRIVATE = ("model", "store")  # health fields that hold local paths
