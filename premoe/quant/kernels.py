@@ -10,10 +10,12 @@ reading W in its quantized form and dequantizing in registers:
 - int4 (compressed-tensors pack-quantized, symmetric): ``W = (nibble - 8) * scale[e, n, k // g]``
   with ``q`` int32 ``[E, N, K/8]``, element k at bits ``4 * (k % 8)``.
 
-The dequantized weight is rounded to the model dtype before use (`ROUND_BF16`), so the kernel
-multiplies by exactly the weights `premoe.quant.codecs.dequantize` gives; only the summation order
-differs from a dense matmul. Work per row is K·N weight bytes, so it is meant for decode (few
-rows); prefill dequantizes the hit experts and uses dense matmuls (`QuantizedExperts.forward`).
+Dequantized weights stay fp32 (the exact quantized values); with `round_dtype=torch.bfloat16`
+each is rounded to bf16 first, so the kernel multiplies by exactly the weights
+`premoe.quant.codecs.dequantize(..., dtype=bfloat16)` gives and only the summation order differs
+from a dense matmul of the dequantized model. Work per row is K·N weight bytes, so it is meant
+for decode (few rows); prefill dequantizes the hit experts and uses dense matmuls
+(`QuantizedExperts.forward`).
 
 Triton exists only where a GPU does: this module imports it lazily. `available()` says whether
 the kernel can run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
@@ -75,8 +77,7 @@ def _kernel() -> Any:
         SCALE_BN: tl.constexpr,  # rows of W sharing one scale (fp8 block rows; 1 for int4)
         SCALE_BK: tl.constexpr,  # columns sharing one scale (fp8 block cols; int4 group size)
         INT4: tl.constexpr,
-        ROUND_BF16: tl.constexpr,
-        ROUND_F16: tl.constexpr,
+        ROUND_BF16: tl.constexpr,  # round each dequantized weight to bf16 before use
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -87,29 +88,59 @@ def _kernel() -> Any:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        w_base = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-        s_base = s_ptr + e * stride_se + (offs_n[:, None] // SCALE_BN).to(tl.int64) * stride_sn
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            m2 = mask_n[:, None] & mask_k[None, :]
-            x = tl.load(x_ptr + r * stride_xr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            if INT4:
-                word = tl.load(w_base + (offs_k[None, :] // 8), mask=m2, other=0)
-                nib = (word >> ((offs_k[None, :] % 8) * 4)) & 0xF
-                w = (nib - 8).to(tl.float32)
-            else:
-                w = tl.load(w_base + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-            sc = tl.load(s_base + offs_k[None, :] // SCALE_BK, mask=m2, other=0.0)
-            w = w * sc.to(tl.float32)
-            if ROUND_BF16:
-                # round to nearest even on the bits (exact, and the same in the interpreter)
-                bits = w.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                w = bits.to(tl.float32, bitcast=True)
-            if ROUND_F16:
-                w = w.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
+        w_base = w_ptr + e * stride_we + offs_n.to(tl.int64) * stride_wn  # [BN] row starts
+        s_base = s_ptr + e * stride_se + (offs_n // SCALE_BN).to(tl.int64) * stride_sn
+        x_base = x_ptr + r * stride_xr
+        if INT4:
+            # 8 nibbles per int32 word: load words once, unpack with shifts to [BN, BW, 8]
+            BW: tl.constexpr = BLOCK_K // 8
+            shifts = tl.arange(0, 8) * 4
+            for k0 in range(0, K // 8, BW):
+                offs_w = k0 + tl.arange(0, BW)  # word index along K/8
+                mask_w = offs_w < K // 8
+                m2 = mask_n[:, None] & mask_w[None, :]
+                words = tl.load(w_base[:, None] + offs_w[None, :], mask=m2, other=0)
+                nib = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+                w = (nib - 8).to(tl.float32)  # [BN, BW, 8]
+                offs_x = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
+                xk = tl.load(x_base + offs_x, mask=mask_w[:, None], other=0.0).to(tl.float32)
+                sc = tl.load(s_base[:, None] + (offs_w[None, :] * 8) // SCALE_BK, mask=m2,
+                             other=0.0).to(tl.float32)  # [BN, BW]  # fmt: skip
+                if ROUND_BF16:
+                    # bf16 round-to-nearest-even on the bits (same under the interpreter)
+                    bits = (w * sc[:, :, None]).to(tl.uint32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                    w = bits.to(tl.float32, bitcast=True)
+                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)
+                else:
+                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2) * sc, axis=1)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                m2 = mask_n[:, None] & mask_k[None, :]
+                xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                w = tl.load(w_base[:, None] + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
+                if SCALE_BK % BLOCK_K == 0:  # one scale per row for the whole chunk
+                    sc = tl.load(s_base + k0 // SCALE_BK, mask=mask_n, other=0.0).to(tl.float32)
+                    if ROUND_BF16:
+                        # bf16 round-to-nearest-even on the bits (same under the interpreter)
+                        bits = (w * sc[:, None]).to(tl.uint32, bitcast=True)
+                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                        w = bits.to(tl.float32, bitcast=True)
+                        acc += tl.sum(w * xk[None, :], axis=1)
+                    else:
+                        acc += tl.sum(w * xk[None, :], axis=1) * sc
+                else:
+                    sc = tl.load(s_base[:, None] + offs_k[None, :] // SCALE_BK, mask=m2,
+                                 other=0.0).to(tl.float32)  # fmt: skip
+                    w = w * sc
+                    if ROUND_BF16:
+                        # bf16 round-to-nearest-even on the bits (same under the interpreter)
+                        bits = w.to(tl.uint32, bitcast=True)
+                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                        w = bits.to(tl.float32, bitcast=True)
+                    acc += tl.sum(w * xk[None, :], axis=1)
         tl.store(y_ptr + pid_s * stride_yr + offs_n, acc, mask=mask_n)
 
     return moe_gemv_kernel
@@ -132,7 +163,10 @@ def _launch(
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
     block_n = 32
-    block_k = 256 if int4 else 128
+    if int4:
+        block_k = 256
+    else:  # a chunk inside one scale block when the block allows it
+        block_k = 128 if scale_bk % 128 == 0 else (scale_bk if scale_bk in (16, 32, 64) else 128)
     grid = (rows.shape[0], -(-n // block_n))
     kern[grid](
         x,
@@ -153,15 +187,14 @@ def _launch(
         SCALE_BK=scale_bk,
         INT4=int4,
         ROUND_BF16=round_to == "bf16",
-        ROUND_F16=round_to == "f16",
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=4,
     )
 
 
-def _round_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "none")
+def _round_name(dtype: torch.dtype | None) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "none"
 
 
 def _register_op() -> Any:
@@ -190,6 +223,20 @@ def _register_op() -> Any:
     return moe_gemv_op
 
 
+def prepare(device: torch.device) -> bool:
+    """Build the kernel (and its custom op on CUDA) ahead of any trace; True if usable."""
+    global _OP
+    if not available(device):
+        return False
+    _kernel()
+    if device.type == "cuda" and _OP is None:
+        try:
+            _OP = _register_op()
+        except Exception:  # older torch: no triton_op; eager launches still work
+            _OP = False
+    return True
+
+
 def moe_gemv(
     x: torch.Tensor,
     rows: torch.Tensor,
@@ -201,29 +248,26 @@ def moe_gemv(
     k: int,
     scale_block: tuple[int, int],
     int4: bool,
-    round_dtype: torch.dtype,
+    round_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`y [S, N]` fp32 with ``y[s] = W[experts[s]] @ x[rows[s]]`` (see the module docstring).
 
-    `weight`/`scale` may be strided views (E-stride of a shared slot buffer); their last dim
-    must be contiguous, as must `x`'s.
+    `round_dtype=torch.bfloat16` rounds every dequantized weight to bf16 first, so the weights
+    are exactly `dequantize(..., dtype=bfloat16)`'s; by default they stay fp32 (exact quantized
+    values, fewer instructions). `weight`/`scale` may be strided views (E-stride of a shared
+    slot buffer); their last dim must be contiguous, as must `x`'s.
     """
-    global _OP
     x = x.contiguous()
     rows = rows.contiguous()
     experts = experts.contiguous()
     args = (n, k, int(scale_block[0]), int(scale_block[1]), bool(int4), _round_name(round_dtype))
-    if x.device.type == "cuda":
-        if _OP is None:
-            try:
-                _OP = _register_op()
-            except Exception:  # older torch: no triton_op; eager launches still work
-                _OP = False
-        if _OP:
-            return _OP(x, rows, experts, weight, scale, *args)
+    if x.device.type == "cuda" and _OP is None:
+        prepare(x.device)
+    if x.device.type == "cuda" and _OP:
+        return _OP(x, rows, experts, weight, scale, *args)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32, device=x.device)
     _launch(x, rows, experts, weight, scale, y, *args)
     return y
 
 
-__all__ = ["available", "interpret_mode", "moe_gemv", "triton_importable"]
+__all__ = ["available", "interpret_mode", "moe_gemv", "prepare", "triton_importable"]

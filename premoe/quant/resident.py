@@ -15,7 +15,9 @@ Storage: one ``uint8`` buffer ``[E, slot_bytes]`` per experts module holds, for 
 all its quantized tensors back to back (16-byte aligned): the weight and scales of the up and down
 projections. The tensors the forward reads are strided views into that buffer. A swap is therefore
 one copy per expert (`write_slot`), in place: the buffer's storage never changes, so compiled
-graphs and captured CUDA graphs stay valid (DESIGN.md invariant 5). Host-side entries (one
+graphs and captured CUDA graphs stay valid (DESIGN.md invariant 5). The buffer is registered on
+the experts module (``premoe_qstorage``, not persistent), so `model.to(device)` moves it; the
+forward derives its views from it on every call. Host-side entries (one
 ``uint8 [slot_bytes]`` tensor per expert) come from dense weights (`entry_from_dense`) or from the
 parts of a quantized checkpoint (`entry_from_parts`); `parts_of_entry` reads one back.
 
@@ -47,6 +49,7 @@ from premoe.quant.export import check_scheme
 log = logging.getLogger(__name__)
 
 _ALIGN = 16
+STORAGE_BUFFER = "premoe_qstorage"  # the experts module's buffer holding the quantized slots
 DEFAULT_GEMV_ROWS = 64  # routed pairs up to which the Triton GEMV runs (decode, small batches)
 
 
@@ -95,8 +98,10 @@ class QuantizedExperts:
         block: tuple[int, int] = (128, 128),
         group_size: int = 128,
         gemv_rows: int = DEFAULT_GEMV_ROWS,
+        exact_weights: bool = False,
     ) -> None:
         self.scheme = check_scheme(scheme)
+        self.exact_weights = exact_weights
         self.block = (int(block[0]), int(block[1]))
         self.group_size = int(group_size)
         self.gemv_rows = int(gemv_rows)
@@ -116,10 +121,13 @@ class QuantizedExperts:
             projs.append(_Proj(name, n, k, self.transposed, w_field, s_field))
         self.projs: dict[str, _Proj] = {p.param: p for p in projs}
         self.slot_bytes = _align(offset)
-        self.storage = torch.zeros(
+        storage = torch.zeros(
             self.num_experts, self.slot_bytes, dtype=torch.uint8, device=self.device
         )  # [E, slot_bytes]
-        self._views = {p.param: (self._view(p.weight), self._view(p.scale)) for p in projs}
+        # a buffer of the module: moves with it, and compiled graphs see a static address
+        module.register_buffer(STORAGE_BUFFER, storage, persistent=False)
+        # decided once, outside any trace: the Triton GEMV runs on CUDA (or under the interpreter)
+        self.use_kernel = kernels.prepare(self.device)
         with torch.no_grad():
             for p, t in zip(projs, dense, strict=True):
                 for e in range(self.num_experts):
@@ -145,10 +153,23 @@ class QuantizedExperts:
             s = _Field("scale", self.dtype, (n, k // g), _align(offset + w.nbytes))
         return w, s, _align(s.offset + s.nbytes)
 
-    def _view(self, f: _Field) -> torch.Tensor:
+    @property
+    def storage(self) -> torch.Tensor:
+        """The module's ``uint8 [E, slot_bytes]`` buffer holding every slot."""
+        return getattr(self.module, STORAGE_BUFFER)
+
+    def _view(self, f: _Field, storage: torch.Tensor | None = None) -> torch.Tensor:
         """[E, *shape] view of field `f` in every slot of the storage buffer."""
-        flat = self.storage[:, f.offset : f.offset + f.nbytes].view(f.dtype)  # [E, numel]
+        buf = self.storage if storage is None else storage
+        flat = buf[:, f.offset : f.offset + f.nbytes].view(f.dtype)  # [E, numel]
         return flat.view(self.num_experts, *f.shape)
+
+    def views(
+        self, param: str, storage: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, scale) views of projection `param`: [E, ...] each, into the storage."""
+        p = self.projs[param]
+        return self._view(p.weight, storage), self._view(p.scale, storage)
 
     def scale_block(self, proj: str) -> tuple[int, int]:
         return self.block if self.scheme == "fp8" else (1, self.group_size)
@@ -191,7 +212,7 @@ class QuantizedExperts:
         return parts["weight_packed"], parts["weight_scale"]
 
     def _write_proj(self, slot: int, p: _Proj, wq: tuple[torch.Tensor, torch.Tensor]) -> None:
-        wv, sv = self._views[p.param]
+        wv, sv = self.views(p.param)
         wv[slot].copy_(wq[0])
         sv[slot].copy_(wq[1])
 
@@ -261,7 +282,7 @@ class QuantizedExperts:
     def dense_slot(self, param: str, slot: int) -> torch.Tensor:
         """Dequantized weight of one slot in the parameter's own layout ([N, K] or [K, N])."""
         p = self.projs[param]
-        wv, sv = self._views[param]
+        wv, sv = self.views(param)
         if self.scheme == "fp8":
             parts = {"weight": wv[slot], "weight_scale_inv": sv[slot]}
         else:
@@ -280,13 +301,14 @@ class QuantizedExperts:
 
     # ---- forward -------------------------------------------------------------------------------
 
-    def _gemv(self, param: str, x: torch.Tensor, rows: torch.Tensor, eids: torch.Tensor
-              ) -> torch.Tensor:  # fmt: skip
+    def _gemv(self, param: str, x: torch.Tensor, rows: torch.Tensor, eids: torch.Tensor,
+              storage: torch.Tensor) -> torch.Tensor:  # fmt: skip
         p = self.projs[param]
-        wv, sv = self._views[param]
+        wv, sv = self.views(param, storage)
         y = kernels.moe_gemv(
             x, rows, eids, wv, sv, n=p.n, k=p.k, scale_block=self.scale_block(param),
-            int4=self.scheme == "int4", round_dtype=self.dtype,
+            int4=self.scheme == "int4",
+            round_dtype=self.dtype if self.exact_weights else None,
         )  # fmt: skip
         return y.to(self.dtype)
 
@@ -295,15 +317,12 @@ class QuantizedExperts:
         hidden_states: torch.Tensor,  # [T, H]
         top_k_index: torch.Tensor,  # [T, k]
         top_k_weights: torch.Tensor,  # [T, k]
+        storage: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mod = self.module
-        s = top_k_index.numel()
-        if (
-            s <= self.gemv_rows
-            and kernels.available(hidden_states.device)
-            and (hidden_states.device.type == "cuda" or kernels.interpret_mode())
-        ):
-            return self._forward_gemv(mod, hidden_states, top_k_index, top_k_weights)
+        if self.use_kernel and top_k_index.numel() <= self.gemv_rows:
+            buf = self.storage if storage is None else storage
+            return self._forward_gemv(mod, hidden_states, top_k_index, top_k_weights, buf)
         return self._forward_eager(mod, hidden_states, top_k_index, top_k_weights)
 
     def _up_param(self) -> str:
@@ -328,19 +347,24 @@ class QuantizedExperts:
         return mod.act_fn(h)
 
     def _forward_gemv(
-        self, mod: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor
+        self,
+        mod: Any,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        weights: torch.Tensor,
+        storage: torch.Tensor,
     ) -> torch.Tensor:
         t, k = top_k_index.shape
         s = t * k
         eids = top_k_index.reshape(-1)  # [S]
         pairs = torch.arange(s, device=hidden.device)
         up, down = self._up_param(), self._down_param()
-        h = self._gemv(up, hidden, pairs // k, eids)  # [S, N_up]
+        h = self._gemv(up, hidden, pairs // k, eids, storage)  # [S, N_up]
         bias = self._bias(up)
         if bias is not None:
             h = h + bias[eids]
         h = self._activate(mod, h)  # [S, I]
-        h = self._gemv(down, h, pairs, eids)  # [S, H]
+        h = self._gemv(down, h, pairs, eids, storage)  # [S, H]
         bias = self._bias(down)
         if bias is not None:
             h = h + bias[eids]
@@ -402,7 +426,8 @@ def _quantized_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args
     rest = [*args, *kwargs.values()]
     if len(rest) != 2:
         raise UsageError("a quantized experts module takes (hidden, top_k_index, top_k_weights)")
-    return self._premoe_quant.forward(hidden_states, rest[0], rest[1])  # type: ignore[operator]
+    storage = getattr(self, STORAGE_BUFFER)
+    return self._premoe_quant.forward(hidden_states, rest[0], rest[1], storage)  # type: ignore[operator]
 
 
 def _experts_module(model: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module]:
@@ -443,14 +468,17 @@ def quantize_resident(
     block: tuple[int, int] = (128, 128),
     group_size: int = 128,
     gemv_rows: int = DEFAULT_GEMV_ROWS,
+    exact_weights: bool = False,
 ) -> QuantizedResident:
     """Quantize the experts of every module in `experts` in place and replace their forward.
 
     `experts`: module paths of the fused experts modules (``model.layers.3.mlp.experts``) or
     names of their parameters (``model.layers.3.mlp.experts.gate_up_proj``: the owner is used),
     e.g. built from `ArchSpec.experts` memory names. `params`: the (up, down) parameter names,
-    default from the module's experts interface. The dense parameters are deleted; biases and
-    everything else stay. Returns the quantized state, to swap slots with `write_slot`.
+    default from the module's experts interface. `gemv_rows`: routed pairs up to which the Triton
+    GEMV runs (else dequantize + matmul); `exact_weights`: round the kernel's dequantized weights
+    to the model dtype (bit-equal weights, a little slower). The dense parameters are deleted;
+    biases and everything else stay. Returns the quantized state, to swap slots with `write_slot`.
     """
     scheme = check_scheme(scheme)
     seen: dict[str, QuantizedExperts] = {}
@@ -460,7 +488,13 @@ def quantize_resident(
             continue
         names = tuple(params) if params is not None else default_params(mod)
         q = QuantizedExperts(
-            mod, scheme, params=names, block=block, group_size=group_size, gemv_rows=gemv_rows
+            mod,
+            scheme,
+            params=names,
+            block=block,
+            group_size=group_size,
+            gemv_rows=gemv_rows,
+            exact_weights=exact_weights,
         )
         for name in names:
             if name in mod._parameters:
