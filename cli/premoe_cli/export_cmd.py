@@ -8,6 +8,7 @@ import typer
 
 from premoe.export import export_from_store
 from premoe.policy import parse_bytes
+from premoe.quant.export import ExpertQuantizer, check_scheme
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
 from premoe_cli.options import (
     BudgetOpt,
@@ -100,6 +101,17 @@ def export_command(
             "Qwen3-Next mtp.*) and set its count to 0, instead of pruning it to the same K.",
         ),
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Quantize the kept routed experts: fp8 (DeepSeek fp8 block layout, "
+            "weight_scale_inv per --block) or int4 (compressed-tensors W4A16 pack-quantized, "
+            "--group-size). Everything else stays in the source dtype.",
+            show_default=False,
+        ),
+    ] = None,
+    block: Annotated[int, typer.Option(help="fp8 block size (rows and columns).")] = 128,
+    group_size: Annotated[int, typer.Option(help="int4 group size along the input.")] = 128,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -117,6 +129,14 @@ def export_command(
         premoe export ./Qwen3-30B-A3B -s patterns/qwen3 -t math --keep 64 -o ./qwen3-math
     """
     max_shard = parse_bytes(max_shard_size)
+    quantizer = None
+    if quantize is not None:
+        quantizer = ExpertQuantizer(
+            check_scheme(quantize),
+            block=(block, block),
+            group_size=group_size,
+            symmetric=True,  # transformers cannot load asymmetric int4 MoE experts (5.25)
+        )
     with closing(_Bar() if progress_enabled() else None) as bar:
         result = export_from_store(
             model,
@@ -136,11 +156,12 @@ def export_command(
             max_shard_bytes=max_shard,
             progress=bar,
             drop_mtp=drop_mtp,
+            quantize=quantizer,
         )
     summary = result.summary()
     summary["group_plan"] = result.provenance["groups"]
     summary["policy"] = result.provenance.get("policy")
-    for key in ("weights", "mtp", "engines"):
+    for key in ("weights", "mtp", "engines", "quantized"):
         summary[key] = result.provenance.get(key)
     if json_out:
         print_json(summary)
@@ -160,7 +181,10 @@ def export_command(
     if not exact.exact:
         rows.append(["group routing", f"one group (fallback: {exact.reason})"])
     weights, mtp = result.provenance.get("weights") or {}, result.provenance.get("mtp") or {}
-    if weights:
+    quantized = result.provenance.get("quantized")
+    if quantized:
+        rows.append(["weight format", f"experts quantized to {quantized['scheme']}"])
+    elif weights:
         rows.append(["weight format", f"{weights['format']} (kept as in the source)"])
     if mtp.get("layers"):
         how = mtp["action"] + (f" by {mtp['rule']}" if mtp.get("rule") else "")

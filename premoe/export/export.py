@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import premoe
+from premoe.arch.keys import ExpertKey
 from premoe.arch.spec import config_value
 from premoe.errors import UsageError
 from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, format_expert_list
@@ -48,6 +49,7 @@ from premoe.prune import (
 from premoe.prune.engines import engine_constraints
 from premoe.prune.mtp import MTP_RULE, in_layers, mtp_keep
 from premoe.prune.quant_config import pruned_quant_config
+from premoe.quant.export import ExpertQuantizer
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
@@ -280,6 +282,7 @@ def export_pruned(
     fingerprint: dict[str, Any] | None = None,
     sizes: SizeModel | None = None,
     drop_mtp: bool = False,
+    quantize: ExpertQuantizer | None = None,
 ) -> ExportResult:
     """Write `model` pruned to `keep` (original expert ids per MoE layer) to folder `out`.
 
@@ -287,6 +290,9 @@ def export_pruned(
     AWQ or dense): every expert tensor moves with all its quantization companions, nothing is
     cast. MTP layers the checkpoint holds are pruned to the same count (keep sets for them from
     `keep` if given, else `premoe.prune.mtp`'s rule), or removed with `drop_mtp`.
+    `quantize` (`premoe.quant.export.ExpertQuantizer("fp8" | "int4")`) quantizes the routed
+    experts of a dense source on the way out (fp8 block or compressed-tensors int4); the rest
+    stays as it is.
 
     `format="hf"`: a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained` loads
     (same architecture, E' = keep count, routed count `top_k` if given). `format="expert-list"`:
@@ -307,6 +313,8 @@ def export_pruned(
     start = time.perf_counter()
     try:
         out = check_output(out, src.path, overwrite=overwrite)
+        if quantize is not None:
+            _check_quantizable(src, quantize)
         keep, mtp_info = _with_mtp(src, keep, drop_mtp)
         plan = keep.validate(src.arch, src.config, top_k=top_k)
         if fingerprint is None:
@@ -352,7 +360,8 @@ def export_pruned(
             )
 
         config_json = pruned_config_json(src, keep, plan, top_k=top_k, drop_mtp=drop_mtp)
-        total = sizes.resident(keep.count) if keep.is_uniform and not drop_mtp else 0
+        exact_size = keep.is_uniform and not drop_mtp and quantize is None
+        total = sizes.resident(keep.count) if exact_size else 0
         read_before = src.reader.bytes_read
         done = 0
         with ShardedWriter(
@@ -373,15 +382,30 @@ def export_pruned(
                     prefetch.entering(shard)
                 for key in keys:
                     name, tensor = pruned_tensor(src.keymap, src.reader, keep, key)
-                    writer.add(name, tensor)
                     done += tensor.nbytes
+                    if quantize is None:
+                        writer.add(name, tensor)
+                    else:
+                        role = src.keymap.role(key)
+                        is_expert = isinstance(role, ExpertKey) and role.expert is not None
+                        for qname, qt in quantize(name, tensor, expert_weight=is_expert).items():
+                            writer.add(qname, qt)
                     if progress is not None:
                         progress(done, total)
+            if quantize is not None:
+                config_json["quantization_config"] = quantize.quantization_config()
+                prov["quantized"] = {
+                    "scheme": quantize.scheme,
+                    "block": list(quantize.block) if quantize.scheme == "fp8" else None,
+                    "group_size": quantize.group_size if quantize.scheme == "int4" else None,
+                    "symmetric": quantize.symmetric,
+                    "summary": quantize.summary(),
+                }
             _write_json(writer.path / "config.json", config_json)
             copied = copy_extra_files(src.path, writer.path)
             prov["bytes"] = {"tensors": writer.total_bytes, "source": sizes.source_bytes}
             _write_json(writer.path / PROVENANCE_NAME, prov)
-        if total and writer.total_bytes != total:
+        if exact_size and total and writer.total_bytes != total:
             log.warning("wrote %d tensor bytes, plan predicted %d", writer.total_bytes, total)
         return ExportResult(
             **common,
@@ -396,6 +420,26 @@ def export_pruned(
     finally:
         if not isinstance(model, ModelSource):
             src.close()
+
+
+def _check_quantizable(src: ModelSource, q: ExpertQuantizer) -> None:
+    """Refuse `--quantize` before any work when it cannot apply to every expert weight."""
+    km = src.keymap
+    if km.format.quantized:
+        raise UsageError(
+            f"--quantize {q.scheme}: the source is already {km.format.name}-quantized; export it "
+            "as it is (premoe keeps its format), or quantize from the bf16/fp16 checkpoint"
+        )
+    if km.layout != "per_expert":
+        raise UsageError(
+            f"--quantize needs per-expert expert weights; {src.arch.name} stores its experts "
+            "fused on disk, which has no quantized hub layout premoe writes"
+        )
+    layer = src.moe_layers[0]
+    for ti, t in enumerate(src.arch.experts):
+        for part in range(len(t.per_expert)):
+            rows, cols = km.stored(layer, ti, 0, part).dense_shape
+            q.check(km.expert_key(layer, t, 0, part), rows, cols)
 
 
 def _with_mtp(src: ModelSource, keep: KeepSets, drop: bool) -> tuple[KeepSets, dict[str, Any]]:
@@ -443,6 +487,7 @@ def export_from_store(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
     drop_mtp: bool = False,
+    quantize: ExpertQuantizer | None = None,
 ) -> ExportResult:
     """Choose keep sets from a pattern store's task scores with a policy, then `export_pruned`.
 
@@ -511,6 +556,7 @@ def export_from_store(
             fingerprint=fingerprint,
             sizes=sizes,
             drop_mtp=drop_mtp,
+            quantize=quantize,
         )
     finally:
         if not isinstance(model, ModelSource):

@@ -135,13 +135,8 @@ class ExpertQuantizer:
             raise UsageError(f"{key} is already quantized ({tensor.dtype}); export it as it is")
         prefix = key[: -len("weight")]
         rows, cols = tensor.shape
+        self.check(key, rows, cols)
         if self.scheme == "fp8":
-            b0, b1 = self.block
-            if rows % b0 or cols % b1:
-                raise UsageError(
-                    f"fp8 block {b0}x{b1} does not divide {key} {rows}x{cols}; pick a block that "
-                    "divides the expert weights"
-                )
             parts = quantize_fp8_block(tensor, self.block)
             out = {key: parts["weight"], prefix + "weight_scale_inv": parts["weight_scale_inv"]}
         else:
@@ -152,6 +147,22 @@ class ExpertQuantizer:
         self.bytes_in += tensor.numel() * tensor.element_size()
         self.bytes_out += sum(t.numel() * t.element_size() for t in out.values())
         return out
+
+    def check(self, key: str, rows: int, cols: int) -> None:
+        """Raise `UsageError` when a `[rows, cols]` expert weight cannot be quantized (the
+        exporter calls this for every expert tensor shape before writing anything)."""
+        if self.scheme == "fp8":
+            b0, b1 = self.block
+            if rows % b0 or cols % b1:
+                raise UsageError(
+                    f"fp8 block {b0}x{b1} does not divide {key} {rows}x{cols}; pick a block that "
+                    "divides the expert weights (--block)"
+                )
+        elif cols % self.group_size:
+            raise UsageError(
+                f"int4 group size {self.group_size} does not divide the {cols} input columns of "
+                f"{key}; pick a group size that divides it (--group-size)"
+            )
 
     def quantization_config(self) -> dict[str, Any]:
         """The `quantization_config` for config.json (call after every tensor went through)."""

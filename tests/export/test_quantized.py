@@ -367,3 +367,55 @@ def test_resident_size_counts_dequantized_bytes(family, fmt, quantized, tiny_che
     assert got == size_model(dense, torch.bfloat16).resident(4)
     assert got == pytest.approx(info.param_bytes, rel=0.01)  # (routers some families keep fp32)
     src.close()
+
+
+# ---- quantize at export (issue: quantized experts as a memory lever) --------------------------
+
+
+@pytest.mark.parametrize(("family", "scheme", "opts"), [
+    ("qwen3_moe", "fp8", ["--block", "8"]),
+    ("deepseek_v3", "int4", ["--group-size", "8"]),
+    ("mixtral", "int4", ["--group-size", "16"]),
+])  # fmt: skip
+def test_cli_export_quantize(family, scheme, opts, tiny_dir, tmp_path, capsys) -> None:
+    """`premoe export --quantize`: the export loads with plain transformers, only routed experts
+    are quantized, and its logits stay close to the unquantized pruned export."""
+    folder = tiny_dir(family)
+    args = ["export", str(folder), "--policy", "random", "--keep", "4", "--json"]
+    code, _, err = run_cli([*args, "-o", str(tmp_path / "plain")], capsys)
+    assert code == 0, err
+    code, text, err = run_cli(
+        [*args, "-o", str(tmp_path / "q"), "--quantize", scheme, *opts], capsys
+    )
+    assert code == 0, err
+    assert json.loads(text)["quantized"]["scheme"] == scheme
+    src = resolve_model(tmp_path / "q")
+    assert src.keymap.format.name == {"fp8": "fp8_block", "int4": "ct_int4_pack"}[scheme]
+    quantized_keys = [k for k in src.reader.keys() if k.endswith(("_scale_inv", "_packed"))]
+    assert quantized_keys and all(".experts." in k for k in quantized_keys)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    ids = token_ids(plain.config)
+    with torch.no_grad():
+        a, b = plain(ids, use_cache=False).logits, q(ids, use_cache=False).logits
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < (0.05 if scheme == "fp8" else 0.2), rel
+    src.close()
+
+
+def test_cli_export_quantize_refusals(quantized, tiny_dir, tmp_path, capsys) -> None:
+    cases = [
+        (quantized("qwen3_moe", "fp8_block"), ["--quantize", "int4"], "already fp8_block"),
+        (tiny_dir("qwen3_moe"), ["--quantize", "int3"], "unknown quantization scheme"),
+        (tiny_dir("qwen3_moe"), ["--quantize", "int4", "--group-size", "12"], "group size 12"),
+        (tiny_dir("qwen3_moe"), ["--quantize", "fp8"], "block 128x128 does not divide"),
+        (tiny_dir("gpt_oss"), ["--quantize", "fp8"], "fused on disk"),
+    ]
+    for i, (folder, opts, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        code, _, err = run_cli(
+            ["export", str(folder), "--policy", "random", "--keep", "4", "-o", str(out), *opts],
+            capsys,
+        )
+        assert_one_line_error(code, err, needle)
+        assert not out.exists()
