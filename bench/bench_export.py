@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     built = None
     if args.checkpoint is None:
         ns = make_checkpoint.parse_args(
-            ["--out", str(workdir / "src"), "--gb", str(args.gb)] + ["--smoke"] * args.smoke
+            ["--out", str(workdir / "src"), "--gb", str(args.gb)]
+            + ["--smoke"] * args.smoke
+            + (["--quant", args.quant] if args.quant else [])
         )
         config = make_checkpoint.config_for(ns)
         shard = parse_bytes("1MB") if args.smoke else parse_bytes(args.shard)
