@@ -171,21 +171,21 @@ def _decode_ct_int4_pack(parts: Parts, qconfig: QConfig, dtype: torch.dtype) -> 
     if args.get("type", "int") != "int":
         raise UsageError(f"ct_int4_pack expects integer weights, the config says {args['type']}")
     bits = int(args.get("num_bits", 4))
-    packed = parts["weight_packed"]  # [N, ceil(K*bits/32)] int32
-    scale = parts["weight_scale"]  # [N, G]
+    packed = parts["weight_packed"]  # [..., N, ceil(K*bits/32)] int32
+    scale = parts["weight_scale"]  # [..., N, G]
     if "weight_shape" in parts and parts["weight_shape"].numel():
-        rows, cols = (_as_int(v) for v in parts["weight_shape"].reshape(-1)[:2])
+        rows, cols = (_as_int(v) for v in parts["weight_shape"].reshape(-1, 2)[0])
     else:
-        rows, cols = packed.shape[0], packed.shape[1] * (32 // bits)
+        rows, cols = packed.shape[-2], packed.shape[-1] * (32 // bits)
     offset = 1 << (bits - 1)
-    q = _unpack_int32(packed, bits, dim=-1)[:, :cols] - offset  # [N, K] signed
+    q = _unpack_int32(packed, bits, dim=-1)[..., :cols] - offset  # [..., N, K] signed
     if scale.ndim < 2:
         scale = scale.reshape(-1, 1) if scale.numel() == rows else scale.reshape(1, 1)
     groups = scale.shape[-1]
     v = q.to(scale.dtype)
     zp = parts.get("weight_zero_point")
     if zp is not None and not args.get("symmetric", True):
-        z = _unpack_int32(zp, bits, dim=0)[:rows] - offset  # [N, G] signed
+        z = _unpack_int32(zp, bits, dim=-2)[..., :rows, :] - offset  # [..., N, G] signed
         z = z.to(scale.dtype)
     else:
         z = None
@@ -196,12 +196,12 @@ def _decode_ct_int4_pack(parts: Parts, qconfig: QConfig, dtype: torch.dtype) -> 
             # activation-ordered groups: column k uses group g_idx[k]
             idx = g_idx.to(torch.long)
             if z is not None:
-                v = v - z[:, idx]
-            return (v * scale[:, idx]).to(dtype)
+                v = v - z[..., idx]
+            return (v * scale[..., idx]).to(dtype)
     if cols % groups:
         raise UsageError(f"ct_int4_pack: K={cols} is not divisible into {groups} groups")
     g = cols // groups
-    v = v.unflatten(-1, (groups, g))  # [N, G, g]
+    v = v.unflatten(-1, (groups, g))  # [..., N, G, g]
     if z is not None:
         v = v - z.unsqueeze(-1)
     return (v * scale.unsqueeze(-1)).flatten(-2).to(dtype)
@@ -329,7 +329,11 @@ FORMATS: dict[str, FormatSpec] = {
 def dequantize(
     fmt: str, parts: Parts, qconfig: QConfig | None = None, *, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The dense weight `[N_out, K_in]` (mxfp4: `[..., N, K]`) that `parts` encode in `fmt`."""
+    """The dense weight `[N_out, K_in]` (mxfp4: `[..., N, K]`) that `parts` encode in `fmt`.
+
+    fp8_block, ct_int4_pack and mxfp4 also take stacked parts with leading dims (`[E, ...]`, one
+    shared block / group size) and return `[..., N, K]`.
+    """
     spec = FORMATS.get(fmt)
     if spec is None:
         raise UsageError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")

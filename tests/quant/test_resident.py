@@ -88,6 +88,7 @@ def test_resident_equals_dequantized_and_swaps(family: str, scheme: str) -> None
                 for n in q.projs:
                     w = dequantize(q.fmt, parts[n], q.qconfig(), dtype=q.dtype)
                     assert torch.equal(q.dense_slot(n, slot), w)
+                    assert torch.equal(q.dense(n)[slot], w)  # stacked decode == per slot
         assert torch.equal(_logits(model, x), _logits(_dense_reference(model, qr), x))
     assert ptrs == {p: q.storage.data_ptr() for p, q in qr.layers.items()}
 
