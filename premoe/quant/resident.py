@@ -279,6 +279,13 @@ class QuantizedExperts:
 
     # ---- dense views ---------------------------------------------------------------------------
 
+    def dense_like(self, param: str) -> torch.Tensor:
+        """An empty CPU tensor shaped as one slot of dense parameter `param` (its own layout and
+        dtype): the template for reading one expert's dense slice from a checkpoint."""
+        p = self.projs[param]
+        shape = (p.k, p.n) if p.transposed else (p.n, p.k)
+        return torch.empty(shape, dtype=self.dtype)
+
     def _dequantize(self, param: str, sel: int | slice) -> torch.Tensor:
         """Dequantized weights of slot(s) `sel`, in the parameter's own layout."""
         p = self.projs[param]
