@@ -44,6 +44,7 @@ from premoe.policy import (
     take,
     union_order,
 )
+from premoe.quant.export import quantized_bytes
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
 def shard_metadata() -> dict[str, str]:
     """safetensors header metadata of exported shards (besides `format`)."""
     return {"premoe_version": premoe.__version__}
+
+
+PRECISIONS: tuple[str, ...] = ("source", "fp8", "int4")
+_FLOAT_BYTES = {"BF16": 2, "F16": 2, "F32": 4}  # safetensors codes that quantizers accept
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,43 @@ class SizeModel:
                 f"{e} experts; is config.json the one the checkpoint was saved with?"
             )
         return cls(e, fixed, expert // e, router // e, fixed + expert + router, entries)
+
+    def expert_per_k_at(
+        self, precision: str, *, block: tuple[int, int] = (128, 128), group_size: int = 128
+    ) -> int:
+        """Bytes of one kept expert (summed over MoE layers) stored at `precision`.
+
+        "source" is the checkpoint as it is; "fp8" (128x128 blocks, fp32 scales) and "int4"
+        (groups of `group_size`, scales in the weight's dtype) requantize every 2-D expert
+        weight held in 16/32-bit floats, scales included; other expert tensors (biases, already
+        quantized weights and their companions) keep their source bytes.
+        """
+        if precision == "source":
+            return self.expert_per_k
+        total = 0
+        for _, role, code, shape, nbytes in self._entries:
+            if not isinstance(role, ExpertKey):
+                continue
+            if role.expert is None:  # fused [E, ...]: one expert's slice
+                per_shape, per_bytes = shape[1:], nbytes // self.num_experts
+            elif role.expert == 0:  # per-expert tensors: count expert 0 (all share shapes)
+                per_shape, per_bytes = shape, nbytes
+            else:
+                continue
+            if len(per_shape) == 2 and code in _FLOAT_BYTES:
+                rows, cols = per_shape
+                total += quantized_bytes(
+                    rows, cols, precision, block=block, group_size=group_size,
+                    scale_bytes=_FLOAT_BYTES[code],
+                )  # fmt: skip
+            else:
+                total += per_bytes
+        return total
+
+    def resident_at(self, k: int, precision: str) -> int:
+        """Resident bytes with K experts kept per MoE layer, experts stored at `precision`."""
+        self.check(k)
+        return self.non_expert_bytes(k) + k * self.expert_per_k_at(precision)
 
     def check(self, k: int) -> None:
         if not 0 <= k <= self.num_experts:
@@ -259,6 +301,18 @@ class PlanRow:
 
 
 @dataclass(frozen=True)
+class PrecisionRow:
+    """At one expert precision: the largest keep count within the budget and what it keeps."""
+
+    precision: str  # "source" | "fp8" | "int4"
+    expert_per_k: int  # bytes of one kept expert, summed over MoE layers
+    keep: int | None  # largest K within the budget; None when not even top-k fits
+    resident_bytes: int | None
+    coverage_min: float | None = None
+    coverage_mean: float | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     family: str
@@ -274,6 +328,8 @@ class Plan:
     fits: int | None = None  # largest K within the budget
     tasks: list[str] | None = None
     metric: str | None = None
+    precisions: list[PrecisionRow] | None = None  # with a budget and `precisions`
+    recommended: PrecisionRow | None = None
 
     def row(self, keep: int) -> PlanRow:
         return next(r for r in self.rows if r.keep == keep)
@@ -306,12 +362,20 @@ def plan(
     top_k: int | None = None,
     keeps: Sequence[int] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    precisions: Sequence[str] = (),
 ) -> Plan:
     """Resident bytes per keep count (a ladder of K plus `keeps`), from checkpoint headers.
 
     With `store`, each row also gives the kept share of the scores (min and mean over layers)
     of `tasks` (merged by `merge`), or of all tasks pooled when no task is given. With
     `budget`, `Plan.fits` is the largest K that fits (and is added to the rows).
+
+    With `budget` and `precisions` (a subset of `PRECISIONS`), `Plan.precisions` gives, per
+    expert precision, the largest K that fits the same budget and the score coverage it keeps
+    (K / E without a store), and `Plan.recommended` the choice: the highest precision whose
+    mean coverage is within `RECOMMEND_SLACK` of the best (quantization error is invisible to
+    coverage, so precision breaks near-ties). A budget that only a quantized precision fits is
+    then no error (`fits` is None).
     """
     src = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
@@ -324,11 +388,29 @@ def plan(
         bad = [k for k in keeps if not k_routed <= k <= e]
         if bad:
             raise UsageError(f"keep counts {bad} are outside {k_routed}..{e} (top-k..experts)")
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown:
+            raise UsageError(f"unknown precision {unknown[0]!r}; use {', '.join(PRECISIONS)}")
         fits = None
         budget_bytes = None
+        prec_fits: dict[str, int | None] = {}
         if budget is not None:
             budget_bytes = parse_bytes(budget)
-            fits = budget_count(budget_bytes, sizes.resident, e, routed=k_routed, groups=groups)
+            for prec in precisions:
+                try:
+                    prec_fits[prec] = budget_count(
+                        budget_bytes,
+                        lambda k, prec=prec: sizes.resident_at(k, prec),
+                        e,
+                        routed=k_routed,
+                        groups=groups,
+                    )
+                except UsageError:
+                    prec_fits[prec] = None
+            if not any(prec_fits.values()) or "source" not in precisions:
+                fits = budget_count(budget_bytes, sizes.resident, e, routed=k_routed, groups=groups)
+            else:
+                fits = prec_fits.get("source")
         cover_scores: list[torch.Tensor] = []
         order = None
         if store is not None:
@@ -346,13 +428,17 @@ def plan(
                 store_scores(store, [], metric)  # checks the metric
                 pooled = store.pooled_scores(metric)
                 order, cover_scores = expert_order(pooled), [pooled]
+
+        def coverage(k: int) -> tuple[float | None, float | None]:
+            if order is None:
+                return None, None
+            kept = take(order, k, groups=groups, routed=k_routed)
+            share = torch.stack([kept_share(s, kept) for s in cover_scores]).min(dim=0)
+            return float(share.values.min()), float(share.values.mean())
+
         rows = []
         for k in keep_ladder(k_routed, e, [*keeps, *([fits] if fits else [])]):
-            cov_min = cov_mean = None
-            if order is not None:
-                kept = take(order, k, groups=groups, routed=k_routed)
-                share = torch.stack([kept_share(s, kept) for s in cover_scores]).min(dim=0)
-                cov_min, cov_mean = float(share.values.min()), float(share.values.mean())
+            cov_min, cov_mean = coverage(k)
             resident = sizes.resident(k)
             rows.append(
                 PlanRow(
@@ -369,6 +455,23 @@ def plan(
             )
         if fits is not None:
             log.info("largest keep count within %s: %d", human_bytes(budget_bytes or 0), fits)
+        prec_rows: list[PrecisionRow] | None = None
+        recommended = None
+        if prec_fits:
+            prec_rows = []
+            for prec, k in prec_fits.items():
+                cov_min, cov_mean = coverage(k) if k else (None, None)
+                prec_rows.append(
+                    PrecisionRow(
+                        precision=prec,
+                        expert_per_k=sizes.expert_per_k_at(prec),
+                        keep=k,
+                        resident_bytes=sizes.resident_at(k, prec) if k else None,
+                        coverage_min=cov_min,
+                        coverage_mean=cov_mean,
+                    )
+                )
+            recommended = recommend(prec_rows, e)
         return Plan(
             model=str(src.path),
             family=src.arch.name,
@@ -384,22 +487,45 @@ def plan(
             fits=fits,
             tasks=list(tasks) if store is not None else None,
             metric=metric if store is not None else None,
+            precisions=prec_rows,
+            recommended=recommended,
         )
     finally:
         if not isinstance(model, ModelSource):
             src.close()
 
 
+RECOMMEND_SLACK = 0.01  # mean coverage a higher precision may give up and still be recommended
+
+
+def recommend(rows: Sequence[PrecisionRow], num_experts: int) -> PrecisionRow | None:
+    """The highest-precision row whose mean coverage (K / E without a store) is within
+    `RECOMMEND_SLACK` of the best row's; rows are given from highest to lowest precision."""
+    fitting = [r for r in rows if r.keep]
+    if not fitting:
+        return None
+
+    def score(r: PrecisionRow) -> float:
+        return r.coverage_mean if r.coverage_mean is not None else (r.keep or 0) / num_experts
+
+    best = max(score(r) for r in fitting)
+    return next(r for r in fitting if score(r) >= best - RECOMMEND_SLACK)
+
+
 __all__ = [
+    "PRECISIONS",
+    "RECOMMEND_SLACK",
     "Entry",
     "Plan",
     "PlanRow",
+    "PrecisionRow",
     "SizeModel",
     "check_store_layers",
     "keep_ladder",
     "open_store",
     "plan",
     "read_header",
+    "recommend",
     "shard_metadata",
     "store_scores",
 ]

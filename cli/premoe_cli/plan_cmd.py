@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from premoe.plan import plan
+from premoe.plan import PRECISIONS, plan
 from premoe_cli._common import human_bytes, print_json, print_table
 from premoe_cli.options import BudgetOpt, JsonOpt, MergeOpt, MetricOpt, ModelArg, TopKOpt
 
@@ -45,6 +45,10 @@ def plan_command(
     the fraction of the full model, the predicted export size, and with a store the share of
     the task's scores that the kept experts cover (min and mean over layers).
 
+    With --budget, a second table gives per expert precision (source, fp8, int4: what
+    `export --quantize` writes) the largest K within the same budget and the coverage it keeps,
+    and recommends one: the highest precision within 0.01 of the best mean coverage.
+
     Example:
 
         premoe plan ./Qwen3-30B-A3B --store patterns/qwen3 --task math --budget 24GiB
@@ -60,6 +64,7 @@ def plan_command(
         budget=budget,
         top_k=top_k,
         keeps=keep or [],
+        precisions=PRECISIONS if budget is not None else (),
     )
     if json_out:
         print_json(p.to_json())
@@ -93,3 +98,31 @@ def plan_command(
             if p.fits
             else ""
         )
+    if p.precisions:
+        headers = ["precision", "per expert", "keep", "resident"]
+        if store is not None:
+            headers += ["coverage min", "coverage mean"]
+        rows = []
+        for r in p.precisions:
+            mark = " <" if p.recommended is not None and r is p.recommended else ""
+            row = [
+                r.precision + mark,
+                human_bytes(r.expert_per_k),
+                f"{r.keep}/{p.num_experts}" if r.keep else "does not fit",
+                human_bytes(r.resident_bytes) if r.resident_bytes else "-",
+            ]
+            if store is not None:
+                row += [
+                    f"{r.coverage_min:.3f}" if r.coverage_min is not None else "-",
+                    f"{r.coverage_mean:.3f}" if r.coverage_mean is not None else "-",
+                ]
+            rows.append(row)
+        typer.echo(f"at equal memory ({human_bytes(p.budget or 0)}), per expert precision:")
+        print_table(headers, rows)
+        rec = p.recommended
+        if rec is not None:
+            flag = "" if rec.precision == "source" else f" --quantize {rec.precision}"
+            typer.echo(
+                f"< recommended: {rec.precision} experts, keep {rec.keep}/{p.num_experts} "
+                f"(export --keep {rec.keep}{flag})"
+            )

@@ -171,21 +171,21 @@ def _decode_ct_int4_pack(parts: Parts, qconfig: QConfig, dtype: torch.dtype) -> 
     if args.get("type", "int") != "int":
         raise UsageError(f"ct_int4_pack expects integer weights, the config says {args['type']}")
     bits = int(args.get("num_bits", 4))
-    packed = parts["weight_packed"]  # [N, ceil(K*bits/32)] int32
-    scale = parts["weight_scale"]  # [N, G]
+    packed = parts["weight_packed"]  # [..., N, ceil(K*bits/32)] int32
+    scale = parts["weight_scale"]  # [..., N, G]
     if "weight_shape" in parts and parts["weight_shape"].numel():
-        rows, cols = (_as_int(v) for v in parts["weight_shape"].reshape(-1)[:2])
+        rows, cols = (_as_int(v) for v in parts["weight_shape"].reshape(-1, 2)[0])
     else:
-        rows, cols = packed.shape[0], packed.shape[1] * (32 // bits)
+        rows, cols = packed.shape[-2], packed.shape[-1] * (32 // bits)
     offset = 1 << (bits - 1)
-    q = _unpack_int32(packed, bits, dim=-1)[:, :cols] - offset  # [N, K] signed
+    q = _unpack_int32(packed, bits, dim=-1)[..., :cols] - offset  # [..., N, K] signed
     if scale.ndim < 2:
         scale = scale.reshape(-1, 1) if scale.numel() == rows else scale.reshape(1, 1)
     groups = scale.shape[-1]
     v = q.to(scale.dtype)
     zp = parts.get("weight_zero_point")
     if zp is not None and not args.get("symmetric", True):
-        z = _unpack_int32(zp, bits, dim=0)[:rows] - offset  # [N, G] signed
+        z = _unpack_int32(zp, bits, dim=-2)[..., :rows, :] - offset  # [..., N, G] signed
         z = z.to(scale.dtype)
     else:
         z = None
@@ -196,12 +196,12 @@ def _decode_ct_int4_pack(parts: Parts, qconfig: QConfig, dtype: torch.dtype) -> 
             # activation-ordered groups: column k uses group g_idx[k]
             idx = g_idx.to(torch.long)
             if z is not None:
-                v = v - z[:, idx]
-            return (v * scale[:, idx]).to(dtype)
+                v = v - z[..., idx]
+            return (v * scale[..., idx]).to(dtype)
     if cols % groups:
         raise UsageError(f"ct_int4_pack: K={cols} is not divisible into {groups} groups")
     g = cols // groups
-    v = v.unflatten(-1, (groups, g))  # [N, G, g]
+    v = v.unflatten(-1, (groups, g))  # [..., N, G, g]
     if z is not None:
         v = v - z.unsqueeze(-1)
     return (v * scale.unsqueeze(-1)).flatten(-2).to(dtype)
@@ -329,7 +329,11 @@ FORMATS: dict[str, FormatSpec] = {
 def dequantize(
     fmt: str, parts: Parts, qconfig: QConfig | None = None, *, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The dense weight `[N_out, K_in]` (mxfp4: `[..., N, K]`) that `parts` encode in `fmt`."""
+    """The dense weight `[N_out, K_in]` (mxfp4: `[..., N, K]`) that `parts` encode in `fmt`.
+
+    fp8_block, ct_int4_pack and mxfp4 also take stacked parts with leading dims (`[E, ...]`, one
+    shared block / group size) and return `[..., N, K]`.
+    """
     spec = FORMATS.get(fmt)
     if spec is None:
         raise UsageError(f"unknown quantization format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -392,12 +396,16 @@ def quantize_int4_pack(
     Returns ``weight_packed`` int32 ``[N, K/8]``, ``weight_scale`` ``[N, K/g]`` in `w`'s dtype,
     ``weight_shape`` ``[2]`` and, when asymmetric, ``weight_zero_point`` ``[ceil(N/8), K/g]``.
     Round to nearest on min/max group statistics (compressed-tensors' `calculate_qparams`).
+    Without compressed-tensors installed, symmetric quantization falls back to
+    `quantize_int4_pack_torch`, which writes the same bytes.
     """
     if w.ndim != 2:
         raise UsageError(f"quantize_int4_pack expects a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
     if group_size <= 0 or cols % group_size:
         raise UsageError(f"int4 group size {group_size} does not divide K={cols}")
+    if symmetric and not _has_compressed_tensors():
+        return quantize_int4_pack_torch(w, group_size=group_size)
     args = _ct_int_args(group_size, symmetric)
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
@@ -412,6 +420,43 @@ def quantize_int4_pack(
         state["weight_zero_point"] = zp.to(torch.int8)
     out = PackedQuantizationCompressor.compress(state, scheme)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _has_compressed_tensors() -> bool:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def quantize_int4_pack_torch(w: torch.Tensor, *, group_size: int = 128) -> dict[str, torch.Tensor]:
+    """Symmetric int4 pack-quantization in plain torch, byte for byte what compressed-tensors
+    0.20 writes (tests/quant/test_codecs.py checks it): ``scale = max|w| / 7.5`` per group in
+    `w`'s dtype (an all-zero group gets the dtype's eps), ``q = round(clamp(w / scale, -8, 7))``,
+    stored as ``q + 8`` nibbles, element i of a word at bits ``4 i``."""
+    rows, cols = w.shape
+    if group_size <= 0 or cols % group_size:
+        raise UsageError(f"int4 group size {group_size} does not divide K={cols}")
+    wd = w.detach()
+    g = wd.unflatten(-1, (cols // group_size, group_size))  # [N, G, g]
+    zero = torch.zeros((), dtype=wd.dtype, device=wd.device)
+    lo = torch.minimum(g.amin(-1), zero)
+    hi = torch.maximum(g.amax(-1), zero)
+    half_range = torch.tensor(15.0, device=wd.device).to(wd.dtype) / 2
+    scale = torch.maximum(lo.abs(), hi.abs()) / half_range  # [N, G]
+    eps = torch.tensor(torch.finfo(wd.dtype).eps, dtype=wd.dtype, device=wd.device)
+    scale = torch.where(scale == 0, eps, scale)
+    q = (g / scale.unsqueeze(-1)).float().clamp(-8.0, 7.0).round().to(torch.int64) + 8
+    q = q.reshape(rows, cols // 8, 8)  # [N, K/8, 8] unsigned nibbles
+    shifts = torch.arange(0, 32, 4, device=wd.device, dtype=torch.int64)
+    words = (q << shifts).sum(-1)  # [N, K/8] in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return {
+        "weight_packed": words.contiguous(),
+        "weight_scale": scale.contiguous(),
+        "weight_shape": torch.tensor([rows, cols]),
+    }
 
 
 # ----------------------------------------------------------------------------- configs

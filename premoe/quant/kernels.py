@@ -189,7 +189,6 @@ def _launch(
         ROUND_BF16=round_to == "bf16",
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
     )
 
 

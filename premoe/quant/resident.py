@@ -279,21 +279,32 @@ class QuantizedExperts:
 
     # ---- dense views ---------------------------------------------------------------------------
 
-    def dense_slot(self, param: str, slot: int) -> torch.Tensor:
-        """Dequantized weight of one slot in the parameter's own layout ([N, K] or [K, N])."""
+    def dense_like(self, param: str) -> torch.Tensor:
+        """An empty CPU tensor shaped as one slot of dense parameter `param` (its own layout and
+        dtype): the template for reading one expert's dense slice from a checkpoint."""
+        p = self.projs[param]
+        shape = (p.k, p.n) if p.transposed else (p.n, p.k)
+        return torch.empty(shape, dtype=self.dtype)
+
+    def _dequantize(self, param: str, sel: int | slice) -> torch.Tensor:
+        """Dequantized weights of slot(s) `sel`, in the parameter's own layout."""
         p = self.projs[param]
         wv, sv = self.views(param)
         if self.scheme == "fp8":
-            parts = {"weight": wv[slot], "weight_scale_inv": sv[slot]}
+            parts = {"weight": wv[sel], "weight_scale_inv": sv[sel]}
         else:
-            parts = {"weight_packed": wv[slot], "weight_scale": sv[slot],
+            parts = {"weight_packed": wv[sel], "weight_scale": sv[sel],
                      "weight_shape": torch.tensor([p.n, p.k])}  # fmt: skip
-        w = dequantize(self.fmt, parts, self.qconfig(), dtype=self.dtype)  # [N, K]
-        return w.t().contiguous() if p.transposed else w
+        w = dequantize(self.fmt, parts, self.qconfig(), dtype=self.dtype)  # [..., N, K]
+        return w.transpose(-1, -2).contiguous() if p.transposed else w
+
+    def dense_slot(self, param: str, slot: int) -> torch.Tensor:
+        """Dequantized weight of one slot in the parameter's own layout ([N, K] or [K, N])."""
+        return self._dequantize(param, slot)
 
     def dense(self, param: str) -> torch.Tensor:
         """All slots dequantized, in the parameter's layout: [E, N, K] (or [E, K, N])."""
-        return torch.stack([self.dense_slot(param, e) for e in range(self.num_experts)])
+        return self._dequantize(param, slice(None))
 
     @property
     def nbytes(self) -> int:
@@ -374,8 +385,10 @@ class QuantizedExperts:
     def _forward_eager(
         self, mod: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """transformers' eager experts loop, with each hit expert dequantized on the fly."""
+        """transformers' eager experts loop on this layer's experts, dequantized on the fly (all
+        slots at once: one dequantization per projection and forward)."""
         up, down = self._up_param(), self._down_param()
+        dense_up, dense_down = self.dense(up), self.dense(down)  # [E, N, K] / [E, K, N] each
         b_up, b_down = self._bias(up), self._bias(down)
         final = torch.zeros_like(hidden)
         with torch.no_grad():
@@ -387,8 +400,7 @@ class QuantizedExperts:
                 continue
             top_k_pos, token_idx = torch.where(mask[e])
             x = hidden[token_idx]
-            w_up = self.dense_slot(up, e)
-            w_down = self.dense_slot(down, e)
+            w_up, w_down = dense_up[e], dense_down[e]
             if self.transposed:
                 h = x @ w_up
                 h = h + b_up[e] if b_up is not None else h

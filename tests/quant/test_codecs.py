@@ -16,6 +16,7 @@ from premoe.quant.codecs import (
     int4_pack_config,
     quantize_fp8_block,
     quantize_int4_pack,
+    quantize_int4_pack_torch,
 )
 
 ct = pytest.importorskip("compressed_tensors")
@@ -111,6 +112,19 @@ def test_ct_int4_equals_compressed_tensors(symmetric: bool, group_size: int) -> 
         assert torch.equal(ours, ref.to(dtype))
     err = (ref.float() - w.float()).abs().max() / w.float().abs().max()
     assert err < 0.2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_torch_fallback_writes_the_library_bytes(dtype: torch.dtype) -> None:
+    torch.manual_seed(8)
+    w = torch.randn(24, 128).to(dtype)
+    w[3, :32] = 0  # an all-zero group: the scale is the dtype's eps
+    w[5, 64:96] = 1e-3
+    ref = quantize_int4_pack(w, group_size=32)
+    ours = quantize_int4_pack_torch(w, group_size=32)
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
 
 
 def test_ct_int4_random_packed_words() -> None:

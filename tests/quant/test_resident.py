@@ -20,8 +20,6 @@ from premoe.quant.resident import QuantizedExperts, quantize_resident
 from tests.helpers import GPU
 from tests.tiny import build_tiny
 
-pytest.importorskip("compressed_tensors")
-
 _OPTS = {"fp8": {"block": (16, 16)}, "int4": {"group_size": 16}}
 
 
@@ -88,6 +86,7 @@ def test_resident_equals_dequantized_and_swaps(family: str, scheme: str) -> None
                 for n in q.projs:
                     w = dequantize(q.fmt, parts[n], q.qconfig(), dtype=q.dtype)
                     assert torch.equal(q.dense_slot(n, slot), w)
+                    assert torch.equal(q.dense(n)[slot], w)  # stacked decode == per slot
         assert torch.equal(_logits(model, x), _logits(_dense_reference(model, qr), x))
     assert ptrs == {p: q.storage.data_ptr() for p, q in qr.layers.items()}
 
@@ -100,6 +99,20 @@ def test_resident_transposed_with_biases_gpt_oss() -> None:
     q = next(iter(qr.layers.values()))
     assert q.transposed and q.projs["gate_up_proj"].n == 64  # 2I output rows
     assert torch.equal(_logits(model, x), _logits(_dense_reference(model, qr), x))
+
+
+def test_resident_int4_without_compressed_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where compressed-tensors is absent (a GPU box), the torch packer writes the same slots."""
+    from premoe.quant import codecs
+
+    if not codecs._has_compressed_tensors():
+        pytest.skip("compares against compressed-tensors")
+    a, b = _model("qwen3_moe"), _model("qwen3_moe")
+    qa = quantize_resident(a, _experts_paths(a), "int4", group_size=16)
+    monkeypatch.setattr(codecs, "_has_compressed_tensors", lambda: False)
+    qb = quantize_resident(b, _experts_paths(b), "int4", group_size=16)
+    for path in qa.layers:
+        assert torch.equal(qa[path].storage, qb[path].storage)
 
 
 def test_resident_bytes_and_errors() -> None:
