@@ -107,8 +107,9 @@ def test_mixed_concurrent_requests_match_exported_checkpoints(
         assert data["usage"]["prompt_tokens"] == len(serve_world.tokenizer(prompt)["input_ids"])
     assert served >= {"math", "code", "__global__"}
     m = server.metrics()
-    assert m["premoe_swaps_total"] >= swaps_before + 2  # at least two pattern changes
-    assert m["premoe_swap_bytes_total"] > 0 and m["premoe_swap_experts_moved_total"] > 0
+    # the patterns' union is resident: rows of different patterns share decode steps, no swaps
+    assert m["premoe_swaps_total"] == swaps_before
+    assert m['premoe_steps_total{mode="mixed"}'] > 0
     for t in ("math", "code", "__global__"):
         assert m[f'premoe_requests_total{{task="{t}",endpoint="completions",status="ok"}}'] >= 1
         assert m[f'premoe_generated_tokens_total{{task="{t}"}}'] > 0
