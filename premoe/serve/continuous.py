@@ -150,7 +150,9 @@ class ContinuousDecoder:
         """Admit a row into the lowest free slot (call `free()` first)."""
         self.check_fits(len(prompt), params.max_tokens)
         slot = next(i for i, s in enumerate(self.seqs) if s is None)
-        stops = set() if ignore_eos else self.eos_ids | set(params.stop_token_ids)
+        stops = set(params.stop_token_ids)
+        if not (ignore_eos or params.ignore_eos):
+            stops |= self.eos_ids
         seq = Seq(
             sink=sink,
             prompt=list(prompt),

@@ -64,6 +64,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +85,7 @@ class SamplingParams:
             and not self.penalized
             and self.logprobs is None
             and not self.stop_token_ids
+            and not self.ignore_eos
         )
 
 

@@ -46,6 +46,7 @@ from premoe.serve.continuous import ContinuousDecoder, StepReport
 from premoe.serve.decode import BatchDecoder, CacheMode, CompileMode, DecodeRow, SamplingParams
 from premoe.serve.metrics import ServeMetrics
 from premoe.serve.resident import Resident, open_resident
+from premoe.serve.sampling import TokenLogprobs
 from premoe.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ class EngineConfig:
             raise UsageError("give --keep or --budget, not both")
         if self.store is None and self.patterns is None:
             raise UsageError("give a pattern store (--store) made by `premoe profile`")
-        if self.max_batch < 1 or self.max_batch > 256:
-            raise UsageError(f"--max-batch must be between 1 and 256, got {self.max_batch}")
+        if self.max_batch < 1 or self.max_batch > 1024:
+            raise UsageError(f"--max-batch must be between 1 and 1024, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise UsageError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -199,6 +200,7 @@ class GenRequest:
         self._loop = loop
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.served_keep: KeepSets | None = None  # the keep sets it was decoded with
+        self.logprobs: list[TokenLogprobs] = []  # one per generated token, when asked
 
     # -- scheduler protocol ----------------------------------------------------------------------
     @property
@@ -224,6 +226,9 @@ class GenRequest:
     def on_start(self) -> None:
         self.started = time.monotonic()
         self.engine.metrics.queue_wait.observe(self.started - self.arrival, task=self.task)
+
+    def on_token(self, info: TokenLogprobs) -> None:
+        self.logprobs.append(info)
 
     def on_delta(self, text: str, completion_tokens: int) -> None:
         if self.first_token is None:
@@ -859,6 +864,10 @@ class Engine:
         if req.route is not None:
             self.scheduler.remove(req)
         self._update_queue_metric()
+
+    def token_text(self, token: int) -> str:
+        """One token as text (as vLLM reports it in logprobs)."""
+        return str(self.tokenizer.decode([token]))
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
