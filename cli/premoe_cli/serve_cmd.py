@@ -58,7 +58,13 @@ def serve_command(
         ),
     ] = None,
     max_batch: Annotated[
-        int, typer.Option(min=1, max=256, help="Requests of one pattern decoded together.")
+        int,
+        typer.Option(
+            min=1,
+            max=1024,
+            help="Requests decoded together (continuous: KV cache slots, fewer if the device "
+            "memory left after the weights cannot hold them).",
+        ),
     ] = 8,
     max_wait_ms: Annotated[
         float,
@@ -105,6 +111,28 @@ def serve_command(
     max_body: Annotated[
         int, typer.Option("--max-body-bytes", help="Largest request body accepted.")
     ] = 1 << 20,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            help="auto (continuous where the model allows), continuous (requests join and "
+            "leave the running batch between decode steps) or batch (one batch per pattern)."
+        ),
+    ] = "auto",
+    mixed: Annotated[
+        str,
+        typer.Option(
+            help="Rows of different patterns in one batch, the union of their experts resident: "
+            "auto (when the union fits --budget), on, off (swap expert sets between patterns)."
+        ),
+    ] = "auto",
+    prefill_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Prompt tokens prefilled per step at most: bounds how long running streams "
+            "stall for newcomers.",
+        ),
+    ] = 512,
     shutdown_timeout: Annotated[
         float,
         typer.Option(
@@ -164,6 +192,9 @@ def serve_command(
         max_body_bytes=max_body,
         route_threshold=route_threshold,
         host_cache=host_cache,
+        scheduler=scheduler,
+        mixed=mixed,
+        prefill_tokens=prefill_tokens,
     )
     config.check()
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

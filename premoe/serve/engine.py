@@ -39,10 +39,14 @@ import torch
 
 import premoe
 from premoe.errors import PremoeError, UsageError
+from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
+from premoe.serve import kvcache, rowmask
+from premoe.serve.continuous import ContinuousDecoder, StepReport
 from premoe.serve.decode import BatchDecoder, CacheMode, CompileMode, DecodeRow, SamplingParams
 from premoe.serve.metrics import ServeMetrics
 from premoe.serve.resident import Resident, open_resident
+from premoe.serve.sampling import TokenLogprobs
 from premoe.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -82,14 +86,18 @@ class EngineConfig:
     route_threshold: float | None = None  # passed to the router when it takes one
     host_cache: str | None = None  # e.g. "32GiB": every pattern's experts held in host memory
     decode_buckets: tuple[int, ...] | None = None  # static cache batch sizes (default 1,2,4..)
+    scheduler: str = "auto"  # auto (continuous where supported) | continuous | batch
+    mixed: str = "auto"  # auto (when the union of the patterns fits) | on | off
+    prefill_tokens: int = 512  # prompt tokens prefilled per step at most (decode stall bound)
+    kv_memory_fraction: float = 0.9  # CUDA: share of free memory the KV slots may take
 
     def check(self) -> None:
         if self.keep is not None and self.budget is not None:
             raise UsageError("give --keep or --budget, not both")
         if self.store is None and self.patterns is None:
             raise UsageError("give a pattern store (--store) made by `premoe profile`")
-        if self.max_batch < 1 or self.max_batch > 256:
-            raise UsageError(f"--max-batch must be between 1 and 256, got {self.max_batch}")
+        if self.max_batch < 1 or self.max_batch > 1024:
+            raise UsageError(f"--max-batch must be between 1 and 1024, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise UsageError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -104,6 +112,14 @@ class EngineConfig:
             )
         if self.max_body_bytes < 1024:
             raise UsageError("the body size limit must be at least 1 KiB")
+        if self.scheduler not in ("auto", "continuous", "batch"):
+            raise UsageError(
+                f"--scheduler must be auto, continuous or batch, got {self.scheduler!r}"
+            )
+        if self.mixed not in ("auto", "on", "off"):
+            raise UsageError(f"--mixed must be auto, on or off, got {self.mixed!r}")
+        if self.prefill_tokens < 1:
+            raise UsageError(f"--prefill-tokens must be >= 1, got {self.prefill_tokens}")
 
 
 class RequestError(Exception):
@@ -184,6 +200,7 @@ class GenRequest:
         self._loop = loop
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.served_keep: KeepSets | None = None  # the keep sets it was decoded with
+        self.logprobs: list[TokenLogprobs] = []  # one per generated token, when asked
 
     # -- scheduler protocol ----------------------------------------------------------------------
     @property
@@ -209,6 +226,9 @@ class GenRequest:
     def on_start(self) -> None:
         self.started = time.monotonic()
         self.engine.metrics.queue_wait.observe(self.started - self.arrival, task=self.task)
+
+    def on_token(self, info: TokenLogprobs) -> None:
+        self.logprobs.append(info)
 
     def on_delta(self, text: str, completion_tokens: int) -> None:
         if self.first_token is None:
@@ -268,6 +288,9 @@ class Engine:
         self._router = router
         self.resident: Resident | None = None
         self.decoder: BatchDecoder | None = None
+        self.cont: ContinuousDecoder | None = None  # the continuous scheduler's decoder
+        self.mixed = False  # patterns share one resident union; rows masked per pattern
+        self.resident_keep: KeepSets | None = None
         self.tokenizer: Any = None
         self.patterns: dict[str, KeepSets] = {}
         self.pattern_info: dict[str, Any] = {}
@@ -346,18 +369,32 @@ class Engine:
             impl = "grouped_mm" if dtype == torch.bfloat16 else "batched_mm"
         if impl is not None:
             kwargs["experts_implementation"] = impl
+        continuous = self._continuous_supported(src)
+        self.mixed = continuous and self._mixed_fits(src, dtype)
+        resident_keep = (
+            rowmask.union_keep(self.patterns, src.num_experts)
+            if self.mixed
+            else self.patterns[default]
+        )
         self.resident = open_resident(
             src,
-            self.patterns[default],
+            resident_keep,
             device=device,
             dtype=dtype,
             host_cache=cfg.host_cache,
-            prefetch=self.patterns,
+            prefetch=None if self.mixed else self.patterns,
             **kwargs,
         )
-        self.resident_task = default
+        self.resident_keep = resident_keep
+        self.resident_task = None if self.mixed else default
         model = self.resident.model
         model.eval()
+        routing = None
+        if self.mixed:
+            routing = rowmask.RowRouting(model, src.arch, resident_keep, self.patterns)
+            why = routing.verify(model)
+            if why is not None:  # pragma: no cover - no supported family does this
+                raise UsageError(f"mixed patterns cannot be served for this model: {why}")
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
         auto_cache = "static" if device.type == "cuda" else "dynamic"
         cache: CacheMode = auto_cache if cfg.cache == "auto" else cfg.cache  # type: ignore[assignment]
@@ -370,15 +407,27 @@ class Engine:
         )
         if compile_mode != "none" and cache != "static":
             raise UsageError("--compile needs the static cache (--cache static)")
-        self.decoder = BatchDecoder(
-            model,
-            self.tokenizer,
-            max_batch=cfg.max_batch,
-            max_len=self.max_model_len,
-            cache=cache,
-            compile=compile_mode,
-            buckets=cfg.decode_buckets,
-        )
+        if continuous:
+            slots = self._kv_slots(model, device, dtype)
+            self.cont = ContinuousDecoder(
+                model,
+                self.tokenizer,
+                slots=slots,
+                max_len=self.max_model_len,
+                prefill_tokens=cfg.prefill_tokens,
+                routing=routing,
+            )
+            compile_mode = "none"
+        else:
+            self.decoder = BatchDecoder(
+                model,
+                self.tokenizer,
+                max_batch=cfg.max_batch,
+                max_len=self.max_model_len,
+                cache=cache,
+                compile=compile_mode,
+                buckets=cfg.decode_buckets,
+            )
         if self._router is None and store is not None:
             self._router = make_router(store, model, self.tokenizer, src, cfg.route_threshold)
         self.load_seconds = time.perf_counter() - t0
@@ -387,7 +436,8 @@ class Engine:
         self._warmup_pending = cfg.warmup if cfg.warmup is not None else compile_mode != "none"
         self.metrics.resident_bytes.set(self.resident.resident_bytes)
         for name in self.patterns:
-            self.metrics.resident_pattern.set(1.0 if name == default else 0.0, task=name)
+            on = self.mixed or name == default
+            self.metrics.resident_pattern.set(1.0 if on else 0.0, task=name)
         self.info = {
             "premoe_version": premoe.__version__,
             "model": str(src.path),
@@ -401,6 +451,10 @@ class Engine:
             "default_pattern": default,
             "router": "store" if self._router is not None else "none (default pattern)",
             "max_batch": cfg.max_batch,
+            "scheduler": "continuous" if continuous else "batch",
+            "patterns_mode": "mixed" if self.mixed else "swap",
+            "resident_experts_per_layer": resident_keep.count,
+            **({"kv_slots": self.cont.slots} if self.cont is not None else {}),
             "max_wait_ms": cfg.max_wait_ms,
             "max_model_len": self.max_model_len,
             "cache": cache,
@@ -421,6 +475,61 @@ class Engine:
             self.info["dtype"],
             device,
         )
+
+    def _continuous_supported(self, src: Any) -> bool:
+        cfg = self.config
+        if cfg.scheduler == "batch":
+            return False
+        why = kvcache.supports(src.config)
+        if why is None and (cfg.cache == "static" or cfg.compile not in ("auto", "none")):
+            why = "--cache static / --compile belong to the batch scheduler"
+        if why is not None:
+            if cfg.scheduler == "continuous":
+                raise UsageError(f"--scheduler continuous is not available: {why}")
+            log.info("continuous batching is not available (%s); using the batch scheduler", why)
+            return False
+        return True
+
+    def _mixed_fits(self, src: Any, dtype: torch.dtype) -> bool:
+        """Whether the patterns are served from one resident union (see rowmask.py)."""
+        cfg = self.config
+        if cfg.mixed == "off" or len({k.to_json().__repr__() for k in self.patterns.values()}) < 2:
+            return False
+        why = rowmask.unsupported(src.arch, src.config)
+        if why is None:
+            union = rowmask.union_keep(self.patterns, src.num_experts).count
+            if cfg.budget is not None and union > keep_for_budget(src, cfg.budget, dtype):
+                why = f"the union of the patterns ({union} experts per layer) exceeds --budget"
+        if why is not None:
+            if cfg.mixed == "on":
+                raise UsageError(f"--mixed on is not possible: {why}")
+            log.info("patterns are swapped, not mixed: %s", why)
+            return False
+        return True
+
+    def _kv_slots(self, model: Any, device: torch.device, dtype: torch.dtype) -> int:
+        """Rows the KV cache holds: --max-batch, fewer when the device memory left after the
+        weights cannot hold that many."""
+        per_slot = kvcache.bytes_per_slot(model.config, self.max_model_len, dtype)
+        slots = self.config.max_batch
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            fit = int(free * self.config.kv_memory_fraction) // per_slot
+            if fit < 1:
+                raise UsageError(
+                    f"no device memory left for the KV cache ({per_slot / 2**20:.0f} MiB per "
+                    "request); lower --max-model-len or --keep"
+                )
+            if fit < slots:
+                log.warning("KV cache: %d slots fit in device memory (not %d)", fit, slots)
+            slots = min(slots, fit)
+        log.info(
+            "KV cache: %d slots x %d tokens, %.1f MiB",
+            slots,
+            self.max_model_len,
+            slots * per_slot / 2**20,
+        )
+        return slots
 
     # -- worker ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -444,6 +553,7 @@ class Engine:
             pending.extend(batch.items)
         for req in pending:
             req.fail(RequestError("the server is shutting down", 503, "server_error"))
+        self.abort_all("the server is shutting down")  # rows the worker left running
 
     # -- shutdown --------------------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -498,8 +608,7 @@ class Engine:
                     fut.set_exception(exc)
 
     def _warmup(self) -> None:
-        assert self.decoder is not None
-        if self._warmup_pending:
+        if self.decoder is not None and self._warmup_pending:
             self._warmup_pending = False
             try:
                 self.warmup_seconds = self.decoder.warmup()
@@ -519,6 +628,10 @@ class Engine:
                     self._wake.clear()
                     self._run_calls()
                     self._route_pending()
+                    if self.cont is not None:
+                        if not self._continuous_step():
+                            self._wake.wait(0.25)
+                        continue
                     batch = self.scheduler.next_batch(self.resident_task)
                     self._update_queue_metric()
                     if batch is None:
@@ -529,6 +642,95 @@ class Engine:
             self._fatal = exc
             log.exception("decode worker died")
             raise
+
+    # -- continuous batching ---------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move waiting requests into free KV slots. Mixed: oldest first, any pattern. Swapping:
+        the resident pattern's requests; when the scheduler picks another pattern (its oldest
+        request waited past --max-wait-ms, or the resident one has none waiting), admit nothing
+        until the running rows finish, then swap."""
+        cont = self.cont
+        assert cont is not None
+        free = cont.free()
+        while free > 0:
+            if self.mixed:
+                req = self.scheduler.pop_oldest()
+            else:
+                choice = self.scheduler.choose(self.resident_task)
+                if choice is None:
+                    return
+                task = choice[0]
+                if task != self.resident_task:
+                    if cont.active():
+                        return  # drain, then swap
+                    try:
+                        self._swap(task)
+                    except Exception as exc:
+                        log.exception("swap to %s failed", task)
+                        for r in self.scheduler.pop(task, self.config.max_queue):
+                            r.fail(
+                                RequestError(f"swapping experts failed: {exc}", 500, "server_error")
+                            )
+                        return
+                    self.resident_keep = self.patterns[task]
+                req = next(iter(self.scheduler.pop(task, 1)), None)
+            if req is None:
+                return
+            if req.cancelled:
+                continue
+            try:
+                cont.add(req, req.prompt_ids, req.params, req.task)
+            except ValueError as exc:
+                req.fail(RequestError(str(exc), 400))
+                continue
+            req.served_keep = self.patterns[req.task]
+            req.on_start()
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids), task=req.task)
+            free -= 1
+
+    def _continuous_step(self) -> bool:
+        """Admit, then one step; False when there was nothing to do."""
+        cont = self.cont
+        assert cont is not None and self.resident_keep is not None
+        self._admit()
+        self._update_queue_metric()
+        m = self.metrics
+        if not cont.active():
+            m.running.set(0)
+            return False
+        keep, epoch = self.resident_keep, self.swap_epoch
+
+        def check() -> None:
+            self._check_resident(keep, epoch)
+
+        try:
+            report = cont.step(between=check)
+        except Exception as exc:
+            log.exception("a step of %d rows failed", len(cont.active()))
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            for seq in cont.active():
+                cont.seqs[seq.slot] = None
+                sink = seq.sink
+                if isinstance(sink, GenRequest):
+                    sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
+            return True
+        self._observe_step(report)
+        return True
+
+    def _observe_step(self, report: StepReport) -> None:
+        m = self.metrics
+        assert self.cont is not None
+        m.running.set(len(self.cont.active()))
+        if report.decode_rows:
+            mode = "mixed" if len(report.patterns) > 1 else "single"
+            m.steps.inc(mode=mode)
+            m.step_patterns.set(len(report.patterns))
+            m.batch_size.observe(report.decode_rows)
+            m.step_seconds.observe(report.seconds)
+        if report.prefill_tokens:
+            m.prefill_steps.inc()
+            m.prefill_step_tokens.observe(report.prefill_tokens)
 
     def _route_pending(self) -> None:
         while self._unrouted:
@@ -663,6 +865,10 @@ class Engine:
             self.scheduler.remove(req)
         self._update_queue_metric()
 
+    def token_text(self, token: int) -> str:
+        """One token as text (as vLLM reports it in logprobs)."""
+        return str(self.tokenizer.decode([token]))
+
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return [int(i) for i in ids]
@@ -734,6 +940,13 @@ class Engine:
                 400,
                 param="premoe.task",
                 code="unknown_pattern",
+            )
+        if self.cont is None and not params.basic:
+            raise RequestError(
+                "top_k, min_p, penalties, logprobs and stop_token_ids need the continuous "
+                "scheduler (--scheduler continuous)",
+                400,
+                code="unsupported_with_batch_scheduler",
             )
         if self._queue_depth() >= self.config.max_queue:
             raise RequestError(

@@ -22,9 +22,17 @@ def router(prompt: str) -> RouteInfo:
     return RouteInfo(task, 1.0, False, True)
 
 
-@pytest.fixture(scope="module")
-def engine(serve_world: ServeWorld) -> Iterator[Engine]:
+MODES = {
+    "mixed": {},  # continuous batching, the patterns' union resident, per-row router masks
+    "swap": {"mixed": "off"},  # continuous batching, one pattern resident, swaps between them
+    "batch": {"scheduler": "batch"},  # one batch per pattern at a time
+}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def engine(serve_world: ServeWorld, request: pytest.FixtureRequest) -> Iterator[Engine]:
     cfg = EngineConfig(
+        **MODES[request.param],
         model=str(serve_world.model),
         store=str(serve_world.store),
         keep=KEEP,
@@ -76,7 +84,10 @@ def test_every_request_decoded_with_its_own_pattern(
         assert req.served_keep == engine.patterns[req.task]  # the invariant
         if req.route.routed:
             assert req.task == router(req.prompt_text).task
-    assert engine.metrics.swaps.value() > swaps
+    mixed = engine.info["patterns_mode"] == "mixed"
+    assert (engine.metrics.swaps.value() > swaps) != mixed
+    if engine.cont is not None:
+        assert engine.metrics.steps.value(mode="mixed" if mixed else "single") > 0
     assert engine.metrics.step_seconds.count() > steps  # decode steps are timed
     for req, (text, _) in done[:3]:
         assert text == serve_world.greedy(req.task, req.prompt_text, 6)
