@@ -11,8 +11,8 @@ expert ids. Before each experts call the needed experts are looked up:
   evicting the least recently used slot not needed now. Slots holding the *pattern* (`pinned`)
   are evicted only when no other slot can be, so the routed pattern stays as long as possible;
 - when one call needs more experts than there are slots (a long prompt), the call runs in
-  passes of at most K experts; entries of other passes get the experts module's own sentinel
-  (id K, skipped by every transformers experts implementation) and weight 0.
+  passes of at most K experts; entries of other passes point at an expert of the pass with
+  weight exactly 0 (they add nothing).
 
 Outputs therefore equal the full model's (up to the order of floating-point sums in multi-pass
 calls), at the cost of the fetches (`FetchStats`). Finding the needed experts reads K ids per
@@ -58,6 +58,7 @@ from premoe.source import ModelSource
 log = logging.getLogger(__name__)
 
 _PRIMITIVE = (bool, int, float, str)
+_MODULE_STATE = frozenset(vars(nn.Module()))  # `training` and torch's own bookkeeping
 
 
 @dataclass
@@ -210,7 +211,7 @@ class FetchingModel:
                     old = getattr(owner, name)
                     shape = getattr(ref.get_submodule(owner_path), name).shape
                     rows = reader.get(km.router_key(layer, t.role)).reshape(shape)
-                    new = rows.to(device=old.device, dtype=old.dtype)
+                    new = rows.to(device=old.device, dtype=old.dtype, copy=True)
                     if name in owner._parameters:
                         owner._parameters[name] = nn.Parameter(new, requires_grad=False)
                     else:
@@ -218,7 +219,7 @@ class FetchingModel:
                 for path in owners:
                     here, there = mod.get_submodule(path), ref.get_submodule(path)
                     for attr, value in vars(there).items():
-                        if attr.startswith("_") or not isinstance(value, _PRIMITIVE):
+                        if attr in _MODULE_STATE or not isinstance(value, _PRIMITIVE):
                             continue
                         if getattr(here, attr, None) != value:
                             setattr(here, attr, value)
@@ -251,9 +252,7 @@ class FetchingModel:
     def meter(self) -> MissMeter:
         """A `MissMeter` reading this model's (full) router outputs; kept up to date with the
         residency as experts are fetched."""
-        m = MissMeter(
-            self.model, self.arch, self.resident, num_experts=self.num_experts, rows=None
-        )
+        m = MissMeter(self.model, self.arch, self.resident, num_experts=self.num_experts, rows=None)
         self._meters.append(m)
         return m
 
@@ -322,7 +321,10 @@ class FetchingModel:
             chosen = torch.zeros(self.num_experts, dtype=torch.bool)
             chosen[group] = True
             sel = chosen.to(idx.device)[idx]  # [T, k]
-            mapped = torch.where(sel, slots.table[idx], slots.k)  # [T, k]
+            # entries of other passes: an expert of this pass, with weight exactly 0 (a real
+            # expert's finite output times 0 adds nothing; sentinel ids are not handled alike
+            # by every experts implementation)
+            mapped = torch.where(sel, slots.table[idx], slots.slot[group[0]])  # [T, k]
             a, kw = _put(args, kwargs, where, mapped, w * sel.to(w.dtype))
             part = original(*a, **kw)
             out = part if out is None else out + part
