@@ -8,7 +8,11 @@
    routes it (`premoe.route.route`: best stored task, or the fallback pattern);
 3. picks the keep set from the routed task's scores (`premoe.policy.select_experts`: a fixed
    count, a byte budget or a score coverage);
-4. loads the pruned model from the original checkpoint (`load_pruned`) and generates.
+4. loads the pruned model from the original checkpoint and generates under a miss policy
+   (`premoe.load.decode`): ``mask`` (the pattern only), ``reroute`` (switch patterns when the
+   dropped mass says the pattern is wrong) or ``fetch`` (exact: missing experts are fetched into
+   the slots, `premoe.load.fetch`). The dropped mass (`premoe.load.miss`) of the prompt and of
+   the generated tokens is reported unless `measure=False`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,27 @@ import torch
 
 import premoe
 from premoe.errors import UsageError
+from premoe.load.decode import (
+    DEFAULT_REROUTE_THRESHOLD,
+    DEFAULT_WINDOW,
+    Decoded,
+    Rerouter,
+    Switch,
+    check_policy,
+    decode,
+)
+from premoe.load.fetch import FetchingModel
+from premoe.load.host_cache import HostExpertCache
 from premoe.load.loader import (
     Progress,
     as_source,
     load_prefix,
-    load_pruned_with_info,
     size_model,
 )
+from premoe.load.miss import MissMeter, shadow_meter
+from premoe.load.resident import ResidentModel
+from premoe.prune.keepsets import KeepSets
+from premoe.route import route as route_query
 from premoe.runtime import resolve_device, resolve_dtype, synchronize
 from premoe.source import ModelSource, load_tokenizer
 
@@ -66,10 +84,28 @@ class GenerateResult:
     dtype: str
     selection: dict[str, Any] = field(default_factory=dict)
     model_fingerprint: dict[str, Any] = field(default_factory=dict)
+    miss_policy: str = "mask"
+    decoded: Decoded | None = None  # dropped mass, switches
+    fetch: dict[str, Any] | None = None  # FetchStats (fetch policy)
+    final_task: str = ""  # the pattern at the end (differs from `task` after a reroute)
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    def miss_json(self) -> dict[str, Any]:
+        """The `miss` object of `--json`: policy, dropped mass (prompt and generated tokens:
+        mean and max over tokens), pattern switches, fetch costs."""
+        d = self.decoded
+        return {
+            "policy": self.miss_policy,
+            "dropped_mass": None
+            if d is None or d.mass is None or d.prompt_mass is None
+            else {"prompt": d.prompt_mass.to_json(), "generated": d.mass.to_json()},
+            "switches": [] if d is None else [sw.to_json() for sw in d.switches],
+            "final_task": self.final_task or self.task,
+            "fetch": self.fetch,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +135,7 @@ class GenerateResult:
             "device": self.device,
             "dtype": self.dtype,
             "selection": self.selection,
+            "miss": self.miss_json(),
             "model": self.model_fingerprint,
             "premoe_version": premoe.__version__,
         }
@@ -144,6 +181,12 @@ def generate(
     dtype: str | torch.dtype | None = None,
     do_sample: bool = False,
     progress: Progress | None = None,
+    miss_policy: str = "mask",
+    measure: bool = True,
+    miss_window: int = DEFAULT_WINDOW,
+    miss_threshold: float = DEFAULT_REROUTE_THRESHOLD,
+    reroute_context: int | None = None,
+    host_cache: int | str | None = None,
 ) -> GenerateResult:
     """Route `prompt` to a stored pattern of `store` (a path or `PatternStore`), load `model`
     with that pattern's experts only, and generate up to `max_new_tokens` tokens (greedy).
@@ -152,6 +195,12 @@ def generate(
     kept scores cover `coverage` of every layer (default 0.9). `task` skips routing and uses
     that stored task (or `__global__`, all tasks pooled). `threshold`/`fallback` are those of
     `premoe.route.route`.
+
+    `miss_policy`: ``mask``, ``reroute`` or ``fetch`` (`premoe.load.decode`). `measure`: report
+    the dropped mass (``reroute`` always measures). `miss_window`/`miss_threshold`: the
+    ``reroute`` check (mean dropped mass over that many tokens). `reroute_context`: route only
+    the last that many tokens when rerouting (default: the whole text so far). `host_cache`: a
+    pinned host cache budget that ``fetch`` reads from (and fills).
     """
     from premoe.fingerprint import fingerprint_source
     from premoe.patterns.store import GLOBAL
@@ -167,6 +216,9 @@ def generate(
         raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError("the prompt is empty; give some text to generate from")
+    check_policy(miss_policy, miss_window, miss_threshold)
+    if reroute_context is not None and reroute_context < 1:
+        raise UsageError(f"--reroute-context must be >= 1, got {reroute_context}")
     src, owned = as_source(model)
     try:
         fingerprint = fingerprint_source(src)
@@ -182,70 +234,123 @@ def generate(
         max_new_tokens = fit_context(len(ids), max_new_tokens, src.config)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, src)
+        cache = HostExpertCache(host_cache) if host_cache is not None else None
+        reroute = miss_policy == "reroute"
+        own_keyer = reroute and st.key.get("kind") == "router_input"
 
         # 1. route on the expert-free prefix
         prefix_s = route_s = 0.0
-        if task is None:
+        keyer: QueryKeyer | None = None
+        if task is None or (reroute and not own_keyer):
             t0 = time.perf_counter()
             key_layer = int(st.key.get("layer", src.moe_layers[0]))
             prefix = load_prefix(src, layer=key_layer, device=dev, dtype=dt)
             keyer = QueryKeyer.for_store(st, prefix, tokenizer, check=False)
             synchronize(dev)
             prefix_s = time.perf_counter() - t0
+        if task is None:
+            assert keyer is not None
             t0 = time.perf_counter()
             found = route(st, keyer, prompt, threshold=threshold, fallback=fallback)
             route_s = time.perf_counter() - t0
-            del keyer, prefix
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
             chosen, similarity, is_fallback = found.task, found.similarity, found.fallback
             candidates = [{"task": c.task, "similarity": c.similarity} for c in found.candidates]
         else:
             chosen, similarity, is_fallback, candidates = task, float("nan"), False, []
+        if not (reroute and not own_keyer):
+            keyer = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
 
         # 2. the keep set from the task's scores
-        scores = st.pooled_scores(metric) if chosen == GLOBAL else st.scores(chosen, metric)
         sizes = size_model(src, dt)
-        selection = select_experts(
-            scores,
-            src.moe_layers,
-            num_experts=src.num_experts,
-            routed=src.top_k,
-            keep=keep,
-            budget=budget,
-            coverage=DEFAULT_COVERAGE
-            if keep is None and budget is None and coverage is None
-            else coverage,
-            bytes_for=sizes.resident,
-            groups=src.arch.groups(src.config),
-        )
 
-        # 3. load the pruned model
+        def selection_for(name: str, count: int | None = None) -> Any:
+            scores = st.pooled_scores(metric) if name == GLOBAL else st.scores(name, metric)
+            given = count is not None
+            return select_experts(
+                scores,
+                src.moe_layers,
+                num_experts=src.num_experts,
+                routed=src.top_k,
+                keep=count if given else keep,
+                budget=None if given else budget,
+                coverage=None
+                if given
+                else (
+                    DEFAULT_COVERAGE
+                    if keep is None and budget is None and coverage is None
+                    else coverage
+                ),
+                bytes_for=sizes.resident,
+                groups=src.arch.groups(src.config),
+            )
+
+        selection = selection_for(chosen)
+        count = selection.keep.count
+
+        # 3. load the pruned model (K slots per MoE layer)
         t0 = time.perf_counter()
-        net, info = load_pruned_with_info(
-            src, selection.keep, device=dev, dtype=dt, progress=progress
-        )
+        fetching: FetchingModel | None = None
+        resident: ResidentModel | None = None
+        meter: MissMeter | None = None
+        if miss_policy == "fetch":
+            fetching = FetchingModel(
+                src, selection.keep, device=dev, dtype=dt, host_cache=cache, progress=progress
+            )
+            net, info = fetching.model, fetching.load_info
+            meter = fetching.meter() if measure else None
+        else:
+            resident = ResidentModel(
+                src, selection.keep, device=dev, dtype=dt, host_cache=cache, progress=progress
+            )
+            net, info = resident.model, resident.load_info
+            assert info is not None
+            meter = shadow_meter(net, src, selection.keep.layers) if measure or reroute else None
         synchronize(dev)
         load_s = time.perf_counter() - t0
 
-        # 4. generate
-        input_ids = torch.tensor([ids], device=dev)
-        pad = tokenizer.pad_token_id
-        pad = tokenizer.eos_token_id if pad is None else pad
-        with torch.inference_mode():
-            synchronize(dev)
-            t0 = time.perf_counter()
-            out = net.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                pad_token_id=pad,
+        # 4. generate under the miss policy
+        rerouter: Rerouter | None = None
+        state = {"task": chosen}
+        if reroute:
+            assert resident is not None and meter is not None
+            if keyer is None:
+                keyer = QueryKeyer(net, tokenizer, src.arch, st.key, cuda_graphs=False)
+            rerouter = _rerouter(
+                st,
+                keyer,
+                tokenizer,
+                resident,
+                meter,
+                lambda name: selection_for(name, count).keep,
+                state,
+                threshold=threshold,
+                fallback=fallback,
+                context=reroute_context,
             )
-            synchronize(dev)
-            gen_s = time.perf_counter() - t0
-        new = out[0, input_ids.shape[1] :]
-        text = tokenizer.decode(new.tolist(), skip_special_tokens=True)
+        eos = tokenizer.eos_token_id
+        eos_ids = [] if eos is None else [int(eos)]
+        if meter is not None:
+            meter.attach()
+        try:
+            decoded = decode(
+                net,
+                ids,
+                max_new_tokens=max_new_tokens,
+                eos_ids=eos_ids,
+                meter=meter,
+                rerouter=rerouter,
+                window=miss_window,
+                threshold=miss_threshold,
+                do_sample=do_sample,
+                synchronize=lambda: synchronize(dev),
+            )
+        finally:
+            if meter is not None:
+                meter.detach()
+        new = decoded.tokens
+        text = tokenizer.decode(new, skip_special_tokens=True)
         full = sizes.resident(src.num_experts)
         result = GenerateResult(
             prompt=prompt,
@@ -256,23 +361,66 @@ def generate(
             routed=task is None,
             candidates=candidates,
             metric=metric,
-            keep_count=selection.keep.count,
-            top_k=src.arch.top_k(net.config),
-            resident_bytes=info.param_bytes,
+            keep_count=count,
+            top_k=src.top_k,
+            resident_bytes=info.param_bytes if fetching is None else fetching.resident_bytes,
             full_bytes=full,
             bytes_read=info.bytes_read,
             prefix_seconds=prefix_s,
             route_seconds=route_s,
             load_seconds=load_s,
-            generate_seconds=gen_s,
-            new_tokens=int(new.numel()),
+            generate_seconds=decoded.seconds,
+            new_tokens=len(new),
             device=str(dev),
             dtype=info.dtype,
             selection=selection.provenance,
             model_fingerprint=fingerprint,
+            miss_policy=miss_policy,
+            decoded=decoded if meter is not None else None,
+            fetch=None if fetching is None else fetching.stats.to_json(),
+            final_task=state["task"],
         )
-        del net
+        if fetching is not None:
+            fetching.close()
+        del net, resident, fetching
         return result
     finally:
         if owned:
             src.close()
+
+
+def _rerouter(
+    store: Any,
+    keyer: Any,
+    tokenizer: Any,
+    resident: ResidentModel,
+    meter: MissMeter,
+    keep_for: Any,
+    state: dict[str, str],
+    *,
+    threshold: float | None,
+    fallback: str,
+    context: int | None,
+) -> Rerouter:
+    """The ``reroute`` policy's decision: retrieval on the text so far (its last `context`
+    tokens); a pattern that already failed in this request is not taken again, the pooled
+    `fallback` is taken instead (once); the swap is in place (`ResidentModel.swap_to`)."""
+    tried = {state["task"]}
+
+    def reroute(ids: list[int], mass: float, token: int) -> Switch | None:
+        text = tokenizer.decode(ids[-context:] if context else ids, skip_special_tokens=True)
+        found = route_query(store, keyer, text, threshold=threshold, fallback=fallback)
+        target, reason = found.task, "retrieval"
+        if target in tried:
+            if fallback in tried:
+                return None
+            target, reason = fallback, "fallback"
+        new_keep: KeepSets = keep_for(target)
+        resident.swap_to(new_keep)
+        meter.set_resident(new_keep.layers)
+        switch = Switch(token, state["task"], target, float(found.similarity), mass, reason)
+        tried.add(target)
+        state["task"] = target
+        return switch
+
+    return reroute
