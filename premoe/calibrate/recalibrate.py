@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 FULL_VOCAB_UP_TO = 8192  # teacher_topk="auto": keep the whole distribution up to this vocabulary
 AUTO_TEACHER_TOPK = 256
 TRAINABLE_ROLES: tuple[str, ...] = ("weight", "logit_bias")
+TOKEN_WEIGHTS: tuple[str, ...] = ("uniform", "confidence")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class RecalibrateOptions:
     max_tokens: int | None = 20_000  # calibration tokens used (None: the whole corpus)
     teacher_topk: int | None = None  # None: auto (whole distribution for small vocabularies)
     weight_decay: float = 0.0
+    token_weight: str = "confidence"  # "uniform", or "confidence": weight t by max_v p_full(v)
     seed: int = 0
 
     def check(self) -> RecalibrateOptions:
@@ -76,6 +78,10 @@ class RecalibrateOptions:
             raise UsageError(f"recalibration batch size must be >= 1, got {self.batch_size}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError(f"recalibration max tokens must be >= 1, got {self.max_tokens}")
+        if self.token_weight not in TOKEN_WEIGHTS:
+            raise UsageError(
+                f"unknown token weight {self.token_weight!r}; choose {', '.join(TOKEN_WEIGHTS)}"
+            )
         if self.teacher_topk is not None and self.teacher_topk < 1:
             raise UsageError(f"teacher top-k must be >= 1, got {self.teacher_topk}")
         return self
@@ -184,6 +190,7 @@ class Targets:
     """
 
     mask: torch.Tensor  # [B, S] bool: real tokens
+    weight: torch.Tensor  # [T] token weights, summing to 1
     probs: torch.Tensor | None = None
     top_p: torch.Tensor | None = None
     top_i: torch.Tensor | None = None
@@ -199,32 +206,43 @@ def teacher_targets(
     data: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     topk: int | None,
+    token_weight: str = "confidence",
 ) -> list[Targets]:
-    """Run the full model once over the batches; keep its next-token distributions."""
+    """Run the full model once over the batches; keep its next-token distributions and the
+    tokens' weights (uniform, or the teacher's top-1 probability: positions where the full
+    model is sure of the next token are the ones greedy decoding depends on; near-uniform
+    positions, such as the random digits of a prompt, carry little that routing can fix)."""
     dev = _input_device(teacher)
     out = []
     for ids, mask in data:
         logits = teacher(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # [B, S, V]
         real = mask.bool()
         lp = logits.float()[real.to(dev)].log_softmax(-1)  # [T, V]
+        if token_weight == "confidence":
+            w = lp.max(-1).values.exp()  # [T]
+        else:
+            w = torch.ones(lp.shape[0], device=lp.device)
+        w = (w / w.sum().clamp(min=1e-30)).cpu()
         if topk is None or topk >= lp.shape[-1]:
-            out.append(Targets(real, probs=lp.exp().cpu()))
+            out.append(Targets(real, w, probs=lp.exp().cpu()))
         else:
             v, i = lp.topk(topk, dim=-1)  # [T, Kt]
-            out.append(Targets(real, top_p=v.softmax(-1).cpu(), top_i=i.cpu()))
+            out.append(Targets(real, w, top_p=v.softmax(-1).cpu(), top_i=i.cpu()))
     return out
 
 
 def kl_loss(logits: torch.Tensor, target: Targets) -> torch.Tensor:
-    """Mean over real tokens of KL(teacher ‖ student); `logits` [B, S, V] of the student."""
+    """Weighted mean over real tokens of KL(teacher ‖ student); `logits` [B, S, V]."""
     dev = logits.device
     lq = logits.float()[target.mask.to(dev)].log_softmax(-1)  # [T, V]
     if target.probs is not None:
         p = target.probs.to(dev)  # [T, V]
-        return (p * (p.clamp(min=1e-30).log() - lq)).sum(-1).mean()
+        kl = (p * (p.clamp(min=1e-30).log() - lq)).sum(-1)  # [T]
+        return (kl * target.weight.to(dev)).sum()
     assert target.top_p is not None and target.top_i is not None
     p = target.top_p.to(dev)  # [T, Kt]
-    return (p * (p.clamp(min=1e-30).log() - lq.gather(1, target.top_i.to(dev)))).sum(-1).mean()
+    kl = (p * (p.clamp(min=1e-30).log() - lq.gather(1, target.top_i.to(dev)))).sum(-1)  # [T]
+    return (kl * target.weight.to(dev)).sum()
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -362,7 +380,7 @@ def recalibrate(
             teacher = AutoModelForCausalLM.from_pretrained(
                 src.path, dtype=dt, device_map={"": str(dev)}
             ).eval()
-        targets = teacher_targets(teacher, data, topk=topk)
+        targets = teacher_targets(teacher, data, topk=topk, token_weight=opts.token_weight)
         if own_teacher:
             del teacher
         t1 = time.perf_counter()

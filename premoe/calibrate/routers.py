@@ -138,6 +138,46 @@ class CalibratedRouters:
         return cls(keep, out, None if top_k is None else int(top_k), dict(meta.get("info") or {}))
 
 
+def source_routers(source: Any) -> dict[int, dict[str, torch.Tensor]]:
+    """{layer: {role: full router tensor}} read from the source checkpoint (all E experts,
+    original numbering; small: E x H per layer)."""
+    arch, keymap, reader = source.arch, source.keymap, source.reader
+    return {
+        layer: {role: reader.get(keymap.router_key(layer, role)) for role in router_roles(arch)}
+        for layer in source.moe_layers
+    }
+
+
+def write_routers(
+    model: Any,
+    arch: ArchSpec,
+    keep: KeepSets,
+    full: dict[int, dict[str, torch.Tensor]],
+    routers: CalibratedRouters | None = None,
+) -> None:
+    """Make every router tensor of a model holding `keep` right for that pattern: the
+    calibrated tensors of `routers` (which must be for `keep`), or else the source rows of the
+    kept experts (`full` from `source_routers`). In place.
+
+    Use after every swap of a resident model (`ResidentModel.swap_to` leaves the router rows of
+    unchanged layers as they were, so a pattern without calibrated routers that follows one
+    with them must get the source rows back).
+    """
+    if routers is not None:
+        if routers.keep != keep:
+            raise KeepSetError("the calibrated routers are for another keep set")
+        apply_routers(model, arch, routers)
+        return
+    with torch.no_grad():
+        for layer, ids in keep.layers.items():
+            idx = torch.tensor(ids, dtype=torch.long)
+            for spec in arch.router_tensors:
+                src = full[layer][spec.role]
+                dst = router_tensor(model, arch, layer, spec.role)
+                rows = src.index_select(spec.dim % src.dim(), idx)
+                dst.copy_(rows.reshape(dst.shape).to(device=dst.device, dtype=dst.dtype))
+
+
 def routers_name(task: str, routers: CalibratedRouters) -> str:
     """The store name of a task's calibrated routers: ``{task}@{digest}``."""
     return f"{task}@{routers.digest}"
@@ -217,6 +257,8 @@ __all__ = [
     "load_from_store",
     "routers_name",
     "save_to_store",
+    "source_routers",
+    "write_routers",
     "keep_digest",
     "router_overrides",
     "router_roles",

@@ -187,3 +187,40 @@ def test_cli_export_recalibrate(tiny_dir, calib_store, tmp_path, capsys) -> None
     assert summary["recalibration"]["options"]["steps"] == 3
     assert summary["policy"]["name"] == "task"
     assert PatternStore.load(store_dir).calibrated
+
+
+def test_eval_compares_recon_and_recalibrated(tiny_dir, calib_store, tmp_path) -> None:
+    from premoe.eval import evaluate
+    from premoe.eval.harness import eval_set_from_rows
+
+    folder = tiny_dir("qwen3_moe")
+    store_dir, _ = calib_store(folder)
+    rows = [{"text": t} for t in random_texts(6, 9, alphabet="abcdefgh")]
+    es = eval_set_from_rows("alpha", rows, source="test")
+    report = evaluate(
+        folder,
+        store_dir,
+        ["alpha"],
+        keeps=[4],
+        methods=["tcess", "recon", "random"],
+        eval_sets={"alpha": es},
+        dtype="fp32",
+        routing=False,
+        recalibrate=True,
+        recalibrate_options=FAST,
+    )
+    assert report.methods == ["tcess", "recon", "random", "tcess+recal", "recon+recal"]
+    plain, recal = report.row("alpha", "tcess", 4), report.row("alpha", "tcess+recal", 4)
+    assert plain.score.kind == "perplexity" and recal.score.value != plain.score.value
+    # the recalibrated keep set without its routers scores as the plain one: routers restored
+    again = evaluate(
+        folder,
+        store_dir,
+        ["alpha"],
+        keeps=[4],
+        methods=["tcess"],
+        eval_sets={"alpha": es},
+        dtype="fp32",
+        routing=False,
+    )
+    assert again.row("alpha", "tcess", 4).score.value == pytest.approx(plain.score.value)
