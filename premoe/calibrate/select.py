@@ -10,13 +10,15 @@ For every MoE layer l, in model order, on the task's corpus:
 3. the target is the full block's output y = Σ_{e ∈ TopK(z)} w_e f_e(x); for a candidate keep
    set S the pruned block outputs y_S (the family's routing rule on z with dropped experts at -inf:
    exactly what the pruned model computes), and the error is Σ_t ‖y_S − y‖²;
-4. choose S greedily: start from the "super experts" (below), add the expert that lowers the
-   error most until K, then improve by swaps (drop one, add one) while the error falls.
+4. choose S: from two starts (greedy additions of the expert that lowers the error most; the K
+   experts with the most routed weight), both holding the "super experts" (below), improve by
+   swaps (drop one, add one) while the error falls, and keep the better.
 
-**Super experts** (arXiv 2507.23279): experts that are rarely routed but, when routed, produce
-outputs far larger than the others. A token-averaged score such as TCESS ranks them low, and
-dropping them can break the model. Here an expert whose largest routed output norm
-(max_t w·‖f‖) exceeds `super_factor` times the median of the layer's maxima is kept first.
+**Super experts** (arXiv 2507.23279): experts that are rarely routed but produce outputs far
+larger than the others (massive activations). A token-averaged score such as TCESS ranks them
+low, and dropping them can break the model. Here an expert whose largest output norm on the
+task's tokens (max_t ‖f_e(x_t)‖) exceeds `super_factor` times the median of the layer's maxima
+is always kept.
 
 The result is a `Selection` whose ranking is the greedy order, so exports and plans treat it like
 any policy's. Cost: one forward of the model per MoE layer over `max_tokens` tokens, plus
@@ -42,14 +44,14 @@ from premoe.prune.mask import masked_routing
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SUPER_FACTOR = 50.0
+DEFAULT_SUPER_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
 class ReconOptions:
     max_tokens: int = 4096  # calibration tokens the search uses per layer
     batch_size: int = 64
-    swap_passes: int = 2  # rounds of swap refinement after the greedy additions
+    swap_passes: int = 4  # rounds of swap refinement of each start
     super_factor: float | None = DEFAULT_SUPER_FACTOR  # None: no super-expert protection
 
 
@@ -175,25 +177,17 @@ def _error(y: torch.Tensor, target: torch.Tensor) -> float:
     return float(((y - target) ** 2).sum())
 
 
-def super_experts(
-    logits: torch.Tensor, f: torch.Tensor, rule: Any, factor: float | None
-) -> list[int]:
-    """Experts whose largest routed output norm max_t w·‖f‖ exceeds `factor` × the median."""
+def super_experts(f: torch.Tensor, factor: float | None) -> list[int]:
+    """Experts whose largest output norm on the task's tokens, max_t ‖f_e(x_t)‖, exceeds
+    `factor` × the median of the layer's maxima (massive-activation experts), largest first."""
     if factor is None:
         return []
-    from premoe.profile.metrics import route_from_logits
-
-    w, idx = route_from_logits(logits, rule)
-    norms = f.norm(dim=-1)  # [T, E]
-    routed = w * norms.gather(1, idx)  # [T, k]
-    peak = torch.zeros(f.shape[1], device=f.device).scatter_reduce(
-        0, idx.reshape(-1), routed.reshape(-1), reduce="amax"
-    )  # [E]
-    routed_peaks = peak[peak > 0]
-    if routed_peaks.numel() < 2:
+    peak = f.norm(dim=-1).amax(0)  # [E]
+    med = peak.median()
+    if float(med) <= 0:
         return []
-    med = routed_peaks.median()
-    return [int(e) for e in torch.nonzero(peak > factor * med).flatten().tolist()]
+    hits = torch.nonzero(peak > factor * med).flatten()
+    return [int(e) for e in hits[torch.argsort(peak[hits], descending=True)].tolist()]
 
 
 def greedy_keep(
@@ -203,53 +197,60 @@ def greedy_keep(
     k_kept: int,
     *,
     forced: Sequence[int] = (),
-    swap_passes: int = 2,
+    swap_passes: int = 4,
     bias: torch.Tensor | None = None,
 ) -> tuple[list[int], float, float]:
-    """The K experts whose restricted block output is closest to the full one (greedy adds,
-    then swaps). Returns (experts in the order chosen, relative error, relative error of the
-    first K by routed weight)."""
+    """The K experts whose restricted block output is closest to the full one. Two starts (greedy
+    additions; the K experts with the most routed weight), each improved by swaps (drop one, add
+    one) while the error falls; the better one wins. `forced` experts are always kept.
+    Returns (experts, relative error, relative error of the top-routed-weight set)."""
+    from premoe.profile.metrics import route_from_logits
+
     n_exp = f.shape[1]
     target = block_output(logits, f, rule, None, bias)
     norm = max(float((target**2).sum()), 1e-30)
-    chosen = list(dict.fromkeys(int(e) for e in forced))[:k_kept]
+    fixed = list(dict.fromkeys(int(e) for e in forced))[:k_kept]
 
     def err(ids: Sequence[int]) -> float:
         allowed = torch.zeros(n_exp, dtype=torch.bool, device=f.device)
         allowed[list(ids)] = True
         return _error(block_output(logits, f, rule, allowed, bias), target)
 
-    while len(chosen) < k_kept:
+    greedy = list(fixed)
+    while len(greedy) < k_kept:
         best, best_e = float("inf"), -1
         for e in range(n_exp):
-            if e in chosen:
-                continue
-            v = err([*chosen, e])
-            if v < best:
-                best, best_e = v, e
-        chosen.append(best_e)
-    current = err(chosen)
-    fixed = set(int(e) for e in forced)
-    for _ in range(swap_passes):
-        improved = False
-        for i in range(len(chosen)):
-            if chosen[i] in fixed:
-                continue
-            for e in range(n_exp):
-                if e in chosen:
-                    continue
-                trial = [*chosen[:i], e, *chosen[i + 1 :]]
-                v = err(trial)
-                if v < current - 1e-12 * norm:
-                    chosen, current, improved = trial, v, True
-        if not improved:
-            break
-    # baseline for the log: the K experts with the largest summed routing weight
-    from premoe.profile.metrics import route_from_logits
-
+            if e not in greedy:
+                v = err([*greedy, e])
+                if v < best:
+                    best, best_e = v, e
+        greedy.append(best_e)
     w, idx = route_from_logits(logits, rule, bias)
     mass = torch.zeros(n_exp, device=f.device).index_add_(0, idx.reshape(-1), w.reshape(-1))
-    base = err(torch.argsort(mass, descending=True)[:k_kept].tolist())
+    by_mass = [int(e) for e in torch.argsort(mass, descending=True).tolist()]
+    top = [*fixed, *[e for e in by_mass if e not in fixed]][:k_kept]
+    base = err(by_mass[:k_kept])
+
+    def refine(chosen: list[int]) -> tuple[list[int], float]:
+        current = err(chosen)
+        for _ in range(swap_passes):
+            improved = False
+            for i in range(len(chosen)):
+                if chosen[i] in fixed:
+                    continue
+                for e in range(n_exp):
+                    if e in chosen:
+                        continue
+                    trial = [*chosen[:i], e, *chosen[i + 1 :]]
+                    v = err(trial)
+                    if v < current - 1e-9 * norm:
+                        chosen, current, improved = trial, v, True
+            if not improved:
+                break
+        return chosen, current
+
+    results = [refine(greedy), refine(top)]
+    chosen, current = min(results, key=lambda r: r[1])
     return chosen, current / norm, base / norm
 
 
@@ -293,7 +294,7 @@ def recon_select(
         f = expert_outputs(experts, x, n_exp)  # [T, E, H]
         bias = correction_bias(model, arch, layer)
         bias = None if bias is None else bias.detach().float().reshape(-1)
-        forced = super_experts(logits, f, rule, opts.super_factor)
+        forced = super_experts(f, opts.super_factor)
         if len(forced) > k_kept:
             forced = forced[:k_kept]
         ids, rel, base = greedy_keep(
