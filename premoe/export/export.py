@@ -23,10 +23,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import premoe
 from premoe.arch.keys import ExpertKey
@@ -283,6 +285,7 @@ def export_pruned(
     sizes: SizeModel | None = None,
     drop_mtp: bool = False,
     quantize: ExpertQuantizer | None = None,
+    router_overrides: Mapping[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Write `model` pruned to `keep` (original expert ids per MoE layer) to folder `out`.
 
@@ -301,6 +304,9 @@ def export_pruned(
     list and provenance; its `top_k` is used when `top_k` is None). `provenance` adds fields
     (tasks, metric, policy...) to `premoe.json`. Atomic: on any failure `out` is left as it was.
     `fingerprint` and `sizes` (`SizeModel.from_source`) are computed from `model` when not given.
+    `router_overrides` (pruned checkpoint key -> tensor, `premoe.calibrate.router_overrides`)
+    replaces router tensors (calibrated routers) instead of the sliced source rows; each must
+    have the shape and dtype of the tensor it replaces.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -377,11 +383,15 @@ def export_pruned(
                 for shard, keys in src.reader.keys_by_shard().items()
             }
             prefetch = ShardPrefetcher(shard_keys, src.keymap, keep)
+            replaced: set[str] = set()
             for shard, keys in shard_keys.items():
                 if keys:
                     prefetch.entering(shard)
                 for key in keys:
                     name, tensor = pruned_tensor(src.keymap, src.reader, keep, key)
+                    if router_overrides and name in router_overrides:
+                        tensor = _override(name, tensor, router_overrides[name])
+                        replaced.add(name)
                     done += tensor.nbytes
                     if quantize is None:
                         writer.add(name, tensor)
@@ -392,6 +402,12 @@ def export_pruned(
                             writer.add(qname, qt)
                     if progress is not None:
                         progress(done, total)
+            missing = set(router_overrides or ()) - replaced
+            if missing:
+                raise UsageError(
+                    f"router override for {sorted(missing)[0]!r}, which the pruned checkpoint "
+                    "does not have"
+                )
             if quantize is not None:
                 config_json["quantization_config"] = quantize.quantization_config()
                 prov["quantized"] = {
@@ -462,6 +478,16 @@ def _with_mtp(src: ModelSource, keep: KeepSets, drop: bool) -> tuple[KeepSets, d
         "rule": MTP_RULE,
         "keep": {str(k): list(v) for k, v in extra.items()},
     }
+
+
+def _override(name: str, tensor: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """A router override, checked against the tensor it replaces."""
+    if tuple(new.shape) != tuple(tensor.shape) or new.dtype != tensor.dtype:
+        raise UsageError(
+            f"router override {name!r} is {tuple(new.shape)} {new.dtype}, the pruned tensor "
+            f"{tuple(tensor.shape)} {tensor.dtype}"
+        )
+    return new.detach().cpu().contiguous()
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -61,6 +61,8 @@ FORMAT_VERSION = 1
 META_FILE = "store.json"
 SCORES_FILE = "scores.safetensors"
 INDEX_FILE = "index.faiss"
+ROUTERS_FILE = "routers.safetensors"
+"""Calibrated routers (optional; stores without them have no such file and no "calibrated")."""
 GLOBAL = "__global__"
 """Name of the pooled pattern (all tasks, token-weighted), the default routing fallback."""
 
@@ -162,6 +164,8 @@ class PatternStore:
         self._base: tuple[Path, str] | None = None
         self._changed: set[str] = set()
         self._removed: set[str] = set()
+        # calibrated routers: name -> (meta, {"{layer}/{role}": tensor}); see `set_routers`
+        self._routers: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
 
     # -- contents ----------------------------------------------------------------------------------
     @property
@@ -216,7 +220,53 @@ class PatternStore:
             d.pop(name, None)  # type: ignore[attr-defined]
         self._removed.add(name)
         self._changed.discard(name)
+        for r in [r for r, (meta, _) in self._routers.items() if meta.get("task") == name]:
+            del self._routers[r]
         self.build_index()
+
+    # -- calibrated routers ------------------------------------------------------------------------
+    @property
+    def calibrated(self) -> dict[str, dict[str, Any]]:
+        """name -> meta of every calibrated router set (meta: task, keep, top_k, info)."""
+        return {name: dict(meta) for name, (meta, _) in self._routers.items()}
+
+    def set_routers(
+        self, name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """Keep a calibrated router set under `name` (replacing one of the same name).
+
+        `meta` needs ``task`` (a task of the store), ``keep`` ({layer: kept original ids}) and
+        ``top_k``; `tensors` maps ``"{layer}/{role}"`` to the router tensor in slot order
+        (`premoe.calibrate.CalibratedRouters`).
+        """
+        for field_name in ("task", "keep", "top_k"):
+            if field_name not in meta:
+                raise StoreError(f"calibrated routers {name!r} lack {field_name!r}")
+        self._check_task(str(meta["task"]))
+        if "/" in name or not name:
+            raise StoreError(f"bad calibrated router name {name!r}")
+        layers = {str(i) for i in self.moe_layers}
+        if set(map(str, meta["keep"])) != layers:
+            raise StoreError(f"calibrated routers {name!r} do not cover the store's MoE layers")
+        clean = {}
+        for key, t in tensors.items():
+            layer = key.split("/", 1)[0]
+            if layer not in layers:
+                raise StoreError(f"calibrated routers {name!r}: {key} is not an MoE layer")
+            clean[key] = torch.as_tensor(t).detach().float().cpu().contiguous()
+        self._routers[name] = (json.loads(json.dumps(meta)), clean)
+
+    def routers(self, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(meta, {"{layer}/{role}": tensor}) of a calibrated router set."""
+        if name not in self._routers:
+            valid = ", ".join(self._routers) or "none"
+            raise StoreError(f"no calibrated routers {name!r} in this store (it has: {valid})")
+        meta, tensors = self._routers[name]
+        return dict(meta), dict(tensors)
+
+    def remove_routers(self, name: str) -> None:
+        self.routers(name)
+        del self._routers[name]
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -373,6 +423,7 @@ class PatternStore:
             set(self._changed),
             set(self._removed),
         )
+        other._routers = dict(self._routers)
         if build:
             other.build_index()
         return other
@@ -500,6 +551,7 @@ class PatternStore:
                 "tasks": self._row_tasks_runs(),
             },
             "tasks": {name: asdict(info) for name, info in self.tasks.items()},
+            **({"calibrated": self.calibrated} if self._routers else {}),
         }
 
     def _row_tasks_runs(self) -> list[list[Any]]:
@@ -576,6 +628,8 @@ class PatternStore:
         self._keys, self._index, self._row_tasks = merged._keys, merged._index, merged._row_tasks
         self._mu, self._on_device = merged._mu, None
         self.metrics = merged.metrics
+        routers = {**fresh._routers, **self._routers}  # calibrated routers of both runs
+        self._routers = {n: r for n, r in routers.items() if r[0].get("task") not in self._removed}
 
     def _write(self, path: Path, overwrite: bool) -> None:
         import faiss
@@ -594,7 +648,16 @@ class PatternStore:
             save_file(tensors, str(tmp / SCORES_FILE), metadata={"format": "pt"})
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             (tmp / META_FILE).write_text(meta, encoding="utf-8")
-            for name in (SCORES_FILE, INDEX_FILE, META_FILE):  # as a plain open() would make them
+            files = [SCORES_FILE, INDEX_FILE, META_FILE]
+            if self._routers:
+                routers = {
+                    f"{name}/{key}": t
+                    for name, (_, ts) in self._routers.items()
+                    for key, t in ts.items()
+                }
+                save_file(routers, str(tmp / ROUTERS_FILE), metadata={"format": "pt"})
+                files.append(ROUTERS_FILE)
+            for name in files:  # as a plain open() would make them
                 os.chmod(tmp / name, default_mode(is_dir=False))
         self.path = path
         log.info("saved pattern store %s (%d tasks)", path, len(self.tasks))
@@ -645,7 +708,25 @@ class PatternStore:
         store._check_index(path, _read_index(path))
         store._base = (path, _meta_digest(path) or "")
         store._changed.clear()
+        store._load_routers(path, meta.get("calibrated"))
         return store
+
+    def _load_routers(self, path: Path, calibrated: Any) -> None:
+        """Calibrated routers, if store.json lists any (older stores have none)."""
+        if not calibrated:
+            return
+        if not isinstance(calibrated, dict):
+            raise StoreError(f"{path / META_FILE}: 'calibrated' is not a mapping")
+        tensors = _read_tensors(path, ROUTERS_FILE)
+        for name, meta in calibrated.items():
+            prefix = f"{name}/"
+            own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+            if not own:
+                raise StoreError(f"{path / ROUTERS_FILE} lacks the calibrated routers {name!r}")
+            try:
+                self.set_routers(name, dict(meta), own)
+            except StoreError as exc:
+                raise StoreError(f"{path}: {exc}") from None
 
     def _load_task(
         self, path: Path, name: str, info: TaskInfo, tensors: dict[str, torch.Tensor]
@@ -735,10 +816,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    file = path / SCORES_FILE
+def _read_tensors(path: Path, name: str = SCORES_FILE) -> dict[str, torch.Tensor]:
+    file = path / name
     if not file.is_file():
-        raise StoreError(f"{path} lacks {SCORES_FILE}; re-run `premoe profile`")
+        raise StoreError(f"{path} lacks {name}; re-run `premoe profile`")
     try:
         with safe_open(str(file), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
