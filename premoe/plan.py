@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ from premoe.policy import (
     take,
     union_order,
 )
+from premoe.prune.engines import engine_constraints
 from premoe.quant.export import quantized_bytes
 from premoe.source import ModelSource, resolve_model
 
@@ -85,9 +87,37 @@ class Entry:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class ResidentSizes:
+    """Resident bytes of a model pruned to K experts per MoE layer, loaded in one dtype:
+    `resident(K) = base_bytes + K * per_k_bytes` (`SizeModel.at_dtype`)."""
+
+    base_bytes: int  # every tensor pruning leaves unchanged (embeddings, attention, dense...)
+    expert_bytes: int  # one expert of one MoE layer (all its tensors)
+    router_row_bytes: int  # one router row (and bias entries) of one MoE layer
+    moe_layers: int
+
+    @property
+    def per_k_bytes(self) -> int:
+        return (self.expert_bytes + self.router_row_bytes) * self.moe_layers
+
+    def resident(self, k: int) -> int:
+        return self.base_bytes + k * self.per_k_bytes
+
+    __call__ = resident
+
+
 @dataclass
 class SizeModel:
-    """Resident and on-disk sizes of a model pruned to K experts per MoE layer (headers only)."""
+    """The one size model: bytes of a model pruned to K experts per MoE layer, from the
+    checkpoint headers alone.
+
+    `resident(K)` / `file_bytes(K)`: the checkpoint's own bytes (what `premoe export` writes and
+    an engine loads, quantized formats included); `resident_at(K, precision)`: the experts
+    requantized to fp8/int4 (`plan --budget` per precision); `at_dtype(dtype).resident(K)`: what
+    premoe's loader holds (`load`, `generate`, `serve`): floating tensors in `dtype`, quantized
+    weights at their dequantized size, MTP layers left out.
+    """
 
     num_experts: int
     fixed_bytes: int  # tensors copied unchanged
@@ -96,6 +126,9 @@ class SizeModel:
     source_bytes: int  # resident bytes of the full model (= resident(E))
     _entries: list[tuple[str, Any, str, tuple[int, ...], int]] = field(repr=False)
     # (name, role, dtype code, header shape, bytes) in export order
+    _dense: dict[str, list[tuple[int, int, bool]]] = field(default_factory=dict, repr=False)
+    # "fixed" / "router" / "expert" -> (numel, bytes on disk, floating) as the loader holds them
+    _moe_layers: int = 0
 
     @classmethod
     def from_source(cls, src: ModelSource) -> SizeModel:
@@ -127,7 +160,27 @@ class SizeModel:
                 f"expert tensors of {src.path} ({expert} bytes) do not split evenly over its "
                 f"{e} experts; is config.json the one the checkpoint was saved with?"
             )
-        return cls(e, fixed, expert // e, router // e, fixed + expert + router, entries)
+        model = cls(e, fixed, expert // e, router // e, fixed + expert + router, entries)
+        model._dense = _dense_sizes(src)
+        model._moe_layers = len(src.moe_layers)
+        return model
+
+    def at_dtype(self, dtype: torch.dtype) -> ResidentSizes:
+        """Resident sizes when loaded in `dtype` by premoe's loader (see the class doc)."""
+
+        def total(kind: str) -> int:
+            return sum(
+                n * dtype.itemsize if is_float else nbytes
+                for n, nbytes, is_float in self._dense.get(kind, [])
+            )
+
+        layers = max(1, self._moe_layers)
+        return ResidentSizes(
+            base_bytes=total("fixed"),
+            expert_bytes=total("expert") // layers,
+            router_row_bytes=total("router") // (layers * self.num_experts),
+            moe_layers=self._moe_layers,
+        )
 
     def expert_per_k_at(
         self, precision: str, *, block: tuple[int, int] = (128, 128), group_size: int = 128
@@ -223,6 +276,57 @@ class SizeModel:
         return sum(_shard_file_bytes(entries, meta) for entries in shards)
 
 
+def _dense_sizes(src: ModelSource) -> dict[str, list[tuple[int, int, bool]]]:
+    """What the loader holds of each checkpoint tensor: (numel, bytes, floating) per kind;
+    quantized weights counted dense (their companions not at all), MTP layers skipped."""
+    km, reader = src.keymap, src.reader
+    mtp = tuple(km.layer_prefix(m) + "." for m in km.mtp_layers)
+    out: dict[str, list[tuple[int, int, bool]]] = {"fixed": [], "router": [], "expert": []}
+    for key in reader.keys():
+        role = km.role(key)
+        if isinstance(role, ExpertKey) or (mtp and key.startswith(mtp)):
+            continue  # experts: counted per stored weight below
+        shape, dt = reader.shape(key), reader.dtype(key)
+        if isinstance(role, RouterKey):
+            out["router"].append((math.prod(shape), reader.nbytes(key), dt.is_floating_point))
+            continue
+        name, stored = km.plain_target(key)
+        if name is None:
+            continue  # a quantization companion
+        if stored is not None:
+            out["fixed"].append((math.prod(stored.dense_shape), 0, True))
+        else:
+            out["fixed"].append((math.prod(shape), reader.nbytes(key), dt.is_floating_point))
+    for layer in src.moe_layers:
+        for ti, t in enumerate(src.arch.experts):
+            if km.layout == "per_expert":
+                shapes = [km.stored(layer, ti, 0, p).dense_shape for p in range(len(t.per_expert))]
+            else:
+                shapes = [km.stored(layer, ti).dense_shape[1:]]
+            out["expert"] += [(math.prod(s), 0, True) for s in shapes]
+    return out
+
+
+def resident_sizes(source: ModelSource, dtype: torch.dtype) -> ResidentSizes:
+    """`SizeModel.from_source(source).at_dtype(dtype)`."""
+    return SizeModel.from_source(source).at_dtype(dtype)
+
+
+def keep_for_budget(
+    source: ModelSource, budget: int | str, dtype: torch.dtype, *, top_k: int | None = None
+) -> int:
+    """The largest uniform kept count whose model, loaded in `dtype`, fits `budget` bytes; a
+    `UsageError` if even the routed count does not fit."""
+    sizes = resident_sizes(source, dtype)
+    return budget_count(
+        parse_bytes(budget),
+        sizes.resident,
+        source.num_experts,
+        routed=source.top_k if top_k is None else top_k,
+        groups=source.arch.groups(source.config),
+    )
+
+
 def _shard_file_bytes(entries: Sequence[Entry], meta: dict[str, str]) -> int:
     header = len(json.dumps({"__metadata__": meta}, separators=(",", ":"))) - 1
     offset = 0
@@ -298,6 +402,7 @@ class PlanRow:
     group_exact: bool
     coverage_min: float | None = None
     coverage_mean: float | None = None
+    engine_ok: bool = True  # vLLM/SGLang accept this K (`premoe.prune.engines`)
 
 
 @dataclass(frozen=True)
@@ -330,6 +435,8 @@ class Plan:
     metric: str | None = None
     precisions: list[PrecisionRow] | None = None  # with a budget and `precisions`
     recommended: PrecisionRow | None = None
+    dtype: str | None = None  # resident bytes in this load dtype (None: the checkpoint's bytes)
+    engines: dict[str, Any] | None = None  # engine constraints of `fits` (with a budget)
 
     def row(self, keep: int) -> PlanRow:
         return next(r for r in self.rows if r.keep == keep)
@@ -363,6 +470,7 @@ def plan(
     keeps: Sequence[int] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     precisions: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
 ) -> Plan:
     """Resident bytes per keep count (a ladder of K plus `keeps`), from checkpoint headers.
 
@@ -376,10 +484,21 @@ def plan(
     mean coverage is within `RECOMMEND_SLACK` of the best (quantization error is invisible to
     coverage, so precision breaks near-ties). A budget that only a quantized precision fits is
     then no error (`fits` is None).
+
+    `dtype`: count resident bytes as premoe's loader holds them in that dtype (`load`,
+    `generate`, `serve --budget` use the same numbers, so one budget gives one K everywhere);
+    None counts the checkpoint's own bytes (what an export and an engine hold). Every row says
+    whether vLLM/SGLang accept its K; `engines` details the constraints of `fits`.
     """
     src = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
         sizes = SizeModel.from_source(src)
+        dense = sizes.at_dtype(dtype) if dtype is not None else None
+        resident_of = sizes.resident if dense is None else dense.resident
+
+        def resident_at(k: int, precision: str) -> int:
+            return resident_of(k) if precision == "source" else sizes.resident_at(k, precision)
+
         e, routed = src.num_experts, src.top_k
         if top_k is not None and not 1 <= top_k <= routed:
             raise UsageError(f"--top-k must be between 1 and the model's {routed}, got {top_k}")
@@ -400,15 +519,15 @@ def plan(
                 try:
                     prec_fits[prec] = budget_count(
                         budget_bytes,
-                        lambda k, prec=prec: sizes.resident_at(k, prec),
+                        lambda k, prec=prec: resident_at(k, prec),
                         e,
                         routed=k_routed,
                         groups=groups,
                     )
                 except UsageError:
                     prec_fits[prec] = None
-            if not any(prec_fits.values()) or "source" not in precisions:
-                fits = budget_count(budget_bytes, sizes.resident, e, routed=k_routed, groups=groups)
+            if not any(prec_fits.values()) or "source" not in precisions or dense is not None:
+                fits = budget_count(budget_bytes, resident_of, e, routed=k_routed, groups=groups)
             else:
                 fits = prec_fits.get("source")
         cover_scores: list[torch.Tensor] = []
@@ -439,18 +558,24 @@ def plan(
         rows = []
         for k in keep_ladder(k_routed, e, [*keeps, *([fits] if fits else [])]):
             cov_min, cov_mean = coverage(k)
-            resident = sizes.resident(k)
+            resident = resident_of(k)
+            experts = (
+                sizes.expert_bytes(k)
+                if dense is None
+                else k * dense.expert_bytes * dense.moe_layers
+            )
             rows.append(
                 PlanRow(
                     keep=k,
-                    expert_bytes=sizes.expert_bytes(k),
-                    non_expert_bytes=sizes.non_expert_bytes(k),
+                    expert_bytes=experts,
+                    non_expert_bytes=resident - experts,
                     resident_bytes=resident,
                     file_bytes=sizes.file_bytes(k, max_shard_bytes=max_shard_bytes),
-                    fraction=resident / sizes.source_bytes,
+                    fraction=resident / resident_of(e),
                     group_exact=group_exact_possible(k, e, groups, k_routed),
                     coverage_min=cov_min,
                     coverage_mean=cov_mean,
+                    engine_ok=engine_constraints(src.arch, src.config, k, k_routed)["ok"],
                 )
             )
         if fits is not None:
@@ -464,9 +589,11 @@ def plan(
                 prec_rows.append(
                     PrecisionRow(
                         precision=prec,
-                        expert_per_k=sizes.expert_per_k_at(prec),
+                        expert_per_k=dense.expert_bytes * dense.moe_layers
+                        if dense is not None and prec == "source"
+                        else sizes.expert_per_k_at(prec),
                         keep=k,
-                        resident_bytes=sizes.resident_at(k, prec) if k else None,
+                        resident_bytes=resident_at(k, prec) if k else None,
                         coverage_min=cov_min,
                         coverage_mean=cov_mean,
                     )
@@ -478,7 +605,7 @@ def plan(
             num_experts=e,
             top_k=k_routed,
             moe_layers=list(src.moe_layers),
-            full_bytes=sizes.source_bytes,
+            full_bytes=resident_of(e),
             expert_per_k=sizes.expert_per_k,
             router_per_k=sizes.router_per_k,
             fixed_bytes=sizes.fixed_bytes,
@@ -489,6 +616,8 @@ def plan(
             metric=metric if store is not None else None,
             precisions=prec_rows,
             recommended=recommended,
+            dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+            engines=None if not fits else engine_constraints(src.arch, src.config, fits, k_routed),
         )
     finally:
         if not isinstance(model, ModelSource):

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from premoe.plan import PRECISIONS, plan
+from premoe.runtime import parse_dtype
 from premoe_cli._common import human_bytes, print_json, print_table
 from premoe_cli.options import BudgetOpt, JsonOpt, MergeOpt, MetricOpt, ModelArg, TopKOpt
 
@@ -37,6 +38,16 @@ def plan_command(
         list[int] | None,
         typer.Option("--keep", "-k", help="Add this keep count to the table; repeatable."),
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="Count resident bytes as `load`/`generate`/`serve` hold them in this dtype "
+            "(bf16, fp16, fp32; quantized checkpoints dequantized); default: the checkpoint's "
+            "own bytes, as an export holds them.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Resident bytes per keep count (experts kept per MoE layer), from checkpoint headers.
@@ -65,6 +76,7 @@ def plan_command(
         top_k=top_k,
         keeps=keep or [],
         precisions=PRECISIONS if budget is not None else (),
+        dtype=None if dtype is None else parse_dtype(dtype),
     )
     if json_out:
         print_json(p.to_json())
@@ -75,8 +87,9 @@ def plan_command(
     rows = []
     for r in p.rows:
         mark = " *" if p.fits == r.keep else ""
+        notes = ("" if r.group_exact else " (1 group)") + ("" if r.engine_ok else " (!vLLM)")
         row = [
-            f"{r.keep}/{p.num_experts}{mark}" + ("" if r.group_exact else " (1 group)"),
+            f"{r.keep}/{p.num_experts}{mark}" + notes,
             human_bytes(r.expert_bytes),
             human_bytes(r.non_expert_bytes),
             human_bytes(r.resident_bytes),
@@ -89,6 +102,7 @@ def plan_command(
     typer.echo(
         f"{p.model}: {p.family}, {len(p.moe_layers)} MoE layers x {p.num_experts} experts, "
         f"top-{p.top_k}, full model {human_bytes(p.full_bytes)}"
+        + (f" in {p.dtype}" if p.dtype else "")
     )
     print_table(headers, rows)
     if p.budget is not None:
@@ -98,6 +112,11 @@ def plan_command(
             if p.fits
             else ""
         )
+        if p.engines:
+            eng = p.engines
+            ok = "ok" if eng["ok"] else "; ".join(eng["problems"])
+            eps = ",".join(map(str, eng["expert_parallel_sizes"]))
+            typer.echo(f"  vLLM/SGLang with keep {p.fits}: {ok}; expert-parallel sizes {eps}")
     if p.precisions:
         headers = ["precision", "per expert", "keep", "resident"]
         if store is not None:

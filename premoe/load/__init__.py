@@ -15,15 +15,15 @@ from premoe.load.host_cache import HostExpertCache
 from premoe.load.loader import (
     ExpertIO,
     LoadInfo,
-    SizeModel,
-    keep_for_budget,
     load_prefix,
     load_pruned,
     load_pruned_with_info,
-    parse_bytes,
-    size_model,
 )
 from premoe.load.resident import ResidentModel, SourceCount, SwapStats
+from premoe.plan import ResidentSizes as SizeModel  # the one size model (premoe.plan)
+from premoe.plan import keep_for_budget
+from premoe.plan import resident_sizes as size_model
+from premoe.policy import parse_bytes
 
 __all__ = [
     "ExpertIO",

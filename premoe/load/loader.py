@@ -21,7 +21,6 @@ R rows of one expert's slice in a fused parameter (2I for gate_up, H for down).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,10 +36,8 @@ from premoe.arch.keys import ExpertKey, KeyMap, RouterKey, Stored
 from premoe.arch.spec import ArchSpec
 from premoe.errors import CheckpointError, UsageError
 from premoe.io.dense import read_stored
-from premoe.policy import budget_count, parse_bytes
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
-from premoe.prune.mtp import in_layers
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import ModelSource, resolve_model
 
@@ -683,80 +680,3 @@ def load_prefix(
     finally:
         if owned:
             src.close()
-
-
-# ---- sizes ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SizeModel:
-    """Resident bytes of a model pruned to K experts per MoE layer, in a given dtype:
-    `resident(K) = base_bytes + K * per_k_bytes` (headers only, no data read)."""
-
-    base_bytes: int  # every tensor pruning leaves unchanged (embeddings, attention, dense...)
-    expert_bytes: int  # one expert of one MoE layer (all its tensors)
-    router_row_bytes: int  # one router row (and bias entries) of one MoE layer
-    moe_layers: int
-
-    @property
-    def per_k_bytes(self) -> int:
-        return (self.expert_bytes + self.router_row_bytes) * self.moe_layers
-
-    def resident(self, k: int) -> int:
-        return self.base_bytes + k * self.per_k_bytes
-
-
-def size_model(source: ModelSource, dtype: torch.dtype) -> SizeModel:
-    """Resident sizes from the checkpoint headers: floating tensors counted in `dtype`,
-    quantized weights at their dequantized (dense) size, MTP layers left out (never loaded)."""
-    km, reader = source.keymap, source.reader
-
-    def dense(shape: Sequence[int]) -> int:
-        return math.prod(shape) * dtype.itemsize
-
-    base = routers = 0
-    for key in reader.keys():
-        role = km.role(key)
-        if isinstance(role, ExpertKey) or in_layers(key, km, km.mtp_layers):
-            continue  # experts are counted per expert below
-        n = reader.nbytes(key)
-        if reader.dtype(key).is_floating_point:
-            n = n // reader.dtype(key).itemsize * dtype.itemsize
-        if isinstance(role, RouterKey):
-            routers += n
-            continue
-        name, stored = km.plain_target(key)
-        if name is not None:
-            base += n if stored is None else dense(stored.dense_shape)
-    moe = source.moe_layers
-    expert = 0
-    for layer in moe:
-        for ti, t in enumerate(source.arch.experts):
-            if km.layout == "per_expert":
-                expert += sum(
-                    dense(km.stored(layer, ti, 0, p).dense_shape) for p in range(len(t.per_expert))
-                )
-            else:
-                expert += dense(km.stored(layer, ti).dense_shape[1:])
-    e = source.num_experts
-    return SizeModel(
-        base_bytes=base,
-        expert_bytes=expert // max(1, len(moe)),
-        router_row_bytes=routers // (max(1, len(moe)) * e),
-        moe_layers=len(moe),
-    )
-
-
-def keep_for_budget(
-    source: ModelSource, budget: int | str, dtype: torch.dtype, *, top_k: int | None = None
-) -> int:
-    """The largest uniform kept count whose model fits `budget` bytes in `dtype`; a
-    `UsageError` if even the routed count does not fit."""
-    sizes = size_model(source, dtype)
-    return budget_count(
-        parse_bytes(budget),
-        sizes.resident,
-        source.num_experts,
-        routed=source.top_k if top_k is None else top_k,
-        groups=source.arch.groups(source.config),
-    )
