@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from premoe.arch.keys import ExpertKey, KeyMap, RouterKey, Stored
+from premoe.arch.model import layer_of, moe_layer, tensor_of  # noqa: F401  (re-exported)
 from premoe.arch.spec import ArchSpec
 from premoe.errors import CheckpointError, UsageError
 from premoe.io.dense import read_stored
@@ -227,16 +228,6 @@ class Copier:
 # ---- experts: where each one lives on disk and in memory ----------------------------------------
 
 
-def tensor_of(module: nn.Module, name: str) -> torch.Tensor:
-    """Parameter or buffer `name` (dotted, relative to `module`)."""
-    owner, _, attr = name.rpartition(".")
-    mod = module.get_submodule(owner) if owner else module
-    t = getattr(mod, attr, None)
-    if not isinstance(t, torch.Tensor):
-        raise CheckpointError(f"the model has no tensor {name!r}")
-    return t
-
-
 class ExpertIO:
     """Reads experts of a source checkpoint in the model's in-memory (fused) layout.
 
@@ -384,10 +375,6 @@ class LoadInfo:
 
 def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def moe_layer(model: Any, arch: ArchSpec, layer: int) -> nn.Module:
-    return model.get_submodule(f"{arch.layers_prefix}.{layer}")
 
 
 def load_pruned_with_info(
@@ -603,14 +590,6 @@ def _finish_model(model: Any, src: ModelSource) -> None:
             model.generation_config = GenerationConfig.from_pretrained(src.path)
         except Exception as exc:  # a broken generation config should not block loading
             log.warning("ignoring %s: %s", src.path / "generation_config.json", exc)
-
-
-def layer_of(key: str, prefix: str) -> int | None:
-    """The decoder-layer index of checkpoint key `key` (`{prefix}.{i}.*`), or None."""
-    if not key.startswith(prefix + "."):
-        return None
-    head = key[len(prefix) + 1 :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def load_prefix(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,12 @@ import numpy as np
 import torch
 
 from premoe.arch import ArchSpec, arch_for_config
+from premoe.batching import (  # noqa: F401  (re-exported)
+    input_device,
+    iter_batches,
+    pad_batch,
+    pad_token_id,
+)
 from premoe.errors import StoreError, UsageError
 from premoe.fingerprint import fingerprint_model, fingerprint_source
 from premoe.io.atomic import check_not_input, check_writable, is_premoe_output, refuse_existing
@@ -142,49 +148,6 @@ def _quantized(path: str | Path) -> bool:
         return "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-
-
-def input_device(model: Any) -> torch.device:
-    return model.model.get_input_embeddings().weight.device
-
-
-def pad_batch(
-    rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, S], attention mask [B, S]) of token-id rows padded with `pad_id` to the longest,
-    on the right (or, with `left`, on the left as generation wants)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, toks in enumerate(rows):
-        cols = slice(width - len(toks), width) if left else slice(0, len(toks))
-        ids[row, cols] = torch.tensor(toks, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
-
-
-def iter_batches(
-    token_ids: list[list[int]], batch_size: int, pad_id: int, *, pin: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
-    """Right-padded batches, longest samples first: (ids [B, S], mask [B, S], sample indices)."""
-    order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
-    for start in range(0, len(order), batch_size):
-        sel = order[start : start + batch_size]
-        ids, mask = pad_batch([token_ids[i] for i in sel], pad_id)
-        if pin:
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-        yield ids, mask, sel
-
-
-def pad_token_id(tokenizer: Any, config: Any) -> int:
-    for value in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(config, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def accumulated_rows(metrics: list[str]) -> tuple[str, ...]:

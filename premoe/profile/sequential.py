@@ -47,7 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from premoe.arch import arch_for_config
 from premoe.arch.keys import ExpertKey, RouterKey
+from premoe.arch.model import decoder_layers, decoder_stack
 from premoe.arch.spec import ArchSpec
 from premoe.errors import CheckpointError, UnsupportedArchitectureError, UsageError
 from premoe.policy import human_bytes
@@ -299,16 +301,19 @@ class _Batch:
         return f"{self.task}/{self.index}"
 
 
-def capture_batch(model: Any, ids: torch.Tensor, mask: torch.Tensor, stop: int) -> _Recording:
-    """Run `model.model` on one batch up to decoder layer `stop` with every layer replaced by a
-    catcher; return what layers 0..`stop` would receive."""
-    layers = model.model.layers
+def capture_batch(
+    model: Any, arch: ArchSpec, ids: torch.Tensor, mask: torch.Tensor, stop: int
+) -> _Recording:
+    """Run the decoder stack on one batch up to decoder layer `stop` with every layer replaced
+    by a catcher; return what layers 0..`stop` would receive."""
+    stack = decoder_stack(model, arch)
+    layers = decoder_layers(model, arch)
     originals = [layers[i] for i in range(stop + 1)]
     recording = _Recording(stop)
     for i in range(stop + 1):
         layers[i] = _Catcher(i, recording)
     try:
-        model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        stack(input_ids=ids, attention_mask=mask, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -329,6 +334,7 @@ class LayerWeights:
     """Puts parts of the model on the compute device and takes them off again."""
 
     model: Any
+    arch: ArchSpec
     device: torch.device
     load_seconds: float = 0.0
 
@@ -340,7 +346,8 @@ class LayerWeights:
 
     def prefix_modules(self) -> list[nn.Module]:
         """Modules of the decoder stack outside its layers (embeddings, rotary, norm...)."""
-        return [m for name, m in self.model.model.named_children() if name != "layers"]
+        stack, layers = decoder_stack(self.model, self.arch), decoder_layers(self.model, self.arch)
+        return [m for m in stack.children() if m is not layers]
 
     def bring(self, modules: Sequence[nn.Module]) -> None:
         raise NotImplementedError
@@ -364,6 +371,7 @@ class ModuleWeights(LayerWeights):
 
     def __init__(self, model: Any, device: torch.device) -> None:
         self.model = model
+        self.arch = arch_for_config(model.config)
         self.device = device
         self._saved: dict[int, list[tuple[Any, str, str, torch.Tensor]]] = {}
 
@@ -406,6 +414,7 @@ class CheckpointWeights(LayerWeights):
         from premoe.load.loader import Copier, ExpertIO, build_skeleton
 
         self.src = src
+        self.arch = src.arch
         self.device = device
         self.dtype = resolve_dtype(dtype, src)
         self.model = build_skeleton(src.config, self.dtype).eval()
@@ -421,8 +430,8 @@ class CheckpointWeights(LayerWeights):
         from premoe.load.loader import layer_of
 
         km, reader = self.src.keymap, self.src.reader
-        stack = self.model.model
-        layers = stack.layers
+        stack = decoder_stack(self.model, self.arch)
+        layers = decoder_layers(self.model, self.arch)
         state = self.model.state_dict(keep_vars=True)
         tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
         self.reads: dict[int, list[tuple[str, str]]] = {}
@@ -461,7 +470,7 @@ class CheckpointWeights(LayerWeights):
             log.debug("%d checkpoint tensors not needed, e.g. %s", len(unused), unused[0])
 
     def _layer_index(self, module: nn.Module) -> int | None:
-        for i, layer in enumerate(self.model.model.layers):
+        for i, layer in enumerate(decoder_layers(self.model, self.arch)):
             if layer is module:
                 return i
         return None
@@ -687,7 +696,7 @@ def _run(
     config = net.config
     moe = arch.moe_layer_ids(config)
     stop = max(moe)  # later layers cannot change any score
-    layers = net.model.layers
+    layers = decoder_layers(net, arch)
     groups = [
         list(range(s, min(s + layers_at_once, stop + 1)))
         for s in range(0, stop + 1, layers_at_once)
@@ -742,7 +751,7 @@ def _run(
                     ids = (batch.ids.pin_memory() if cuda else batch.ids).to(dev, non_blocking=True)
                     batch.ids = None  # the host copy is not needed again
                     mask_dev = batch.mask.to(dev, non_blocking=True)
-                    rec = capture_batch(net, ids, mask_dev, stop)
+                    rec = capture_batch(net, arch, ids, mask_dev, stop)
                     assert rec.hidden is not None
                     store.put(f"h/{batch.name}", [rec.hidden])
                     leaves, batch.spec = flatten(rec.values)
