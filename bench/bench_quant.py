@@ -354,6 +354,10 @@ def device_figures(args: argparse.Namespace, device: torch.device) -> dict[str, 
         out["precisions"][prec] = fig
         del model, qr
         torch._dynamo.reset()
+        if device.type == "cuda":  # compiled graphs' private memory pools
+            from torch._inductor import cudagraph_trees
+
+            cudagraph_trees.reset_cudagraph_trees()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

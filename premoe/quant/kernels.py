@@ -78,6 +78,7 @@ def _kernel() -> Any:
         SCALE_BK: tl.constexpr,  # columns sharing one scale (fp8 block cols; int4 group size)
         INT4: tl.constexpr,
         ROUND_BF16: tl.constexpr,  # round each dequantized weight to bf16 before use
+        FP8_MODE: tl.constexpr,  # 0: chunk in one scale block, 1: whole blocks, 2: any
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -114,6 +115,30 @@ def _kernel() -> Any:
                     acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)
                 else:
                     acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2) * sc, axis=1)
+        elif FP8_MODE == 1:
+            # several whole scale blocks per chunk: load W as [BN, NB, SCALE_BK], one scale each
+            NB: tl.constexpr = BLOCK_K // SCALE_BK
+            offs_b = tl.arange(0, NB)
+            offs_j = tl.arange(0, SCALE_BK)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + offs_b[:, None] * SCALE_BK + offs_j[None, :]  # [NB, SCALE_BK]
+                mask_k = offs_k < K
+                mask_b = (k0 + offs_b * SCALE_BK) < K  # [NB]
+                m3 = mask_n[:, None, None] & mask_k[None, :, :]
+                xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                w = tl.load(w_base[:, None, None] + offs_k[None, :, :], mask=m3, other=0.0)
+                w = w.to(tl.float32)  # [BN, NB, SCALE_BK]
+                sc = tl.load(s_base[:, None] + (k0 // SCALE_BK + offs_b)[None, :],
+                             mask=mask_n[:, None] & mask_b[None, :], other=0.0)  # fmt: skip
+                sc = sc.to(tl.float32)  # [BN, NB]
+                if ROUND_BF16:
+                    # bf16 round-to-nearest-even on the bits (same under the interpreter)
+                    bits = (w * sc[:, :, None]).to(tl.uint32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                    w = bits.to(tl.float32, bitcast=True)
+                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)
+                else:
+                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2) * sc, axis=1)
         else:
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -121,7 +146,7 @@ def _kernel() -> Any:
                 m2 = mask_n[:, None] & mask_k[None, :]
                 xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 w = tl.load(w_base[:, None] + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-                if SCALE_BK % BLOCK_K == 0:  # one scale per row for the whole chunk
+                if FP8_MODE == 0:  # the chunk lies in one scale block: one scale per row
                     sc = tl.load(s_base + k0 // SCALE_BK, mask=mask_n, other=0.0).to(tl.float32)
                     if ROUND_BF16:
                         # bf16 round-to-nearest-even on the bits (same under the interpreter)
@@ -131,7 +156,7 @@ def _kernel() -> Any:
                         acc += tl.sum(w * xk[None, :], axis=1)
                     else:
                         acc += tl.sum(w * xk[None, :], axis=1) * sc
-                else:
+                else:  # per-element scales (any block width)
                     sc = tl.load(s_base[:, None] + offs_k[None, :] // SCALE_BK, mask=m2,
                                  other=0.0).to(tl.float32)  # fmt: skip
                     w = w * sc
@@ -144,6 +169,19 @@ def _kernel() -> Any:
         tl.store(y_ptr + pid_s * stride_yr + offs_n, acc, mask=mask_n)
 
     return moe_gemv_kernel
+
+
+def launch_shape(scale_bk: int, int4: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, FP8_MODE) for a scale block / group width: 16 rows per program (many
+    programs in flight at decode) and 4-8 KiB of weights per step."""
+    if int4:
+        return 16, 512, 2
+    pow2 = scale_bk > 0 and scale_bk & (scale_bk - 1) == 0
+    if pow2 and scale_bk >= 256:
+        return 16, 256, 0
+    if pow2 and scale_bk >= 16:
+        return 16, 256, 1
+    return 16, 128, 2
 
 
 def _launch(
@@ -162,11 +200,7 @@ def _launch(
     wrap: Any = None,
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
-    block_n = 32
-    if int4:
-        block_k = 256
-    else:  # a chunk inside one scale block when the block allows it
-        block_k = 128 if scale_bk % 128 == 0 else (scale_bk if scale_bk in (16, 32, 64) else 128)
+    block_n, block_k, fp8_mode = launch_shape(scale_bk, int4)
     grid = (rows.shape[0], -(-n // block_n))
     kern[grid](
         x,
@@ -187,6 +221,7 @@ def _launch(
         SCALE_BK=scale_bk,
         INT4=int4,
         ROUND_BF16=round_to == "bf16",
+        FP8_MODE=fp8_mode,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
     )
