@@ -224,3 +224,31 @@ def test_eval_compares_recon_and_recalibrated(tiny_dir, calib_store, tmp_path) -
         routing=False,
     )
     assert again.row("alpha", "tcess", 4).score.value == pytest.approx(plain.score.value)
+
+
+def test_layerwise_recalibration_fits_every_layer(tiny_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from premoe.calibrate.layerwise import LayerwiseOptions, recalibrate_layerwise
+    from premoe.calibrate.recalibrate import batches
+
+    folder = tiny_dir("qwen3_moe")
+    src = resolve_model(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keep = KeepSets.from_mapping({layer: [0, 2, 3, 5] for layer in src.moe_layers})
+    routers = recalibrate_layerwise(
+        model,
+        src.arch,
+        keep,
+        batches(_corpus(8), 4, 0),
+        options=LayerwiseOptions(steps=20, lr=5e-2),
+    )
+    for layer in src.moe_layers:
+        info = routers.info["layers"][str(layer)]
+        assert info["relative_error_after"] <= info["relative_error_before"]
+        assert routers.tensors[layer]["weight"].shape == (4, model.config.hidden_size)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    ours = load_pruned(src, keep, dtype=torch.float32)
+    apply_routers(ours, src.arch, routers)
+    src.close()
