@@ -164,7 +164,7 @@ def recalibrate_layerwise(
             router_w = _tensor(layer, arch.router_weight.memory)  # [E, H]
             experts = layer.get_submodule(arch.experts[0].memory.rsplit(".", 1)[0])
             with torch.no_grad():
-                f = expert_outputs(experts, x, rule.num_experts)[:, kept]  # [T, E', H]
+                f = expert_outputs(experts, x, kept)  # [T, E', H]
             bias = correction_bias(model, arch, i)
             bias_k = None if bias is None else bias.detach().float().reshape(-1)[kept]
             krule = replace(rule, num_experts=len(kept), n_group=1, topk_group=1)

@@ -110,13 +110,17 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """f_e(x) for every expert e and token: [T, E, H] float32 (forced routing, weight 1)."""
+def expert_outputs(
+    experts: torch.nn.Module, x: torch.Tensor, num_experts: int | Sequence[int]
+) -> torch.Tensor:
+    """f_e(x) for every expert e (or the listed ones) and token: [T, E, H] float32 (forced
+    routing, weight 1)."""
     t = x.shape[0]
+    ids = range(num_experts) if isinstance(num_experts, int) else list(num_experts)
     dtype = next(experts.parameters()).dtype
     xin = x.to(dtype)
     out = []
-    for e in range(num_experts):
+    for e in ids:
         idx = torch.full((t, 1), e, dtype=torch.long, device=x.device)
         ones = torch.ones((t, 1), dtype=dtype, device=x.device)
         try:
