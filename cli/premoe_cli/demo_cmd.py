@@ -134,6 +134,14 @@ def _print_result(result: Any) -> None:
         f"({ex['fraction']:.1%}); plain from_pretrained of it scores "
         f"{100 * ex['accuracy']:.1f}% on {ex['n']} held-out {ex['task']} prompts -> {ex['out']}"
     )
+    rc = ex.get("recalibrated")
+    if rc:
+        typer.echo(
+            f"   the same size with `premoe export --recalibrate` (experts chosen by "
+            f"{rc['selection']}, routers recalibrated, KL {rc['kl_before']:.3f} -> "
+            f"{rc['kl_after']:.3f}): {100 * rc['accuracy']:.1f}% (TCESS {100 * ex['accuracy']:.1f}"
+            f"%) -> {rc['out']}"
+        )
     n_eval = result.options["n_eval"]
     typer.echo(
         f"\n4. summary at {result.keep} of {e} experts per layer: exact-match accuracy, mean of "

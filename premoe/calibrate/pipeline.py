@@ -214,10 +214,39 @@ def export_calibrated(
             src.close()
 
 
+def load_calibrated(
+    model: str | Path | Any,
+    store: Any,
+    task: str,
+    keep: Any,
+    *,
+    top_k: int | None = None,
+    **load_kwargs: Any,
+) -> Any:
+    """`load_pruned(model, keep)` with the task's stored calibrated routers for this keep set
+    applied (the plain pruned model when the store has none for it)."""
+    from premoe.calibrate.routers import apply_routers, find_in_store
+    from premoe.load import load_pruned
+    from premoe.load.loader import as_source
+    from premoe.plan import open_store
+
+    src, owned = as_source(model)
+    try:
+        net = load_pruned(src, keep, top_k=top_k, **load_kwargs)
+        routers = find_in_store(open_store(store), task, keep, top_k)
+        if routers is not None:
+            apply_routers(net, src.arch, routers)
+        return net
+    finally:
+        if owned:
+            src.close()
+
+
 __all__ = [
     "DEFAULT_SELECTION",
     "SELECTIONS",
     "CalibratedPattern",
     "calibrate_pattern",
     "export_calibrated",
+    "load_calibrated",
 ]

@@ -61,7 +61,7 @@ class RecalibrateOptions:
     """How routers are recalibrated. Defaults: `premoe export --recalibrate`."""
 
     steps: int = 200
-    lr: float = 1e-2
+    lr: float = 2e-2
     batch_size: int = 64  # calibration samples per step
     max_tokens: int | None = 20_000  # calibration tokens used (None: the whole corpus)
     teacher_topk: int | None = None  # None: auto (whole distribution for small vocabularies)

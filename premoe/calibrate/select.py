@@ -110,13 +110,17 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """f_e(x) for every expert e and token: [T, E, H] float32 (forced routing, weight 1)."""
+def expert_outputs(
+    experts: torch.nn.Module, x: torch.Tensor, num_experts: int | Sequence[int]
+) -> torch.Tensor:
+    """f_e(x) for every expert e (or the listed ones) and token: [T, E, H] float32 (forced
+    routing, weight 1)."""
     t = x.shape[0]
+    ids = range(num_experts) if isinstance(num_experts, int) else list(num_experts)
     dtype = next(experts.parameters()).dtype
     xin = x.to(dtype)
     out = []
-    for e in range(num_experts):
+    for e in ids:
         idx = torch.full((t, 1), e, dtype=torch.long, device=x.device)
         ones = torch.ones((t, 1), dtype=dtype, device=x.device)
         try:
@@ -190,6 +194,47 @@ def super_experts(f: torch.Tensor, factor: float | None) -> list[int]:
     return [int(e) for e in hits[torch.argsort(peak[hits], descending=True)].tolist()]
 
 
+def _errors(
+    logits: torch.Tensor,
+    f: torch.Tensor,
+    rule: Any,
+    target: torch.Tensor,
+    sets: Sequence[Sequence[int]],
+    bias: torch.Tensor | None,
+    chunk: int = 16,
+) -> list[float]:
+    """Σ_t ‖y_S − y‖² for many candidate sets S of the same size, `chunk` at a time."""
+    from premoe.profile.metrics import route_from_logits
+
+    t, n_exp, _ = f.shape
+    k = min(rule.top_k, len(sets[0]))
+    r = replace(rule, top_k=k, n_group=1, topk_group=1)
+    rows = torch.arange(t, device=f.device)
+    out: list[float] = []
+    for start in range(0, len(sets), chunk):
+        part = sets[start : start + chunk]
+        c = len(part)
+        allowed = torch.zeros((c, n_exp), dtype=torch.bool, device=f.device)
+        for i, ids in enumerate(part):
+            allowed[i, list(ids)] = True
+        z = logits.unsqueeze(0).masked_fill(~allowed.unsqueeze(1), float("-inf"))  # [C, T, E]
+        if bias is None:
+            w, idx = route_from_logits(z.reshape(c * t, n_exp), r, None)  # [C·T, k]
+        else:  # correction bias (selection only): dropped experts must not be chosen through it
+            p = r.probs(z.reshape(c * t, n_exp))  # [C·T, E]
+            bb = bias.float().reshape(1, 1, -1).masked_fill(~allowed.unsqueeze(1), float("-inf"))
+            idx = torch.topk(p + bb.expand(c, t, -1).reshape(c * t, n_exp), k, dim=-1)[1]
+            w = p.gather(1, idx)
+            if r.renormalize:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            w = w * r.scaling
+        tt = rows.repeat(c)  # [C·T]
+        chosen = f[tt.unsqueeze(1), idx]  # [C·T, k, H]
+        y = (w.unsqueeze(-1) * chosen).sum(1).view(c, t, -1)  # [C, T, H]
+        out += ((y - target.unsqueeze(0)) ** 2).sum(dim=(1, 2)).tolist()
+    return out
+
+
 def greedy_keep(
     logits: torch.Tensor,
     f: torch.Tensor,
@@ -202,8 +247,9 @@ def greedy_keep(
 ) -> tuple[list[int], float, float]:
     """The K experts whose restricted block output is closest to the full one. Two starts (greedy
     additions; the K experts with the most routed weight), each improved by swaps (drop one, add
-    one) while the error falls; the better one wins. `forced` experts are always kept.
-    Returns (experts, relative error, relative error of the top-routed-weight set)."""
+    one; the best swap of each slot) while the error falls; the better one wins. `forced`
+    experts are always kept. Returns (experts, relative error, relative error of the
+    top-routed-weight set)."""
     from premoe.profile.metrics import route_from_logits
 
     n_exp = f.shape[1]
@@ -211,40 +257,33 @@ def greedy_keep(
     norm = max(float((target**2).sum()), 1e-30)
     fixed = list(dict.fromkeys(int(e) for e in forced))[:k_kept]
 
-    def err(ids: Sequence[int]) -> float:
-        allowed = torch.zeros(n_exp, dtype=torch.bool, device=f.device)
-        allowed[list(ids)] = True
-        return _error(block_output(logits, f, rule, allowed, bias), target)
+    def errs(sets: Sequence[Sequence[int]]) -> list[float]:
+        return _errors(logits, f, rule, target, sets, bias)
 
     greedy = list(fixed)
     while len(greedy) < k_kept:
-        best, best_e = float("inf"), -1
-        for e in range(n_exp):
-            if e not in greedy:
-                v = err([*greedy, e])
-                if v < best:
-                    best, best_e = v, e
-        greedy.append(best_e)
+        cands = [e for e in range(n_exp) if e not in greedy]
+        v = errs([[*greedy, e] for e in cands])
+        greedy.append(cands[min(range(len(v)), key=v.__getitem__)])
     w, idx = route_from_logits(logits, rule, bias)
     mass = torch.zeros(n_exp, device=f.device).index_add_(0, idx.reshape(-1), w.reshape(-1))
     by_mass = [int(e) for e in torch.argsort(mass, descending=True).tolist()]
     top = [*fixed, *[e for e in by_mass if e not in fixed]][:k_kept]
-    base = err(by_mass[:k_kept])
+    base = errs([by_mass[:k_kept]])[0]
 
     def refine(chosen: list[int]) -> tuple[list[int], float]:
-        current = err(chosen)
+        current = errs([chosen])[0]
         for _ in range(swap_passes):
             improved = False
             for i in range(len(chosen)):
                 if chosen[i] in fixed:
                     continue
-                for e in range(n_exp):
-                    if e in chosen:
-                        continue
-                    trial = [*chosen[:i], e, *chosen[i + 1 :]]
-                    v = err(trial)
-                    if v < current - 1e-9 * norm:
-                        chosen, current, improved = trial, v, True
+                cands = [e for e in range(n_exp) if e not in chosen]
+                trials = [[*chosen[:i], e, *chosen[i + 1 :]] for e in cands]
+                v = errs(trials)
+                j = min(range(len(v)), key=v.__getitem__)
+                if v[j] < current - 1e-9 * norm:
+                    chosen, current, improved = trials[j], v[j], True
             if not improved:
                 break
         return chosen, current

@@ -64,10 +64,14 @@ class DemoOptions:
     threads: int | None = 1  # torch CPU threads (one is fastest for this model on a busy CPU)
     dtype: str = "fp32"  # bf16 weights run in fp32 on the CPU (bf16 CPU kernels are slower)
     batch_size: int = 128
+    recalibrate_steps: int = 200  # the export task also goes through `export --recalibrate`
+    # (recon selection + router recalibration); 0 skips it
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoOptions:
-        return cls(**{"n_profile": 64, "n_eval": 24, "keeps": (), **overrides})
+        return cls(
+            **{"n_profile": 64, "n_eval": 24, "keeps": (), "recalibrate_steps": 20, **overrides}
+        )
 
     def headline(self, num_experts: int, top_k: int) -> int:
         """The summary's keep count: `keep`, or a quarter of the experts (at least top-k)."""
@@ -393,6 +397,10 @@ def _run(
         "n": exp_score.n,
         "loaded_with": "transformers.AutoModelForCausalLM.from_pretrained",
     }
+    if opts.recalibrate_steps:
+        export_info["recalibrated"] = _recalibrated_export(
+            model_dir, st, task, keep, paths[task], tmp, final, export_name, opts, dtype, tok
+        )
 
     # 5. evaluate
     step("evaluate", f"{len(METHODS)} methods x K in {keeps}")
@@ -478,6 +486,55 @@ def _run(
 
     atomic_write_text(tmp / "demo.json", json.dumps(result_obj.to_json(), indent=2) + "\n")
     return result_obj
+
+
+def _recalibrated_export(
+    model_dir: Path,
+    store: Any,
+    task: str,
+    keep: int,
+    files: dict[str, Path],
+    tmp: Path,
+    final: Path,
+    export_name: str,
+    opts: DemoOptions,
+    dtype: Any,
+    tok: Any,
+) -> dict[str, Any]:
+    """`premoe export --recalibrate` of the export task (recon selection, routers recalibrated
+    on the task's profiling corpus), read back with plain from_pretrained and scored."""
+    from transformers import AutoModelForCausalLM
+
+    from premoe.calibrate import RecalibrateOptions
+    from premoe.calibrate.pipeline import calibrate_pattern, export_calibrated
+    from premoe.eval.harness import load_eval_set, score
+
+    t0 = time.perf_counter()
+    pattern = calibrate_pattern(
+        model_dir,
+        store,
+        task,
+        keep=keep,
+        options=RecalibrateOptions(steps=opts.recalibrate_steps),
+        corpus=files["profile"],
+        device="cpu",
+        dtype=dtype,
+    )
+    name = f"{export_name}-recalibrated"
+    export_calibrated(model_dir, pattern, tmp / name)
+    net = AutoModelForCausalLM.from_pretrained(tmp / name, dtype=dtype).eval()
+    sc = score(net, tok, load_eval_set(task, files["eval"]), batch_size=opts.batch_size)
+    assert pattern.routers is not None
+    return {
+        "out": str(final / name),
+        "selection": pattern.selection.provenance["name"],
+        "accuracy": sc.value,
+        "n": sc.n,
+        "kl_before": pattern.routers.info["kl_before"],
+        "kl_after": pattern.routers.info["kl_after"],
+        "steps": opts.recalibrate_steps,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summarise(report: Any, keep: int) -> list[dict[str, Any]]:

@@ -520,6 +520,7 @@ def evaluate(
     recalibrate_options: Any = None,
     calibration: Mapping[str, Any] | None = None,
     recon_options: Any = None,
+    recalibrate_methods: Sequence[str] | None = None,
 ) -> EvalReport:
     """Score the full model and every (method, K) pruned model on every task's eval set.
 
@@ -639,7 +640,9 @@ def evaluate(
                 from premoe.calibrate import recalibrate as recalibrate_routers
 
                 for (t, m, k), keep in list(plan.items()):
-                    if m == "random":
+                    if m == "random" or (
+                        recalibrate_methods is not None and m not in recalibrate_methods
+                    ):
                         continue
                     counter.stage = f"recalibrating {t} {m} K={k}"
                     calibrated[(t, m + RECAL, k)] = recalibrate_routers(
