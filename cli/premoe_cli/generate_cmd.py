@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW, MISS_POLICIES
 from premoe.load.generate import DEFAULT_COVERAGE, generate
 from premoe_cli._common import human_bytes, print_json, progress_enabled, read_stdin
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, StoreOpt
@@ -61,6 +62,37 @@ def generate_command(
         str | None,
         typer.Option(help="Fallback pattern: __global__ (all tasks pooled, default) or a task."),
     ] = None,
+    miss_policy: Annotated[
+        str,
+        typer.Option(
+            help="When the pattern misses experts the full model would use: "
+            f"{'|'.join(MISS_POLICIES)}. mask: the pattern only; reroute: switch patterns "
+            "when the dropped mass says the "
+            "pattern is wrong; fetch: exact, missing experts are fetched into the slots."
+        ),
+    ] = "mask",
+    miss_window: Annotated[
+        int, typer.Option(help="Tokens per dropped-mass check (reroute).")
+    ] = DEFAULT_WINDOW,
+    miss_threshold: Annotated[
+        float, typer.Option(help="Mean dropped mass over a window that triggers a reroute.")
+    ] = DEFAULT_REROUTE_THRESHOLD,
+    reroute_context: Annotated[
+        int | None,
+        typer.Option(
+            help="Route the last N tokens when rerouting (default: twice --miss-window; 0: all)."
+        ),
+    ] = None,
+    host_cache: Annotated[
+        str | None,
+        typer.Option(help="Pinned host expert cache that fetch reads from (e.g. 16GiB)."),
+    ] = None,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure/--no-measure", help="Measure the dropped mass (reroute always does)."
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
@@ -70,7 +102,9 @@ def generate_command(
     The routing key is computed on the model's prefix up to the first MoE router, with no expert
     loaded. The kept experts are read straight from the original checkpoint.
 
-    Reports the pattern, its similarity, the resident bytes, the load time and tokens/s.
+    Reports the pattern, its similarity, the resident bytes, the load time and tokens/s, and
+    the dropped mass: the share of the full router's routing weight that went to experts not
+    resident (mean and max over tokens; 0: the pattern held everything the full model used).
 
     Example: premoe generate ./Qwen3-30B-A3B --store patterns/qwen3 "Integrate x^2" --keep 32
     """
@@ -91,6 +125,12 @@ def generate_command(
             device=device,
             dtype=dtype,
             progress=bar,
+            miss_policy=miss_policy,
+            measure=measure,
+            miss_window=miss_window,
+            miss_threshold=miss_threshold,
+            reroute_context=reroute_context,
+            host_cache=host_cache,
         )
     if json_out:
         print_json(result.to_json())
@@ -123,6 +163,33 @@ def generate_command(
         ],
         ["device", f"{result.device} ({result.dtype})"],
     ]
+    miss = result.miss_json()
+    mass = miss["dropped_mass"]
+    if mass is not None:
+        rows.append(
+            [
+                "dropped mass",
+                f"prompt mean {mass['prompt']['mean']:.3f}, generated mean "
+                f"{mass['generated']['mean']:.3f} max {mass['generated']['max']:.3f} "
+                f"({miss['policy']})",
+            ]
+        )
+    for sw in miss["switches"]:
+        rows.append(
+            [
+                "reroute",
+                f"at token {sw['token']}: {sw['from']} -> {sw['to']} ({sw['reason']}, window "
+                f"dropped mass {sw['dropped']:.3f})",
+            ]
+        )
+    if miss["fetch"] is not None:
+        f = miss["fetch"]
+        rows.append(
+            [
+                "fetched",
+                f"{f['experts']} experts ({human_bytes(f['bytes'])}) in {f['seconds']:.2f} s",
+            ]
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         typer.echo(f"{name.ljust(width)}  {value}")

@@ -198,9 +198,11 @@ def generate(
 
     `miss_policy`: ``mask``, ``reroute`` or ``fetch`` (`premoe.load.decode`). `measure`: report
     the dropped mass (``reroute`` always measures). `miss_window`/`miss_threshold`: the
-    ``reroute`` check (mean dropped mass over that many tokens). `reroute_context`: route only
-    the last that many tokens when rerouting (default: the whole text so far). `host_cache`: a
-    pinned host cache budget that ``fetch`` reads from (and fills).
+    ``reroute`` check (mean dropped mass over that many tokens). `reroute_context`: retrieval
+    on the last that many tokens of the text so far when rerouting (default: twice the window;
+    0: the whole text). On the demo's topic-change prompts the recent text routes to the new
+    topic where the whole text, dominated by the old one, does not. `host_cache`: a pinned host
+    cache budget that ``fetch`` reads from (and fills).
     """
     from premoe.fingerprint import fingerprint_source
     from premoe.patterns.store import GLOBAL
@@ -217,8 +219,9 @@ def generate(
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError("the prompt is empty; give some text to generate from")
     check_policy(miss_policy, miss_window, miss_threshold)
-    if reroute_context is not None and reroute_context < 1:
-        raise UsageError(f"--reroute-context must be >= 1, got {reroute_context}")
+    if reroute_context is not None and reroute_context < 0:
+        raise UsageError(f"--reroute-context must be >= 0, got {reroute_context}")
+    context = 2 * miss_window if reroute_context is None else reroute_context
     src, owned = as_source(model)
     try:
         fingerprint = fingerprint_source(src)
@@ -327,7 +330,7 @@ def generate(
                 state,
                 threshold=threshold,
                 fallback=fallback,
-                context=reroute_context,
+                context=context or None,
             )
         eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [int(eos)]
