@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,48 +30,31 @@ import torch
 
 import premoe
 from premoe.arch.keys import ExpertKey
-from premoe.arch.spec import config_value
 from premoe.errors import UsageError
+from premoe.export.config_json import pruned_config_json
 from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, format_expert_list
+from premoe.export.files import PROVENANCE_NAME, copy_extra_files
 from premoe.export.prefetch import ShardPrefetcher
 from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, atomic_output_dir
 from premoe.io.atomic import Inputs, check_output_path
-from premoe.plan import SizeModel, check_store_layers, open_store, shard_metadata, store_scores
+from premoe.plan import check_store_layers, open_store, store_scores
 from premoe.policy import Selection, select_experts
 from premoe.prune import (
     GroupPlan,
     KeepSets,
-    pruned_config,
     pruned_tensor,
     pruned_tensor_names,
 )
 from premoe.prune.engines import engine_constraints
 from premoe.prune.mtp import MTP_RULE, in_layers, mtp_keep
-from premoe.prune.quant_config import pruned_quant_config
 from premoe.quant.export import ExpertQuantizer
+from premoe.sizes import SizeModel, shard_metadata
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_NAME = "premoe.json"
 FORMATS = ("hf", "expert-list")
-MAX_COPY_BYTES = 256 * 2**20
-"""Non-weight files larger than this are not copied (with a warning)."""
-
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".npz",
-    ".onnx",
-)
-_SKIP_NAMES = {"config.json", PROVENANCE_NAME}
 
 Progress = Callable[[int, int], None]
 """`progress(done_bytes, total_bytes)`, called after each tensor written."""
@@ -133,107 +114,6 @@ def check_output(out: str | Path, source: Path, *, overwrite: bool, inputs: Inpu
     return check_output_path(
         out, overwrite=overwrite, inputs=[("source model folder", source), *inputs]
     )
-
-
-# ---- config --------------------------------------------------------------------------------------
-
-
-def _aliases(config: Any, key: str) -> list[str]:
-    amap = dict(getattr(config, "attribute_map", {}) or {})
-    names = [key, *(a for a, target in amap.items() if target == key)]
-    if key in amap:
-        names.append(amap[key])
-    return list(dict.fromkeys(names))
-
-
-def _set_raw(raw: dict[str, Any], key: str, value: Any, config: Any) -> None:
-    """Set `key` (dotted, or an attribute_map alias) in the raw config.json dict."""
-    if "." in key:
-        *parents, last = key.split(".")
-        obj = raw
-        for p in parents:
-            obj = obj.setdefault(p, {})
-        obj[last] = value
-        return
-    present = [n for n in _aliases(config, key) if n in raw]
-    for name in present or [key]:
-        raw[name] = value
-
-
-def pruned_config_json(
-    src: ModelSource,
-    keep: KeepSets,
-    plan: GroupPlan,
-    *,
-    top_k: int | None = None,
-    drop_mtp: bool = False,
-) -> dict[str, Any]:
-    """The source's config.json with the fields that pruning changes rewritten: expert count,
-    routed count, groups, the MTP count when `drop_mtp`, and `quantization_config` entries that
-    name specific experts."""
-    arch, config = src.arch, src.config
-    path = src.path / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read {path}: {err}") from None
-    new = pruned_config(arch, config, keep, plan, top_k=top_k)
-    keys = [arch.num_experts_key, arch.top_k_key]
-    if arch.router.grouped:
-        keys += ["n_group", "topk_group"]
-    for key in keys:
-        if config_value(config, key) != config_value(new, key) or config_value(config, key) is None:
-            _set_raw(raw, key, config_value(new, key), config)
-    check = type(config).from_dict(dict(raw))
-    want = (keep.count, arch.top_k(new), arch.groups(new))
-    got = (arch.num_experts(check), arch.top_k(check), arch.groups(check))
-    if got != want:  # a key name premoe does not know: write the transformers serialisation
-        log.warning(
-            "config.json rewrite gave %s, expected %s; writing transformers' own", got, want
-        )
-        raw = new.to_dict()
-    mtp = src.arch.mtp
-    if drop_mtp and mtp is not None and src.keymap.mtp_layers:
-        _set_raw(raw, mtp.count_key, 0, config)
-    if isinstance(raw.get("quantization_config"), dict):
-        dropped = src.keymap.mtp_layers if drop_mtp else []
-        raw["quantization_config"] = pruned_quant_config(
-            raw["quantization_config"], keep.layers, dropped
-        )
-    return raw
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-
-def _is_weight(name: str) -> bool:
-    lower = name.lower()
-    return lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json")
-
-
-def copy_extra_files(source: Path, dest: Path) -> list[str]:
-    """Copy tokenizer files, chat template, generation config and any other small non-weight
-    file (not hidden, not config.json / premoe.json) from `source` into `dest`."""
-    copied = []
-    for root, dirs, files in os.walk(source, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_root = Path(root).relative_to(source)
-        for name in sorted(files):
-            rel = rel_root / name
-            if name.startswith(".") or _is_weight(name) or str(rel) in _SKIP_NAMES:
-                continue
-            path = Path(root) / name
-            try:
-                size = path.stat().st_size
-            except OSError:  # a dangling link
-                continue
-            if size > MAX_COPY_BYTES:
-                log.warning("not copying %s (%d bytes): too large for a non-weight file", rel, size)
-                continue
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest / rel)
-            copied.append(str(rel))
-    return copied
 
 
 # ---- export --------------------------------------------------------------------------------------

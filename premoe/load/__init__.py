@@ -20,10 +20,10 @@ from premoe.load.loader import (
     load_pruned_with_info,
 )
 from premoe.load.resident import ResidentModel, SourceCount, SwapStats
-from premoe.plan import ResidentSizes as SizeModel  # the one size model (premoe.plan)
-from premoe.plan import keep_for_budget
-from premoe.plan import resident_sizes as size_model
 from premoe.policy import parse_bytes
+from premoe.sizes import ResidentSizes as SizeModel  # the one size model (premoe.sizes)
+from premoe.sizes import keep_for_budget
+from premoe.sizes import resident_sizes as size_model
 
 __all__ = [
     "ExpertIO",

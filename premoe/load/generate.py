@@ -46,10 +46,10 @@ from premoe.load.loader import (
 )
 from premoe.load.miss import MissMeter, shadow_meter
 from premoe.load.resident import ResidentModel
-from premoe.plan import resident_sizes as size_model
 from premoe.prune.keepsets import KeepSets
 from premoe.route import route as route_query
 from premoe.runtime import resolve_device, resolve_dtype, synchronize
+from premoe.sizes import resident_sizes as size_model
 from premoe.source import ModelSource, load_tokenizer
 
 log = logging.getLogger(__name__)
