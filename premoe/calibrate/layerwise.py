@@ -136,7 +136,7 @@ def recalibrate_layerwise(
     tensors: dict[int, dict[str, torch.Tensor]] = {}
     info_layers: dict[str, Any] = {}
     with torch.no_grad():
-        recs = [capture_batch(model, ids.to(dev), mask.to(dev), last) for ids, mask in data]
+        recs = [capture_batch(model, arch, ids.to(dev), mask.to(dev), last) for ids, mask in data]
     hidden = [r.hidden for r in recs]
     masks = [mask.to(dev).reshape(-1).bool() for _, mask in data]
     for i in range(last + 1):
