@@ -23,8 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.arch.keys import ExpertKey, KeyMap, RouterKey, Stored
+from premoe.arch.keys import ExpertKey, RouterKey
 from premoe.arch.model import layer_of, moe_layer, tensor_of  # noqa: F401  (re-exported)
-from premoe.arch.spec import ArchSpec
 from premoe.errors import CheckpointError, UsageError
-from premoe.io.dense import read_stored
+from premoe.load.build import (  # noqa: F401  (re-exported)
+    Copier,
+    build_skeleton,
+    materialize,
+)
+from premoe.load.experts import (  # noqa: F401  (re-exported)
+    ExpertIO,
+    notice_dequantized,
+    read_plain,
+)
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
 from premoe.runtime import resolve_device, resolve_dtype
@@ -54,286 +61,6 @@ def as_source(model: str | Path | ModelSource) -> tuple[ModelSource, bool]:
     if isinstance(model, ModelSource):
         return model, False
     return resolve_model(model), True
-
-
-# ---- model skeleton: parameters on meta, buffers computed on the CPU --------------------------
-
-
-@contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """While active, every parameter a module registers is moved to the meta device (its CPU
-    allocation is freed at once, untouched); buffers stay where `__init__` computed them."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(self, name, param)
-        if param is not None and param.device.type != "meta":
-            cls = type(param)
-            meta = cls(param.to("meta"), requires_grad=param.requires_grad)
-            meta.__dict__.update(param.__dict__)
-            self._parameters[name] = meta
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def build_skeleton(config: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
-    """The transformers model of `config`: parameters on meta, buffers real (CPU), tied."""
-    from transformers import AutoModelForCausalLM
-
-    with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    return model
-
-
-def _fp32_patterns(model: Any, dtype: torch.dtype) -> re.Pattern[str] | None:
-    """The `_keep_in_fp32_modules(_strict)` rule of `from_pretrained` as one regex (or None)."""
-    get_plan = getattr(model, "_get_dtype_plan", None)
-    plan: dict[str, torch.dtype] = get_plan(dtype) if get_plan is not None else {}
-    if not plan:
-        return None
-    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
-
-
-def materialize(
-    model: Any, device: torch.device, dtype: torch.dtype, only: set[int] | None = None
-) -> None:
-    """Give every meta parameter real (uninitialised) storage on `device`, once per tied group,
-    in the dtype `from_pretrained` would use; move buffers to `device`. With `only` (ids of
-    parameter objects), the other parameters stay on the meta device."""
-    fp32 = _fp32_patterns(model, dtype)
-    params: dict[int, nn.Parameter] = {}
-    buffers: dict[int, torch.Tensor] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        prefix = f"{mod_name}." if mod_name else ""
-        for name, p in list(mod._parameters.items()):
-            if p is None or (only is not None and id(p) not in only):
-                continue
-            if id(p) not in params:
-                dt = torch.float32 if fp32 is not None and fp32.search(prefix + name) else p.dtype
-                new = torch.empty(p.shape, dtype=dt, device=device)
-                params[id(p)] = nn.Parameter(new, requires_grad=p.requires_grad)
-            mod._parameters[name] = params[id(p)]
-        for name, b in list(mod._buffers.items()):
-            if b is None:
-                continue
-            if id(b) not in buffers:
-                dt = b.dtype
-                persistent = name not in mod._non_persistent_buffers_set
-                if persistent and fp32 is not None and fp32.search(prefix + name):
-                    dt = torch.float32
-                buffers[id(b)] = b.to(device=device, dtype=dt)
-            mod._buffers[name] = buffers[id(b)]
-
-
-# ---- host -> device copies ---------------------------------------------------------------------
-
-
-class Copier:
-    """Host-to-device copies into existing device tensors (in place).
-
-    On CPU it is `dst.copy_(src)`. On CUDA the copies run on a side stream that first waits for
-    the compute stream; a pinned source of the right dtype is copied directly (asynchronously),
-    anything else is first converted into a ring of pinned staging buffers, so that the host-side
-    read (page cache -> pinned) of one piece overlaps the transfer of the previous one.
-    `finish()` makes the compute stream wait for the copies (and, if `blocking`, the host too).
-    """
-
-    def __init__(
-        self, device: torch.device, *, chunk_bytes: int = 64 << 20, n_chunks: int = 3
-    ) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.bytes = 0
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device=device)
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-            self._chunk = chunk_bytes
-            self._ring: list[torch.Tensor] = []
-            self._events: list[torch.cuda.Event | None] = [None] * n_chunks
-            self._n = n_chunks
-            self._cur = -1
-            self._used = chunk_bytes  # forces a new chunk on first use
-
-    def _stage(self, nbytes: int) -> torch.Tensor:
-        """`nbytes` of pinned memory not read by any pending copy (uint8)."""
-        if self._used + nbytes > self._chunk:
-            if self._cur >= 0:
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-                self._events[self._cur] = ev
-            self._cur = (self._cur + 1) % self._n
-            if self._cur >= len(self._ring):
-                self._ring.append(torch.empty(self._chunk, dtype=torch.uint8, pin_memory=True))
-            pending = self._events[self._cur]
-            if pending is not None:
-                pending.synchronize()
-            self._used = 0
-        out = self._ring[self._cur][self._used : self._used + nbytes]
-        self._used += (nbytes + 511) // 512 * 512
-        return out
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> int:
-        """Copy host `src` into device `dst` (same shape; dtype converted). Returns bytes moved."""
-        if dst.shape != src.shape:
-            raise CheckpointError(
-                f"tensor shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}"
-            )
-        nbytes = dst.numel() * dst.element_size()
-        self.bytes += nbytes
-        if not self.cuda:
-            dst.copy_(src)
-            return nbytes
-        if src.device.type == "cuda" or (src.is_pinned() and src.dtype == dst.dtype):
-            with torch.cuda.stream(self.stream):
-                dst.copy_(src, non_blocking=True)
-            return nbytes
-        flat_dst = dst.view(-1) if dst.is_contiguous() else None
-        if flat_dst is None:  # never the case for parameters and their slot slices
-            with torch.cuda.stream(self.stream):
-                dst.copy_(src.to(dst.dtype).pin_memory(), non_blocking=True)
-            return nbytes
-        flat_src = src.contiguous().view(-1)
-        step = max(1, self._chunk // dst.element_size())
-        for start in range(0, flat_dst.numel(), step):
-            n = min(step, flat_dst.numel() - start)
-            staged = self._stage(n * dst.element_size()).view(dst.dtype)
-            staged.copy_(flat_src[start : start + n])
-            with torch.cuda.stream(self.stream):
-                flat_dst[start : start + n].copy_(staged, non_blocking=True)
-        return nbytes
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        """Run device-side work `fn` in stream order with the copies."""
-        if not self.cuda:
-            return fn()
-        with torch.cuda.stream(self.stream):
-            return fn()
-
-    def finish(self, *, blocking: bool = True) -> torch.cuda.Event | None:
-        """Order the compute stream after the copies; returns the copies' event (CUDA)."""
-        if not self.cuda:
-            return None
-        done = torch.cuda.Event()
-        done.record(self.stream)
-        torch.cuda.current_stream(self.device).wait_event(done)
-        if blocking:
-            done.synchronize()
-        return done
-
-
-# ---- experts: where each one lives on disk and in memory ----------------------------------------
-
-
-class ExpertIO:
-    """Reads experts of a source checkpoint in the model's in-memory (fused) layout.
-
-    `pieces(layer, t, experts)` yields `(expert, row_offset, host_tensor)`: for a per-expert
-    checkpoint one piece per part (`gate`, `up` at offsets 0 and I), for a fused one the expert's
-    whole slice. Only the requested experts' bytes are read. Quantized experts (fp8 block,
-    MXFP4, compressed-tensors, GPTQ, AWQ) are dequantized here (`premoe.io.dense`), in fp32.
-    """
-
-    def __init__(self, source: ModelSource) -> None:
-        self.source = source
-        self.arch: ArchSpec = source.arch
-        self.keymap: KeyMap = source.keymap
-        self.reader = source.reader
-        self.num_experts = source.num_experts
-        self.quantized = self.keymap.format.quantized
-
-    def _memory_shape(self, stored: Stored) -> tuple[int, ...]:
-        shape = stored.dense_shape
-        if stored.format.quantized and self.arch.memory_transposed:
-            return (*shape[:-2], shape[-1], shape[-2])  # [.., N, K] -> in-memory [.., K, N]
-        return shape
-
-    def part_rows(self, layer: int, ti: int) -> list[int]:
-        """Rows of each per-expert part of expert tensor `ti` (e.g. [I, I] for gate, up)."""
-        t = self.arch.experts[ti]
-        return [
-            self.keymap.stored(layer, ti, 0, p).dense_shape[0] for p in range(len(t.per_expert))
-        ]
-
-    def check_shape(self, layer: int, ti: int, slot_shape: Sequence[int]) -> None:
-        """Raise if the checkpoint's expert slice does not fit the model's slot shape."""
-        t = self.arch.experts[ti]
-        if self.keymap.layout == "per_expert":
-            shapes = [
-                self.keymap.stored(layer, ti, 0, p).dense_shape for p in range(len(t.per_expert))
-            ]
-            rows = sum(s[0] for s in shapes)
-            ok = all(tuple(s[1:]) == tuple(slot_shape[1:]) for s in shapes)
-            got = f"parts {shapes}"
-            ok = ok and rows == slot_shape[0]
-        else:
-            stored = self.keymap.stored(layer, ti)
-            shape = self._memory_shape(stored)
-            ok = tuple(shape[1:]) == tuple(slot_shape)
-            got = f"{next(iter(stored.keys.values()))} {tuple(shape)}"
-        if not ok:
-            raise CheckpointError(
-                f"layer {layer} {t.memory}: checkpoint holds {got}, the model expects one expert "
-                f"as {tuple(slot_shape)}; the checkpoint does not match its config.json"
-            )
-
-    def pieces(
-        self, layer: int, ti: int, experts: Sequence[int]
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        if not experts:
-            return
-        km, q = self.keymap, self.keymap.qconfig
-        if km.layout == "per_expert":
-            rows = self.part_rows(layer, ti)
-            offsets = [sum(rows[:p]) for p in range(len(rows))]
-            for e in experts:
-                for p, off in enumerate(offsets):
-                    yield e, off, read_stored(self.reader, km.stored(layer, ti, e, p), q)
-            return
-        stored = km.stored(layer, ti)
-        rows_t = read_stored(self.reader, stored, q, rows=list(experts))  # [m, ...]
-        if stored.format.quantized and self.arch.memory_transposed:
-            rows_t = rows_t.transpose(-1, -2)  # [m, N, K] -> in-memory [m, K, N]
-        for i, e in enumerate(experts):
-            yield e, 0, rows_t[i]
-
-    def read(
-        self, layer: int, expert: int, like: Sequence[torch.Tensor], *, pin: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        """One expert as host tensors shaped and typed like the slot tensors `like`."""
-        out = []
-        for ti, slot in enumerate(like):
-            buf = torch.empty(slot.shape, dtype=slot.dtype, pin_memory=pin)
-            for _, off, piece in self.pieces(layer, ti, [expert]):
-                buf.narrow(0, off, piece.shape[0]).copy_(piece)
-            out.append(buf)
-        return tuple(out)
-
-
-def read_plain(source: ModelSource, key: str) -> torch.Tensor:
-    """A non-MoE checkpoint tensor as the model holds it (dequantized when it is the data key of
-    a quantized linear; see `KeyMap.plain_target`)."""
-    _, stored = source.keymap.plain_target(key)
-    if stored is None:
-        return source.reader.get(key)
-    return read_stored(source.reader, stored, source.keymap.qconfig)
-
-
-def notice_dequantized(source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
-    """One notice when a quantized checkpoint's weights become dense in memory."""
-    fmt = source.keymap.format
-    if fmt.quantized:
-        log.warning(
-            "%s weights of %s are dequantized to %s at load (resident bytes are dense bytes; "
-            "on %s experts cannot stay quantized yet)",
-            fmt.name,
-            source.path.name,
-            str(dtype).removeprefix("torch."),
-            device.type,
-        )
 
 
 # ---- the loader --------------------------------------------------------------------------------
