@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 import premoe
-from premoe.errors import StoreError, StoreMismatchError, UsageError
+from premoe.errors import StoreMismatchError, UsageError
 from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES
+from premoe.patterns.store import PatternStore
 from premoe.policy import (
     budget_count,
     expert_order,
@@ -52,10 +53,6 @@ log = logging.getLogger(__name__)
 def open_store(store: Any, fingerprint: dict[str, Any] | None = None) -> Any:
     """A `PatternStore` from a path (or as given), checked against `fingerprint` if given."""
     if isinstance(store, str | Path):
-        try:
-            from premoe.patterns.store import PatternStore
-        except ImportError as err:  # the store module ships separately
-            raise StoreError(f"pattern stores are not available in this install ({err})") from None
         store = PatternStore.load(store)
     if fingerprint is not None:
         store.check_model(fingerprint)

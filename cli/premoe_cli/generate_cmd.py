@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from premoe.generate import DEFAULT_COVERAGE, generate
 from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW, MISS_POLICIES
-from premoe.load.generate import DEFAULT_COVERAGE, generate
 from premoe_cli._common import human_bytes, print_json, progress_enabled, read_stdin
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, StoreOpt
 from premoe_cli.progress import LazyBar, closing

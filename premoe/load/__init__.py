@@ -6,7 +6,7 @@
   switches patterns in place and reports `SwapStats`.
 - `HostExpertCache(budget)`: pinned host cache of experts that swaps read from first.
 - `load_prefix(model)`: the model up to the first MoE router, experts on meta (routing keys).
-- `premoe.load.generate.generate(model, store, prompt)`: route, load, generate.
+- `premoe.generate.generate(model, store, prompt)`: route, load, generate.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import premoe
-from premoe.errors import StoreError, StoreMismatchError, UsageError
+from premoe.errors import OutputError, StoreError, StoreMismatchError, UsageError
 from premoe.fingerprint import describe_difference, same_model
 from premoe.io.atomic import atomic_output_dir, default_mode, output_lock
 
@@ -577,8 +577,6 @@ class PatternStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from premoe.errors import OutputError
-
             raise OutputError(f"cannot write {path}: {exc.strerror} ({path.parent})") from None
         with output_lock(path):
             on_disk = _meta_digest(path)

@@ -52,6 +52,15 @@ from premoe.arch.keys import ExpertKey, RouterKey
 from premoe.arch.model import decoder_layers, decoder_stack
 from premoe.arch.spec import ArchSpec
 from premoe.errors import CheckpointError, UnsupportedArchitectureError, UsageError
+from premoe.load.loader import (
+    Copier,
+    ExpertIO,
+    build_skeleton,
+    layer_of,
+    materialize,
+    read_plain,
+    tensor_of,
+)
 from premoe.policy import human_bytes
 from premoe.profile.corpus import TaskCorpus
 from premoe.profile.hooks import Recorded, RoutingRecorder
@@ -64,7 +73,7 @@ from premoe.profile.profiler import (
     pad_token_id,
 )
 from premoe.runtime import resolve_device, resolve_dtype
-from premoe.source import ModelSource
+from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +420,6 @@ class CheckpointWeights(LayerWeights):
     """
 
     def __init__(self, src: ModelSource, device: torch.device, dtype: Any) -> None:
-        from premoe.load.loader import Copier, ExpertIO, build_skeleton
 
         self.src = src
         self.arch = src.arch
@@ -427,7 +435,6 @@ class CheckpointWeights(LayerWeights):
     def _plan(self) -> None:
         """id(module) -> [(checkpoint key, tensor name relative to the module)]: modules are the
         decoder layers and the other children of the decoder stack (embeddings, norm)."""
-        from premoe.load.loader import layer_of
 
         km, reader = self.src.keymap, self.src.reader
         stack = decoder_stack(self.model, self.arch)
@@ -480,7 +487,6 @@ class CheckpointWeights(LayerWeights):
         """One job per tensor of `module`: each returns (name relative to the module, host
         tensor shaped like the model's tensor, in its dtype; pinned when the device is CUDA).
         Fused expert parameters are assembled whole in the in-memory layout."""
-        from premoe.load.loader import read_plain, tensor_of
 
         pin = self.copier.cuda
         jobs: list[Callable[[], tuple[str, torch.Tensor]]] = []
@@ -529,7 +535,6 @@ class CheckpointWeights(LayerWeights):
         self._pool.shutdown(wait=True)
 
     def bring(self, modules: Sequence[nn.Module]) -> None:
-        from premoe.load.loader import materialize, tensor_of
 
         t0 = time.perf_counter()
         self.prefetch(modules)  # (already running if the caller asked for it earlier)
@@ -613,7 +618,6 @@ def _weights_for(
         return ModuleWeights(model, device), None
     if isinstance(model, ModelSource):
         return CheckpointWeights(model, device, dtype), None
-    from premoe.source import resolve_model
 
     src = resolve_model(model)
     try:

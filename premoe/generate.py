@@ -28,6 +28,7 @@ import torch
 
 import premoe
 from premoe.errors import UsageError
+from premoe.fingerprint import fingerprint_source
 from premoe.load.decode import (
     DEFAULT_REROUTE_THRESHOLD,
     DEFAULT_WINDOW,
@@ -46,8 +47,14 @@ from premoe.load.loader import (
 )
 from premoe.load.miss import MissMeter, shadow_meter
 from premoe.load.resident import ResidentModel
+from premoe.patterns.store import GLOBAL
+from premoe.plan import check_store_layers, open_store, store_scores
+from premoe.policy import select_experts
 from premoe.prune.keepsets import KeepSets
+from premoe.route import QueryKeyer, route
 from premoe.route import route as route_query
+from premoe.route.keys import encode_prompt
+from premoe.route.retrieve import check_fallback
 from premoe.runtime import resolve_device, resolve_dtype, synchronize
 from premoe.sizes import resident_sizes as size_model
 from premoe.source import ModelSource, load_tokenizer
@@ -204,13 +211,6 @@ def generate(
     topic where the whole text, dominated by the old one, does not. `host_cache`: a pinned host
     cache budget that ``fetch`` reads from (and fills).
     """
-    from premoe.fingerprint import fingerprint_source
-    from premoe.patterns.store import GLOBAL
-    from premoe.plan import check_store_layers, open_store, store_scores
-    from premoe.policy import select_experts
-    from premoe.route import QueryKeyer, route
-    from premoe.route.keys import encode_prompt
-    from premoe.route.retrieve import check_fallback
 
     if sum(x is not None for x in (keep, budget, coverage)) > 1:
         raise UsageError("give at most one of --keep, --budget and --coverage")
