@@ -291,7 +291,11 @@ def output_lock(out: str | Path, *, timeout: float | None = None) -> Iterator[No
     out = Path(os.path.abspath(Path(out).expanduser()))
     with _HELD_GUARD:
         held = _HELD.setdefault(str(out), _Held(threading.RLock()))
-    held.rlock.acquire()
+    if not held.rlock.acquire(timeout=-1 if timeout is None else timeout):
+        raise OutputError(
+            f"{out} is being written by another premoe process (pid {os.getpid()}); wait for "
+            "it or choose another path"
+        )
     try:
         if held.depth == 0:
             held.fd = _flock(lock_path(out), out, timeout)
