@@ -116,8 +116,12 @@ def demo_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     for keep in args.keeps:
         budget = sizes.resident(keep)
         fitting = [r for r in rows if r["resident_bytes"] <= budget]
-        # the most accurate; on a tie the higher precision (quantization is a cost of its own)
-        best = max(fitting, key=lambda r: (r["mean_accuracy"], -PRECISIONS.index(r["precision"])))
+        # the most accurate; on a tie the higher precision (quantization is a cost of its own),
+        # then more experts
+        best = max(
+            fitting,
+            key=lambda r: (r["mean_accuracy"], -PRECISIONS.index(r["precision"]), r["keep"]),
+        )
         source = next(r for r in rows if r["keep"] == keep and r["precision"] == "source")
         equal.append(
             {

@@ -385,22 +385,25 @@ class QuantizedExperts:
     def _forward_eager(
         self, mod: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """transformers' eager experts loop on this layer's experts, dequantized on the fly (all
-        slots at once: one dequantization per projection and forward)."""
+        """transformers' eager experts loop, each hit expert dequantized on the fly: all slots in
+        one go when most are hit (prefill), else one slot at a time (the same values)."""
         up, down = self._up_param(), self._down_param()
-        dense_up, dense_down = self.dense(up), self.dense(down)  # [E, N, K] / [E, K, N] each
         b_up, b_down = self._bias(up), self._bias(down)
         final = torch.zeros_like(hidden)
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for row in hit:
-            e = int(row[0])
-            if e == self.num_experts:
-                continue
+        experts = [int(row[0]) for row in hit if int(row[0]) < self.num_experts]
+        stacked = None
+        if 2 * len(experts) >= self.num_experts:
+            stacked = (self.dense(up), self.dense(down))  # [E, N, K] / [E, K, N] each
+        for e in experts:
             top_k_pos, token_idx = torch.where(mask[e])
             x = hidden[token_idx]
-            w_up, w_down = dense_up[e], dense_down[e]
+            if stacked is not None:
+                w_up, w_down = stacked[0][e], stacked[1][e]
+            else:
+                w_up, w_down = self.dense_slot(up, e), self.dense_slot(down, e)
             if self.transposed:
                 h = x @ w_up
                 h = h + b_up[e] if b_up is not None else h

@@ -115,6 +115,41 @@ def test_resident_int4_without_compressed_tensors(monkeypatch: pytest.MonkeyPatc
         assert torch.equal(qa[path].storage, qb[path].storage)
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_entry_from_exported_parts_equals_slot(scheme: str) -> None:
+    """An exported (per-expert gate, up, down) expert becomes the same slot bytes: the resident
+    path can load quantized checkpoints that `ExpertQuantizer` wrote, without requantizing."""
+    from premoe.quant.export import ExpertQuantizer
+
+    model = _model("qwen3_moe")
+    path = _experts_paths(model)[0]
+    mod = model.get_submodule(path)
+    gate_up, down = mod.gate_up_proj.detach().clone(), mod.down_proj.detach().clone()
+    inter = gate_up.shape[1] // 2
+    qr = quantize_resident(model, [path], scheme, **_OPTS[scheme])
+    q = qr[path]
+    ex = ExpertQuantizer(scheme, block=(16, 16), group_size=16)  # type: ignore[arg-type]
+    names = ("weight", "weight_scale_inv") if scheme == "fp8" else ("weight_packed", "weight_scale")
+    for e in (0, 5):
+        parts = {}
+        for proj, w in (
+            ("gate", gate_up[e, :inter]),
+            ("up", gate_up[e, inter:]),
+            ("down", down[e]),
+        ):
+            parts[proj] = ex(f"x.experts.{e}.{proj}.weight", w, expert_weight=True)
+        local = {
+            proj: {n: out[f"x.experts.{e}.{proj}.{n}"] for n in names}
+            for proj, out in parts.items()
+        }
+        gu = {n: torch.cat([local["gate"][n], local["up"][n]]) for n in names}
+        entry = q.entry_from_parts({"gate_up_proj": gu, "down_proj": local["down"]})
+        assert torch.equal(entry, q.read_slot(e))
+    # one token: few experts hit, dequantized slot by slot (the same values)
+    x = torch.randint(0, 100, (1, 1))
+    assert torch.equal(_logits(model, x), _logits(_dense_reference(model, qr), x))
+
+
 def test_resident_bytes_and_errors() -> None:
     model = _model("qwen3_moe")
     mod = model.get_submodule(_experts_paths(model)[0])
