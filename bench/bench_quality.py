@@ -75,7 +75,7 @@ def _run(
     if args.out and Path(args.out).exists() and args.resume:
         out = json.loads(Path(args.out).read_text())
     done = {r["task"] for r in out["rows"]}
-    opts = RecalibrateOptions(steps=args.steps, lr=args.lr)
+    opts = RecalibrateOptions(steps=args.steps, lr=args.lr, batch_size=args.recal_batch)
     for t in tasks:
         if t in done:
             continue
@@ -242,9 +242,23 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Combine the JSON of several runs (e.g. one process per task) into one."""
+    out: dict[str, Any] = {"rows": [], "seconds": {}, "merged_from": args.inputs}
+    for path in args.inputs:
+        part = json.loads(Path(path).read_text())
+        out["rows"] += part["rows"]
+        out["seconds"].update(part["seconds"])
+        out.setdefault("options", part.get("options"))
+    out["summary"] = _summary(out["rows"])
+    _common.write_json(args.out, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["demo", "realtext", "cost", "gpu"])
+    p.add_argument("mode", choices=["demo", "realtext", "cost", "gpu", "merge"])
+    p.add_argument("--inputs", nargs="*", default=[], help="merge mode: JSON files to combine")
     p.add_argument("--out", default=None)
     p.add_argument("--keeps", default="8,16")
     p.add_argument("--methods", default="tcess,paper-logits,reap,recon")
@@ -257,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-eval", type=int, default=100)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--recal-batch", type=int, default=64, help="calibration samples per step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="skip tasks already in --out")
     p.add_argument("--model-dir", default="/tmp/premoe-realtext")
@@ -269,12 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--chunk-tokens", type=int, default=2048)
     args = p.parse_args(argv)
-    out = {"demo": demo, "realtext": realtext, "cost": cost, "gpu": gpu}[args.mode](args)
-    if args.mode in ("demo", "realtext"):
+    modes = {"demo": demo, "realtext": realtext, "cost": cost, "gpu": gpu, "merge": merge}
+    out = modes[args.mode](args)
+    if args.mode in ("demo", "realtext", "merge"):
         kind = out["rows"][0]["kind"] if out["rows"] else "accuracy"
         _print(out["summary"], kind)
         if args.plot:
-            plot(out["summary"], kind, args.plot, args.mode)
+            plot(out["summary"], kind, args.plot, Path(args.out or args.mode).stem)
 
 
 def plot(summary: dict[str, dict[str, float]], kind: str, path: str, title: str) -> None:

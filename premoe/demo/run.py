@@ -70,7 +70,7 @@ class DemoOptions:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoOptions:
         return cls(
-            **{"n_profile": 64, "n_eval": 24, "keeps": (), "recalibrate_steps": 20, **overrides}
+            **{"n_profile": 64, "n_eval": 24, "keeps": (), "recalibrate_steps": 0, **overrides}
         )
 
     def headline(self, num_experts: int, top_k: int) -> int:
