@@ -6,7 +6,7 @@ whenever the server closes one, the attacker opens another (bounded by --duratio
 --max-connects). Meanwhile a prober, in another thread, sends `GET /health` (no key) and
 authenticated completions, each on a new connection, and records latency and status.
 
-Two server settings are measured: the defaults (at most 64 pending connections per client
+Two server settings are measured: the defaults (at most 256 pending connections per client
 address: the attacker's oldest are closed as it opens more) and `--max-pending-per-client` above
 N (all N held open until the header timeout closes them). Targets: /health p99 < 1 s and every
 authenticated request answered 200.
@@ -221,7 +221,7 @@ def main() -> None:
     want = min(hard, max(soft, 4 * args.connections + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     cases = [
-        ("defaults (64 pending per client)", []),
+        ("defaults (256 pending per client)", []),
         (
             f"--max-pending-per-client {2 * args.connections}",
             ["--max-pending-per-client", str(2 * args.connections)],
