@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 class GuardSettings:
     header_timeout: float = 5.0
     body_timeout: float = 30.0
-    max_pending_per_client: int = 256
-    max_pending_total: int = 2048
+    max_pending_per_client: int = 1024
+    max_pending_total: int = 4096
     min_age: float = 1.0
 
 
