@@ -29,11 +29,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+import premoe
 from premoe.serve.decode import SamplingParams
 from premoe.serve.engine import Engine, EngineConfig, GenRequest, RequestError, RouteInfo
 from premoe.serve.metrics import CONTENT_TYPE
@@ -154,6 +156,34 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+REF = "#/components/schemas/{model}"
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's OpenAPI requestBody: the handlers read raw JSON (size limit, hostile input)
+    and validate it with `model`, so FastAPI cannot infer it."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
+        }
+    }
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document, with the request models (and those they use) as
+    components."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            schema = model.model_json_schema(ref_template=REF)
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app serving `config`; the model loads once, in the lifespan (unless
     `engine` is given already loaded), and the decode worker runs while the app does."""
@@ -175,9 +205,14 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=None,  # served below, with the request bodies the handlers validate
+        version=premoe.__version__,
     )
     app.state.engine = engine
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(openapi_schema(app))
 
     # -- errors ----------------------------------------------------------------------------------
     @app.exception_handler(RequestError)
@@ -482,7 +517,7 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
                     g.cancel()
             engine.metrics.requests.inc(task=premoe["task"], endpoint=endpoint, status=status)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         data = await _read_json(request, config.max_body_bytes)
         req: CompletionRequest = _parse(CompletionRequest, data)
@@ -494,7 +529,7 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         )
         return await _generate(request, "completions", req, ids, text, max_tokens)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         data = await _read_json(request, config.max_body_bytes)
         req: ChatCompletionRequest = _parse(ChatCompletionRequest, data)
