@@ -57,16 +57,22 @@ from premoe.serve.schemas import (
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5
+RETRY_AFTER_S = 1  # the Retry-After of a 429 (queue full) or 503 (shutting down)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions endpoint
 
 
 def _error_response(err: RequestError, engine: Engine | None = None) -> JSONResponse:
     if engine is not None:
         engine.metrics.errors.inc(code=str(err.status), type=err.type)
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif err.status in (429, 503):  # backpressure: come back later, never a hang
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(
         error_body(err.message, err.type, err.param, err.code),
         status_code=err.status,
-        headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None,
+        headers=headers or None,
     )
 
 

@@ -215,3 +215,45 @@ def test_a_row_that_leaves_frees_its_slot(world: World) -> None:
     assert leaving.reason == "cancelled" and len(leaving.text) < 40
     assert all(s.reason in ("stop", "length") for s, _, _, _ in rows[1:])
     assert dec.free() == 2
+
+
+@pytest.mark.gpu
+def test_mixed_rows_on_cuda_equal_their_patterns_pruned_model(serve_world: ServeWorld) -> None:
+    """The same on a GPU (fp32; the union resident on the device, per-row masks there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src = resolve_model(str(serve_world.model))
+    try:
+        _, patterns, _ = build_patterns(
+            serve_world.store, src, keep=KEEP, budget=None, dtype=torch.float32
+        )
+        union = union_keep(patterns, src.num_experts)
+        model = ResidentModel(src, union, device="cuda", dtype=torch.float32).model.eval()
+        routing = RowRouting(model, src.arch, union, patterns)
+        assert routing.verify(model) is None
+        tok = serve_world.tokenizer
+        names = list(patterns)
+        dec = ContinuousDecoder(
+            model, tok, slots=4, max_len=MAX_LEN, prefill_tokens=7, routing=routing
+        )
+        texts = [r["prompt"] for t in ("add", "reverse") for r in generate(t, 6, 5, "eval")]
+        rows = [
+            (Sink(), tok(t)["input_ids"], SamplingParams(max_tokens=10), names[i % 3])
+            for i, t in enumerate(texts)
+        ]
+        dec.run(rows)
+        for sink, ids, params, pattern in rows:
+            ref = load_pruned(src, patterns[pattern], device="cuda", dtype=torch.float32).eval()
+            x = torch.tensor([ids], device="cuda")
+            with torch.no_grad():
+                out = ref.generate(
+                    input_ids=x,
+                    attention_mask=torch.ones_like(x),
+                    do_sample=False,
+                    max_new_tokens=params.max_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            assert sink.text == tok.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+    finally:
+        src.close()

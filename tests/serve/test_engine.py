@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from premoe.serve import Engine, EngineConfig, RequestError, RouteInfo, SamplingParams
+from premoe.serve.app import _error_response
 from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.engine import GenRequest
 from tests.serve.conftest import KEEP, ServeWorld
@@ -169,3 +170,10 @@ def test_health_is_not_ready_during_warm_up(
     finally:
         gate.set()
         eng.stop()
+
+
+def test_backpressure_answers_carry_retry_after() -> None:
+    busy = _error_response(RequestError("busy", 429, "rate_limit_error", code="queue_full"))
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert _error_response(RequestError("bye", 503, "server_error")).headers["retry-after"]
+    assert "retry-after" not in _error_response(RequestError("bad", 400)).headers
