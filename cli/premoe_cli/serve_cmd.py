@@ -155,7 +155,7 @@ def serve_command(
             help="Connections one client address may hold without having sent a whole "
             "request; one more closes its oldest.",
         ),
-    ] = 64,
+    ] = 1024,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:

@@ -29,11 +29,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+import premoe
 from premoe.serve.decode import SamplingParams
 from premoe.serve.engine import Engine, EngineConfig, GenRequest, RequestError, RouteInfo
 from premoe.serve.metrics import CONTENT_TYPE
@@ -55,42 +57,61 @@ from premoe.serve.schemas import (
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5
+RETRY_AFTER_S = 1  # the Retry-After of a 429 (queue full) or 503 (shutting down)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions endpoint
 
 
 def _error_response(err: RequestError, engine: Engine | None = None) -> JSONResponse:
     if engine is not None:
         engine.metrics.errors.inc(code=str(err.status), type=err.type)
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif err.status in (429, 503):  # backpressure: come back later, never a hang
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(
         error_body(err.message, err.type, err.param, err.code),
         status_code=err.status,
-        headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None,
+        headers=headers or None,
     )
 
 
+DISCARD_FACTOR = 8  # a body over the limit is read and dropped up to this many limits
+
+
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object of the body. A body over `limit` is a 413; up to `DISCARD_FACTOR`
+    limits of it are read and dropped first, so that the client, still sending, reads the 413
+    instead of a reset connection (the guard's body timeout bounds how long that takes)."""
     length = request.headers.get("content-length")
+    too_big = False
     if length is not None:
         try:
             too_big = int(length) > limit
         except ValueError:
             raise RequestError("invalid Content-Length header", 400) from None
-        if too_big:
+        if int(length) > DISCARD_FACTOR * limit:
             raise RequestError(
                 f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
             )
     body = bytearray()
+    seen = 0
     try:
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestError(
-                    f"request body is larger than the limit of {limit} bytes",
-                    413,
-                    code="too_large",
-                )
+            seen += len(chunk)
+            if seen > limit:
+                too_big = True
+                body.clear()
+                if seen > DISCARD_FACTOR * limit:
+                    break
+            else:
+                body += chunk
     except ClientDisconnect:  # closed by the client, or by the guard's body timeout
         raise RequestError("the client closed the connection", 400, code="disconnected") from None
+    if too_big:
+        raise RequestError(
+            f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
+        )
 
     def bad_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -141,6 +162,34 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+REF = "#/components/schemas/{model}"
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's OpenAPI requestBody: the handlers read raw JSON (size limit, hostile input)
+    and validate it with `model`, so FastAPI cannot infer it."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
+        }
+    }
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document, with the request models (and those they use) as
+    components."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            schema = model.model_json_schema(ref_template=REF)
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app serving `config`; the model loads once, in the lifespan (unless
     `engine` is given already loaded), and the decode worker runs while the app does."""
@@ -162,9 +211,14 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=None,  # served below, with the request bodies the handlers validate
+        version=premoe.__version__,
     )
     app.state.engine = engine
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(openapi_schema(app))
 
     # -- errors ----------------------------------------------------------------------------------
     @app.exception_handler(RequestError)
@@ -469,7 +523,7 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
                     g.cancel()
             engine.metrics.requests.inc(task=premoe["task"], endpoint=endpoint, status=status)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         data = await _read_json(request, config.max_body_bytes)
         req: CompletionRequest = _parse(CompletionRequest, data)
@@ -481,7 +535,7 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         )
         return await _generate(request, "completions", req, ids, text, max_tokens)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         data = await _read_json(request, config.max_body_bytes)
         req: ChatCompletionRequest = _parse(ChatCompletionRequest, data)

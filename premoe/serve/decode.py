@@ -85,7 +85,6 @@ class SamplingParams:
             and not self.penalized
             and self.logprobs is None
             and not self.stop_token_ids
-            and not self.ignore_eos
         )
 
 
@@ -523,7 +522,9 @@ class BatchDecoder:
                 raise ValueError("empty prompt")
             self.check_fits(len(r.prompt_ids), r.params.max_tokens)
             r.stream = TextStream(
-                self.tokenizer, r.params.stop, set() if ignore_eos else self.eos_ids
+                self.tokenizer,
+                r.params.stop,
+                set() if ignore_eos or r.params.ignore_eos else self.eos_ids,
             )
             r.generator = None if r.params.greedy else self._generator(r.params.seed)
             r.generated, r.done = 0, False

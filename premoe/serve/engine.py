@@ -43,7 +43,14 @@ from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
 from premoe.serve import kvcache, rowmask
 from premoe.serve.continuous import ContinuousDecoder, StepReport
-from premoe.serve.decode import BatchDecoder, CacheMode, CompileMode, DecodeRow, SamplingParams
+from premoe.serve.decode import (
+    BatchDecoder,
+    CacheMode,
+    CompileMode,
+    DecodeRow,
+    NullSink,
+    SamplingParams,
+)
 from premoe.serve.metrics import ServeMetrics
 from premoe.serve.resident import Resident, open_resident
 from premoe.serve.sampling import TokenLogprobs
@@ -608,6 +615,14 @@ class Engine:
                     fut.set_exception(exc)
 
     def _warmup(self) -> None:
+        if self.cont is not None and self._warmup_pending:
+            self._warmup_pending = False
+            t0 = time.perf_counter()
+            ids = self.encode_prompt("warm up")[:8] or [self.cont.pad_id]
+            params = SamplingParams(max_tokens=4, ignore_eos=True)
+            self.cont.run([(NullSink(), ids, params, self.default_task)])
+            self.warmup_seconds = time.perf_counter() - t0
+            self.info["warmup_seconds"] = round(self.warmup_seconds, 3)
         if self.decoder is not None and self._warmup_pending:
             self._warmup_pending = False
             try:

@@ -10,8 +10,9 @@ against anything that real requests need:
   `body_timeout` seconds for the body; past either it is closed;
 - at most `max_pending_per_client` pending connections per client address and
   `max_pending_total` overall: one more closes the oldest pending one (of that client, or
-  overall). A real request sends its head at once and is pending for microseconds, so it is never
-  the oldest; an attacker's connections are.
+  overall) once that one has been pending for `min_age` seconds (a burst of real connections,
+  each pending for microseconds, is never cut; past 4x the cap the oldest goes regardless). A real
+  request sends its head at once, so it is never the oldest; an attacker's connections are.
 
 Nothing counts open connections for admission (uvicorn's `limit_concurrency` counts them, and
 1,000 idle sockets then turn every request, /health included, into a 503). Work is bounded
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +38,9 @@ log = logging.getLogger(__name__)
 class GuardSettings:
     header_timeout: float = 5.0
     body_timeout: float = 30.0
-    max_pending_per_client: int = 64
-    max_pending_total: int = 2048
+    max_pending_per_client: int = 1024
+    max_pending_total: int = 4096
+    min_age: float = 1.0
 
 
 @dataclass
@@ -56,10 +59,16 @@ class GuardState:
         mine = self.by_client.setdefault(conn.client_host, OrderedDict())
         mine[key] = conn
         s = self.settings
-        while len(mine) > s.max_pending_per_client:
-            self._evict(next(iter(mine.values())))
-        while len(self.pending) > s.max_pending_total:
-            self._evict(next(iter(self.pending.values())))
+        self._trim(mine, s.max_pending_per_client)
+        self._trim(self.pending, s.max_pending_total)
+
+    def _trim(self, conns: OrderedDict[int, GuardedH11Protocol], cap: int) -> None:
+        now = time.monotonic()
+        while len(conns) > cap:
+            oldest = next(iter(conns.values()))
+            if now - oldest.pending_since < self.settings.min_age and len(conns) <= 4 * cap:
+                return
+            self._evict(oldest)
 
     def discard(self, conn: GuardedH11Protocol) -> None:
         key = id(conn)
@@ -90,6 +99,7 @@ class GuardedH11Protocol(H11Protocol):
         self._pending = False
         self._have_head = False
         self.client_host = "?"
+        self.pending_since = 0.0
 
     # -- pending state ---------------------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
@@ -101,6 +111,7 @@ class GuardedH11Protocol(H11Protocol):
         self._have_head = False
         if not self._pending:
             self._pending = True
+            self.pending_since = time.monotonic()
             self.guard.add(self)  # may evict (close) this very connection if it is the oldest
         if self._pending:
             self._arm(self.guard.settings.header_timeout)

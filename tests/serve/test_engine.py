@@ -4,12 +4,15 @@ request fails alone, a full queue refuses with 429, shutdown answers what is lef
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from premoe.serve import Engine, EngineConfig, RequestError, RouteInfo, SamplingParams
+from premoe.serve.app import _error_response
+from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.engine import GenRequest
 from tests.serve.conftest import KEEP, ServeWorld
 
@@ -136,3 +139,41 @@ def test_unknown_pattern_and_context_window(engine: Engine) -> None:
     assert info.value.code == "context_length_exceeded"
     assert engine.resolve_max_tokens(10, None, None) == engine.max_model_len - 10
     assert engine.resolve_max_tokens(10, None, 16) == 16
+
+
+def test_health_is_not_ready_during_warm_up(
+    serve_world: ServeWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    run = ContinuousDecoder.run
+
+    def slow_run(self: ContinuousDecoder, rows: Any) -> None:
+        gate.wait(10)
+        run(self, rows)
+
+    monkeypatch.setattr(ContinuousDecoder, "run", slow_run)
+    cfg = EngineConfig(
+        model=str(serve_world.model),
+        store=str(serve_world.store),
+        keep=KEEP,
+        device="cpu",
+        dtype="fp32",
+        warmup=True,
+    )
+    eng = Engine(cfg, router=router)
+    eng.start()
+    try:
+        assert eng.health()["status"] == "warming_up"
+        gate.set()
+        assert eng.warm.wait(30)
+        assert eng.health()["status"] == "ok"
+    finally:
+        gate.set()
+        eng.stop()
+
+
+def test_backpressure_answers_carry_retry_after() -> None:
+    busy = _error_response(RequestError("busy", 429, "rate_limit_error", code="queue_full"))
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert _error_response(RequestError("bye", 503, "server_error")).headers["retry-after"]
+    assert "retry-after" not in _error_response(RequestError("bad", 400)).headers

@@ -346,3 +346,20 @@ def test_client_disconnect_mid_stream_frees_its_slot(
     with server.client() as c:  # and the server keeps serving
         assert c.post("/v1/completions", json=OK).status_code == 200
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_openapi_describes_request_bodies(server: Server) -> None:
+    with server.client() as c:
+        doc = c.get("/openapi.json").json()
+    assert httpx.get(server.url + "/openapi.json").status_code == 401  # behind the key
+    schemas = doc["components"]["schemas"]
+    for path, model in (
+        ("/v1/completions", "CompletionRequest"),
+        ("/v1/chat/completions", "ChatCompletionRequest"),
+    ):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"]["$ref"] == f"#/components/schemas/{model}"
+        props = schemas[model]["properties"]
+        for field in ("max_tokens", "top_k", "min_p", "repetition_penalty", "logprobs", "n"):
+            assert field in props, (model, field)
+    assert "ChatMessage" in schemas
