@@ -17,7 +17,8 @@ eager, KV cache), each the median of `--reps` runs over `--prompts` prompts:
     1.0), and the dropped mass of in-task and out-of-task prompts.
 
 Every policy fetches from the same pinned host cache, filled with every expert beforehand (the
-host-memory tier of an offloading system), so fetch costs are host-to-device copies.
+host-memory tier of an offloading system), so fetch costs are host-to-device copies; one more
+row fetches without it (checkpoint reads per miss) to show what that prefetch buys.
 
     python bench/bench_miss.py --device cuda --out bench/results/miss.json
     python bench/bench_miss.py --smoke --out /tmp/miss_smoke.json   # tiny, CPU
@@ -213,13 +214,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-        def fetching(name: str, keep: KeepSets, pinned: Any, prompts: list, ref: list) -> None:
+        def fetching(
+            name: str, keep: KeepSets, pinned: Any, prompts: list, ref: list, host: bool = True
+        ) -> None:
             fm = FetchingModel(
-                src, keep, pinned=pinned, device=device, dtype=dtype, host_cache=cache
+                src,
+                keep,
+                pinned=pinned,
+                device=device,
+                dtype=dtype,
+                host_cache=cache if host else None,
             )
-            with bc.DeviceTimer(device) as t:
-                nbytes = fm.prefetch_host()
-            result.setdefault("host_cache_fill", {"bytes": nbytes, "seconds": t.seconds})
+            if host:
+                with bc.DeviceTimer(device) as t:
+                    nbytes = fm.prefetch_host()
+                result.setdefault("host_cache_fill", {"bytes": nbytes, "seconds": t.seconds})
             row = measure(name, fm.model, prompts, args, device, ref)
             row["fetch"] = fm.stats.to_json()
             rows.append(row)
@@ -231,6 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fetching("fetch (in-task)", task_keep, None, in_prompts, ref_in)
         fetching("fetch (out-of-task, pooled)", pooled, None, out_prompts, ref_out)
         fetching("LRU cache (out-of-task)", first_k, {}, out_prompts, ref_out)
+        # without the host tier: every miss is read from the checkpoint (page cache)
+        fetching("fetch (out-of-task, no host cache)", pooled, None, out_prompts, ref_out, False)
 
         by = {r["policy"]: r for r in rows}
 
@@ -246,6 +257,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "fetch (out-of-task, pooled)", "LRU cache (out-of-task)"
             ),
             "meter_on_over_off": ratio("mask+meter (in-task)", "mask (in-task)"),
+            "host_prefetch_speedup": ratio(
+                "fetch (out-of-task, pooled)", "fetch (out-of-task, no host cache)"
+            ),
             "fetch_agreement_in_task": by["fetch (in-task)"]["agreement"],
             "fetch_agreement_out_of_task": by["fetch (out-of-task, pooled)"]["agreement"],
             "dropped_mass_in_task": by["mask+meter (in-task)"]["dropped_mass_prompt"],
