@@ -17,10 +17,16 @@ eager, KV cache), each the median of `--reps` runs over `--prompts` prompts:
     1.0), and the dropped mass of in-task and out-of-task prompts.
 
 Every policy fetches from the same pinned host cache, filled with every expert beforehand (the
-host-memory tier of an offloading system), so fetch costs are host-to-device copies.
+host-memory tier of an offloading system), so fetch costs are host-to-device copies; one more
+row fetches without it (checkpoint reads per miss) to show what that prefetch buys.
 
     python bench/bench_miss.py --device cuda --out bench/results/miss.json
     python bench/bench_miss.py --smoke --out /tmp/miss_smoke.json   # tiny, CPU
+    python bench/bench_miss.py --demo --out /tmp/miss_demo.json     # bundled demo model, CPU
+
+`--demo` measures, on the bundled demo model and its shipped store, the dropped mass of held-out
+prompts of every task under every task's pattern (mean over the prompt's tokens and layers) at
+several keep counts: the in-task diagonal against the out-of-task rest.
 
 `--checkpoint DIR` reuses (or writes) the random checkpoint.
 """
@@ -40,13 +46,17 @@ from typing import Any
 import _common as bc
 import torch
 
+from premoe.demo.tasks import generate as demo_rows
+from premoe.demo.tasks import task_names
 from premoe.load import HostExpertCache, ResidentModel, load_pruned, size_model
 from premoe.load.decode import Decoded, decode
 from premoe.load.fetch import FetchingModel
 from premoe.load.miss import MissMeter, shadow_meter
+from premoe.patterns import PatternStore
+from premoe.policy import select_experts
 from premoe.profile.hooks import RoutingRecorder
 from premoe.prune import KeepSets
-from premoe.source import ModelSource, resolve_model
+from premoe.source import ModelSource, load_tokenizer, resolve_model
 
 log = logging.getLogger("bench_miss")
 
@@ -204,13 +214,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-        def fetching(name: str, keep: KeepSets, pinned: Any, prompts: list, ref: list) -> None:
+        def fetching(
+            name: str, keep: KeepSets, pinned: Any, prompts: list, ref: list, host: bool = True
+        ) -> None:
             fm = FetchingModel(
-                src, keep, pinned=pinned, device=device, dtype=dtype, host_cache=cache
+                src,
+                keep,
+                pinned=pinned,
+                device=device,
+                dtype=dtype,
+                host_cache=cache if host else None,
             )
-            with bc.DeviceTimer(device) as t:
-                nbytes = fm.prefetch_host()
-            result.setdefault("host_cache_fill", {"bytes": nbytes, "seconds": t.seconds})
+            if host:
+                with bc.DeviceTimer(device) as t:
+                    nbytes = fm.prefetch_host()
+                result.setdefault("host_cache_fill", {"bytes": nbytes, "seconds": t.seconds})
             row = measure(name, fm.model, prompts, args, device, ref)
             row["fetch"] = fm.stats.to_json()
             rows.append(row)
@@ -222,6 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fetching("fetch (in-task)", task_keep, None, in_prompts, ref_in)
         fetching("fetch (out-of-task, pooled)", pooled, None, out_prompts, ref_out)
         fetching("LRU cache (out-of-task)", first_k, {}, out_prompts, ref_out)
+        # without the host tier: every miss is read from the checkpoint (page cache)
+        fetching("fetch (out-of-task, no host cache)", pooled, None, out_prompts, ref_out, False)
 
         by = {r["policy"]: r for r in rows}
 
@@ -237,6 +257,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "fetch (out-of-task, pooled)", "LRU cache (out-of-task)"
             ),
             "meter_on_over_off": ratio("mask+meter (in-task)", "mask (in-task)"),
+            "host_prefetch_speedup": ratio(
+                "fetch (out-of-task, pooled)", "fetch (out-of-task, no host cache)"
+            ),
             "fetch_agreement_in_task": by["fetch (in-task)"]["agreement"],
             "fetch_agreement_out_of_task": by["fetch (out-of-task, pooled)"]["agreement"],
             "dropped_mass_in_task": by["mask+meter (in-task)"]["dropped_mass_prompt"],
@@ -254,6 +277,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None and not args.keep_checkpoint:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Dropped mass of each demo task's prompts under each task's pattern, per keep count."""
+    root = Path(__file__).resolve().parents[1]
+    src = resolve_model(root / "premoe" / "demo" / "model")
+    store = PatternStore.load(root / "patterns" / "demo")
+    tok = load_tokenizer(src.path)
+    tasks = task_names()
+    result: dict[str, Any] = {**bc.environment("cpu"), "keeps": {}}
+    net = None
+    resident = None
+    for k in args.demo_keeps:
+        table: dict[str, dict[str, float]] = {}
+        for pattern in tasks:
+            keep = select_experts(
+                store.scores(pattern, "tcess"),
+                src.moe_layers,
+                num_experts=src.num_experts,
+                routed=src.top_k,
+                keep=k,
+            ).keep
+            if resident is None or resident.slots != k:
+                net = load_pruned(src, keep, dtype=torch.float32)
+                resident = ResidentModel.wrap(net, src, keep)
+            else:
+                resident.swap_to(keep)
+            meter = shadow_meter(resident.model, src, keep.layers)
+            with meter:
+                for task in tasks:
+                    got = []
+                    for row in demo_rows(task, args.prompts, seed=11):
+                        ids = tok(row["prompt"])["input_ids"]
+                        d = decode(resident.model, ids, max_new_tokens=1, meter=meter)
+                        assert d.prompt_mass is not None
+                        got.append(d.prompt_mass.mean)
+                    table.setdefault(pattern, {})[task] = sum(got) / len(got)
+        diag = [table[t][t] for t in tasks]
+        off = [table[p][t] for p in tasks for t in tasks if p != t]
+        result["keeps"][str(k)] = {
+            "table": table,
+            "in_task_mean": sum(diag) / len(diag),
+            "in_task_max": max(diag),
+            "out_of_task_mean": sum(off) / len(off),
+            "out_of_task_min": min(off),
+        }
+    src.close()
+    del net
+    return result
+
+
+def print_demo(result: dict[str, Any]) -> None:
+    for k, v in result["keeps"].items():
+        tasks = list(v["table"])
+        rows = [[p, *[f"{v['table'][p][t]:.3f}" for t in tasks]] for p in tasks]
+        bc.print_table(["pattern \\ prompts", *tasks], rows, title=f"keep {k} of 64")
+        print(
+            f"in-task mean {v['in_task_mean']:.3f} (max {v['in_task_max']:.3f}); out-of-task "
+            f"mean {v['out_of_task_mean']:.3f} (min {v['out_of_task_min']:.3f})"
+        )
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -290,6 +373,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--demo", action="store_true", help="dropped mass on the demo model (CPU)")
+    ap.add_argument(
+        "--demo-keeps", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 48]
+    )
     bc.add_model_args(ap)
     ap.add_argument("--tasks", type=int, default=3, help="profiled tasks")
     ap.add_argument("--task-vocab", type=int, default=24, help="token ids per task")
@@ -312,6 +399,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("premoe").setLevel(logging.WARNING)
     t0 = time.perf_counter()
+    if args.demo:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        demo = run_demo(argparse.Namespace(**{**vars(args), "prompts": 10}))
+        demo["total_seconds"] = time.perf_counter() - t0
+        print_demo(demo)
+        bc.write_json(args.out, demo)
+        return
     result = run(args)
     result["total_seconds"] = time.perf_counter() - t0
     print_table(result)

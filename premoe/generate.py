@@ -52,7 +52,6 @@ from premoe.plan import check_store_layers, open_store, store_scores
 from premoe.policy import select_experts
 from premoe.prune.keepsets import KeepSets
 from premoe.route import QueryKeyer, route
-from premoe.route import route as route_query
 from premoe.route.keys import encode_prompt
 from premoe.route.retrieve import check_fallback
 from premoe.runtime import resolve_device, resolve_dtype, synchronize
@@ -412,7 +411,7 @@ def _rerouter(
 
     def reroute(ids: list[int], mass: float, token: int) -> Switch | None:
         text = tokenizer.decode(ids[-context:] if context else ids, skip_special_tokens=True)
-        found = route_query(store, keyer, text, threshold=threshold, fallback=fallback)
+        found = route(store, keyer, text, threshold=threshold, fallback=fallback)
         target, reason = found.task, "retrieval"
         if target in tried:
             if fallback in tried:

@@ -54,6 +54,18 @@ def print_report(report: EvalReport) -> None:
                 for k in report.keeps
             ],
         ]
+        masses = [report.row(t, m, k).dropped_mass for m in report.methods for k in report.keeps]
+        if any(x is not None for x in masses):  # in-process pruned models measure it
+            for m in report.methods:
+                rows.append(
+                    [
+                        f"{m} dropped mass",
+                        *[
+                            "-" if (x := report.row(t, m, k).dropped_mass) is None else f"{x:.3f}"
+                            for k in report.keeps
+                        ],
+                    ]
+                )
         print_table(headers, [*rows, size_row])
     if report.routing is not None and report.routing.per_task:
         r = report.routing

@@ -46,6 +46,7 @@ from premoe.eval.harness import (
     subset,
     torch_threads,
 )
+from premoe.load.miss import MassAccumulator, shadow_meter
 from premoe.patterns.store import GLOBAL, METRICS, PatternStore
 from premoe.policy import select_experts
 from premoe.prune import KeepSets
@@ -313,6 +314,7 @@ class EvalRow:
     full: Score  # the full model's score on the same set
     resident_bytes: int  # parameters of the pruned model as evaluated (its dtype)
     checkpoint_bytes: int  # resident bytes at the checkpoint's own dtype (`plan.SizeModel`)
+    dropped_mass: float | None = None  # mean over tokens and layers (`premoe.load.miss`)
 
     @property
     def retained(self) -> float:
@@ -333,6 +335,7 @@ class EvalRow:
             "n": self.score.n,
             "resident_bytes": self.resident_bytes,
             "checkpoint_bytes": self.checkpoint_bytes,
+            "dropped_mass": self.dropped_mass,
             **({"predictions": self.score.predictions} if predictions else {}),
         }
 
@@ -602,7 +605,18 @@ def evaluate(
 
             counter = _Counter(0, progress)
 
-            def run(net: Any, units: Sequence[_Unit]) -> dict[str, Score]:
+            masses: dict[str, float] = {}  # unit name -> dropped mass of its last run
+
+            def run(net: Any, units: Sequence[_Unit], meter: Any = None) -> dict[str, Score]:
+                if meter is not None:  # one unit at a time: a dropped mass per unit
+                    out: dict[str, Score] = {}
+                    for u in units:
+                        acc = MassAccumulator(len(meter.layers), 1, meter.device, pool=True)
+                        meter.target = acc
+                        out.update(run(net, [u]))
+                        meter.target = None
+                        masses[u.name] = acc.summary(0).mean
+                    return out
                 got = score_many(
                     net,
                     tokenizer,
@@ -701,6 +715,7 @@ def evaluate(
 
             results: dict[tuple[str, int, tuple[Any, ...]], tuple[Score, int]] = {}
             full_routers = source_routers(src) if unit_routers else {}
+            mass_of: dict[tuple[str, int, tuple[Any, ...]], float] = {}
             with tempfile.TemporaryDirectory(prefix="premoe-eval-", dir=workdir) as tmp:
                 for k in ks:
                     resident: Any = None
@@ -734,8 +749,19 @@ def evaluate(
                                     _routers_of(units, unit_routers),
                                 )
                             nbytes = param_bytes(net)
-                            for name, sc in run(net, list(units.values())).items():
+                            meter = None
+                            if resident is not None and via == "load":
+                                meter = shadow_meter(net, src, keep.layers)
+                                meter.attach()
+                            try:
+                                scored = run(net, list(units.values()), meter)
+                            finally:
+                                if meter is not None:
+                                    meter.detach()
+                            for name, sc in scored.items():
                                 results[(name, k, kid)] = (sc, nbytes)
+                                if meter is not None:
+                                    mass_of[(name, k, kid)] = masses[name]
                             del net
                     finally:
                         if resident is not None:
@@ -754,7 +780,17 @@ def evaluate(
                                 [(g[0], u.rows) for g, (u, _) in zip(got, parts, strict=True)],
                                 len(sets[t]),
                             )
-                        rows.append(EvalRow(t, m, k, sc, full[t], got[0][1], sizes.resident(k)))
+                        mass = [mass_of.get((u.name, k, keep_id(keep))) for u, keep in parts]
+                        weights = [len(u.rows) for u, _ in parts]
+                        dropped = (
+                            None
+                            if any(x is None for x in mass)
+                            else sum(float(x) * w for x, w in zip(mass, weights, strict=True))
+                            / max(1, sum(weights))
+                        )
+                        rows.append(
+                            EvalRow(t, m, k, sc, full[t], got[0][1], sizes.resident(k), dropped)
+                        )
             return EvalReport(
                 model=str(model),
                 fingerprint=fingerprint,

@@ -6,7 +6,16 @@
   switches patterns in place and reports `SwapStats`.
 - `HostExpertCache(budget)`: pinned host cache of experts that swaps read from first.
 - `load_prefix(model)`: the model up to the first MoE router, experts on meta (routing keys).
-- `premoe.generate.generate(model, store, prompt)`: route, load, generate.
+- `premoe.generate.generate(model, store, prompt)`: route, load, generate (with a miss
+  policy: ``mask``, ``reroute`` or ``fetch``).
+
+Miss-aware modules (imported on their own):
+
+- `premoe.load.miss`: the dropped mass (`MissMeter` hooks, `MassAccumulator` per batch row,
+  `DroppedMass` per request);
+- `premoe.load.fetch`: `FetchingModel`, exact outputs with K slots per layer (full routers,
+  missing experts fetched into slots, LRU with the pattern evicted last);
+- `premoe.load.decode`: the batch-1 decode loop that applies the ``reroute`` policy.
 """
 
 from __future__ import annotations

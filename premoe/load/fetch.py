@@ -260,6 +260,19 @@ class FetchingModel:
         for layer, s in self._slots.items():
             s.pinned = set(pinned.get(layer, ()))
 
+    def swap_to(self, keep: KeepSets) -> int:
+        """Switch patterns: fetch `keep`'s missing experts now (one batch per layer, not one
+        miss at a time while decoding) and make them the pinned set. Returns experts fetched."""
+        before = self.stats.experts
+        for layer, s in self._slots.items():
+            wanted = list(keep.layers[layer])[: s.k]
+            missing = [e for e in wanted if e not in s.slot]
+            if missing:
+                self._fetch(s, missing, set(wanted))
+            s.touch(wanted)
+        self.set_pinned(keep.layers)
+        return self.stats.experts - before
+
     def prefetch_host(self, experts: Mapping[int, Sequence[int]] | None = None) -> int:
         """Read experts (default: all) into the host cache; returns bytes read."""
         if self.host_cache is None:

@@ -95,8 +95,10 @@ class MassAccumulator:
         device: torch.device | str = "cpu",
         *,
         tail: int | None = None,
+        pool: bool = False,
     ) -> None:
-        self.layers, self.rows, self.tail = layers, rows, tail
+        """`pool`: fold every batch row into row 0 (one figure over all requests of a run)."""
+        self.layers, self.rows, self.tail, self.pool = layers, rows, tail, pool
         dev = torch.device(device)
         self.sum = torch.zeros(rows, layers, dtype=torch.float32, device=dev)  # [B, L]
         self.max_layer = torch.zeros(rows, layers, dtype=torch.float32, device=dev)  # [B, L]
@@ -108,6 +110,9 @@ class MassAccumulator:
     def add(self, dropped: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Fold in `dropped` [L, B, S] (mask [B, S]: 1 for real tokens) of one forward."""
         d = dropped.float()
+        if self.pool:
+            d = d.reshape(d.shape[0], 1, -1)  # [L, 1, B·S]
+            mask = None if mask is None else mask.reshape(1, -1)
         if mask is not None:
             m = mask.to(d.device, torch.float32)  # [B, S]
             d = d * m

@@ -94,6 +94,11 @@ def test_fetch_lru_keeps_the_pattern_and_evicts_fetched_experts_first(setup) -> 
         fm._fetch(slots, [7], {0, 1, 3})
         assert sorted(fm.resident[layers[0]]) == [0, 1, 3, 7]
         assert int(slots.table[7]) == slots.slot[7] and int(slots.table[2]) == slots.k
+        # a pattern switch fetches the new pattern's missing experts at once and pins them
+        moved = fm.swap_to(KeepSets.uniform(layers, [4, 5, 6, 7]))
+        assert moved == 4 * len(layers) - 1  # layer 0 already held 7
+        assert all(sorted(v) == [4, 5, 6, 7] for v in fm.resident.values())
+        assert slots.pinned == {4, 5, 6, 7}
 
 
 def test_generate_fetch_policy_reports_fetches_and_dropped_mass(setup) -> None:
