@@ -78,7 +78,7 @@ def demo_command(
       premoe demo
       premoe demo --quick --out /tmp/demo --json
     """
-    from premoe.demo.run import DemoOptions, run_demo
+    from premoe.eval.demo import DemoOptions, run_demo
 
     base = DemoOptions.quick() if quick else DemoOptions()
     changes: dict[str, Any] = {"threads": threads}
@@ -94,7 +94,7 @@ def demo_command(
 
 
 def _print_result(result: Any) -> None:
-    from premoe.demo.run import summary_table
+    from premoe.eval.demo import summary_table
 
     e = result.num_experts
     typer.echo(

@@ -31,8 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import premoe
-from premoe.errors import ModelNotFoundError, OutputExistsError, UsageError
-from premoe.io.atomic import check_output_path
+from premoe.calibrate import RecalibrateOptions
+from premoe.calibrate.pipeline import calibrate_pattern, export_calibrated
+from premoe.demo import MODEL_DIR
+from premoe.demo import tasks as demo_tasks
+from premoe.errors import ModelNotFoundError, OutputExistsError, PremoeError, UsageError
+from premoe.eval.harness import load_eval_set, no_load_bars, score, torch_threads
+from premoe.eval.plots import PlotUnavailableError, check_matplotlib, plot_eval, plot_patterns
+from premoe.eval.runner import evaluate
+from premoe.export import export_from_store
+from premoe.fingerprint import fingerprint_source, same_model
+from premoe.io.atomic import atomic_output_dir, atomic_write_text, check_output_path
+from premoe.patterns.store import PatternStore
+from premoe.plan import keep_ladder
+from premoe.profile import profile
+from premoe.route import QueryKeyer, route
+from premoe.source import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +93,6 @@ class DemoOptions:
 
     def sweep(self, num_experts: int, top_k: int) -> list[int]:
         """Keep counts evaluated: the headline one and `keeps` (default: the plan ladder)."""
-        from premoe.plan import keep_ladder
 
         extra = keep_ladder(top_k, num_experts) if self.keeps is None else self.keeps
         ks = {self.headline(num_experts, top_k), *extra}
@@ -181,7 +194,6 @@ def _load_full(model_dir: Path, dtype: Any) -> tuple[Any, Any]:
 
 
 def _model_dir(model: str | Path | None) -> Path:
-    from premoe.demo import MODEL_DIR
 
     path = Path(model) if model is not None else MODEL_DIR
     if not (path / "config.json").is_file():
@@ -210,7 +222,6 @@ def profile_demo_store(
     `sources` replaces the recorded corpus path of each task (e.g. with the final path of a
     file written to a temporary folder first).
     """
-    from premoe.profile import profile
 
     store = profile(
         str(model),
@@ -246,8 +257,6 @@ def run_demo(
     """
     import torch
 
-    from premoe.eval.harness import no_load_bars, torch_threads
-
     opts = options or (DemoOptions.quick() if quick else DemoOptions())
     model_dir = _model_dir(model)
     final, note = choose_out(out, overwrite)
@@ -255,14 +264,11 @@ def run_demo(
     check_output_path(final, overwrite=overwrite, inputs=inputs)
     t_start = time.perf_counter()
     with torch_threads(opts.threads), no_load_bars():
-        from premoe.io.atomic import atomic_output_dir
-
         with atomic_output_dir(final, overwrite=overwrite) as tmp:
             result = _run(model_dir, tmp, final, note, opts, store, progress, torch.float32)
     result.seconds = time.perf_counter() - t_start
     result.timings["total"] = result.seconds
     # demo.json was written inside the folder before it moved; refresh the final timings
-    from premoe.io.atomic import atomic_write_text
 
     atomic_write_text(final / "demo.json", json.dumps(result.to_json(), indent=2) + "\n")
     return result
@@ -278,20 +284,6 @@ def _run(
     progress: Progress | None,
     dtype: Any,
 ) -> DemoResult:
-    from premoe.demo import tasks as demo_tasks
-    from premoe.eval.harness import load_eval_set, score
-    from premoe.eval.plots import (
-        PlotUnavailableError,
-        check_matplotlib,
-        plot_eval,
-        plot_patterns,
-    )
-    from premoe.eval.runner import evaluate
-    from premoe.export import export_from_store
-    from premoe.fingerprint import fingerprint_source
-    from premoe.patterns.store import PatternStore
-    from premoe.route import QueryKeyer, route
-    from premoe.source import resolve_model
 
     timings: dict[str, float] = {}
     current: dict[str, Any] = {"name": None, "start": 0.0}
@@ -482,7 +474,6 @@ def _run(
         timings=timings,
         seconds=0.0,
     )
-    from premoe.io.atomic import atomic_write_text
 
     atomic_write_text(tmp / "demo.json", json.dumps(result_obj.to_json(), indent=2) + "\n")
     return result_obj
@@ -504,10 +495,6 @@ def _recalibrated_export(
     """`premoe export --recalibrate` of the export task (recon selection, routers recalibrated
     on the task's profiling corpus), read back with plain from_pretrained and scored."""
     from transformers import AutoModelForCausalLM
-
-    from premoe.calibrate import RecalibrateOptions
-    from premoe.calibrate.pipeline import calibrate_pattern, export_calibrated
-    from premoe.eval.harness import load_eval_set, score
 
     t0 = time.perf_counter()
     pattern = calibrate_pattern(
@@ -638,9 +625,6 @@ def build_shipped_store(
     so the store is reproducible without the temporary corpus files."""
     import tempfile
 
-    from premoe.demo import tasks as demo_tasks
-    from premoe.eval.harness import no_load_bars, torch_threads
-
     opts = options or DemoOptions()
     model_dir = _model_dir(model)
     with torch_threads(opts.threads), no_load_bars(), tempfile.TemporaryDirectory() as tmp:
@@ -662,10 +646,6 @@ def build_shipped_store(
 
 def shipped_store_matches(model: str | Path | None = None) -> bool:
     """Whether the shipped store exists and was made for the (bundled) model."""
-    from premoe.errors import PremoeError
-    from premoe.fingerprint import fingerprint_source, same_model
-    from premoe.patterns.store import PatternStore
-    from premoe.source import resolve_model
 
     if not (SHIPPED_STORE / "store.json").is_file():
         return False
@@ -699,7 +679,7 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m premoe.demo.run --write-store patterns/demo``: rebuild the shipped store."""
+    """``python -m premoe.eval.demo --write-store patterns/demo``: rebuild the shipped store."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
