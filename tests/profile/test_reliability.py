@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from premoe.errors import CheckpointError, CorpusError, ModelNotFoundError, UsageError
+from premoe.generate import fit_context
 from premoe.io.reader import CheckpointReader
-from premoe.load.generate import fit_context
 from premoe.profile import profile
 from premoe.profile.corpus import CHARS_PER_TOKEN_BOUND, load_task, read_texts
 from premoe.source import load_tokenizer
