@@ -316,7 +316,7 @@ CASES: tuple[Case, ...] = (
         "profile-out-full",
         _P + " -o {ws}/o",
         "No space left",
-        patch="premoe.patterns.store.save_file",
+        patch="premoe.patterns.files.save_file",
     ),
     # -- export
     _c("export-out-is-store", _E + " -o {store} --overwrite", "is the pattern store"),

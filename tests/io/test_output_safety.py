@@ -227,14 +227,14 @@ def test_files_and_folders_are_fsynced_before_the_rename(tmp_path, monkeypatch) 
 def test_unwritable_output_fails_before_any_work(model, corpora, tmp_path, monkeypatch) -> None:
     """`eval --plot` / `profile --out` to a location that cannot be written: refused before the
     model runs (it used to crash after all the compute)."""
-    import premoe.profile.distributed as dist
+    import premoe.profile.api as profile_api
     import premoe_cli.eval_cmd as eval_cmd
 
     def never(*a, **k):
         raise AssertionError("the work started")
 
     monkeypatch.setattr(eval_cmd, "evaluate", never)
-    monkeypatch.setattr(dist, "profile_corpora", never)
+    monkeypatch.setattr(profile_api, "profile_corpora", never)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(OutputError, match="is a file, not a folder"):
