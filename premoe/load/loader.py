@@ -24,7 +24,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from premoe.load.experts import (  # noqa: F401  (re-exported)
 )
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
+from premoe.quant.resident import quantize_resident
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import ModelSource, resolve_model
 
@@ -66,6 +67,17 @@ def as_source(model: str | Path | ModelSource) -> tuple[ModelSource, bool]:
 # ---- the loader --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExpertQuantization:
+    """Keep the routed experts resident quantized (`premoe.quant.resident`): fp8 blocks or int4
+    groups; on CUDA a Triton GEMV reads the quantized bytes, on the CPU they are dequantized per
+    layer on the fly."""
+
+    scheme: str  # "fp8" | "int4"
+    block: tuple[int, int] = (128, 128)
+    group_size: int = 128
+
+
 @dataclass
 class LoadInfo:
     """What `load_pruned` did."""
@@ -80,6 +92,7 @@ class LoadInfo:
     expert_bytes: int  # of which routed experts
     buffer_bytes: int
     unexpected_keys: list[str] = field(default_factory=list)
+    quantized: str | None = None  # resident expert precision when quantized ("fp8" / "int4")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +110,7 @@ class LoadInfo:
             "param_bytes": self.param_bytes,
             "expert_bytes": self.expert_bytes,
             "buffer_bytes": self.buffer_bytes,
+            "quantized": self.quantized,
         }
 
 
@@ -112,12 +126,16 @@ def load_pruned_with_info(
     dtype: str | torch.dtype | None = None,
     top_k: int | None = None,
     progress: Progress | None = None,
+    quantize: ExpertQuantization | None = None,
     **from_config_kwargs: Any,
 ) -> tuple[Any, LoadInfo]:
     """`load_pruned`, also returning a `LoadInfo`."""
     src, owned = as_source(model)
     try:
-        return _load(src, keep, device, dtype, top_k, progress, from_config_kwargs)
+        net, info = _load(src, keep, device, dtype, top_k, progress, from_config_kwargs)
+        if quantize is not None:
+            info = _quantize_experts(net, src, info, quantize)
+        return net, info
     finally:
         if owned:
             src.close()
@@ -148,6 +166,7 @@ def load_pruned(
     dtype: str | torch.dtype | None = None,
     top_k: int | None = None,
     progress: Progress | None = None,
+    quantize: ExpertQuantization | None = None,
     **from_config_kwargs: Any,
 ) -> Any:
     """An ordinary transformers model holding only `keep`'s experts, read from `model`'s
@@ -165,6 +184,7 @@ def load_pruned(
         dtype=dtype,
         top_k=top_k,
         progress=progress,
+        quantize=quantize,
         **from_config_kwargs,
     )[0]
 
@@ -303,6 +323,29 @@ def _load(
         info.seconds,
     )
     return model, info
+
+
+def _quantize_experts(
+    model: Any, src: ModelSource, info: LoadInfo, q: ExpertQuantization
+) -> LoadInfo:
+    """Replace the loaded dense experts by quantized resident slots; the info's byte counts
+    then describe what is resident (dense non-expert parameters + the quantized slots)."""
+    owner = src.arch.experts[0].memory.rsplit(".", 1)[0]
+    paths = [f"{src.arch.layers_prefix}.{layer}.{owner}" for layer in src.moe_layers]
+    resident = quantize_resident(model, paths, q.scheme, block=q.block, group_size=q.group_size)
+    dense = param_bytes(model)
+    log.info(
+        "experts resident in %s: %.2f GB (were %.2f GB dense)",
+        q.scheme,
+        resident.nbytes / 1e9,
+        info.expert_bytes / 1e9,
+    )
+    return replace(
+        info,
+        param_bytes=dense + resident.nbytes,
+        expert_bytes=resident.nbytes,
+        quantized=q.scheme,
+    )
 
 
 def _finish_model(model: Any, src: ModelSource) -> None:

@@ -419,3 +419,27 @@ def test_cli_export_quantize_refusals(quantized, tiny_dir, tmp_path, capsys) -> 
         )
         assert_one_line_error(code, err, needle)
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("scheme", "opts"), [("fp8", {"block": (8, 8)}), ("int4", {"group_size": 8})]
+)
+def test_load_pruned_keeps_experts_quantized(scheme, opts, tiny_checkpoint) -> None:
+    """`load_pruned(quantize=...)`: experts resident quantized (their bytes counted as such), the
+    logits close to the dense pruned model's (on the CPU the slots are dequantized on the fly)."""
+    from premoe.load.loader import ExpertQuantization
+
+    src = resolve_model(tiny_checkpoint("qwen3_moe"))
+    keep = _keep(src)
+    dense, dinfo = load_pruned_with_info(src, keep, dtype=torch.float32)
+    q, qinfo = load_pruned_with_info(
+        src, keep, dtype=torch.float32, quantize=ExpertQuantization(scheme, **opts)
+    )
+    assert qinfo.quantized == scheme and qinfo.expert_bytes < dinfo.expert_bytes / 2
+    assert qinfo.param_bytes < dinfo.param_bytes
+    ids = token_ids(dense.config)
+    with torch.no_grad():
+        a, b = dense(ids, use_cache=False).logits, q(ids, use_cache=False).logits
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < (0.05 if scheme == "fp8" else 0.2), rel
+    src.close()
