@@ -99,12 +99,14 @@ class QuantizedExperts:
         group_size: int = 128,
         gemv_rows: int = DEFAULT_GEMV_ROWS,
         exact_weights: bool = False,
+        grouped: bool | None = None,
     ) -> None:
         self.scheme = check_scheme(scheme)
         self.exact_weights = exact_weights
         self.block = (int(block[0]), int(block[1]))
         self.group_size = int(group_size)
         self.gemv_rows = int(gemv_rows)
+        self._grouped = grouped
         self.module = module
         dense = [getattr(module, p) for p in params]
         if any(not isinstance(t, torch.Tensor) or t.ndim != 3 for t in dense):
@@ -132,6 +134,18 @@ class QuantizedExperts:
             for p, t in zip(projs, dense, strict=True):
                 for e in range(self.num_experts):
                     self._write_proj(e, p, self._quantize(p, self._nk(p, t[e])))
+
+    @property
+    def grouped(self) -> bool:
+        """Above `gemv_rows`: grouped matmuls (default on CUDA) or the eager per-expert loop
+        (default elsewhere: on the CPU it equals the dequantized model bit for bit)."""
+        if self._grouped is not None:
+            return self._grouped
+        return self.device.type == "cuda" and hasattr(torch, "_grouped_mm")
+
+    @grouped.setter
+    def grouped(self, value: bool | None) -> None:
+        self._grouped = value
 
     # ---- layout --------------------------------------------------------------------------------
 
@@ -334,7 +348,41 @@ class QuantizedExperts:
         if self.use_kernel and top_k_index.numel() <= self.gemv_rows:
             buf = self.storage if storage is None else storage
             return self._forward_gemv(mod, hidden_states, top_k_index, top_k_weights, buf)
+        if self.grouped:
+            return self._forward_grouped(mod, hidden_states, top_k_index, top_k_weights)
         return self._forward_eager(mod, hidden_states, top_k_index, top_k_weights)
+
+    def _forward_grouped(
+        self, mod: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Prefill / large batches: every slot dequantized once, then grouped matmuls over the
+        routed pairs sorted by expert (no data-dependent shapes: compiles without a break)."""
+        t, k = top_k_index.shape
+        e_count = self.num_experts
+        up, down = self._up_param(), self._down_param()
+        eids = top_k_index.reshape(-1)  # [S]
+        eids_sorted, perm = torch.sort(eids)
+        x = hidden[perm // k]  # [S, H]
+        hist_in = eids_sorted.float() if hidden.device.type == "cpu" else eids_sorted.int()
+        counts = torch.histc(hist_in, bins=e_count, min=0, max=e_count - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
+        # grouped_mm takes [E, K_in, N_out]: the transposed layout as is, else a transposed view
+        w_up, w_down = self.dense(up), self.dense(down)
+        if not self.transposed:
+            w_up, w_down = w_up.transpose(-1, -2), w_down.transpose(-1, -2)
+        h = torch._grouped_mm(x, w_up, offs=offsets)  # [S, N_up]
+        bias = self._bias(up)
+        if bias is not None:
+            h = h + bias[eids_sorted]
+        h = self._activate(mod, h)
+        h = torch._grouped_mm(h, w_down, offs=offsets)  # [S, H]
+        bias = self._bias(down)
+        if bias is not None:
+            h = h + bias[eids_sorted]
+        h = h * weights.reshape(-1)[perm].unsqueeze(-1).to(h.dtype)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        return h[inv].view(t, k, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
 
     def _up_param(self) -> str:
         return next(iter(self.projs))
