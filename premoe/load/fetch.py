@@ -213,6 +213,8 @@ class FetchingModel:
                     old = getattr(owner, name)
                     shape = getattr(ref.get_submodule(owner_path), name).shape
                     rows = reader.get(km.router_key(layer, t.role)).reshape(shape)
+                    # a copy: on the CPU `.to` would alias `reader.get`'s pages of the
+                    # checkpoint map; a parameter aliasing them read back NaNs in a test
                     new = rows.to(device=old.device, dtype=old.dtype, copy=True)
                     if name in owner._parameters:
                         owner._parameters[name] = nn.Parameter(new, requires_grad=False)
