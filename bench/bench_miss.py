@@ -9,9 +9,10 @@ eager, KV cache), each the median of `--reps` runs over `--prompts` prompts:
 
 (a) fetch / mask on in-task prompts (target >= 0.8): the price of exact mode when the pattern
     is right;
-(b) fetch (pooled pattern, pattern experts evicted last) / a plain LRU expert cache with the same
-    K slots and no pattern retrieval (MoE-Infinity-style: every expert in pinned host memory,
-    least recently used slot replaced) on out-of-task prompts (target >= 1.5);
+(b) fetch (pooled pattern, pattern experts evicted last; after the prompt, the slots switch to
+    the experts the prompt itself used most, `FetchingModel.adapt`) / a plain LRU expert cache
+    with the same K slots and no pattern retrieval (MoE-Infinity-style: every expert in pinned
+    host memory, least recently used slot replaced) on out-of-task prompts (target >= 1.5);
 (c) measuring the dropped mass: mask tokens/s with the meter / without (target >= 0.97);
 (d) accuracy: agreement of each policy's greedy tokens with the full model's (fetch must be
     1.0), and the dropped mass of in-task and out-of-task prompts.
@@ -123,12 +124,14 @@ def measure(
     device: torch.device,
     ref: list[list[int]],
     meter: MissMeter | None = None,
+    after_prompt: Any = None,
 ) -> dict[str, Any]:
-    timed_decode(model, prompts[:1], min(8, args.new_tokens), device, meter=meter)  # warm-up
+    kw = {"meter": meter, "after_prompt": after_prompt}
+    timed_decode(model, prompts[:1], min(8, args.new_tokens), device, **kw)  # warm-up
     speeds = []
     got: list[Decoded] = []
     for _ in range(args.reps):
-        tps, got = timed_decode(model, prompts, args.new_tokens, device, meter=meter)
+        tps, got = timed_decode(model, prompts, args.new_tokens, device, **kw)
         speeds.append(tps)
     row: dict[str, Any] = {
         "policy": name,
@@ -229,7 +232,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with bc.DeviceTimer(device) as t:
                     nbytes = fm.prefetch_host()
                 result.setdefault("host_cache_fill", {"bytes": nbytes, "seconds": t.seconds})
-            row = measure(name, fm.model, prompts, args, device, ref)
+            # pattern-based rows adapt to the prompt's own experts after it; the LRU one does not
+            adapt = fm.adapt if pinned is None else None
+            row = measure(name, fm.model, prompts, args, device, ref, after_prompt=adapt)
             row["fetch"] = fm.stats.to_json()
             rows.append(row)
             fm.close()

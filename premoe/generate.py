@@ -347,6 +347,7 @@ def generate(
                 threshold=miss_threshold,
                 do_sample=do_sample,
                 synchronize=lambda: synchronize(dev),
+                after_prompt=None if fetching is None else fetching.adapt,
             )
         finally:
             if meter is not None:

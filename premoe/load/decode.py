@@ -105,8 +105,10 @@ def decode(
     do_sample: bool = False,
     generator: torch.Generator | None = None,
     synchronize: Callable[[], None] = lambda: None,
+    after_prompt: Callable[[], Any] | None = None,
 ) -> Decoded:
-    """Decode up to `max_new_tokens` after `prompt_ids` (batch 1); see the module doc."""
+    """Decode up to `max_new_tokens` after `prompt_ids` (batch 1); see the module doc.
+    `after_prompt` runs once the prompt's forward is done (its time counts as the prompt's)."""
     if rerouter is not None and meter is None:
         raise UsageError("the reroute policy needs the dropped-mass meter")
     device = next(model.parameters()).device
@@ -164,6 +166,8 @@ def decode(
         cache = _cache(model)
         logits = forward(ids, cache)
         synchronize()
+        if after_prompt is not None:  # e.g. FetchingModel.adapt: the prompt's own experts
+            after_prompt()
         out.prefill_seconds = time.perf_counter() - t0
         if rerouter is not None and acc_prompt is not None:
             out.checks += 1

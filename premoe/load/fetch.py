@@ -102,6 +102,7 @@ class _Slots:
         table[list(experts)] = torch.arange(self.k)
         self.table = table.to(device)  # [E] original id -> slot (k when not resident)
         self.pinned: set[int] = set()  # original ids evicted last
+        self.usage: torch.Tensor | None = None  # [E] routed weight seen while tracking
 
     def touch(self, experts: Sequence[int]) -> None:
         for e in experts:
@@ -165,6 +166,7 @@ class FetchingModel:
             self.device = next(net.parameters()).device
             self._io = ExpertIO(src)
             self._meters: list[MissMeter] = []
+            self.track_usage = True  # sum the routed weight of multi-token calls (prompts)
             self._full_routers()
             self._slots: dict[int, _Slots] = {}
             owners = {_owner(t.memory)[0] for t in self.arch.experts}
@@ -211,6 +213,8 @@ class FetchingModel:
                     old = getattr(owner, name)
                     shape = getattr(ref.get_submodule(owner_path), name).shape
                     rows = reader.get(km.router_key(layer, t.role)).reshape(shape)
+                    # a copy: on the CPU `.to` would alias `reader.get`'s pages of the
+                    # checkpoint map; a parameter aliasing them read back NaNs in a test
                     new = rows.to(device=old.device, dtype=old.dtype, copy=True)
                     if name in owner._parameters:
                         owner._parameters[name] = nn.Parameter(new, requires_grad=False)
@@ -259,6 +263,24 @@ class FetchingModel:
     def set_pinned(self, pinned: Mapping[int, Sequence[int]]) -> None:
         for layer, s in self._slots.items():
             s.pinned = set(pinned.get(layer, ()))
+
+    def adapt(self) -> int:
+        """Make each layer's K experts most used by the multi-token calls since the last `adapt`
+        (by routed weight; ties: the pinned pattern first) the resident, pinned set: the
+        request's own pattern, fetched in one batch. Returns experts fetched. `decode` calls it
+        after the prompt (`after_prompt=`): a prompt of a task no pattern fits leaves the
+        slots holding what it used, not what the last pass of it needed."""
+        layers: dict[int, list[int]] = {}
+        for layer, s in self._slots.items():
+            if s.usage is None:
+                layers[layer] = list(s.expert)
+                continue
+            bonus = torch.zeros(self.num_experts)
+            bonus[sorted(s.pinned)] = 1e-6  # ties (unused experts): keep the pattern
+            score = s.usage.cpu() + bonus
+            layers[layer] = score.topk(s.k).indices.tolist()
+            s.usage = None
+        return self.swap_to(KeepSets.from_mapping(layers))
 
     def swap_to(self, keep: KeepSets) -> int:
         """Switch patterns: fetch `keep`'s missing experts now (one batch per layer, not one
@@ -313,6 +335,11 @@ class FetchingModel:
         where = _routing_args(args, kwargs)
         idx, w = _get(args, kwargs, where[0]), _get(args, kwargs, where[1])  # [T, k] each
         self.stats.calls += 1
+        if self.track_usage and idx.shape[0] > 1:  # prompts: routed weight per original expert
+            add = torch.zeros(self.num_experts, device=idx.device)  # [E]
+            add.index_add_(0, idx.reshape(-1), w.reshape(-1).float())
+            slots.usage = add if slots.usage is None else slots.usage + add  # out of place:
+            # calls may alternate between inference mode and no_grad
         needed = [int(e) for e in torch.unique(idx).tolist()]  # the host sync of this layer
         missing = [e for e in needed if e not in slots.slot]
         if len(needed) <= slots.k:

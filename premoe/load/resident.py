@@ -196,7 +196,8 @@ class ResidentModel:
             routers = []
             for t in self.arch.router_tensors:
                 dst = tensor_of(mod, t.memory)
-                full = reader.get(km.router_key(layer, t.role)).to(dst.dtype)  # all E rows
+                # a copy: `reader.get` may share pages with the checkpoint map (see fetch.py)
+                full = reader.get(km.router_key(layer, t.role)).to(dst.dtype, copy=True)  # [E, H]
                 stage = torch.empty(dst.shape, dtype=dst.dtype, pin_memory=pin)
                 routers.append((t, dst, full.pin_memory() if pin else full.contiguous(), stage))
             nbytes = sum(v[0].numel() * v.element_size() for v in views)

@@ -68,7 +68,7 @@ def test_fetch_greedy_equals_the_full_model_on_unseen_tasks(setup, family) -> No
         for prompt in _prompts():
             ids = tok(prompt)["input_ids"]
             want = decode(full, ids, max_new_tokens=12)
-            got = decode(fm.model, ids, max_new_tokens=12)
+            got = decode(fm.model, ids, max_new_tokens=12, after_prompt=fm.adapt)
             assert got.tokens == want.tokens, prompt
             with torch.no_grad():
                 a = full(torch.tensor([ids])).logits
@@ -123,3 +123,35 @@ def test_generate_fetch_policy_reports_fetches_and_dropped_mass(setup) -> None:
     mass = miss["dropped_mass"]
     assert mass["prompt"]["tokens"] == len(tok(prompt)["input_ids"])
     assert 0.0 < mass["prompt"]["mean"] <= mass["prompt"]["max"] <= 1.0
+
+
+def test_adapt_pins_the_experts_the_prompt_used_most(setup) -> None:
+    folder, _ = setup["mixtral"]
+    src = resolve_model(folder)
+    tok = load_tokenizer(folder)
+    ids = torch.tensor([tok(_prompts()[0])["input_ids"]])
+    with FetchingModel(src, KeepSets.uniform(src.moe_layers, [0, 1])) as fm:
+        full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        used = {n: torch.zeros(src.num_experts) for n in src.moe_layers}
+
+        def count(n: int):
+            def hook(module, args, out) -> None:  # out: (logits, weights, ids)
+                used[n].index_add_(0, out[2].reshape(-1), out[1].reshape(-1).float())
+
+            return hook
+
+        router = src.arch.router.module
+        hooks = [
+            full.model.layers[n].get_submodule(router).register_forward_hook(count(n))
+            for n in src.moe_layers
+        ]
+        with torch.no_grad():
+            full(ids)
+            fm.model(ids)
+        for h in hooks:
+            h.remove()
+        fm.adapt()
+        for n in src.moe_layers:
+            assert sorted(fm.resident[n]) == sorted(used[n].topk(2).indices.tolist())
+            assert fm._slots[n].pinned == set(fm.resident[n])
+        assert fm.adapt() == 0  # nothing tracked since: the slots stay
