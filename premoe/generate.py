@@ -41,6 +41,7 @@ from premoe.load.decode import (
 from premoe.load.fetch import FetchingModel
 from premoe.load.host_cache import HostExpertCache
 from premoe.load.loader import (
+    ExpertQuantization,
     Progress,
     as_source,
     load_prefix,
@@ -55,7 +56,7 @@ from premoe.route import QueryKeyer, route
 from premoe.route.keys import encode_prompt
 from premoe.route.retrieve import check_fallback
 from premoe.runtime import resolve_device, resolve_dtype, synchronize
-from premoe.sizes import resident_sizes as size_model
+from premoe.sizes import SizeModel
 from premoe.source import ModelSource, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ def generate(
     miss_threshold: float = DEFAULT_REROUTE_THRESHOLD,
     reroute_context: int | None = None,
     host_cache: int | str | None = None,
+    quantize: ExpertQuantization | None = None,
 ) -> GenerateResult:
     """Route `prompt` to a stored pattern of `store` (a path or `PatternStore`), load `model`
     with that pattern's experts only, and generate up to `max_new_tokens` tokens (greedy).
@@ -211,6 +213,8 @@ def generate(
     cache budget that ``fetch`` reads from (and fills).
     """
 
+    if quantize is not None and miss_policy == "fetch":
+        raise UsageError("--miss-policy fetch keeps experts dense; drop --quantize or the policy")
     if sum(x is not None for x in (keep, budget, coverage)) > 1:
         raise UsageError("give at most one of --keep, --budget and --coverage")
     if max_new_tokens < 1:
@@ -265,7 +269,12 @@ def generate(
                 torch.cuda.empty_cache()
 
         # 2. the keep set from the task's scores
-        sizes = size_model(src, dt)
+        sizes = SizeModel.from_source(src).at_dtype(
+            dt,
+            "source" if quantize is None else quantize.scheme,
+            block=quantize.block if quantize else (128, 128),
+            group_size=quantize.group_size if quantize else 128,
+        )
 
         def selection_for(name: str, count: int | None = None) -> Any:
             scores = st.pooled_scores(metric) if name == GLOBAL else st.scores(name, metric)
@@ -304,7 +313,13 @@ def generate(
             meter = fetching.meter() if measure else None
         else:
             resident = ResidentModel(
-                src, selection.keep, device=dev, dtype=dt, host_cache=cache, progress=progress
+                src,
+                selection.keep,
+                device=dev,
+                dtype=dt,
+                host_cache=cache,
+                progress=progress,
+                quantize=quantize,
             )
             net, info = resident.model, resident.load_info
             assert info is not None

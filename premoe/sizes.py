@@ -151,8 +151,17 @@ class SizeModel:
         model._moe_layers = len(src.moe_layers)
         return model
 
-    def at_dtype(self, dtype: torch.dtype) -> ResidentSizes:
-        """Resident sizes when loaded in `dtype` by premoe's loader (see the class doc)."""
+    def at_dtype(
+        self,
+        dtype: torch.dtype,
+        experts: str = "source",
+        *,
+        block: tuple[int, int] = (128, 128),
+        group_size: int = 128,
+    ) -> ResidentSizes:
+        """Resident sizes when loaded in `dtype` by premoe's loader (see the class doc), with the
+        routed experts dense (`experts="source"`) or kept quantized ("fp8", "int4":
+        `load_pruned(quantize=...)`)."""
 
         def total(kind: str) -> int:
             return sum(
@@ -161,9 +170,14 @@ class SizeModel:
             )
 
         layers = max(1, self._moe_layers)
+        per_expert = (
+            total("expert")
+            if experts == "source"
+            else self.expert_per_k_at(experts, block=block, group_size=group_size)
+        )
         return ResidentSizes(
             base_bytes=total("fixed"),
-            expert_bytes=total("expert") // layers,
+            expert_bytes=per_expert // layers,
             router_row_bytes=total("router") // (layers * self.num_experts),
             moe_layers=self._moe_layers,
         )
