@@ -8,12 +8,19 @@ Life of a request:
 2. A request that names its pattern (`"premoe": {"task": ...}`) is queued at once; any other is
    routed by the worker: `route(prompt) -> RouteInfo` (TAER on the store's keys), falling back to
    the store's general pattern (`__global__`) when the match is weak or no router is available.
-3. The `Scheduler` picks the next pattern (see scheduler.py: batching within a pattern, swaps only
-   between batches, a bound on waiting). If that pattern is not resident, the worker swaps the
-   expert slots in place (`Resident.swap_to`), then decodes the batch (`BatchDecoder.generate`).
-4. Invariant: every row of a batch is decoded with exactly the keep sets of the pattern it was
-   routed to. The worker asserts it before the batch and after every decode step (the
-   resident keep sets and a swap counter must not change under a running batch).
+3. Continuous scheduler (default): between decode steps the worker admits waiting requests into
+   free KV slots of the `ContinuousDecoder` (continuous.py). Mixed mode (the union of the
+   patterns resident, rowmask.py): oldest first, any pattern; every row is masked to its own
+   pattern. Swap mode (one pattern resident): the resident pattern's requests; when the
+   `Scheduler` picks another pattern (its oldest request waited past `max_wait_ms`, or the
+   resident one has none waiting), admissions stop, the running rows finish, and the expert
+   slots are swapped in place (`Resident.swap_to`).
+   Batch scheduler (`scheduler="batch"`): the `Scheduler` picks the next pattern (batching
+   within a pattern, swaps only between batches, a bound on waiting) and `BatchDecoder.generate`
+   runs the batch to completion.
+4. Invariant: every row is decoded with exactly the keep sets of the pattern it was routed to
+   (in mixed mode: the union, masked to them). The worker asserts before every forward that the
+   resident keep sets and a swap counter did not change under running rows.
 
 A failing batch (any exception) fails its own requests with a 500 error; the worker keeps
 serving. A request whose client leaves is cancelled: dropped from its queue, or, mid-batch, its
@@ -721,7 +728,8 @@ class Engine:
         try:
             report = cont.step(between=check)
         except Exception as exc:
-            log.exception("a step of %d rows failed", len(cont.active()))
+            ids = [getattr(s.sink, "id", "-") for s in cont.active()]
+            log.exception("a step of %d rows failed (requests %s)", len(ids), ", ".join(ids))
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             for seq in cont.active():

@@ -113,7 +113,7 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
     rng.shuffle(jobs)
     sinks: list[tuple[Sink, list[int], str, int]] = []
     waiting = list(jobs)
-    mixed_steps = 0
+    mixed_steps = interleaved = 0
     while waiting or dec.active():
         # join at random steps: 0-2 newcomers per step, as slots allow
         for _ in range(rng.randint(0, 2)):
@@ -124,7 +124,10 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
                 sinks.append((sink, ids, pattern, n))
         report = dec.step()
         mixed_steps += len(report.patterns) > 1
+        assert report.prefill_tokens <= 7  # the decode stall bound (--prefill-tokens)
+        interleaved += report.prefill_tokens > 0 and report.decode_rows > 0
     assert mixed_steps > 0, "no step mixed patterns: the test could not fail"
+    assert interleaved > 0, "prefill never shared a step with decoding rows"
     differ = 0
     for sink, ids, pattern, n in sinks:
         assert sink.reason in ("stop", "length")
