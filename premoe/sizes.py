@@ -313,11 +313,24 @@ def resident_sizes(source: ModelSource, dtype: torch.dtype) -> ResidentSizes:
 
 
 def keep_for_budget(
-    source: ModelSource, budget: int | str, dtype: torch.dtype, *, top_k: int | None = None
+    source: ModelSource,
+    budget: int | str,
+    dtype: torch.dtype,
+    *,
+    top_k: int | None = None,
+    quantize: Any = None,
 ) -> int:
     """The largest uniform kept count whose model, loaded in `dtype`, fits `budget` bytes; a
-    `UsageError` if even the routed count does not fit."""
-    sizes = resident_sizes(source, dtype)
+    `UsageError` if even the routed count does not fit. `quantize` (an `ExpertQuantization`:
+    scheme, block, group_size) counts the experts as quantized resident slots."""
+    model = SizeModel.from_source(source)
+    sizes = (
+        model.at_dtype(dtype)
+        if quantize is None
+        else model.at_dtype(
+            dtype, quantize.scheme, block=quantize.block, group_size=quantize.group_size
+        )
+    )
     return budget_count(
         parse_bytes(budget),
         sizes.resident,

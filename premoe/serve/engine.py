@@ -47,6 +47,7 @@ import torch
 import premoe
 from premoe.errors import PremoeError, UsageError
 from premoe.load import keep_for_budget
+from premoe.load.loader import ExpertQuantization
 from premoe.prune import KeepSets
 from premoe.serve import kvcache, rowmask
 from premoe.serve.continuous import ContinuousDecoder, StepReport
@@ -104,6 +105,7 @@ class EngineConfig:
     mixed: str = "auto"  # auto (when the union of the patterns fits) | on | off
     prefill_tokens: int = 512  # prompt tokens prefilled per step at most (decode stall bound)
     kv_memory_fraction: float = 0.9  # CUDA: share of free memory the KV slots may take
+    quantize: ExpertQuantization | None = None  # experts resident quantized (fp8 / int4)
 
     def check(self) -> None:
         if self.keep is not None and self.budget is not None:
@@ -356,7 +358,13 @@ class Engine:
         else:
             assert cfg.store is not None
             store, self.patterns, self.pattern_info = build_patterns(
-                cfg.store, src, keep=cfg.keep, budget=cfg.budget, dtype=dtype, metric=cfg.metric
+                cfg.store,
+                src,
+                keep=cfg.keep,
+                budget=cfg.budget,
+                dtype=dtype,
+                metric=cfg.metric,
+                quantize=cfg.quantize,
             )
         if not self.patterns:
             raise UsageError("no patterns to serve: the store has no tasks")
@@ -397,6 +405,7 @@ class Engine:
             dtype=dtype,
             host_cache=cfg.host_cache,
             prefetch=None if self.mixed else self.patterns,
+            quantize=cfg.quantize,
             **kwargs,
         )
         self.resident_keep = resident_keep
@@ -512,7 +521,9 @@ class Engine:
         why = rowmask.unsupported(src.arch, src.config)
         if why is None:
             union = rowmask.union_keep(self.patterns, src.num_experts).count
-            if cfg.budget is not None and union > keep_for_budget(src, cfg.budget, dtype):
+            if cfg.budget is not None and union > keep_for_budget(
+                src, cfg.budget, dtype, quantize=cfg.quantize
+            ):
                 why = f"the union of the patterns ({union} experts per layer) exceeds --budget"
         if why is not None:
             if cfg.mixed == "on":

@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def keep_count(
-    source: ModelSource, keep: int | None, budget: str | None, dtype: torch.dtype
+    source: ModelSource,
+    keep: int | None,
+    budget: str | None,
+    dtype: torch.dtype,
+    quantize: Any = None,
 ) -> int:
     if keep is not None and budget is not None:
         raise UsageError("give --keep or --budget, not both")
@@ -39,7 +43,7 @@ def keep_count(
         )
     from premoe.load import keep_for_budget
 
-    return keep_for_budget(source, budget, dtype)
+    return keep_for_budget(source, budget, dtype, quantize=quantize)
 
 
 def build_patterns(
@@ -50,6 +54,7 @@ def build_patterns(
     budget: str | None,
     dtype: torch.dtype,
     metric: str | None = None,
+    quantize: Any = None,
 ) -> tuple[PatternStore, dict[str, KeepSets], dict[str, Any]]:
     """(store, pattern name -> keep sets, provenance) for serving `source` from a store."""
     from premoe.fingerprint import fingerprint_source
@@ -60,7 +65,7 @@ def build_patterns(
     store = open_store(store_path, fingerprint_source(source))
     metric = metric or store.default_metric
     store_scores(store, [], metric)  # an unknown metric: a usage error
-    k = keep_count(source, keep, budget, dtype)
+    k = keep_count(source, keep, budget, dtype, quantize)
     common: dict[str, Any] = {
         "num_experts": source.num_experts,
         "routed": source.top_k,
