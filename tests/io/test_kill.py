@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -46,13 +47,11 @@ def run(argv):
     return 0
 
 null = os.open(os.devnull, os.O_WRONLY)
-saved = os.dup(1), os.dup(2)
-os.dup2(null, 1)
-os.dup2(null, 2)
-for argv in json.loads(sys.argv[1]):  # warm-up runs: lazy imports, first-call kernel set-up
-    run(argv)
-os.dup2(saved[0], 1)
-os.dup2(saved[1], 2)
+# warm-up: imports only. Running a command here would start threads (readers, prefetchers),
+# and a child forked while one of them holds a lock deadlocks on it.
+import importlib
+for name in json.loads(sys.argv[1]):
+    importlib.import_module(name)
 print("ready", flush=True)
 for line in sys.stdin:
     argv = json.loads(line)
@@ -81,8 +80,13 @@ class Zygote:
         )
         assert self._line() == "ready"
 
-    def _line(self) -> str:
+    def _line(self, timeout: float = 300.0) -> str:
+        """The zygote's next line; a hung child fails the test instead of hanging it."""
         assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            raise AssertionError(f"no answer from the zygote within {timeout:.0f} s")
         return self.proc.stdout.readline().strip()
 
     def start(self, args: list[str]) -> int:
@@ -109,7 +113,8 @@ class Zygote:
 @pytest.fixture(scope="module")
 def zygote(setup) -> Iterator[Zygote]:
     warm = setup["root"] / "warm-up"
-    z = Zygote([_export_args(setup, warm / "e", 4), _profile_args(setup, warm / "s")])
+    del warm
+    z = Zygote(WARM_IMPORTS)
     yield z
     z.close()
 
@@ -137,6 +142,13 @@ def _kill_at_random(z: Zygote, args: list[str], sig: int, parent: Path, span: fl
 
 
 TMP = ".premoe-tmp-"
+WARM_IMPORTS = [
+    "premoe_cli.export_cmd",
+    "premoe_cli.profile_cmd",
+    "premoe.export",
+    "premoe.profile.api",
+    "transformers.models.qwen3_moe.modeling_qwen3_moe",
+]
 
 
 def _case(z: Zygote, sig: int, n: int, args_new: list[str], out: Path, valid, span: float) -> None:
