@@ -112,8 +112,6 @@ class Zygote:
 
 @pytest.fixture(scope="module")
 def zygote(setup) -> Iterator[Zygote]:
-    warm = setup["root"] / "warm-up"
-    del warm
     z = Zygote(WARM_IMPORTS)
     yield z
     z.close()
