@@ -20,6 +20,7 @@ carries through fork + exec), cross-checked by sampling with psutil from the par
     python bench/bench_export.py --gb 4 --workdir /tmp/bench-export --out bench/export.json
     python bench/bench_export.py --checkpoint /data/q8 --keep 16 --out bench/export.json
     python bench/bench_export.py --smoke --out /tmp/export_smoke.json      # tiny, seconds
+    python bench/bench_export.py --gb 4 --quant fp8 --out bench/results/export_cpu_fp8.json
 
 CPU only: export does not use an accelerator (`--device` only picks where make_checkpoint
 generates its random pool).
@@ -234,6 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoint", action="store_true", help="Do not delete a built one.")
     p.add_argument("--device", default="cpu", help="Where make_checkpoint generates (cpu/cuda).")
     p.add_argument("--smoke", action="store_true", help="Tiny checkpoint, one run: a quick check.")
+    p.add_argument(
+        "--quant", choices=["fp8"], default=None, help="Build an fp8-block (DeepSeek layout) one."
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dest", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -257,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     built = None
     if args.checkpoint is None:
         ns = make_checkpoint.parse_args(
-            ["--out", str(workdir / "src"), "--gb", str(args.gb)] + ["--smoke"] * args.smoke
+            ["--out", str(workdir / "src"), "--gb", str(args.gb)]
+            + ["--smoke"] * args.smoke
+            + (["--quant", args.quant] if args.quant else [])
         )
         config = make_checkpoint.config_for(ns)
         shard = parse_bytes("1MB") if args.smoke else parse_bytes(args.shard)
         built = make_checkpoint.write_checkpoint(
-            config, workdir / "src", shard_bytes=shard, device=args.device
+            config, workdir / "src", shard_bytes=shard, device=args.device, quant=args.quant
         )
         print(f"built {built['bytes'] / 1e9:.2f} GB in {built['shards']} shards, "
               f"{built['seconds']:.0f} s", file=sys.stderr)  # fmt: skip
@@ -323,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "experts": sizes.num_experts,
             "built": built,
         },
+        "format": built["format"] if built else None,
         "keep": keep,
         "kept_bytes": kept_bytes,
         "predicted_file_bytes": sizes.file_bytes(keep, max_shard_bytes=args.max_shard_bytes),

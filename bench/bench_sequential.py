@@ -54,7 +54,9 @@ def ensure_checkpoint(args: argparse.Namespace, work: Path) -> tuple[Path, dict[
     if (folder / "config.json").is_file():
         return folder, {"path": str(folder), "reused": True}
     config = bc.qwen3_config(args)
-    info = write_checkpoint(config, folder, shard_bytes=args.shard_bytes, device=args.pool_device)
+    info = write_checkpoint(
+        config, folder, shard_bytes=args.shard_bytes, device=args.pool_device, quant=args.quant
+    )
     log.info("checkpoint: %.2f GB in %d shards, %.1f s", info["bytes"] / 1e9, info["shards"],
              info["seconds"])  # fmt: skip
     return folder, info
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offload-dir", default=None, help="spill activations here (sequential)")
     p.add_argument("--host-budget", type=int, default=None, help="activation bytes on the host")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    p.add_argument("--quant", choices=["fp8"], default=None, help="an fp8-block checkpoint")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.smoke:
@@ -138,6 +141,8 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
         "peak_ratio": normal_peak / model_bytes if normal_peak else None,
     }
 
+    ckpt_bytes = ckpt.get("bytes")  # on disk (fp8: half the dequantized model_bytes)
+
     # 2. sequential, per group size
     rows: dict[str, Any] = {}
     for k in [int(x) for x in args.layers_at_once.split(",")]:
@@ -161,6 +166,7 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
             **st.to_json(),
             "peak_bytes": pk,
             "peak_ratio": pk / model_bytes if pk else None,
+            "peak_ratio_of_checkpoint": pk / ckpt_bytes if pk and ckpt_bytes else None,
             "throughput_ratio": st.tokens_per_s / normal_row["tokens_per_s"],
             "throughput_ratio_with_load": st.tokens_per_s / normal_row["tokens_per_s_with_load"],
             "agreement": compare(normal, run.recorded),
@@ -169,6 +175,7 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
         "benchmark": "sequential_profiling",
         "experts_implementation": impl,
         "model": {**bc.model_shape(args), "param_bytes": model_bytes, "checkpoint": ckpt},
+        "format": args.quant or "bf16",
         "batch": args.batch,
         "seq": args.seq,
         "batches": args.batches,
@@ -205,8 +212,12 @@ def run(args: argparse.Namespace, device: torch.device, work: Path) -> int:
         ("mode", "tok/s", "ratio", "ratio+load", "peak GiB", "peak/model", "max rel diff"),
         table,
         title=f"sequential vs normal profiling, {bc.device_name(device)}, model "
-        f"{model_bytes / 1e9:.2f} GB, {args.batches} batches of {args.batch} x {args.seq}",
+        f"{model_bytes / 1e9:.2f} GB resident ({args.quant or 'bf16'} checkpoint "
+        f"{(ckpt_bytes or 0) / 1e9:.2f} GB), {args.batches} batches of {args.batch} x {args.seq}",
     )
+    for k, r in rows.items():
+        if r.get("peak_ratio_of_checkpoint"):
+            print(f"sequential/{k}: peak / checkpoint bytes = {r['peak_ratio_of_checkpoint']:.3f}")
     print(f"normal load (not in its tok/s): {load_s:.1f} s")
     bc.write_json(args.out, result, device=device)
     return 0

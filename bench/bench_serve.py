@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import random
 import shutil
@@ -174,6 +175,7 @@ async def run_workload(
 
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
+    ttft: list[float] = []
     tokens = 0
     errors = 0
 
@@ -186,24 +188,38 @@ async def run_workload(
                     "prompt": prompt,
                     "max_tokens": max_tokens,
                     "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
                     "premoe": {"task": task},
                 }
                 t0 = time.perf_counter()
-                r = await client.post("/v1/completions", json=body)
+                first = None
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        errors += 1
+                        log.warning("request failed: %s %s", r.status_code, await r.aread())
+                        return
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        data = json.loads(line[6:])
+                        if data.get("usage"):
+                            tokens += data["usage"]["completion_tokens"]
+                        elif first is None and data["choices"] and data["choices"][0]["text"]:
+                            first = time.perf_counter() - t0
                 lat.append(time.perf_counter() - t0)
-                if r.status_code != 200:
-                    errors += 1
-                    log.warning("request failed: %s %s", r.status_code, r.text[:200])
-                    return
-                tokens += r.json()["usage"]["completion_tokens"]
+                if first is not None:
+                    ttft.append(first)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(p, t) for p, t in jobs))
         wall = time.perf_counter() - t0
     lat.sort()
+    ttft.sort()
 
-    def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(q * (len(lat) - 1) + 0.5))] if lat else float("nan")
+    def pct(q: float, xs: list[float] = lat) -> float:
+        return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
 
     return {
         "requests": len(jobs),
@@ -213,6 +229,8 @@ async def run_workload(
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "p50_s": pct(0.50),
         "p99_s": pct(0.99),
+        "ttft_p50_s": pct(0.50, ttft),
+        "ttft_p99_s": pct(0.99, ttft),
         "mean_s": sum(lat) / len(lat) if lat else float("nan"),
     }
 
@@ -220,6 +238,9 @@ async def run_workload(
 def decode_b1(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any]:
     """Batch-1 greedy decode of `tokens` tokens for `task`, in the worker thread."""
     from premoe.serve.decode import DecodeRow, DecodeStats, NullSink, SamplingParams
+
+    if engine.cont is not None:
+        return decode_b1_continuous(engine, task, prompt, tokens)
 
     def run() -> dict[str, Any]:
         dec = engine.decoder
@@ -254,10 +275,43 @@ def decode_b1(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any
     return engine.call(run)
 
 
+def decode_b1_continuous(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any]:
+    """Batch-1 greedy decode of `tokens` tokens with the continuous decoder (eager steps)."""
+    from premoe.serve.decode import NullSink, SamplingParams
+
+    def run() -> dict[str, Any]:
+        cont = engine.cont
+        if not engine.mixed:
+            engine._swap(task)
+        ids = engine.encode_prompt(prompt)
+        cont.run([(NullSink(), ids, SamplingParams(max_tokens=4, ignore_eos=True), task)])
+        cont.add(NullSink(), ids, SamplingParams(max_tokens=tokens, ignore_eos=True), task)
+        with bc.DeviceTimer(cont.device) as t:
+            cont.step()  # prefill + the first decode step
+        prefill_s = t.seconds
+        steps = 0
+        with bc.DeviceTimer(cont.device) as t:
+            while cont.active():
+                steps += cont.step().decode_rows
+        decode_s = t.seconds
+        return {
+            "task": task,
+            "prompt_tokens": len(ids),
+            "tokens": tokens,
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "decode_tokens_per_s": steps / decode_s if decode_s > 0 else 0.0,
+            "per_token_ms": {"total": 1e3 * decode_s / max(steps, 1)},
+        }
+
+    return engine.call(run)
+
+
 def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool) -> Any:
     from premoe.serve import Engine, EngineConfig
 
     cuda = args.device.startswith("cuda")
+    batch = args.scheduler == "batch"
     cfg = EngineConfig(
         model=str(ckpt),
         patterns=patterns,
@@ -267,8 +321,13 @@ def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool
         max_batch=1 if full else args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_model_len=args.max_model_len,
-        cache=args.cache if args.cache != "auto" else ("static" if cuda else "dynamic"),
-        compile=args.compile if (cuda or args.cache == "static") else "none",
+        scheduler=args.scheduler,
+        mixed=args.mixed,
+        prefill_tokens=args.prefill_tokens,
+        cache=(args.cache if args.cache != "auto" else ("static" if cuda else "dynamic"))
+        if batch
+        else "auto",
+        compile=(args.compile if (cuda or args.cache == "static") else "none") if batch else "auto",
         decode_buckets=(1,) if full else tuple(args.buckets),
         host_cache=None if (full or not cuda) else args.host_cache,
         experts_implementation=args.experts_impl,
@@ -311,25 +370,43 @@ def bench_premoe(
             "experts": m.swap_experts.value(),
             "batches": m.batch_size.count(),
         }
-        work = asyncio.run(run_workload(server.url, jobs, args.max_tokens, args.concurrency))
-        batches = m.batch_size.count() - before["batches"]
-        work.update(
-            {
-                "patterns": len(names),
-                "max_tokens": args.max_tokens,
-                "concurrency": args.concurrency,
-                "swaps": m.swaps.value() - before["swaps"],
-                "swap_bytes": m.swap_bytes.value() - before["bytes"],
-                "swap_seconds": m.swap_seconds.value() - before["seconds"],
-                "experts_moved": m.swap_experts.value() - before["experts"],
-                "batches": batches,
-                "mean_batch": args.requests / batches if batches else None,
-            }
-        )
-        say(
-            f"mixed workload: {work['tokens_per_s']:.1f} tokens/s, p50 {work['p50_s']:.2f} s, "
-            f"p99 {work['p99_s']:.2f} s, {work['swaps']:.0f} swaps"
-        )
+        works = []
+        for conc in args.concurrency:
+            for k in before:
+                before[k] = {
+                    "swaps": m.swaps.value(),
+                    "bytes": m.swap_bytes.value(),
+                    "seconds": m.swap_seconds.value(),
+                    "experts": m.swap_experts.value(),
+                    "batches": m.batch_size.count(),
+                }[k]
+            mixed0, single0 = m.steps.value(mode="mixed"), m.steps.value(mode="single")
+            n_req = max(args.requests, 2 * conc)
+            conc_jobs = (jobs * (n_req // len(jobs) + 1))[:n_req]
+            work = asyncio.run(run_workload(server.url, conc_jobs, args.max_tokens, conc))
+            batches = m.batch_size.count() - before["batches"]
+            work.update(
+                {
+                    "patterns": len(names),
+                    "max_tokens": args.max_tokens,
+                    "concurrency": conc,
+                    "swaps": m.swaps.value() - before["swaps"],
+                    "swap_bytes": m.swap_bytes.value() - before["bytes"],
+                    "swap_seconds": m.swap_seconds.value() - before["seconds"],
+                    "experts_moved": m.swap_experts.value() - before["experts"],
+                    "batches": batches,
+                    "mean_batch": n_req / batches if batches and engine.cont is None else None,
+                    "mixed_steps": m.steps.value(mode="mixed") - mixed0,
+                    "single_steps": m.steps.value(mode="single") - single0,
+                }
+            )
+            say(
+                f"mixed workload, concurrency {conc}: {work['tokens_per_s']:.1f} tokens/s, "
+                f"p50 {work['p50_s']:.2f} s, p99 {work['p99_s']:.2f} s, TTFT p50 "
+                f"{work['ttft_p50_s']:.3f} s, {work['swaps']:.0f} swaps"
+            )
+            works.append(work)
+        work = works[0]
         alternatives = {}
         model = engine.resident.model
         default_impl = getattr(model.config, "_experts_implementation", None)
@@ -357,6 +434,7 @@ def bench_premoe(
             "decode_b1": b1,
             "decode_b1_other_experts_impl": alternatives,
             "workload": work,
+            "workloads": works,
             "compile_counters_after_warmup": compile_counters,
             "compile_counters_after_workload": dynamo_counters(),
         }
@@ -437,7 +515,7 @@ def bench_accelerate(args: argparse.Namespace, ckpt: Path, rng: random.Random) -
 
     out: dict[str, Any] = {"load_s": load_s, "placement": placement}
     n = args.baseline_tokens
-    for batch in (1, args.max_batch):
+    for batch in (1, args.baseline_batch):
         t1 = gen(model, batch, 1)
         tn = gen(model, batch, n)
         decode = (n - 1) / (tn - t1) if tn > t1 else float("nan")
@@ -471,10 +549,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host-memory", default="200GiB", help="accelerate's CPU max_memory.")
     p.add_argument("--patterns", type=int, default=3, help="Patterns in the mixed workload (2-4).")
     p.add_argument("--requests", type=int, default=96)
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=[16, 64, 256], help="Workload sweep."
+    )
+    p.add_argument("--scheduler", default="continuous", choices=["continuous", "batch"])
+    p.add_argument("--mixed", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=63, help="Prompt length (+1 BOS token).")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=256, help="KV slots (continuous).")
+    p.add_argument("--baseline-batch", type=int, default=8, help="accelerate's larger batch.")
     p.add_argument("--buckets", default="1,8", help="Static-cache batch sizes compiled.")
     p.add_argument("--max-wait-ms", type=float, default=200.0)
     p.add_argument("--max-model-len", type=int, default=512)
@@ -497,8 +581,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cpu"
         vars(args).update(bc.SMOKE_SHAPE, experts=16, top_k=4, kv_heads=2, vocab=128)
         args.keep = args.keep or 8
-        args.requests, args.concurrency, args.max_tokens = 12, 4, 8
+        args.requests, args.concurrency, args.max_tokens = 12, [1, 4], 8
         args.max_batch, args.decode_tokens, args.baseline_tokens = 4, 32, 4
+        args.baseline_batch = 4
         args.prompt_chars, args.max_model_len = 15, 128
     args.buckets = [int(b) for b in str(args.buckets).split(",") if b.strip()]
     args.also_experts_impl = [x for x in str(args.also_experts_impl).split(",") if x.strip()]
@@ -634,17 +719,25 @@ def report(
          else f"{results['premoe']['peak_device_bytes'] / 2**30:.2f} GiB"),
         ("load / warm-up", f"{results['premoe']['load_s']:.1f} s / "
                            f"{results['premoe']['warmup_s']:.1f} s"),
-        ("mixed workload", f"{w['requests']} req, {w['patterns']} patterns, "
-                           f"{w['max_tokens']} tokens, concurrency {w['concurrency']}"),
-        ("  tokens/s", f"{w['tokens_per_s']:.1f}"),
-        ("  latency p50 / p99", f"{w['p50_s']:.2f} s / {w['p99_s']:.2f} s"),
-        ("  swaps (bytes, s)", f"{w['swaps']:.0f} ({w['swap_bytes'] / 1e9:.2f} GB, "
-                               f"{w['swap_seconds']:.2f} s); mean batch {w['mean_batch']}"),
+        ("scheduler", f"{results['premoe']['info'].get('scheduler')}, patterns "
+                      f"{results['premoe']['info'].get('patterns_mode')}"),
         ("decode b1 tokens/s", f"{b1['decode_tokens_per_s']:.1f}"),
         ("bandwidth bound", f"{bound:.0f} tokens/s ({active['total'] / 1e9:.2f} GB/token at "
                             f"{bw / 1e9:.0f} GB/s)"),
         ("  fraction of bound", f"{b1['fraction_of_bound']:.3f}"),
     ]  # fmt: skip
+    for x in results["premoe"].get("workloads", [w]):
+        rows += [
+            (f"mixed workload, concurrency {x['concurrency']}",
+             f"{x['requests']} req, {x['patterns']} patterns, {x['max_tokens']} tokens"),
+            ("  tokens/s", f"{x['tokens_per_s']:.1f}"),
+            ("  latency p50 / p99", f"{x['p50_s']:.2f} s / {x['p99_s']:.2f} s"),
+            ("  TTFT p50 / p99", f"{x['ttft_p50_s']:.3f} s / {x['ttft_p99_s']:.3f} s"),
+            ("  steps mixed / single", f"{x.get('mixed_steps', 0):.0f} / "
+                                       f"{x.get('single_steps', 0):.0f}"),
+            ("  swaps (bytes, s)", f"{x['swaps']:.0f} ({x['swap_bytes'] / 1e9:.2f} GB, "
+                                   f"{x['swap_seconds']:.2f} s)"),
+        ]  # fmt: skip
     for k, v in b1["per_token_ms"].items():
         rows.append((f"  ms/token {k}", f"{v:.3f}"))
     for impl, alt in results["premoe"].get("decode_b1_other_experts_impl", {}).items():
@@ -660,8 +753,8 @@ def report(
     if "batch1" in results.get("accelerate", {}):
         a = results["accelerate"]
         rows.append(("accelerate b1 tokens/s", f"{a['batch1']['tokens_per_s']:.3f}"))
-        rows.append((f"accelerate b{args.max_batch} tokens/s",
-                     f"{a[f'batch{args.max_batch}']['tokens_per_s']:.3f}"))  # fmt: skip
+        rows.append((f"accelerate b{args.baseline_batch} tokens/s",
+                     f"{a[f'batch{args.baseline_batch}']['tokens_per_s']:.3f}"))  # fmt: skip
         rows.append(("  premoe workload / accelerate b1",
                      f"{results['workload_speedup_vs_accelerate_b1']:.0f}x"))  # fmt: skip
     for part in ("full", "accelerate"):

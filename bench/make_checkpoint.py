@@ -12,6 +12,7 @@ data at memory-copy speed. Peak memory is about one shard plus the pool.
     python bench/make_checkpoint.py --gb 4 --out /tmp/qwen3-4gb           # ~4 GB, 1 GB shards
     python bench/make_checkpoint.py --gb 8 --shard 2GB --out /data/q8 --device cuda
     python bench/make_checkpoint.py --smoke --out /tmp/q-smoke
+    python bench/make_checkpoint.py --gb 4 --quant fp8 --out /tmp/q4-fp8   # DeepSeek fp8 layout
 
 `--layers` overrides the layer count that `--gb` implies; the other shape options set the rest
 (defaults: hidden 1024, moe_intermediate 512, 64 experts, top-8, 16 heads x 64, 4 KV heads, vocab
@@ -74,15 +75,44 @@ def tensor_specs(config: Any) -> list[tuple[str, tuple[int, ...]]]:
     return sorted(specs, key=lambda s: (layer_of(s)[0], order[s[0]]))
 
 
-def model_bytes(config: Any) -> int:
-    return sum(math.prod(shape) * 2 for _, shape in tensor_specs(config))
+FP8_BLOCK = 128
+
+
+def is_fp8_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """Linear weights an fp8-block checkpoint stores in e4m3 (DeepSeek-V3 / Qwen3-FP8: all but
+    embeddings, head, norms and routers)."""
+    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight")
+    return len(shape) == 2 and name.endswith(".weight") and not any(s in name for s in skip)
+
+
+def quantized_specs(
+    specs: list[tuple[str, tuple[int, ...]]], quant: str | None
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every stored tensor: bf16, or fp8 weight + fp32 block scales."""
+    out = []
+    for name, shape in specs:
+        if quant == "fp8" and is_fp8_linear(name, shape):
+            out.append((name, shape, torch.float8_e4m3fn))
+            grid = tuple(-(-d // FP8_BLOCK) for d in shape)
+            out.append((name.removesuffix("weight") + "weight_scale_inv", grid, torch.float32))
+        else:
+            out.append((name, shape, torch.bfloat16))
+    return out
+
+
+def model_bytes(config: Any, quant: str | None = None) -> int:
+    return sum(
+        math.prod(shape) * dt.itemsize
+        for _, shape, dt in quantized_specs(tensor_specs(config), quant)
+    )
 
 
 def layers_for(gb: float, args: argparse.Namespace) -> int:
     """Layer count whose checkpoint (of the other shape options in `args`) is closest to `gb` x
     1e9 bytes."""
-    one = model_bytes(bc.qwen3_config(args, layers=1))
-    two = model_bytes(bc.qwen3_config(args, layers=2))
+    quant = getattr(args, "quant", None)
+    one = model_bytes(bc.qwen3_config(args, layers=1), quant)
+    two = model_bytes(bc.qwen3_config(args, layers=2), quant)
     per_layer, rest = two - one, 2 * one - two
     return max(1, round((gb * 1e9 - rest) / per_layer))
 
@@ -94,8 +124,10 @@ def write_checkpoint(
     shard_bytes: int = 10**9,
     device: str = "cpu",
     seed: int = 0,
+    quant: str | None = None,
 ) -> dict[str, Any]:
-    """Write the random checkpoint; returns a summary (bytes, shards, seconds)."""
+    """Write the random checkpoint (bf16, or `quant="fp8"`: the DeepSeek-V3 fp8 block layout,
+    e4m3 weights + fp32 `weight_scale_inv` per 128x128 block); returns a summary."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -105,15 +137,20 @@ def write_checkpoint(
     pool = torch.empty(POOL_ELEMENTS, dtype=torch.float32, device=device)
     pool.normal_(0.0, 0.02, generator=g)
     pool = pool.to("cpu", torch.bfloat16)  # [P]
-    specs = tensor_specs(config)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    specs = quantized_specs(tensor_specs(config), quant)
+    pools = {
+        torch.bfloat16: pool,
+        torch.float8_e4m3fn: (pool.float() * 400).to(torch.float8_e4m3fn),
+    }
+    pools[torch.float32] = pool.float().abs() * 0.01 + 1e-4  # block scales, positive
+    groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
-    for name, shape in specs:
-        n = math.prod(shape) * 2
+    for name, shape, dt in specs:
+        n = math.prod(shape) * dt.itemsize
         if groups[-1] and size + n > shard_bytes:
             groups.append([])
             size = 0
-        groups[-1].append((name, shape))
+        groups[-1].append((name, shape, dt))
         size += n
     weight_map: dict[str, str] = {}
     offset = 0
@@ -121,24 +158,32 @@ def write_checkpoint(
     for index, group in enumerate(groups, 1):
         shard = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
-        for name, shape in group:
+        for name, shape, dt in group:
             n = math.prod(shape)
-            out = torch.empty(n, dtype=torch.bfloat16)
+            out = torch.empty(n, dtype=dt)
+            src = pools[dt]
             done = 0
             while done < n:  # a window of the pool, wrapping around
                 start_at = offset % POOL_ELEMENTS
                 take = min(n - done, POOL_ELEMENTS - start_at)
-                out[done : done + take].copy_(pool[start_at : start_at + take])
+                out[done : done + take].copy_(src[start_at : start_at + take])
                 done += take
                 offset += take
             offset += 7919  # the next tensor starts elsewhere in the pool
             tensors[name] = out.view(shape)
             weight_map[name] = shard
-            total += n * 2
+            total += n * dt.itemsize
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})
         del tensors
     index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+    if quant == "fp8":
+        config.quantization_config = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+        }
     config.save_pretrained(folder)
     (folder / "generation_config.json").write_text(
         json.dumps({"do_sample": False, "max_new_tokens": 32}, indent=2)
@@ -150,6 +195,7 @@ def write_checkpoint(
         "largest_shard": max(p.stat().st_size for p in folder.glob("model-*.safetensors")),
         "layers": config.num_hidden_layers,
         "experts": config.num_experts,
+        "format": quant or "bf16",
         "seconds": time.perf_counter() - start,
     }
 
@@ -162,6 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", default="1GB", help="Shard size limit, e.g. 1GB, 500MB.")
     p.add_argument("--device", default="cpu", help="Where the random pool is generated.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", choices=["fp8"], default=None, help="fp8: DeepSeek fp8 block layout.")
     p.add_argument("--smoke", action="store_true", help="Tiny model (a few MB), for a CPU check.")
     args = p.parse_args(argv)
     if args.smoke:  # the smoke shape replaces the shape options (not --layers)
@@ -182,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_for(args)
     shard = parse_bytes("1MB") if args.smoke else parse_bytes(args.shard)
-    info = write_checkpoint(config, args.out, shard_bytes=shard, device=args.device, seed=args.seed)
+    info = write_checkpoint(
+        config, args.out, shard_bytes=shard, device=args.device, seed=args.seed, quant=args.quant
+    )
     print(json.dumps(info, indent=2))
     return 0
 

@@ -50,3 +50,11 @@ class CorpusError(PremoeError):
 
 class OutputExistsError(UsageError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class OutputError(PremoeError):
+    """An output location cannot be written: read-only, under a file, full, or busy."""
+
+
+class UnsafeOutputError(UsageError):
+    """The output is, contains or lies inside an input, or is not a folder premoe wrote."""

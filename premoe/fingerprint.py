@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from premoe.arch import ArchSpec
+from premoe.arch.model import moe_layer
 
 _VOLATILE = {
     "_name_or_path",
@@ -73,9 +74,9 @@ def fingerprint_source(source: Any) -> dict[str, Any]:
 def fingerprint_model(model: Any, arch: ArchSpec) -> dict[str, Any]:
     """Fingerprint of an in-memory transformers model (equals that of its checkpoint)."""
     config = model.config
-    layers = model.model.layers
     routers = [
-        layers[i].get_parameter(arch.router_weight.memory) for i in arch.moe_layer_ids(config)
+        moe_layer(model, arch, i).get_parameter(arch.router_weight.memory)
+        for i in arch.moe_layer_ids(config)
     ]
     return _fingerprint(arch, config, routers)
 

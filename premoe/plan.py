@@ -1,38 +1,25 @@
-"""`plan`: what a pruned model costs, per keep count, from the checkpoint headers alone.
+"""`plan`: what a pruned model costs per keep count, and what fits a budget, from the checkpoint
+headers alone (sizes from `premoe.sizes`); with a pattern store, the share of the task's scores
+each keep count covers; with a budget, the largest K per expert precision and a recommendation.
 
 Shape legend: L MoE layers, E routed experts per layer, K experts kept per layer.
-
-The resident size of a model that keeps K experts in every MoE layer is linear in K:
-
-    resident(K) = fixed + K * (expert_per_k + router_per_k)
-
-where `fixed` is every tensor that pruning copies unchanged (embeddings, attention, norms, dense
-and shared-expert layers), `expert_per_k` the bytes of one expert summed over the MoE layers and
-`router_per_k` one router row (plus bias entries) summed over the MoE layers. Only the safetensors
-headers are read (shapes and dtypes); with a pattern store, the router weights are read too, to
-check that the store was made for this model.
-
-`SizeModel.file_bytes(K)` predicts the size of the exported `*.safetensors` files, headers
-included, by replaying the export's tensor order and shard split.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import premoe
-from premoe.arch.keys import ExpertKey, RouterKey
-from premoe.errors import CheckpointError, StoreError, StoreMismatchError, UsageError
+from premoe.errors import StoreMismatchError, UsageError
 from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES
+from premoe.patterns.store import PatternStore
 from premoe.policy import (
     budget_count,
     expert_order,
@@ -44,158 +31,20 @@ from premoe.policy import (
     take,
     union_order,
 )
+from premoe.prune.engines import engine_constraints
+from premoe.sizes import (  # noqa: F401  (re-exported: plan's public names)
+    PRECISIONS,
+    Entry,
+    ResidentSizes,
+    SizeModel,
+    keep_for_budget,
+    read_header,
+    resident_sizes,
+    shard_metadata,
+)
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
-
-
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start offset, header dict) of a safetensors file, without opening its data."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as err:
-        raise CheckpointError(
-            f"cannot read the header of shard {path}: {err}; the file is truncated or corrupt, "
-            "re-download or re-export the checkpoint"
-        ) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"shard {path} has no safetensors header")
-    return 8 + n, header
-
-
-def shard_metadata() -> dict[str, str]:
-    """safetensors header metadata of exported shards (besides `format`)."""
-    return {"premoe_version": premoe.__version__}
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of the pruned checkpoint, as its header will describe it."""
-
-    name: str
-    code: str  # safetensors dtype code ("BF16")
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-@dataclass
-class SizeModel:
-    """Resident and on-disk sizes of a model pruned to K experts per MoE layer (headers only)."""
-
-    num_experts: int
-    fixed_bytes: int  # tensors copied unchanged
-    expert_per_k: int  # bytes of one kept expert, summed over MoE layers
-    router_per_k: int  # bytes of one router row (and bias entries), summed over MoE layers
-    source_bytes: int  # resident bytes of the full model (= resident(E))
-    _entries: list[tuple[str, Any, str, tuple[int, ...], int]] = field(repr=False)
-    # (name, role, dtype code, header shape, bytes) in export order
-
-    @classmethod
-    def from_source(cls, src: ModelSource) -> SizeModel:
-        km = src.keymap
-        e = src.num_experts
-        fixed = expert = router = 0
-        entries = []
-        for shard, keys in src.reader.keys_by_shard().items():
-            _, header = read_header(shard)
-            for key in keys:
-                info = header.get(key)
-                if info is None:
-                    raise CheckpointError(
-                        f"{shard.name} does not contain tensor {key!r} although the index says "
-                        "it does; re-download or re-export the checkpoint"
-                    )
-                start, stop = (int(x) for x in info["data_offsets"])
-                nbytes = stop - start
-                role = km.role(key)
-                if role is None:
-                    fixed += nbytes
-                elif isinstance(role, RouterKey):
-                    router += nbytes
-                else:
-                    expert += nbytes
-                entries.append((key, role, str(info["dtype"]), tuple(info["shape"]), nbytes))
-        if expert % e or router % e:
-            raise UsageError(
-                f"expert tensors of {src.path} ({expert} bytes) do not split evenly over its "
-                f"{e} experts; is config.json the one the checkpoint was saved with?"
-            )
-        return cls(e, fixed, expert // e, router // e, fixed + expert + router, entries)
-
-    def check(self, k: int) -> None:
-        if not 0 <= k <= self.num_experts:
-            raise UsageError(f"keep must be between 0 and {self.num_experts}, got {k}")
-
-    def expert_bytes(self, k: int) -> int:
-        """Bytes of the kept experts' weights."""
-        self.check(k)
-        return k * self.expert_per_k
-
-    def non_expert_bytes(self, k: int) -> int:
-        """Bytes of everything else: unchanged tensors plus the K router rows."""
-        self.check(k)
-        return self.fixed_bytes + k * self.router_per_k
-
-    def resident(self, k: int) -> int:
-        """Resident bytes with K experts kept in every MoE layer."""
-        return self.expert_bytes(k) + self.non_expert_bytes(k)
-
-    __call__ = resident
-
-    def entries(self, k: int) -> Iterator[Entry]:
-        """The tensors of a checkpoint pruned to K experts, in the order export writes them."""
-        self.check(k)
-        for name, role, code, shape, nbytes in self._entries:
-            if role is None:
-                yield Entry(name, code, shape, nbytes)
-            elif isinstance(role, RouterKey):
-                out = list(shape)
-                out[role.tensor.dim] = k
-                yield Entry(name, code, tuple(out), nbytes // self.num_experts * k)
-            elif isinstance(role, ExpertKey) and role.expert is None:
-                out = (k * shape[0] // self.num_experts, *shape[1:])
-                yield Entry(name, code, out, nbytes // self.num_experts * k)
-            elif role.expert < k:
-                # per-expert tensors of experts 0..K-1 keep their names after renumbering
-                yield Entry(name, code, shape, nbytes)
-
-    def file_bytes(
-        self,
-        k: int,
-        *,
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-        metadata: dict[str, str] | None = None,
-    ) -> int:
-        """Predicted total size of the exported `*.safetensors` files (headers included)."""
-        meta = {"format": "pt", **(shard_metadata() if metadata is None else metadata)}
-        shards: list[list[Entry]] = [[]]
-        size = 0
-        for entry in self.entries(k):  # the same greedy split as ShardedWriter
-            if shards[-1] and size + entry.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(entry)
-            size += entry.nbytes
-        return sum(_shard_file_bytes(entries, meta) for entries in shards)
-
-
-def _shard_file_bytes(entries: Sequence[Entry], meta: dict[str, str]) -> int:
-    header = len(json.dumps({"__metadata__": meta}, separators=(",", ":"))) - 1
-    offset = 0
-    for e in entries:
-        start, offset = offset, offset + e.nbytes
-        header += (
-            len(json.dumps(e.name))
-            + len(e.code)
-            + len(",".join(str(n) for n in e.shape))
-            + len(str(start))
-            + len(str(offset))
-            + 44  # ,"":{"dtype":"","shape":[],"data_offsets":[,]}
-        )
-    header += 1  # closing brace
-    return 8 + (header + 7) // 8 * 8 + offset
 
 
 # ---- the store (contract of premoe.patterns.store) -----------------------------------------------
@@ -204,10 +53,6 @@ def _shard_file_bytes(entries: Sequence[Entry], meta: dict[str, str]) -> int:
 def open_store(store: Any, fingerprint: dict[str, Any] | None = None) -> Any:
     """A `PatternStore` from a path (or as given), checked against `fingerprint` if given."""
     if isinstance(store, str | Path):
-        try:
-            from premoe.patterns.store import PatternStore
-        except ImportError as err:  # the store module ships separately
-            raise StoreError(f"pattern stores are not available in this install ({err})") from None
         store = PatternStore.load(store)
     if fingerprint is not None:
         store.check_model(fingerprint)
@@ -256,6 +101,19 @@ class PlanRow:
     group_exact: bool
     coverage_min: float | None = None
     coverage_mean: float | None = None
+    engine_ok: bool = True  # vLLM/SGLang accept this K (`premoe.prune.engines`)
+
+
+@dataclass(frozen=True)
+class PrecisionRow:
+    """At one expert precision: the largest keep count within the budget and what it keeps."""
+
+    precision: str  # "source" | "fp8" | "int4"
+    expert_per_k: int  # bytes of one kept expert, summed over MoE layers
+    keep: int | None  # largest K within the budget; None when not even top-k fits
+    resident_bytes: int | None
+    coverage_min: float | None = None
+    coverage_mean: float | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +132,10 @@ class Plan:
     fits: int | None = None  # largest K within the budget
     tasks: list[str] | None = None
     metric: str | None = None
+    precisions: list[PrecisionRow] | None = None  # with a budget and `precisions`
+    recommended: PrecisionRow | None = None
+    dtype: str | None = None  # resident bytes in this load dtype (None: the checkpoint's bytes)
+    engines: dict[str, Any] | None = None  # engine constraints of `fits` (with a budget)
 
     def row(self, keep: int) -> PlanRow:
         return next(r for r in self.rows if r.keep == keep)
@@ -306,16 +168,36 @@ def plan(
     top_k: int | None = None,
     keeps: Sequence[int] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    precisions: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
 ) -> Plan:
     """Resident bytes per keep count (a ladder of K plus `keeps`), from checkpoint headers.
 
     With `store`, each row also gives the kept share of the scores (min and mean over layers)
     of `tasks` (merged by `merge`), or of all tasks pooled when no task is given. With
     `budget`, `Plan.fits` is the largest K that fits (and is added to the rows).
+
+    With `budget` and `precisions` (a subset of `PRECISIONS`), `Plan.precisions` gives, per
+    expert precision, the largest K that fits the same budget and the score coverage it keeps
+    (K / E without a store), and `Plan.recommended` the choice: the highest precision whose
+    mean coverage is within `RECOMMEND_SLACK` of the best (quantization error is invisible to
+    coverage, so precision breaks near-ties). A budget that only a quantized precision fits is
+    then no error (`fits` is None).
+
+    `dtype`: count resident bytes as premoe's loader holds them in that dtype (`load`,
+    `generate`, `serve --budget` use the same numbers, so one budget gives one K everywhere);
+    None counts the checkpoint's own bytes (what an export and an engine hold). Every row says
+    whether vLLM/SGLang accept its K; `engines` details the constraints of `fits`.
     """
     src = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
         sizes = SizeModel.from_source(src)
+        dense = sizes.at_dtype(dtype) if dtype is not None else None
+        resident_of = sizes.resident if dense is None else dense.resident
+
+        def resident_at(k: int, precision: str) -> int:
+            return resident_of(k) if precision == "source" else sizes.resident_at(k, precision)
+
         e, routed = src.num_experts, src.top_k
         if top_k is not None and not 1 <= top_k <= routed:
             raise UsageError(f"--top-k must be between 1 and the model's {routed}, got {top_k}")
@@ -324,11 +206,29 @@ def plan(
         bad = [k for k in keeps if not k_routed <= k <= e]
         if bad:
             raise UsageError(f"keep counts {bad} are outside {k_routed}..{e} (top-k..experts)")
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown:
+            raise UsageError(f"unknown precision {unknown[0]!r}; use {', '.join(PRECISIONS)}")
         fits = None
         budget_bytes = None
+        prec_fits: dict[str, int | None] = {}
         if budget is not None:
             budget_bytes = parse_bytes(budget)
-            fits = budget_count(budget_bytes, sizes.resident, e, routed=k_routed, groups=groups)
+            for prec in precisions:
+                try:
+                    prec_fits[prec] = budget_count(
+                        budget_bytes,
+                        lambda k, prec=prec: resident_at(k, prec),
+                        e,
+                        routed=k_routed,
+                        groups=groups,
+                    )
+                except UsageError:
+                    prec_fits[prec] = None
+            if not any(prec_fits.values()) or "source" not in precisions or dense is not None:
+                fits = budget_count(budget_bytes, resident_of, e, routed=k_routed, groups=groups)
+            else:
+                fits = prec_fits.get("source")
         cover_scores: list[torch.Tensor] = []
         order = None
         if store is not None:
@@ -346,36 +246,65 @@ def plan(
                 store_scores(store, [], metric)  # checks the metric
                 pooled = store.pooled_scores(metric)
                 order, cover_scores = expert_order(pooled), [pooled]
+
+        def coverage(k: int) -> tuple[float | None, float | None]:
+            if order is None:
+                return None, None
+            kept = take(order, k, groups=groups, routed=k_routed)
+            share = torch.stack([kept_share(s, kept) for s in cover_scores]).min(dim=0)
+            return float(share.values.min()), float(share.values.mean())
+
         rows = []
         for k in keep_ladder(k_routed, e, [*keeps, *([fits] if fits else [])]):
-            cov_min = cov_mean = None
-            if order is not None:
-                kept = take(order, k, groups=groups, routed=k_routed)
-                share = torch.stack([kept_share(s, kept) for s in cover_scores]).min(dim=0)
-                cov_min, cov_mean = float(share.values.min()), float(share.values.mean())
-            resident = sizes.resident(k)
+            cov_min, cov_mean = coverage(k)
+            resident = resident_of(k)
+            experts = (
+                sizes.expert_bytes(k)
+                if dense is None
+                else k * dense.expert_bytes * dense.moe_layers
+            )
             rows.append(
                 PlanRow(
                     keep=k,
-                    expert_bytes=sizes.expert_bytes(k),
-                    non_expert_bytes=sizes.non_expert_bytes(k),
+                    expert_bytes=experts,
+                    non_expert_bytes=resident - experts,
                     resident_bytes=resident,
                     file_bytes=sizes.file_bytes(k, max_shard_bytes=max_shard_bytes),
-                    fraction=resident / sizes.source_bytes,
+                    fraction=resident / resident_of(e),
                     group_exact=group_exact_possible(k, e, groups, k_routed),
                     coverage_min=cov_min,
                     coverage_mean=cov_mean,
+                    engine_ok=engine_constraints(src.arch, src.config, k, k_routed)["ok"],
                 )
             )
         if fits is not None:
             log.info("largest keep count within %s: %d", human_bytes(budget_bytes or 0), fits)
+        prec_rows: list[PrecisionRow] | None = None
+        recommended = None
+        if prec_fits:
+            prec_rows = []
+            for prec, k in prec_fits.items():
+                cov_min, cov_mean = coverage(k) if k else (None, None)
+                prec_rows.append(
+                    PrecisionRow(
+                        precision=prec,
+                        expert_per_k=dense.expert_bytes * dense.moe_layers
+                        if dense is not None and prec == "source"
+                        else sizes.expert_per_k_at(prec),
+                        keep=k,
+                        resident_bytes=resident_at(k, prec) if k else None,
+                        coverage_min=cov_min,
+                        coverage_mean=cov_mean,
+                    )
+                )
+            recommended = recommend(prec_rows, e)
         return Plan(
             model=str(src.path),
             family=src.arch.name,
             num_experts=e,
             top_k=k_routed,
             moe_layers=list(src.moe_layers),
-            full_bytes=sizes.source_bytes,
+            full_bytes=resident_of(e),
             expert_per_k=sizes.expert_per_k,
             router_per_k=sizes.router_per_k,
             fixed_bytes=sizes.fixed_bytes,
@@ -384,22 +313,47 @@ def plan(
             fits=fits,
             tasks=list(tasks) if store is not None else None,
             metric=metric if store is not None else None,
+            precisions=prec_rows,
+            recommended=recommended,
+            dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+            engines=None if not fits else engine_constraints(src.arch, src.config, fits, k_routed),
         )
     finally:
         if not isinstance(model, ModelSource):
             src.close()
 
 
+RECOMMEND_SLACK = 0.01  # mean coverage a higher precision may give up and still be recommended
+
+
+def recommend(rows: Sequence[PrecisionRow], num_experts: int) -> PrecisionRow | None:
+    """The highest-precision row whose mean coverage (K / E without a store) is within
+    `RECOMMEND_SLACK` of the best row's; rows are given from highest to lowest precision."""
+    fitting = [r for r in rows if r.keep]
+    if not fitting:
+        return None
+
+    def score(r: PrecisionRow) -> float:
+        return r.coverage_mean if r.coverage_mean is not None else (r.keep or 0) / num_experts
+
+    best = max(score(r) for r in fitting)
+    return next(r for r in fitting if score(r) >= best - RECOMMEND_SLACK)
+
+
 __all__ = [
+    "PRECISIONS",
+    "RECOMMEND_SLACK",
     "Entry",
     "Plan",
     "PlanRow",
+    "PrecisionRow",
     "SizeModel",
     "check_store_layers",
     "keep_ladder",
     "open_store",
     "plan",
     "read_header",
+    "recommend",
     "shard_metadata",
     "store_scores",
 ]

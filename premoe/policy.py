@@ -537,3 +537,58 @@ def select_experts(
         top_k=top_k,
         provenance=prov,
     )
+
+
+# ---- non-uniform allocation ----------------------------------------------------------------------
+
+
+def allocate_counts(
+    scores: torch.Tensor,
+    total: int,
+    *,
+    routed: int,
+    cap: int | None = None,
+) -> list[int]:
+    """Per-layer keep counts summing to `total` (over all layers), more where scores are spread.
+
+    Every layer's scores are normalised to sum to 1 and sorted; each layer first gets `routed`
+    experts, then the remaining budget goes to the largest remaining normalised scores across
+    all layers (the expert adding the most of its own layer's score mass next). A layer whose
+    mass sits on few experts stops early; one whose mass is spread gets more. [L] counts,
+    each in [routed, cap or E]. For the in-process loader (standard exports are uniform).
+    """
+    s = normalize_rows(scores)  # [L, E]
+    n_layers, n_experts = s.shape
+    cap = n_experts if cap is None else min(int(cap), n_experts)
+    if not routed <= cap:
+        raise UsageError(f"cap {cap} is below the routed count {routed}")
+    if not n_layers * routed <= total <= n_layers * cap:
+        raise UsageError(
+            f"a total of {total} experts cannot give each of {n_layers} layers between "
+            f"{routed} and {cap}"
+        )
+    ranked = torch.sort(s, dim=1, descending=True).values  # [L, E]
+    counts = [routed] * n_layers
+    gains = [(float(ranked[r, k]), k, r) for r in range(n_layers) for k in range(routed, cap)]
+    # largest gain first; ties go to the layer with fewer experts so far, then the lower layer.
+    # A layer's gains never increase with k, so its k-th is taken only after its (k-1)-th.
+    gains.sort(key=lambda g: (-g[0], g[1], g[2]))
+    for _gain, _k, row in gains[: total - routed * n_layers]:
+        counts[row] += 1
+    return counts
+
+
+def select_nonuniform(
+    scores: torch.Tensor,
+    layers: Sequence[int],
+    total: int,
+    *,
+    routed: int,
+    cap: int | None = None,
+) -> KeepSets:
+    """Ragged keep sets: `allocate_counts` experts per layer, each layer's top by score."""
+    counts = allocate_counts(scores, total, routed=routed, cap=cap)
+    order = expert_order(scores)  # [L, E]
+    return KeepSets.from_mapping(
+        {int(layer): order[row, : counts[row]].tolist() for row, layer in enumerate(layers)}
+    )

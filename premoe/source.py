@@ -67,7 +67,7 @@ class ModelSource:
 
     @cached_property
     def keymap(self) -> KeyMap:
-        return KeyMap(self.arch, self.config, self.reader.keys())
+        return KeyMap(self.arch, self.config, self.reader.keys(), self.reader.shape)
 
     @property
     def num_experts(self) -> int:
@@ -96,14 +96,29 @@ def resolve_model(model: str | Path, *, revision: str | None = None) -> ModelSou
     return ModelSource(path=path, config=config, arch=arch)
 
 
+_PROBE = "The quick brown fox, 1 + 2 = 3."
+
+
 def load_tokenizer(path: str | Path) -> Any:
-    """`AutoTokenizer.from_pretrained(path)`; a clear `ModelNotFoundError` when it fails."""
+    """`AutoTokenizer.from_pretrained(path)`; a clear `ModelNotFoundError` when it fails, or when
+    the folder has no tokenizer files (transformers then builds an empty tokenizer from the
+    config's model type, which turns every text into zero tokens)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelNotFoundError(
             f"cannot load a tokenizer from {path} ({type(exc).__name__}); add the tokenizer "
             "files to the model folder"
         ) from None
+    try:
+        ids = tokenizer(_PROBE)["input_ids"]
+    except Exception:
+        ids = []
+    if not ids:
+        raise ModelNotFoundError(
+            f"{path} has no usable tokenizer (it turns text into no tokens); add the tokenizer "
+            "files (tokenizer.json or the vocabulary, tokenizer_config.json) to the model folder"
+        )
+    return tokenizer

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import typer
@@ -36,3 +39,47 @@ def progress_enabled() -> bool:
     from premoe_cli.app import state
 
     return not state.quiet and sys.stderr.isatty()
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OS error that reached the CLI edge: what failed, and on which path."""
+    why = err.strerror or type(err).__name__
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    return f"{why}: {where}" if where else why
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) in the main thread, as SIGINT raises
+    KeyboardInterrupt, so partial outputs are cleaned up by the same `except`/`finally` code."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s]
+    old = {s: signal.signal(s, _exit_on_signal) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def read_stdin() -> str:
+    """A prompt read from stdin, as UTF-8; anything else is a one-line `UsageError`."""
+    from premoe.errors import UsageError
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"the prompt read from stdin is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+            f"offset {exc.start})"
+        ) from None

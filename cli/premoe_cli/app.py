@@ -15,6 +15,7 @@ import typer
 
 import premoe
 from premoe.errors import PremoeError
+from premoe_cli._common import os_error_line, signals_unwind
 from premoe_cli.archs import archs
 from premoe_cli.demo_cmd import demo_command
 from premoe_cli.eval_cmd import eval_command
@@ -88,12 +89,18 @@ app.command("demo")(demo_command)
 
 
 def main() -> None:
-    """Console entry point: usage errors are handled by typer; library errors become one line."""
+    """Console entry point: usage errors are handled by typer; library errors, and OS errors
+    (unreadable, unwritable or full locations), become one line; SIGTERM/SIGHUP unwind like
+    SIGINT, so partial outputs are removed."""
     try:
-        app()
+        with signals_unwind():
+            app()
     except PremoeError as err:
         typer.echo(f"premoe: error: {err}", err=True)
         sys.exit(err.exit_code)
+    except OSError as err:
+        typer.echo(f"premoe: error: {os_error_line(err)}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

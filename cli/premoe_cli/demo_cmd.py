@@ -78,7 +78,7 @@ def demo_command(
       premoe demo
       premoe demo --quick --out /tmp/demo --json
     """
-    from premoe.demo.run import DemoOptions, run_demo
+    from premoe.eval.demo import DemoOptions, run_demo
 
     base = DemoOptions.quick() if quick else DemoOptions()
     changes: dict[str, Any] = {"threads": threads}
@@ -94,7 +94,7 @@ def demo_command(
 
 
 def _print_result(result: Any) -> None:
-    from premoe.demo.run import summary_table
+    from premoe.eval.demo import summary_table
 
     e = result.num_experts
     typer.echo(
@@ -134,6 +134,14 @@ def _print_result(result: Any) -> None:
         f"({ex['fraction']:.1%}); plain from_pretrained of it scores "
         f"{100 * ex['accuracy']:.1f}% on {ex['n']} held-out {ex['task']} prompts -> {ex['out']}"
     )
+    rc = ex.get("recalibrated")
+    if rc:
+        typer.echo(
+            f"   the same size with `premoe export --recalibrate` (experts chosen by "
+            f"{rc['selection']}, routers recalibrated, KL {rc['kl_before']:.3f} -> "
+            f"{rc['kl_after']:.3f}): {100 * rc['accuracy']:.1f}% (TCESS {100 * ex['accuracy']:.1f}"
+            f"%) -> {rc['out']}"
+        )
     n_eval = result.options["n_eval"]
     typer.echo(
         f"\n4. summary at {result.keep} of {e} experts per layer: exact-match accuracy, mean of "

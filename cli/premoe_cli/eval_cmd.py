@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from premoe.calibrate.recalibrate import RecalibrateOptions
 from premoe.eval.runner import METHODS, EvalProgress, EvalReport, evaluate
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg
@@ -156,6 +157,29 @@ def eval_command(
     predictions: Annotated[
         bool, typer.Option(help="With --json: include every generated answer.")
     ] = False,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="Also score every method (but random and routed) with its routers "
+            "recalibrated to the full model on the task's corpus (rows METHOD+recal).",
+        ),
+    ] = False,
+    recalibrate_steps: Annotated[
+        int, typer.Option("--recalibrate-steps", help="Router training steps.")
+    ] = RecalibrateOptions.steps,
+    recalibrate_lr: Annotated[
+        float, typer.Option("--recalibrate-lr", help="Router learning rate (Adam).")
+    ] = RecalibrateOptions.lr,
+    calibration: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--calibration",
+            help="TASK=FILE, repeatable: the corpus recon and --recalibrate use (default: the "
+            "corpus the task was profiled on, as the store recorded it).",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     overwrite: Annotated[
@@ -175,19 +199,17 @@ def eval_command(
       premoe eval premoe/demo/model --store patterns/demo --task add --task sort \\
         --keep 4,8,16 --method tcess,global,random --plot eval.png
     """
-    if plot is not None:
-        from pathlib import Path
-
-        from premoe.errors import OutputExistsError, UsageError
+    if plot is not None:  # before any work: the plot is written after the whole evaluation
+        from premoe.errors import UsageError
         from premoe.eval.plots import check_matplotlib
+        from premoe.io.atomic import check_output_file
 
         check_matplotlib()
         if not plot.lower().endswith(".png"):
             raise UsageError(f"--plot {plot}: the plot is a PNG; give a path ending in .png")
-        if Path(plot).exists() and not overwrite:
-            raise OutputExistsError(
-                f"{plot} already exists; pass --overwrite or choose another --plot"
-            )
+        inputs = [("model folder", model), ("pattern store", store)]
+        inputs += [("eval set", e.partition("=")[2] or e) for e in eval_set or []]
+        check_output_file(plot, overwrite=overwrite, inputs=inputs)
     with closing(_Bar() if progress_enabled() and not json_out else None) as bar:
         report = evaluate(
             model,
@@ -206,6 +228,9 @@ def eval_command(
             routing=routing,
             threads=threads,
             progress=bar,
+            recalibrate=recalibrate,
+            recalibrate_options=RecalibrateOptions(steps=recalibrate_steps, lr=recalibrate_lr),
+            calibration=_calibration(calibration or [], task),
         )
     plot_path = None
     if plot is not None:
@@ -220,3 +245,15 @@ def eval_command(
     print_report(report)
     if plot_path is not None:
         typer.echo(f"plot: {plot_path}")
+
+
+def _calibration(specs: list[str], tasks: list[str]) -> dict[str, str] | None:
+    from premoe.errors import UsageError
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in tasks:
+            raise UsageError(f"--calibration {spec!r}: write TASK=FILE with an evaluated task")
+        out[name] = path
+    return out or None

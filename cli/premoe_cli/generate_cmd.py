@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
+from premoe.generate import DEFAULT_COVERAGE, generate
 from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW, MISS_POLICIES
-from premoe.load.generate import DEFAULT_COVERAGE, generate
-from premoe_cli._common import human_bytes, print_json, progress_enabled
+from premoe.load.loader import ExpertQuantization
+from premoe.quant.export import check_scheme
+from premoe_cli._common import human_bytes, print_json, progress_enabled, read_stdin
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, StoreOpt
 from premoe_cli.progress import LazyBar, closing
 
@@ -93,6 +95,16 @@ def generate_command(
             "--measure/--no-measure", help="Measure the dropped mass (reroute always does)."
         ),
     ] = True,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep the loaded experts quantized on the device: fp8 (blocks of --block) or "
+            "int4 (groups of --group-size); --budget then counts quantized experts.",
+            show_default=False,
+        ),
+    ] = None,
+    block: Annotated[int, typer.Option(help="fp8 block size (rows and columns).")] = 128,
+    group_size: Annotated[int, typer.Option(help="int4 group size along the input.")] = 128,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
@@ -108,7 +120,7 @@ def generate_command(
 
     Example: premoe generate ./Qwen3-30B-A3B --store patterns/qwen3 "Integrate x^2" --keep 32
     """
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = read_stdin() if prompt == "-" else prompt
     with closing(_Bar() if progress_enabled() and not json_out else None) as bar:
         result = generate(
             model,
@@ -131,6 +143,9 @@ def generate_command(
             miss_threshold=miss_threshold,
             reroute_context=reroute_context,
             host_cache=host_cache,
+            quantize=None
+            if quantize is None
+            else ExpertQuantization(check_scheme(quantize), (block, block), group_size),
         )
     if json_out:
         print_json(result.to_json())

@@ -20,6 +20,12 @@ def parse_ids(text: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated expert ids, got {text!r}") from None
 
 
+def _format_row(w: dict[str, Any]) -> str:
+    if w["format"] == "dense":
+        return "dense"
+    return f"{w['format']} ({w['quant_method']}): {', '.join(w['expert_components'])}"
+
+
 def inspect(
     model: ModelArg,
     keep: Annotated[
@@ -35,6 +41,7 @@ def inspect(
         "path": str(src.path),
         "fingerprint": fingerprint_source(src),
         "layout": km.layout,
+        "weights": km.summary(),
         "checkpoint_bytes": sum(src.reader.shard_sizes().values()),
         "shards": len(src.reader.shard_sizes()),
     }
@@ -52,6 +59,8 @@ def inspect(
         ["MoE layers", f"{len(fp['moe_layers'])} of {fp['num_layers']}"],
         ["experts / top-k", f"{fp['num_experts']} / {fp['top_k']}"],
         ["layout on disk", info["layout"]],
+        ["weight format", _format_row(info["weights"])],
+        ["MTP layers", str(info["weights"]["mtp_layers"] or "none")],
         ["checkpoint", f"{human_bytes(info['checkpoint_bytes'])} in {info['shards']} shard(s)"],
         ["config hash", fp["config_hash"]],
         ["router hash", fp["router_hash"]],

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from premoe.plan import plan
+from premoe.plan import PRECISIONS, plan
+from premoe.runtime import parse_dtype
 from premoe_cli._common import human_bytes, print_json, print_table
 from premoe_cli.options import BudgetOpt, JsonOpt, MergeOpt, MetricOpt, ModelArg, TopKOpt
 
@@ -37,6 +38,16 @@ def plan_command(
         list[int] | None,
         typer.Option("--keep", "-k", help="Add this keep count to the table; repeatable."),
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="Count resident bytes as `load`/`generate`/`serve` hold them in this dtype "
+            "(bf16, fp16, fp32; quantized checkpoints dequantized); default: the checkpoint's "
+            "own bytes, as an export holds them.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Resident bytes per keep count (experts kept per MoE layer), from checkpoint headers.
@@ -44,6 +55,10 @@ def plan_command(
     For each keep count K (top-k, powers of two, all experts): expert and non-expert bytes,
     the fraction of the full model, the predicted export size, and with a store the share of
     the task's scores that the kept experts cover (min and mean over layers).
+
+    With --budget, a second table gives per expert precision (source, fp8, int4: what
+    `export --quantize` writes) the largest K within the same budget and the coverage it keeps,
+    and recommends one: the highest precision within 0.01 of the best mean coverage.
 
     Example:
 
@@ -60,6 +75,8 @@ def plan_command(
         budget=budget,
         top_k=top_k,
         keeps=keep or [],
+        precisions=PRECISIONS if budget is not None else (),
+        dtype=None if dtype is None else parse_dtype(dtype),
     )
     if json_out:
         print_json(p.to_json())
@@ -70,8 +87,9 @@ def plan_command(
     rows = []
     for r in p.rows:
         mark = " *" if p.fits == r.keep else ""
+        notes = ("" if r.group_exact else " (1 group)") + ("" if r.engine_ok else " (!vLLM)")
         row = [
-            f"{r.keep}/{p.num_experts}{mark}" + ("" if r.group_exact else " (1 group)"),
+            f"{r.keep}/{p.num_experts}{mark}" + notes,
             human_bytes(r.expert_bytes),
             human_bytes(r.non_expert_bytes),
             human_bytes(r.resident_bytes),
@@ -84,6 +102,7 @@ def plan_command(
     typer.echo(
         f"{p.model}: {p.family}, {len(p.moe_layers)} MoE layers x {p.num_experts} experts, "
         f"top-{p.top_k}, full model {human_bytes(p.full_bytes)}"
+        + (f" in {p.dtype}" if p.dtype else "")
     )
     print_table(headers, rows)
     if p.budget is not None:
@@ -93,3 +112,36 @@ def plan_command(
             if p.fits
             else ""
         )
+        if p.engines:
+            eng = p.engines
+            ok = "ok" if eng["ok"] else "; ".join(eng["problems"])
+            eps = ",".join(map(str, eng["expert_parallel_sizes"]))
+            typer.echo(f"  vLLM/SGLang with keep {p.fits}: {ok}; expert-parallel sizes {eps}")
+    if p.precisions:
+        headers = ["precision", "per expert", "keep", "resident"]
+        if store is not None:
+            headers += ["coverage min", "coverage mean"]
+        rows = []
+        for r in p.precisions:
+            mark = " <" if p.recommended is not None and r is p.recommended else ""
+            row = [
+                r.precision + mark,
+                human_bytes(r.expert_per_k),
+                f"{r.keep}/{p.num_experts}" if r.keep else "does not fit",
+                human_bytes(r.resident_bytes) if r.resident_bytes else "-",
+            ]
+            if store is not None:
+                row += [
+                    f"{r.coverage_min:.3f}" if r.coverage_min is not None else "-",
+                    f"{r.coverage_mean:.3f}" if r.coverage_mean is not None else "-",
+                ]
+            rows.append(row)
+        typer.echo(f"at equal memory ({human_bytes(p.budget or 0)}), per expert precision:")
+        print_table(headers, rows)
+        rec = p.recommended
+        if rec is not None:
+            flag = "" if rec.precision == "source" else f" --quantize {rec.precision}"
+            typer.echo(
+                f"< recommended: {rec.precision} experts, keep {rec.keep}/{p.num_experts} "
+                f"(export --keep {rec.keep}{flag})"
+            )

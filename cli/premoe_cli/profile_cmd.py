@@ -84,7 +84,13 @@ def profile_command(
     max_tokens: Annotated[
         int | None, typer.Option(help="At most this many tokens per task (seeded choice).")
     ] = None,
-    max_length: Annotated[int, typer.Option(help="Truncate samples to this many tokens.")] = 512,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            help="Truncate samples to this many tokens (default: the store's, else 512); every "
+            "task of a store uses the same."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
     device: DeviceOpt = "auto",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -15,7 +14,7 @@ from premoe.route import QueryKeyer, route
 from premoe.route.keys import encode_prompt
 from premoe.route.retrieve import DEFAULT_THRESHOLD, check_fallback
 from premoe.source import resolve_model
-from premoe_cli._common import print_json, print_table
+from premoe_cli._common import print_json, print_table, read_stdin
 from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg
 
 
@@ -44,7 +43,7 @@ def route_command(
 
     Example: premoe route patterns/qwen3 ./Qwen3-30B-A3B "Integrate x^2 from 0 to 1" --json
     """
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = read_stdin() if prompt == "-" else prompt
     st = PatternStore.load(store)
     check_fallback(st, fallback)
     src = resolve_model(model)

@@ -58,7 +58,13 @@ def serve_command(
         ),
     ] = None,
     max_batch: Annotated[
-        int, typer.Option(min=1, max=256, help="Requests of one pattern decoded together.")
+        int,
+        typer.Option(
+            min=1,
+            max=1024,
+            help="Requests decoded together (continuous: KV cache slots, fewer if the device "
+            "memory left after the weights cannot hold them).",
+        ),
     ] = 8,
     max_wait_ms: Annotated[
         float,
@@ -105,6 +111,51 @@ def serve_command(
     max_body: Annotated[
         int, typer.Option("--max-body-bytes", help="Largest request body accepted.")
     ] = 1 << 20,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            help="auto (continuous where the model allows), continuous (requests join and "
+            "leave the running batch between decode steps) or batch (one batch per pattern)."
+        ),
+    ] = "auto",
+    mixed: Annotated[
+        str,
+        typer.Option(
+            help="Rows of different patterns in one batch, the union of their experts resident: "
+            "auto (when the union fits --budget), on, off (swap expert sets between patterns)."
+        ),
+    ] = "auto",
+    prefill_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Prompt tokens prefilled per step at most: bounds how long running streams "
+            "stall for newcomers.",
+        ),
+    ] = 512,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM/SIGINT: seconds in-flight requests get to finish; then each is "
+            "ended with an error event (streams) or a 503, and the server exits 0.",
+        ),
+    ] = 30.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a connection gets to send its request headers."),
+    ] = 5.0,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request gets to send its body.")
+    ] = 30.0,
+    max_pending_per_client: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Connections one client address may hold without having sent a whole "
+            "request; one more closes its oldest.",
+        ),
+    ] = 1024,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -118,9 +169,9 @@ def serve_command(
 
     Example: premoe serve ./Qwen3-30B-A3B --store patterns/qwen3 --budget 24GiB --port 8000
     """
-    import uvicorn
-
     from premoe.serve import Engine, EngineConfig, create_app
+    from premoe.serve.guard import GuardSettings
+    from premoe.serve.server import ServerOptions, run_server
 
     config = EngineConfig(
         model=model,
@@ -141,6 +192,9 @@ def serve_command(
         max_body_bytes=max_body,
         route_threshold=route_threshold,
         host_cache=host_cache,
+        scheduler=scheduler,
+        mixed=mixed,
+        prefill_tokens=prefill_tokens,
     )
     config.check()
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -158,11 +212,10 @@ def serve_command(
         f"on http://{host}:{port}/v1",
         err=True,
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-        limit_concurrency=max(64, 4 * max_queue),
+    guard = GuardSettings(
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_pending_per_client=max_pending_per_client,
     )
+    opts = ServerOptions(host=host, port=port, shutdown_timeout=shutdown_timeout, guard=guard)
+    run_server(app, engine, opts)

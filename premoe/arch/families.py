@@ -7,7 +7,7 @@ model of the family (2-3 layers, 8 experts, top-2).
 
 from __future__ import annotations
 
-from premoe.arch.spec import ArchSpec, ExpertTensor, RouterSpec, RouterTensor
+from premoe.arch.spec import ArchSpec, ExpertTensor, MtpSpec, RouterSpec, RouterTensor
 
 _TINY = dict(
     vocab_size=96,
@@ -52,6 +52,7 @@ _DEEPSEEK_GATE = (
     RouterTensor("mlp.gate.weight"),
     RouterTensor("mlp.gate.e_score_correction_bias", role="correction_bias"),
 )
+_NEXTN = MtpSpec("num_nextn_predict_layers")  # MTP as decoder layer N (DeepSeek-V3, GLM-4.5)
 _MLA = dict(
     num_key_value_heads=4,
     kv_lora_rank=16,
@@ -155,6 +156,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         router_tensors=_QWEN_GATE,
         per_expert_block="mlp",
         shared=("mlp.shared_expert", "mlp.shared_expert_gate"),
+        mtp=MtpSpec("mtp_num_hidden_layers", prefix="mtp.layers"),
         example_config=_tiny(
             num_experts=8,
             moe_intermediate_size=16,
@@ -214,7 +216,8 @@ ARCHS: tuple[ArchSpec, ...] = (
         router_tensors=_DEEPSEEK_GATE,
         per_expert_block="mlp",
         shared=("mlp.shared_experts",),
-        notes="sigmoid + correction bias, group-limited (n_group/topk_group); MTP layer ignored.",
+        mtp=_NEXTN,
+        notes="sigmoid + correction bias, group-limited (n_group/topk_group); MTP layer N.",
         example_config=_tiny(
             n_routed_experts=8,
             moe_intermediate_size=16,
@@ -239,6 +242,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         router_tensors=_DEEPSEEK_GATE,
         per_expert_block="mlp",
         shared=("mlp.shared_experts",),
+        mtp=_NEXTN,
         example_config=_tiny(
             n_routed_experts=8,
             moe_intermediate_size=16,
@@ -348,8 +352,9 @@ ARCHS: tuple[ArchSpec, ...] = (
             RouterTensor("mlp.router.weight"),
             RouterTensor("mlp.router.bias", role="logit_bias"),
         ),
-        notes="fused on disk; gate/up interleaved and transposed [E, H, 2I]. bf16 only "
-        "(MXFP4 checkpoints are not read).",
+        memory_transposed=True,
+        notes="fused on disk; gate/up interleaved and transposed [E, H, 2I]; MXFP4 as published "
+        "(*_blocks/*_scales [E, 2I, H/32, 16]).",
         example_config=_tiny(num_local_experts=8, layer_types=None),
     ),
     ArchSpec(

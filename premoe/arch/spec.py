@@ -136,6 +136,20 @@ class RouterSpec:
 
 
 @dataclass(frozen=True)
+class MtpSpec:
+    """Multi-token-prediction layers stored beside the decoder layers (DeepSeek-V3, GLM-4.5:
+    decoder layer N..N+n-1; Qwen3-Next: `mtp.layers.i`). Each holds its own MoE block with the
+    same relative names, router and expert count as a decoder MoE layer. Logical layer ids
+    continue the decoder's: num_hidden_layers + i."""
+
+    count_key: str  # config key holding the number of MTP layers
+    prefix: str | None = None  # key prefix of MTP layers; None: they continue `layers_prefix`
+
+    def count(self, config: Any) -> int:
+        return int(config_value(config, self.count_key, 0) or 0)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Everything premoe needs to know about one MoE family."""
 
@@ -151,6 +165,8 @@ class ArchSpec:
     per_expert_block: str | None = None  # block name in the per-expert disk layout, if any
     shared: tuple[str, ...] = ()  # shared-expert modules left untouched (relative to layer)
     layers_prefix: str = "model.layers"
+    mtp: MtpSpec | None = None
+    memory_transposed: bool = False  # fused expert weights held [E, K, N] (in x out) in memory
     notes: str = ""
     tested: bool = True
     example_config: dict[str, Any] = field(default_factory=dict)  # tiny config for tests
@@ -164,6 +180,13 @@ class ArchSpec:
 
     def moe_layer_ids(self, config: Any) -> list[int]:
         return MOE_LAYER_RULES[self.moe_layers](config)
+
+    def mtp_layer_ids(self, config: Any) -> list[int]:
+        """Logical ids of the declared MTP layers (num_hidden_layers + i); [] when none."""
+        if self.mtp is None:
+            return []
+        n = int(config.num_hidden_layers)
+        return list(range(n, n + self.mtp.count(config)))
 
     def renormalize(self, config: Any) -> bool:
         r = self.router.renormalize
@@ -212,6 +235,7 @@ class ArchSpec:
             },
             "layouts": ["fused"] + (["per_expert"] if self.has_per_expert_layout() else []),
             "shared_experts": list(self.shared),
+            "mtp": None if self.mtp is None else self.mtp.count_key,
             "tested": self.tested,
             "notes": self.notes,
         }

@@ -133,12 +133,15 @@ def load_eval_set(
                 f"eval set {path} is plain text, so it cannot hold several tasks; give it as "
                 f"--eval-set {task}={path}"
             )
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        from premoe.profile.corpus import read_text_file
+
+        text = read_text_file(path, "eval set")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         rows: list[dict[str, Any]] = [{"text": ln} for ln in lines]
     elif suffix in {".jsonl", ".ndjson", ".json"}:
         from premoe.profile.corpus import read_json_rows
 
-        rows = read_json_rows(path)
+        rows = read_json_rows(path, "eval set")
     else:
         raise CorpusError(
             f"{path}: unknown eval set format {suffix or '(no suffix)'!r}; use .jsonl or .txt"

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from premoe.errors import OutputExistsError, UsageError
-from premoe.io.atomic import atomic_write_bytes
+from premoe.errors import UsageError
+from premoe.io.atomic import Inputs, atomic_write_bytes, check_output_file
 
 if TYPE_CHECKING:
     from premoe.eval.runner import EvalReport
@@ -69,9 +69,8 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _check_free(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass --overwrite or choose another path")
+def _check_free(path: Path, overwrite: bool, inputs: Inputs = ()) -> None:
+    check_output_file(path, overwrite=overwrite, inputs=inputs)
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -206,6 +205,7 @@ def plot_patterns(
     from premoe.patterns.store import PatternStore
 
     st = store if isinstance(store, PatternStore) else PatternStore.load(store)
+    inputs = [("pattern store", st.path)]
     names = list(tasks) if tasks is not None else st.task_names
     if not names:
         raise UsageError("the store has no task to plot")
@@ -220,7 +220,7 @@ def plot_patterns(
     out = Path(out)
     paths = {p: out / f"{p}.png" for p in PATTERN_PLOTS}
     for p in paths.values():
-        _check_free(p, overwrite)
+        _check_free(p, overwrite, inputs)
     pngs: dict[str, bytes] = {}
     model_name = st.model.get("family", "model")
 

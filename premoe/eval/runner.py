@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 import premoe
+from premoe.calibrate.routers import source_routers, write_routers
 from premoe.errors import StoreError, UsageError
 from premoe.eval.harness import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -53,13 +54,17 @@ from premoe.prune import KeepSets
 log = logging.getLogger(__name__)
 
 BASELINES: tuple[str, ...] = ("global", "random")
-METHODS: tuple[str, ...] = (*METRICS, *BASELINES, "routed")
+MODEL_METHODS: tuple[str, ...] = ("recon",)  # need the model and the task corpus, not only scores
+METHODS: tuple[str, ...] = (*METRICS, *MODEL_METHODS, *BASELINES, "routed")
+RECAL = "+recal"  # suffix of a method's rows with recalibrated routers
 VIAS: tuple[str, ...] = ("load", "export")
 METHOD_DESCRIPTIONS = {
     "tcess": "top K of the task's TCESS",
     "frequency": "top K of the task's routed-selection share",
     "paper-logits": "top K of the task's mean top-1 router logits (reference code)",
     "reap": "top K of the task's REAP saliency",
+    "recon": "layer-sequential greedy reconstruction of every MoE block's output on the task's "
+    "corpus, lower layers already pruned (premoe.calibrate.select)",
     "global": "top K of all tasks pooled (task-agnostic)",
     "random": "random K per layer (seeded)",
     "routed": "each query routed by the store's key (TAER), then the top K of that pattern",
@@ -224,6 +229,9 @@ def check_methods(store: PatternStore, methods: Sequence[str], tasks: Sequence[s
                 f"task {missing[0]!r} is not in the store (it has {', '.join(store.tasks)}); "
                 "profile it first, or evaluate only the global and random methods"
             )
+    for m in MODEL_METHODS:
+        if m in methods and store.default_metric not in store.metrics:
+            raise StoreError(f"method {m!r} needs a store with task scores")
     for m in ("global", "routed"):
         if m in methods and not store.tasks:
             raise StoreError(f"the {m} method needs a store with at least one task")
@@ -253,8 +261,11 @@ def method_keep(
     global_metric: str | None = None,
 ) -> KeepSets:
     """The keep sets a method gives for `task` at `keep` experts per layer."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method not in METHODS or method in MODEL_METHODS:
+        raise UsageError(
+            f"method {method!r} has no store-only keep set; choose from "
+            f"{', '.join(m for m in METHODS if m not in MODEL_METHODS)}"
+        )
     kwargs: dict[str, Any] = {
         "num_experts": shape.num_experts,
         "routed": shape.top_k,
@@ -275,6 +286,13 @@ def method_keep(
         else:
             sel = select_experts(store.scores(task, method), shape.layers, policy="task", **kwargs)
     return sel.keep
+
+
+def describe_method(method: str) -> str:
+    if method.endswith(RECAL):
+        base = method[: -len(RECAL)]
+        return f"{METHOD_DESCRIPTIONS[base]}; routers recalibrated to the full model (KL)"
+    return METHOD_DESCRIPTIONS[method]
 
 
 def finite_or_none(x: float) -> float | None:
@@ -388,7 +406,7 @@ class EvalReport:
             "store": self.store,
             "tasks": self.tasks,
             "methods": self.methods,
-            "method_descriptions": {m: METHOD_DESCRIPTIONS[m] for m in self.methods},
+            "method_descriptions": {m: describe_method(m) for m in self.methods},
             "keeps": self.keeps,
             "num_experts": self.num_experts,
             "top_k": self.top_k,
@@ -501,6 +519,11 @@ def evaluate(
     threads: int | None = None,
     workdir: str | Path | None = None,
     progress: Progress | None = None,
+    recalibrate: bool = False,
+    recalibrate_options: Any = None,
+    calibration: Mapping[str, Any] | None = None,
+    recon_options: Any = None,
+    recalibrate_methods: Sequence[str] | None = None,
 ) -> EvalReport:
     """Score the full model and every (method, K) pruned model on every task's eval set.
 
@@ -522,6 +545,10 @@ def evaluate(
     from premoe.runtime import resolve_device, resolve_dtype
     from premoe.source import load_tokenizer, resolve_model
 
+    # Model methods (``recon``) and ``recalibrate`` (every method but routed gains a
+    # ``METHOD+recal`` row: its keep sets with routers recalibrated on the task's corpus, see
+    # premoe.calibrate) need each task's corpus: `calibration` {task: source or token lists},
+    # else the source the store recorded.
     with torch_threads(threads), no_load_bars():
         t0 = time.perf_counter()
         tasks = list(tasks)
@@ -569,8 +596,12 @@ def evaluate(
                 return method_keep(st, task, method, k, shape, seed=seed, global_metric=gmetric)
 
             # every fixed keep set up front: bad combinations fail before any model runs
-            fixed = [m for m in chosen if m != "routed"]
+            fixed = [m for m in chosen if m != "routed" and m not in MODEL_METHODS]
             plan = {(t, m, k): keep_for(t, m, k) for k in ks for t in tasks for m in fixed}
+            model_methods = [m for m in chosen if m in MODEL_METHODS]
+            corpora: dict[str, list[list[int]]] = {}
+            if model_methods or recalibrate:
+                corpora = _calibration_corpora(st, tasks, tokenizer, calibration)
 
             counter = _Counter(0, progress)
 
@@ -611,12 +642,50 @@ def evaluate(
             if routing and st is not None and st.tasks:
                 counter.stage = "routing"
                 route_report = routing_accuracy(st, full_model, tokenizer, sets)
+            for m in model_methods:  # recon: needs the full model and the corpus
+                counter.stage = f"selecting ({m})"
+                for t in tasks:
+                    for k in ks:
+                        plan[(t, m, k)] = _model_keep(
+                            full_model, src, corpora[t], k, tokenizer, recon_options
+                        )
+            calibrated: dict[tuple[str, str, int], Any] = {}
+            if recalibrate:
+                from premoe.calibrate import recalibrate as recalibrate_routers
+
+                for (t, m, k), keep in list(plan.items()):
+                    if m == "random" or (
+                        recalibrate_methods is not None and m not in recalibrate_methods
+                    ):
+                        continue
+                    counter.stage = f"recalibrating {t} {m} K={k}"
+                    calibrated[(t, m + RECAL, k)] = recalibrate_routers(
+                        src,
+                        keep,
+                        corpora[t],
+                        options=recalibrate_options,
+                        device=dev,
+                        dtype=torch_dtype,
+                        teacher=full_model,
+                    )
+                    plan[(t, m + RECAL, k)] = keep
             del full_model
 
             # (task, method, K) -> [(unit, keep set)]
             work: dict[tuple[str, str, int], list[tuple[_Unit, KeepSets]]] = {
                 key: [(whole[key[0]], keep)] for key, keep in plan.items()
             }
+            # recalibrated rows: their own unit (name -> calibrated routers), never shared
+            unit_routers: dict[str, Any] = {}
+            for key, cal in calibrated.items():
+                t, m, k = key
+                unit = _Unit(f"{t}:{m}:{k}", t, sets[t], list(range(len(sets[t]))))
+                unit_routers[unit.name] = cal
+                work[key] = [(unit, plan[key])]
+
+            def kid_of(unit: _Unit, keep: KeepSets) -> tuple[Any, ...]:
+                return (*keep_id(keep), unit.name if unit.name in unit_routers else None)
+
             if "routed" in chosen:
                 assert route_report is not None
                 for t in tasks:
@@ -635,7 +704,7 @@ def evaluate(
             groups: dict[int, dict[tuple[Any, ...], tuple[KeepSets, dict[str, _Unit]]]] = {}
             for (_t, _m, k), parts in work.items():
                 for unit, keep in parts:
-                    slot = groups.setdefault(k, {}).setdefault(keep_id(keep), (keep, {}))
+                    slot = groups.setdefault(k, {}).setdefault(kid_of(unit, keep), (keep, {}))
                     slot[1].setdefault(unit.name, unit)
             counter.total += sum(
                 len(u.evalset)
@@ -645,6 +714,7 @@ def evaluate(
             )
 
             results: dict[tuple[str, int, tuple[Any, ...]], tuple[Score, int]] = {}
+            full_routers = source_routers(src) if unit_routers else {}
             mass_of: dict[tuple[str, int, tuple[Any, ...]], float] = {}
             with tempfile.TemporaryDirectory(prefix="premoe-eval-", dir=workdir) as tmp:
                 for k in ks:
@@ -661,8 +731,23 @@ def evaluate(
                                 else:
                                     resident.swap_to(keep)
                                 net = resident.model
+                                if unit_routers:  # calibrated or source rows, every layer
+                                    write_routers(
+                                        net,
+                                        src.arch,
+                                        keep,
+                                        full_routers,
+                                        _routers_of(units, unit_routers),
+                                    )
                             else:
-                                net = _export_and_load(src, keep, Path(tmp), torch_dtype, dev)
+                                net = _export_and_load(
+                                    src,
+                                    keep,
+                                    Path(tmp),
+                                    torch_dtype,
+                                    dev,
+                                    _routers_of(units, unit_routers),
+                                )
                             nbytes = param_bytes(net)
                             meter = None
                             if resident is not None and via == "load":
@@ -682,11 +767,12 @@ def evaluate(
                         if resident is not None:
                             resident.close()
             rows: list[EvalRow] = []
+            shown = [*chosen, *[m + RECAL for m in chosen if (tasks[0], m + RECAL, ks[0]) in work]]
             for t in tasks:
-                for m in chosen:
+                for m in shown:
                     for k in ks:
                         parts = work[(t, m, k)]
-                        got = [results[(u.name, k, keep_id(keep))] for u, keep in parts]
+                        got = [results[(u.name, k, kid_of(u, keep))] for u, keep in parts]
                         if len(parts) == 1 and parts[0][0].name == t:
                             sc = got[0][0]
                         else:
@@ -710,7 +796,7 @@ def evaluate(
                 fingerprint=fingerprint,
                 store=None if st is None or st.path is None else str(st.path),
                 tasks=tasks,
-                methods=chosen,
+                methods=shown,
                 keeps=ks,
                 num_experts=shape.num_experts,
                 top_k=shape.top_k,
@@ -741,16 +827,68 @@ def evaluate(
             src.close()
 
 
+def _routers_of(units: Mapping[str, _Unit], unit_routers: Mapping[str, Any]) -> Any:
+    """The calibrated routers of a group of units (None: the source's routers)."""
+    for name in units:
+        if name in unit_routers:
+            return unit_routers[name]
+    return None
+
+
+def _calibration_corpora(
+    store: PatternStore | None,
+    tasks: Sequence[str],
+    tokenizer: Any,
+    calibration: Mapping[str, Any] | None,
+) -> dict[str, list[list[int]]]:
+    """Token ids of every task's calibration corpus (given, else as the store recorded it)."""
+    from premoe.calibrate import store_corpus
+    from premoe.calibrate.recalibrate import check_corpus
+
+    out: dict[str, list[list[int]]] = {}
+    for t in tasks:
+        given = (calibration or {}).get(t)
+        if given is not None and not isinstance(given, str | Path):
+            out[t] = [list(r) for r in given]
+            check_corpus(out[t], f"calibration corpus of task {t!r}")
+        else:
+            out[t] = store_corpus(store, t, tokenizer, corpus=given)
+    return out
+
+
+def _model_keep(
+    model: Any, src: Any, corpus: list[list[int]], k: int, tokenizer: Any, options: Any
+) -> KeepSets:
+    """Keep sets of the ``recon`` method (`premoe.calibrate.select.recon_select`)."""
+    from premoe.calibrate.recalibrate import batches, cap_tokens
+    from premoe.calibrate.select import ReconOptions, recon_select
+    from premoe.profile.profiler import pad_token_id
+
+    opts = options or ReconOptions()
+    data = batches(
+        cap_tokens(corpus, opts.max_tokens), opts.batch_size, pad_token_id(tokenizer, src.config)
+    )
+    return recon_select(model, src.arch, src.moe_layers, data, k, options=opts).keep
+
+
 def _export_and_load(
-    src: Any, keep: KeepSets, tmp: Path, dtype: torch.dtype, device: torch.device
+    src: Any,
+    keep: KeepSets,
+    tmp: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    routers: Any = None,
 ) -> Any:
-    """`export_pruned` into a fresh folder under `tmp`, then `from_pretrained` it."""
+    """`export_pruned` into a fresh folder under `tmp` (with calibrated `routers` as
+    overrides), then `from_pretrained` it."""
     from transformers import AutoModelForCausalLM
 
+    from premoe.calibrate import router_overrides
     from premoe.export import export_pruned
 
     out = tmp / f"export-{len(list(tmp.iterdir()))}"
-    export_pruned(src, keep, out)
+    overrides = None if routers is None else router_overrides(src, routers)
+    export_pruned(src, keep, out, router_overrides=overrides)
     net = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": str(device)})
     return net.eval()
 

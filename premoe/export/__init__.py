@@ -1,5 +1,6 @@
 """Pruned exports: Hugging Face checkpoints and per-layer expert lists."""
 
+from premoe.export.config_json import pruned_config_json
 from premoe.export.expert_list import (
     EXPERT_LIST_NAME,
     expert_list_lines,
@@ -7,14 +8,12 @@ from premoe.export.expert_list import (
 )
 from premoe.export.export import (
     FORMATS,
-    PROVENANCE_NAME,
     ExportResult,
     check_output,
-    copy_extra_files,
     export_from_store,
     export_pruned,
-    pruned_config_json,
 )
+from premoe.export.files import PROVENANCE_NAME, copy_extra_files
 
 __all__ = [
     "EXPERT_LIST_NAME",

@@ -20,53 +20,41 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import premoe
-from premoe.arch.spec import config_value
+from premoe.arch.keys import ExpertKey
 from premoe.errors import UsageError
+from premoe.export.config_json import pruned_config_json
 from premoe.export.expert_list import EXPERT_LIST_NAME, expert_list_lines, format_expert_list
+from premoe.export.files import PROVENANCE_NAME, copy_extra_files
 from premoe.export.prefetch import ShardPrefetcher
 from premoe.fingerprint import fingerprint_source
 from premoe.io import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, atomic_output_dir
-from premoe.io.atomic import refuse_existing
-from premoe.plan import SizeModel, check_store_layers, open_store, shard_metadata, store_scores
+from premoe.io.atomic import Inputs, check_output_path
+from premoe.plan import check_store_layers, open_store, store_scores
 from premoe.policy import Selection, select_experts
 from premoe.prune import (
     GroupPlan,
     KeepSets,
-    pruned_config,
     pruned_tensor,
     pruned_tensor_names,
 )
+from premoe.prune.engines import engine_constraints
+from premoe.prune.mtp import MTP_RULE, in_layers, mtp_keep
+from premoe.quant.export import ExpertQuantizer
+from premoe.sizes import SizeModel, shard_metadata
 from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_NAME = "premoe.json"
 FORMATS = ("hf", "expert-list")
-MAX_COPY_BYTES = 256 * 2**20
-"""Non-weight files larger than this are not copied (with a warning)."""
-
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".npz",
-    ".onnx",
-)
-_SKIP_NAMES = {"config.json", PROVENANCE_NAME}
 
 Progress = Callable[[int, int], None]
 """`progress(done_bytes, total_bytes)`, called after each tensor written."""
@@ -119,113 +107,13 @@ class ExportResult:
 # ---- checks --------------------------------------------------------------------------------------
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def check_output(out: str | Path, source: Path, *, overwrite: bool) -> Path:
-    """Refuse an existing `out` (unless `overwrite`), and any `out` inside the source folder or
-    containing it."""
-    out = Path(out).expanduser()
-    real_out, real_src = out.resolve(), source.resolve()
-    if _inside(real_out, real_src):
-        raise UsageError(
-            f"output {out} is inside the source model folder {source}; write the export "
-            "somewhere else"
-        )
-    if _inside(real_src, real_out):
-        raise UsageError(
-            f"output {out} contains the source model folder {source}; replacing it would delete "
-            "the source, choose another output"
-        )
-    refuse_existing(out, overwrite=overwrite)
-    return out
-
-
-# ---- config --------------------------------------------------------------------------------------
-
-
-def _aliases(config: Any, key: str) -> list[str]:
-    amap = dict(getattr(config, "attribute_map", {}) or {})
-    names = [key, *(a for a, target in amap.items() if target == key)]
-    if key in amap:
-        names.append(amap[key])
-    return list(dict.fromkeys(names))
-
-
-def _set_raw(raw: dict[str, Any], key: str, value: Any, config: Any) -> None:
-    """Set `key` (dotted, or an attribute_map alias) in the raw config.json dict."""
-    if "." in key:
-        *parents, last = key.split(".")
-        obj = raw
-        for p in parents:
-            obj = obj.setdefault(p, {})
-        obj[last] = value
-        return
-    present = [n for n in _aliases(config, key) if n in raw]
-    for name in present or [key]:
-        raw[name] = value
-
-
-def pruned_config_json(
-    src: ModelSource, keep: KeepSets, plan: GroupPlan, *, top_k: int | None = None
-) -> dict[str, Any]:
-    """The source's config.json with the fields that pruning changes rewritten."""
-    arch, config = src.arch, src.config
-    path = src.path / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read {path}: {err}") from None
-    new = pruned_config(arch, config, keep, plan, top_k=top_k)
-    keys = [arch.num_experts_key, arch.top_k_key]
-    if arch.router.grouped:
-        keys += ["n_group", "topk_group"]
-    for key in keys:
-        if config_value(config, key) != config_value(new, key) or config_value(config, key) is None:
-            _set_raw(raw, key, config_value(new, key), config)
-    check = type(config).from_dict(dict(raw))
-    want = (keep.count, arch.top_k(new), arch.groups(new))
-    got = (arch.num_experts(check), arch.top_k(check), arch.groups(check))
-    if got != want:  # a key name premoe does not know: write the transformers serialisation
-        log.warning(
-            "config.json rewrite gave %s, expected %s; writing transformers' own", got, want
-        )
-        raw = new.to_dict()
-    return raw
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-
-def _is_weight(name: str) -> bool:
-    lower = name.lower()
-    return lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json")
-
-
-def copy_extra_files(source: Path, dest: Path) -> list[str]:
-    """Copy tokenizer files, chat template, generation config and any other small non-weight
-    file (not hidden, not config.json / premoe.json) from `source` into `dest`."""
-    copied = []
-    for root, dirs, files in os.walk(source, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_root = Path(root).relative_to(source)
-        for name in sorted(files):
-            rel = rel_root / name
-            if name.startswith(".") or _is_weight(name) or str(rel) in _SKIP_NAMES:
-                continue
-            path = Path(root) / name
-            try:
-                size = path.stat().st_size
-            except OSError:  # a dangling link
-                continue
-            if size > MAX_COPY_BYTES:
-                log.warning("not copying %s (%d bytes): too large for a non-weight file", rel, size)
-                continue
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest / rel)
-            copied.append(str(rel))
-    return copied
+def check_output(out: str | Path, source: Path, *, overwrite: bool, inputs: Inputs = ()) -> Path:
+    """Refuse, before any work, an `out` that is, contains or lies inside the source folder or
+    another input (a store), an existing `out` (unless `overwrite`, and then only one premoe
+    wrote) and an unwritable location (`premoe.io.atomic.check_output_path`)."""
+    return check_output_path(
+        out, overwrite=overwrite, inputs=[("source model folder", source), *inputs]
+    )
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -275,8 +163,19 @@ def export_pruned(
     progress: Progress | None = None,
     fingerprint: dict[str, Any] | None = None,
     sizes: SizeModel | None = None,
+    drop_mtp: bool = False,
+    quantize: ExpertQuantizer | None = None,
+    router_overrides: Mapping[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Write `model` pruned to `keep` (original expert ids per MoE layer) to folder `out`.
+
+    The export keeps the source's weight format (fp8 block, MXFP4, compressed-tensors, GPTQ,
+    AWQ or dense): every expert tensor moves with all its quantization companions, nothing is
+    cast. MTP layers the checkpoint holds are pruned to the same count (keep sets for them from
+    `keep` if given, else `premoe.prune.mtp`'s rule), or removed with `drop_mtp`.
+    `quantize` (`premoe.quant.export.ExpertQuantizer("fp8" | "int4")`) quantizes the routed
+    experts of a dense source on the way out (fp8 block or compressed-tensors int4); the rest
+    stays as it is.
 
     `format="hf"`: a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained` loads
     (same architecture, E' = keep count, routed count `top_k` if given). `format="expert-list"`:
@@ -285,6 +184,9 @@ def export_pruned(
     list and provenance; its `top_k` is used when `top_k` is None). `provenance` adds fields
     (tasks, metric, policy...) to `premoe.json`. Atomic: on any failure `out` is left as it was.
     `fingerprint` and `sizes` (`SizeModel.from_source`) are computed from `model` when not given.
+    `router_overrides` (pruned checkpoint key -> tensor, `premoe.calibrate.router_overrides`)
+    replaces router tensors (calibrated routers) instead of the sliced source rows; each must
+    have the shape and dtype of the tensor it replaces.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -297,6 +199,9 @@ def export_pruned(
     start = time.perf_counter()
     try:
         out = check_output(out, src.path, overwrite=overwrite)
+        if quantize is not None:
+            _check_quantizable(src, quantize)
+        keep, mtp_info = _with_mtp(src, keep, drop_mtp)
         plan = keep.validate(src.arch, src.config, top_k=top_k)
         if fingerprint is None:
             fingerprint = fingerprint_source(src)
@@ -304,6 +209,11 @@ def export_pruned(
             sizes = SizeModel.from_source(src)
         prov = _provenance(src, fingerprint, keep, plan, top_k, format, provenance, selection)
         k_routed = prov["top_k"]["pruned"]
+        prov["weights"] = src.keymap.summary()
+        prov["mtp"] = mtp_info
+        prov["engines"] = engine_constraints(src.arch, src.config, keep.count, k_routed)
+        for problem in prov["engines"]["problems"]:
+            log.warning("vLLM/SGLang: %s", problem)
         common = dict(
             out=out,
             format=format,
@@ -335,8 +245,9 @@ def export_pruned(
                 provenance=prov,
             )
 
-        config_json = pruned_config_json(src, keep, plan, top_k=top_k)
-        total = sizes.resident(keep.count) if keep.is_uniform else 0
+        config_json = pruned_config_json(src, keep, plan, top_k=top_k, drop_mtp=drop_mtp)
+        exact_size = keep.is_uniform and not drop_mtp and quantize is None
+        total = sizes.resident(keep.count) if exact_size else 0
         read_before = src.reader.bytes_read
         done = 0
         with ShardedWriter(
@@ -345,25 +256,52 @@ def export_pruned(
             # the wanted keys, shard by shard (the order of `iter_pruned_tensors`), so the kept
             # ranges of the next source shard can be hinted to the kernel in time
             wanted = set(pruned_tensor_names(src.keymap, src.reader, keep))
+            if drop_mtp:
+                wanted = {k for k in wanted if not in_layers(k, src.keymap, src.keymap.mtp_layers)}
             shard_keys = {
                 shard: [k for k in keys if k in wanted]
                 for shard, keys in src.reader.keys_by_shard().items()
             }
             prefetch = ShardPrefetcher(shard_keys, src.keymap, keep)
+            replaced: set[str] = set()
             for shard, keys in shard_keys.items():
                 if keys:
                     prefetch.entering(shard)
                 for key in keys:
                     name, tensor = pruned_tensor(src.keymap, src.reader, keep, key)
-                    writer.add(name, tensor)
+                    if router_overrides and name in router_overrides:
+                        tensor = _override(name, tensor, router_overrides[name])
+                        replaced.add(name)
                     done += tensor.nbytes
+                    if quantize is None:
+                        writer.add(name, tensor)
+                    else:
+                        role = src.keymap.role(key)
+                        is_expert = isinstance(role, ExpertKey) and role.expert is not None
+                        for qname, qt in quantize(name, tensor, expert_weight=is_expert).items():
+                            writer.add(qname, qt)
                     if progress is not None:
                         progress(done, total)
+            missing = set(router_overrides or ()) - replaced
+            if missing:
+                raise UsageError(
+                    f"router override for {sorted(missing)[0]!r}, which the pruned checkpoint "
+                    "does not have"
+                )
+            if quantize is not None:
+                config_json["quantization_config"] = quantize.quantization_config()
+                prov["quantized"] = {
+                    "scheme": quantize.scheme,
+                    "block": list(quantize.block) if quantize.scheme == "fp8" else None,
+                    "group_size": quantize.group_size if quantize.scheme == "int4" else None,
+                    "symmetric": quantize.symmetric,
+                    "summary": quantize.summary(),
+                }
             _write_json(writer.path / "config.json", config_json)
             copied = copy_extra_files(src.path, writer.path)
             prov["bytes"] = {"tensors": writer.total_bytes, "source": sizes.source_bytes}
             _write_json(writer.path / PROVENANCE_NAME, prov)
-        if total and writer.total_bytes != total:
+        if exact_size and total and writer.total_bytes != total:
             log.warning("wrote %d tensor bytes, plan predicted %d", writer.total_bytes, total)
         return ExportResult(
             **common,
@@ -378,6 +316,58 @@ def export_pruned(
     finally:
         if not isinstance(model, ModelSource):
             src.close()
+
+
+def _check_quantizable(src: ModelSource, q: ExpertQuantizer) -> None:
+    """Refuse `--quantize` before any work when it cannot apply to every expert weight."""
+    km = src.keymap
+    if km.format.quantized:
+        raise UsageError(
+            f"--quantize {q.scheme}: the source is already {km.format.name}-quantized; export it "
+            "as it is (premoe keeps its format), or quantize from the bf16/fp16 checkpoint"
+        )
+    if km.layout != "per_expert":
+        raise UsageError(
+            f"--quantize needs per-expert expert weights; {src.arch.name} stores its experts "
+            "fused on disk, which has no quantized hub layout premoe writes"
+        )
+    layer = src.moe_layers[0]
+    for ti, t in enumerate(src.arch.experts):
+        for part in range(len(t.per_expert)):
+            rows, cols = km.stored(layer, ti, 0, part).dense_shape
+            q.check(km.expert_key(layer, t, 0, part), rows, cols)
+
+
+def _with_mtp(src: ModelSource, keep: KeepSets, drop: bool) -> tuple[KeepSets, dict[str, Any]]:
+    """`keep` completed with keep sets for the checkpoint's MTP layers (or without them when
+    they are dropped), and what was done, for premoe.json."""
+    layers = src.keymap.mtp_layers
+    base = {k: v for k, v in keep.layers.items() if k not in layers}
+    if not layers:
+        return keep, {"layers": [], "action": "none"}
+    if drop:
+        return KeepSets(base), {"layers": layers, "action": "dropped"}
+    missing = [m for m in layers if m not in keep.layers]
+    if not missing:
+        return keep, {"layers": layers, "action": "pruned", "rule": "given"}
+    n_group, _ = src.arch.groups(src.config)
+    extra = mtp_keep(src.keymap, src.reader, keep.count, n_group)
+    return KeepSets({**keep.layers, **extra}), {
+        "layers": layers,
+        "action": "pruned",
+        "rule": MTP_RULE,
+        "keep": {str(k): list(v) for k, v in extra.items()},
+    }
+
+
+def _override(name: str, tensor: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """A router override, checked against the tensor it replaces."""
+    if tuple(new.shape) != tuple(tensor.shape) or new.dtype != tensor.dtype:
+        raise UsageError(
+            f"router override {name!r} is {tuple(new.shape)} {new.dtype}, the pruned tensor "
+            f"{tuple(tensor.shape)} {tensor.dtype}"
+        )
+    return new.detach().cpu().contiguous()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -402,6 +392,8 @@ def export_from_store(
     format: str = "hf",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    drop_mtp: bool = False,
+    quantize: ExpertQuantizer | None = None,
 ) -> ExportResult:
     """Choose keep sets from a pattern store's task scores with a policy, then `export_pruned`.
 
@@ -412,7 +404,8 @@ def export_from_store(
     """
     src = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
-        check_output(out, src.path, overwrite=overwrite)
+        store_path = store if isinstance(store, str | Path) else getattr(store, "path", None)
+        check_output(out, src.path, overwrite=overwrite, inputs=[("pattern store", store_path)])
         if format not in FORMATS:
             raise UsageError(
                 f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}"
@@ -425,7 +418,6 @@ def export_from_store(
         pooled = None
         store_info: dict[str, Any] | None = None
         if store is not None:
-            store_path = store if isinstance(store, str | Path) else getattr(store, "path", None)
             store = open_store(store, fingerprint)
             check_store_layers(store, src)
             scores = store_scores(store, tasks, metric) if tasks else None
@@ -469,6 +461,8 @@ def export_from_store(
             progress=progress,
             fingerprint=fingerprint,
             sizes=sizes,
+            drop_mtp=drop_mtp,
+            quantize=quantize,
         )
     finally:
         if not isinstance(model, ModelSource):

@@ -20,8 +20,8 @@ from pathlib import Path
 from premoe.arch.keys import ExpertKey, KeyMap, RouterKey
 from premoe.errors import CheckpointError
 from premoe.io.reader import row_runs
-from premoe.plan import read_header
 from premoe.prune import KeepSets
+from premoe.sizes import read_header
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,12 @@ its tensors is asked for, and keeps the handle open. Shapes and dtypes come from
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import operator
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +71,21 @@ _PACKED = {"F4": 2}
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def _check_readable(shard: Path) -> None:
+    """A `CheckpointError` that says why `shard` cannot be opened, when the OS says so (so an
+    unreadable file is not reported as a corrupt one)."""
+    try:
+        os.close(os.open(shard, os.O_RDONLY))
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM):
+            why = "permission denied; make it readable (chmod a+r), the file itself may be fine"
+        elif err.errno == errno.ENOENT:
+            why = f"the file is missing (a dangling link?); {_REDOWNLOAD}"
+        else:
+            why = f"{err.strerror or type(err).__name__}"
+        raise CheckpointError(f"cannot read shard {shard}: {why}") from None
 
 
 class CheckpointReader:
@@ -181,6 +198,7 @@ class CheckpointReader:
             raise ValueError(f"CheckpointReader for {self.folder} is closed")
         handle = self._handles.get(shard)
         if handle is None:
+            _check_readable(shard)
             try:
                 handle = safe_open(str(shard), framework="pt")
             except (SafetensorError, OSError) as err:

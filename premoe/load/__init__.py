@@ -6,10 +6,10 @@
   switches patterns in place and reports `SwapStats`.
 - `HostExpertCache(budget)`: pinned host cache of experts that swaps read from first.
 - `load_prefix(model)`: the model up to the first MoE router, experts on meta (routing keys).
-- `premoe.load.generate.generate(model, store, prompt)`: route, load, generate (with a miss
+- `premoe.generate.generate(model, store, prompt)`: route, load, generate (with a miss
   policy: ``mask``, ``reroute`` or ``fetch``).
 
-Miss-aware modules (imported on their own: they pull in the profiler's routing code):
+Miss-aware modules (imported on their own):
 
 - `premoe.load.miss`: the dropped mass (`MissMeter` hooks, `MassAccumulator` per batch row,
   `DroppedMass` per request);
@@ -24,15 +24,15 @@ from premoe.load.host_cache import HostExpertCache
 from premoe.load.loader import (
     ExpertIO,
     LoadInfo,
-    SizeModel,
-    keep_for_budget,
     load_prefix,
     load_pruned,
     load_pruned_with_info,
-    parse_bytes,
-    size_model,
 )
 from premoe.load.resident import ResidentModel, SourceCount, SwapStats
+from premoe.policy import parse_bytes
+from premoe.sizes import ResidentSizes as SizeModel  # the one size model (premoe.sizes)
+from premoe.sizes import keep_for_budget
+from premoe.sizes import resident_sizes as size_model
 
 __all__ = [
     "ExpertIO",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from premoe.errors import UsageError
-from premoe.load.loader import parse_bytes
+from premoe.policy import parse_bytes
 
 log = logging.getLogger(__name__)
 

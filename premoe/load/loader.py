@@ -23,21 +23,30 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from premoe.arch.keys import ExpertKey, KeyMap, RouterKey
-from premoe.arch.spec import ArchSpec, ExpertTensor
+from premoe.arch.keys import ExpertKey, RouterKey
+from premoe.arch.model import layer_of, moe_layer, tensor_of  # noqa: F401  (re-exported)
 from premoe.errors import CheckpointError, UsageError
-from premoe.policy import budget_count, parse_bytes
+from premoe.load.build import (  # noqa: F401  (re-exported)
+    Copier,
+    build_skeleton,
+    materialize,
+)
+from premoe.load.experts import (  # noqa: F401  (re-exported)
+    ExpertIO,
+    notice_dequantized,
+    read_plain,
+)
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
+from premoe.quant.resident import quantize_resident
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import ModelSource, resolve_model
 
@@ -55,278 +64,18 @@ def as_source(model: str | Path | ModelSource) -> tuple[ModelSource, bool]:
     return resolve_model(model), True
 
 
-# ---- model skeleton: parameters on meta, buffers computed on the CPU --------------------------
-
-
-@contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """While active, every parameter a module registers is moved to the meta device (its CPU
-    allocation is freed at once, untouched); buffers stay where `__init__` computed them."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(self, name, param)
-        if param is not None and param.device.type != "meta":
-            cls = type(param)
-            meta = cls(param.to("meta"), requires_grad=param.requires_grad)
-            meta.__dict__.update(param.__dict__)
-            self._parameters[name] = meta
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def build_skeleton(config: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
-    """The transformers model of `config`: parameters on meta, buffers real (CPU), tied."""
-    from transformers import AutoModelForCausalLM
-
-    with _params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    return model
-
-
-def _fp32_patterns(model: Any, dtype: torch.dtype) -> re.Pattern[str] | None:
-    """The `_keep_in_fp32_modules(_strict)` rule of `from_pretrained` as one regex (or None)."""
-    get_plan = getattr(model, "_get_dtype_plan", None)
-    plan: dict[str, torch.dtype] = get_plan(dtype) if get_plan is not None else {}
-    if not plan:
-        return None
-    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
-
-
-def materialize(
-    model: Any, device: torch.device, dtype: torch.dtype, only: set[int] | None = None
-) -> None:
-    """Give every meta parameter real (uninitialised) storage on `device`, once per tied group,
-    in the dtype `from_pretrained` would use; move buffers to `device`. With `only` (ids of
-    parameter objects), the other parameters stay on the meta device."""
-    fp32 = _fp32_patterns(model, dtype)
-    params: dict[int, nn.Parameter] = {}
-    buffers: dict[int, torch.Tensor] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        prefix = f"{mod_name}." if mod_name else ""
-        for name, p in list(mod._parameters.items()):
-            if p is None or (only is not None and id(p) not in only):
-                continue
-            if id(p) not in params:
-                dt = torch.float32 if fp32 is not None and fp32.search(prefix + name) else p.dtype
-                new = torch.empty(p.shape, dtype=dt, device=device)
-                params[id(p)] = nn.Parameter(new, requires_grad=p.requires_grad)
-            mod._parameters[name] = params[id(p)]
-        for name, b in list(mod._buffers.items()):
-            if b is None:
-                continue
-            if id(b) not in buffers:
-                dt = b.dtype
-                persistent = name not in mod._non_persistent_buffers_set
-                if persistent and fp32 is not None and fp32.search(prefix + name):
-                    dt = torch.float32
-                buffers[id(b)] = b.to(device=device, dtype=dt)
-            mod._buffers[name] = buffers[id(b)]
-
-
-# ---- host -> device copies ---------------------------------------------------------------------
-
-
-class Copier:
-    """Host-to-device copies into existing device tensors (in place).
-
-    On CPU it is `dst.copy_(src)`. On CUDA the copies run on a side stream that first waits for
-    the compute stream; a pinned source of the right dtype is copied directly (asynchronously),
-    anything else is first converted into a ring of pinned staging buffers, so that the host-side
-    read (page cache -> pinned) of one piece overlaps the transfer of the previous one.
-    `finish()` makes the compute stream wait for the copies (and, if `blocking`, the host too).
-    """
-
-    def __init__(
-        self, device: torch.device, *, chunk_bytes: int = 64 << 20, n_chunks: int = 3
-    ) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.bytes = 0
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device=device)
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-            self._chunk = chunk_bytes
-            self._ring: list[torch.Tensor] = []
-            self._events: list[torch.cuda.Event | None] = [None] * n_chunks
-            self._n = n_chunks
-            self._cur = -1
-            self._used = chunk_bytes  # forces a new chunk on first use
-
-    def _stage(self, nbytes: int) -> torch.Tensor:
-        """`nbytes` of pinned memory not read by any pending copy (uint8)."""
-        if self._used + nbytes > self._chunk:
-            if self._cur >= 0:
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-                self._events[self._cur] = ev
-            self._cur = (self._cur + 1) % self._n
-            if self._cur >= len(self._ring):
-                self._ring.append(torch.empty(self._chunk, dtype=torch.uint8, pin_memory=True))
-            pending = self._events[self._cur]
-            if pending is not None:
-                pending.synchronize()
-            self._used = 0
-        out = self._ring[self._cur][self._used : self._used + nbytes]
-        self._used += (nbytes + 511) // 512 * 512
-        return out
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> int:
-        """Copy host `src` into device `dst` (same shape; dtype converted). Returns bytes moved."""
-        if dst.shape != src.shape:
-            raise CheckpointError(
-                f"tensor shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}"
-            )
-        nbytes = dst.numel() * dst.element_size()
-        self.bytes += nbytes
-        if not self.cuda:
-            dst.copy_(src)
-            return nbytes
-        if src.device.type == "cuda" or (src.is_pinned() and src.dtype == dst.dtype):
-            with torch.cuda.stream(self.stream):
-                dst.copy_(src, non_blocking=True)
-            return nbytes
-        flat_dst = dst.view(-1) if dst.is_contiguous() else None
-        if flat_dst is None:  # never the case for parameters and their slot slices
-            with torch.cuda.stream(self.stream):
-                dst.copy_(src.to(dst.dtype).pin_memory(), non_blocking=True)
-            return nbytes
-        flat_src = src.contiguous().view(-1)
-        step = max(1, self._chunk // dst.element_size())
-        for start in range(0, flat_dst.numel(), step):
-            n = min(step, flat_dst.numel() - start)
-            staged = self._stage(n * dst.element_size()).view(dst.dtype)
-            staged.copy_(flat_src[start : start + n])
-            with torch.cuda.stream(self.stream):
-                flat_dst[start : start + n].copy_(staged, non_blocking=True)
-        return nbytes
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        """Run device-side work `fn` in stream order with the copies."""
-        if not self.cuda:
-            return fn()
-        with torch.cuda.stream(self.stream):
-            return fn()
-
-    def finish(self, *, blocking: bool = True) -> torch.cuda.Event | None:
-        """Order the compute stream after the copies; returns the copies' event (CUDA)."""
-        if not self.cuda:
-            return None
-        done = torch.cuda.Event()
-        done.record(self.stream)
-        torch.cuda.current_stream(self.device).wait_event(done)
-        if blocking:
-            done.synchronize()
-        return done
-
-
-# ---- experts: where each one lives on disk and in memory ----------------------------------------
-
-
-def tensor_of(module: nn.Module, name: str) -> torch.Tensor:
-    """Parameter or buffer `name` (dotted, relative to `module`)."""
-    owner, _, attr = name.rpartition(".")
-    mod = module.get_submodule(owner) if owner else module
-    t = getattr(mod, attr, None)
-    if not isinstance(t, torch.Tensor):
-        raise CheckpointError(f"the model has no tensor {name!r}")
-    return t
-
-
-class ExpertIO:
-    """Reads experts of a source checkpoint in the model's in-memory (fused) layout.
-
-    `pieces(layer, t, experts)` yields `(expert, row_offset, host_tensor)`: for a per-expert
-    checkpoint one piece per part (`gate`, `up` at offsets 0 and I), for a fused one the expert's
-    whole slice. Only the requested experts' bytes are read.
-    """
-
-    def __init__(self, source: ModelSource) -> None:
-        self.source = source
-        self.arch: ArchSpec = source.arch
-        self.keymap: KeyMap = source.keymap
-        self.reader = source.reader
-        self.num_experts = source.num_experts
-        self._part_rows: dict[tuple[int, int], list[int]] = {}
-
-    def fused_key(self, layer: int, t: ExpertTensor) -> str:
-        for name in dict.fromkeys((t.fused_disk, t.memory)):
-            key = self.keymap.layer_key(layer, name)
-            if key in self.reader:
-                return key
-        raise CheckpointError(f"checkpoint lacks {self.keymap.layer_key(layer, t.fused_disk)!r}")
-
-    def part_rows(self, layer: int, ti: int) -> list[int]:
-        """Rows of each per-expert part of expert tensor `ti` (e.g. [I, I] for gate, up)."""
-        key = (layer, ti)
-        if key not in self._part_rows:
-            t = self.arch.experts[ti]
-            self._part_rows[key] = [
-                self.reader.shape(self.keymap.expert_key(layer, t, 0, p))[0]
-                for p in range(len(t.per_expert))
-            ]
-        return self._part_rows[key]
-
-    def check_shape(self, layer: int, ti: int, slot_shape: Sequence[int]) -> None:
-        """Raise if the checkpoint's expert slice does not fit the model's slot shape."""
-        t = self.arch.experts[ti]
-        if self.keymap.layout == "per_expert":
-            shapes = [
-                self.reader.shape(self.keymap.expert_key(layer, t, 0, p))
-                for p in range(len(t.per_expert))
-            ]
-            rows = sum(s[0] for s in shapes)
-            ok = all(tuple(s[1:]) == tuple(slot_shape[1:]) for s in shapes)
-            got = f"parts {shapes}"
-            ok = ok and rows == slot_shape[0]
-        else:
-            key = self.fused_key(layer, t)
-            shape = self.reader.shape(key)
-            ok = tuple(shape[1:]) == tuple(slot_shape)
-            got = f"{key} {tuple(shape)}"
-        if not ok:
-            raise CheckpointError(
-                f"layer {layer} {t.memory}: checkpoint holds {got}, the model expects one expert "
-                f"as {tuple(slot_shape)}; the checkpoint does not match its config.json "
-                "(transposed or quantized expert layouts are not supported)"
-            )
-
-    def pieces(
-        self, layer: int, ti: int, experts: Sequence[int]
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        t = self.arch.experts[ti]
-        if not experts:
-            return
-        if self.keymap.layout == "per_expert":
-            rows = self.part_rows(layer, ti)
-            offsets = [sum(rows[:p]) for p in range(len(rows))]
-            for e in experts:
-                for p, off in enumerate(offsets):
-                    yield e, off, self.reader.get(self.keymap.expert_key(layer, t, e, p))
-            return
-        key = self.fused_key(layer, t)
-        rows = self.reader.get_rows(key, list(experts))  # [m, ...]
-        for i, e in enumerate(experts):
-            yield e, 0, rows[i]
-
-    def read(
-        self, layer: int, expert: int, like: Sequence[torch.Tensor], *, pin: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        """One expert as host tensors shaped and typed like the slot tensors `like`."""
-        out = []
-        for ti, slot in enumerate(like):
-            buf = torch.empty(slot.shape, dtype=slot.dtype, pin_memory=pin)
-            for _, off, piece in self.pieces(layer, ti, [expert]):
-                buf.narrow(0, off, piece.shape[0]).copy_(piece)
-            out.append(buf)
-        return tuple(out)
-
-
 # ---- the loader --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertQuantization:
+    """Keep the routed experts resident quantized (`premoe.quant.resident`): fp8 blocks or int4
+    groups; on CUDA a Triton GEMV reads the quantized bytes, on the CPU they are dequantized per
+    layer on the fly."""
+
+    scheme: str  # "fp8" | "int4"
+    block: tuple[int, int] = (128, 128)
+    group_size: int = 128
 
 
 @dataclass
@@ -343,6 +92,7 @@ class LoadInfo:
     expert_bytes: int  # of which routed experts
     buffer_bytes: int
     unexpected_keys: list[str] = field(default_factory=list)
+    quantized: str | None = None  # resident expert precision when quantized ("fp8" / "int4")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -360,15 +110,12 @@ class LoadInfo:
             "param_bytes": self.param_bytes,
             "expert_bytes": self.expert_bytes,
             "buffer_bytes": self.buffer_bytes,
+            "quantized": self.quantized,
         }
 
 
 def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def moe_layer(model: Any, arch: ArchSpec, layer: int) -> nn.Module:
-    return model.get_submodule(f"{arch.layers_prefix}.{layer}")
 
 
 def load_pruned_with_info(
@@ -379,12 +126,33 @@ def load_pruned_with_info(
     dtype: str | torch.dtype | None = None,
     top_k: int | None = None,
     progress: Progress | None = None,
+    quantize: ExpertQuantization | None = None,
     **from_config_kwargs: Any,
 ) -> tuple[Any, LoadInfo]:
     """`load_pruned`, also returning a `LoadInfo`."""
     src, owned = as_source(model)
     try:
-        return _load(src, keep, device, dtype, top_k, progress, from_config_kwargs)
+        net, info = _load(src, keep, device, dtype, top_k, progress, from_config_kwargs)
+        if quantize is not None:
+            info = _quantize_experts(net, src, info, quantize)
+        return net, info
+    finally:
+        if owned:
+            src.close()
+
+
+def load_full(
+    model: str | Path | ModelSource,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """The whole model (every expert kept), read like `load_pruned`: quantized checkpoints are
+    dequantized by premoe, on any device, with no download."""
+    src, owned = as_source(model)
+    try:
+        keep = KeepSets.uniform(src.moe_layers, range(src.num_experts))
+        return load_pruned(src, keep, device=device, dtype=dtype)
     finally:
         if owned:
             src.close()
@@ -398,6 +166,7 @@ def load_pruned(
     dtype: str | torch.dtype | None = None,
     top_k: int | None = None,
     progress: Progress | None = None,
+    quantize: ExpertQuantization | None = None,
     **from_config_kwargs: Any,
 ) -> Any:
     """An ordinary transformers model holding only `keep`'s experts, read from `model`'s
@@ -415,6 +184,7 @@ def load_pruned(
         dtype=dtype,
         top_k=top_k,
         progress=progress,
+        quantize=quantize,
         **from_config_kwargs,
     )[0]
 
@@ -436,6 +206,7 @@ def _load(
     config = pruned_config(arch, src.config, keep, plan, top_k=top_k)
     read0 = reader.bytes_read
 
+    notice_dequantized(src, device, dtype)
     model = build_skeleton(config, dtype, **kwargs)
     materialize(model, device, dtype)
     state = model.state_dict(keep_vars=True)  # name -> param / persistent buffer (aliases too)
@@ -449,19 +220,22 @@ def _load(
     for shard_keys in reader.keys_by_shard().values():
         for key in shard_keys:
             role = km.role(key)
-            if isinstance(role, ExpertKey):
+            if isinstance(role, ExpertKey) or (role is not None and km.is_mtp(role.layer)):
                 continue
             if isinstance(role, RouterKey):
                 layer_mod = moe_layer(model, arch, role.layer)
                 dst = tensor_of(layer_mod, role.tensor.memory)
                 routers.append((key, dst, role.tensor.dim, keep.layers[role.layer]))
                 continue
-            if key in tied and tied[key] in reader:
+            name, _ = km.plain_target(key)
+            if name is None:
+                continue  # a quantization companion, read with its weight
+            if name in tied and tied[name] in reader:
                 continue  # a tied copy: the source tensor fills it
-            if key not in state:
+            if name not in state:
                 unexpected.append(key)
                 continue
-            plain.append((key, state[key]))
+            plain.append((key, state[name]))
     io = ExpertIO(src)
     experts: list[tuple[int, int, torch.Tensor]] = []  # layer, tensor index, param [E', ...]
     for layer in src.moe_layers:
@@ -490,7 +264,7 @@ def _load(
 
     with torch.no_grad():
         for key, dst in plain:
-            advance(copier.copy(dst, reader.get(key)))
+            advance(copier.copy(dst, read_plain(src, key)))
             filled.add(id(dst))
         for key, dst, dim, kept in routers:
             advance(copier.copy(dst, reader.get_rows(key, list(kept), dim=dim)))
@@ -551,6 +325,29 @@ def _load(
     return model, info
 
 
+def _quantize_experts(
+    model: Any, src: ModelSource, info: LoadInfo, q: ExpertQuantization
+) -> LoadInfo:
+    """Replace the loaded dense experts by quantized resident slots; the info's byte counts
+    then describe what is resident (dense non-expert parameters + the quantized slots)."""
+    owner = src.arch.experts[0].memory.rsplit(".", 1)[0]
+    paths = [f"{src.arch.layers_prefix}.{layer}.{owner}" for layer in src.moe_layers]
+    resident = quantize_resident(model, paths, q.scheme, block=q.block, group_size=q.group_size)
+    dense = param_bytes(model)
+    log.info(
+        "experts resident in %s: %.2f GB (were %.2f GB dense)",
+        q.scheme,
+        resident.nbytes / 1e9,
+        info.expert_bytes / 1e9,
+    )
+    return replace(
+        info,
+        param_bytes=dense + resident.nbytes,
+        expert_bytes=resident.nbytes,
+        quantized=q.scheme,
+    )
+
+
 def _finish_model(model: Any, src: ModelSource) -> None:
     """What `from_pretrained` does after the weights: eval mode, generation config, name."""
     model.eval()
@@ -563,14 +360,6 @@ def _finish_model(model: Any, src: ModelSource) -> None:
             model.generation_config = GenerationConfig.from_pretrained(src.path)
         except Exception as exc:  # a broken generation config should not block loading
             log.warning("ignoring %s: %s", src.path / "generation_config.json", exc)
-
-
-def layer_of(key: str, prefix: str) -> int | None:
-    """The decoder-layer index of checkpoint key `key` (`{prefix}.{i}.*`), or None."""
-    if not key.startswith(prefix + "."):
-        return None
-    head = key[len(prefix) + 1 :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def load_prefix(
@@ -620,18 +409,19 @@ def load_prefix(
                 if role.layer == layer:
                     reads.append((key, f"{arch.layers_prefix}.{layer}.{role.tensor.memory}"))
                 continue
+            name, _ = km.plain_target(key)
             index = layer_of(key, km.prefix)
-            if (index is not None and index > layer) or key not in state:
+            if name is None or (index is not None and index > layer) or name not in state:
                 continue
-            if index is None and id(state[key]) in head_ids:
+            if index is None and id(state[name]) in head_ids:
                 continue  # the output head is never reached
-            reads.append((key, key))
+            reads.append((key, name))
         materialize(skel, dev, dt, only={id(state[name]) for _, name in reads})
         state = skel.state_dict(keep_vars=True)
         copier = Copier(dev)
         with torch.no_grad():
             for key, name in reads:
-                copier.copy(state[name], reader.get(key))
+                copier.copy(state[name], read_plain(src, key))
             copier.finish()
         skel.eval()
         log.debug("prefix to MoE layer %d: %d tensors, %d bytes", layer, len(reads), copier.bytes)
@@ -639,65 +429,3 @@ def load_prefix(
     finally:
         if owned:
             src.close()
-
-
-# ---- sizes ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SizeModel:
-    """Resident bytes of a model pruned to K experts per MoE layer, in a given dtype:
-    `resident(K) = base_bytes + K * per_k_bytes` (headers only, no data read)."""
-
-    base_bytes: int  # every tensor pruning leaves unchanged (embeddings, attention, dense...)
-    expert_bytes: int  # one expert of one MoE layer (all its tensors)
-    router_row_bytes: int  # one router row (and bias entries) of one MoE layer
-    moe_layers: int
-
-    @property
-    def per_k_bytes(self) -> int:
-        return (self.expert_bytes + self.router_row_bytes) * self.moe_layers
-
-    def resident(self, k: int) -> int:
-        return self.base_bytes + k * self.per_k_bytes
-
-
-def size_model(source: ModelSource, dtype: torch.dtype) -> SizeModel:
-    """Sizes from the checkpoint headers, floating tensors counted in `dtype`."""
-    km, reader = source.keymap, source.reader
-    base = experts = routers = 0
-    for key in reader.keys():
-        dt = reader.dtype(key)
-        n = reader.nbytes(key)
-        if dt.is_floating_point:
-            n = n // dt.itemsize * dtype.itemsize
-        role = km.role(key)
-        if isinstance(role, ExpertKey):
-            experts += n
-        elif isinstance(role, RouterKey):
-            routers += n
-        else:
-            base += n
-    moe = max(1, len(source.moe_layers))
-    e = source.num_experts
-    return SizeModel(
-        base_bytes=base,
-        expert_bytes=experts // (moe * e),
-        router_row_bytes=routers // (moe * e),
-        moe_layers=len(source.moe_layers),
-    )
-
-
-def keep_for_budget(
-    source: ModelSource, budget: int | str, dtype: torch.dtype, *, top_k: int | None = None
-) -> int:
-    """The largest uniform kept count whose model fits `budget` bytes in `dtype`; a
-    `UsageError` if even the routed count does not fit."""
-    sizes = size_model(source, dtype)
-    return budget_count(
-        parse_bytes(budget),
-        sizes.resident,
-        source.num_experts,
-        routed=source.top_k if top_k is None else top_k,
-        groups=source.arch.groups(source.config),
-    )

@@ -42,10 +42,10 @@ from typing import Any
 
 import torch
 
+from premoe.arch.model import router_module
+from premoe.arch.routing import RoutingRule, decode_router_output
 from premoe.arch.spec import ArchSpec
 from premoe.errors import UsageError
-from premoe.profile.hooks import router_module
-from premoe.profile.metrics import RoutingRule, decode_router_output
 from premoe.source import ModelSource
 
 log = logging.getLogger(__name__)

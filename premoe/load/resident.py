@@ -32,12 +32,14 @@ from typing import Any
 
 import torch
 
+from premoe.arch.model import experts_module
 from premoe.arch.spec import RouterTensor
 from premoe.errors import KeepSetError
 from premoe.load.host_cache import HostExpertCache
 from premoe.load.loader import (
     Copier,
     ExpertIO,
+    ExpertQuantization,
     LoadInfo,
     Progress,
     as_source,
@@ -123,6 +125,7 @@ class ResidentModel:
         top_k: int | None = None,
         host_cache: HostExpertCache | None = None,
         progress: Progress | None = None,
+        quantize: ExpertQuantization | None = None,
         **from_config_kwargs: Any,
     ) -> None:
         src, owned = as_source(model)
@@ -134,6 +137,7 @@ class ResidentModel:
                 dtype=dtype,
                 top_k=top_k,
                 progress=progress,
+                quantize=quantize,
                 **from_config_kwargs,
             )
             self._attach(m, src, keep, info.plan, host_cache, owned)
@@ -190,9 +194,19 @@ class ResidentModel:
         pin = self.device.type == "cuda"
         self._layers: dict[int, _Layer] = {}
         km, reader = source.keymap, source.reader
+        self._quant: dict[int, Any] = {}  # layer -> QuantizedExperts (quantized slots)
         for layer in source.moe_layers:
             mod = moe_layer(model, self.arch, layer)
-            views = [tensor_of(mod, t.memory) for t in self.arch.experts]  # [K, ...] each
+            quant = getattr(experts_module(model, self.arch, layer), "_premoe_quant", None)
+            if quant is None:
+                views = [tensor_of(mod, t.memory) for t in self.arch.experts]  # [K, ...] each
+            else:  # one uint8 [K, slot_bytes] storage holds every quantized tensor of a slot
+                self._quant[layer] = quant
+                views = [quant.storage] + [
+                    tensor_of(mod, t.memory)
+                    for t in self.arch.experts
+                    if t.memory.rsplit(".", 1)[1] not in quant.projs
+                ]
             routers = []
             for t in self.arch.router_tensors:
                 dst = tensor_of(mod, t.memory)
@@ -232,9 +246,21 @@ class ResidentModel:
     # ---- host cache ---------------------------------------------------------------------------
 
     def _read_entry(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
-        like = [v[0] for v in self._layers[layer].experts]
+        """One expert as host tensors aligned with the layer's slot views (for quantized slots:
+        the quantized entry first, then any tensor left dense, e.g. biases)."""
         pin = self.host_cache.pin if self.host_cache is not None else False
-        return self._io.read(layer, expert, like, pin=pin)
+        quant = self._quant.get(layer)
+        if quant is None:
+            like = [v[0] for v in self._layers[layer].experts]
+            return self._io.read(layer, expert, like, pin=pin)
+        names = [t.memory.rsplit(".", 1)[1] for t in self.arch.experts]
+        like = [quant.dense_like(n) if n in quant.projs else None for n in names]
+        rest = iter(self._layers[layer].experts[1:])
+        like = [x if x is not None else next(rest)[0] for x in like]
+        dense = self._io.read(layer, expert, like)
+        entry = quant.entry_from_dense({n: t for n, t in zip(names, dense, strict=True)})
+        out = (entry, *(t for n, t in zip(names, dense, strict=True) if n not in quant.projs))
+        return tuple(t.pin_memory() for t in out) if pin else out
 
     def prefetch(self, keep: KeepSets | dict[int, list[int]]) -> int:
         """Read the given experts into the host cache (those not there yet); returns bytes read."""
@@ -369,6 +395,10 @@ class ResidentModel:
             entry = self._read_entry(layer, expert)
             cache.put(layer, expert, entry)
             for view, t in zip(ly.experts, entry, strict=True):
+                copier.copy(view[slot], t)
+            return "disk"
+        if layer in self._quant:
+            for view, t in zip(ly.experts, self._read_entry(layer, expert), strict=True):
                 copier.copy(view[slot], t)
             return "disk"
         for ti, view in enumerate(ly.experts):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from premoe.profile.api import profile
 from premoe.profile.corpus import TaskCorpus, load_task, parse_task_specs, read_texts
 from premoe.profile.metrics import METRICS, Routing, RoutingRule, route_from_logits
 from premoe.profile.profiler import (
@@ -9,7 +10,6 @@ from premoe.profile.profiler import (
     ProgressInfo,
     load_causal_lm,
     load_tokenizer,
-    profile,
     run_profile,
 )
 

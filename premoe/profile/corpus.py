@@ -43,6 +43,11 @@ _COMPLETION_FIELDS = ("completion", "response")
 
 Render = Callable[[Any], str]  # chat messages -> text
 
+CHARS_PER_TOKEN_BOUND = 64
+"""No token of any tokenizer is longer than this many characters (a generous bound): a sample
+is cut to ``max_length * CHARS_PER_TOKEN_BOUND`` characters before tokenizing, so one huge line
+costs no more than a long sample."""
+
 
 def check_task_name(name: str) -> str:
     if not _TASK_NAME.match(name) or name.startswith("__"):
@@ -150,9 +155,28 @@ class _Rows(Sequence[str]):
         return self._conv(self._get(i), i)
 
 
-def read_json_rows(path: Path) -> list[dict[str, Any]]:
+def read_text_file(path: Path, what: str = "corpus") -> str:
+    """The UTF-8 text of a file; a one-line `CorpusError` (with the path) when it cannot be read,
+    is binary or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if b"\x00" in data[: 1 << 16]:
+        raise CorpusError(f"{what} {path} is a binary file, not text (it holds NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CorpusError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+            "convert it to UTF-8"
+        ) from None
+
+
+def read_json_rows(path: Path, what: str = "corpus") -> list[dict[str, Any]]:
     """The rows of a JSON-lines file (or a .json array); a one-line `CorpusError` on bad JSON."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, what)
     stripped = text.lstrip()
     if path.suffix == ".json" and stripped.startswith("["):
         try:
@@ -232,7 +256,7 @@ def read_texts(
         raise CorpusError(f"corpus {path} is a folder; pass a file, or hf:{path} for a dataset")
     suffix = path.suffix.lower()
     if suffix in _TEXT:
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return [line.strip() for line in read_text_file(path).splitlines()]
     if suffix in _JSONL:
         rows = read_json_rows(path)
         conv = _converter(str(path), text_field, render)
@@ -277,6 +301,7 @@ class TaskCorpus:
 
 
 def _encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    text = text[: max_length * CHARS_PER_TOKEN_BOUND]  # a huge line: cut before tokenizing
     ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
     return list(ids[:max_length])
 

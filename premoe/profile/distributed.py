@@ -34,9 +34,11 @@ from typing import Any
 import torch
 
 from premoe.errors import UsageError
+from premoe.policy import parse_bytes
 from premoe.profile.corpus import TaskCorpus
 from premoe.profile.hooks import Recorded
 from premoe.profile.profiler import ModelHandle, Progress, run_profile
+from premoe.profile.sequential import run_profile_sequential
 from premoe.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -255,7 +257,6 @@ def check_options(
         raise UsageError(f"--offload-dir {offload_dir} exists and is not a folder")
     if host_budget is None:
         return None
-    from premoe.policy import parse_bytes
 
     return parse_bytes(host_budget)
 
@@ -295,8 +296,6 @@ def profile_corpora(
         report = progress if ctx is None or ctx.is_writer else None
         stats: dict[str, Any] = {}
         if sequential:
-            from premoe.profile.sequential import run_profile_sequential
-
             run = run_profile_sequential(
                 handle.load() if handle.loaded else handle.path,
                 handle.arch,

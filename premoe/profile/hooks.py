@@ -23,6 +23,11 @@ from typing import Any
 
 import torch
 
+from premoe.arch.model import (  # noqa: F401  (re-exported)
+    correction_bias,
+    experts_module,
+    router_module,
+)
 from premoe.arch.spec import ArchSpec
 from premoe.errors import UnsupportedArchitectureError
 from premoe.patterns.store import KEY_KINDS
@@ -36,26 +41,6 @@ from premoe.profile.metrics import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def router_module(model: Any, arch: ArchSpec, layer: int) -> torch.nn.Module:
-    return model.model.layers[layer].get_submodule(arch.router.module)
-
-
-def experts_module(model: Any, arch: ArchSpec, layer: int) -> torch.nn.Module:
-    return model.model.layers[layer].get_submodule(arch.experts[0].memory.rsplit(".", 1)[0])
-
-
-def correction_bias(model: Any, arch: ArchSpec, layer: int) -> torch.Tensor | None:
-    spec = arch.correction_bias
-    if spec is None:
-        return None
-    return _tensor_at(model.model.layers[layer], spec.memory)
-
-
-def _tensor_at(module: torch.nn.Module, name: str) -> torch.Tensor:
-    owner, attr = name.rsplit(".", 1)
-    return getattr(module.get_submodule(owner), attr)
 
 
 def mean_router_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

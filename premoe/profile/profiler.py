@@ -1,4 +1,5 @@
-"""`profile()`: run a model over task corpora and write per-task expert-usage patterns.
+"""Running a model over token batches with router hooks (`run_profile`), and the model handle
+that profiling loads lazily. `premoe.profile.api.profile` drives it end to end.
 
 The model runs in padded batches (right padding, attention mask; padding tokens never count)
 with hooks only on the routers (`hooks.RoutingRecorder`); every requested metric comes from the
@@ -10,9 +11,10 @@ Shape legend: B batch, S padded sequence length, L MoE layers, E experts, N samp
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,22 +23,23 @@ import numpy as np
 import torch
 
 from premoe.arch import ArchSpec, arch_for_config
-from premoe.errors import StoreError, UsageError
-from premoe.fingerprint import fingerprint_model, fingerprint_source
-from premoe.patterns.store import (
-    DEFAULT_KNN,
-    PatternStore,
-    TaskInfo,
-    created_now,
-    key_spec,
+from premoe.batching import (  # noqa: F401  (re-exported)
+    input_device,
+    iter_batches,
+    pad_batch,
+    pad_token_id,
 )
-from premoe.profile.corpus import TaskCorpus, check_task_name, load_task
+from premoe.errors import UsageError
+from premoe.fingerprint import fingerprint_model, fingerprint_source
+from premoe.load.loader import load_full
+from premoe.profile.corpus import TaskCorpus
 from premoe.profile.hooks import Recorded, RoutingRecorder
-from premoe.profile.metrics import DEFAULT_METRIC, check_metrics, check_threshold
 from premoe.runtime import parse_dtype, resolve_device
-from premoe.source import load_tokenizer
+from premoe.source import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
@@ -71,8 +74,6 @@ class ModelHandle:
             if tokenizer is None:
                 raise UsageError("pass the tokenizer with an already-loaded model")
         else:
-            from premoe.source import resolve_model
-
             src = resolve_model(model)
             try:
                 self.path, self.config, self.arch = src.path, src.config, src.arch
@@ -120,52 +121,23 @@ def load_causal_lm(
         device_map = {"": str(resolve_device(device))}
     elif device_map != "auto" and not isinstance(device_map, dict):
         raise UsageError(f"bad --device-map {device_map!r}; use auto")
+    single = isinstance(device_map, dict) and set(device_map) == {""}
+    if single and _quantized(path):
+        # transformers' quantized kernels need downloads on a GPU; premoe's loader dequantizes
+        # every format it declares, on any device (all experts kept: the full model)
+
+        return load_full(path, device=device_map[""], dtype=parsed)
     log.info("loading %s (dtype %s, device map %s)", path, torch_dtype, device_map)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
     return model.eval()
 
 
-def input_device(model: Any) -> torch.device:
-    return model.model.get_input_embeddings().weight.device
-
-
-def pad_batch(
-    rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, S], attention mask [B, S]) of token-id rows padded with `pad_id` to the longest,
-    on the right (or, with `left`, on the left as generation wants)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, toks in enumerate(rows):
-        cols = slice(width - len(toks), width) if left else slice(0, len(toks))
-        ids[row, cols] = torch.tensor(toks, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
-
-
-def iter_batches(
-    token_ids: list[list[int]], batch_size: int, pad_id: int, *, pin: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
-    """Right-padded batches, longest samples first: (ids [B, S], mask [B, S], sample indices)."""
-    order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
-    for start in range(0, len(order), batch_size):
-        sel = order[start : start + batch_size]
-        ids, mask = pad_batch([token_ids[i] for i in sel], pad_id)
-        if pin:
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-        yield ids, mask, sel
-
-
-def pad_token_id(tokenizer: Any, config: Any) -> int:
-    for value in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(config, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
-        if isinstance(value, int):
-            return value
-    return 0
+def _quantized(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    try:
+        return "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def accumulated_rows(metrics: list[str]) -> tuple[str, ...]:
@@ -222,169 +194,3 @@ def in_corpus_order(recorded: Recorded, order: list[int]) -> Recorded:
     inverse = torch.from_numpy(np.argsort(np.asarray(order)))  # batch order -> corpus order
     recorded.keys = {k: v[inverse] for k, v in recorded.keys.items()}
     return recorded
-
-
-def _existing_store(out: Path, overwrite: bool) -> PatternStore | None:
-    if overwrite or not out.exists():
-        return None
-    if not (out / "store.json").exists():
-        raise StoreError(
-            f"{out} exists and is not a pattern store; choose another --out or pass --overwrite"
-        )
-    return PatternStore.load(out)
-
-
-def _merge_options(
-    existing: PatternStore | None,
-    metrics: Any,
-    threshold: float | None,
-) -> tuple[list[str], float]:
-    if existing is None:
-        return check_metrics(metrics or [DEFAULT_METRIC]), check_threshold(threshold or 0.0)
-    have = existing.metrics
-    stored_r = float(existing.metric_options.get("threshold", 0.0))
-    chosen = check_metrics(metrics) if metrics else list(have)
-    if set(chosen) != set(have):
-        raise UsageError(
-            f"store {existing.path} holds metrics {', '.join(have)}; profile with the same "
-            "metrics to add tasks, or pass --overwrite to start a new store"
-        )
-    if threshold is not None and check_threshold(threshold) != stored_r:
-        raise UsageError(
-            f"store {existing.path} was profiled with --threshold {stored_r}; use it again, "
-            "or pass --overwrite to start a new store"
-        )
-    return list(have), stored_r
-
-
-def profile(
-    model: Any,
-    tasks: Mapping[str, str | Path],
-    *,
-    tokenizer: Any = None,
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    metrics: Any = None,
-    threshold: float | None = None,
-    key: str | None = None,
-    search: str | None = None,
-    knn: int | None = None,
-    index: str | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    batch_size: int = 8,
-    max_samples: int | None = None,
-    max_tokens: int | None = None,
-    max_length: int = 512,
-    seed: int = 0,
-    text_field: str | None = None,
-    progress: Progress | None = None,
-    sequential: bool = False,
-    sequential_layers: int = 1,
-    offload_dir: str | Path | None = None,
-    host_budget: int | str | None = None,
-    distributed: bool | None = None,
-) -> PatternStore:
-    """Profile `model` on `tasks` ({name: source}) and return (and, with `out`, save) the store.
-
-    `model` is a checkpoint folder or hub id, or an already-loaded transformers model (then pass
-    its `tokenizer`). If `out` is an existing store of the same model, the tasks are added to it
-    (a task of the same name is replaced) and the index is rebuilt; `overwrite` replaces the
-    whole store instead. `metrics` default to ``("tcess",)`` (or the store's), `threshold` to 0
-    (or the store's). Key options (`key` router_input|tcess, `search` knn|centroid, `knn`,
-    `index` auto|flat|hnsw) default to the store's or router_input/knn/15/auto. Everything that
-    can be wrong with the inputs is checked before the model runs; a failure leaves `out` as it
-    was.
-
-    Scale-out (`premoe.profile.distributed.profile_corpora`): `sequential` runs one group of
-    `sequential_layers` decoder layers on the device at a time, activations on the host up to
-    `host_budget` then under `offload_dir`; under torchrun / accelerate launch (`distributed`
-    None: auto) each rank profiles a shard of every task and rank 0 alone writes `out`.
-    """
-    from premoe.profile.distributed import check_options, profile_corpora
-
-    check_options(
-        sequential=sequential,
-        sequential_layers=sequential_layers,
-        device_map=device_map,
-        host_budget=host_budget,
-        offload_dir=offload_dir,
-    )
-    if not tasks:
-        raise UsageError("give at least one task (--task NAME=SOURCE)")
-    for name in tasks:
-        check_task_name(name)
-    out_path = Path(out) if out is not None else None
-    existing = _existing_store(out_path, overwrite) if out_path is not None else None
-    handle = ModelHandle(model, tokenizer)
-    if existing is not None:
-        existing.check_model(handle.fingerprint)
-    chosen, r = _merge_options(existing, metrics, threshold)
-    layer0 = handle.arch.moe_layer_ids(handle.config)[0]
-    base = existing.key if existing is not None else key_spec(layer=layer0)
-    spec = key_spec(
-        key or base["kind"],
-        layer0,
-        search or base["search"],
-        knn or base.get("k", DEFAULT_KNN),
-        index or base.get("index", "auto"),
-        bool(base.get("center", False)),
-    )
-    max_pos = getattr(handle.config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and 0 < max_pos < max_length:
-        log.info("max_length %d > the model's %d positions: using %d", max_length, max_pos, max_pos)
-        max_length = max_pos
-    corpora = {
-        name: load_task(
-            name,
-            source,
-            handle.tokenizer,
-            text_field=text_field,
-            max_samples=max_samples,
-            max_tokens=max_tokens,
-            max_length=max_length,
-            seed=seed,
-        )
-        for name, source in tasks.items()
-    }
-    run = profile_corpora(
-        handle,
-        corpora,
-        metrics=chosen,
-        threshold=r,
-        batch_size=batch_size,
-        progress=progress,
-        device=device,
-        dtype=dtype,
-        device_map=device_map,
-        sequential=sequential,
-        sequential_layers=sequential_layers,
-        offload_dir=offload_dir,
-        host_budget=host_budget,
-        distributed=distributed,
-    )
-    recorded = run.recorded
-    if existing is not None:
-        store = existing.with_key(  # indexed below, once the new tasks are in
-            spec["kind"], spec["search"], spec["k"], spec["index"], spec["center"], build=False
-        )
-    else:
-        store = PatternStore(handle.fingerprint, chosen, spec, metric_options={"threshold": r})
-    dtype_used = run.dtype
-    for name, rec in recorded.items():
-        corpus = corpora[name]
-        info = TaskInfo(
-            source=corpus.source,
-            samples=corpus.samples,
-            tokens=corpus.tokens,
-            created=created_now(),
-            options={**corpus.options, "dtype": dtype_used},
-        )
-        store.add_task(
-            name, info, rec.sums, {k: v.numpy() for k, v in rec.keys.items()}, rebuild=False
-        )
-    store.build_index()
-    if out_path is not None and run.writer:  # data-parallel: rank 0 alone writes
-        store.save(out_path, overwrite=overwrite or existing is not None)
-    return store

@@ -35,11 +35,8 @@ N samples, D key dim.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +44,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from premoe.arch.keys import ExpertKey, RouterKey
+from premoe.arch.model import decoder_layers, decoder_stack
 from premoe.arch.spec import ArchSpec
-from premoe.errors import CheckpointError, UnsupportedArchitectureError, UsageError
+from premoe.errors import UnsupportedArchitectureError, UsageError
 from premoe.policy import human_bytes
+from premoe.profile.activations import ActivationStore, flatten, unflatten  # noqa: F401
 from premoe.profile.corpus import TaskCorpus
 from premoe.profile.hooks import Recorded, RoutingRecorder
 from premoe.profile.profiler import (
@@ -61,13 +59,16 @@ from premoe.profile.profiler import (
     iter_batches,
     pad_token_id,
 )
-from premoe.runtime import resolve_device, resolve_dtype
-from premoe.source import ModelSource
+from premoe.profile.weights import (  # noqa: F401  (re-exported)
+    CheckpointWeights,
+    LayerWeights,
+    ModuleWeights,
+)
+from premoe.runtime import resolve_device
+from premoe.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 
-READ_THREADS = 4
-"""Worker threads reading checkpoint tensors into host memory (`CheckpointWeights`)."""
 HOST_BUDGET_SHARE = 0.5
 """Default host budget for activations: this share of the host memory available at the start."""
 
@@ -76,158 +77,6 @@ def default_host_budget() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available * HOST_BUDGET_SHARE)
-
-
-# ---- nested values (keyword arguments of a decoder layer) ---------------------------------------
-
-
-class _Leaf:
-    """Marks where a tensor was in a flattened value."""
-
-    __slots__ = ()
-
-
-_LEAF = _Leaf()
-
-
-def _map_leaves(value: Any, is_leaf: Callable[[Any], bool], fn: Callable[[Any], Any]) -> Any:
-    """`value` with each leaf (`is_leaf`) replaced by `fn(leaf)`, in depth-first order, through
-    tuples (named ones too), lists and dicts; anything else is kept as it is."""
-
-    def go(v: Any) -> Any:
-        if is_leaf(v):
-            return fn(v)
-        if isinstance(v, tuple) and hasattr(v, "_fields"):  # named tuple
-            return type(v)(*[go(x) for x in v])
-        if isinstance(v, (tuple, list)):
-            return type(v)(go(x) for x in v)
-        if isinstance(v, dict):
-            return {k: go(x) for k, x in v.items()}
-        return v
-
-    return go(value)
-
-
-def flatten(value: Any) -> tuple[list[torch.Tensor], Any]:
-    """(tensors, spec): `value` (a tensor, a tuple/list/dict of them, or anything else) with its
-    tensors taken out; `unflatten(spec, tensors)` puts them back."""
-    leaves: list[torch.Tensor] = []
-
-    def take(t: torch.Tensor) -> _Leaf:
-        leaves.append(t)
-        return _LEAF
-
-    spec = _map_leaves(value, lambda v: isinstance(v, torch.Tensor), take)
-    return leaves, spec
-
-
-def unflatten(spec: Any, leaves: Iterable[torch.Tensor]) -> Any:
-    it = iter(leaves)
-    return _map_leaves(spec, lambda v: v is _LEAF, lambda _: next(it))
-
-
-def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# ---- activation store: host (pinned) first, then disk -------------------------------------------
-
-
-class ActivationStore:
-    """Named lists of tensors kept on the host while they fit `budget` bytes, else on disk.
-
-    A name keeps its place once chosen (host or disk). On CUDA, host copies go to pinned buffers
-    that are reused in place when the same name is stored again with the same shapes, copied
-    without blocking (stream order makes a later `get` see them). On the CPU the tensors are kept
-    as they are (no copy).
-    """
-
-    def __init__(
-        self, device: torch.device, budget: int, offload_dir: str | Path | None = None
-    ) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.budget = int(budget)
-        self.offload_dir = Path(offload_dir) if offload_dir is not None else None
-        self._host: dict[str, list[torch.Tensor]] = {}
-        self._disk: dict[str, Path] = {}
-        self._tmp: Path | None = None
-        self.host_bytes = 0
-        self.disk_bytes = 0
-        self.bytes_written = 0  # to disk, all puts
-        self.bytes_read = 0  # from disk, all gets
-
-    def __enter__(self) -> ActivationStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._host.clear()
-        self._disk.clear()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def _folder(self) -> Path:
-        if self._tmp is None:
-            assert self.offload_dir is not None
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix="premoe-activations-", dir=self.offload_dir))
-        return self._tmp
-
-    def put(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
-        nbytes = _nbytes(tensors)
-        if name in self._host:
-            self._put_host(name, tensors)
-        elif name in self._disk:
-            self._put_disk(name, tensors)
-        elif self.host_bytes + nbytes <= self.budget:
-            self.host_bytes += nbytes
-            self._put_host(name, tensors)
-        elif self.offload_dir is not None:
-            self.disk_bytes += nbytes
-            self._disk[name] = self._folder() / f"{len(self._disk)}.safetensors"
-            self._put_disk(name, tensors)
-        else:
-            raise UsageError(
-                f"activations exceed the host budget of {human_bytes(self.budget)}; pass "
-                "--offload-dir DIR to spill them to disk, or raise --host-budget"
-            )
-
-    def _put_host(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
-        if not self.cuda:
-            self._host[name] = [t if t.device.type == "cpu" else t.cpu() for t in tensors]
-            return
-        old = self._host.get(name)
-        same = old is not None and [(o.shape, o.dtype) for o in old] == [
-            (t.shape, t.dtype) for t in tensors
-        ]
-        if not same:
-            old = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            self._host[name] = old
-        assert old is not None
-        for dst, src in zip(old, tensors, strict=True):
-            dst.copy_(src, non_blocking=True)
-
-    def _put_disk(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        data = {str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(tensors)}
-        save_file(data, str(self._disk[name]))
-        self.bytes_written += _nbytes(data.values())
-
-    def get(self, name: str) -> list[torch.Tensor]:
-        """The tensors of `name` on the store's device."""
-        if name in self._host:
-            return [t.to(self.device, non_blocking=True) for t in self._host[name]]
-        from safetensors import safe_open
-
-        with safe_open(str(self._disk[name]), framework="pt") as f:
-            out = [f.get_tensor(str(i)) for i in range(len(f.keys()))]
-        self.bytes_read += _nbytes(out)
-        return [t.to(self.device) for t in out]
 
 
 # ---- capture: the inputs every decoder layer gets ------------------------------------------------
@@ -299,16 +148,19 @@ class _Batch:
         return f"{self.task}/{self.index}"
 
 
-def capture_batch(model: Any, ids: torch.Tensor, mask: torch.Tensor, stop: int) -> _Recording:
-    """Run `model.model` on one batch up to decoder layer `stop` with every layer replaced by a
-    catcher; return what layers 0..`stop` would receive."""
-    layers = model.model.layers
+def capture_batch(
+    model: Any, arch: ArchSpec, ids: torch.Tensor, mask: torch.Tensor, stop: int
+) -> _Recording:
+    """Run the decoder stack on one batch up to decoder layer `stop` with every layer replaced
+    by a catcher; return what layers 0..`stop` would receive."""
+    stack = decoder_stack(model, arch)
+    layers = decoder_layers(model, arch)
     originals = [layers[i] for i in range(stop + 1)]
     recording = _Recording(stop)
     for i in range(stop + 1):
         layers[i] = _Catcher(i, recording)
     try:
-        model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        stack(input_ids=ids, attention_mask=mask, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -320,237 +172,6 @@ def capture_batch(model: Any, ids: torch.Tensor, mask: torch.Tensor, stop: int) 
             "without --sequential"
         )
     return recording
-
-
-# ---- where the weights come from ----------------------------------------------------------------
-
-
-class LayerWeights:
-    """Puts parts of the model on the compute device and takes them off again."""
-
-    model: Any
-    device: torch.device
-    load_seconds: float = 0.0
-
-    def prefetch(self, modules: Sequence[nn.Module]) -> None:
-        """Hint: `modules` will be brought in next (start reading them)."""
-
-    def close(self) -> None:
-        """Stop background work."""
-
-    def prefix_modules(self) -> list[nn.Module]:
-        """Modules of the decoder stack outside its layers (embeddings, rotary, norm...)."""
-        return [m for name, m in self.model.model.named_children() if name != "layers"]
-
-    def bring(self, modules: Sequence[nn.Module]) -> None:
-        raise NotImplementedError
-
-    def release(self, modules: Sequence[nn.Module]) -> None:
-        raise NotImplementedError
-
-    def model_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for p in self.model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel() * p.element_size()
-        return total
-
-
-class ModuleWeights(LayerWeights):
-    """An already-loaded model (on the host): tensors are copied to the device per module and
-    the device copies dropped afterwards (the host tensors are never modified)."""
-
-    def __init__(self, model: Any, device: torch.device) -> None:
-        self.model = model
-        self.device = device
-        self._saved: dict[int, list[tuple[Any, str, str, torch.Tensor]]] = {}
-
-    def bring(self, modules: Sequence[nn.Module]) -> None:
-        t0 = time.perf_counter()
-        for top in modules:
-            saved: list[tuple[Any, str, str, torch.Tensor]] = []
-            for mod in top.modules():
-                for kind in ("_parameters", "_buffers"):
-                    for name, t in getattr(mod, kind).items():
-                        if t is None or t.device == self.device:
-                            continue
-                        saved.append((mod, kind, name, t))
-                        moved = t.data.to(self.device, non_blocking=True)
-                        if kind == "_parameters":
-                            getattr(mod, kind)[name] = nn.Parameter(moved, requires_grad=False)
-                        else:
-                            getattr(mod, kind)[name] = moved
-            self._saved[id(top)] = saved
-        self.load_seconds += time.perf_counter() - t0
-
-    def release(self, modules: Sequence[nn.Module]) -> None:
-        for top in modules:
-            for mod, kind, name, t in self._saved.pop(id(top), []):
-                getattr(mod, kind)[name] = t
-
-
-class CheckpointWeights(LayerWeights):
-    """A skeleton on the meta device filled from the checkpoint one module at a time.
-
-    Parameters are allocated on the device (in the dtype `from_pretrained` would use, fp32 where
-    the model keeps modules in fp32) and read with the source's `CheckpointReader` in the fused
-    in-memory layout (`premoe.load.loader.ExpertIO`); after `release` they are meta again.
-    Reading is done by worker threads into (pinned) host buffers, one tensor per job, so that
-    `prefetch` of the next group overlaps the device's work on the current one; `bring` then only
-    issues asynchronous host-to-device copies.
-    """
-
-    def __init__(self, src: ModelSource, device: torch.device, dtype: Any) -> None:
-        from premoe.load.loader import Copier, ExpertIO, build_skeleton
-
-        self.src = src
-        self.device = device
-        self.dtype = resolve_dtype(dtype, src)
-        self.model = build_skeleton(src.config, self.dtype).eval()
-        self.io = ExpertIO(src)
-        self.copier = Copier(device)
-        self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="premoe-read")
-        self._pending: dict[int, list[Future[tuple[str, torch.Tensor]]]] = {}
-        self._plan()
-
-    def _plan(self) -> None:
-        """id(module) -> [(checkpoint key, tensor name relative to the module)]: modules are the
-        decoder layers and the other children of the decoder stack (embeddings, norm)."""
-        from premoe.load.loader import layer_of
-
-        km, reader = self.src.keymap, self.src.reader
-        stack = self.model.model
-        layers = stack.layers
-        state = self.model.state_dict(keep_vars=True)
-        tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
-        self.reads: dict[int, list[tuple[str, str]]] = {}
-        unused: list[str] = []
-
-        def add(module: nn.Module, key: str, rel: str) -> None:
-            self.reads.setdefault(id(module), []).append((key, rel))
-
-        for key in reader.keys():
-            role = km.role(key)
-            if isinstance(role, ExpertKey):
-                continue  # read by `ExpertIO` when the layer is brought in
-            if isinstance(role, RouterKey):
-                add(layers[role.layer], key, role.tensor.memory)
-                continue
-            layer = layer_of(key, km.prefix)
-            if layer is not None:
-                if layer < len(layers):  # (DeepSeek-V3's MTP layer is not in the model)
-                    add(layers[layer], key, key[len(km.prefix) + len(str(layer)) + 2 :])
-                else:
-                    unused.append(key)
-                continue
-            name = key
-            source = tied.get(key)
-            if source is not None and source not in reader:
-                name = source  # a tied head saved in place of its source (the embeddings)
-            child, _, rel = name.removeprefix("model.").partition(".")
-            if name not in state or not name.startswith("model.") or not rel:
-                unused.append(key)  # the output head (never needed) or foreign tensors
-                continue
-            add(stack.get_submodule(child), key, rel)
-        if unused:
-            log.debug("%d checkpoint tensors not needed, e.g. %s", len(unused), unused[0])
-
-    def _layer_index(self, module: nn.Module) -> int | None:
-        for i, layer in enumerate(self.model.model.layers):
-            if layer is module:
-                return i
-        return None
-
-    # -- host side: read a module's tensors into (pinned) host memory, in worker threads --------
-    def _host_jobs(self, module: nn.Module) -> list[Callable[[], tuple[str, torch.Tensor]]]:
-        """One job per tensor of `module`: each returns (name relative to the module, host
-        tensor shaped like the model's tensor, in its dtype; pinned when the device is CUDA).
-        Fused expert parameters are assembled whole in the in-memory layout."""
-        from premoe.load.loader import tensor_of
-
-        reader, pin = self.src.reader, self.copier.cuda
-        jobs: list[Callable[[], tuple[str, torch.Tensor]]] = []
-
-        def plain(key: str, rel: str) -> tuple[str, torch.Tensor]:
-            like = tensor_of(module, rel)  # meta parameter or host buffer
-            src = reader.get(key)
-            if tuple(src.shape) != tuple(like.shape):
-                raise CheckpointError(
-                    f"{key}: checkpoint shape {tuple(src.shape)} does not match the model's "
-                    f"{tuple(like.shape)}; is config.json the one the checkpoint was saved with?"
-                )
-            host = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
-            host.copy_(src)
-            return rel, host
-
-        for key, rel in self.reads.get(id(module), []):
-            jobs.append(lambda key=key, rel=rel: plain(key, rel))
-        layer = self._layer_index(module)
-        if layer is not None and layer in self.src.moe_layers:
-            e = self.src.num_experts
-            for ti, t in enumerate(self.src.arch.experts):
-
-                def experts(ti: int = ti, t: Any = t) -> tuple[str, torch.Tensor]:
-                    like = tensor_of(module, t.memory)  # meta [E, ...]
-                    host = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
-                    self.io.check_shape(layer, ti, host.shape[1:])
-                    for ex, off, piece in self.io.pieces(layer, ti, range(e)):
-                        host[ex].narrow(0, off, piece.shape[0]).copy_(piece)
-                    return t.memory, host
-
-                jobs.append(experts)
-        return jobs
-
-    def prefetch(self, modules: Sequence[nn.Module]) -> None:
-        """Start reading `modules` into host memory in the background (for a later `bring`)."""
-        for mod in modules:
-            if id(mod) not in self._pending:
-                self._pending[id(mod)] = [self._pool.submit(job) for job in self._host_jobs(mod)]
-
-    def close(self) -> None:
-        for futures in self._pending.values():
-            for f in futures:
-                f.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True)
-
-    def bring(self, modules: Sequence[nn.Module]) -> None:
-        from premoe.load.loader import materialize, tensor_of
-
-        t0 = time.perf_counter()
-        self.prefetch(modules)  # (already running if the caller asked for it earlier)
-        wanted = {id(p) for m in modules for p in m.parameters()}
-        with torch.no_grad():
-            materialize(self.model, self.device, self.dtype, only=wanted)
-            if self.copier.cuda:  # the reused memory may still be read by the compute stream
-                self.copier.stream.wait_stream(torch.cuda.current_stream(self.device))
-            filled: set[int] = set()
-            for mod in modules:
-                for future in self._pending.pop(id(mod)):
-                    rel, host = future.result()
-                    dst = tensor_of(mod, rel)
-                    self.copier.copy(dst, host)  # pinned, same dtype: asynchronous
-                    filled.add(id(dst))
-            self.copier.finish(blocking=False)
-        missing = [n for m in modules for n, p in m.named_parameters() if id(p) not in filled]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {self.src.path} has no tensor for {len(missing)} parameter(s), e.g. "
-                f"{missing[0]!r}; is it complete, and for this config.json?"
-            )
-        self.load_seconds += time.perf_counter() - t0
-
-    def release(self, modules: Sequence[nn.Module]) -> None:
-        for top in modules:
-            for mod in top.modules():
-                for name, p in list(mod._parameters.items()):
-                    if p is not None and p.device.type != "meta":
-                        mod._parameters[name] = nn.Parameter(
-                            torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                            requires_grad=False,
-                        )
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -601,7 +222,6 @@ def _weights_for(
         return ModuleWeights(model, device), None
     if isinstance(model, ModelSource):
         return CheckpointWeights(model, device, dtype), None
-    from premoe.source import resolve_model
 
     src = resolve_model(model)
     try:
@@ -684,7 +304,7 @@ def _run(
     config = net.config
     moe = arch.moe_layer_ids(config)
     stop = max(moe)  # later layers cannot change any score
-    layers = net.model.layers
+    layers = decoder_layers(net, arch)
     groups = [
         list(range(s, min(s + layers_at_once, stop + 1)))
         for s in range(0, stop + 1, layers_at_once)
@@ -739,7 +359,7 @@ def _run(
                     ids = (batch.ids.pin_memory() if cuda else batch.ids).to(dev, non_blocking=True)
                     batch.ids = None  # the host copy is not needed again
                     mask_dev = batch.mask.to(dev, non_blocking=True)
-                    rec = capture_batch(net, ids, mask_dev, stop)
+                    rec = capture_batch(net, arch, ids, mask_dev, stop)
                     assert rec.hidden is not None
                     store.put(f"h/{batch.name}", [rec.hidden])
                     leaves, batch.spec = flatten(rec.values)

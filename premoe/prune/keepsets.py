@@ -77,9 +77,10 @@ class KeepSets:
         model_k = arch.top_k(config)
         k = model_k if top_k is None else top_k
         moe_layers = arch.moe_layer_ids(config)
-        if set(self.layers) != set(moe_layers):
-            missing = sorted(set(moe_layers) - set(self.layers))
-            extra = sorted(set(self.layers) - set(moe_layers))
+        mtp = set(arch.mtp_layer_ids(config))  # MTP layers may be pruned too, to the same K
+        missing = sorted(set(moe_layers) - set(self.layers))
+        extra = sorted(set(self.layers) - set(moe_layers) - mtp)
+        if missing or extra:
             raise KeepSetError(
                 f"keep sets must cover exactly the MoE layers {moe_layers}; "
                 f"missing {missing}, not MoE {extra}"

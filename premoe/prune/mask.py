@@ -19,12 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from premoe.arch.model import moe_layer
 from premoe.arch.spec import ArchSpec
 from premoe.prune.keepsets import KeepSets
-
-
-def _layer(model: Any, layer: int) -> Any:
-    return model.model.layers[layer]
 
 
 def _mask(num_experts: int, kept: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -43,7 +40,7 @@ def masked_routing(
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     saved_attrs: list[tuple[Any, str, Any]] = []
     for layer, kept in keep.layers.items():
-        mod = _layer(model, layer)
+        mod = moe_layer(model, arch, layer)
         w = mod.get_submodule(arch.router_weight.memory.rsplit(".", 1)[0])
         weight = getattr(w, arch.router_weight.memory.rsplit(".", 1)[1])
         masks[weight.data_ptr()] = _mask(num_experts, kept, weight)

@@ -17,10 +17,14 @@ from premoe.prune.keepsets import KeepSets
 
 
 def pruned_tensor_names(keymap: KeyMap, reader: CheckpointReader, keep: KeepSets) -> list[str]:
-    """Source keys that the pruned checkpoint reads (dropped per-expert tensors left out)."""
+    """Source keys that the pruned checkpoint reads (dropped per-expert tensors left out, and the
+    MoE tensors of MTP layers that `keep` leaves out, i.e. dropped MTP layers; `validate`
+    guarantees every model MoE layer is in `keep`)."""
     out = []
     for key in reader.keys():
         role = keymap.role(key)
+        if role is not None and role.layer not in keep.layers:
+            continue
         if isinstance(role, ExpertKey) and role.expert is not None:
             if role.expert not in keep.layers[role.layer]:
                 continue

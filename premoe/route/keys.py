@@ -25,11 +25,13 @@ import numpy as np
 import torch
 
 from premoe.arch import ArchSpec, arch_for_config
+from premoe.arch.model import correction_bias, router_module
+from premoe.arch.routing import RoutingRule, decode_router_output
+from premoe.batching import input_device, pad_batch, pad_token_id
 from premoe.errors import UsageError
+from premoe.fingerprint import fingerprint_model
 from premoe.patterns.store import KEY_KINDS, PatternStore
-from premoe.profile.hooks import correction_bias, mean_router_input, router_module, sample_tcess
-from premoe.profile.metrics import RoutingRule, decode_router_output
-from premoe.profile.profiler import input_device, pad_batch, pad_token_id
+from premoe.profile.hooks import mean_router_input, sample_tcess
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +181,6 @@ class QueryKeyer:
         """A keyer that makes `store`'s kind of key (after checking the model is the store's)."""
         arch = arch_for_config(model.config)
         if check:
-            from premoe.fingerprint import fingerprint_model
-
             store.check_model(fingerprint_model(model, arch))
         return cls(
             model,

@@ -29,19 +29,25 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+import premoe
 from premoe.serve.decode import SamplingParams
 from premoe.serve.engine import Engine, EngineConfig, GenRequest, RequestError, RouteInfo
 from premoe.serve.metrics import CONTENT_TYPE
 from premoe.serve.schemas import (
     ChatCompletionRequest,
+    Choice,
     CompletionRequest,
     chat_chunk,
+    chat_logprobs,
     chat_response,
     completion_chunk,
+    completion_logprobs,
     completion_response,
     describe_validation_error,
     error_body,
@@ -51,37 +57,61 @@ from premoe.serve.schemas import (
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5
+RETRY_AFTER_S = 1  # the Retry-After of a 429 (queue full) or 503 (shutting down)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions endpoint
 
 
 def _error_response(err: RequestError, engine: Engine | None = None) -> JSONResponse:
     if engine is not None:
         engine.metrics.errors.inc(code=str(err.status), type=err.type)
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif err.status in (429, 503):  # backpressure: come back later, never a hang
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(
         error_body(err.message, err.type, err.param, err.code),
         status_code=err.status,
-        headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None,
+        headers=headers or None,
     )
 
 
+DISCARD_FACTOR = 8  # a body over the limit is read and dropped up to this many limits
+
+
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object of the body. A body over `limit` is a 413; up to `DISCARD_FACTOR`
+    limits of it are read and dropped first, so that the client, still sending, reads the 413
+    instead of a reset connection (the guard's body timeout bounds how long that takes)."""
     length = request.headers.get("content-length")
+    too_big = False
     if length is not None:
         try:
             too_big = int(length) > limit
         except ValueError:
             raise RequestError("invalid Content-Length header", 400) from None
-        if too_big:
+        if int(length) > DISCARD_FACTOR * limit:
             raise RequestError(
                 f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
             )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(
-                f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
-            )
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                too_big = True
+                body.clear()
+                if seen > DISCARD_FACTOR * limit:
+                    break
+            else:
+                body += chunk
+    except ClientDisconnect:  # closed by the client, or by the guard's body timeout
+        raise RequestError("the client closed the connection", 400, code="disconnected") from None
+    if too_big:
+        raise RequestError(
+            f"request body is larger than the limit of {limit} bytes", 413, code="too_large"
+        )
 
     def bad_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -90,6 +120,16 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(bytes(body), parse_constant=bad_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})", 400) from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply", 400) from None
+    try:  # a lone surrogate ("\\ud800") parses but is no text: refuse it here, not in a 500
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(
+            "the request body holds an invalid string (a lone UTF-16 surrogate)", 400
+        ) from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply", 400) from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object", 400)
     return data
@@ -122,6 +162,34 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+REF = "#/components/schemas/{model}"
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's OpenAPI requestBody: the handlers read raw JSON (size limit, hostile input)
+    and validate it with `model`, so FastAPI cannot infer it."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
+        }
+    }
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document, with the request models (and those they use) as
+    components."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            schema = model.model_json_schema(ref_template=REF)
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app serving `config`; the model loads once, in the lifespan (unless
     `engine` is given already loaded), and the decode worker runs while the app does."""
@@ -143,9 +211,14 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=None,  # served below, with the request bodies the handlers validate
+        version=premoe.__version__,
     )
     app.state.engine = engine
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(openapi_schema(app))
 
     # -- errors ----------------------------------------------------------------------------------
     @app.exception_handler(RequestError)
@@ -189,9 +262,17 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         return await call_next(request)
 
     # -- info endpoints --------------------------------------------------------------------------
+    def _authorized(request: Request) -> bool:
+        if api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), api_key.encode()
+        )
+
     @app.get("/health")
-    async def health() -> JSONResponse:
-        data = engine.health()
+    async def health(request: Request) -> JSONResponse:
+        data = engine.health(detail=_authorized(request))
         return JSONResponse(data, status_code=200 if data["status"] == "ok" else 503)
 
     @app.get("/metrics")
@@ -231,14 +312,76 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
                 code="model_not_found",
             )
 
-    def _params(req: Any, max_tokens: int) -> SamplingParams:
+    def _params(req: Any, max_tokens: int, index: int = 0) -> SamplingParams:
+        logprobs = req.logprobs_count() if hasattr(req, "top_logprobs") else req.logprobs
+        seed = req.seed
+        if seed is not None and index:  # as vLLM: choice i of n draws with seed + i
+            seed = seed + index
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=float(req.temperature),
             top_p=float(req.top_p),
             stop=tuple(req.stop_list()),
-            seed=req.seed,
+            seed=seed,
+            top_k=int(req.top_k),
+            min_p=float(req.min_p),
+            presence_penalty=float(req.presence_penalty),
+            frequency_penalty=float(req.frequency_penalty),
+            repetition_penalty=float(req.repetition_penalty),
+            logprobs=logprobs,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=bool(req.ignore_eos),
         )
+
+    def _logprobs(gen: GenRequest, chat: bool, start: int = 0, offset: int = 0) -> Any:
+        """The OpenAI logprobs object of `gen`'s tokens from `start` (None when not asked)."""
+        if gen.params.logprobs is None:
+            return None
+        entries = [
+            (
+                engine.token_text(t.token),
+                t.logprob,
+                [(engine.token_text(i), v) for i, v in t.top],
+            )
+            for t in gen.logprobs[start:]
+        ]
+        return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
+
+    async def _events(
+        gens: list[GenRequest], request: Request
+    ) -> AsyncIterator[tuple[int, str, Any]]:
+        """(choice index, kind, value) of every generation, merged as they come; each ends
+        with its "finish" or "error". A client that leaves cancels all of them."""
+        queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+
+        async def pump(i: int, gen: GenRequest) -> None:
+            while True:
+                kind, value = await gen.next_event()
+                if kind == "route":
+                    continue
+                await queue.put((i, kind, value))
+                if kind in ("finish", "error"):
+                    return
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        left = len(gens)
+        try:
+            while left:
+                try:
+                    item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise ClientGone() from None
+                    continue
+                if item[1] in ("finish", "error"):
+                    left -= 1
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for g in gens:
+                if g.finish_reason is None:
+                    g.cancel()
 
     async def _generate(
         request: Request,
@@ -248,62 +391,74 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         route_text: str,
         max_tokens: int,
     ) -> Response:
-        gen = engine.submit(prompt_ids, route_text, _params(req, max_tokens), task=req.task)
+        if getattr(req, "top_logprobs", None) and not getattr(req, "logprobs", None):
+            raise RequestError("top_logprobs needs logprobs: true", 400, param="top_logprobs")
+        first = engine.submit(prompt_ids, route_text, _params(req, max_tokens), task=req.task)
         try:
-            kind, value = await _next_event(gen, request)
+            kind, value = await _next_event(first, request)
         except (ClientGone, asyncio.CancelledError):
-            gen.cancel()
+            first.cancel()
             engine.metrics.requests.inc(task="-", endpoint=endpoint, status="cancelled")
             return Response(status_code=499)
         if kind == "error":
             engine.metrics.requests.inc(task="-", endpoint=endpoint, status="error")
             raise value
         route: RouteInfo = value
+        gens = [first]
+        try:  # choices 2..n: the same pattern as the first (routed once)
+            for i in range(1, req.n):
+                gens.append(
+                    engine.submit(
+                        prompt_ids, route_text, _params(req, max_tokens, i), task=route.task
+                    )
+                )
+        except RequestError:
+            for g in gens:
+                g.cancel()
+            raise
         premoe = route.as_json()
-        headers = {"X-Premoe-Task": route.task}
-        rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + gen.id
+        headers = {"X-Premoe-Task": route.task, "X-Request-Id": first.id}
+        rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + first.id
         created = int(time.time())
         chat = endpoint == "chat.completions"
+        log.info(
+            "request %s: %s, pattern %s, %d prompt tokens, n=%d",
+            first.id,
+            endpoint,
+            route.task,
+            len(prompt_ids),
+            req.n,
+        )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream(gen, request, rid, created, chat, premoe, endpoint, include_usage),
+                _stream(gens, request, rid, created, chat, premoe, endpoint, include_usage),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        parts: list[str] = []
+        parts: list[list[str]] = [[] for _ in gens]
         try:
-            while True:
-                kind, value = await _next_event(gen, request)
+            async for i, kind, value in _events(gens, request):
                 if kind == "delta":
-                    parts.append(value)
-                elif kind == "finish":
-                    break
+                    parts[i].append(value)
                 elif kind == "error":
                     engine.metrics.requests.inc(task=route.task, endpoint=endpoint, status="error")
                     raise value
         except (ClientGone, asyncio.CancelledError):
             engine.metrics.requests.inc(task=route.task, endpoint=endpoint, status="cancelled")
+            log.info("request %s: the client left", first.id)
             return Response(status_code=499)
-        finally:
-            if gen.finish_reason is None:
-                gen.cancel()
         engine.metrics.requests.inc(task=route.task, endpoint=endpoint, status="ok")
+        choices = [
+            Choice("".join(parts[i]), g.finish_reason, g.completion_tokens, _logprobs(g, chat))
+            for i, g in enumerate(gens)
+        ]
         build = chat_response if chat else completion_response
-        body = build(
-            rid,
-            engine.model_name,
-            "".join(parts),
-            gen.finish_reason,
-            len(prompt_ids),
-            gen.completion_tokens,
-            premoe,
-            created,
-        )
+        body = build(rid, engine.model_name, choices, len(prompt_ids), premoe, created)
         return JSONResponse(body, headers=headers)
 
     async def _stream(
-        gen: GenRequest,
+        gens: list[GenRequest],
         request: Request,
         rid: str,
         created: int,
@@ -314,45 +469,37 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
     ) -> AsyncIterator[bytes]:
         model = engine.model_name
         status = "cancelled"
+        sent = [0] * len(gens)  # logprob entries sent per choice
+        offset = [0] * len(gens)  # text characters sent per choice
+
+        def new_logprobs(i: int) -> Any:
+            g = gens[i]
+            lp = _logprobs(g, chat, sent[i], offset[i])
+            sent[i] = len(g.logprobs)
+            return lp
+
         try:
             if chat:
-                yield _sse(
-                    chat_chunk(
-                        rid, model, {"role": "assistant", "content": ""}, None, premoe, created
-                    )
-                )
-            while True:
-                try:
-                    kind, value = await _next_event(gen, request)
-                except ClientGone:
-                    return
+                for i in range(len(gens)):
+                    delta = {"role": "assistant", "content": ""}
+                    yield _sse(chat_chunk(rid, model, delta, None, premoe, created, i))
+            async for i, kind, value in _events(gens, request):
                 if kind == "delta":
+                    lp = new_logprobs(i)
+                    offset[i] += len(value)
                     if chat:
-                        yield _sse(
-                            chat_chunk(rid, model, {"content": value}, None, premoe, created)
-                        )
+                        delta = {"content": value}
+                        yield _sse(chat_chunk(rid, model, delta, None, premoe, created, i, lp))
                     else:
-                        yield _sse(completion_chunk(rid, model, value, None, premoe, created))
+                        yield _sse(
+                            completion_chunk(rid, model, value, None, premoe, created, i, lp)
+                        )
                 elif kind == "finish":
+                    lp = new_logprobs(i)
                     if chat:
-                        yield _sse(chat_chunk(rid, model, {}, value, premoe, created))
+                        yield _sse(chat_chunk(rid, model, {}, value, premoe, created, i, lp))
                     else:
-                        yield _sse(completion_chunk(rid, model, "", value, premoe, created))
-                    if include_usage:
-                        obj = "chat.completion.chunk" if chat else "text_completion"
-                        yield _sse(
-                            usage_chunk(
-                                rid,
-                                model,
-                                obj,
-                                created,
-                                len(gen.prompt_ids),
-                                gen.completion_tokens,
-                            )
-                        )
-                    status = "ok"
-                    yield b"data: [DONE]\n\n"
-                    return
+                        yield _sse(completion_chunk(rid, model, "", value, premoe, created, i, lp))
                 elif kind == "error":
                     err: RequestError = value
                     status = "error"
@@ -360,12 +507,23 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
                     yield _sse(error_body(err.message, err.type, err.param, err.code))
                     yield b"data: [DONE]\n\n"
                     return
+            if include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                done = sum(g.completion_tokens for g in gens)
+                prompt = len(gens[0].prompt_ids)
+                yield _sse(usage_chunk(rid, model, obj, created, prompt, done))
+            status = "ok"
+            yield b"data: [DONE]\n\n"
+        except ClientGone:
+            log.info("request %s: the client left mid-stream", gens[0].id)
+            return
         finally:
-            if gen.finish_reason is None:
-                gen.cancel()
+            for g in gens:
+                if g.finish_reason is None:
+                    g.cancel()
             engine.metrics.requests.inc(task=premoe["task"], endpoint=endpoint, status=status)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         data = await _read_json(request, config.max_body_bytes)
         req: CompletionRequest = _parse(CompletionRequest, data)
@@ -373,11 +531,11 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         text = req.prompt_text()
         ids = await asyncio.to_thread(engine.encode_prompt, text)
         max_tokens = engine.resolve_max_tokens(
-            len(ids), req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS
+            len(ids), req.requested_max_tokens(), COMPLETIONS_DEFAULT_MAX_TOKENS
         )
         return await _generate(request, "completions", req, ids, text, max_tokens)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         data = await _read_json(request, config.max_body_bytes)
         req: ChatCompletionRequest = _parse(ChatCompletionRequest, data)

@@ -49,15 +49,43 @@ CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune-no-cud
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What a request asks of generation (sampling.py applies the fields below `seed`; the
+    batch decoder here supports only those above it)."""
+
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
+
+    @property
+    def basic(self) -> bool:
+        """Only the fields the batch decoder implements."""
+        return (
+            self.top_k in (0, -1)
+            and self.min_p == 0.0
+            and not self.penalized
+            and self.logprobs is None
+            and not self.stop_token_ids
+        )
 
 
 class RowSink(Protocol):
@@ -494,7 +522,9 @@ class BatchDecoder:
                 raise ValueError("empty prompt")
             self.check_fits(len(r.prompt_ids), r.params.max_tokens)
             r.stream = TextStream(
-                self.tokenizer, r.params.stop, set() if ignore_eos else self.eos_ids
+                self.tokenizer,
+                r.params.stop,
+                set() if ignore_eos or r.params.ignore_eos else self.eos_ids,
             )
             r.generator = None if r.params.greedy else self._generator(r.params.seed)
             r.generated, r.done = 0, False

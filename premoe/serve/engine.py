@@ -39,10 +39,21 @@ import torch
 
 import premoe
 from premoe.errors import PremoeError, UsageError
+from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
-from premoe.serve.decode import BatchDecoder, CacheMode, CompileMode, DecodeRow, SamplingParams
+from premoe.serve import kvcache, rowmask
+from premoe.serve.continuous import ContinuousDecoder, StepReport
+from premoe.serve.decode import (
+    BatchDecoder,
+    CacheMode,
+    CompileMode,
+    DecodeRow,
+    NullSink,
+    SamplingParams,
+)
 from premoe.serve.metrics import ServeMetrics
 from premoe.serve.resident import Resident, open_resident
+from premoe.serve.sampling import TokenLogprobs
 from premoe.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -82,14 +93,18 @@ class EngineConfig:
     route_threshold: float | None = None  # passed to the router when it takes one
     host_cache: str | None = None  # e.g. "32GiB": every pattern's experts held in host memory
     decode_buckets: tuple[int, ...] | None = None  # static cache batch sizes (default 1,2,4..)
+    scheduler: str = "auto"  # auto (continuous where supported) | continuous | batch
+    mixed: str = "auto"  # auto (when the union of the patterns fits) | on | off
+    prefill_tokens: int = 512  # prompt tokens prefilled per step at most (decode stall bound)
+    kv_memory_fraction: float = 0.9  # CUDA: share of free memory the KV slots may take
 
     def check(self) -> None:
         if self.keep is not None and self.budget is not None:
             raise UsageError("give --keep or --budget, not both")
         if self.store is None and self.patterns is None:
             raise UsageError("give a pattern store (--store) made by `premoe profile`")
-        if self.max_batch < 1 or self.max_batch > 256:
-            raise UsageError(f"--max-batch must be between 1 and 256, got {self.max_batch}")
+        if self.max_batch < 1 or self.max_batch > 1024:
+            raise UsageError(f"--max-batch must be between 1 and 1024, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise UsageError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -104,6 +119,14 @@ class EngineConfig:
             )
         if self.max_body_bytes < 1024:
             raise UsageError("the body size limit must be at least 1 KiB")
+        if self.scheduler not in ("auto", "continuous", "batch"):
+            raise UsageError(
+                f"--scheduler must be auto, continuous or batch, got {self.scheduler!r}"
+            )
+        if self.mixed not in ("auto", "on", "off"):
+            raise UsageError(f"--mixed must be auto, on or off, got {self.mixed!r}")
+        if self.prefill_tokens < 1:
+            raise UsageError(f"--prefill-tokens must be >= 1, got {self.prefill_tokens}")
 
 
 class RequestError(Exception):
@@ -179,9 +202,12 @@ class GenRequest:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._cancelled = False
+        self._ended = False
+        self._lock = threading.Lock()
         self._loop = loop
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.served_keep: KeepSets | None = None  # the keep sets it was decoded with
+        self.logprobs: list[TokenLogprobs] = []  # one per generated token, when asked
 
     # -- scheduler protocol ----------------------------------------------------------------------
     @property
@@ -208,6 +234,9 @@ class GenRequest:
         self.started = time.monotonic()
         self.engine.metrics.queue_wait.observe(self.started - self.arrival, task=self.task)
 
+    def on_token(self, info: TokenLogprobs) -> None:
+        self.logprobs.append(info)
+
     def on_delta(self, text: str, completion_tokens: int) -> None:
         if self.first_token is None:
             self.first_token = time.monotonic()
@@ -215,11 +244,23 @@ class GenRequest:
         self.completion_tokens = completion_tokens
         self._push("delta", text)
 
+    def _close(self) -> bool:
+        """Mark the request ended; False when it had ended already (one terminal event)."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._ended = True
+        self.engine._forget(self)
+        return True
+
     def on_finish(self, reason: str, completion_tokens: int) -> None:
         m = self.engine.metrics
         m.generated_tokens.inc(completion_tokens, task=self.task)
         self.completion_tokens = completion_tokens
         if reason == "cancelled":  # the client left; nobody reads events any more
+            self._close()
+            return
+        if not self._close():
             return
         self.finished = time.monotonic()
         self.finish_reason = reason
@@ -227,13 +268,17 @@ class GenRequest:
         self._push("finish", reason)
 
     def fail(self, error: RequestError) -> None:
+        if not self._close():
+            return
         self.finished = time.monotonic()
+        self._cancelled = True  # the worker stops decoding it
         self._push("error", error)
 
     def cancel(self) -> None:
         """The client left: stop decoding this request, free its place."""
         if not self._cancelled and self.finished is None:
             self._cancelled = True
+            self._close()
             self.engine._cancelled(self)
 
     async def next_event(self) -> tuple[str, Any]:
@@ -250,6 +295,9 @@ class Engine:
         self._router = router
         self.resident: Resident | None = None
         self.decoder: BatchDecoder | None = None
+        self.cont: ContinuousDecoder | None = None  # the continuous scheduler's decoder
+        self.mixed = False  # patterns share one resident union; rows masked per pattern
+        self.resident_keep: KeepSets | None = None
         self.tokenizer: Any = None
         self.patterns: dict[str, KeepSets] = {}
         self.pattern_info: dict[str, Any] = {}
@@ -275,6 +323,8 @@ class Engine:
         self._fatal: BaseException | None = None
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._warmup_pending = False
+        self._live: set[GenRequest] = set()  # submitted and not ended
+        self.shutting_down = False
         self.warm = threading.Event()
         self.ready = False
 
@@ -326,18 +376,32 @@ class Engine:
             impl = "grouped_mm" if dtype == torch.bfloat16 else "batched_mm"
         if impl is not None:
             kwargs["experts_implementation"] = impl
+        continuous = self._continuous_supported(src)
+        self.mixed = continuous and self._mixed_fits(src, dtype)
+        resident_keep = (
+            rowmask.union_keep(self.patterns, src.num_experts)
+            if self.mixed
+            else self.patterns[default]
+        )
         self.resident = open_resident(
             src,
-            self.patterns[default],
+            resident_keep,
             device=device,
             dtype=dtype,
             host_cache=cfg.host_cache,
-            prefetch=self.patterns,
+            prefetch=None if self.mixed else self.patterns,
             **kwargs,
         )
-        self.resident_task = default
+        self.resident_keep = resident_keep
+        self.resident_task = None if self.mixed else default
         model = self.resident.model
         model.eval()
+        routing = None
+        if self.mixed:
+            routing = rowmask.RowRouting(model, src.arch, resident_keep, self.patterns)
+            why = routing.verify(model)
+            if why is not None:  # pragma: no cover - no supported family does this
+                raise UsageError(f"mixed patterns cannot be served for this model: {why}")
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
         auto_cache = "static" if device.type == "cuda" else "dynamic"
         cache: CacheMode = auto_cache if cfg.cache == "auto" else cfg.cache  # type: ignore[assignment]
@@ -350,15 +414,27 @@ class Engine:
         )
         if compile_mode != "none" and cache != "static":
             raise UsageError("--compile needs the static cache (--cache static)")
-        self.decoder = BatchDecoder(
-            model,
-            self.tokenizer,
-            max_batch=cfg.max_batch,
-            max_len=self.max_model_len,
-            cache=cache,
-            compile=compile_mode,
-            buckets=cfg.decode_buckets,
-        )
+        if continuous:
+            slots = self._kv_slots(model, device, dtype)
+            self.cont = ContinuousDecoder(
+                model,
+                self.tokenizer,
+                slots=slots,
+                max_len=self.max_model_len,
+                prefill_tokens=cfg.prefill_tokens,
+                routing=routing,
+            )
+            compile_mode = "none"
+        else:
+            self.decoder = BatchDecoder(
+                model,
+                self.tokenizer,
+                max_batch=cfg.max_batch,
+                max_len=self.max_model_len,
+                cache=cache,
+                compile=compile_mode,
+                buckets=cfg.decode_buckets,
+            )
         if self._router is None and store is not None:
             self._router = make_router(store, model, self.tokenizer, src, cfg.route_threshold)
         self.load_seconds = time.perf_counter() - t0
@@ -367,7 +443,8 @@ class Engine:
         self._warmup_pending = cfg.warmup if cfg.warmup is not None else compile_mode != "none"
         self.metrics.resident_bytes.set(self.resident.resident_bytes)
         for name in self.patterns:
-            self.metrics.resident_pattern.set(1.0 if name == default else 0.0, task=name)
+            on = self.mixed or name == default
+            self.metrics.resident_pattern.set(1.0 if on else 0.0, task=name)
         self.info = {
             "premoe_version": premoe.__version__,
             "model": str(src.path),
@@ -381,6 +458,10 @@ class Engine:
             "default_pattern": default,
             "router": "store" if self._router is not None else "none (default pattern)",
             "max_batch": cfg.max_batch,
+            "scheduler": "continuous" if continuous else "batch",
+            "patterns_mode": "mixed" if self.mixed else "swap",
+            "resident_experts_per_layer": resident_keep.count,
+            **({"kv_slots": self.cont.slots} if self.cont is not None else {}),
             "max_wait_ms": cfg.max_wait_ms,
             "max_model_len": self.max_model_len,
             "cache": cache,
@@ -401,6 +482,61 @@ class Engine:
             self.info["dtype"],
             device,
         )
+
+    def _continuous_supported(self, src: Any) -> bool:
+        cfg = self.config
+        if cfg.scheduler == "batch":
+            return False
+        why = kvcache.supports(src.config)
+        if why is None and (cfg.cache == "static" or cfg.compile not in ("auto", "none")):
+            why = "--cache static / --compile belong to the batch scheduler"
+        if why is not None:
+            if cfg.scheduler == "continuous":
+                raise UsageError(f"--scheduler continuous is not available: {why}")
+            log.info("continuous batching is not available (%s); using the batch scheduler", why)
+            return False
+        return True
+
+    def _mixed_fits(self, src: Any, dtype: torch.dtype) -> bool:
+        """Whether the patterns are served from one resident union (see rowmask.py)."""
+        cfg = self.config
+        if cfg.mixed == "off" or len({k.to_json().__repr__() for k in self.patterns.values()}) < 2:
+            return False
+        why = rowmask.unsupported(src.arch, src.config)
+        if why is None:
+            union = rowmask.union_keep(self.patterns, src.num_experts).count
+            if cfg.budget is not None and union > keep_for_budget(src, cfg.budget, dtype):
+                why = f"the union of the patterns ({union} experts per layer) exceeds --budget"
+        if why is not None:
+            if cfg.mixed == "on":
+                raise UsageError(f"--mixed on is not possible: {why}")
+            log.info("patterns are swapped, not mixed: %s", why)
+            return False
+        return True
+
+    def _kv_slots(self, model: Any, device: torch.device, dtype: torch.dtype) -> int:
+        """Rows the KV cache holds: --max-batch, fewer when the device memory left after the
+        weights cannot hold that many."""
+        per_slot = kvcache.bytes_per_slot(model.config, self.max_model_len, dtype)
+        slots = self.config.max_batch
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            fit = int(free * self.config.kv_memory_fraction) // per_slot
+            if fit < 1:
+                raise UsageError(
+                    f"no device memory left for the KV cache ({per_slot / 2**20:.0f} MiB per "
+                    "request); lower --max-model-len or --keep"
+                )
+            if fit < slots:
+                log.warning("KV cache: %d slots fit in device memory (not %d)", fit, slots)
+            slots = min(slots, fit)
+        log.info(
+            "KV cache: %d slots x %d tokens, %.1f MiB",
+            slots,
+            self.max_model_len,
+            slots * per_slot / 2**20,
+        )
+        return slots
 
     # -- worker ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -424,6 +560,32 @@ class Engine:
             pending.extend(batch.items)
         for req in pending:
             req.fail(RequestError("the server is shutting down", 503, "server_error"))
+        self.abort_all("the server is shutting down")  # rows the worker left running
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """Admit no more requests (503); the ones in flight continue."""
+        self.shutting_down = True
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def abort_all(self, message: str) -> int:
+        """End every request in flight with a 503 error event; returns how many."""
+        with self._lock:
+            live = list(self._live)
+        n = 0
+        for req in live:
+            if not req.cancelled:
+                req.fail(RequestError(message, 503, "server_error", code="shutting_down"))
+                n += 1
+        self._wake.set()
+        return n
+
+    def _forget(self, req: GenRequest) -> None:
+        with self._lock:
+            self._live.discard(req)
 
     @property
     def alive(self) -> bool:
@@ -453,8 +615,15 @@ class Engine:
                     fut.set_exception(exc)
 
     def _warmup(self) -> None:
-        assert self.decoder is not None
-        if self._warmup_pending:
+        if self.cont is not None and self._warmup_pending:
+            self._warmup_pending = False
+            t0 = time.perf_counter()
+            ids = self.encode_prompt("warm up")[:8] or [self.cont.pad_id]
+            params = SamplingParams(max_tokens=4, ignore_eos=True)
+            self.cont.run([(NullSink(), ids, params, self.default_task)])
+            self.warmup_seconds = time.perf_counter() - t0
+            self.info["warmup_seconds"] = round(self.warmup_seconds, 3)
+        if self.decoder is not None and self._warmup_pending:
             self._warmup_pending = False
             try:
                 self.warmup_seconds = self.decoder.warmup()
@@ -474,6 +643,10 @@ class Engine:
                     self._wake.clear()
                     self._run_calls()
                     self._route_pending()
+                    if self.cont is not None:
+                        if not self._continuous_step():
+                            self._wake.wait(0.25)
+                        continue
                     batch = self.scheduler.next_batch(self.resident_task)
                     self._update_queue_metric()
                     if batch is None:
@@ -484,6 +657,95 @@ class Engine:
             self._fatal = exc
             log.exception("decode worker died")
             raise
+
+    # -- continuous batching ---------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move waiting requests into free KV slots. Mixed: oldest first, any pattern. Swapping:
+        the resident pattern's requests; when the scheduler picks another pattern (its oldest
+        request waited past --max-wait-ms, or the resident one has none waiting), admit nothing
+        until the running rows finish, then swap."""
+        cont = self.cont
+        assert cont is not None
+        free = cont.free()
+        while free > 0:
+            if self.mixed:
+                req = self.scheduler.pop_oldest()
+            else:
+                choice = self.scheduler.choose(self.resident_task)
+                if choice is None:
+                    return
+                task = choice[0]
+                if task != self.resident_task:
+                    if cont.active():
+                        return  # drain, then swap
+                    try:
+                        self._swap(task)
+                    except Exception as exc:
+                        log.exception("swap to %s failed", task)
+                        for r in self.scheduler.pop(task, self.config.max_queue):
+                            r.fail(
+                                RequestError(f"swapping experts failed: {exc}", 500, "server_error")
+                            )
+                        return
+                    self.resident_keep = self.patterns[task]
+                req = next(iter(self.scheduler.pop(task, 1)), None)
+            if req is None:
+                return
+            if req.cancelled:
+                continue
+            try:
+                cont.add(req, req.prompt_ids, req.params, req.task)
+            except ValueError as exc:
+                req.fail(RequestError(str(exc), 400))
+                continue
+            req.served_keep = self.patterns[req.task]
+            req.on_start()
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids), task=req.task)
+            free -= 1
+
+    def _continuous_step(self) -> bool:
+        """Admit, then one step; False when there was nothing to do."""
+        cont = self.cont
+        assert cont is not None and self.resident_keep is not None
+        self._admit()
+        self._update_queue_metric()
+        m = self.metrics
+        if not cont.active():
+            m.running.set(0)
+            return False
+        keep, epoch = self.resident_keep, self.swap_epoch
+
+        def check() -> None:
+            self._check_resident(keep, epoch)
+
+        try:
+            report = cont.step(between=check)
+        except Exception as exc:
+            log.exception("a step of %d rows failed", len(cont.active()))
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            for seq in cont.active():
+                cont.seqs[seq.slot] = None
+                sink = seq.sink
+                if isinstance(sink, GenRequest):
+                    sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
+            return True
+        self._observe_step(report)
+        return True
+
+    def _observe_step(self, report: StepReport) -> None:
+        m = self.metrics
+        assert self.cont is not None
+        m.running.set(len(self.cont.active()))
+        if report.decode_rows:
+            mode = "mixed" if len(report.patterns) > 1 else "single"
+            m.steps.inc(mode=mode)
+            m.step_patterns.set(len(report.patterns))
+            m.batch_size.observe(report.decode_rows)
+            m.step_seconds.observe(report.seconds)
+        if report.prefill_tokens:
+            m.prefill_steps.inc()
+            m.prefill_step_tokens.observe(report.prefill_tokens)
 
     def _route_pending(self) -> None:
         while self._unrouted:
@@ -618,6 +880,10 @@ class Engine:
             self.scheduler.remove(req)
         self._update_queue_metric()
 
+    def token_text(self, token: int) -> str:
+        """One token as text (as vLLM reports it in logprobs)."""
+        return str(self.tokenizer.decode([token]))
+
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return [int(i) for i in ids]
@@ -677,6 +943,10 @@ class Engine:
         task: str | None = None,
     ) -> GenRequest:
         """Queue a request (call from the event loop). Raises RequestError when refused."""
+        if self.shutting_down:
+            raise RequestError(
+                "the server is shutting down", 503, "server_error", code="shutting_down"
+            )
         if not self.alive:
             raise RequestError("the decode worker is not running", 503, "server_error")
         if task is not None and task not in self.patterns:
@@ -686,6 +956,13 @@ class Engine:
                 param="premoe.task",
                 code="unknown_pattern",
             )
+        if self.cont is None and not params.basic:
+            raise RequestError(
+                "top_k, min_p, penalties, logprobs and stop_token_ids need the continuous "
+                "scheduler (--scheduler continuous)",
+                400,
+                code="unsupported_with_batch_scheduler",
+            )
         if self._queue_depth() >= self.config.max_queue:
             raise RequestError(
                 f"the server is busy ({self.config.max_queue} requests waiting); retry later",
@@ -694,6 +971,8 @@ class Engine:
                 code="queue_full",
             )
         req = GenRequest(self, prompt_ids, prompt_text, params, task, asyncio.get_running_loop())
+        with self._lock:
+            self._live.add(req)
         if task is not None:
             req.set_route(RouteInfo(task, None, False, False))
             self.scheduler.put(req)
@@ -703,12 +982,26 @@ class Engine:
         self._wake.set()
         return req
 
-    def health(self) -> dict[str, Any]:
-        status = "error" if not self.alive else "ok" if self.warm.is_set() else "warming_up"
+    def health(self, detail: bool = True) -> dict[str, Any]:
+        """Liveness and what is resident. `detail=False` (a caller without the API key) leaves
+        out the model and store paths."""
+        status = (
+            "error"
+            if not self.alive
+            else "shutting_down"
+            if self.shutting_down
+            else "ok"
+            if self.warm.is_set()
+            else "warming_up"
+        )
+        info = self.info if detail else {k: v for k, v in self.info.items() if k not in _PRIVATE}
         return {
             "status": status,
             "resident_pattern": self.resident_task,
             "queue_depth": self._queue_depth(),
             "swaps": int(self.metrics.swaps.value()),
-            **self.info,
+            **info,
         }
+
+
+_PRIVATE = ("model", "store")  # health fields that hold local paths

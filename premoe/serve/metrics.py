@@ -25,6 +25,11 @@ premoe_time_to_first_token_seconds          histogram  task
 premoe_queue_wait_seconds                   histogram  task (arrival to start of its batch)
 premoe_batch_size                           histogram  -
 premoe_decode_step_seconds                  histogram  - (one token for the whole batch)
+premoe_steps_total                          counter    mode (mixed: rows of several patterns in
+                                                       one step; single: one pattern)
+premoe_step_patterns                        gauge      - (patterns in the last decode step)
+premoe_prefill_steps_total                  counter    - (steps that prefilled prompt tokens)
+premoe_prefill_step_tokens                  histogram  - (prompt tokens prefilled in one step)
 ==========================================  =========  =============================================
 """
 
@@ -43,6 +48,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+PREFILL_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def _escape(value: str) -> str:
@@ -278,6 +284,29 @@ class ServeMetrics:
                 "Wall time of one decode step (one token for every row of the batch).",
                 (),
                 STEP_BUCKETS,
+            )
+        )
+
+        self.steps = r.add(
+            Counter(
+                "premoe_steps_total",
+                "Decode steps of the continuous scheduler, by mode: mixed (rows of several "
+                "patterns, per-row router masks) or single (one pattern).",
+                ("mode",),
+            )
+        )
+        self.step_patterns = r.add(
+            Gauge("premoe_step_patterns", "Patterns among the rows of the last decode step.")
+        )
+        self.prefill_steps = r.add(
+            Counter("premoe_prefill_steps_total", "Steps that prefilled prompt tokens.")
+        )
+        self.prefill_step_tokens = r.add(
+            Histogram(
+                "premoe_prefill_step_tokens",
+                "Prompt tokens prefilled in one step (bounded by --prefill-tokens).",
+                (),
+                PREFILL_BUCKETS,
             )
         )
 

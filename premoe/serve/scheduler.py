@@ -121,6 +121,30 @@ class Scheduler(Generic[T]):
             return resident, False
         return min(heads, key=lambda t: heads[t]), False
 
+    def pop(self, task: str, n: int) -> list[T]:
+        """Up to `n` waiting requests of `task`, oldest first (continuous batching)."""
+        with self._lock:
+            q = self._queues.get(task)
+            if q is None:
+                return []
+            items = [q.popleft() for _ in range(min(n, len(q)))]
+            if not q:
+                del self._queues[task]
+            return items
+
+    def pop_oldest(self) -> T | None:
+        """The request that has waited longest, of any pattern (mixed batches)."""
+        with self._lock:
+            self._drop_cancelled()
+            if not self._queues:
+                return None
+            task = min(self._queues, key=lambda t: self._queues[t][0].arrival)
+            q = self._queues[task]
+            item = q.popleft()
+            if not q:
+                del self._queues[task]
+            return item
+
     def next_batch(self, resident: str | None) -> Batch[T] | None:
         """Pop the next batch (up to `max_batch` requests of one pattern), or None."""
         with self._lock:

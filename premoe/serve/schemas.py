@@ -14,6 +14,7 @@ pattern instead of routing it by its prompt. Every response carries `"premoe": {
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +23,8 @@ SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
+MAX_N = 16
+MAX_LOGPROBS = 20
 
 
 class _Strict(BaseModel):
@@ -50,9 +53,15 @@ class _GenerationRequest(_Strict):
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
-    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    # vLLM's extensions of the OpenAI API, same names and meaning
+    top_k: Annotated[int, Field(ge=-1)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] = 1.0
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
+    ignore_eos: bool = False
     user: Annotated[str, Field(max_length=512)] | None = None
     premoe: PremoeOptions | None = None
 
@@ -70,12 +79,23 @@ class CompletionRequest(_GenerationRequest):
     """POST /v1/completions."""
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    logprobs: Literal[0] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     echo: Literal[False] = False
     suffix: None = None
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def requested_max_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else (self.max_tokens)
+        )
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(_Strict):
@@ -99,7 +119,15 @@ class ChatCompletionRequest(_GenerationRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def logprobs_count(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ValueError("top_logprobs needs logprobs: true")
+            return None
+        return self.top_logprobs or 0
 
     def requested_max_tokens(self) -> int | None:
         return (
@@ -178,18 +206,58 @@ def _body(
     return out
 
 
-def _choice(finish_reason: str | None, **content: Any) -> dict[str, Any]:
-    """The one choice: index, the content (text, message or delta), logprobs, finish_reason."""
-    return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+def _choice(
+    finish_reason: str | None, index: int = 0, logprobs: Any = None, **content: Any
+) -> dict[str, Any]:
+    """One choice: index, the content (text, message or delta), logprobs, finish_reason."""
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+@dataclass
+class Choice:
+    """One generated sequence of a response: its text, why it ended, its logprobs."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    logprobs: Any = None
+
+
+def completion_logprobs(
+    entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0
+) -> dict[str, Any]:
+    """The legacy completions `logprobs` object from (token, logprob, top) entries."""
+    offsets, at = [], offset
+    for tok, _, _ in entries:
+        offsets.append(at)
+        at += len(tok)
+    return {
+        "tokens": [t for t, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [dict(top) for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
+    """The chat `logprobs` object (`content`: one entry per token) from (token, logprob, top)."""
+
+    def one(tok: str, lp: float) -> dict[str, Any]:
+        return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8", "replace"))}
+
+    return {
+        "content": [
+            {**one(tok, lp), "top_logprobs": [one(t, v) for t, v in top]}
+            for tok, lp, top in entries
+        ]
+    }
 
 
 def completion_response(
     rid: str,
     model: str,
-    text: str,
-    finish_reason: str | None,
+    choices: list[Choice],
     prompt_tokens: int,
-    completion_tokens: int,
     premoe: dict[str, Any],
     created: int | None = None,
 ) -> dict[str, Any]:
@@ -198,8 +266,8 @@ def completion_response(
         "text_completion",
         model,
         created or int(time.time()),
-        [_choice(finish_reason, text=text)],
-        tokens=(prompt_tokens, completion_tokens),
+        [_choice(c.finish_reason, i, c.logprobs, text=c.text) for i, c in enumerate(choices)],
+        tokens=(prompt_tokens, sum(c.completion_tokens for c in choices)),
         premoe=premoe,
     )
 
@@ -211,18 +279,18 @@ def completion_chunk(
     finish_reason: str | None,
     premoe: dict[str, Any],
     created: int,
+    index: int = 0,
+    logprobs: Any = None,
 ) -> dict[str, Any]:
-    choices = [_choice(finish_reason, text=text)]
+    choices = [_choice(finish_reason, index, logprobs, text=text)]
     return _body(rid, "text_completion", model, created, choices, premoe=premoe)
 
 
 def chat_response(
     rid: str,
     model: str,
-    text: str,
-    finish_reason: str | None,
+    choices: list[Choice],
     prompt_tokens: int,
-    completion_tokens: int,
     premoe: dict[str, Any],
     created: int | None = None,
 ) -> dict[str, Any]:
@@ -231,8 +299,16 @@ def chat_response(
         "chat.completion",
         model,
         created or int(time.time()),
-        [_choice(finish_reason, message={"role": "assistant", "content": text})],
-        tokens=(prompt_tokens, completion_tokens),
+        [
+            _choice(
+                c.finish_reason,
+                i,
+                c.logprobs,
+                message={"role": "assistant", "content": c.text},
+            )
+            for i, c in enumerate(choices)
+        ],
+        tokens=(prompt_tokens, sum(c.completion_tokens for c in choices)),
         premoe=premoe,
     )
 
@@ -244,8 +320,10 @@ def chat_chunk(
     finish_reason: str | None,
     premoe: dict[str, Any],
     created: int,
+    index: int = 0,
+    logprobs: Any = None,
 ) -> dict[str, Any]:
-    choices = [_choice(finish_reason, delta=delta)]
+    choices = [_choice(finish_reason, index, logprobs, delta=delta)]
     return _body(rid, "chat.completion.chunk", model, created, choices, premoe=premoe)
 
 

@@ -11,7 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from premoe.demo import MODEL_DIR
-from premoe.demo.run import (
+from premoe.demo.tasks import build_tokenizer, task_names
+from premoe.errors import OutputExistsError, StoreMismatchError
+from premoe.eval.demo import (
     DEFAULT_OUT,
     METHODS,
     SHIPPED_STORE,
@@ -22,8 +24,6 @@ from premoe.demo.run import (
     shipped_store_matches,
     summary_table,
 )
-from premoe.demo.tasks import build_tokenizer, task_names
-from premoe.errors import OutputExistsError, StoreMismatchError
 from premoe_cli.app import app
 from tests.tiny import build_tiny, save_tiny
 

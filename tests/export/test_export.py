@@ -250,10 +250,14 @@ def test_output_exists_and_overwrite(tiny_checkpoint, tmp_path) -> None:
     keep = KeepSets.uniform(src.moe_layers, [0, 1, 2])
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_pruned(src, keep, out)
+    with pytest.raises(UsageError, match="premoe did not write"):  # not premoe's: never replaced
+        export_pruned(src, keep, out, overwrite=True)
     assert listing(out) == ["mine.txt"]
-    export_pruned(src, keep, out, overwrite=True)
-    assert "mine.txt" not in listing(out) and "model.safetensors" in listing(out)
-    assert leftovers(tmp_path) == ["out"]
+    done = tmp_path / "done"
+    export_pruned(src, keep, done)
+    export_pruned(src, KeepSets.uniform(src.moe_layers, [0, 1, 3]), done, overwrite=True)
+    assert "model.safetensors" in listing(done)
+    assert leftovers(tmp_path) == ["done", "out"]
 
 
 def test_output_inside_or_around_source_refused(tiny_checkpoint, tmp_path) -> None:
@@ -264,7 +268,7 @@ def test_output_inside_or_around_source_refused(tiny_checkpoint, tmp_path) -> No
     keep = KeepSets.uniform(src.moe_layers, [0, 1, 2])
     with pytest.raises(UsageError, match="inside the source"):
         export_pruned(src, keep, folder / "pruned")
-    with pytest.raises(UsageError, match="inside the source"):
+    with pytest.raises(UsageError, match="is the source"):
         export_pruned(src, keep, folder, overwrite=True)
     with pytest.raises(UsageError, match="contains the source"):
         export_pruned(src, keep, tmp_path / "models", overwrite=True)

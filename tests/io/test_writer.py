@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from premoe.errors import OutputExistsError
+from premoe.errors import OutputExistsError, UnsafeOutputError
 from premoe.io import (
     CheckpointReader,
     ShardedWriter,
@@ -146,12 +146,12 @@ def test_exception_leaves_nothing(tmp_path: Path) -> None:
 def test_exception_keeps_old_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    (out / "premoe.json").write_text("{}")  # premoe's own output: overwrite may replace it
     with pytest.raises(Boom), ShardedWriter(out, overwrite=True) as w:
         w.add("t", vec(4))
         raise Boom
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in out.iterdir()] == ["premoe.json"]
 
 
 def test_existing_output_is_refused_before_work(tmp_path: Path) -> None:
@@ -171,6 +171,7 @@ def test_overwrite_replaces_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.safetensors").write_text("old")
+    (out / "premoe.json").write_text("{}")
     with ShardedWriter(out, overwrite=True) as w:
         w.add("t", vec(4, 7.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -184,6 +185,7 @@ def test_overwrite_source_while_reading_it(tmp_path: Path) -> None:
     with ShardedWriter(out) as w:
         w.add("a", vec(8, 1.0))
         w.add("b", vec(8, 2.0))
+        (w.path / "premoe.json").write_text("{}")
     with CheckpointReader(out) as reader, ShardedWriter(out, overwrite=True) as w:
         w.add("a", reader.get("a") * 10)
         w.add("b", reader.get("b"))
@@ -273,12 +275,15 @@ def test_atomic_output_dir_creates_parents_and_renames(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 
-def test_atomic_output_dir_overwrites_a_file(tmp_path: Path) -> None:
+def test_atomic_output_dir_never_overwrites_what_premoe_did_not_write(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("a file")
     with pytest.raises(OutputExistsError):
         atomic_output_dir(out).__enter__()
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with pytest.raises(UnsafeOutputError, match="did not write"):
+        atomic_output_dir(out, overwrite=True).__enter__()
+    assert out.read_text() == "a file"
+    with atomic_output_dir(out, overwrite=True, require_marker=False) as tmp:
         (tmp / "x").write_text("1")
     assert (out / "x").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from premoe.demo.tasks import generate as task_rows
+from premoe.generate import generate
 from premoe.load import HostExpertCache
 from premoe.load.decode import decode
 from premoe.load.fetch import FetchingModel
-from premoe.load.generate import generate
 from premoe.patterns import PatternStore
 from premoe.patterns.store import GLOBAL
 from premoe.policy import select_experts

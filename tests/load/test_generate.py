@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from premoe.errors import StoreMismatchError, UsageError
+from premoe.generate import generate
 from premoe.load import load_prefix, load_pruned, size_model
-from premoe.load.generate import generate
 from premoe.patterns import PatternStore
 from premoe.policy import select_experts
 from premoe.profile import load_causal_lm, load_tokenizer, profile

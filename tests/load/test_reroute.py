@@ -8,7 +8,7 @@ import pytest
 
 from premoe.demo.tasks import generate as task_rows
 from premoe.demo.tasks import write_suite
-from premoe.load.generate import generate
+from premoe.generate import generate
 from premoe.patterns.store import GLOBAL
 from premoe.profile import profile
 from tests.helpers import load_json, run_cli

@@ -64,3 +64,28 @@ def test_prediction_equals_export_size(family, layout, k, tiny_checkpoint, tmp_p
     assert result.tensor_bytes == row.resident_bytes
     assert files == pytest.approx(row.file_bytes, rel=0.01)
     assert abs(files - row.file_bytes) <= 0.001 * files  # in practice much closer than 1%
+
+
+def test_one_budget_gives_one_keep_count_everywhere(tiny_checkpoint) -> None:
+    """`plan --dtype D --budget B` and the loader/serve budget path (`keep_for_budget`) use the
+    one size model, so they give the same K for every dtype (issue: architecture)."""
+    import torch
+
+    from premoe.load import keep_for_budget, load_pruned_with_info
+    from premoe.plan import SizeModel, plan
+    from premoe.prune import KeepSets
+    from premoe.source import resolve_model
+
+    src = resolve_model(tiny_checkpoint("qwen3_moe"))
+    sizes = SizeModel.from_source(src)
+    for dtype in (torch.float32, torch.bfloat16):
+        dense = sizes.at_dtype(dtype)
+        budget = dense.resident(5) + 1
+        p = plan(src, budget=budget, dtype=dtype)
+        assert p.fits == keep_for_budget(src, budget, dtype) == 5
+        assert p.row(5).resident_bytes == dense.resident(5)
+        keep = KeepSets.uniform(src.moe_layers, range(5))
+        _, info = load_pruned_with_info(src, keep, dtype=dtype)
+        assert info.param_bytes == dense.resident(5)  # what the loader really holds
+    assert plan(src, budget=sizes.resident(5) + 1).fits == 5  # the checkpoint's own bytes
+    src.close()

@@ -155,9 +155,10 @@ def test_overwrite_and_not_a_store(made_store, tiny_dir, demo_suite, tmp_path, c
     code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "not a pattern store")
     assert (folder / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only folders premoe wrote (issue #13): this one is refused too
     code, _, err = run_cli([*args, "--overwrite", "--json"], capsys)
-    assert code == 0, err
-    assert PatternStore.load(folder).task_names == ["x"]
+    assert_one_line_error(code, err, "premoe did not write")
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
 
 
 def test_device_map_dtype_and_key_options(tiny_dir, demo_suite, tmp_path: Path) -> None:

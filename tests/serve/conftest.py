@@ -125,7 +125,8 @@ class Server:
         return {"Authorization": f"Bearer {API_KEY}"}
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers(), timeout=30.0, **kw)
+        kw.setdefault("timeout", 30.0)
+        return httpx.Client(base_url=self.url, headers=self.headers(), **kw)
 
     def metrics(self) -> dict[str, float]:
         """Sample lines of /metrics as {'name{labels}': value}."""

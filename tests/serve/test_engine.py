@@ -4,12 +4,15 @@ request fails alone, a full queue refuses with 429, shutdown answers what is lef
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from premoe.serve import Engine, EngineConfig, RequestError, RouteInfo, SamplingParams
+from premoe.serve.app import _error_response
+from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.engine import GenRequest
 from tests.serve.conftest import KEEP, ServeWorld
 
@@ -22,9 +25,17 @@ def router(prompt: str) -> RouteInfo:
     return RouteInfo(task, 1.0, False, True)
 
 
-@pytest.fixture(scope="module")
-def engine(serve_world: ServeWorld) -> Iterator[Engine]:
+MODES = {
+    "mixed": {},  # continuous batching, the patterns' union resident, per-row router masks
+    "swap": {"mixed": "off"},  # continuous batching, one pattern resident, swaps between them
+    "batch": {"scheduler": "batch"},  # one batch per pattern at a time
+}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def engine(serve_world: ServeWorld, request: pytest.FixtureRequest) -> Iterator[Engine]:
     cfg = EngineConfig(
+        **MODES[request.param],
         model=str(serve_world.model),
         store=str(serve_world.store),
         keep=KEEP,
@@ -76,7 +87,10 @@ def test_every_request_decoded_with_its_own_pattern(
         assert req.served_keep == engine.patterns[req.task]  # the invariant
         if req.route.routed:
             assert req.task == router(req.prompt_text).task
-    assert engine.metrics.swaps.value() > swaps
+    mixed = engine.info["patterns_mode"] == "mixed"
+    assert (engine.metrics.swaps.value() > swaps) != mixed
+    if engine.cont is not None:
+        assert engine.metrics.steps.value(mode="mixed" if mixed else "single") > 0
     assert engine.metrics.step_seconds.count() > steps  # decode steps are timed
     for req, (text, _) in done[:3]:
         assert text == serve_world.greedy(req.task, req.prompt_text, 6)
@@ -125,3 +139,41 @@ def test_unknown_pattern_and_context_window(engine: Engine) -> None:
     assert info.value.code == "context_length_exceeded"
     assert engine.resolve_max_tokens(10, None, None) == engine.max_model_len - 10
     assert engine.resolve_max_tokens(10, None, 16) == 16
+
+
+def test_health_is_not_ready_during_warm_up(
+    serve_world: ServeWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    run = ContinuousDecoder.run
+
+    def slow_run(self: ContinuousDecoder, rows: Any) -> None:
+        gate.wait(10)
+        run(self, rows)
+
+    monkeypatch.setattr(ContinuousDecoder, "run", slow_run)
+    cfg = EngineConfig(
+        model=str(serve_world.model),
+        store=str(serve_world.store),
+        keep=KEEP,
+        device="cpu",
+        dtype="fp32",
+        warmup=True,
+    )
+    eng = Engine(cfg, router=router)
+    eng.start()
+    try:
+        assert eng.health()["status"] == "warming_up"
+        gate.set()
+        assert eng.warm.wait(30)
+        assert eng.health()["status"] == "ok"
+    finally:
+        gate.set()
+        eng.stop()
+
+
+def test_backpressure_answers_carry_retry_after() -> None:
+    busy = _error_response(RequestError("busy", 429, "rate_limit_error", code="queue_full"))
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert _error_response(RequestError("bye", 503, "server_error")).headers["retry-after"]
+    assert "retry-after" not in _error_response(RequestError("bad", 400)).headers

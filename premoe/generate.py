@@ -28,6 +28,7 @@ import torch
 
 import premoe
 from premoe.errors import UsageError
+from premoe.fingerprint import fingerprint_source
 from premoe.load.decode import (
     DEFAULT_REROUTE_THRESHOLD,
     DEFAULT_WINDOW,
@@ -40,16 +41,22 @@ from premoe.load.decode import (
 from premoe.load.fetch import FetchingModel
 from premoe.load.host_cache import HostExpertCache
 from premoe.load.loader import (
+    ExpertQuantization,
     Progress,
     as_source,
     load_prefix,
-    size_model,
 )
 from premoe.load.miss import MissMeter, shadow_meter
 from premoe.load.resident import ResidentModel
+from premoe.patterns.store import GLOBAL
+from premoe.plan import check_store_layers, open_store, store_scores
+from premoe.policy import select_experts
 from premoe.prune.keepsets import KeepSets
-from premoe.route import route as route_query
+from premoe.route import QueryKeyer, route
+from premoe.route.keys import encode_prompt
+from premoe.route.retrieve import check_fallback
 from premoe.runtime import resolve_device, resolve_dtype, synchronize
+from premoe.sizes import SizeModel
 from premoe.source import ModelSource, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -141,6 +148,29 @@ class GenerateResult:
         }
 
 
+def fit_context(prompt_len: int, max_new_tokens: int, config: Any) -> int:
+    """`max_new_tokens`, lowered to what fits the model's context after the prompt (with a
+    warning); a prompt that leaves no room is a `UsageError` (as the server's 400)."""
+    window = getattr(config, "max_position_embeddings", None)
+    if not isinstance(window, int) or window <= 0:
+        return max_new_tokens
+    room = window - prompt_len
+    if room < 1:
+        raise UsageError(
+            f"this model's maximum context length is {window} tokens; the prompt has "
+            f"{prompt_len} tokens: shorten it"
+        )
+    if max_new_tokens > room:
+        log.warning(
+            "the prompt has %d tokens of the model's %d: generating at most %d new tokens",
+            prompt_len,
+            window,
+            room,
+        )
+        return room
+    return max_new_tokens
+
+
 def generate(
     model: str | Path | ModelSource,
     store: Any,
@@ -164,6 +194,7 @@ def generate(
     miss_threshold: float = DEFAULT_REROUTE_THRESHOLD,
     reroute_context: int | None = None,
     host_cache: int | str | None = None,
+    quantize: ExpertQuantization | None = None,
 ) -> GenerateResult:
     """Route `prompt` to a stored pattern of `store` (a path or `PatternStore`), load `model`
     with that pattern's experts only, and generate up to `max_new_tokens` tokens (greedy).
@@ -181,14 +212,9 @@ def generate(
     topic where the whole text, dominated by the old one, does not. `host_cache`: a pinned host
     cache budget that ``fetch`` reads from (and fills).
     """
-    from premoe.fingerprint import fingerprint_source
-    from premoe.patterns.store import GLOBAL
-    from premoe.plan import check_store_layers, open_store, store_scores
-    from premoe.policy import select_experts
-    from premoe.route import QueryKeyer, route
-    from premoe.route.keys import encode_prompt
-    from premoe.route.retrieve import check_fallback
 
+    if quantize is not None and miss_policy == "fetch":
+        raise UsageError("--miss-policy fetch keeps experts dense; drop --quantize or the policy")
     if sum(x is not None for x in (keep, budget, coverage)) > 1:
         raise UsageError("give at most one of --keep, --budget and --coverage")
     if max_new_tokens < 1:
@@ -211,6 +237,7 @@ def generate(
         store_scores(st, [task] if task is not None and task != GLOBAL else [], metric)
         tokenizer = load_tokenizer(src.path)
         ids = encode_prompt(tokenizer, prompt)  # no tokens: a clear error before any weight
+        max_new_tokens = fit_context(len(ids), max_new_tokens, src.config)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, src)
         cache = HostExpertCache(host_cache) if host_cache is not None else None
@@ -242,7 +269,12 @@ def generate(
                 torch.cuda.empty_cache()
 
         # 2. the keep set from the task's scores
-        sizes = size_model(src, dt)
+        sizes = SizeModel.from_source(src).at_dtype(
+            dt,
+            "source" if quantize is None else quantize.scheme,
+            block=quantize.block if quantize else (128, 128),
+            group_size=quantize.group_size if quantize else 128,
+        )
 
         def selection_for(name: str, count: int | None = None) -> Any:
             scores = st.pooled_scores(metric) if name == GLOBAL else st.scores(name, metric)
@@ -281,7 +313,13 @@ def generate(
             meter = fetching.meter() if measure else None
         else:
             resident = ResidentModel(
-                src, selection.keep, device=dev, dtype=dt, host_cache=cache, progress=progress
+                src,
+                selection.keep,
+                device=dev,
+                dtype=dt,
+                host_cache=cache,
+                progress=progress,
+                quantize=quantize,
             )
             net, info = resident.model, resident.load_info
             assert info is not None
@@ -389,7 +427,7 @@ def _rerouter(
 
     def reroute(ids: list[int], mass: float, token: int) -> Switch | None:
         text = tokenizer.decode(ids[-context:] if context else ids, skip_special_tokens=True)
-        found = route_query(store, keyer, text, threshold=threshold, fallback=fallback)
+        found = route(store, keyer, text, threshold=threshold, fallback=fallback)
         target, reason = found.task, "retrieval"
         if target in tried:
             if fallback in tried:

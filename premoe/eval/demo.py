@@ -31,7 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import premoe
-from premoe.errors import ModelNotFoundError, OutputExistsError, UsageError
+from premoe.calibrate import RecalibrateOptions
+from premoe.calibrate.pipeline import calibrate_pattern, export_calibrated
+from premoe.demo import MODEL_DIR
+from premoe.demo import tasks as demo_tasks
+from premoe.errors import ModelNotFoundError, OutputExistsError, PremoeError, UsageError
+from premoe.eval.harness import load_eval_set, no_load_bars, score, torch_threads
+from premoe.eval.plots import PlotUnavailableError, check_matplotlib, plot_eval, plot_patterns
+from premoe.eval.runner import evaluate
+from premoe.export import export_from_store
+from premoe.fingerprint import fingerprint_source, same_model
+from premoe.io.atomic import atomic_output_dir, atomic_write_text, check_output_path
+from premoe.patterns.store import PatternStore
+from premoe.plan import keep_ladder
+from premoe.profile import profile
+from premoe.route import QueryKeyer, route
+from premoe.source import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +78,14 @@ class DemoOptions:
     threads: int | None = 1  # torch CPU threads (one is fastest for this model on a busy CPU)
     dtype: str = "fp32"  # bf16 weights run in fp32 on the CPU (bf16 CPU kernels are slower)
     batch_size: int = 128
+    recalibrate_steps: int = 200  # the export task also goes through `export --recalibrate`
+    # (recon selection + router recalibration); 0 skips it
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoOptions:
-        return cls(**{"n_profile": 64, "n_eval": 24, "keeps": (), **overrides})
+        return cls(
+            **{"n_profile": 64, "n_eval": 24, "keeps": (), "recalibrate_steps": 0, **overrides}
+        )
 
     def headline(self, num_experts: int, top_k: int) -> int:
         """The summary's keep count: `keep`, or a quarter of the experts (at least top-k)."""
@@ -74,7 +93,6 @@ class DemoOptions:
 
     def sweep(self, num_experts: int, top_k: int) -> list[int]:
         """Keep counts evaluated: the headline one and `keeps` (default: the plan ladder)."""
-        from premoe.plan import keep_ladder
 
         extra = keep_ladder(top_k, num_experts) if self.keeps is None else self.keeps
         ks = {self.headline(num_experts, top_k), *extra}
@@ -176,7 +194,6 @@ def _load_full(model_dir: Path, dtype: Any) -> tuple[Any, Any]:
 
 
 def _model_dir(model: str | Path | None) -> Path:
-    from premoe.demo import MODEL_DIR
 
     path = Path(model) if model is not None else MODEL_DIR
     if not (path / "config.json").is_file():
@@ -205,7 +222,6 @@ def profile_demo_store(
     `sources` replaces the recorded corpus path of each task (e.g. with the final path of a
     file written to a temporary folder first).
     """
-    from premoe.profile import profile
 
     store = profile(
         str(model),
@@ -241,21 +257,18 @@ def run_demo(
     """
     import torch
 
-    from premoe.eval.harness import no_load_bars, torch_threads
-
     opts = options or (DemoOptions.quick() if quick else DemoOptions())
     model_dir = _model_dir(model)
     final, note = choose_out(out, overwrite)
+    inputs = [("model folder", model_dir), ("pattern store", store)]
+    check_output_path(final, overwrite=overwrite, inputs=inputs)
     t_start = time.perf_counter()
     with torch_threads(opts.threads), no_load_bars():
-        from premoe.io.atomic import atomic_output_dir
-
         with atomic_output_dir(final, overwrite=overwrite) as tmp:
             result = _run(model_dir, tmp, final, note, opts, store, progress, torch.float32)
     result.seconds = time.perf_counter() - t_start
     result.timings["total"] = result.seconds
     # demo.json was written inside the folder before it moved; refresh the final timings
-    from premoe.io.atomic import atomic_write_text
 
     atomic_write_text(final / "demo.json", json.dumps(result.to_json(), indent=2) + "\n")
     return result
@@ -271,20 +284,6 @@ def _run(
     progress: Progress | None,
     dtype: Any,
 ) -> DemoResult:
-    from premoe.demo import tasks as demo_tasks
-    from premoe.eval.harness import load_eval_set, score
-    from premoe.eval.plots import (
-        PlotUnavailableError,
-        check_matplotlib,
-        plot_eval,
-        plot_patterns,
-    )
-    from premoe.eval.runner import evaluate
-    from premoe.export import export_from_store
-    from premoe.fingerprint import fingerprint_source
-    from premoe.patterns.store import PatternStore
-    from premoe.route import QueryKeyer, route
-    from premoe.source import resolve_model
 
     timings: dict[str, float] = {}
     current: dict[str, Any] = {"name": None, "start": 0.0}
@@ -390,6 +389,10 @@ def _run(
         "n": exp_score.n,
         "loaded_with": "transformers.AutoModelForCausalLM.from_pretrained",
     }
+    if opts.recalibrate_steps:
+        export_info["recalibrated"] = _recalibrated_export(
+            model_dir, st, task, keep, paths[task], tmp, final, export_name, opts, dtype, tok
+        )
 
     # 5. evaluate
     step("evaluate", f"{len(METHODS)} methods x K in {keeps}")
@@ -471,10 +474,54 @@ def _run(
         timings=timings,
         seconds=0.0,
     )
-    from premoe.io.atomic import atomic_write_text
 
     atomic_write_text(tmp / "demo.json", json.dumps(result_obj.to_json(), indent=2) + "\n")
     return result_obj
+
+
+def _recalibrated_export(
+    model_dir: Path,
+    store: Any,
+    task: str,
+    keep: int,
+    files: dict[str, Path],
+    tmp: Path,
+    final: Path,
+    export_name: str,
+    opts: DemoOptions,
+    dtype: Any,
+    tok: Any,
+) -> dict[str, Any]:
+    """`premoe export --recalibrate` of the export task (recon selection, routers recalibrated
+    on the task's profiling corpus), read back with plain from_pretrained and scored."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    pattern = calibrate_pattern(
+        model_dir,
+        store,
+        task,
+        keep=keep,
+        options=RecalibrateOptions(steps=opts.recalibrate_steps),
+        corpus=files["profile"],
+        device="cpu",
+        dtype=dtype,
+    )
+    name = f"{export_name}-recalibrated"
+    export_calibrated(model_dir, pattern, tmp / name)
+    net = AutoModelForCausalLM.from_pretrained(tmp / name, dtype=dtype).eval()
+    sc = score(net, tok, load_eval_set(task, files["eval"]), batch_size=opts.batch_size)
+    assert pattern.routers is not None
+    return {
+        "out": str(final / name),
+        "selection": pattern.selection.provenance["name"],
+        "accuracy": sc.value,
+        "n": sc.n,
+        "kl_before": pattern.routers.info["kl_before"],
+        "kl_after": pattern.routers.info["kl_after"],
+        "steps": opts.recalibrate_steps,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summarise(report: Any, keep: int) -> list[dict[str, Any]]:
@@ -578,9 +625,6 @@ def build_shipped_store(
     so the store is reproducible without the temporary corpus files."""
     import tempfile
 
-    from premoe.demo import tasks as demo_tasks
-    from premoe.eval.harness import no_load_bars, torch_threads
-
     opts = options or DemoOptions()
     model_dir = _model_dir(model)
     with torch_threads(opts.threads), no_load_bars(), tempfile.TemporaryDirectory() as tmp:
@@ -602,10 +646,6 @@ def build_shipped_store(
 
 def shipped_store_matches(model: str | Path | None = None) -> bool:
     """Whether the shipped store exists and was made for the (bundled) model."""
-    from premoe.errors import PremoeError
-    from premoe.fingerprint import fingerprint_source, same_model
-    from premoe.patterns.store import PatternStore
-    from premoe.source import resolve_model
 
     if not (SHIPPED_STORE / "store.json").is_file():
         return False
@@ -639,7 +679,7 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m premoe.demo.run --write-store patterns/demo``: rebuild the shipped store."""
+    """``python -m premoe.eval.demo --write-store patterns/demo``: rebuild the shipped store."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)

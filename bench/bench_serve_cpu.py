@@ -1,0 +1,226 @@
+"""Benchmark: `premoe serve` with continuous batching on a CPU (issue #17), over HTTP.
+
+The real server (a subprocess, one torch thread) serves the bundled demo model with the shipped
+store `patterns/demo` (5 task patterns + `__global__`, `--keep 16` of 64 experts). Clients send
+streamed completions that name their pattern, round-robin over the 5 tasks (a mixed workload),
+each `--max-tokens` tokens (`ignore_eos`, greedy), from `concurrency` parallel clients, each
+sending its next request when the previous ends. Reported per setting and concurrency: generated
+tokens/s, request latency p50/p99, time to first token p50/p99, and the server's step modes from
+/metrics. The figure of merit: tokens/s at concurrency 16 / tokens/s at concurrency 1 (target
+>= 6).
+
+    python bench/bench_serve_cpu.py --out bench/results/serve_cpu.json
+    python bench/bench_serve_cpu.py --concurrency 1 16 64 --requests-per-client 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as bc
+import httpx
+
+from premoe.demo.tasks import generate
+
+ROOT = bc.ROOT
+TASKS = ("add", "reverse", "sort", "count", "close")
+
+
+def start_server(port: int, extra: list[str], max_batch: int) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "premoe_cli.app",
+        "serve",
+        str(ROOT / "premoe/demo/model"),
+        "--store",
+        str(ROOT / "patterns/demo"),
+        "--keep",
+        "16",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--max-queue",
+        "4096",
+        *extra,
+    ]
+    path = [str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server died")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+async def one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+            elif data["choices"] and data["choices"][0]["text"] and ttft is None:
+                ttft = time.perf_counter() - t0
+    return {"status": 200, "latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens}
+
+
+def q(xs: list[float], p: int) -> float:
+    if not xs:
+        return float("nan")
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[p - 1]
+
+
+async def workload(url: str, concurrency: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+    prompts = {t: [r["prompt"] for r in generate(t, 16, 7, "eval")] for t in TASKS}
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def client_loop(c: int) -> None:
+            for k in range(per_client):
+                task = TASKS[(c + k) % len(TASKS)]
+                body = {
+                    "prompt": prompts[task][(c * per_client + k) % 16],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "premoe": {"task": task},
+                }
+                results.append(await one(client, body))
+
+        await one(client, {"prompt": "1+1=", "max_tokens": 2, "stream": True})  # warm
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "ok": len(ok),
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "latency_p50_s": q([r["latency"] for r in ok], 50),
+        "latency_p99_s": q([r["latency"] for r in ok], 99),
+        "ttft_p50_s": q([r["ttft"] for r in ok if r["ttft"] is not None], 50),
+        "ttft_p99_s": q([r["ttft"] for r in ok if r["ttft"] is not None], 99),
+    }
+
+
+def step_modes(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(("premoe_steps_total", "premoe_swaps_total")):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--requests-per-client", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--settings", nargs="+", default=["mixed", "swap"], choices=["mixed", "swap", "batch"]
+    )
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    extra = {"mixed": [], "swap": ["--mixed", "off"], "batch": ["--scheduler", "batch"]}
+    max_batch = max(args.concurrency)
+    runs = []
+    for setting in args.settings:
+        port = bc.free_port()
+        proc = start_server(port, extra[setting], max_batch)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for conc in args.concurrency:
+                before = step_modes(url)
+                res = asyncio.run(workload(url, conc, args.requests_per_client, args.max_tokens))
+                after = step_modes(url)
+                res["setting"] = setting
+                res["metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after}
+                runs.append(res)
+                print(f"{setting} c={conc}: {res['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    base = {r["setting"]: r["tokens_per_s"] for r in runs if r["concurrency"] == 1}
+    rows = []
+    for r in runs:
+        d = r["metrics_delta"]
+        rows.append(
+            [
+                r["setting"],
+                r["concurrency"],
+                f"{r['ok']}/{r['requests']}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['tokens_per_s'] / base[r['setting']]:.2f}" if r["setting"] in base else "",
+                f"{r['latency_p50_s'] * 1e3:.0f}",
+                f"{r['latency_p99_s'] * 1e3:.0f}",
+                f"{r['ttft_p50_s'] * 1e3:.0f}",
+                f"{r['ttft_p99_s'] * 1e3:.0f}",
+                int(d.get('premoe_steps_total{mode="mixed"}', 0)),
+                int(d.get('premoe_steps_total{mode="single"}', 0)),
+                int(d.get("premoe_swaps_total", 0)),
+            ]
+        )
+    bc.print_table(
+        [
+            "setting",
+            "conc",
+            "ok",
+            "tokens/s",
+            "/ conc 1",
+            "p50 ms",
+            "p99 ms",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "mixed steps",
+            "single steps",
+            "swaps",
+        ],
+        rows,
+    )
+    if args.out is not None:
+        bc.write_json(args.out, {"runs": runs, "args": vars(args) | {"out": str(args.out)}})
+
+
+if __name__ == "__main__":
+    main()

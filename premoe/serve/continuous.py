@@ -1,0 +1,333 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+Shape legend: N slots, B rows of one forward, S tokens per row of a prefill chunk, L MoE
+layers, U resident expert slots, V vocabulary, K KV columns read (`kv_len`).
+
+Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. One `step()`:
+
+1. Drops rows whose client left (their slot is free at once).
+2. Prefill, batched and chunked: rows that still have prompt tokens to process get the next
+   chunk of them, oldest first, until `prefill_tokens` tokens are taken this step (at least one
+   chunk). This bounds how long the running rows' decode stalls for newcomers: one forward of at
+   most `prefill_tokens` tokens per step. Chunks are left-padded within the forward (padding
+   is written to the scratch column and attends to nothing real), so the last position is every
+   row's last prompt token of the chunk; a row whose prompt is now complete samples its first
+   token from it.
+3. One decode step for every row that has a sampled token not yet in the cache: the forward runs
+   over slots 0..n-1 (n: the highest such slot + 1, so the cache is a view, no copy); idle and
+   still-prefilling slots in that range are fed a padding token written to scratch.
+
+Rows finish independently (end of sequence, a stop string or token, max_tokens); their slot is
+free for the next step. Masks are built here (4-D additive; key j visible to a query at position
+p of the same row iff j <= p), and position ids count the row's own tokens, so every row computes
+what it would alone. With `routing` (rowmask.py) every row also routes only among its own
+pattern's experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from premoe.serve.decode import RowSink, SamplingParams, TextStream, _eos_ids, _forward_cache_kwarg
+from premoe.serve.kvcache import SlotKVCache
+from premoe.serve.rowmask import RowRouting
+from premoe.serve.sampling import RowSampler, TokenLogprobs, needs_processing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Seq:
+    """One running request (or one of its n choices)."""
+
+    sink: RowSink
+    prompt: list[int]
+    params: SamplingParams
+    pattern: str | None
+    sampler: RowSampler
+    stream: TextStream
+    slot: int
+    order: int
+    filled: int = 0  # prompt tokens in the cache
+    last: int | None = None  # the sampled token not yet in the cache
+    generated: int = 0
+    done: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache."""
+        return self.filled + max(0, self.generated - 1)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.filled < len(self.prompt)
+
+
+@dataclass
+class StepReport:
+    prefill_rows: int = 0
+    prefill_tokens: int = 0
+    decode_rows: int = 0
+    patterns: set[str] = field(default_factory=set)
+    finished: int = 0
+    seconds: float = 0.0
+
+
+class ContinuousDecoder:
+    """Iteration-level scheduling of rows over a per-slot KV cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        slots: int,
+        max_len: int,
+        prefill_tokens: int = 512,
+        routing: RowRouting | None = None,
+        eos_ids: set[int] | None = None,
+        pad_id: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.prefill_tokens = max(1, prefill_tokens)
+        self.routing = routing
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.min_value = torch.finfo(self.dtype).min
+        self.vocab = int(model.config.vocab_size)
+        self.eos_ids = eos_ids if eos_ids is not None else _eos_ids(model, tokenizer)
+        if pad_id is None:
+            pad_id = tokenizer.pad_token_id
+            if pad_id is None:
+                pad_id = next(iter(self.eos_ids), 0)
+        self.pad_id = int(pad_id)
+        self.cache = SlotKVCache(model.config, slots, max_len, self.dtype, self.device)
+        self.seqs: list[Seq | None] = [None] * slots
+        self._kw = _forward_cache_kwarg(model)
+        self._order = itertools.count()
+
+    # -- rows ------------------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return len(self.seqs)
+
+    def free(self) -> int:
+        return sum(1 for s in self.seqs if s is None)
+
+    def active(self) -> list[Seq]:
+        return [s for s in self.seqs if s is not None]
+
+    def patterns(self) -> set[str]:
+        return {s.pattern for s in self.seqs if s is not None and s.pattern is not None}
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len < 1:
+            raise ValueError("empty prompt")
+        if prompt_len + max_tokens > self.max_len:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                f"window of {self.max_len} tokens"
+            )
+
+    def add(
+        self,
+        sink: RowSink,
+        prompt: list[int],
+        params: SamplingParams,
+        pattern: str | None = None,
+        *,
+        ignore_eos: bool = False,
+    ) -> Seq:
+        """Admit a row into the lowest free slot (call `free()` first)."""
+        self.check_fits(len(prompt), params.max_tokens)
+        slot = next(i for i, s in enumerate(self.seqs) if s is None)
+        stops = set(params.stop_token_ids)
+        if not (ignore_eos or params.ignore_eos):
+            stops |= self.eos_ids
+        seq = Seq(
+            sink=sink,
+            prompt=list(prompt),
+            params=params,
+            pattern=pattern,
+            sampler=RowSampler(params, prompt, self.vocab, self.device),
+            stream=TextStream(self.tokenizer, params.stop, stops),
+            slot=slot,
+            order=next(self._order),
+        )
+        self.seqs[slot] = seq
+        return seq
+
+    def _end(self, seq: Seq, reason: str, report: StepReport) -> None:
+        seq.done = True
+        self.seqs[seq.slot] = None
+        report.finished += 1
+        if reason == "cancelled":
+            seq.sink.on_finish("cancelled", seq.generated)
+        else:
+            seq.sink.on_finish(reason, seq.generated)
+
+    def drop_cancelled(self, report: StepReport) -> None:
+        for seq in self.active():
+            if seq.sink.cancelled:
+                self._end(seq, "cancelled", report)
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, between: Callable[[], None] | None = None) -> StepReport:
+        """Prefill (bounded) and one decode step; `between` runs before each forward."""
+        t0 = time.perf_counter()
+        report = StepReport()
+        self.drop_cancelled(report)
+        pending = sorted((s for s in self.active() if s.prefilling), key=lambda s: s.order)
+        chunks: list[tuple[Seq, int, int]] = []
+        budget = self.prefill_tokens
+        for seq in pending:
+            if budget <= 0:
+                break
+            end = min(len(seq.prompt), seq.filled + budget)
+            chunks.append((seq, seq.filled, end))
+            budget -= end - seq.filled
+        if chunks:
+            if between is not None:
+                between()
+            self._prefill(chunks, report)
+        rows = [s for s in self.active() if not s.prefilling and s.last is not None]
+        if rows:
+            if between is not None:
+                between()
+            self._decode(rows, report)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _forward(
+        self,
+        ids: torch.Tensor,  # [B, S]
+        positions: torch.Tensor,  # [B, S]
+        mask: torch.Tensor,  # [B, 1, S, K] additive
+        patterns: Sequence[str | None],
+    ) -> torch.Tensor:
+        """Last-position logits [B, V] (float32)."""
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            "logits_to_keep": 1,
+            self._kw: self.cache,
+        }
+        if self.routing is not None:
+            with self.routing.applied(self.routing.rows(patterns), ids.shape[1]):
+                out = self.model(**kwargs)
+        else:
+            out = self.model(**kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, chunks: list[tuple[Seq, int, int]], report: StepReport) -> None:
+        dev = self.device
+        b = len(chunks)
+        s = max(end - start for _, start, end in chunks)
+        ids = torch.full((b, s), self.pad_id, dtype=torch.long)  # [B, S]
+        cols = torch.full((b, s), self.cache.scratch, dtype=torch.long)  # [B, S]
+        qpos = torch.zeros((b, s), dtype=torch.long)  # [B, S] position of each query
+        for i, (seq, start, end) in enumerate(chunks):
+            n = end - start
+            ids[i, s - n :] = torch.tensor(seq.prompt[start:end], dtype=torch.long)
+            cols[i, s - n :] = torch.arange(start, end)
+            qpos[i, s - n :] = torch.arange(start, end)
+            qpos[i, : s - n] = start  # padding: sees the chunk's first token only
+        kv_len = max(end for _, _, end in chunks)
+        ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
+        keys = torch.arange(kv_len, device=dev)  # [K]
+        allowed = keys[None, None, :] <= qpos[:, :, None]  # [B, S, K]
+        zero = torch.zeros((), dtype=self.dtype, device=dev)
+        mask = torch.where(allowed, zero, self.min_value)[:, None]  # [B, 1, S, K]
+        slots = torch.tensor([seq.slot for seq, _, _ in chunks], dtype=torch.long, device=dev)
+        self.cache.plan(slots, cols, kv_len)
+        logits = self._forward(ids, qpos, mask, [seq.pattern for seq, _, _ in chunks])  # [B, V]
+        report.prefill_rows += b
+        report.prefill_tokens += sum(end - start for _, start, end in chunks)
+        done = []
+        for i, (seq, _, end) in enumerate(chunks):
+            seq.filled = end
+            if not seq.prefilling:
+                done.append(i)
+        if done:
+            self._emit([chunks[i][0] for i in done], logits[done], report)
+
+    def _decode(self, rows: list[Seq], report: StepReport) -> None:
+        dev = self.device
+        n = max(seq.slot for seq in rows) + 1
+        by_slot = {seq.slot: seq for seq in rows}
+        ids = torch.full((n, 1), self.pad_id, dtype=torch.long)  # [B, 1]
+        cols = torch.full((n, 1), self.cache.scratch, dtype=torch.long)  # [B, 1]
+        qpos = torch.zeros((n, 1), dtype=torch.long)  # [B, 1]
+        patterns: list[str | None] = [None] * n
+        for slot, seq in by_slot.items():
+            assert seq.last is not None
+            ids[slot, 0] = seq.last
+            cols[slot, 0] = qpos[slot, 0] = seq.length
+            patterns[slot] = seq.pattern
+        kv_len = max(seq.length for seq in rows) + 1
+        ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
+        keys = torch.arange(kv_len, device=dev)  # [K]
+        allowed = keys[None, :] <= qpos  # [B, K]; idle rows see column 0 only
+        zero = torch.zeros((), dtype=self.dtype, device=dev)
+        mask = torch.where(allowed, zero, self.min_value)[:, None, None, :]  # [B, 1, 1, K]
+        self.cache.plan(None, cols, kv_len)
+        logits = self._forward(ids, qpos, mask, patterns)  # [B, V]
+        report.decode_rows += len(rows)
+        report.patterns |= {p for p in patterns if p is not None}
+        order = sorted(by_slot)
+        self._emit([by_slot[i] for i in order], logits[order], report)
+
+    def _emit(self, seqs: list[Seq], logits: torch.Tensor, report: StepReport) -> None:
+        """Sample each row's next token from `logits` [B, V] and hand it to the row."""
+        plain = [i for i, seq in enumerate(seqs) if not needs_processing(seq.params)]
+        greedy = logits[plain].argmax(-1).tolist() if plain else []
+        tokens: dict[int, tuple[int, TokenLogprobs | None]] = {
+            i: (t, None) for i, t in zip(plain, greedy, strict=True)
+        }
+        for i, seq in enumerate(seqs):
+            if i not in tokens:
+                tokens[i] = seq.sampler.choose(logits[i])
+        for i, seq in enumerate(seqs):
+            token, info = tokens[i]
+            self._consume(seq, token, info, report)
+
+    def _consume(
+        self, seq: Seq, token: int, info: TokenLogprobs | None, report: StepReport
+    ) -> None:
+        if seq.sink.cancelled:
+            self._end(seq, "cancelled", report)
+            return
+        seq.generated += 1
+        seq.last = token
+        if info is not None:
+            on_token = getattr(seq.sink, "on_token", None)
+            if on_token is not None:
+                on_token(info)
+        delta = seq.stream.push(token)
+        if not seq.stream.finished and seq.generated >= seq.params.max_tokens:
+            delta += seq.stream.finish("length")
+        if delta:
+            seq.sink.on_delta(delta, seq.generated)
+        if seq.stream.finished:
+            self._end(seq, seq.stream.finish_reason or "stop", report)
+
+    def run(self, rows: Sequence[tuple[RowSink, list[int], SamplingParams, str | None]]) -> None:
+        """Decode `rows` to completion (tests, benchmarks): admit as slots free up."""
+        waiting = list(rows)
+        while waiting or self.active():
+            while waiting and self.free():
+                sink, prompt, params, pattern = waiting.pop(0)
+                self.add(sink, prompt, params, pattern)
+            self.step()

@@ -1,0 +1,259 @@
+"""Continuous batching in process: rows of several patterns join at random steps, share decode
+steps through per-row router masks over the resident union, and each row's greedy text equals
+its pattern's own pruned model (`premoe.load.load_pruned`); penalties and logprobs equal a
+reference computed here from full-vocabulary logits; seeded sampling is reproducible."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from premoe.demo.tasks import generate
+from premoe.load import ResidentModel, load_pruned
+from premoe.serve.continuous import ContinuousDecoder
+from premoe.serve.decode import SamplingParams
+from premoe.serve.patterns import build_patterns
+from premoe.serve.rowmask import RowRouting, union_keep
+from premoe.serve.sampling import TokenLogprobs
+from premoe.source import resolve_model
+from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
+
+
+@dataclass
+class Sink:
+    cancelled: bool = False
+    text: str = ""
+    reason: str | None = None
+    tokens: list[TokenLogprobs] = field(default_factory=list)
+    leave_after: int | None = None
+
+    def on_token(self, info: TokenLogprobs) -> None:
+        self.tokens.append(info)
+
+    def on_delta(self, text: str, completion_tokens: int) -> None:
+        self.text += text
+        if self.leave_after is not None and completion_tokens >= self.leave_after:
+            self.cancelled = True
+
+    def on_finish(self, reason: str, completion_tokens: int) -> None:
+        self.reason = reason
+
+
+@dataclass
+class World:
+    source: Any
+    tokenizer: Any
+    patterns: dict[str, Any]
+    model: Any
+    routing: RowRouting
+    refs: dict[str, Any] = field(default_factory=dict)
+
+    def ref(self, pattern: str) -> Any:
+        if pattern not in self.refs:
+            self.refs[pattern] = load_pruned(
+                self.source, self.patterns[pattern], device="cpu", dtype=torch.float32
+            ).eval()
+        return self.refs[pattern]
+
+    def greedy(self, pattern: str, ids: list[int], n: int) -> str:
+        x = torch.tensor([ids])
+        tok = self.tokenizer
+        with torch.no_grad():
+            out = self.ref(pattern).generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        return str(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
+
+
+@pytest.fixture(scope="module")
+def world(serve_world: ServeWorld) -> Iterator[World]:
+    src = resolve_model(str(serve_world.model))
+    _, patterns, _ = build_patterns(
+        serve_world.store, src, keep=KEEP, budget=None, dtype=torch.float32
+    )
+    union = union_keep(patterns, src.num_experts)
+    assert union.count > KEEP  # the patterns differ: the union holds more than one of them
+    resident = ResidentModel(src, union, device="cpu", dtype=torch.float32)
+    model = resident.model.eval()
+    routing = RowRouting(model, src.arch, union, patterns)
+    assert routing.verify(model) is None
+    yield World(src, serve_world.tokenizer, patterns, model, routing)
+    src.close()
+
+
+def prompts(world: World) -> list[list[int]]:
+    texts = [r["prompt"] for t in ("add", "reverse") for r in generate(t, 6, 5, "eval")]
+    return [world.tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: World) -> None:
+    rng = random.Random(0)
+    names = list(world.patterns)
+    dec = ContinuousDecoder(
+        world.model,
+        world.tokenizer,
+        slots=4,
+        max_len=MAX_LEN,
+        prefill_tokens=7,
+        routing=world.routing,
+    )
+    jobs = [
+        (ids, names[i % len(names)], rng.randint(3, 16)) for i, ids in enumerate(prompts(world))
+    ]
+    rng.shuffle(jobs)
+    sinks: list[tuple[Sink, list[int], str, int]] = []
+    waiting = list(jobs)
+    mixed_steps = 0
+    while waiting or dec.active():
+        # join at random steps: 0-2 newcomers per step, as slots allow
+        for _ in range(rng.randint(0, 2)):
+            if waiting and dec.free():
+                ids, pattern, n = waiting.pop()
+                sink = Sink()
+                dec.add(sink, ids, SamplingParams(max_tokens=n), pattern)
+                sinks.append((sink, ids, pattern, n))
+        report = dec.step()
+        mixed_steps += len(report.patterns) > 1
+    assert mixed_steps > 0, "no step mixed patterns: the test could not fail"
+    differ = 0
+    for sink, ids, pattern, n in sinks:
+        assert sink.reason in ("stop", "length")
+        assert sink.text == world.greedy(pattern, ids, n), (pattern, ids)
+        differ += len({world.greedy(p, ids, n) for p in world.patterns}) > 1
+    assert differ >= 2, "the patterns agree on every prompt: the test could not fail"
+
+
+def reference_penalized(
+    model: Any, ids: list[int], n: int, p: SamplingParams, eos: int
+) -> list[tuple[int, float, list[int]]]:
+    """Greedy with penalties from full-vocabulary logits, no KV cache: (token, raw logprob,
+    top ids) per step, written independently of premoe.serve.sampling."""
+    seq, out = list(ids), []
+    counts: dict[int, int] = {}
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()  # [V]
+        raw = torch.log_softmax(logits, -1)
+        x = logits.clone()
+        for t in set(ids) | set(counts):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+        for t, c in counts.items():
+            x[t] -= p.frequency_penalty * c + p.presence_penalty
+        token = int(x.argmax())
+        top = torch.topk(raw, p.logprobs or 0).indices.tolist()
+        out.append((token, float(raw[token]), top))
+        if token == eos:
+            break
+        counts[token] = counts.get(token, 0) + 1
+        seq.append(token)
+    return out
+
+
+def test_penalties_and_logprobs_match_full_vocab_reference(world: World) -> None:
+    params = SamplingParams(
+        max_tokens=12,
+        repetition_penalty=1.3,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+        logprobs=3,
+        ignore_eos=True,
+    )
+    names = list(world.patterns)
+    dec = ContinuousDecoder(
+        world.model, world.tokenizer, slots=4, max_len=MAX_LEN, routing=world.routing
+    )
+    rows = [
+        (Sink(), ids, params, names[i % len(names)]) for i, ids in enumerate(prompts(world)[:6])
+    ]
+    dec.run(rows)
+    for sink, ids, p, pattern in rows:
+        want = reference_penalized(world.ref(pattern), ids, 12, p, eos=-1)
+        got = [(t.token, t.logprob, [i for i, _ in t.top]) for t in sink.tokens]
+        assert [w[0] for w in want] == [g[0] for g in got], pattern
+        for (_, lw, tw), (_, lg, tg) in zip(want, got, strict=True):
+            assert abs(lw - lg) < 1e-4 and tw == tg
+
+
+def test_seeded_sampling_is_reproducible(world: World) -> None:
+    names = list(world.patterns)
+
+    def sample(seed: int) -> list[str]:
+        dec = ContinuousDecoder(
+            world.model, world.tokenizer, slots=3, max_len=MAX_LEN, routing=world.routing
+        )
+        p = SamplingParams(
+            max_tokens=16, temperature=1.2, top_k=20, min_p=0.02, top_p=0.95, seed=seed
+        )
+        rows = [(Sink(), ids, p, names[i % 3]) for i, ids in enumerate(prompts(world)[:5])]
+        dec.run(rows)
+        return [s.text for s, _, _, _ in rows]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_a_row_that_leaves_frees_its_slot(world: World) -> None:
+    dec = ContinuousDecoder(world.model, world.tokenizer, slots=2, max_len=MAX_LEN)
+    ids = prompts(world)
+    leaving = Sink(leave_after=2)
+    rows = [
+        (leaving, ids[0], SamplingParams(max_tokens=40, ignore_eos=True), None),
+        (Sink(), ids[1], SamplingParams(max_tokens=5), None),
+        (Sink(), ids[2], SamplingParams(max_tokens=5), None),
+    ]
+    dec.run(rows)
+    assert leaving.reason == "cancelled" and len(leaving.text) < 40
+    assert all(s.reason in ("stop", "length") for s, _, _, _ in rows[1:])
+    assert dec.free() == 2
+
+
+@pytest.mark.gpu
+def test_mixed_rows_on_cuda_equal_their_patterns_pruned_model(serve_world: ServeWorld) -> None:
+    """The same on a GPU (fp32; the union resident on the device, per-row masks there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src = resolve_model(str(serve_world.model))
+    try:
+        _, patterns, _ = build_patterns(
+            serve_world.store, src, keep=KEEP, budget=None, dtype=torch.float32
+        )
+        union = union_keep(patterns, src.num_experts)
+        model = ResidentModel(src, union, device="cuda", dtype=torch.float32).model.eval()
+        routing = RowRouting(model, src.arch, union, patterns)
+        assert routing.verify(model) is None
+        tok = serve_world.tokenizer
+        names = list(patterns)
+        dec = ContinuousDecoder(
+            model, tok, slots=4, max_len=MAX_LEN, prefill_tokens=7, routing=routing
+        )
+        texts = [r["prompt"] for t in ("add", "reverse") for r in generate(t, 6, 5, "eval")]
+        rows = [
+            (Sink(), tok(t)["input_ids"], SamplingParams(max_tokens=10), names[i % 3])
+            for i, t in enumerate(texts)
+        ]
+        dec.run(rows)
+        for sink, ids, params, pattern in rows:
+            ref = load_pruned(src, patterns[pattern], device="cuda", dtype=torch.float32).eval()
+            x = torch.tensor([ids], device="cuda")
+            with torch.no_grad():
+                out = ref.generate(
+                    input_ids=x,
+                    attention_mask=torch.ones_like(x),
+                    do_sample=False,
+                    max_new_tokens=params.max_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            assert sink.text == tok.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+    finally:
+        src.close()
