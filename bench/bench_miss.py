@@ -9,8 +9,8 @@ eager, KV cache), each the median of `--reps` runs over `--prompts` prompts:
 
 (a) fetch / mask on in-task prompts (target >= 0.8): the price of exact mode when the pattern
     is right;
-(b) fetch (pooled pattern, pattern experts evicted last; after the prompt, the slots switch to
-    the experts the prompt itself used most, `FetchingModel.adapt`) / a plain LRU expert cache
+(b) fetch (pooled pattern, pattern experts evicted last, unpinned after the prompt in layers
+    where the prompt shows it does not fit, `FetchingModel.adapt`) / a plain LRU expert cache
     with the same K slots and no pattern retrieval (MoE-Infinity-style: every expert in pinned
     host memory, least recently used slot replaced) on out-of-task prompts (target >= 1.5);
 (c) measuring the dropped mass: mask tokens/s with the meter / without (target >= 0.97);
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with bc.DeviceTimer(device) as t:
                     nbytes = fm.prefetch_host()
                 result.setdefault("host_cache_fill", {"bytes": nbytes, "seconds": t.seconds})
-            # pattern-based rows adapt to the prompt's own experts after it; the LRU one does not
+            # pattern-based rows check the pattern against the prompt (adapt); the LRU one has none
             adapt = fm.adapt if pinned is None else None
             row = measure(name, fm.model, prompts, args, device, ref, after_prompt=adapt)
             row["fetch"] = fm.stats.to_json()

@@ -780,7 +780,7 @@ def evaluate(
                                 [(g[0], u.rows) for g, (u, _) in zip(got, parts, strict=True)],
                                 len(sets[t]),
                             )
-                        mass = [mass_of.get((u.name, k, keep_id(keep))) for u, keep in parts]
+                        mass = [mass_of.get((u.name, k, kid_of(u, keep))) for u, keep in parts]
                         weights = [len(u.rows) for u, _ in parts]
                         dropped = (
                             None
