@@ -48,14 +48,26 @@ def os_error_line(err: OSError) -> str:
     return f"{why}: {where}" if where else why
 
 
+_received: list[int] = []
+
+
 def _exit_on_signal(signum: int, frame: Any) -> None:
+    _received.append(signum)
     raise SystemExit(128 + signum)
+
+
+def signal_exit_code() -> int | None:
+    """128 + the signal that `signals_unwind` turned into SystemExit, if one came. An extension
+    that calls back into Python may turn that SystemExit into an error of its own (safetensors
+    reports a ValueError); the CLI exits with this code all the same."""
+    return 128 + _received[-1] if _received else None
 
 
 @contextlib.contextmanager
 def signals_unwind() -> Iterator[None]:
     """SIGTERM and SIGHUP raise SystemExit(128 + signal) in the main thread, as SIGINT raises
     KeyboardInterrupt, so partial outputs are cleaned up by the same `except`/`finally` code."""
+    _received.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -15,7 +15,7 @@ import typer
 
 import premoe
 from premoe.errors import PremoeError
-from premoe_cli._common import os_error_line, signals_unwind
+from premoe_cli._common import os_error_line, signal_exit_code, signals_unwind
 from premoe_cli.archs import archs
 from premoe_cli.demo_cmd import demo_command
 from premoe_cli.eval_cmd import eval_command
@@ -95,12 +95,19 @@ def main() -> None:
     try:
         with signals_unwind():
             app()
-    except PremoeError as err:
-        typer.echo(f"premoe: error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except OSError as err:
-        typer.echo(f"premoe: error: {os_error_line(err)}", err=True)
-        sys.exit(1)
+    except SystemExit:
+        raise
+    except BaseException as err:
+        code = signal_exit_code()
+        if code is not None:  # stopped by SIGTERM/SIGHUP; the partial output is already gone
+            sys.exit(code)
+        if isinstance(err, PremoeError):
+            typer.echo(f"premoe: error: {err}", err=True)
+            sys.exit(err.exit_code)
+        if isinstance(err, OSError):
+            typer.echo(f"premoe: error: {os_error_line(err)}", err=True)
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

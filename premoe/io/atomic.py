@@ -182,10 +182,15 @@ def check_writable(out: str | Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
+    # named like a temporary sibling of `out`, so that `sweep_leftovers` removes it if a
+    # SIGKILL lands between its creation and its deletion
+    prefix = f".{out.name}{TMP_MARKER}probe-"
     try:
-        fd, probe = tempfile.mkstemp(prefix=".premoe-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        with _signals_deferred():  # a SIGTERM cannot land between creation and deletion
+            fd, probe = tempfile.mkstemp(prefix=prefix, dir=parent)
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):  # a concurrent sweep may take it
+                os.unlink(probe)
         free = os.statvfs(parent).f_bavail
     except OSError as err:
         raise OutputError(f"cannot write {out}: {_why(err)} ({parent})") from None
@@ -382,26 +387,33 @@ def _signals_deferred() -> Iterator[None]:
 
 
 def _commit(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Move `tmp` to `out`; an existing `out` is renamed aside first and deleted only after."""
+    """Move `tmp` to `out`; an existing `out` is renamed aside first and deleted only after.
+
+    SIGINT/SIGTERM/SIGHUP are held during the renames; one that arrives then is raised right
+    after them, and the old copy is still deleted."""
     backup: Path | None = None
-    with _signals_deferred():
-        if os.path.lexists(out):
-            if not overwrite:  # something appeared at `out` while we were working
-                raise _refuse(out)
-            backup = _free_sibling(out, _OLD_MARKER)
-            os.rename(out, backup)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, out)
-            raise
-        with contextlib.suppress(OSError):
-            _fsync(out.parent, is_dir=True)
-    if backup is not None:
-        _remove(backup)
-        if os.path.lexists(backup):
-            LOG.warning("replaced %s but could not delete the old copy at %s", out, backup)
+    committed = False
+    try:
+        with _signals_deferred():
+            if os.path.lexists(out):
+                if not overwrite:  # something appeared at `out` while we were working
+                    raise _refuse(out)
+                backup = _free_sibling(out, _OLD_MARKER)
+                os.rename(out, backup)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                if backup is not None:
+                    os.rename(backup, out)
+                raise
+            committed = True
+            with contextlib.suppress(OSError):
+                _fsync(out.parent, is_dir=True)
+    finally:
+        if committed and backup is not None:
+            _remove(backup)
+            if os.path.lexists(backup):
+                LOG.warning("replaced %s but could not delete the old copy at %s", out, backup)
 
 
 def _output_error(err: OSError, out: Path, tmp: Path) -> OutputError | None:
@@ -437,25 +449,33 @@ def atomic_output_dir(
     with output_lock(out):
         sweep_leftovers(out)
         refuse_existing(out, overwrite=overwrite, require_marker=require_marker)
+        tmp = Path()
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARKER}", dir=out.parent))
-        except OSError as err:
-            raise OutputError(f"cannot write {out}: {_why(err)} ({out.parent})") from None
-        try:
+            with _signals_deferred():  # no signal between making `tmp` and knowing its name
+                tmp = _mkdtemp(out)
             os.chmod(tmp, default_mode(is_dir=True))  # mkdtemp makes 0o700; match a plain mkdir
             yield tmp
             fsync_tree(tmp)
             _commit(tmp, out, overwrite=overwrite)
         except OSError as err:
-            _remove(tmp)
+            if tmp.name:
+                _remove(tmp)
             mapped = _output_error(err, out, tmp)
             if mapped is None:
                 raise
             raise mapped from err
         except BaseException:
-            _remove(tmp)
+            if tmp.name:
+                _remove(tmp)
             raise
     LOG.debug("wrote %s", out)
+
+
+def _mkdtemp(out: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARKER}", dir=out.parent))
+    except OSError as err:
+        raise OutputError(f"cannot write {out}: {_why(err)} ({out.parent})") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -464,12 +484,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     Readers see either the old content or the new one, never a partial file.
     """
     path = Path(path)
+    tmp = Path()
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {_why(err)} ({path.parent})") from None
-    tmp = Path(tmp_name)
-    try:
+        with _signals_deferred():  # no signal between making the file and knowing its name
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
+            tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -479,12 +498,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             _fsync(path.parent, is_dir=True)
     except OSError as err:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise OutputError(f"cannot write {path}: {_why(err)}") from err
+        if tmp.name:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise OutputError(f"cannot write {path}: {_why(err)} ({path.parent})") from err
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp.name:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         raise
 
 

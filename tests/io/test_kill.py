@@ -43,22 +43,43 @@ def run(argv):
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
+        import traceback
+        traceback.print_exc()
         return 99
     return 0
 
+def fresh_tqdm_locks():
+    # tqdm's multiprocessing lock, made during the warm-up, is shared with every forked child:
+    # a child killed while holding it would block its siblings. Give each child its own.
+    import tqdm.std as ts
+    if "mp_lock" in vars(ts.TqdmDefaultWriteLock):
+        del ts.TqdmDefaultWriteLock.mp_lock
+    ts.TqdmDefaultWriteLock.th_lock = ts.TRLock()
+    stack = [ts.tqdm]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if "_lock" in vars(cls):
+            delattr(cls, "_lock")
+
+LOGS = sys.argv[2]
 null = os.open(os.devnull, os.O_WRONLY)
-# warm-up: imports only. Running a command here would start threads (readers, prefetchers),
-# and a child forked while one of them holds a lock deadlocks on it.
-import importlib
-for name in json.loads(sys.argv[1]):
-    importlib.import_module(name)
+saved = os.dup(1), os.dup(2)
+os.dup2(null, 1)
+os.dup2(null, 2)
+for argv in json.loads(sys.argv[1]):  # warm-up runs: lazy imports, first-call kernel set-up
+    run(argv)
+os.dup2(saved[0], 1)
+os.dup2(saved[1], 2)
 print("ready", flush=True)
 for line in sys.stdin:
     argv = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        log = os.open(os.path.join(LOGS, f"{os.getpid()}.err"), os.O_WRONLY | os.O_CREAT, 0o644)
         os.dup2(null, 1)
-        os.dup2(null, 2)
+        os.dup2(log, 2)
+        fresh_tqdm_locks()
         os._exit(run(argv))
     print(json.dumps({"pid": pid}), flush=True)
     _, status = os.waitpid(pid, 0)
@@ -69,10 +90,13 @@ for line in sys.stdin:
 class Zygote:
     """Runs `premoe ARGS` in forked children of one warm interpreter."""
 
-    def __init__(self, warm_up: list[list[str]]) -> None:
+    def __init__(self, warm_up: list[list[str]], logs: Path) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        self.logs = logs
+        logs.mkdir(parents=True, exist_ok=True)
+        self.pid = 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _ZYGOTE, json.dumps(warm_up)],
+            [sys.executable, "-c", _ZYGOTE, json.dumps(warm_up), str(logs)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -93,12 +117,18 @@ class Zygote:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(args) + "\n")
         self.proc.stdin.flush()
-        return int(json.loads(self._line())["pid"])
+        self.pid = int(json.loads(self._line())["pid"])
+        return self.pid
 
     def wait(self) -> int:
         """The child's exit code (negative: killed by that signal)."""
         status = int(json.loads(self._line())["status"])
         return os.waitstatus_to_exitcode(status)
+
+    def stderr(self) -> str:
+        """What the last child wrote to stderr (its traceback, if any)."""
+        path = self.logs / f"{self.pid}.err"
+        return path.read_text()[-3000:] if path.exists() else ""
 
     def run(self, args: list[str]) -> int:
         self.start(args)
@@ -112,7 +142,11 @@ class Zygote:
 
 @pytest.fixture(scope="module")
 def zygote(setup) -> Iterator[Zygote]:
-    z = Zygote(WARM_IMPORTS)
+    warm = setup["root"] / "warm-up"
+    z = Zygote(
+        [_export_args(setup, warm / "e", 4), _profile_args(setup, warm / "s")],
+        setup["root"] / "logs",
+    )
     yield z
     z.close()
 
@@ -140,24 +174,17 @@ def _kill_at_random(z: Zygote, args: list[str], sig: int, parent: Path, span: fl
 
 
 TMP = ".premoe-tmp-"
-WARM_IMPORTS = [
-    "premoe_cli.export_cmd",
-    "premoe_cli.profile_cmd",
-    "premoe.export",
-    "premoe.profile.api",
-    "transformers.models.qwen3_moe.modeling_qwen3_moe",
-]
 
 
 def _case(z: Zygote, sig: int, n: int, args_new: list[str], out: Path, valid, span: float) -> None:
     """Kill `args_new` (which replaces or extends `out`) n times, checking `out` each time."""
     for _ in range(n):
         code = _kill_at_random(z, args_new, sig, out.parent, span)
-        assert code in (0, -sig, 128 + sig), code
+        assert code in (0, -sig, 128 + sig), (code, z.stderr())
         valid(out)  # absent, old or new, and valid
         if sig == signal.SIGTERM:
             assert not [t for t in _temps(out.parent) if TMP in t], _temps(out.parent)
-        assert z.run(args_new) == 0  # the next run writes there...
+        assert z.run(args_new) == 0, z.stderr()  # the next run writes there...
         assert _temps(out.parent) == []  # ...and nothing temporary survives it
         valid(out)
 
@@ -241,7 +268,9 @@ def test_killed_at_random_points(zygote, setup, command: str, sig: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGHUP])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGHUP], ids=["SIGTERM", "SIGKILL", "SIGHUP"]
+)
 @pytest.mark.parametrize("command", ["export", "profile"])
 def test_killed_at_random_points_many_times(zygote, setup, command: str, sig: int) -> None:
     random.seed(f"many-{command}-{sig}")
