@@ -37,8 +37,9 @@ from starlette.requests import ClientDisconnect
 
 import premoe
 from premoe.serve.decode import SamplingParams
-from premoe.serve.engine import Engine, EngineConfig, GenRequest, RequestError, RouteInfo
+from premoe.serve.engine import Engine
 from premoe.serve.metrics import CONTENT_TYPE
+from premoe.serve.requests import EngineConfig, GenRequest, RequestError, RouteInfo
 from premoe.serve.schemas import (
     ChatCompletionRequest,
     Choice,

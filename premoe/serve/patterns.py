@@ -16,12 +16,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from premoe.errors import UsageError
+from premoe.fingerprint import fingerprint_source
+from premoe.load import keep_for_budget
+from premoe.patterns import GLOBAL
+from premoe.plan import open_store, store_scores
+from premoe.policy import select_experts
 from premoe.prune import KeepSets
+from premoe.route import QueryKeyer, route
+from premoe.serve.requests import RouteInfo
 from premoe.source import ModelSource
 
 if TYPE_CHECKING:
     from premoe.patterns import PatternStore
-    from premoe.serve.engine import RouteInfo
+    from premoe.serve.requests import RouteInfo
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,6 @@ def keep_count(
         raise UsageError(
             "give --keep K (experts kept per layer) or --budget SIZE (e.g. --budget 24GiB)"
         )
-    from premoe.load import keep_for_budget
 
     return keep_for_budget(source, budget, dtype, quantize=quantize)
 
@@ -57,10 +63,6 @@ def build_patterns(
     quantize: Any = None,
 ) -> tuple[PatternStore, dict[str, KeepSets], dict[str, Any]]:
     """(store, pattern name -> keep sets, provenance) for serving `source` from a store."""
-    from premoe.fingerprint import fingerprint_source
-    from premoe.patterns import GLOBAL
-    from premoe.plan import open_store, store_scores
-    from premoe.policy import select_experts
 
     store = open_store(store_path, fingerprint_source(source))
     metric = metric or store.default_metric
@@ -96,17 +98,8 @@ def make_router(
     source: ModelSource,
     threshold: float | None = None,
 ) -> Callable[[str], RouteInfo] | None:
-    """prompt -> RouteInfo with the store's keys (TAER), or None when premoe.route is absent."""
-    from premoe.serve.engine import RouteInfo
-
-    try:
-        from premoe.route import QueryKeyer, route
-    except ImportError:
-        log.warning(
-            "premoe.route is not available: requests that do not name a pattern get the "
-            "default pattern"
-        )
-        return None
+    """prompt -> RouteInfo with the store's keys (TAER), or None when the store's key kind cannot
+    be computed on the resident model."""
     if store.key.get("kind") != "router_input":
         # a tcess key needs the first MoE router's scores over all E experts; the resident
         # model's router has only the kept rows
