@@ -21,6 +21,9 @@ still route, see `group_exact_possible`), every group keeps its own best K / n_g
 group routing stays exact. Otherwise the first K are kept and the pruned model falls back to one
 group (`KeepSets.validate` reports it in the `GroupPlan`). `coverage` and `budget` prefer counts
 that keep groups exact.
+
+One module because every policy (count, coverage, budget, global, random, non-uniform) ranks
+experts and respects routing groups through the same helpers (`take`, `budget_count`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Steps, every number computed in the run:
 
 Everything is written into one output folder, atomically (``tasks/``, ``store/``,
 ``export-TASK-kK/``, ``plots/``, ``demo.json``).
+
+One module because the demo is one pipeline whose steps write each other's inputs in order;
+it reads top to bottom as the README describes it.
 """
 
 from __future__ import annotations

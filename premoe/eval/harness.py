@@ -10,6 +10,9 @@ exponential of the mean negative log-likelihood over every predicted token of ev
 first token of a row is never predicted; padding never counts).
 
 Shape legend: B batch, S padded sequence length, V vocabulary.
+
+One module because eval sets, their scoring (exact match, perplexity) and the batched greedy
+generation both scores share are one contract with `premoe.eval.runner`.
 """
 
 from __future__ import annotations

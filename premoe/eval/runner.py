@@ -16,6 +16,10 @@ Routing accuracy (TAER): every eval query is routed with the store's key (`premo
 counts as right when it routes to its own task.
 
 Shape legend: L MoE layers, E experts per layer, K experts kept per layer.
+
+One module because `evaluate` walks one grid (task x method x keep count) whose inputs,
+keep sets and rows are checked and built here; scoring is in `harness`, plots in `plots`.
+(Splitting `evaluate` itself is follow-up work for issue #14.)
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ Safety rules every writer here follows:
   but not yet replaced.
 - **Durable.** Every file and folder of the new output is fsynced before the final rename, and
   the parent folder after it.
+
+One module because the output checks, the lock, the sweep of leftovers, the fsync and the
+final rename are one protocol: each step relies on the names and markers the others write.
 """
 
 from __future__ import annotations

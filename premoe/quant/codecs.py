@@ -27,6 +27,9 @@ Packing conventions (the bit position of element i inside one int32 word is ``bi
   E8M0 (bias 127); ``w = FP4_E2M1[nibble] * 2**(scale - 127)``.
 - FP8 block (DeepSeek-V3 style): ``weight`` e4m3 ``[N, K]``, ``weight_scale_inv
   [ceil(N/b0), ceil(K/b1)]``; ``w = weight * scale_inv`` per block, computed in fp32.
+
+One module because every format's decoder and encoder share the packing helpers and the
+format table, and the tests check each encoder against its decoder side by side.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ parts of a quantized checkpoint (`entry_from_parts`); `parts_of_entry` reads one
 
 Shape legend: E expert slots, T tokens, k routed per token, S = T*k routed pairs, H hidden,
 N output rows and K input columns of one projection.
+
+One module because the slot byte layout, the in-place swaps and the forward that reads the
+slots must agree on one layout (`_Field` offsets); splitting them would spread that contract.
 """
 
 from __future__ import annotations

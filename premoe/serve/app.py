@@ -15,6 +15,9 @@ Safety: with an API key every endpoint but `/health` needs `Authorization: Beare
 above `max_body_bytes` are refused (413); every field is validated and every refusal is a JSON
 error in the OpenAI format with a 4xx status. An exception in one request is that request's 500;
 the server keeps serving. A client that disconnects (streaming or not) cancels its request.
+
+One module because every endpoint shares the request validation, the key check and the
+OpenAI error envelope defined here; the engine and the schemas live in their own modules.
 """
 
 from __future__ import annotations

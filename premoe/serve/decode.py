@@ -24,6 +24,9 @@ happens once per bucket, not per request.
 
 The masks are built here rather than by transformers, so the same code runs on transformers
 5.17 (argument `past_key_values`) and later (argument `cache`).
+
+One module because the compiled static-cache decoder, its CUDA-graph thread state and its
+bucketed prefill share the buffers that the captured graphs point at.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ Life of a request:
 A failing batch (any exception) fails its own requests with a 500 error; the worker keeps
 serving. A request whose client leaves is cancelled: dropped from its queue, or, mid-batch, its
 row stops being decoded and the batch ends when no live row is left.
+
+One module because the engine is an actor: one worker thread owns the resident model, the
+queues and the decoders, and every method here runs on that thread against that state.
+Requests and configuration are in `premoe.serve.requests`.
 """
 
 from __future__ import annotations
