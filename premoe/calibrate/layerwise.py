@@ -37,6 +37,9 @@ import torch
 from premoe.calibrate.routers import CalibratedRouters, router_roles
 from premoe.calibrate.select import block_output, expert_outputs
 from premoe.errors import UsageError
+from premoe.profile.hooks import correction_bias
+from premoe.profile.metrics import RoutingRule
+from premoe.profile.sequential import capture_batch
 from premoe.prune.keepsets import KeepSets
 from premoe.prune.mask import masked_routing
 
@@ -119,9 +122,6 @@ def recalibrate_layerwise(
     left unchanged. Returns calibrated routers (router weight rows trained; other router
     tensors as the source's kept rows).
     """
-    from premoe.profile.hooks import correction_bias
-    from premoe.profile.metrics import RoutingRule
-    from premoe.profile.sequential import capture_batch
 
     opts = options or LayerwiseOptions()
     if opts.steps < 0 or opts.lr <= 0:

@@ -33,10 +33,24 @@ from premoe.calibrate.recalibrate import (
     recalibrate,
     store_corpus,
 )
-from premoe.calibrate.routers import CalibratedRouters, router_overrides, save_to_store
+from premoe.calibrate.routers import (
+    CalibratedRouters,
+    apply_routers,
+    find_in_store,
+    router_overrides,
+    save_to_store,
+)
 from premoe.calibrate.select import ReconOptions, recon_select
 from premoe.errors import UsageError
+from premoe.export import export_pruned
+from premoe.fingerprint import fingerprint_source
+from premoe.load import load_pruned
+from premoe.load.loader import as_source
+from premoe.plan import SizeModel, check_store_layers, open_store, store_scores
 from premoe.policy import Selection, select_experts
+from premoe.profile.profiler import pad_token_id
+from premoe.runtime import resolve_device, resolve_dtype
+from premoe.source import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +109,6 @@ def calibrate_pattern(
     and write it back to its folder (one task only).
     """
     from transformers import AutoModelForCausalLM
-
-    from premoe.fingerprint import fingerprint_source
-    from premoe.load.loader import as_source
-    from premoe.plan import SizeModel, check_store_layers, open_store, store_scores
-    from premoe.profile.profiler import pad_token_id
-    from premoe.runtime import resolve_device, resolve_dtype
-    from premoe.source import load_tokenizer
 
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     if not names:
@@ -184,8 +191,6 @@ def export_calibrated(
     **export_kwargs: Any,
 ) -> Any:
     """`export_pruned` of a calibrated pattern: its keep sets, its routers as overrides."""
-    from premoe.export import export_pruned
-    from premoe.load.loader import as_source
 
     src, owned = as_source(model)
     try:
@@ -225,10 +230,6 @@ def load_calibrated(
 ) -> Any:
     """`load_pruned(model, keep)` with the task's stored calibrated routers for this keep set
     applied (the plain pruned model when the store has none for it)."""
-    from premoe.calibrate.routers import apply_routers, find_in_store
-    from premoe.load import load_pruned
-    from premoe.load.loader import as_source
-    from premoe.plan import open_store
 
     src, owned = as_source(model)
     try:

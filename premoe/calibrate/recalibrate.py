@@ -46,7 +46,12 @@ import torch
 
 from premoe.calibrate.routers import CalibratedRouters, router_roles, router_tensor
 from premoe.errors import CorpusError, UsageError
+from premoe.load.loader import as_source, load_pruned
+from premoe.profile.corpus import load_task
+from premoe.profile.profiler import pad_batch, pad_token_id
 from premoe.prune.keepsets import KeepSets
+from premoe.runtime import resolve_device, resolve_dtype
+from premoe.source import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +131,6 @@ def batches(
     token_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded (ids [B, S], mask [B, S]) batches, longest first (little padding)."""
-    from premoe.profile.profiler import pad_batch
 
     order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
     out = []
@@ -146,7 +150,6 @@ def store_corpus(
     """A task's calibration corpus: `corpus` if given (a task source: JSONL, text, Parquet...),
     else the source the store recorded when the task was profiled, sampled with the same
     options. A source that no longer exists is a one-line `CorpusError`."""
-    from premoe.profile.corpus import load_task
 
     info = store.tasks.get(task) if store is not None else None
     if corpus is None:
@@ -348,11 +351,6 @@ def recalibrate(
     with `PatternStore.set_routers`). In-memory path: each model fits `device`.
     """
     from transformers import AutoModelForCausalLM
-
-    from premoe.load.loader import as_source, load_pruned
-    from premoe.profile.profiler import pad_token_id
-    from premoe.runtime import resolve_device, resolve_dtype
-    from premoe.source import load_tokenizer
 
     opts = (options or RecalibrateOptions()).check()
     check_corpus(corpus)

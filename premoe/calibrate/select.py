@@ -39,6 +39,8 @@ import torch
 
 from premoe.errors import UnsupportedArchitectureError, UsageError
 from premoe.policy import Selection, take
+from premoe.profile.hooks import correction_bias
+from premoe.profile.metrics import RoutingRule, route_from_logits
 from premoe.prune.keepsets import KeepSets
 from premoe.prune.mask import masked_routing
 
@@ -160,7 +162,6 @@ def block_output(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [T, H] of the block restricted to `allowed` [E] bool (None: every expert)."""
-    from premoe.profile.metrics import route_from_logits
 
     z = logits
     b = bias
@@ -204,7 +205,6 @@ def _errors(
     chunk: int = 16,
 ) -> list[float]:
     """Σ_t ‖y_S − y‖² for many candidate sets S of the same size, `chunk` at a time."""
-    from premoe.profile.metrics import route_from_logits
 
     t, n_exp, _ = f.shape
     k = min(rule.top_k, len(sets[0]))
@@ -250,7 +250,6 @@ def greedy_keep(
     one; the best swap of each slot) while the error falls; the better one wins. `forced`
     experts are always kept. Returns (experts, relative error, relative error of the
     top-routed-weight set)."""
-    from premoe.profile.metrics import route_from_logits
 
     n_exp = f.shape[1]
     target = block_output(logits, f, rule, None, bias)
@@ -309,8 +308,6 @@ def recon_select(
     corpus. Returns a `Selection` (uniform K; `order` holds the chosen experts first, in the
     order chosen, then the rest by routed weight).
     """
-    from premoe.profile.hooks import correction_bias
-    from premoe.profile.metrics import RoutingRule
 
     opts = options or ReconOptions()
     config = model.config

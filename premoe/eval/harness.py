@@ -28,8 +28,11 @@ from typing import Any, Literal
 
 import torch
 
+from premoe.demo import tasks as demo_tasks
 from premoe.demo.tasks import exact_match
 from premoe.errors import CorpusError, UsageError
+from premoe.profile.corpus import read_json_rows, read_text_file, row_text
+from premoe.profile.profiler import iter_batches, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,6 @@ def eval_set_from_rows(
             prompts=[str(r["prompt"]) for r in rows],
             answers=[str(r["answer"]) for r in rows],
         )
-    from premoe.profile.corpus import row_text
 
     texts = []
     for i, row in enumerate(rows):
@@ -136,14 +138,11 @@ def load_eval_set(
                 f"eval set {path} is plain text, so it cannot hold several tasks; give it as "
                 f"--eval-set {task}={path}"
             )
-        from premoe.profile.corpus import read_text_file
 
         text = read_text_file(path, "eval set")
         lines = [ln for ln in text.splitlines() if ln.strip()]
         rows: list[dict[str, Any]] = [{"text": ln} for ln in lines]
     elif suffix in {".jsonl", ".ndjson", ".json"}:
-        from premoe.profile.corpus import read_json_rows
-
         rows = read_json_rows(path, "eval set")
     else:
         raise CorpusError(
@@ -165,7 +164,6 @@ def load_eval_set(
 
 def demo_eval_set(task: str, n: int = 100, seed: int = 0) -> EvalSet:
     """The held-out eval split of a bundled demo task (`premoe.demo.tasks.generate`)."""
-    from premoe.demo import tasks as demo_tasks
 
     if task not in demo_tasks.TASKS:
         raise UsageError(
@@ -348,7 +346,6 @@ def greedy_answers(
     limits = [int(budgets)] * n if isinstance(budgets, int) else [int(b) for b in budgets]
     if len(limits) != n:
         raise ValueError("one generation budget per prompt")
-    from premoe.profile.profiler import pad_batch
 
     encoded = [tokenizer.encode(p) for p in prompts]
     order = sorted(range(n), key=lambda i: (len(encoded[i]), limits[i], i))
@@ -423,7 +420,6 @@ def perplexity(
     """Perplexity on the texts: exp(total NLL / predicted tokens), padding excluded."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    from premoe.profile.profiler import iter_batches
 
     max_pos = getattr(model.config, "max_position_embeddings", None)
     limit = max_length or (max_pos if isinstance(max_pos, int) and max_pos > 0 else 2048)

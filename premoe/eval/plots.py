@@ -20,6 +20,8 @@ import torch
 
 from premoe.errors import UsageError
 from premoe.io.atomic import Inputs, atomic_write_bytes, check_output_file
+from premoe.patterns.store import PatternStore
+from premoe.policy import expert_order, normalize_rows
 
 if TYPE_CHECKING:
     from premoe.eval.runner import EvalReport
@@ -155,7 +157,6 @@ def plot_eval(
 
 def layer_shares(scores: torch.Tensor) -> torch.Tensor:
     """Each layer's scores as shares of the layer's total (negatives shifted). [L, E]."""
-    from premoe.policy import normalize_rows
 
     return normalize_rows(scores).float()
 
@@ -164,7 +165,6 @@ def jaccard_matrix(
     store: PatternStore, tasks: Sequence[str], metric: str, keep: int
 ) -> torch.Tensor:
     """Mean over layers of the Jaccard index of two tasks' top-`keep` sets. [T, T]."""
-    from premoe.policy import expert_order
 
     tops = []
     for t in tasks:
@@ -202,7 +202,6 @@ def plot_patterns(
     """Write ``heatmaps.png`` (per-task expert usage by layer), ``overlap.png`` (Jaccard of the
     tasks' kept sets at `keep`, mean over layers) and ``coverage.png`` (share of each layer's
     score kept versus K, per task) into folder `out`. Returns {plot name: path}."""
-    from premoe.patterns.store import PatternStore
 
     st = store if isinstance(store, PatternStore) else PatternStore.load(store)
     inputs = [("pattern store", st.path)]

@@ -36,7 +36,11 @@ from typing import Any
 import torch
 
 import premoe
+from premoe.calibrate import recalibrate as recalibrate_routers
+from premoe.calibrate import router_overrides, store_corpus
+from premoe.calibrate.recalibrate import batches, cap_tokens, check_corpus
 from premoe.calibrate.routers import source_routers, write_routers
+from premoe.calibrate.select import ReconOptions, recon_select
 from premoe.errors import StoreError, UsageError
 from premoe.eval.harness import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -50,10 +54,20 @@ from premoe.eval.harness import (
     subset,
     torch_threads,
 )
+from premoe.export import export_pruned
+from premoe.fingerprint import fingerprint_source
+from premoe.load import ResidentModel
+from premoe.load.loader import param_bytes
 from premoe.load.miss import MassAccumulator, shadow_meter
 from premoe.patterns.store import GLOBAL, METRICS, PatternStore
+from premoe.plan import SizeModel, keep_ladder
 from premoe.policy import select_experts
+from premoe.profile.profiler import pad_token_id
 from premoe.prune import KeepSets
+from premoe.route import QueryKeyer
+from premoe.route.retrieve import route_key
+from premoe.runtime import resolve_device, resolve_dtype
+from premoe.source import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -452,8 +466,6 @@ def routing_accuracy(
     falls back to the pooled pattern counts as wrong. `RoutingReport.routes` keeps every
     query's pattern (tasks not in the store are routed too, but not counted).
     """
-    from premoe.route import QueryKeyer
-    from premoe.route.retrieve import route_key
 
     keyer = QueryKeyer.for_store(store, model, tokenizer, check=False)
     per_task: dict[str, dict[str, Any]] = {}
@@ -542,12 +554,6 @@ def evaluate(
     from_pretrained; `workdir` holds it, default a temp folder). `threads`: torch CPU threads
     while it runs. All inputs are checked before any model runs.
     """
-    from premoe.fingerprint import fingerprint_source
-    from premoe.load import ResidentModel
-    from premoe.load.loader import param_bytes
-    from premoe.plan import SizeModel, keep_ladder
-    from premoe.runtime import resolve_device, resolve_dtype
-    from premoe.source import load_tokenizer, resolve_model
 
     # Model methods (``recon``) and ``recalibrate`` (every method but routed gains a
     # ``METHOD+recal`` row: its keep sets with routers recalibrated on the task's corpus, see
@@ -655,8 +661,6 @@ def evaluate(
                         )
             calibrated: dict[tuple[str, str, int], Any] = {}
             if recalibrate:
-                from premoe.calibrate import recalibrate as recalibrate_routers
-
                 for (t, m, k), keep in list(plan.items()):
                     if m == "random" or (
                         recalibrate_methods is not None and m not in recalibrate_methods
@@ -846,8 +850,6 @@ def _calibration_corpora(
     calibration: Mapping[str, Any] | None,
 ) -> dict[str, list[list[int]]]:
     """Token ids of every task's calibration corpus (given, else as the store recorded it)."""
-    from premoe.calibrate import store_corpus
-    from premoe.calibrate.recalibrate import check_corpus
 
     out: dict[str, list[list[int]]] = {}
     for t in tasks:
@@ -864,9 +866,6 @@ def _model_keep(
     model: Any, src: Any, corpus: list[list[int]], k: int, tokenizer: Any, options: Any
 ) -> KeepSets:
     """Keep sets of the ``recon`` method (`premoe.calibrate.select.recon_select`)."""
-    from premoe.calibrate.recalibrate import batches, cap_tokens
-    from premoe.calibrate.select import ReconOptions, recon_select
-    from premoe.profile.profiler import pad_token_id
 
     opts = options or ReconOptions()
     data = batches(
@@ -886,9 +885,6 @@ def _export_and_load(
     """`export_pruned` into a fresh folder under `tmp` (with calibrated `routers` as
     overrides), then `from_pretrained` it."""
     from transformers import AutoModelForCausalLM
-
-    from premoe.calibrate import router_overrides
-    from premoe.export import export_pruned
 
     out = tmp / f"export-{len(list(tmp.iterdir()))}"
     overrides = None if routers is None else router_overrides(src, routers)

@@ -49,6 +49,7 @@ import premoe
 from premoe.errors import PremoeError, UsageError
 from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
+from premoe.runtime import resolve_device, resolve_dtype
 from premoe.serve import kvcache, rowmask
 from premoe.serve.continuous import ContinuousDecoder, StepReport
 from premoe.serve.decode import (
@@ -60,6 +61,7 @@ from premoe.serve.decode import (
     SamplingParams,
 )
 from premoe.serve.metrics import ServeMetrics
+from premoe.serve.patterns import build_patterns, make_router
 from premoe.serve.requests import (  # noqa: F401  (moved; re-exported)
     EngineConfig,
     GenRequest,
@@ -69,6 +71,7 @@ from premoe.serve.requests import (  # noqa: F401  (moved; re-exported)
 )
 from premoe.serve.resident import Resident, open_resident
 from premoe.serve.scheduler import Scheduler
+from premoe.source import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +124,6 @@ class Engine:
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
         """Resolve the model, read the store, build the patterns, load the resident model."""
-        from premoe.runtime import resolve_device, resolve_dtype
-        from premoe.serve.patterns import build_patterns, make_router
-        from premoe.source import load_tokenizer, resolve_model
 
         t0 = time.perf_counter()
         cfg = self.config

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from premoe.load import HostExpertCache, ResidentModel
 from premoe.prune import KeepSets
 from premoe.source import ModelSource
 
@@ -53,7 +54,6 @@ def open_resident(
     `host_cache`: a byte budget (e.g. "32GiB") for a host-memory expert cache; the experts of
     every pattern in `prefetch` are read into it now (in order, as long as they fit).
     """
-    from premoe.load import HostExpertCache, ResidentModel
 
     cache = HostExpertCache(host_cache) if host_cache is not None else None
     resident = ResidentModel(
