@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from premoe.batching import pad_token_id
 from premoe.calibrate.recalibrate import (
     RecalibrateOptions,
     RecalibrateProgress,
@@ -48,7 +49,6 @@ from premoe.load import load_pruned
 from premoe.load.loader import as_source
 from premoe.plan import SizeModel, check_store_layers, open_store, store_scores
 from premoe.policy import Selection, select_experts
-from premoe.profile.profiler import pad_token_id
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import load_tokenizer
 

@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
+from premoe.batching import pad_batch, pad_token_id
 from premoe.calibrate.routers import CalibratedRouters, router_roles, router_tensor
 from premoe.errors import CorpusError, UsageError
 from premoe.load.loader import as_source, load_pruned
 from premoe.profile.corpus import load_task
-from premoe.profile.profiler import pad_batch, pad_token_id
 from premoe.prune.keepsets import KeepSets
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.source import load_tokenizer

@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 import torch
 
+from premoe.batching import iter_batches, pad_batch
 from premoe.demo import tasks as demo_tasks
 from premoe.demo.tasks import exact_match
 from premoe.errors import CorpusError, UsageError
 from premoe.profile.corpus import read_json_rows, read_text_file, row_text
-from premoe.profile.profiler import iter_batches, pad_batch
 
 log = logging.getLogger(__name__)
 

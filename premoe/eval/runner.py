@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 import premoe
+from premoe.batching import pad_token_id
 from premoe.calibrate import recalibrate as recalibrate_routers
 from premoe.calibrate import router_overrides, store_corpus
 from premoe.calibrate.recalibrate import batches, cap_tokens, check_corpus
@@ -62,7 +63,6 @@ from premoe.load.miss import MassAccumulator, shadow_meter
 from premoe.patterns.store import GLOBAL, METRICS, PatternStore
 from premoe.plan import SizeModel, keep_ladder
 from premoe.policy import select_experts
-from premoe.profile.profiler import pad_token_id
 from premoe.prune import KeepSets
 from premoe.route import QueryKeyer
 from premoe.route.retrieve import route_key
