@@ -9,7 +9,7 @@ import typer
 from premoe.calibrate.recalibrate import RecalibrateOptions
 from premoe.eval.runner import METHODS, EvalProgress, EvalReport, evaluate
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
-from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg
+from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, RecalLrOpt, RecalStepsOpt
 from premoe_cli.progress import LazyBar, closing
 
 
@@ -165,12 +165,8 @@ def eval_command(
             "recalibrated to the full model on the task's corpus (rows METHOD+recal).",
         ),
     ] = False,
-    recalibrate_steps: Annotated[
-        int, typer.Option("--recalibrate-steps", help="Router training steps.")
-    ] = RecalibrateOptions.steps,
-    recalibrate_lr: Annotated[
-        float, typer.Option("--recalibrate-lr", help="Router learning rate (Adam).")
-    ] = RecalibrateOptions.lr,
+    recalibrate_steps: RecalStepsOpt = RecalibrateOptions.steps,
+    recalibrate_lr: RecalLrOpt = RecalibrateOptions.lr,
     calibration: Annotated[
         list[str] | None,
         typer.Option(

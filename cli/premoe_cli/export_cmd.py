@@ -14,14 +14,18 @@ from premoe.policy import parse_bytes
 from premoe.quant.export import ExpertQuantizer, check_scheme
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
 from premoe_cli.options import (
+    BlockOpt,
     BudgetOpt,
     DeviceOpt,
     DtypeOpt,
+    GroupSizeOpt,
     JsonOpt,
     MergeOpt,
     MetricOpt,
     ModelArg,
     OverwriteOpt,
+    RecalLrOpt,
+    RecalStepsOpt,
     TopKOpt,
 )
 from premoe_cli.progress import LazyBar, closing
@@ -115,8 +119,8 @@ def export_command(
             show_default=False,
         ),
     ] = None,
-    block: Annotated[int, typer.Option(help="fp8 block size (rows and columns).")] = 128,
-    group_size: Annotated[int, typer.Option(help="int4 group size along the input.")] = 128,
+    block: BlockOpt = 128,
+    group_size: GroupSizeOpt = 128,
     recalibrate: Annotated[
         bool,
         typer.Option(
@@ -135,12 +139,8 @@ def export_command(
             "paper-logits, frequency).",
         ),
     ] = None,
-    recalibrate_steps: Annotated[
-        int, typer.Option("--recalibrate-steps", help="Router training steps.")
-    ] = RecalibrateOptions.steps,
-    recalibrate_lr: Annotated[
-        float, typer.Option("--recalibrate-lr", help="Router learning rate (Adam).")
-    ] = RecalibrateOptions.lr,
+    recalibrate_steps: RecalStepsOpt = RecalibrateOptions.steps,
+    recalibrate_lr: RecalLrOpt = RecalibrateOptions.lr,
     calibration: Annotated[
         list[str] | None,
         typer.Option(

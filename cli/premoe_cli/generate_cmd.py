@@ -9,10 +9,18 @@ import typer
 
 from premoe.generate import DEFAULT_COVERAGE, generate
 from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW, MISS_POLICIES
-from premoe.load.loader import ExpertQuantization
-from premoe.quant.export import check_scheme
 from premoe_cli._common import human_bytes, print_json, progress_enabled, read_stdin
-from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, StoreOpt
+from premoe_cli.options import (
+    BlockOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GroupSizeOpt,
+    JsonOpt,
+    ModelArg,
+    ResidentQuantizeOpt,
+    StoreOpt,
+    expert_quantization,
+)
 from premoe_cli.progress import LazyBar, closing
 
 
@@ -95,16 +103,9 @@ def generate_command(
             "--measure/--no-measure", help="Measure the dropped mass (reroute always does)."
         ),
     ] = True,
-    quantize: Annotated[
-        str | None,
-        typer.Option(
-            help="Keep the loaded experts quantized on the device: fp8 (blocks of --block) or "
-            "int4 (groups of --group-size); --budget then counts quantized experts.",
-            show_default=False,
-        ),
-    ] = None,
-    block: Annotated[int, typer.Option(help="fp8 block size (rows and columns).")] = 128,
-    group_size: Annotated[int, typer.Option(help="int4 group size along the input.")] = 128,
+    quantize: ResidentQuantizeOpt = None,
+    block: BlockOpt = 128,
+    group_size: GroupSizeOpt = 128,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
@@ -143,9 +144,7 @@ def generate_command(
             miss_threshold=miss_threshold,
             reroute_context=reroute_context,
             host_cache=host_cache,
-            quantize=None
-            if quantize is None
-            else ExpertQuantization(check_scheme(quantize), (block, block), group_size),
+            quantize=expert_quantization(quantize, block, group_size),
         )
     if json_out:
         print_json(result.to_json())

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from premoe.load.loader import ExpertQuantization
+from premoe.quant.export import check_scheme
 
 ModelArg = Annotated[
     str,
@@ -52,3 +55,25 @@ BudgetOpt = Annotated[
         help="Memory budget, e.g. 24GiB, 500MB, 1.5e9: the largest keep count that fits.",
     ),
 ]
+BlockOpt = Annotated[int, typer.Option(help="fp8 block size (rows and columns).")]
+GroupSizeOpt = Annotated[int, typer.Option(help="int4 group size along the input.")]
+RecalStepsOpt = Annotated[int, typer.Option("--recalibrate-steps", help="Router training steps.")]
+RecalLrOpt = Annotated[float, typer.Option("--recalibrate-lr", help="Router learning rate (Adam).")]
+
+
+ResidentQuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="Keep the experts quantized on the device: fp8 (blocks of --block) or int4 (groups "
+        "of --group-size); --budget then counts quantized experts.",
+        show_default=False,
+    ),
+]
+
+
+def expert_quantization(scheme: str | None, block: int, group_size: int) -> Any:
+    """The `ExpertQuantization` of `--quantize/--block/--group-size` (None without --quantize)."""
+    if scheme is None:
+        return None
+    return ExpertQuantization(check_scheme(scheme), (block, block), group_size)

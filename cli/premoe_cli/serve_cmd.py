@@ -10,9 +10,16 @@ from typing import Annotated
 import typer
 
 from premoe.errors import UsageError
-from premoe.load.loader import ExpertQuantization
-from premoe.quant.export import check_scheme
-from premoe_cli.options import DeviceOpt, DtypeOpt, ModelArg, StoreOpt
+from premoe_cli.options import (
+    BlockOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GroupSizeOpt,
+    ModelArg,
+    ResidentQuantizeOpt,
+    StoreOpt,
+    expert_quantization,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +167,9 @@ def serve_command(
     ] = 1024,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    quantize: Annotated[
-        str | None,
-        typer.Option(
-            help="Keep the experts quantized on the device: fp8 (blocks of --block) or int4 "
-            "(groups of --group-size); --budget then counts quantized experts.",
-            show_default=False,
-        ),
-    ] = None,
-    block: Annotated[int, typer.Option(help="fp8 block size (rows and columns).")] = 128,
-    group_size: Annotated[int, typer.Option(help="int4 group size along the input.")] = 128,
+    quantize: ResidentQuantizeOpt = None,
+    block: BlockOpt = 128,
+    group_size: GroupSizeOpt = 128,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API, routing each request to a stored task
     pattern and keeping only that pattern's experts resident (swapped in place on demand).
@@ -207,9 +207,7 @@ def serve_command(
         scheduler=scheduler,
         mixed=mixed,
         prefill_tokens=prefill_tokens,
-        quantize=None
-        if quantize is None
-        else ExpertQuantization(check_scheme(quantize), (block, block), group_size),
+        quantize=expert_quantization(quantize, block, group_size),
     )
     config.check()
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
