@@ -66,7 +66,7 @@ def demo_command(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run premoe end to end on the bundled demo MoE (CPU, no download, about a minute).
+    """Run premoe end to end on the bundled demo MoE (CPU, no download, a few minutes).
 
     Writes the task suite, profiles the tasks into a pattern store, routes example prompts,
     exports a pruned checkpoint for one task, then evaluates the full model against pruned

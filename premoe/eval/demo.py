@@ -1,4 +1,4 @@
-"""`run_demo()`: the whole premoe pipeline on the bundled demo model, on a CPU, in about a minute.
+"""`run_demo()`: the whole premoe pipeline on the bundled demo model, on a CPU, in a few minutes.
 
 Steps, every number computed in the run:
 
