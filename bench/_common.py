@@ -370,6 +370,38 @@ def write_json(out: str | Path | None, data: dict[str, Any], *, device: Any = No
 # ---- misc --------------------------------------------------------------------------------------
 
 
+def start_demo_server(port: int, extra: list[str], *, timeout: float = 180.0) -> Any:
+    """`premoe serve` of the bundled demo model and its shipped store (CPU, fp32, --keep 16) in a
+    subprocess on 127.0.0.1:`port` with `extra` options; returns the process once /health
+    answers 200 (a `RuntimeError` with its stderr if it dies first)."""
+    import os
+    import subprocess
+
+    import httpx
+
+    cmd = [
+        sys.executable, "-m", "premoe_cli.app", "serve", str(ROOT / "premoe/demo/model"),
+        "--store", str(ROOT / "patterns/demo"), "--keep", "16", "--device", "cpu",
+        "--dtype", "fp32", "--port", str(port), *extra,
+    ]  # fmt: skip
+    path = [str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server died")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not become healthy within {timeout:.0f} s")
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:

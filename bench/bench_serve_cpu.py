@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -36,44 +35,8 @@ TASKS = ("add", "reverse", "sort", "count", "close")
 
 
 def start_server(port: int, extra: list[str], max_batch: int) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "premoe_cli.app",
-        "serve",
-        str(ROOT / "premoe/demo/model"),
-        "--store",
-        str(ROOT / "patterns/demo"),
-        "--keep",
-        "16",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--port",
-        str(port),
-        "--max-batch",
-        str(max_batch),
-        "--max-queue",
-        "4096",
-        *extra,
-    ]
-    path = [str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server died")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    opts = ["--max-batch", str(max_batch), "--max-queue", "4096", *extra]
+    return bc.start_demo_server(port, opts, timeout=180)
 
 
 async def one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:

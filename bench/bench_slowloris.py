@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,47 +36,7 @@ API_KEY = "sk-bench"
 
 
 def start_server(port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "premoe_cli.app",
-        "serve",
-        str(ROOT / "premoe/demo/model"),
-        "--store",
-        str(ROOT / "patterns/demo"),
-        "--keep",
-        "16",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--port",
-        str(port),
-        "--api-key",
-        API_KEY,
-        *extra,
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")]
-        ),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "server died")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return bc.start_demo_server(port, ["--api-key", API_KEY, *extra], timeout=120)
 
 
 class Attacker:
