@@ -103,8 +103,9 @@ def serve_command(
     compile: Annotated[
         str,
         typer.Option(
-            help="torch.compile the decode step: auto (reduce-overhead = CUDA graphs on CUDA), "
-            "none, default or reduce-overhead."
+            help="The decode step on CUDA: auto or default (torch.compile'd, then one CUDA graph "
+            "replay per step), none (eager kernel launches); reduce-overhead: the batch "
+            "scheduler's torch.compile mode."
         ),
     ] = "auto",
     host_cache: Annotated[

@@ -1,4 +1,4 @@
-"""Triton kernel for quantized MoE experts at decode: one gathered GEMV per (token, expert) row.
+"""Triton kernel for MoE experts at decode: one gathered GEMV per (token, expert) row.
 
 `moe_gemv(x, rows, experts, weight, scale, ...)` computes, for every routed pair s,
 
@@ -8,7 +8,9 @@ reading W in its quantized form and dequantizing in registers:
 
 - fp8 block: ``W = float(q) * scale[e, n // b0, k // b1]`` (q e4m3 ``[E, N, K]``);
 - int4 (compressed-tensors pack-quantized, symmetric): ``W = (nibble - 8) * scale[e, n, k // g]``
-  with ``q`` int32 ``[E, N, K/8]``, element k at bits ``4 * (k % 8)``.
+  with ``q`` int32 ``[E, N, K/8]``, element k at bits ``4 * (k % 8)``;
+- plain (bf16 / fp16 / fp32, no scales): ``W`` as stored, ``[E, N, K]`` or transposed
+  ``[E, K, N]`` (gpt-oss), for `premoe.quant.gemv_experts`.
 
 Dequantized weights stay fp32 (the exact quantized values); with `round_dtype=torch.bfloat16`
 each is rounded to bf16 first, so the kernel multiplies by exactly the weights
@@ -71,12 +73,14 @@ def _kernel() -> Any:
         stride_xr,
         stride_we,
         stride_wn,
+        stride_wk,  # 1 except for dense weights stored transposed ([E, K, N])
         stride_se,
         stride_sn,
         stride_yr,
         SCALE_BN: tl.constexpr,  # rows of W sharing one scale (fp8 block rows; 1 for int4)
         SCALE_BK: tl.constexpr,  # columns sharing one scale (fp8 block cols; int4 group size)
         INT4: tl.constexpr,
+        DENSE: tl.constexpr,  # plain weights (bf16/fp16/fp32), no scales
         ROUND_BF16: tl.constexpr,  # round each dequantized weight to bf16 before use
         FP8_MODE: tl.constexpr,  # 0: chunk in one scale block, 1: whole blocks, 2: any
         BLOCK_N: tl.constexpr,
@@ -145,8 +149,11 @@ def _kernel() -> Any:
                 mask_k = offs_k < K
                 m2 = mask_n[:, None] & mask_k[None, :]
                 xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                w = tl.load(w_base[:, None] + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
-                if FP8_MODE == 0:  # the chunk lies in one scale block: one scale per row
+                w = tl.load(w_base[:, None] + offs_k[None, :] * stride_wk, mask=m2, other=0.0)
+                w = w.to(tl.float32)
+                if DENSE:
+                    acc += tl.sum(w * xk[None, :], axis=1)
+                elif FP8_MODE == 0:  # the chunk lies in one scale block: one scale per row
                     sc = tl.load(s_base + k0 // SCALE_BK, mask=mask_n, other=0.0).to(tl.float32)
                     if ROUND_BF16:
                         # bf16 round-to-nearest-even on the bits (same under the interpreter)
@@ -171,10 +178,20 @@ def _kernel() -> Any:
     return moe_gemv_kernel
 
 
-def launch_shape(scale_bk: int, int4: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, FP8_MODE) for a scale block / group width: 16 rows per program (many
-    programs in flight at decode) and 4-8 KiB of weights per step."""
-    if int4:
+# (BLOCK_N, BLOCK_K) for plain weights: K-contiguous rows, and the transposed layout (N contiguous)
+DENSE_SHAPE = (16, 256)
+DENSE_SHAPE_TRANSPOSED = (64, 64)
+
+
+def launch_shape(scale_bk: int, mode: str) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, FP8_MODE) for a format (`mode`: fp8 | int4 | dense | dense_t, the last
+    plain weights stored transposed) and scale block /
+    group width: 16 rows per program (many programs in flight at decode) and 4-8 KiB of weights
+    per step."""
+    if mode.startswith("dense"):
+        bn, bk = DENSE_SHAPE_TRANSPOSED if mode == "dense_t" else DENSE_SHAPE
+        return bn, bk, 2
+    if mode == "int4":
         return 16, 512, 2
     pow2 = scale_bk > 0 and scale_bk & (scale_bk - 1) == 0
     if pow2 and scale_bk >= 256:
@@ -188,19 +205,23 @@ def _launch(
     x: torch.Tensor,  # [R, K]
     rows: torch.Tensor,  # [S] int
     experts: torch.Tensor,  # [S] int
-    weight: torch.Tensor,  # [E, N, K] fp8 | [E, N, K/8] int32
-    scale: torch.Tensor,  # [E, ceil(N/b0), ceil(K/b1)] | [E, N, K/g]
+    weight: torch.Tensor,  # [E, N, K] fp8 | [E, N, K/8] int32 | [E, N, K] or [E, K, N] dense
+    scale: torch.Tensor,  # [E, ceil(N/b0), ceil(K/b1)] | [E, N, K/g] | unused (dense)
     y: torch.Tensor,  # [S, N] fp32 (out)
     n: int,
     k: int,
     scale_bn: int,
     scale_bk: int,
-    int4: bool,
+    mode: str,
     round_to: str,
     wrap: Any = None,
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
-    block_n, block_k, fp8_mode = launch_shape(scale_bk, int4)
+    if mode == "dense_t":  # [E, K, N]: row n of W starts at n, element k at k * stride
+        stride_wn, stride_wk = weight.stride(2), weight.stride(1)
+    else:
+        stride_wn, stride_wk = weight.stride(1), 1
+    block_n, block_k, fp8_mode = launch_shape(scale_bk, mode)
     grid = (rows.shape[0], -(-n // block_n))
     kern[grid](
         x,
@@ -213,13 +234,15 @@ def _launch(
         k,
         x.stride(0),
         weight.stride(0),
-        weight.stride(1),
+        stride_wn,
+        stride_wk,
         scale.stride(0),
         scale.stride(1),
         y.stride(0),
         SCALE_BN=scale_bn,
         SCALE_BK=scale_bk,
-        INT4=int4,
+        INT4=mode == "int4",
+        DENSE=mode.startswith("dense"),
         ROUND_BF16=round_to == "bf16",
         FP8_MODE=fp8_mode,
         BLOCK_N=block_n,
@@ -246,11 +269,11 @@ def _register_op() -> Any:
         k: int,
         scale_bn: int,
         scale_bk: int,
-        int4: bool,
+        mode: str,
         round_to: str,
     ) -> torch.Tensor:
         y = torch.empty(rows.shape[0], n, dtype=torch.float32, device=x.device)
-        _launch(x, rows, experts, weight, scale, y, n, k, scale_bn, scale_bk, int4, round_to,
+        _launch(x, rows, experts, weight, scale, y, n, k, scale_bn, scale_bk, mode, round_to,
                 wrap=wrap_triton)  # fmt: skip
         return y
 
@@ -276,16 +299,18 @@ def moe_gemv(
     rows: torch.Tensor,
     experts: torch.Tensor,
     weight: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None = None,
     *,
     n: int,
     k: int,
-    scale_block: tuple[int, int],
-    int4: bool,
+    scale_block: tuple[int, int] = (1, 1),
+    int4: bool = False,
+    transposed: bool = False,
     round_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`y [S, N]` fp32 with ``y[s] = W[experts[s]] @ x[rows[s]]`` (see the module docstring).
 
+    `scale=None`: plain weights `[E, N, K]` (`[E, K, N]` with `transposed`), read as they are.
     `round_dtype=torch.bfloat16` rounds every dequantized weight to bf16 first, so the weights
     are exactly `dequantize(..., dtype=bfloat16)`'s; by default they stay fp32 (exact quantized
     values, fewer instructions). `weight`/`scale` may be strided views (E-stride of a shared
@@ -294,13 +319,18 @@ def moe_gemv(
     x = x.contiguous()
     rows = rows.contiguous()
     experts = experts.contiguous()
-    args = (n, k, int(scale_block[0]), int(scale_block[1]), bool(int4), _round_name(round_dtype))
+    if scale is None:
+        mode = "dense_t" if transposed else "dense"
+    else:
+        mode = "int4" if int4 else "fp8"
+    scale_t = weight if scale is None else scale  # a pointer the dense kernel never reads
+    args = (n, k, int(scale_block[0]), int(scale_block[1]), mode, _round_name(round_dtype))
     if x.device.type == "cuda" and _OP is None:
         prepare(x.device)
     if x.device.type == "cuda" and _OP:
-        return _OP(x, rows, experts, weight, scale, *args)
+        return _OP(x, rows, experts, weight, scale_t, *args)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32, device=x.device)
-    _launch(x, rows, experts, weight, scale, y, *args)
+    _launch(x, rows, experts, weight, scale_t, y, *args)
     return y
 
 

@@ -48,6 +48,7 @@ from premoe.quant.codecs import (
     quantize_int4_pack,
 )
 from premoe.quant.export import check_scheme
+from premoe.quant.gemv_experts import GemvFn, activate, bias_of, gemv_forward
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class QuantizedExperts:
             int4=self.scheme == "int4",
             round_dtype=self.dtype if self.exact_weights else None,
         )  # fmt: skip
-        return y.to(self.dtype)
+        return y
 
     def forward(
         self,
@@ -374,12 +375,12 @@ class QuantizedExperts:
         if not self.transposed:
             w_up, w_down = w_up.transpose(-1, -2), w_down.transpose(-1, -2)
         h = torch._grouped_mm(x, w_up, offs=offsets)  # [S, N_up]
-        bias = self._bias(up)
+        bias = bias_of(self.module, up)
         if bias is not None:
             h = h + bias[eids_sorted]
-        h = self._activate(mod, h)
+        h = activate(mod, h)
         h = torch._grouped_mm(h, w_down, offs=offsets)  # [S, H]
-        bias = self._bias(down)
+        bias = bias_of(self.module, down)
         if bias is not None:
             h = h + bias[eids_sorted]
         h = h * weights.reshape(-1)[perm].unsqueeze(-1).to(h.dtype)
@@ -393,21 +394,6 @@ class QuantizedExperts:
     def _down_param(self) -> str:
         return list(self.projs)[-1]
 
-    def _bias(self, name: str) -> torch.Tensor | None:
-        if not getattr(self.module, "has_bias", False):
-            return None
-        b = getattr(self.module, f"{name}_bias", None)
-        return b if isinstance(b, torch.Tensor) else None
-
-    def _activate(self, mod: Any, h: torch.Tensor) -> torch.Tensor:
-        if getattr(mod, "has_gate", True):
-            gate_fn = getattr(mod, "_apply_gate", None)
-            if gate_fn is not None:
-                return gate_fn(h)
-            gate, up = h.chunk(2, dim=-1)
-            return mod.act_fn(gate) * up
-        return mod.act_fn(h)
-
     def _forward_gemv(
         self,
         mod: Any,
@@ -416,22 +402,14 @@ class QuantizedExperts:
         weights: torch.Tensor,
         storage: torch.Tensor,
     ) -> torch.Tensor:
-        t, k = top_k_index.shape
-        s = t * k
-        eids = top_k_index.reshape(-1)  # [S]
-        pairs = torch.arange(s, device=hidden.device)
         up, down = self._up_param(), self._down_param()
-        h = self._gemv(up, hidden, pairs // k, eids, storage)  # [S, N_up]
-        bias = self._bias(up)
-        if bias is not None:
-            h = h + bias[eids]
-        h = self._activate(mod, h)  # [S, I]
-        h = self._gemv(down, h, pairs, eids, storage)  # [S, H]
-        bias = self._bias(down)
-        if bias is not None:
-            h = h + bias[eids]
-        h = h * weights.reshape(-1, 1).to(h.dtype)
-        return h.view(t, k, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
+
+        def gemv(param: str) -> GemvFn:
+            return lambda x, rows, eids: self._gemv(param, x, rows, eids, storage)
+
+        return gemv_forward(
+            mod, hidden, top_k_index, weights, gemv(up), gemv(down), (up, down), self.dtype
+        )
 
     def _forward_eager(
         self, mod: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor
@@ -439,7 +417,7 @@ class QuantizedExperts:
         """transformers' eager experts loop, each hit expert dequantized on the fly: all slots in
         one go when most are hit (prefill), else one slot at a time (the same values)."""
         up, down = self._up_param(), self._down_param()
-        b_up, b_down = self._bias(up), self._bias(down)
+        b_up, b_down = bias_of(self.module, up), bias_of(self.module, down)
         final = torch.zeros_like(hidden)
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -458,12 +436,12 @@ class QuantizedExperts:
             if self.transposed:
                 h = x @ w_up
                 h = h + b_up[e] if b_up is not None else h
-                h = self._activate(mod, h)
+                h = activate(mod, h)
                 h = h @ w_down
                 h = h + b_down[e] if b_down is not None else h
             else:
                 h = F.linear(x, w_up, b_up[e] if b_up is not None else None)
-                h = self._activate(mod, h)
+                h = activate(mod, h)
                 h = F.linear(h, w_down, b_down[e] if b_down is not None else None)
             h = h * weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, h.to(final.dtype))

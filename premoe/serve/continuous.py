@@ -15,7 +15,8 @@ Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. On
    token from it.
 3. One decode step for every row that has a sampled token not yet in the cache: the forward runs
    over slots 0..n-1 (n: the highest such slot + 1, so the cache is a view, no copy); idle and
-   still-prefilling slots in that range are fed a padding token written to scratch.
+   still-prefilling slots in that range are fed a padding token written to scratch. On CUDA
+   with `graphs`, this step is a CUDA graph replay (graphs.py).
 
 Rows finish independently (end of sequence, a stop string or token, max_tokens); their slot is
 free for the next step. Masks are built here (4-D additive; key j visible to a query at position
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from premoe.serve.decode import RowSink, SamplingParams, TextStream, _eos_ids, _forward_cache_kwarg
+from premoe.serve.graphs import DecodeGraphs
 from premoe.serve.kvcache import SlotKVCache
 from premoe.serve.rowmask import RowRouting
 from premoe.serve.sampling import RowSampler, TokenLogprobs, needs_processing
@@ -94,6 +96,8 @@ class ContinuousDecoder:
         routing: RowRouting | None = None,
         eos_ids: set[int] | None = None,
         pad_id: int | None = None,
+        graphs: bool = False,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -114,6 +118,22 @@ class ContinuousDecoder:
         self.seqs: list[Seq | None] = [None] * slots
         self._kw = _forward_cache_kwarg(model)
         self._order = itertools.count()
+        self.graphs: DecodeGraphs | None = None
+        if graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(
+                self._forward,
+                lambda cols, kv_len: self.cache.plan(None, cols, kv_len),
+                slots=slots,
+                max_len=max_len,
+                pad_id=self.pad_id,
+                scratch=self.cache.scratch,
+                dtype=self.dtype,
+                device=self.device,
+                row_mask_shape=None
+                if routing is None
+                else (len(routing.layers), routing.union.count),
+                compile=compile,
+            )
 
     # -- rows ------------------------------------------------------------------------------------
     @property
@@ -213,7 +233,7 @@ class ContinuousDecoder:
         ids: torch.Tensor,  # [B, S]
         positions: torch.Tensor,  # [B, S]
         mask: torch.Tensor,  # [B, 1, S, K] additive
-        patterns: Sequence[str | None],
+        row_masks: torch.Tensor | None,  # [B, L, U] per-row routing masks (`routing`)
     ) -> torch.Tensor:
         """Last-position logits [B, V] (float32)."""
         kwargs = {
@@ -224,12 +244,15 @@ class ContinuousDecoder:
             "logits_to_keep": 1,
             self._kw: self.cache,
         }
-        if self.routing is not None:
-            with self.routing.applied(self.routing.rows(patterns), ids.shape[1]):
+        if self.routing is not None and row_masks is not None:
+            with self.routing.applied(row_masks, ids.shape[1]):
                 out = self.model(**kwargs)
         else:
             out = self.model(**kwargs)
         return out.logits[:, -1, :].float()
+
+    def _row_masks(self, patterns: Sequence[str | None]) -> torch.Tensor | None:
+        return None if self.routing is None else self.routing.rows(patterns)  # [B, L, U]
 
     def _prefill(self, chunks: list[tuple[Seq, int, int]], report: StepReport) -> None:
         dev = self.device
@@ -252,7 +275,8 @@ class ContinuousDecoder:
         mask = torch.where(allowed, zero, self.min_value)[:, None]  # [B, 1, S, K]
         slots = torch.tensor([seq.slot for seq, _, _ in chunks], dtype=torch.long, device=dev)
         self.cache.plan(slots, cols, kv_len)
-        logits = self._forward(ids, qpos, mask, [seq.pattern for seq, _, _ in chunks])  # [B, V]
+        rows = self._row_masks([seq.pattern for seq, _, _ in chunks])
+        logits = self._forward(ids, qpos, mask, rows)  # [B, V]
         report.prefill_rows += b
         report.prefill_tokens += sum(end - start for _, start, end in chunks)
         done = []
@@ -277,13 +301,17 @@ class ContinuousDecoder:
             cols[slot, 0] = qpos[slot, 0] = seq.length
             patterns[slot] = seq.pattern
         kv_len = max(seq.length for seq in rows) + 1
-        ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
-        keys = torch.arange(kv_len, device=dev)  # [K]
-        allowed = keys[None, :] <= qpos  # [B, K]; idle rows see column 0 only
-        zero = torch.zeros((), dtype=self.dtype, device=dev)
-        mask = torch.where(allowed, zero, self.min_value)[:, None, None, :]  # [B, 1, 1, K]
-        self.cache.plan(None, cols, kv_len)
-        logits = self._forward(ids, qpos, mask, patterns)  # [B, V]
+        row_masks = self._row_masks(patterns)
+        if self.graphs is not None:
+            logits = self.graphs.run(ids, qpos, cols, kv_len, row_masks)  # [B, V]
+        else:
+            ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
+            keys = torch.arange(kv_len, device=dev)  # [K]
+            allowed = keys[None, :] <= qpos  # [B, K]; idle rows see column 0 only
+            zero = torch.zeros((), dtype=self.dtype, device=dev)
+            mask = torch.where(allowed, zero, self.min_value)[:, None, None, :]  # [B, 1, 1, K]
+            self.cache.plan(None, cols, kv_len)
+            logits = self._forward(ids, qpos, mask, row_masks)  # [B, V]
         report.decode_rows += len(rows)
         report.patterns |= {p for p in patterns if p is not None}
         order = sorted(by_slot)

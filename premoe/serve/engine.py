@@ -49,6 +49,7 @@ import premoe
 from premoe.errors import PremoeError, UsageError
 from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
+from premoe.quant import gemv_experts, kernels
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.serve import kvcache, rowmask
 from premoe.serve.continuous import ContinuousDecoder, StepReport
@@ -166,10 +167,14 @@ class Engine:
         kwargs: dict[str, Any] = {}
         impl = cfg.experts_implementation
         if impl is None and device.type == "cuda":
-            # grouped_mm reads only the routed experts; compiled, it needs bf16 (otherwise
-            # transformers falls back to a loop with a host sync, which CUDA graphs cannot
-            # capture): batched_mm is graph-safe in every dtype
-            impl = "grouped_mm" if dtype == torch.bfloat16 else "batched_mm"
+            # decode through premoe's GEMV kernel (sync-free: CUDA graphs capture it), larger
+            # batches through grouped_mm, which reads only the routed experts; compiled, it
+            # needs bf16 (else transformers loops with a host sync): batched_mm is graph-safe
+            # in every dtype
+            if kernels.available(device):
+                impl = gemv_experts.register()
+            else:
+                impl = "grouped_mm" if dtype == torch.bfloat16 else "batched_mm"
         if impl is not None:
             kwargs["experts_implementation"] = impl
         continuous = self._continuous_supported(src)
@@ -220,6 +225,8 @@ class Engine:
                 max_len=self.max_model_len,
                 prefill_tokens=cfg.prefill_tokens,
                 routing=routing,
+                graphs=cfg.compile != "none",
+                compile=cfg.compile in ("auto", "default"),
             )
             compile_mode = "none"
         else:
@@ -237,7 +244,10 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
         # warm-up (compilation, CUDA graph capture) runs in the worker thread, which is the
         # thread that replays the graphs (torch keeps CUDA graph trees per thread)
-        self._warmup_pending = cfg.warmup if cfg.warmup is not None else compile_mode != "none"
+        graphs = self.cont is not None and self.cont.graphs is not None
+        self._warmup_pending = (
+            cfg.warmup if cfg.warmup is not None else (compile_mode != "none" or graphs)
+        )
         self.metrics.resident_bytes.set(self.resident.resident_bytes)
         for name in self.patterns:
             on = self.mixed or name == default
@@ -262,7 +272,9 @@ class Engine:
             "max_wait_ms": cfg.max_wait_ms,
             "max_model_len": self.max_model_len,
             "cache": cache,
-            "compile": compile_mode,
+            "compile": ("inductor+cuda-graphs" if self.cont.graphs.compiled else "cuda-graphs")
+            if graphs and self.cont is not None and self.cont.graphs is not None
+            else compile_mode,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
             "resident_bytes": self.resident.resident_bytes,
             "load_seconds": round(self.load_seconds, 3),
@@ -285,8 +297,8 @@ class Engine:
         if cfg.scheduler == "batch":
             return False
         why = kvcache.supports(src.config)
-        if why is None and (cfg.cache == "static" or cfg.compile not in ("auto", "none")):
-            why = "--cache static / --compile belong to the batch scheduler"
+        if why is None and (cfg.cache == "static" or cfg.compile == "reduce-overhead"):
+            why = "--cache static / --compile reduce-overhead belong to the batch scheduler"
         if why is not None:
             if cfg.scheduler == "continuous":
                 raise UsageError(f"--scheduler continuous is not available: {why}")
@@ -419,6 +431,21 @@ class Engine:
             t0 = time.perf_counter()
             ids = self.encode_prompt("warm up")[:8] or [self.cont.pad_id]
             params = SamplingParams(max_tokens=4, ignore_eos=True)
+            graphs = self.cont.graphs
+            if graphs is not None and graphs.compiled:
+                try:
+                    graphs.warmup()
+                except Exception as exc:
+                    log.exception("compiling the decode step failed; CUDA graphs of eager steps")
+                    graphs.disable_compile()
+                    self.info["compile"] = f"cuda-graphs (compile failed: {type(exc).__name__})"
+            if graphs is not None and not graphs.compiled:
+                try:
+                    graphs.warmup()
+                except Exception as exc:
+                    log.exception("CUDA graph capture failed; decoding continues eagerly")
+                    self.cont.graphs = None
+                    self.info["compile"] = f"none (capture failed: {type(exc).__name__})"
             self.cont.run([(NullSink(), ids, params, self.default_task)])
             self.warmup_seconds = time.perf_counter() - t0
             self.info["warmup_seconds"] = round(self.warmup_seconds, 3)

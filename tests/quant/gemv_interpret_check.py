@@ -19,7 +19,7 @@ CASES = [
     ("int4", 32),
 ]
 for _scheme, opt in CASES[:3]:
-    mode = kernels.launch_shape(opt[1], False)[2]
+    mode = kernels.launch_shape(opt[1], "fp8")[2]
     assert mode == {32: 1, 48: 2, 256: 0}[opt[1]], (opt, mode)
 for scheme, opt in CASES:
     dense = torch.randn(E, N, K, dtype=torch.bfloat16)
@@ -69,3 +69,29 @@ for scheme, opt in (("fp8", {"block": (16, 16)}), ("int4", {"group_size": 16})):
     rel = ((a - b).norm() / b.norm()).item()
     assert rel < 1e-2, (scheme, rel)
     print(scheme, "model ok", rel)
+
+# plain weights ([E, N, K] and gpt-oss's transposed [E, K, N]) and the `premoe_gemv` experts
+# implementation on decode-sized inputs vs transformers' eager loop
+
+from premoe.quant.gemv_experts import IMPLEMENTATION, register  # noqa: E402
+
+E, N, K = 3, 40, 96
+rows, eids = torch.tensor([0, 1, 1, 3, 2]), torch.tensor([2, 0, 1, 1, 2])
+for transposed in (False, True):
+    w = torch.randn(E, N, K)
+    x = torch.randn(4, K)
+    stored = w.transpose(1, 2).contiguous() if transposed else w
+    y = kernels.moe_gemv(x, rows, eids, stored, n=N, k=K, transposed=transposed)
+    ref = torch.stack([w[eids[i]] @ x[rows[i]] for i in range(len(rows))])
+    assert (y - ref).abs().max().item() < 1e-4, transposed
+register()
+for family in ("qwen3_moe", "gpt_oss", "mixtral"):
+    m = build_tiny(family, 0).eval()
+    x = torch.randint(0, 100, (1, 1))
+    with torch.no_grad():
+        m.config._experts_implementation = "eager"
+        a = m(x).logits
+        m.config._experts_implementation = IMPLEMENTATION
+        b = m(x).logits
+    assert (a - b).abs().max().item() < 1e-4, family
+print("dense ok")

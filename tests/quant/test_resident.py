@@ -204,6 +204,7 @@ def test_triton_gemv_interpreter(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fp8 ok" in out.stdout and "int4 ok" in out.stdout
     assert "fp8 model ok" in out.stdout and "int4 model ok" in out.stdout
+    assert "dense ok" in out.stdout
 
 
 @GPU[0]

@@ -21,6 +21,7 @@ from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.serve.sampling import TokenLogprobs
 from premoe.source import resolve_model
+from tests.helpers import GPU
 from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
 
 
@@ -134,6 +135,52 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
         assert sink.text == world.greedy(pattern, ids, n), (pattern, ids)
         differ += len({world.greedy(p, ids, n) for p in world.patterns}) > 1
     assert differ >= 2, "the patterns agree on every prompt: the test could not fail"
+
+
+@GPU[0]
+@GPU[1]
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_cuda_graph_steps_equal_eager_steps(world: World, quantize: str | None) -> None:
+    """Decode steps replayed from CUDA graphs (mixed patterns, rows joining at random steps,
+    experts through the premoe_gemv kernel or fp8 slots) give the eager steps' greedy text."""
+    from premoe.load.loader import ExpertQuantization
+    from premoe.quant.gemv_experts import register
+
+    q = ExpertQuantization(quantize, block=(16, 16)) if quantize else None
+    resident = ResidentModel(
+        world.source,
+        world.routing.union,
+        device="cuda",
+        dtype=torch.float32,
+        quantize=q,
+        experts_implementation=register(),
+    )
+    model = resident.model.eval()
+    routing = RowRouting(model, world.source.arch, world.routing.union, world.patterns)
+    names = list(world.patterns)
+    jobs = [(ids, names[i % len(names)], 12) for i, ids in enumerate(prompts(world))]
+    texts = {}
+    for graphs in (False, True):
+        rng = random.Random(1)
+        dec = ContinuousDecoder(
+            model, world.tokenizer, slots=4, max_len=MAX_LEN, routing=routing, graphs=graphs
+        )
+        assert (dec.graphs is not None) == graphs
+        waiting, sinks = list(jobs), []
+        while waiting or dec.active():
+            for _ in range(rng.randint(0, 2)):
+                if waiting and dec.free():
+                    ids, pattern, n = waiting.pop()
+                    sinks.append(Sink())
+                    dec.add(sinks[-1], ids, SamplingParams(max_tokens=n), pattern)
+            dec.step()
+        texts[graphs] = [s.text for s in sinks]
+        if graphs:
+            assert dec.graphs is not None and len(dec.graphs.graphs) >= 2  # several buckets
+    assert texts[True] == texts[False]
+    if quantize is None:  # fp32 weights: also each pattern's own pruned model on the CPU
+        want = [world.greedy(p, ids, n) for ids, p, n in reversed(jobs)]
+        assert texts[True] == want
 
 
 def reference_penalized(

@@ -1,0 +1,241 @@
+"""Benchmark: decode speed of the continuous decoder against the memory-bandwidth bound.
+
+Issues #17 (item 3: batch-1 decode >= 0.5 of the bound on the H200) and #15 (fp8 / int4 resident
+experts decode faster than bf16: targets 1.3x / 1.6x at batch 1).
+
+The Qwen3-MoE-shaped bench model (`bench/_common.py`, random weights, built on the device) with
+`--kept` experts per layer, once per precision (bf16 experts through the `premoe_gemv` experts
+implementation, fp8 128x128 blocks, int4 groups of 128: `quantize_resident`), decoded by
+`premoe.serve.continuous.ContinuousDecoder` exactly as `premoe serve` does:
+
+- `graphs`: the decode step as CUDA graph replays (`premoe.serve.graphs`, the serve default on
+  CUDA), at every batch size in `--batches`;
+- `eager`: the same step launched kernel by kernel, batch 1 (the previous serve path).
+
+Figures per precision: tokens/s per batch size; batch-1 tokens/s / bound, the bound being the
+device bandwidth (a large device-to-device copy) / the bytes a batch-1 token reads (every weight
+but the embedding table, one embedding row, top-k experts per layer at the precision's bytes);
+greedy agreement of graphs with eager (same tokens at batch 1); graph capture seconds. With
+`--profile`, the CUDA kernel time of a few batch-1 graph steps, by kernel.
+
+    python3 bench/bench_decode.py --out bench/results/decode_h200.json          # H200: ~2 min
+    python3 bench/bench_decode.py --layers 4 --precisions bf16 --batches 1 4    # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import time
+from typing import Any
+
+import _common as bc
+import torch
+
+from premoe.demo.tasks import build_tokenizer
+from premoe.quant.gemv_experts import register
+from premoe.quant.resident import quantize_resident
+from premoe.serve.continuous import ContinuousDecoder
+from premoe.serve.decode import NullSink, SamplingParams
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + write)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    with bc.DeviceTimer(device) as t:
+        for _ in range(10):
+            b.copy_(a)
+    del a, b
+    return 2 * nbytes * 10 / t.seconds
+
+
+def active_bytes(model: Any, qr: Any, top_k: int) -> dict[str, int]:
+    """Bytes a batch-1 token reads: non-expert weights (one embedding row) + top-k experts."""
+    dense = experts = 0
+    n_layers = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            experts += p.numel() * p.element_size()
+        elif "embed_tokens" in name:
+            dense += p.shape[-1] * p.element_size()
+        else:
+            dense += p.numel() * p.element_size()
+    if qr is not None:
+        experts = qr.nbytes
+    n_layers = sum(1 for n, _ in model.named_modules() if n.endswith("mlp.experts"))
+    slots = model.config.num_experts
+    routed = experts * top_k // slots  # per layer: top_k of `slots` experts
+    return {"dense": dense, "routed": routed, "total": dense + routed, "layers": n_layers}
+
+
+def decode(dec: ContinuousDecoder, batch: int, tokens: int, prompt_len: int, seed: int) -> float:
+    """Tokens/s of the decode steps of `batch` rows admitted together (prefill not timed)."""
+    rng = random.Random(seed)
+    for _ in range(batch):
+        prompt = [rng.randrange(10, 100) for _ in range(prompt_len)]
+        dec.add(NullSink(), prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    while any(s.prefilling for s in dec.active()):
+        dec.step()
+    rows = 0
+    with bc.DeviceTimer(dec.device) as t:
+        while dec.active():
+            rows += dec.step().decode_rows
+    return rows / t.seconds
+
+
+def greedy_tokens(dec: ContinuousDecoder, tokens: int, prompt_len: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    prompt = [rng.randrange(10, 100) for _ in range(prompt_len)]
+    got: list[int] = []
+    seq = dec.add(NullSink(), prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    while dec.active():
+        dec.step()
+        if seq.last is not None and len(got) < seq.generated:
+            got.append(seq.last)
+    return got
+
+
+def profile_steps(dec: ContinuousDecoder, steps: int = 8) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    seq = dec.add(NullSink(), [11] * 16, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
+    while seq.prefilling or seq.generated < 2:
+        dec.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec.step()
+        torch.cuda.synchronize()
+    while dec.active():
+        dec.step()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:90], "count": e.count, "us_per_step": t / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:25]
+
+
+def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw: float) -> dict:
+    config = bc.qwen3_config(args, experts=args.kept)
+    say(f"[{prec}] building the {args.kept}-expert model on {device}")
+    model = bc.build_on_device(config, device, "bf16").eval()
+    model.config._experts_implementation = register()
+    qr = None
+    if prec != "bf16":
+        paths = [n for n, _ in model.named_modules() if n.endswith("mlp.experts")]
+        qr = quantize_resident(model, paths, prec, block=(128, 128), group_size=128)
+    act = active_bytes(model, qr, args.top_k)
+    bound = bw / act["total"]
+    tok = build_tokenizer(model_max_length=args.max_len)
+    out: dict[str, Any] = {"active_bytes": act, "bound_tokens_per_s": bound, "modes": {}}
+    slots = max(args.batches)
+    with torch.inference_mode():
+        eager = ContinuousDecoder(model, tok, slots=1, max_len=args.max_len, graphs=False)
+        ref = greedy_tokens(eager, args.check_tokens, args.prompt, seed=1)
+        t_eager = decode(eager, 1, args.eager_tokens, args.prompt, seed=2)
+        out["eager_b1_tokens_per_s"] = t_eager
+        say(f"[{prec}] eager batch 1: {t_eager:.1f} tokens/s")
+        del eager
+        gc.collect()
+        for mode in args.modes:
+            dec = ContinuousDecoder(
+                model,
+                tok,
+                slots=slots,
+                max_len=args.max_len,
+                graphs=True,
+                compile=mode == "compiled",
+            )
+            assert dec.graphs is not None
+            t0 = time.perf_counter()
+            dec.graphs.warmup(batch=args.batches, kv=[args.prompt + args.tokens + 1])
+            fig: dict[str, Any] = {"capture_s": time.perf_counter() - t0, "batches": {}}
+            got = greedy_tokens(dec, args.check_tokens, args.prompt, seed=1)
+            same = sum(a == b for a, b in zip(got, ref, strict=False)) / max(len(ref), 1)
+            fig["greedy_agreement_vs_eager"] = same
+            for b in args.batches:
+                tps = decode(dec, b, args.tokens, args.prompt, seed=3 + b)
+                fig["batches"][b] = tps
+                say(f"[{prec}] {mode} batch {b}: {tps:.1f} tokens/s")
+            b1 = fig["batches"].get(1)
+            fig["b1_over_bound"] = b1 / bound if b1 else None
+            out["modes"][mode] = fig
+        if args.profile:
+            out["profile_b1"] = profile_steps(dec)
+    del model, qr, dec
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    bc.add_model_args(p)
+    p.add_argument("--kept", type=int, default=32, help="experts resident per layer")
+    p.add_argument("--precisions", nargs="+", default=["bf16", "fp8", "int4"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--tokens", type=int, default=128, help="decode tokens per row")
+    p.add_argument("--eager-tokens", type=int, default=16, help="tokens of the eager batch-1 run")
+    p.add_argument("--check-tokens", type=int, default=16, help="tokens compared graphs/eager")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--profile", action="store_true", help="kernel times of batch-1 steps")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["graphs", "compiled"],
+        choices=["graphs", "compiled"],
+        help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps",
+    )
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    bw = bandwidth(device)
+    say(f"device bandwidth {bw / 1e9:.0f} GB/s")
+    result: dict[str, Any] = {"bandwidth_bytes_per_s": bw, "args": vars(args), "precisions": {}}
+    for prec in args.precisions:
+        result["precisions"][prec] = run_precision(args, prec, device, bw)
+    rows = []
+    for prec, r in result["precisions"].items():
+        for mode, fig in r["modes"].items():
+            base = result["precisions"].get("bf16", {}).get("modes", {}).get(mode, {})
+            b1, base_b1 = fig["batches"].get(1), base.get("batches", {}).get(1)
+            rows.append(
+                [
+                    prec,
+                    mode,
+                    f"{r['active_bytes']['total'] / 1e9:.2f}",
+                    f"{r['bound_tokens_per_s']:.0f}",
+                    f"{r['eager_b1_tokens_per_s']:.1f}",
+                    *[f"{fig['batches'][b]:.0f}" for b in args.batches],
+                    f"{fig['b1_over_bound']:.3f}" if fig["b1_over_bound"] else "-",
+                    f"{b1 / base_b1:.3f}" if (b1 and base_b1) else "-",
+                    f"{fig['greedy_agreement_vs_eager']:.2f}",
+                    f"{fig['capture_s']:.1f}",
+                ]
+            )
+        for k in r.get("profile_b1", [])[:15]:
+            say(f"  [{prec}] {k['us_per_step']:8.1f} us/step  x{k['count']:<5d} {k['kernel']}")
+    header = ["precision", "step", "GB/token", "bound tok/s", "eager b1"]
+    header += [f"b{b} tok/s" for b in args.batches]
+    header += ["b1 / bound", "b1 / bf16 b1", "greedy = eager", "capture s"]
+    bc.print_table(header, rows)
+    bc.write_json(args.out, result, device=device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The continuous decoder's decode step as CUDA graphs: one replay per step, no per-kernel launches.
+
+Shape legend: N slots, B rows of a captured step (a bucket: 1, 2, 4, ... N), K KV columns the
+step reads (a bucket: 256, 512, ... and the whole window L + 1), L MoE layers, U resident expert
+slots, V vocabulary.
+
+A decode step feeds one token per row of slots 0..B-1. Everything it reads lives in buffers
+allocated once: token ids, positions and KV columns `[N, 1]`, and with per-row routing the row
+masks `[N, L, U]`. The attention mask is computed inside the graph from the positions (key j is
+visible to row b iff j <= pos[b]), so a step's host work is one small host-to-device copy and a
+replay. With `compile`, the step is first `torch.compile`d (inductor, no CUDA graphs of its
+own): it fuses the hundreds of small elementwise kernels per step (norms, rotary embeddings,
+casts) that otherwise dominate a batch-1 step. A graph is captured per (B, K) on first use, after
+two warm-up runs (inductor and Triton compile, cuBLAS picks its kernels) that write only the
+scratch KV column of every row, never a running request's cache. All graphs share one memory
+pool; every tensor a graph reads that it does not compute itself is one of the persistent
+buffers above, the KV cache or the weights.
+
+Exact as the eager step: the extra KV columns K - kv_len are masked (-inf before the softmax), the
+idle rows (slots without a decoding request, and the bucket's padding rows) write to scratch and
+see column 0 only. Expert swaps write into the same weight tensors (DESIGN.md invariant 5), so
+graphs stay valid across swaps. Anything data-dependent on the host (transformers' eager experts
+loop syncs on `nonzero`) cannot be captured: the engine selects the ``premoe_gemv`` experts
+implementation (`premoe.quant.gemv_experts`) or quantized slots, whose decode path is sync-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# (ids [B, 1], positions [B, 1], mask [B, 1, 1, K], row masks [B, L, U] | None) -> logits [B, V]
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def buckets_up_to(n: int, first: int = 1) -> list[int]:
+    """first, 2 first, 4 first, ... below n, then n."""
+    out, b = [], first
+    while b < n:
+        out.append(b)
+        b *= 2
+    return [*out, n]
+
+
+class DecodeGraphs:
+    """Captured decode steps of one `ContinuousDecoder` (see the module docstring)."""
+
+    def __init__(
+        self,
+        step: StepFn,
+        plan: Callable[[torch.Tensor, int], None],
+        *,
+        slots: int,
+        max_len: int,
+        pad_id: int,
+        scratch: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        row_mask_shape: tuple[int, int] | None = None,
+        first_kv_bucket: int = 256,
+        compile: bool = False,
+    ) -> None:
+        self.eager_step = step
+        self.step = step
+        self.compiled = compile
+        if compile:  # inductor fuses the small kernels; the graphs below remove the launches
+            self.step = torch.compile(step, fullgraph=False, dynamic=None)
+        self.plan = plan  # plan(cols [B, 1], kv_len): the cache's columns for the next forward
+        self.device = device
+        self.dtype = dtype
+        self.pad_id = pad_id
+        self.scratch = scratch
+        self.batch_buckets = buckets_up_to(slots)
+        self.kv_buckets = buckets_up_to(max_len + 1, min(first_kv_bucket, max_len + 1))
+        self.ids = torch.full((slots, 1), pad_id, dtype=torch.long, device=device)  # [N, 1]
+        self.pos = torch.zeros((slots, 1), dtype=torch.long, device=device)  # [N, 1]
+        self.cols = torch.full((slots, 1), scratch, dtype=torch.long, device=device)  # [N, 1]
+        self.row_masks = (
+            None
+            if row_mask_shape is None
+            else torch.zeros((slots, *row_mask_shape), device=device)  # [N, L, U]
+        )
+        self._host = torch.empty((3, slots), dtype=torch.long).pin_memory()  # ids, pos, cols
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+
+    def disable_compile(self) -> None:
+        """Drop the compiled step and every graph captured from it (a compile failure)."""
+        self.step = self.eager_step
+        self.compiled = False
+        self.graphs.clear()
+
+    @staticmethod
+    def bucket(buckets: Sequence[int], n: int) -> int:
+        return next(b for b in buckets if b >= n)
+
+    def _body(self, b: int, kv: int) -> torch.Tensor:
+        keys = torch.arange(kv, device=self.device)  # [K]
+        pos = self.pos[:b]  # [B, 1]
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        mask = torch.where(keys[None, :] <= pos, zero, torch.finfo(self.dtype).min)  # [B, K]
+        self.plan(self.cols[:b], kv)
+        rows = None if self.row_masks is None else self.row_masks[:b]
+        return self.step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
+
+    def _idle(self) -> None:
+        """Every row: the padding token at position 0, written to scratch."""
+        self.ids.fill_(self.pad_id)
+        self.pos.zero_()
+        self.cols.fill_(self.scratch)
+        if self.row_masks is not None:
+            self.row_masks.zero_()
+
+    def _capture(self, b: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        t0 = time.perf_counter()
+        self._idle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body(b, kv)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._body(b, kv)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t0
+        log.debug("captured the decode step for %d rows x %d KV columns", b, kv)
+        return graph, out
+
+    def warmup(self, batch: Sequence[int] | None = None, kv: Sequence[int] | None = None) -> float:
+        """Capture the (batch, KV) buckets given (default: all); the seconds it took."""
+        t0 = time.perf_counter()
+        for b in batch or self.batch_buckets:
+            for k in kv or self.kv_buckets:
+                key = (self.bucket(self.batch_buckets, b), self.bucket(self.kv_buckets, k))
+                if key not in self.graphs:
+                    self.graphs[key] = self._capture(*key)
+        return time.perf_counter() - t0
+
+    def run(
+        self,
+        ids: torch.Tensor,  # [n, 1] host
+        pos: torch.Tensor,  # [n, 1] host
+        cols: torch.Tensor,  # [n, 1] host
+        kv_len: int,
+        row_masks: torch.Tensor | None = None,  # [n, L, U] device
+    ) -> torch.Tensor:
+        """Logits [n, V] of one decode step over slots 0..n-1 (a view of the graph's output)."""
+        n = ids.shape[0]
+        key = (self.bucket(self.batch_buckets, n), self.bucket(self.kv_buckets, kv_len))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(*key)
+        b = key[0]
+        host = self._host
+        host[0, :n], host[1, :n], host[2, :n] = ids[:, 0], pos[:, 0], cols[:, 0]
+        host[0, n:b], host[1, n:b], host[2, n:b] = self.pad_id, 0, self.scratch
+        dev = host[:, :b].to(self.device, non_blocking=True)  # [3, B]
+        self.ids[:b, 0].copy_(dev[0])
+        self.pos[:b, 0].copy_(dev[1])
+        self.cols[:b, 0].copy_(dev[2])
+        if self.row_masks is not None and row_masks is not None:
+            self.row_masks[:n].copy_(row_masks)
+            self.row_masks[n:b].zero_()
+        graph, out = entry
+        graph.replay()
+        return out[:n]
