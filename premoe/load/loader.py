@@ -44,6 +44,7 @@ from premoe.load.experts import (  # noqa: F401  (re-exported)
     notice_dequantized,
     read_plain,
 )
+from premoe.load.routers import RouterTensors, check_router_tensors, write_router_tensors
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
 from premoe.quant.resident import quantize_resident
@@ -127,12 +128,17 @@ def load_pruned_with_info(
     top_k: int | None = None,
     progress: Progress | None = None,
     quantize: ExpertQuantization | None = None,
+    routers: RouterTensors | None = None,
     **from_config_kwargs: Any,
 ) -> tuple[Any, LoadInfo]:
     """`load_pruned`, also returning a `LoadInfo`."""
     src, owned = as_source(model)
     try:
+        if routers is not None:  # before any weight is read
+            check_router_tensors(src.arch, keep, routers)
         net, info = _load(src, keep, device, dtype, top_k, progress, from_config_kwargs)
+        if routers is not None:
+            write_router_tensors(net, src.arch, keep, routers)
         if quantize is not None:
             info = _quantize_experts(net, src, info, quantize)
         return net, info
@@ -167,10 +173,14 @@ def load_pruned(
     top_k: int | None = None,
     progress: Progress | None = None,
     quantize: ExpertQuantization | None = None,
+    routers: RouterTensors | None = None,
     **from_config_kwargs: Any,
 ) -> Any:
     """An ordinary transformers model holding only `keep`'s experts, read from `model`'s
     original checkpoint (path, hub id or `ModelSource`).
+
+    `routers`: the pattern's own router tensors (`premoe.load.routers.RouterTensors`, e.g.
+    `premoe.calibrate.CalibratedRouters.tensors`), written over the source's router rows.
 
     Equals `from_pretrained` of the checkpoint `premoe export` writes for the same keep sets;
     slot s of layer l is original expert `keep.layers[l][s]`. `dtype` None/"auto" follows the
@@ -185,6 +195,7 @@ def load_pruned(
         top_k=top_k,
         progress=progress,
         quantize=quantize,
+        routers=routers,
         **from_config_kwargs,
     )[0]
 
