@@ -4,6 +4,7 @@ every row with its pattern's routers, and a store whose routers no longer fit is
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -212,4 +213,108 @@ def test_mixed_rows_use_their_patterns_routers(tiny_dir) -> None:
         alone = load_pruned(src, patterns[name], dtype=torch.float32, routers=routers[name])
         d = (mixed[row] - _logits(alone, ids[:1])[0]).abs().max()
         assert float(d) <= 1e-5, (name, float(d))
+    src.close()
+
+
+async def _collect(req: Any) -> tuple[str, Any]:
+    text = ""
+    while True:
+        kind, value = await asyncio.wait_for(req.next_event(), 60)
+        if kind == "delta":
+            text += value
+        elif kind in ("finish", "error"):
+            return text, value
+
+
+def _greedy(model: Any, tok: Any, ids: list[int], n: int) -> str:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return str(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("mixed", ["off", "auto"])
+def test_engine_serves_each_pattern_with_its_routers(tiny_dir, calib_store, mixed: str) -> None:
+    from premoe.serve import Engine, EngineConfig, SamplingParams
+
+    folder = tiny_dir("qwen3_moe")
+    src = resolve_model(folder)
+    a = _keep(src, [0, 2, 3, 5])
+    ra = recalibrate(src, a, _corpus(), options=FAST)
+    store_dir, _ = calib_store(folder)
+    store = PatternStore.load(store_dir)
+    name = save_to_store(store, "alpha", ra)
+    store.save(store_dir, overwrite=True)
+    cfg = EngineConfig(
+        model=str(folder),
+        store=str(store_dir),
+        keep=4,
+        device="cpu",
+        dtype="fp32",
+        mixed=mixed,
+        max_batch=2,
+        max_wait_ms=5,
+    )
+    engine = Engine(cfg)
+    engine.start()
+    try:
+        health = engine.health()
+        assert health["routers"] == {"alpha": name, "__global__": SOURCE}
+        assert health["patterns_mode"] == ("swap" if mixed == "off" else "mixed")
+        assert engine.patterns["alpha"] == a
+        tok = engine.tokenizer
+        ids = _corpus(1, 21)[0][:12]
+
+        async def run(task: str) -> str:
+            req = engine.submit(ids, "x", SamplingParams(max_tokens=5), task=task)
+            text, reason = await _collect(req)
+            assert reason in ("stop", "length"), reason
+            return text
+
+        refs = {
+            "alpha": load_pruned(src, a, dtype=torch.float32, routers=ra.tensors),
+            "__global__": load_pruned(src, engine.patterns["__global__"], dtype=torch.float32),
+        }
+        for task in ("alpha", "__global__", "alpha"):
+            text = asyncio.run(run(task))
+            assert text == _greedy(refs[task], tok, ids, 5), task
+            if mixed == "off":  # the resident model holds the pattern's own routers
+                want = ra.tensors if task == "alpha" else _source_rows(src, engine.patterns[task])
+                _assert_routers(engine.resident.model, src, want)
+    finally:
+        engine.stop()
+        src.close()
+
+
+def test_cli_generate_names_routers_and_stale_store_fails(tiny_dir, calib_store, capsys) -> None:
+    from tests.helpers import assert_one_line_error, load_json, run_cli
+
+    folder = tiny_dir("qwen3_moe")
+    src = resolve_model(folder)
+    ra = recalibrate(src, _keep(src, [0, 2, 3, 5]), _corpus(), options=FAST)
+    store_dir, _ = calib_store(folder)
+    store = PatternStore.load(store_dir)
+    name = save_to_store(store, "alpha", ra)
+    store.save(store_dir, overwrite=True)
+    args = ["generate", str(folder), "-s", str(store_dir), "abc", "--task", "alpha"]
+    args += ["--keep", "4", "--max-new-tokens", "3", "--device", "cpu", "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert load_json(out)["routers"] == name
+    code, out, err = run_cli([*args, "--no-calibrated-routers"], capsys)
+    assert code == 0, err
+    assert load_json(out)["routers"] == SOURCE
+    meta, tensors = store.routers(name)
+    meta["keep"] = _keep(src, [0, 2, 3, 6]).to_json()
+    store.set_routers(name, meta, tensors)
+    store.save(store_dir, overwrite=True)
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "no longer match", "--no-calibrated-routers")
     src.close()
