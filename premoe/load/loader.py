@@ -44,6 +44,7 @@ from premoe.load.experts import (  # noqa: F401  (re-exported)
     notice_dequantized,
     read_plain,
 )
+from premoe.load.ragged import resize_blocks
 from premoe.load.routers import RouterTensors, check_router_tensors, write_router_tensors
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
@@ -185,7 +186,9 @@ def load_pruned(
     Equals `from_pretrained` of the checkpoint `premoe export` writes for the same keep sets;
     slot s of layer l is original expert `keep.layers[l][s]`. `dtype` None/"auto" follows the
     config as `from_pretrained(dtype="auto")` does; `top_k` lowers the routed count. Extra keyword
-    arguments go to `from_config` (e.g. `experts_implementation="eager"`).
+    arguments go to `from_config` (e.g. `experts_implementation="eager"`). Keep sets may differ
+    in count between layers (non-uniform, `premoe.policy` allocation): each MoE layer then holds
+    its own count (`premoe.load.ragged`); such a model has no uniform export.
     """
     return load_pruned_with_info(
         model,
@@ -213,12 +216,13 @@ def _load(
     arch, km, reader = src.arch, src.keymap, src.reader
     device = resolve_device(device_arg)
     dtype = resolve_dtype(dtype_arg, src)
-    plan = keep.validate(arch, src.config, top_k=top_k)
+    plan = keep.validate(arch, src.config, top_k=top_k, allow_ragged=True)
     config = pruned_config(arch, src.config, keep, plan, top_k=top_k)
     read0 = reader.bytes_read
 
     notice_dequantized(src, device, dtype)
     model = build_skeleton(config, dtype, **kwargs)
+    resize_blocks(model, arch, keep)  # non-uniform keep sets: each layer its own count
     materialize(model, device, dtype)
     state = model.state_dict(keep_vars=True)  # name -> param / persistent buffer (aliases too)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})

@@ -166,7 +166,9 @@ class ResidentModel:
     ) -> ResidentModel:
         """Adopt `model`, which `load_pruned(source, keep)` returned (not closed with it)."""
         self = cls.__new__(cls)
-        plan = keep.validate(source.arch, source.config, top_k=source.arch.top_k(model.config))
+        plan = keep.validate(
+            source.arch, source.config, top_k=source.arch.top_k(model.config), allow_ragged=True
+        )
         self._attach(model, source, keep, plan, host_cache, False)
         self.load_info = None
         return self
@@ -191,15 +193,25 @@ class ResidentModel:
         self.routers: RouterTensors | None = None  # the pattern's own routers, if given
         self._own_routers: set[int] = set()  # layers whose router tensors are not the source's
         self.top_k = self.arch.top_k(model.config)
-        self.slots = self.arch.num_experts(model.config)
+        self.slots = self.arch.num_experts(model.config)  # the largest count (ragged: per layer)
         self.device = next(model.parameters()).device
         self._io = ExpertIO(source)
-        if set(keep.layers) != set(source.moe_layers) or any(
-            len(v) != self.slots for v in keep.layers.values()
-        ):
+        if set(keep.layers) != set(source.moe_layers):
             raise KeepSetError(
-                f"the model has {self.slots} expert slots in MoE layers {source.moe_layers}; "
-                "the keep sets it was loaded with do not match"
+                f"the model has MoE layers {source.moe_layers}; the keep sets it was loaded "
+                "with do not match"
+            )
+        # slots per MoE layer: the rows of its router weight (ragged keep sets differ by layer)
+        rw = self.arch.router_weight
+        self.layer_slots: dict[int, int] = {}
+        for layer in source.moe_layers:
+            w = tensor_of(moe_layer(model, self.arch, layer), rw.memory)  # [E'_l, H]
+            self.layer_slots[layer] = int(w.shape[rw.dim % w.dim()])
+        wrong = [n for n, v in keep.layers.items() if len(v) != self.layer_slots[n]]
+        if wrong:
+            raise KeepSetError(
+                f"layer {wrong[0]} of the model has {self.layer_slots[wrong[0]]} expert slots; "
+                f"the keep sets it was loaded with keep {len(keep.layers[wrong[0]])}"
             )
         pin = self.device.type == "cuda"
         self._layers: dict[int, _Layer] = {}
@@ -295,14 +307,16 @@ class ResidentModel:
             raise KeepSetError(
                 f"keep sets must cover exactly the MoE layers {layers} of the resident model"
             )
-        wrong = {layer: len(v) for layer, v in keep.layers.items() if len(v) != self.slots}
+        wrong = {
+            layer: len(v) for layer, v in keep.layers.items() if len(v) != self.layer_slots[layer]
+        }
         if wrong:
             layer, n = next(iter(sorted(wrong.items())))
             raise KeepSetError(
-                f"layer {layer} keeps {n} experts but the resident model has {self.slots} slots "
-                f"per layer; load a new model to change the kept count"
+                f"layer {layer} keeps {n} experts but the resident model has "
+                f"{self.layer_slots[layer]} slots there; load a new model to change the kept count"
             )
-        return keep.validate(self.arch, self.source.config, top_k=self.top_k)
+        return keep.validate(self.arch, self.source.config, top_k=self.top_k, allow_ragged=True)
 
     def _set_groups(self, plan: GroupPlan) -> None:
         """Point group-limited routers at the new plan (python attributes; compiled graphs that
