@@ -82,3 +82,20 @@ def test_ragged_resident_swaps_and_exports_stay_uniform(tiny_checkpoint, tmp_pat
         export_pruned(src, keep, tmp_path / "out")
     resident.close()
     src.close()
+
+
+def test_nonuniform_allocation_loads(tiny_checkpoint) -> None:
+    from premoe.policy import select_nonuniform
+
+    src = resolve_model(tiny_checkpoint("qwen3_moe"))
+    layers = src.moe_layers
+    scores = torch.zeros(len(layers), src.num_experts)
+    scores[0, :2] = 1.0  # layer 0's mass on two experts, the others' spread: they get more
+    g = torch.Generator().manual_seed(0)
+    scores[1:] = torch.rand(len(layers) - 1, src.num_experts, generator=g) + 1
+    keep = select_nonuniform(scores, layers, 4 * len(layers), routed=src.top_k)
+    assert not keep.is_uniform
+    model = load_pruned(src, keep, dtype=torch.float32)
+    assert _counts(model, src) == {n: len(v) for n, v in keep.layers.items()}
+    assert model.config.premoe_keep_counts == {str(n): len(v) for n, v in keep.layers.items()}
+    src.close()
