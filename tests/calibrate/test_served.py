@@ -318,3 +318,21 @@ def test_cli_generate_names_routers_and_stale_store_fails(tiny_dir, calib_store,
     code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "no longer match", "--no-calibrated-routers")
     src.close()
+
+
+def test_find_in_store_refuses_a_stale_entry(tiny_dir, calib_store) -> None:
+    from premoe.calibrate.routers import find_in_store
+
+    folder = tiny_dir("qwen3_moe")
+    src = resolve_model(folder)
+    a = _keep(src, [0, 2, 3, 5])
+    ra = recalibrate(src, a, _corpus(), options=FAST)
+    store = _store_with(calib_store, folder, [ra])
+    assert find_in_store(store, "alpha", a) is not None
+    (name,) = store.calibrated
+    meta, tensors = store.routers(name)
+    meta["keep"] = _keep(src, [0, 2, 3, 6]).to_json()
+    store.set_routers(name, meta, tensors)
+    with pytest.raises(StoreError, match="no longer match"):
+        find_in_store(store, "alpha", a)
+    src.close()
