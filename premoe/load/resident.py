@@ -15,6 +15,9 @@ original expert id in each slot. `swap_to(new_keep)` makes the model equal to
    are written into every MoE layer. A layer that holds given routers gets the source's rows
    back at the next swap without them, changed or not.
 
+Non-uniform keep sets work the same: each MoE layer keeps its own slot count
+(`layer_slots`), and a swap must keep every layer's count.
+
 Every write goes into the existing storage (`tensor[slot].copy_(...)`): parameters are never
 reassigned, so `data_ptr()`s, compiled graphs and captured CUDA graphs stay valid (DESIGN.md
 invariant 5). On CUDA the copies run on a side stream that waits for the compute stream; the
