@@ -13,6 +13,10 @@
    dropped mass says the pattern is wrong) or ``fetch`` (exact: missing experts are fetched into
    the slots, `premoe.load.fetch`). The dropped mass (`premoe.load.miss`) of the prompt and of
    the generated tokens is reported unless `measure=False`.
+
+With calibrated routers on (the default when the store has some, `premoe.calibrate.served`), a
+task with stored calibrated routers for the kept count runs with their keep set and routers, on
+the first load and after every ``reroute`` swap.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 
 import premoe
+from premoe.calibrate.served import PatternRouters, pattern_routers
 from premoe.errors import UsageError
 from premoe.fingerprint import fingerprint_source
 from premoe.load.decode import (
@@ -95,6 +100,7 @@ class GenerateResult:
     decoded: Decoded | None = None  # dropped mass, switches
     fetch: dict[str, Any] | None = None  # FetchStats (fetch policy)
     final_task: str = ""  # the pattern at the end (differs from `task` after a reroute)
+    routers: str = "source"  # the routers of the first pattern: a stored name or "source"
 
     @property
     def tokens_per_second(self) -> float:
@@ -143,6 +149,7 @@ class GenerateResult:
             "dtype": self.dtype,
             "selection": self.selection,
             "miss": self.miss_json(),
+            "routers": self.routers,
             "model": self.model_fingerprint,
             "premoe_version": premoe.__version__,
         }
@@ -195,6 +202,7 @@ def generate(
     reroute_context: int | None = None,
     host_cache: int | str | None = None,
     quantize: ExpertQuantization | None = None,
+    calibrated_routers: bool | None = None,
 ) -> GenerateResult:
     """Route `prompt` to a stored pattern of `store` (a path or `PatternStore`), load `model`
     with that pattern's experts only, and generate up to `max_new_tokens` tokens (greedy).
@@ -210,7 +218,9 @@ def generate(
     on the last that many tokens of the text so far when rerouting (default: twice the window;
     0: the whole text). On the demo's topic-change prompts the recent text routes to the new
     topic where the whole text, dominated by the old one, does not. `host_cache`: a pinned host
-    cache budget that ``fetch`` reads from (and fills).
+    cache budget that ``fetch`` reads from (and fills). `calibrated_routers`: None (default)
+    uses the store's calibrated routers where it has them for the pattern; False never (the
+    ``fetch`` policy runs the full routers and never uses them).
     """
 
     if quantize is not None and miss_policy == "fetch":
@@ -297,8 +307,16 @@ def generate(
                 groups=src.arch.groups(src.config),
             )
 
+        def pattern_for(name: str, count: int | None = None) -> tuple[KeepSets, PatternRouters]:
+            keep_sets = selection_for(name, count).keep
+            if miss_policy == "fetch":
+                return keep_sets, PatternRouters()
+            found, routers = pattern_routers(st, {name: keep_sets}, src, enabled=calibrated_routers)
+            return found[name], routers
+
         selection = selection_for(chosen)
         count = selection.keep.count
+        first_keep, first_routers = pattern_for(chosen)
 
         # 3. load the pruned model (K slots per MoE layer)
         t0 = time.perf_counter()
@@ -314,16 +332,17 @@ def generate(
         else:
             resident = ResidentModel(
                 src,
-                selection.keep,
+                first_keep,
                 device=dev,
                 dtype=dt,
                 host_cache=cache,
                 progress=progress,
                 quantize=quantize,
+                routers=first_routers.tensors(chosen),
             )
             net, info = resident.model, resident.load_info
             assert info is not None
-            meter = shadow_meter(net, src, selection.keep.layers) if measure or reroute else None
+            meter = shadow_meter(net, src, first_keep.layers) if measure or reroute else None
         synchronize(dev)
         load_s = time.perf_counter() - t0
 
@@ -340,7 +359,7 @@ def generate(
                 tokenizer,
                 resident,
                 meter,
-                lambda name: selection_for(name, count).keep,
+                lambda name: pattern_for(name, count),
                 state,
                 threshold=threshold,
                 fallback=fallback,
@@ -397,6 +416,7 @@ def generate(
             decoded=decoded if meter is not None else None,
             fetch=None if fetching is None else fetching.stats.to_json(),
             final_task=state["task"],
+            routers=first_routers.label(chosen),
         )
         if fetching is not None:
             fetching.close()
@@ -433,8 +453,8 @@ def _rerouter(
             if fallback in tried:
                 return None
             target, reason = fallback, "fallback"
-        new_keep: KeepSets = keep_for(target)
-        resident.swap_to(new_keep)
+        new_keep, routers = keep_for(target)  # (KeepSets, PatternRouters)
+        resident.swap_to(new_keep, routers=routers.tensors(target))
         meter.set_resident(new_keep.layers)
         switch = Switch(token, state["task"], target, float(found.similarity), mass, reason)
         tried.add(target)

@@ -12,6 +12,7 @@ from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW, MISS_P
 from premoe_cli._common import human_bytes, print_json, progress_enabled, read_stdin
 from premoe_cli.options import (
     BlockOpt,
+    CalibratedRoutersOpt,
     DeviceOpt,
     DtypeOpt,
     GroupSizeOpt,
@@ -106,6 +107,7 @@ def generate_command(
     quantize: ResidentQuantizeOpt = None,
     block: BlockOpt = 128,
     group_size: GroupSizeOpt = 128,
+    calibrated_routers: CalibratedRoutersOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
@@ -145,6 +147,7 @@ def generate_command(
             reroute_context=reroute_context,
             host_cache=host_cache,
             quantize=expert_quantization(quantize, block, group_size),
+            calibrated_routers=calibrated_routers,
         )
     if json_out:
         print_json(result.to_json())
@@ -159,6 +162,7 @@ def generate_command(
     rows = [
         ["pattern", pattern],
         ["experts kept", f"{result.keep_count} per MoE layer (top-{result.top_k} routed)"],
+        ["routers", result.routers],
         [
             "resident",
             f"{human_bytes(result.resident_bytes)} of {human_bytes(result.full_bytes)} "

@@ -59,6 +59,16 @@ BlockOpt = Annotated[int, typer.Option(help="fp8 block size (rows and columns)."
 GroupSizeOpt = Annotated[int, typer.Option(help="int4 group size along the input.")]
 RecalStepsOpt = Annotated[int, typer.Option("--recalibrate-steps", help="Router training steps.")]
 RecalLrOpt = Annotated[float, typer.Option("--recalibrate-lr", help="Router learning rate (Adam).")]
+CalibratedRoutersOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--calibrated-routers/--no-calibrated-routers",
+        help="Run each pattern with the store's calibrated routers for its task and kept count "
+        "(`premoe export --recalibrate`), and their keep sets. Default: on when the store has "
+        "calibrated routers.",
+        show_default=False,
+    ),
+]
 
 
 ResidentQuantizeOpt = Annotated[

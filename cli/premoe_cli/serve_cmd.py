@@ -12,6 +12,7 @@ import typer
 from premoe.errors import UsageError
 from premoe_cli.options import (
     BlockOpt,
+    CalibratedRoutersOpt,
     DeviceOpt,
     DtypeOpt,
     GroupSizeOpt,
@@ -166,6 +167,7 @@ def serve_command(
             "request; one more closes its oldest.",
         ),
     ] = 1024,
+    calibrated_routers: CalibratedRoutersOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: ResidentQuantizeOpt = None,
@@ -209,6 +211,7 @@ def serve_command(
         mixed=mixed,
         prefill_tokens=prefill_tokens,
         quantize=expert_quantization(quantize, block, group_size),
+        calibrated_routers=calibrated_routers,
     )
     config.check()
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

@@ -4,6 +4,8 @@
   pruned model, turn them into export overrides, keep them in a pattern store.
 - `premoe.calibrate.recalibrate`: train only the routers of a pruned model to match the full
   model's next-token distributions (KL) on a task's corpus.
+- `premoe.calibrate.served`: which routers each loaded or served pattern runs with (the store's
+  calibrated routers for its task and kept count, else the source's); serve and generate use it.
 """
 
 from __future__ import annotations

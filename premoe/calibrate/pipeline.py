@@ -8,7 +8,7 @@
 3. router recalibration on the task's corpus (`premoe.calibrate.recalibrate`);
 4. optionally the calibrated routers are kept in the store (``save=True``), under
    ``{task}@{digest of the keep set}``, so load/serve can apply them per pattern
-   (`premoe.calibrate.routers.find_in_store` + `apply_routers`).
+   (`premoe.calibrate.served.pattern_routers`; `load_calibrated` below for one keep set).
 
 `export_calibrated` then writes the checkpoint with `export_pruned(..., router_overrides=...)`.
 """

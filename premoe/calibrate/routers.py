@@ -200,9 +200,18 @@ def load_from_store(store: Any, name: str) -> CalibratedRouters:
 def find_in_store(
     store: Any, task: str, keep: KeepSets, top_k: int | None = None
 ) -> CalibratedRouters | None:
-    """The stored calibrated routers of `task` for exactly this keep set, if any."""
+    """The stored calibrated routers of `task` for exactly this keep set, if any (a stored set
+    whose recorded keep set no longer matches its name is a `StoreError`)."""
     name = f"{task}@{keep_digest(keep, top_k)}"
-    return load_from_store(store, name) if name in store.calibrated else None
+    if name not in store.calibrated:
+        return None
+    routers = load_from_store(store, name)
+    if routers.keep != keep or routers.top_k != top_k:
+        raise StoreError(
+            f"the calibrated routers {name!r} no longer match their keep set (digest "
+            f"{routers.digest}); recalibrate with `premoe export --recalibrate`"
+        )
+    return routers
 
 
 def _check_keep(model: Any, arch: ArchSpec, routers: CalibratedRouters) -> None:

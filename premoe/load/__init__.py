@@ -3,7 +3,8 @@
 - `load_pruned(model, keep, device=, dtype=)`: an ordinary transformers model holding only the
   kept experts, read from the original checkpoint without materialising the full model.
 - `ResidentModel(model, keep, ...)`: such a model with K slots per MoE layer; `swap_to(keep)`
-  switches patterns in place and reports `SwapStats`.
+  switches patterns in place and reports `SwapStats`; `swap_to(keep, routers=)` also writes
+  the pattern's own (e.g. calibrated) router tensors (`premoe.load.routers.RouterTensors`).
 - `HostExpertCache(budget)`: pinned host cache of experts that swaps read from first.
 - `load_prefix(model)`: the model up to the first MoE router, experts on meta (routing keys).
 - `premoe.generate.generate(model, store, prompt)`: route, load, generate (with a miss
@@ -29,6 +30,7 @@ from premoe.load.loader import (
     load_pruned_with_info,
 )
 from premoe.load.resident import ResidentModel, SourceCount, SwapStats
+from premoe.load.routers import RouterTensors
 from premoe.policy import parse_bytes
 from premoe.sizes import ResidentSizes as SizeModel  # the one size model (premoe.sizes)
 from premoe.sizes import keep_for_budget
@@ -39,6 +41,7 @@ __all__ = [
     "HostExpertCache",
     "LoadInfo",
     "ResidentModel",
+    "RouterTensors",
     "SizeModel",
     "SourceCount",
     "SwapStats",

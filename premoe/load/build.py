@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def _params_on_meta() -> Iterator[None]:
+def params_on_meta() -> Iterator[None]:
     """While active, every parameter a module registers is moved to the meta device (its CPU
     allocation is freed at once, untouched); buffers stay where `__init__` computed them."""
     original = nn.Module.register_parameter
@@ -49,7 +49,7 @@ def build_skeleton(config: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
     """The transformers model of `config`: parameters on meta, buffers real (CPU), tied."""
     from transformers import AutoModelForCausalLM
 
-    with _params_on_meta():
+    with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     return model
 

@@ -44,6 +44,8 @@ from premoe.load.experts import (  # noqa: F401  (re-exported)
     notice_dequantized,
     read_plain,
 )
+from premoe.load.ragged import resize_blocks
+from premoe.load.routers import RouterTensors, check_router_tensors, write_router_tensors
 from premoe.prune.config import pruned_config
 from premoe.prune.keepsets import GroupPlan, KeepSets
 from premoe.quant.resident import quantize_resident
@@ -127,12 +129,17 @@ def load_pruned_with_info(
     top_k: int | None = None,
     progress: Progress | None = None,
     quantize: ExpertQuantization | None = None,
+    routers: RouterTensors | None = None,
     **from_config_kwargs: Any,
 ) -> tuple[Any, LoadInfo]:
     """`load_pruned`, also returning a `LoadInfo`."""
     src, owned = as_source(model)
     try:
+        if routers is not None:  # before any weight is read
+            check_router_tensors(src.arch, keep, routers)
         net, info = _load(src, keep, device, dtype, top_k, progress, from_config_kwargs)
+        if routers is not None:
+            write_router_tensors(net, src.arch, keep, routers)
         if quantize is not None:
             info = _quantize_experts(net, src, info, quantize)
         return net, info
@@ -167,15 +174,21 @@ def load_pruned(
     top_k: int | None = None,
     progress: Progress | None = None,
     quantize: ExpertQuantization | None = None,
+    routers: RouterTensors | None = None,
     **from_config_kwargs: Any,
 ) -> Any:
     """An ordinary transformers model holding only `keep`'s experts, read from `model`'s
     original checkpoint (path, hub id or `ModelSource`).
 
+    `routers`: the pattern's own router tensors (`premoe.load.routers.RouterTensors`, e.g.
+    `premoe.calibrate.CalibratedRouters.tensors`), written over the source's router rows.
+
     Equals `from_pretrained` of the checkpoint `premoe export` writes for the same keep sets;
     slot s of layer l is original expert `keep.layers[l][s]`. `dtype` None/"auto" follows the
     config as `from_pretrained(dtype="auto")` does; `top_k` lowers the routed count. Extra keyword
-    arguments go to `from_config` (e.g. `experts_implementation="eager"`).
+    arguments go to `from_config` (e.g. `experts_implementation="eager"`). Keep sets may differ
+    in count between layers (non-uniform, `premoe.policy` allocation): each MoE layer then holds
+    its own count (`premoe.load.ragged`); such a model has no uniform export.
     """
     return load_pruned_with_info(
         model,
@@ -185,6 +198,7 @@ def load_pruned(
         top_k=top_k,
         progress=progress,
         quantize=quantize,
+        routers=routers,
         **from_config_kwargs,
     )[0]
 
@@ -202,12 +216,13 @@ def _load(
     arch, km, reader = src.arch, src.keymap, src.reader
     device = resolve_device(device_arg)
     dtype = resolve_dtype(dtype_arg, src)
-    plan = keep.validate(arch, src.config, top_k=top_k)
+    plan = keep.validate(arch, src.config, top_k=top_k, allow_ragged=True)
     config = pruned_config(arch, src.config, keep, plan, top_k=top_k)
     read0 = reader.bytes_read
 
     notice_dequantized(src, device, dtype)
     model = build_skeleton(config, dtype, **kwargs)
+    resize_blocks(model, arch, keep)  # non-uniform keep sets: each layer its own count
     materialize(model, device, dtype)
     state = model.state_dict(keep_vars=True)  # name -> param / persistent buffer (aliases too)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})

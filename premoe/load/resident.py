@@ -10,7 +10,13 @@ original expert id in each slot. `swap_to(new_keep)` makes the model equal to
 2. experts the new pattern lacks are copied from the host cache (pinned, asynchronous) or the
    checkpoint (page cache -> pinned staging -> device) into the slots freed by dropped experts;
 3. router rows and biases (`arch.router_tensors`) are rewritten from a host copy of the full
-   router tensors, so slot s routes as original expert keep[s].
+   router tensors, so slot s routes as original expert keep[s]; or, when the swap is given a
+   pattern's own router tensors (`routers=`: e.g. calibrated routers, `premoe.calibrate`), those
+   are written into every MoE layer. A layer that holds given routers gets the source's rows
+   back at the next swap without them, changed or not.
+
+Non-uniform keep sets work the same: each MoE layer keeps its own slot count
+(`layer_slots`), and a swap must keep every layer's count.
 
 Every write goes into the existing storage (`tensor[slot].copy_(...)`): parameters are never
 reassigned, so `data_ptr()`s, compiled graphs and captured CUDA graphs stay valid (DESIGN.md
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,7 @@ from premoe.load.loader import (
     param_bytes,
     tensor_of,
 )
+from premoe.load.routers import RouterTensors, check_router_tensors
 from premoe.prune.keepsets import GroupPlan, KeepSets
 from premoe.source import ModelSource
 
@@ -126,6 +134,7 @@ class ResidentModel:
         host_cache: HostExpertCache | None = None,
         progress: Progress | None = None,
         quantize: ExpertQuantization | None = None,
+        routers: RouterTensors | None = None,
         **from_config_kwargs: Any,
     ) -> None:
         src, owned = as_source(model)
@@ -141,6 +150,8 @@ class ResidentModel:
                 **from_config_kwargs,
             )
             self._attach(m, src, keep, info.plan, host_cache, owned)
+            if routers is not None:
+                self.set_routers(routers)
         except BaseException:
             if owned:
                 src.close()
@@ -158,7 +169,9 @@ class ResidentModel:
     ) -> ResidentModel:
         """Adopt `model`, which `load_pruned(source, keep)` returned (not closed with it)."""
         self = cls.__new__(cls)
-        plan = keep.validate(source.arch, source.config, top_k=source.arch.top_k(model.config))
+        plan = keep.validate(
+            source.arch, source.config, top_k=source.arch.top_k(model.config), allow_ragged=True
+        )
         self._attach(model, source, keep, plan, host_cache, False)
         self.load_info = None
         return self
@@ -180,16 +193,28 @@ class ResidentModel:
         self.host_cache = host_cache
         self._owns_source = owns_source
         self._pending: torch.cuda.Event | None = None
+        self.routers: RouterTensors | None = None  # the pattern's own routers, if given
+        self._own_routers: set[int] = set()  # layers whose router tensors are not the source's
         self.top_k = self.arch.top_k(model.config)
-        self.slots = self.arch.num_experts(model.config)
+        self.slots = self.arch.num_experts(model.config)  # the largest count (ragged: per layer)
         self.device = next(model.parameters()).device
         self._io = ExpertIO(source)
-        if set(keep.layers) != set(source.moe_layers) or any(
-            len(v) != self.slots for v in keep.layers.values()
-        ):
+        if set(keep.layers) != set(source.moe_layers):
             raise KeepSetError(
-                f"the model has {self.slots} expert slots in MoE layers {source.moe_layers}; "
-                "the keep sets it was loaded with do not match"
+                f"the model has MoE layers {source.moe_layers}; the keep sets it was loaded "
+                "with do not match"
+            )
+        # slots per MoE layer: the rows of its router weight (ragged keep sets differ by layer)
+        rw = self.arch.router_weight
+        self.layer_slots: dict[int, int] = {}
+        for layer in source.moe_layers:
+            w = tensor_of(moe_layer(model, self.arch, layer), rw.memory)  # [E'_l, H]
+            self.layer_slots[layer] = int(w.shape[rw.dim % w.dim()])
+        wrong = [n for n, v in keep.layers.items() if len(v) != self.layer_slots[n]]
+        if wrong:
+            raise KeepSetError(
+                f"layer {wrong[0]} of the model has {self.layer_slots[wrong[0]]} expert slots; "
+                f"the keep sets it was loaded with keep {len(keep.layers[wrong[0]])}"
             )
         pin = self.device.type == "cuda"
         self._layers: dict[int, _Layer] = {}
@@ -285,14 +310,16 @@ class ResidentModel:
             raise KeepSetError(
                 f"keep sets must cover exactly the MoE layers {layers} of the resident model"
             )
-        wrong = {layer: len(v) for layer, v in keep.layers.items() if len(v) != self.slots}
+        wrong = {
+            layer: len(v) for layer, v in keep.layers.items() if len(v) != self.layer_slots[layer]
+        }
         if wrong:
             layer, n = next(iter(sorted(wrong.items())))
             raise KeepSetError(
-                f"layer {layer} keeps {n} experts but the resident model has {self.slots} slots "
-                f"per layer; load a new model to change the kept count"
+                f"layer {layer} keeps {n} experts but the resident model has "
+                f"{self.layer_slots[layer]} slots there; load a new model to change the kept count"
             )
-        return keep.validate(self.arch, self.source.config, top_k=self.top_k)
+        return keep.validate(self.arch, self.source.config, top_k=self.top_k, allow_ragged=True)
 
     def _set_groups(self, plan: GroupPlan) -> None:
         """Point group-limited routers at the new plan (python attributes; compiled graphs that
@@ -312,17 +339,67 @@ class ResidentModel:
                         value = plan.topk_group if attr == "topk_group" else plan.n_group
                         setattr(owner, attr, value)
 
+    def _write_routers(
+        self,
+        copier: Copier,
+        layer: int,
+        ly: _Layer,
+        kept: tuple[int, ...],
+        given: Mapping[str, torch.Tensor] | None,
+    ) -> int:
+        """Write layer's router tensors: `given` ({role: slot-order tensor}) or the source's
+        rows of `kept`. Returns bytes copied."""
+        nbytes = 0
+        idx = torch.tensor(kept, dtype=torch.long)
+        for t, dst, full, stage in ly.routers:
+            if given is None:
+                torch.index_select(full, t.dim % full.dim(), idx, out=stage)  # [K, H] / [K]
+            else:
+                stage.copy_(given[t.role].reshape(stage.shape))
+            nbytes += copier.copy(dst, stage)
+        return nbytes
+
+    def set_routers(self, routers: RouterTensors | None, *, blocking: bool = True) -> int:
+        """Write `routers` (the resident pattern's own router tensors, slot order) into every
+        MoE layer, or with None the source's rows of the resident keep sets. Returns bytes."""
+        if routers is not None:
+            check_router_tensors(self.arch, self.keep, routers)
+        if self._pending is not None:
+            self._pending.synchronize()
+            self._pending = None
+        copier = Copier(self.device)
+        nbytes = 0
+        with torch.no_grad():
+            for layer, ly in sorted(self._layers.items()):
+                given = None if routers is None else routers[layer]
+                if given is None and layer not in self._own_routers:
+                    continue
+                nbytes += self._write_routers(copier, layer, ly, self.keep.layers[layer], given)
+            self._pending = copier.finish(blocking=blocking)
+        self.routers = routers
+        self._own_routers = set(self._layers) if routers is not None else set()
+        return nbytes
+
     def swap_to(
-        self, keep: KeepSets, *, cache_misses: bool = True, blocking: bool = True
+        self,
+        keep: KeepSets,
+        *,
+        routers: RouterTensors | None = None,
+        cache_misses: bool = True,
+        blocking: bool = True,
     ) -> SwapStats:
         """Make the resident experts those of `keep` (same count per layer as the slots).
 
-        Afterwards the model equals `load_pruned(source, keep)`. Experts missing from the
+        Afterwards the model equals `load_pruned(source, keep)`, with `routers` (the pattern's
+        own router tensors in slot order, e.g. calibrated ones) in place of the source's router
+        rows when given. Experts missing from the
         device come from the host cache when it has them, else from the checkpoint (and are then
         added to the cache unless `cache_misses=False`). With `blocking=False` the host does
         not wait for the copies (the compute stream still does); `seconds` is then issue time.
         """
         plan = self._check(keep)
+        if routers is not None:
+            check_router_tensors(self.arch, keep, routers)
         if self._pending is not None:  # the previous swap may still read the router staging
             self._pending.synchronize()
             self._pending = None
@@ -358,11 +435,22 @@ class ResidentModel:
                     count.bytes += ly.expert_bytes
                     stats.experts_moved += 1
                     stats.bytes += ly.expert_bytes
-                idx = torch.tensor(new, dtype=torch.long)
-                for t, dst, full, stage in ly.routers:
-                    torch.index_select(full, t.dim % full.dim(), idx, out=stage)  # [K, H] / [K]
-                    stats.router_bytes += copier.copy(dst, stage)
+                if routers is None:
+                    stats.router_bytes += self._write_routers(copier, layer, ly, new, None)
+            for layer, ly in sorted(self._layers.items()):  # unchanged layers, given routers
+                changed = self.keep.layers[layer] != keep.layers[layer]
+                if routers is not None:
+                    given = routers[layer]
+                elif changed or layer not in self._own_routers:
+                    continue
+                else:
+                    given = None  # held another pattern's own routers: the source's rows back
+                stats.router_bytes += self._write_routers(
+                    copier, layer, ly, keep.layers[layer], given
+                )
             self._pending = copier.finish(blocking=blocking)
+        self.routers = routers
+        self._own_routers = set(self._layers) if routers is not None else set()
         if (plan.n_group, plan.topk_group) != (self.plan.n_group, self.plan.topk_group):
             self._set_groups(plan)
             stats.group_plan_changed = True

@@ -420,7 +420,7 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
             for g in gens:
                 g.cancel()
             raise
-        premoe = route.as_json()
+        premoe = {**route.as_json(), "routers": engine.pattern_routers.label(route.task)}
         headers = {"X-Premoe-Task": route.task, "X-Request-Id": first.id}
         rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + first.id
         created = int(time.time())

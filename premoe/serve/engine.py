@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 import premoe
+from premoe.calibrate.served import PatternRouters, pattern_routers
 from premoe.errors import PremoeError, UsageError
 from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
@@ -94,6 +95,7 @@ class Engine:
         self.resident_keep: KeepSets | None = None
         self.tokenizer: Any = None
         self.patterns: dict[str, KeepSets] = {}
+        self.pattern_routers = PatternRouters()  # calibrated routers per pattern (served.py)
         self.pattern_info: dict[str, Any] = {}
         # a folder is served under its name, a hub id under itself
         local = Path(config.model).expanduser()
@@ -148,6 +150,9 @@ class Engine:
                 metric=cfg.metric,
                 quantize=cfg.quantize,
             )
+            self.patterns, self.pattern_routers = pattern_routers(
+                store, self.patterns, src, enabled=cfg.calibrated_routers
+            )
         if not self.patterns:
             raise UsageError("no patterns to serve: the store has no tasks")
         counts = {k.count for k in self.patterns.values()}
@@ -192,6 +197,7 @@ class Engine:
             host_cache=cfg.host_cache,
             prefetch=None if self.mixed else self.patterns,
             quantize=cfg.quantize,
+            routers=None if self.mixed else self.pattern_routers.tensors(default),
             **kwargs,
         )
         self.resident_keep = resident_keep
@@ -200,7 +206,8 @@ class Engine:
         model.eval()
         routing = None
         if self.mixed:
-            routing = rowmask.RowRouting(model, src.arch, resident_keep, self.patterns)
+            own = {n: self.pattern_routers.tensors(n) for n in self.patterns}
+            routing = rowmask.RowRouting(model, src.arch, resident_keep, self.patterns, own)
             why = routing.verify(model)
             if why is not None:  # pragma: no cover - no supported family does this
                 raise UsageError(f"mixed patterns cannot be served for this model: {why}")
@@ -267,6 +274,7 @@ class Engine:
             "max_batch": cfg.max_batch,
             "scheduler": "continuous" if continuous else "batch",
             "patterns_mode": "mixed" if self.mixed else "swap",
+            "routers": self.pattern_routers.to_json(self.patterns),
             "resident_experts_per_layer": resident_keep.count,
             **({"kv_slots": self.cont.slots} if self.cont is not None else {}),
             "max_wait_ms": cfg.max_wait_ms,
@@ -312,6 +320,8 @@ class Engine:
         if cfg.mixed == "off" or len({k.to_json().__repr__() for k in self.patterns.values()}) < 2:
             return False
         why = rowmask.unsupported(src.arch, src.config)
+        if why is None and self.pattern_routers.routers:
+            why = rowmask.unsupported_routers(src.arch)
         if why is None:
             union = rowmask.union_keep(self.patterns, src.num_experts).count
             if cfg.budget is not None and union > keep_for_budget(
@@ -612,10 +622,11 @@ class Engine:
     def _swap(self, task: str) -> None:
         assert self.resident is not None
         keep = self.patterns[task]
-        if self.resident.keep == keep:
+        routers = self.pattern_routers.tensors(task)  # None: the source's router rows
+        if self.resident.keep == keep and self.resident.routers is routers:
             self.resident_task = task
             return
-        stats = self.resident.swap_to(keep)
+        stats = self.resident.swap_to(keep, routers=routers)
         self.swap_epoch += 1
         m = self.metrics
         m.swaps.inc()

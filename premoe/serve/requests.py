@@ -63,6 +63,7 @@ class EngineConfig:
     prefill_tokens: int = 512  # prompt tokens prefilled per step at most (decode stall bound)
     kv_memory_fraction: float = 0.9  # CUDA: share of free memory the KV slots may take
     quantize: ExpertQuantization | None = None  # experts resident quantized (fp8 / int4)
+    calibrated_routers: bool | None = None  # None: the store's calibrated routers, if any
 
     def check(self) -> None:
         if self.keep is not None and self.budget is not None:

@@ -22,7 +22,7 @@ from premoe.prune import KeepSets
 from premoe.source import ModelSource
 
 if TYPE_CHECKING:
-    from premoe.load import SwapStats
+    from premoe.load import RouterTensors, SwapStats
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,10 @@ class Resident(Protocol):
     @property
     def resident_bytes(self) -> int: ...
 
-    def swap_to(self, keep: KeepSets) -> SwapStats: ...
+    @property
+    def routers(self) -> RouterTensors | None: ...
+
+    def swap_to(self, keep: KeepSets, *, routers: RouterTensors | None = None) -> SwapStats: ...
 
 
 def open_resident(
@@ -47,17 +50,25 @@ def open_resident(
     dtype: str | torch.dtype | None,
     host_cache: str | int | None = None,
     prefetch: Mapping[str, KeepSets] | None = None,
+    routers: RouterTensors | None = None,
     **from_config_kwargs: Any,
 ) -> Resident:
     """The resident model holding `keep`, swappable to any keep sets of the same count.
 
     `host_cache`: a byte budget (e.g. "32GiB") for a host-memory expert cache; the experts of
     every pattern in `prefetch` are read into it now (in order, as long as they fit).
+    `routers`: the pattern's own router tensors (calibrated), written over the source's.
     """
 
     cache = HostExpertCache(host_cache) if host_cache is not None else None
     resident = ResidentModel(
-        source, keep, device=device, dtype=dtype, host_cache=cache, **from_config_kwargs
+        source,
+        keep,
+        device=device,
+        dtype=dtype,
+        host_cache=cache,
+        routers=routers,
+        **from_config_kwargs,
     )
     if cache is not None and prefetch:
         t0 = time.perf_counter()

@@ -17,6 +17,13 @@ bias masked per row too, and group-limited routers a consistent group structure:
 that every router was seen (a router that copies its weight first, e.g. `.float()` of a bf16
 weight, would not be).
 
+Patterns with their own router weights (calibrated routers, `premoe.calibrate.served`): each
+layer then also holds a stacked `[P, U, H]` router weight, pattern p's rows over the union (its
+own rows in its slots, the source's elsewhere, masked anyway), and the hook computes every
+token's logits with its row's pattern's weight (`F.linear` once per pattern, then a gather by
+the token's pattern), so a row still computes what its pattern's own model computes. Only for
+weight-only routers (`unsupported_routers`); a router with a logit bias is swapped instead.
+
 Shape legend: B rows, S tokens per row, L MoE layers (in `layers` order), U resident slots.
 """
 
@@ -24,13 +31,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from premoe.arch.spec import ArchSpec
+from premoe.errors import KeepSetError
 from premoe.load.loader import moe_layer, tensor_of
+from premoe.load.routers import RouterTensors
 from premoe.prune import KeepSets
 
 
@@ -41,6 +50,21 @@ def unsupported(arch: ArchSpec, config: Any) -> str | None:
     if arch.groups(config) != (1, 1):
         return "the router is group-limited"
     return None
+
+
+def unsupported_routers(arch: ArchSpec) -> str | None:
+    """None when per-row router weights (patterns' own routers) are exact for this family."""
+    extra = sorted({t.role for t in arch.router_tensors} - {"weight"})
+    if extra:
+        return f"per-row calibrated routers need a weight-only router (this one has {extra})"
+    return None
+
+
+class Rows(NamedTuple):
+    """What one forward's rows route with: masks and the pattern index of every row."""
+
+    masks: torch.Tensor  # [B, L, U] additive
+    index: torch.Tensor  # [B] long: position in `RowRouting.names` (idle rows: 0)
 
 
 def union_keep(patterns: Mapping[str, KeepSets], num_experts: int) -> KeepSets:
@@ -63,7 +87,12 @@ class RowRouting:
     """Per-pattern masks over the resident `union` and the F.linear hook that applies them."""
 
     def __init__(
-        self, model: Any, arch: ArchSpec, union: KeepSets, patterns: Mapping[str, KeepSets]
+        self,
+        model: Any,
+        arch: ArchSpec,
+        union: KeepSets,
+        patterns: Mapping[str, KeepSets],
+        routers: Mapping[str, RouterTensors | None] | None = None,
     ) -> None:
         self.layers = sorted(union.layers)
         self.union = union
@@ -82,21 +111,55 @@ class RowRouting:
                 masks[p, i, kept] = 0.0
         self.masks = masks.to(device)  # [P, L, U]
         self.hits = 0
+        own = {n: r for n, r in (routers or {}).items() if r is not None and n in patterns}
+        self.weights: list[torch.Tensor] | None = None  # per layer [P, U, H]; None: shared
+        if own:
+            why = unsupported_routers(arch)
+            if why is not None:
+                raise KeepSetError(why)
+            self.weights = self._stack(model, arch, union, patterns, own)
 
-    def rows(self, names: Sequence[str | None]) -> torch.Tensor:
-        """[B, L, U] masks of rows whose patterns are `names` (None: an idle row, no mask)."""
+    def _stack(
+        self,
+        model: Any,
+        arch: ArchSpec,
+        union: KeepSets,
+        patterns: Mapping[str, KeepSets],
+        own: Mapping[str, RouterTensors],
+    ) -> list[torch.Tensor]:
+        """Per layer, [P, U, H]: every pattern's router rows over the union's slots."""
+        out = []
+        for layer in self.layers:
+            weight = tensor_of(moe_layer(model, arch, layer), arch.router_weight.memory)  # [U, H]
+            stacked = weight.detach().unsqueeze(0).repeat(len(self.names), 1, 1)  # [P, U, H]
+            slot = {e: s for s, e in enumerate(union.layers[layer])}
+            for p, name in enumerate(self.names):
+                if name not in own:
+                    continue
+                rows = own[name][layer]["weight"]  # [K, H] in the pattern's slot order
+                kept = torch.tensor([slot[e] for e in patterns[name].layers[layer]])
+                stacked[p, kept.to(stacked.device)] = rows.to(stacked.device, stacked.dtype)
+            out.append(stacked)
+        return out
+
+    def rows(self, names: Sequence[str | None]) -> Rows:
+        """Masks [B, L, U] and pattern indices [B] of rows whose patterns are `names` (None:
+        an idle row, no mask)."""
         idx = [self.names.index(n) if n is not None else -1 for n in names]
         out = self.masks[[max(i, 0) for i in idx]]  # [B, L, U]
         idle = [b for b, i in enumerate(idx) if i < 0]
         if idle:
             out[idle] = 0.0
-        return out
+        index = torch.tensor([max(i, 0) for i in idx], device=self.masks.device)
+        return Rows(out, index)
 
     @contextmanager
-    def applied(self, rows: torch.Tensor, tokens_per_row: int) -> Iterator[None]:
-        """During the block, router logits of token (b, s) get `rows[b, layer]` added."""
-        per_layer = rows.repeat_interleave(tokens_per_row, 0).transpose(0, 1)  # [L, B*S, U]
-        index, original = self._index, F.linear
+    def applied(self, rows: Rows, tokens_per_row: int) -> Iterator[None]:
+        """During the block, router logits of token (b, s) get `rows.masks[b, layer]` added
+        (and come from the row's pattern's own router weight, where patterns have their own)."""
+        per_layer = rows.masks.repeat_interleave(tokens_per_row, 0).transpose(0, 1)  # [L, T, U]
+        token_pattern = rows.index.repeat_interleave(tokens_per_row)  # [T]
+        index, original, weights = self._index, F.linear, self.weights
 
         def linear(
             x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -106,7 +169,12 @@ class RowRouting:
             if i is None:
                 return out
             self.hits += 1
-            m = per_layer[i].to(out.dtype)  # [B*S, U]
+            if weights is not None:  # every pattern's logits, then each token's own
+                per = torch.stack([original(x, w, bias) for w in weights[i]])  # [P, ..., U]
+                flat = per.reshape(per.shape[0], -1, per.shape[-1])  # [P, T, U]
+                pick = token_pattern.view(1, -1, 1).expand(1, *flat.shape[1:])
+                out = flat.gather(0, pick)[0].view(out.shape)
+            m = per_layer[i].to(out.dtype)  # [T, U]
             return out + (m if out.dim() == 2 else m.view(*out.shape[:-1], -1))
 
         torch.nn.functional.linear = linear

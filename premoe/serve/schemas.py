@@ -8,7 +8,8 @@ accepted; non-neutral values of features premoe does not implement are rejected,
 
 premoe's own request extension: `"premoe": {"task": "math"}` serves the request with the named
 pattern instead of routing it by its prompt. Every response carries `"premoe": {"task",
-"similarity", "fallback", "routed"}` saying which pattern served it.
+"similarity", "fallback", "routed", "routers"}` saying which pattern served it and with which
+routers (the store name of its calibrated routers, or "source").
 """
 
 from __future__ import annotations
