@@ -39,7 +39,7 @@ import torch
 from premoe.serve.decode import RowSink, SamplingParams, TextStream, _eos_ids, _forward_cache_kwarg
 from premoe.serve.graphs import DecodeGraphs
 from premoe.serve.kvcache import SlotKVCache
-from premoe.serve.rowmask import RowRouting
+from premoe.serve.rowmask import RowRouting, Rows
 from premoe.serve.sampling import RowSampler, TokenLogprobs, needs_processing
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class ContinuousDecoder:
         ids: torch.Tensor,  # [B, S]
         positions: torch.Tensor,  # [B, S]
         mask: torch.Tensor,  # [B, 1, S, K] additive
-        row_masks: torch.Tensor | None,  # [B, L, U] per-row routing masks (`routing`)
+        rows: Rows | None,  # per-row routing masks [B, L, U] and patterns [B] (`routing`)
     ) -> torch.Tensor:
         """Last-position logits [B, V] (float32)."""
         kwargs = {
@@ -244,15 +244,15 @@ class ContinuousDecoder:
             "logits_to_keep": 1,
             self._kw: self.cache,
         }
-        if self.routing is not None and row_masks is not None:
-            with self.routing.applied(row_masks, ids.shape[1]):
+        if self.routing is not None and rows is not None:
+            with self.routing.applied(rows, ids.shape[1]):
                 out = self.model(**kwargs)
         else:
             out = self.model(**kwargs)
         return out.logits[:, -1, :].float()
 
-    def _row_masks(self, patterns: Sequence[str | None]) -> torch.Tensor | None:
-        return None if self.routing is None else self.routing.rows(patterns)  # [B, L, U]
+    def _rows(self, patterns: Sequence[str | None]) -> Rows | None:
+        return None if self.routing is None else self.routing.rows(patterns)
 
     def _prefill(self, chunks: list[tuple[Seq, int, int]], report: StepReport) -> None:
         dev = self.device
@@ -275,7 +275,7 @@ class ContinuousDecoder:
         mask = torch.where(allowed, zero, self.min_value)[:, None]  # [B, 1, S, K]
         slots = torch.tensor([seq.slot for seq, _, _ in chunks], dtype=torch.long, device=dev)
         self.cache.plan(slots, cols, kv_len)
-        rows = self._row_masks([seq.pattern for seq, _, _ in chunks])
+        rows = self._rows([seq.pattern for seq, _, _ in chunks])
         logits = self._forward(ids, qpos, mask, rows)  # [B, V]
         report.prefill_rows += b
         report.prefill_tokens += sum(end - start for _, start, end in chunks)
@@ -301,9 +301,9 @@ class ContinuousDecoder:
             cols[slot, 0] = qpos[slot, 0] = seq.length
             patterns[slot] = seq.pattern
         kv_len = max(seq.length for seq in rows) + 1
-        row_masks = self._row_masks(patterns)
+        row_routing = self._rows(patterns)
         if self.graphs is not None:
-            logits = self.graphs.run(ids, qpos, cols, kv_len, row_masks)  # [B, V]
+            logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
         else:
             ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
             keys = torch.arange(kv_len, device=dev)  # [K]
@@ -311,7 +311,7 @@ class ContinuousDecoder:
             zero = torch.zeros((), dtype=self.dtype, device=dev)
             mask = torch.where(allowed, zero, self.min_value)[:, None, None, :]  # [B, 1, 1, K]
             self.cache.plan(None, cols, kv_len)
-            logits = self._forward(ids, qpos, mask, row_masks)  # [B, V]
+            logits = self._forward(ids, qpos, mask, row_routing)  # [B, V]
         report.decode_rows += len(rows)
         report.patterns |= {p for p in patterns if p is not None}
         order = sorted(by_slot)

@@ -6,15 +6,15 @@ slots, V vocabulary.
 
 A decode step feeds one token per row of slots 0..B-1. Everything it reads lives in buffers
 allocated once: token ids, positions and KV columns `[N, 1]`, and with per-row routing the row
-masks `[N, L, U]`. The attention mask is computed inside the graph from the positions (key j is
-visible to row b iff j <= pos[b]), so a step's host work is one small host-to-device copy and a
-replay. With `compile`, the step is first `torch.compile`d (inductor, no CUDA graphs of its
-own): it fuses the hundreds of small elementwise kernels per step (norms, rotary embeddings,
-casts) that otherwise dominate a batch-1 step. A graph is captured per (B, K) on first use, after
-two warm-up runs (inductor and Triton compile, cuBLAS picks its kernels) that write only the
-scratch KV column of every row, never a running request's cache. All graphs share one memory
-pool; every tensor a graph reads that it does not compute itself is one of the persistent
-buffers above, the KV cache or the weights.
+masks `[N, L, U]` and pattern indices `[N]` (rowmask.py). The attention mask is computed inside the
+graph from the positions (key j is visible to row b iff j <= pos[b]), so a step's host work is one
+small host-to-device copy and a replay. With `compile`, the step is first `torch.compile`d
+(inductor, no CUDA graphs of its own): it fuses the hundreds of small elementwise kernels per step
+(norms, rotary embeddings, casts) that otherwise dominate a batch-1 step. A graph is captured per
+(B, K) on first use, after two warm-up runs (inductor and Triton compile, cuBLAS picks its kernels)
+that write only the scratch KV column of every row, never a running request's cache. All graphs
+share one memory pool; every tensor a graph reads that it does not compute itself is one of the
+persistent buffers above, the KV cache or the weights.
 
 Exact as the eager step: the extra KV columns K - kv_len are masked (-inf before the softmax), the
 idle rows (slots without a decoding request, and the bucket's padding rows) write to scratch and
@@ -32,10 +32,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from premoe.serve.rowmask import Rows
+
 log = logging.getLogger(__name__)
 
-# (ids [B, 1], positions [B, 1], mask [B, 1, 1, K], row masks [B, L, U] | None) -> logits [B, V]
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# (ids [B, 1], positions [B, 1], mask [B, 1, 1, K], per-row routing | None) -> logits [B, V]
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Rows | None"], torch.Tensor]
 
 
 def buckets_up_to(n: int, first: int = 1) -> list[int]:
@@ -80,10 +82,13 @@ class DecodeGraphs:
         self.ids = torch.full((slots, 1), pad_id, dtype=torch.long, device=device)  # [N, 1]
         self.pos = torch.zeros((slots, 1), dtype=torch.long, device=device)  # [N, 1]
         self.cols = torch.full((slots, 1), scratch, dtype=torch.long, device=device)  # [N, 1]
-        self.row_masks = (
+        self.rows = (
             None
             if row_mask_shape is None
-            else torch.zeros((slots, *row_mask_shape), device=device)  # [N, L, U]
+            else Rows(
+                torch.zeros((slots, *row_mask_shape), device=device),  # [N, L, U] masks
+                torch.zeros(slots, dtype=torch.long, device=device),  # [N] pattern index
+            )
         )
         self._host = torch.empty((3, slots), dtype=torch.long).pin_memory()  # ids, pos, cols
         self.pool = torch.cuda.graph_pool_handle()
@@ -106,7 +111,7 @@ class DecodeGraphs:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         mask = torch.where(keys[None, :] <= pos, zero, torch.finfo(self.dtype).min)  # [B, K]
         self.plan(self.cols[:b], kv)
-        rows = None if self.row_masks is None else self.row_masks[:b]
+        rows = None if self.rows is None else Rows(self.rows.masks[:b], self.rows.index[:b])
         return self.step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
 
     def _idle(self) -> None:
@@ -114,8 +119,9 @@ class DecodeGraphs:
         self.ids.fill_(self.pad_id)
         self.pos.zero_()
         self.cols.fill_(self.scratch)
-        if self.row_masks is not None:
-            self.row_masks.zero_()
+        if self.rows is not None:
+            self.rows.masks.zero_()
+            self.rows.index.zero_()
 
     def _capture(self, b: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         t0 = time.perf_counter()
@@ -150,7 +156,7 @@ class DecodeGraphs:
         pos: torch.Tensor,  # [n, 1] host
         cols: torch.Tensor,  # [n, 1] host
         kv_len: int,
-        row_masks: torch.Tensor | None = None,  # [n, L, U] device
+        rows: Rows | None = None,  # masks [n, L, U], pattern index [n] (device)
     ) -> torch.Tensor:
         """Logits [n, V] of one decode step over slots 0..n-1 (a view of the graph's output)."""
         n = ids.shape[0]
@@ -166,9 +172,11 @@ class DecodeGraphs:
         self.ids[:b, 0].copy_(dev[0])
         self.pos[:b, 0].copy_(dev[1])
         self.cols[:b, 0].copy_(dev[2])
-        if self.row_masks is not None and row_masks is not None:
-            self.row_masks[:n].copy_(row_masks)
-            self.row_masks[n:b].zero_()
+        if self.rows is not None and rows is not None:
+            self.rows.masks[:n].copy_(rows.masks)
+            self.rows.masks[n:b].zero_()
+            self.rows.index[:n].copy_(rows.index)
+            self.rows.index[n:b].zero_()
         graph, out = entry
         graph.replay()
         return out[:n]
