@@ -10,11 +10,12 @@ Life of a request:
    the store's general pattern (`__global__`) when the match is weak or no router is available.
 3. Continuous scheduler (default): between decode steps the worker admits waiting requests into
    free KV slots of the `ContinuousDecoder` (continuous.py). Mixed mode (the union of the
-   patterns resident, rowmask.py): oldest first, any pattern; every row is masked to its own
-   pattern. Swap mode (one pattern resident): the resident pattern's requests; when the
-   `Scheduler` picks another pattern (its oldest request waited past `max_wait_ms`, or the
-   resident one has none waiting), admissions stop, the running rows finish, and the expert
-   slots are swapped in place (`Resident.swap_to`).
+   patterns resident, rowmask.py; chosen when it fits the memory allowed, memory.py): oldest
+   first, any pattern; every row is masked to its own pattern. Swap mode (one pattern
+   resident): the resident pattern's requests; when the `Scheduler` picks another pattern (its
+   oldest request waited past `max_wait_ms`, or the resident one has none waiting), admissions
+   stop, the running rows finish, and the expert slots are swapped in place
+   (`Resident.swap_to`).
    Batch scheduler (`scheduler="batch"`): the `Scheduler` picks the next pattern (batching
    within a pattern, swaps only between batches, a bound on waiting) and `BatchDecoder.generate`
    runs the batch to completion.
