@@ -15,6 +15,9 @@ a checkout where premoe is not installed.
 - `sync`, `reset_peak`, `peak_bytes`, `DeviceTimer`, `median_seconds`: timing and peak device
   memory with the device synchronised (CUDA; no-ops elsewhere).
 - `format_table` / `print_table`, `environment`, `write_json`, `free_port`, `max_rel_diff`.
+- `stream_completion`: one streamed request to an OpenAI-compatible server, timed (latency, time
+  to the first content chunk); `percentile`, `latency_summary`: their p50/p99 (None, never NaN,
+  when nothing was measured); `start_demo_server`: `premoe serve` of the demo model.
 """
 
 from __future__ import annotations
@@ -368,6 +371,71 @@ def write_json(out: str | Path | None, data: dict[str, Any], *, device: Any = No
 
 
 # ---- misc --------------------------------------------------------------------------------------
+
+
+# ---- HTTP clients of the serving benches ------------------------------------------------------
+
+
+async def stream_completion(
+    client: Any, body: dict[str, Any], path: str = "/v1/completions"
+) -> dict[str, Any]:
+    """POST `body` (``"stream": true``) to `path` with the httpx `client`; returns ``{"status",
+    "latency", "ttft", "tokens", "chunks"}``: seconds to the end of the stream, seconds to the
+    first chunk that carries generated text (None when none did), completion tokens (the usage
+    chunk's, with ``stream_options.include_usage``; else the content chunks) and content chunks.
+    A non-200 answer gives ``{"status", "error"}``."""
+    t0 = time.perf_counter()
+    ttft: float | None = None
+    chunks = 0
+    usage: int | None = None
+    async with client.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code, "error": (await r.aread()).decode(errors="replace")}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue  # blank separators, comments, "data: [DONE]"
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = int(data["usage"]["completion_tokens"])
+            for choice in data.get("choices") or ():
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if text:
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+    latency = time.perf_counter() - t0
+    tokens = usage if usage is not None else chunks
+    return {"status": 200, "latency": latency, "ttft": ttft, "tokens": tokens, "chunks": chunks}
+
+
+def percentile(xs: Sequence[float], p: float) -> float | None:
+    """The `p`-th percentile (0-100, linear interpolation) of `xs`; None when `xs` is empty."""
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return float(xs[0])
+    return float(statistics.quantiles(xs, n=100, method="inclusive")[round(p) - 1])
+
+
+def latency_summary(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """p50/p99 of latency and TTFT over the 200 answers of `stream_completion`, and how many
+    of them had no content chunk (``ttft_missing``: their TTFT was not measured)."""
+    ok = [r for r in results if r["status"] == 200]
+    lat = [r["latency"] for r in ok]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    return {
+        "latency_p50_s": percentile(lat, 50),
+        "latency_p99_s": percentile(lat, 99),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "ttft_measured": len(ttft),
+        "ttft_missing": len(ok) - len(ttft),
+    }
+
+
+def ms(seconds: float | None) -> str:
+    """Seconds as whole milliseconds for a table; "-" for None (not measured)."""
+    return "-" if seconds is None else f"{seconds * 1e3:.0f}"
 
 
 def start_demo_server(port: int, extra: list[str], *, timeout: float = 180.0) -> Any:

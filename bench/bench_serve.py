@@ -13,6 +13,14 @@ Figures (issue 6):
 (c) the full model resident in the same engine (all experts, when it fits): pruned decode
     tokens/s / full decode tokens/s at batch 1.
 
+Memory: the premoe engine gets `--budget` (default 10GiB) for everything it allocates, weights +
+KV cache + activations; K is the largest that fits beside `--min-kv-slots` KV slots, the patterns'
+union is resident (mixed mode) only if it fits too, else one pattern is (swap mode), and the KV
+cache gets what the weights leave (at most `--max-batch` slots). Each workload reports the mode,
+resident GiB and KV GiB. TTFT is the client's: request sent to the first streamed chunk with text
+(`_common.stream_completion`); the checkpoint's tokenizer covers the whole vocabulary so that
+every generated token streams as text.
+
 The model (hidden 2048, 24 layers, 128 experts, moe_intermediate 768, top-8, 32 heads, 4 KV
 heads, vocab 151936: about 16 B parameters, 32 GB in bf16) is generated on the device layer by
 layer and written to disk in the hub's per-expert layout (one shard per layer), so that premoe
@@ -33,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import logging
 import random
 import shutil
@@ -48,6 +55,7 @@ from typing import Any
 import _common as bc
 import torch
 
+from premoe.policy import human_bytes
 from premoe.prune import KeepSets
 
 log = logging.getLogger("bench_serve")
@@ -62,11 +70,28 @@ def say(msg: str) -> None:
 
 def write_checkpoint(config: Any, folder: Path, device: torch.device) -> dict[str, Any]:
     """`_common.write_layered_checkpoint` and a character tokenizer beside it."""
-    from premoe.demo.tasks import build_tokenizer
-
     info = bc.write_layered_checkpoint(config, folder, device)
-    build_tokenizer(model_max_length=4096).save_pretrained(folder)
+    write_tokenizer(folder, config.vocab_size)
     return info
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> Any:
+    """The demo's character tokenizer with its vocabulary filled up to the model's by tokens
+    "<id>": every id the random model emits decodes to text, so that each generated token is a
+    streamed chunk and the client sees its first token (the character tokenizer alone decodes
+    ids past its ~100 characters to "", the server streamed no chunk and TTFT was not measured).
+    Prompts still encode one token per character."""
+    from tokenizers import models
+
+    from premoe.demo.tasks import UNK_TOKEN, build_tokenizer
+
+    tok = build_tokenizer(model_max_length=4096)
+    backend = tok.backend_tokenizer
+    vocab = dict(backend.get_vocab())
+    vocab.update({f"<{i}>": i for i in range(len(vocab), vocab_size)})
+    backend.model = models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN)
+    tok.save_pretrained(folder)
+    return tok
 
 
 def active_bytes_per_token(config: Any, itemsize: int = 2) -> dict[str, int]:
@@ -174,15 +199,12 @@ async def run_workload(
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
-    lat: list[float] = []
-    ttft: list[float] = []
-    tokens = 0
-    errors = 0
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600.0) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
 
         async def one(prompt: str, task: str) -> None:
-            nonlocal tokens, errors
             async with sem:
                 body = {
                     "prompt": prompt,
@@ -193,45 +215,27 @@ async def run_workload(
                     "stream_options": {"include_usage": True},
                     "premoe": {"task": task},
                 }
-                t0 = time.perf_counter()
-                first = None
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        errors += 1
-                        log.warning("request failed: %s %s", r.status_code, await r.aread())
-                        return
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        data = json.loads(line[6:])
-                        if data.get("usage"):
-                            tokens += data["usage"]["completion_tokens"]
-                        elif first is None and data["choices"] and data["choices"][0]["text"]:
-                            first = time.perf_counter() - t0
-                lat.append(time.perf_counter() - t0)
-                if first is not None:
-                    ttft.append(first)
+                res = await bc.stream_completion(client, body)
+                if res["status"] != 200:
+                    log.warning("request failed: %s %s", res["status"], res["error"][:200])
+                results.append(res)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(p, t) for p, t in jobs))
         wall = time.perf_counter() - t0
-    lat.sort()
-    ttft.sort()
-
-    def pct(q: float, xs: list[float] = lat) -> float:
-        return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
-
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
+    summary = bc.latency_summary(results)
     return {
         "requests": len(jobs),
-        "errors": errors,
+        "errors": len(results) - len(ok),
         "completion_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "p50_s": pct(0.50),
-        "p99_s": pct(0.99),
-        "ttft_p50_s": pct(0.50, ttft),
-        "ttft_p99_s": pct(0.99, ttft),
-        "mean_s": sum(lat) / len(lat) if lat else float("nan"),
+        "p50_s": summary["latency_p50_s"],
+        "p99_s": summary["latency_p99_s"],
+        **summary,
+        "mean_s": sum(r["latency"] for r in ok) / len(ok) if ok else None,
     }
 
 
@@ -308,6 +312,8 @@ def decode_b1_continuous(engine: Any, task: str, prompt: str, tokens: int) -> di
 
 
 def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool) -> Any:
+    """The engine of the bench; pruned (not `full`), it gets --budget: its weights, KV cache and
+    activations (and in mixed mode the union of the patterns) must fit the same memory."""
     from premoe.serve import Engine, EngineConfig
 
     cuda = args.device.startswith("cuda")
@@ -315,6 +321,8 @@ def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool
     cfg = EngineConfig(
         model=str(ckpt),
         patterns=patterns,
+        budget=None if full else args.budget,
+        min_kv_slots=args.min_kv_slots,
         default_task=next(iter(patterns)),
         device=args.device,
         dtype="bf16" if cuda else "fp32",
@@ -337,6 +345,24 @@ def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool
     engine = Engine(cfg)
     engine.load()
     return engine
+
+
+def memory_of(engine: Any) -> dict[str, Any]:
+    """What the engine holds: mode, resident weights and KV cache (GiB), from its /health."""
+    info = engine.info
+    return {
+        "patterns_mode": info["patterns_mode"],
+        "patterns_mode_reason": info.get("patterns_mode_reason"),
+        "budget_bytes": info["memory"]["allowed_bytes"] if engine.config.budget else None,
+        "resident_experts_per_layer": info["resident_experts_per_layer"],
+        "resident_gib": info["resident_bytes"] / 2**30,
+        "kv_slots": info.get("kv_slots"),
+        "kv_gib": info.get("kv_bytes", 0) / 2**30,
+    }
+
+
+def secs(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f} s"
 
 
 def bench_premoe(
@@ -398,12 +424,16 @@ def bench_premoe(
                     "mean_batch": n_req / batches if batches and engine.cont is None else None,
                     "mixed_steps": m.steps.value(mode="mixed") - mixed0,
                     "single_steps": m.steps.value(mode="single") - single0,
+                    **memory_of(engine),
                 }
             )
             say(
                 f"mixed workload, concurrency {conc}: {work['tokens_per_s']:.1f} tokens/s, "
-                f"p50 {work['p50_s']:.2f} s, p99 {work['p99_s']:.2f} s, TTFT p50 "
-                f"{work['ttft_p50_s']:.3f} s, {work['swaps']:.0f} swaps"
+                f"p50 {secs(work['p50_s'])}, p99 {secs(work['p99_s'])}, TTFT p50 "
+                f"{secs(work['ttft_p50_s'])} ({work['ttft_measured']}/{n_req}), "
+                f"{work['swaps']:.0f} swaps, {work['patterns_mode']}, "
+                f"{human_bytes(work['resident_gib'] * 2**30)} resident + "
+                f"{human_bytes(work['kv_gib'] * 2**30)} KV"
             )
             works.append(work)
         work = works[0]
@@ -543,7 +573,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="Reuse (or write) the checkpoint here.")
     p.add_argument("--keep-checkpoint", action="store_true", help="Do not delete it at the end.")
     bc.add_model_args(p, kv_heads=4)
-    p.add_argument("--budget", default="10GiB", help="GPU budget for the weights.")
+    p.add_argument(
+        "--budget",
+        default="10GiB",
+        help="Device memory of the premoe engine: weights + KV cache + activations (K is the "
+        "largest that fits beside --min-kv-slots slots; mixed mode only if the patterns' union "
+        "fits too). Also accelerate's GPU max_memory.",
+    )
+    p.add_argument("--min-kv-slots", type=int, default=4, help="KV slots kept beside weights.")
     p.add_argument("--keep", type=int, default=None, help="Experts kept (default: fit budget).")
     p.add_argument("--host-cache", default="48GiB", help="premoe's pinned host expert cache.")
     p.add_argument("--host-memory", default="200GiB", help="accelerate's CPU max_memory.")
@@ -593,7 +630,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
     from premoe.load import keep_for_budget
+    from premoe.serve import memory
     from premoe.source import resolve_model
 
     args = parse_args(argv)
@@ -625,8 +665,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{results['checkpoint']['seconds']:.0f} s")  # fmt: skip
     src = resolve_model(ckpt)
     config = src.config
+    if len(AutoTokenizer.from_pretrained(ckpt)) < config.vocab_size:  # written before the fix
+        write_tokenizer(ckpt, config.vocab_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    keep = args.keep if args.keep is not None else keep_for_budget(src, args.budget, dtype)
+    plan = memory.make_plan(
+        src.config,
+        budget=args.budget,
+        device=device,
+        dtype=dtype,
+        fraction=0.9,
+        max_batch=args.max_batch,
+        min_kv_slots=args.min_kv_slots,
+        prefill_tokens=args.prefill_tokens,
+        max_len=min(args.max_model_len, int(src.config.max_position_embeddings)),
+    )
+    # the largest K whose weights fit the budget beside --min-kv-slots KV slots and the
+    # activation headroom (what `premoe serve --budget` keeps)
+    weights_budget = plan.weights_budget()
+    assert weights_budget is not None
+    keep = args.keep if args.keep is not None else keep_for_budget(src, weights_budget, dtype)
     layers = src.moe_layers
     patterns = random_patterns(layers, src.num_experts, keep, max(args.patterns, 1), args.seed)
     active = active_bytes_per_token(config, dtype.itemsize)
@@ -645,6 +702,13 @@ def main(argv: list[str] | None = None) -> int:
             },
             "keep": keep,
             "budget": args.budget,
+            "memory_plan": {
+                "budget_bytes": plan.allowed.nbytes,
+                "weights_budget_bytes": weights_budget,
+                "kv_bytes_per_slot": plan.per_slot,
+                "activation_headroom_bytes": plan.headroom,
+                "min_kv_slots": plan.min_slots,
+            },
             "active_bytes_per_token": active,
             "device_bandwidth_bytes_per_s": bw,
             "bandwidth_bound_tokens_per_s": bound,
@@ -712,8 +776,10 @@ def report(
         ("device", results["device"]),
         ("model", f"{config.num_hidden_layers} x {config.num_experts} experts, "
                   f"top-{config.num_experts_per_tok}"),
-        ("kept per layer", f"{keep} " + (f"(fits {args.budget})" if args.keep is None
-                                          else "(--keep)")),
+        ("kept per layer", f"{keep} " + (f"(fits {args.budget} with KV and activations)"
+                                          if args.keep is None else "(--keep)")),
+        ("budget (engine)", f"{args.budget}: weights + KV cache + activations; mixed only if "
+                            "the union fits too"),
         ("resident bytes", f"{results['premoe']['resident_bytes'] / 2**30:.2f} GiB"),
         ("peak device bytes", "-" if results["premoe"]["peak_device_bytes"] is None
          else f"{results['premoe']['peak_device_bytes'] / 2**30:.2f} GiB"),
@@ -731,8 +797,14 @@ def report(
             (f"mixed workload, concurrency {x['concurrency']}",
              f"{x['requests']} req, {x['patterns']} patterns, {x['max_tokens']} tokens"),
             ("  tokens/s", f"{x['tokens_per_s']:.1f}"),
-            ("  latency p50 / p99", f"{x['p50_s']:.2f} s / {x['p99_s']:.2f} s"),
-            ("  TTFT p50 / p99", f"{x['ttft_p50_s']:.3f} s / {x['ttft_p99_s']:.3f} s"),
+            ("  memory", f"{x.get('patterns_mode')}: "
+                         f"{human_bytes(x.get('resident_gib', 0) * 2**30)} resident "
+                         f"({x.get('resident_experts_per_layer')} experts/layer) + "
+                         f"{human_bytes(x.get('kv_gib', 0) * 2**30)} KV ({x.get('kv_slots')} "
+                         "slots)"),
+            ("  latency p50 / p99", f"{secs(x['p50_s'])} / {secs(x['p99_s'])}"),
+            ("  TTFT p50 / p99", f"{secs(x['ttft_p50_s'], 3)} / {secs(x['ttft_p99_s'], 3)} "
+                                 f"({x.get('ttft_measured')} of {x['requests'] - x['errors']})"),
             ("  steps mixed / single", f"{x.get('mixed_steps', 0):.0f} / "
                                        f"{x.get('single_steps', 0):.0f}"),
             ("  swaps (bytes, s)", f"{x['swaps']:.0f} ({x['swap_bytes'] / 1e9:.2f} GB, "

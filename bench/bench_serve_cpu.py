@@ -7,7 +7,9 @@ each `--max-tokens` tokens (`ignore_eos`, greedy), from `concurrency` parallel c
 sending its next request when the previous ends. Reported per setting and concurrency: generated
 tokens/s, request latency p50/p99, time to first token p50/p99, and the server's step modes from
 /metrics. The figure of merit: tokens/s at concurrency 16 / tokens/s at concurrency 1 (target
->= 6).
+>= 6). TTFT is the client's: request sent to the first streamed chunk with text
+(`_common.stream_completion`); "TTFT n" counts the requests where it was measured. Each run also
+records what /health says (mode, resident bytes, KV slots) and the 1-minute load average.
 
     python bench/bench_serve_cpu.py --out bench/results/serve_cpu.json
     python bench/bench_serve_cpu.py --concurrency 1 16 64 --requests-per-client 4
@@ -17,8 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
+import os
 import subprocess
 import sys
 import time
@@ -39,32 +40,6 @@ def start_server(port: int, extra: list[str], max_batch: int) -> subprocess.Pope
     return bc.start_demo_server(port, opts, timeout=180)
 
 
-async def one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    ttft = None
-    tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"status": r.status_code}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                tokens = data["usage"]["completion_tokens"]
-            elif data["choices"] and data["choices"][0]["text"] and ttft is None:
-                ttft = time.perf_counter() - t0
-    return {"status": 200, "latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens}
-
-
-def q(xs: list[float], p: int) -> float:
-    if not xs:
-        return float("nan")
-    if len(xs) == 1:
-        return xs[0]
-    return statistics.quantiles(xs, n=100, method="inclusive")[p - 1]
-
-
 async def workload(url: str, concurrency: int, per_client: int, max_tokens: int) -> dict[str, Any]:
     prompts = {t: [r["prompt"] for r in generate(t, 16, 7, "eval")] for t in TASKS}
     results: list[dict[str, Any]] = []
@@ -83,9 +58,9 @@ async def workload(url: str, concurrency: int, per_client: int, max_tokens: int)
                     "stream_options": {"include_usage": True},
                     "premoe": {"task": task},
                 }
-                results.append(await one(client, body))
+                results.append(await bc.stream_completion(client, body))
 
-        await one(client, {"prompt": "1+1=", "max_tokens": 2, "stream": True})  # warm
+        await bc.stream_completion(client, {"prompt": "1+1=", "max_tokens": 2, "stream": True})
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
         wall = time.perf_counter() - t0
@@ -98,10 +73,7 @@ async def workload(url: str, concurrency: int, per_client: int, max_tokens: int)
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
-        "latency_p50_s": q([r["latency"] for r in ok], 50),
-        "latency_p99_s": q([r["latency"] for r in ok], 99),
-        "ttft_p50_s": q([r["ttft"] for r in ok if r["ttft"] is not None], 50),
-        "ttft_p99_s": q([r["ttft"] for r in ok if r["ttft"] is not None], 99),
+        **bc.latency_summary(results),
     }
 
 
@@ -113,6 +85,13 @@ def step_modes(url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def served(url: str) -> dict[str, Any]:
+    """What /health says about memory: mode, resident bytes, KV slots and bytes."""
+    h = httpx.get(url + "/health", timeout=10).json()
+    keys = ("patterns_mode", "resident_experts_per_layer", "resident_bytes", "kv_slots", "kv_bytes")
+    return {k: h.get(k) for k in keys}
 
 
 def main() -> None:
@@ -135,9 +114,12 @@ def main() -> None:
         try:
             for conc in args.concurrency:
                 before = step_modes(url)
+                load0 = os.getloadavg()[0]
                 res = asyncio.run(workload(url, conc, args.requests_per_client, args.max_tokens))
                 after = step_modes(url)
                 res["setting"] = setting
+                res["server"] = served(url)
+                res["load_avg_1min"] = [load0, os.getloadavg()[0]]  # before, after
                 res["metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after}
                 runs.append(res)
                 print(f"{setting} c={conc}: {res['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
@@ -153,12 +135,14 @@ def main() -> None:
                 r["setting"],
                 r["concurrency"],
                 f"{r['ok']}/{r['requests']}",
+                f"{r['server']['resident_bytes'] / 2**20:.1f}",
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['tokens_per_s'] / base[r['setting']]:.2f}" if r["setting"] in base else "",
-                f"{r['latency_p50_s'] * 1e3:.0f}",
-                f"{r['latency_p99_s'] * 1e3:.0f}",
-                f"{r['ttft_p50_s'] * 1e3:.0f}",
-                f"{r['ttft_p99_s'] * 1e3:.0f}",
+                bc.ms(r["latency_p50_s"]),
+                bc.ms(r["latency_p99_s"]),
+                bc.ms(r["ttft_p50_s"]),
+                bc.ms(r["ttft_p99_s"]),
+                f"{r['ttft_measured']}/{r['ok']}",
                 int(d.get('premoe_steps_total{mode="mixed"}', 0)),
                 int(d.get('premoe_steps_total{mode="single"}', 0)),
                 int(d.get("premoe_swaps_total", 0)),
@@ -169,12 +153,14 @@ def main() -> None:
             "setting",
             "conc",
             "ok",
+            "resident MiB",
             "tokens/s",
             "/ conc 1",
             "p50 ms",
             "p99 ms",
             "TTFT p50 ms",
             "TTFT p99 ms",
+            "TTFT n",
             "mixed steps",
             "single steps",
             "swaps",

@@ -47,8 +47,10 @@ def serve_command(
     budget: Annotated[
         str | None,
         typer.Option(
-            help="Device memory for the resident weights, e.g. 24GiB: keeps the largest number "
-            "of experts per layer that fits. Give this or --keep."
+            help="Device memory the server may use, e.g. 24GiB: resident weights, KV cache and "
+            "activations. Keeps the largest number of experts per layer that fits beside "
+            "--min-kv-slots KV slots; the KV cache gets what the weights leave. Give this or "
+            "--keep (then the free device memory is the limit)."
         ),
     ] = None,
     keep: Annotated[
@@ -133,9 +135,18 @@ def serve_command(
         str,
         typer.Option(
             help="Rows of different patterns in one batch, the union of their experts resident: "
-            "auto (when the union fits --budget), on, off (swap expert sets between patterns)."
+            "auto (when the union and --min-kv-slots KV slots fit --budget, or without --budget "
+            "the free device memory), on, off (swap expert sets between patterns)."
         ),
     ] = "auto",
+    min_kv_slots: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="KV cache slots that must fit beside the resident weights: what --budget "
+            "keeps aside, and what mixed mode needs beside the union of the patterns.",
+        ),
+    ] = 4,
     prefill_tokens: Annotated[
         int,
         typer.Option(
@@ -209,6 +220,7 @@ def serve_command(
         host_cache=host_cache,
         scheduler=scheduler,
         mixed=mixed,
+        min_kv_slots=min_kv_slots,
         prefill_tokens=prefill_tokens,
         quantize=expert_quantization(quantize, block, group_size),
         calibrated_routers=calibrated_routers,

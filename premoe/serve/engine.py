@@ -10,11 +10,12 @@ Life of a request:
    the store's general pattern (`__global__`) when the match is weak or no router is available.
 3. Continuous scheduler (default): between decode steps the worker admits waiting requests into
    free KV slots of the `ContinuousDecoder` (continuous.py). Mixed mode (the union of the
-   patterns resident, rowmask.py): oldest first, any pattern; every row is masked to its own
-   pattern. Swap mode (one pattern resident): the resident pattern's requests; when the
-   `Scheduler` picks another pattern (its oldest request waited past `max_wait_ms`, or the
-   resident one has none waiting), admissions stop, the running rows finish, and the expert
-   slots are swapped in place (`Resident.swap_to`).
+   patterns resident, rowmask.py; chosen when it fits the memory allowed, memory.py): oldest
+   first, any pattern; every row is masked to its own pattern. Swap mode (one pattern
+   resident): the resident pattern's requests; when the `Scheduler` picks another pattern (its
+   oldest request waited past `max_wait_ms`, or the resident one has none waiting), admissions
+   stop, the running rows finish, and the expert slots are swapped in place
+   (`Resident.swap_to`).
    Batch scheduler (`scheduler="batch"`): the `Scheduler` picks the next pattern (batching
    within a pattern, swaps only between batches, a bound on waiting) and `BatchDecoder.generate`
    runs the batch to completion.
@@ -48,11 +49,10 @@ import torch
 import premoe
 from premoe.calibrate.served import PatternRouters, pattern_routers
 from premoe.errors import PremoeError, UsageError
-from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
 from premoe.quant import gemv_experts, kernels
 from premoe.runtime import resolve_device, resolve_dtype
-from premoe.serve import kvcache, rowmask
+from premoe.serve import kvcache, memory, rowmask
 from premoe.serve.continuous import ContinuousDecoder, StepReport
 from premoe.serve.decode import (
     BatchDecoder,
@@ -92,6 +92,8 @@ class Engine:
         self.decoder: BatchDecoder | None = None
         self.cont: ContinuousDecoder | None = None  # the continuous scheduler's decoder
         self.mixed = False  # patterns share one resident union; rows masked per pattern
+        self.mode_reason = "the batch scheduler"  # why mixed or swapped (/health)
+        self.memory: memory.MemoryPlan | None = None  # set by load()
         self.resident_keep: KeepSets | None = None
         self.tokenizer: Any = None
         self.patterns: dict[str, KeepSets] = {}
@@ -135,6 +137,22 @@ class Engine:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, src)
         self.tokenizer = load_tokenizer(src.path)
+        max_pos = int(getattr(src.config, "max_position_embeddings", 0) or 0) or 4096
+        auto_cache = "static" if device.type == "cuda" else "dynamic"
+        cache: CacheMode = auto_cache if cfg.cache == "auto" else cfg.cache  # type: ignore[assignment]
+        default_len = 2048 if cache == "static" else 8192
+        self.max_model_len = min(max_pos, cfg.max_model_len or default_len)
+        self.memory = plan = memory.make_plan(
+            src.config,
+            budget=cfg.budget,
+            device=device,
+            dtype=dtype,
+            fraction=cfg.kv_memory_fraction,
+            max_batch=cfg.max_batch,
+            min_kv_slots=cfg.min_kv_slots,
+            prefill_tokens=cfg.prefill_tokens,
+            max_len=self.max_model_len,
+        )
         if cfg.patterns is not None:
             self.patterns = dict(cfg.patterns)
             self.pattern_info = {"source": "given"}
@@ -145,7 +163,7 @@ class Engine:
                 cfg.store,
                 src,
                 keep=cfg.keep,
-                budget=cfg.budget,
+                budget=plan.weights_budget(),
                 dtype=dtype,
                 metric=cfg.metric,
                 quantize=cfg.quantize,
@@ -211,11 +229,6 @@ class Engine:
             why = routing.verify(model)
             if why is not None:  # pragma: no cover - no supported family does this
                 raise UsageError(f"mixed patterns cannot be served for this model: {why}")
-        max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
-        auto_cache = "static" if device.type == "cuda" else "dynamic"
-        cache: CacheMode = auto_cache if cfg.cache == "auto" else cfg.cache  # type: ignore[assignment]
-        default_len = 2048 if cache == "static" else 8192
-        self.max_model_len = min(max_pos, cfg.max_model_len or default_len)
         compile_mode: CompileMode = (
             ("reduce-overhead" if device.type == "cuda" and cache == "static" else "none")
             if cfg.compile == "auto"
@@ -224,7 +237,7 @@ class Engine:
         if compile_mode != "none" and cache != "static":
             raise UsageError("--compile needs the static cache (--cache static)")
         if continuous:
-            slots = self._kv_slots(model, device, dtype)
+            slots = self._kv_slots(device)
             self.cont = ContinuousDecoder(
                 model,
                 self.tokenizer,
@@ -256,6 +269,9 @@ class Engine:
             cfg.warmup if cfg.warmup is not None else (compile_mode != "none" or graphs)
         )
         self.metrics.resident_bytes.set(self.resident.resident_bytes)
+        self.metrics.patterns_mixed.set(1.0 if self.mixed else 0.0)
+        kv_bytes = self.cont.slots * plan.per_slot if self.cont is not None else 0
+        self.metrics.kv_cache_bytes.set(kv_bytes)
         for name in self.patterns:
             on = self.mixed or name == default
             self.metrics.resident_pattern.set(1.0 if on else 0.0, task=name)
@@ -275,8 +291,18 @@ class Engine:
             "scheduler": "continuous" if continuous else "batch",
             "patterns_mode": "mixed" if self.mixed else "swap",
             "routers": self.pattern_routers.to_json(self.patterns),
+            "patterns_mode_reason": self.mode_reason,
             "resident_experts_per_layer": resident_keep.count,
-            **({"kv_slots": self.cont.slots} if self.cont is not None else {}),
+            **(
+                {"kv_slots": self.cont.slots, "kv_bytes": kv_bytes} if self.cont is not None else {}
+            ),
+            "memory": {
+                "allowed_bytes": plan.allowed.nbytes,
+                "allowed_by": plan.allowed.source,
+                "kv_bytes_per_slot": plan.per_slot,
+                "activation_headroom_bytes": plan.headroom,
+                "min_kv_slots": plan.min_slots,
+            },
             "max_wait_ms": cfg.max_wait_ms,
             "max_model_len": self.max_model_len,
             "cache": cache,
@@ -315,47 +341,61 @@ class Engine:
         return True
 
     def _mixed_fits(self, src: Any, dtype: torch.dtype) -> bool:
-        """Whether the patterns are served from one resident union (see rowmask.py)."""
+        """Whether the patterns are served from one resident union (see rowmask.py): only when
+        the union + activation headroom + --min-kv-slots KV slots fit the memory allowed
+        (memory.py: --budget, else what the device offers)."""
         cfg = self.config
-        if cfg.mixed == "off" or len({k.to_json().__repr__() for k in self.patterns.values()}) < 2:
+        self.mode_reason = "--mixed off"
+        if cfg.mixed == "off":
+            return False
+        if len({k.to_json().__repr__() for k in self.patterns.values()}) < 2:
+            self.mode_reason = "one pattern"
             return False
         why = rowmask.unsupported(src.arch, src.config)
         if why is None and self.pattern_routers.routers:
             why = rowmask.unsupported_routers(src.arch)
         if why is None:
             union = rowmask.union_keep(self.patterns, src.num_experts).count
-            if cfg.budget is not None and union > keep_for_budget(
-                src, cfg.budget, dtype, quantize=cfg.quantize
-            ):
-                why = f"the union of the patterns ({union} experts per layer) exceeds --budget"
-        if why is not None:
-            if cfg.mixed == "on":
-                raise UsageError(f"--mixed on is not possible: {why}")
-            log.info("patterns are swapped, not mixed: %s", why)
-            return False
-        return True
+            weights = memory.weights_bytes(src, dtype, union, cfg.quantize)
+            assert self.memory is not None
+            mixed, why = self.memory.choose_mode(weights, forced=cfg.mixed == "on")
+            self.mode_reason = why
+            if mixed:
+                log.info("patterns are mixed: %s", why)
+                return True
+        elif cfg.mixed == "on":
+            raise UsageError(f"--mixed on is not possible: {why}")
+        self.mode_reason = why
+        log.info("patterns are swapped, not mixed: %s", why)
+        return False
 
-    def _kv_slots(self, model: Any, device: torch.device, dtype: torch.dtype) -> int:
-        """Rows the KV cache holds: --max-batch, fewer when the device memory left after the
-        weights cannot hold that many."""
-        per_slot = kvcache.bytes_per_slot(model.config, self.max_model_len, dtype)
-        slots = self.config.max_batch
-        if device.type == "cuda":
+    def _kv_slots(self, device: torch.device) -> int:
+        """Rows the KV cache holds: --max-batch, fewer when the memory allowed (memory.py) minus
+        the resident weights and the activation headroom cannot hold that many."""
+        assert self.resident is not None and self.memory is not None
+        plan, max_batch = self.memory, self.config.max_batch
+        slots = memory.kv_slots(
+            allowed=plan.allowed.nbytes,
+            resident=self.resident.resident_bytes,
+            headroom=plan.headroom,
+            per_slot=plan.per_slot,
+            max_batch=max_batch,
+        )
+        if device.type == "cuda":  # and whatever the device has left now, weights loaded
             free, _ = torch.cuda.mem_get_info(device)
-            fit = int(free * self.config.kv_memory_fraction) // per_slot
-            if fit < 1:
-                raise UsageError(
-                    f"no device memory left for the KV cache ({per_slot / 2**20:.0f} MiB per "
-                    "request); lower --max-model-len or --keep"
-                )
-            if fit < slots:
-                log.warning("KV cache: %d slots fit in device memory (not %d)", fit, slots)
+            fit = memory.kv_slots(
+                allowed=int(free * self.config.kv_memory_fraction),
+                resident=0,
+                headroom=plan.headroom,
+                per_slot=plan.per_slot,
+                max_batch=max_batch,
+            )
             slots = min(slots, fit)
         log.info(
             "KV cache: %d slots x %d tokens, %.1f MiB",
             slots,
             self.max_model_len,
-            slots * per_slot / 2**20,
+            slots * plan.per_slot / 2**20,
         )
         return slots
 

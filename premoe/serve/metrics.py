@@ -18,6 +18,8 @@ premoe_swap_seconds_total                   counter    -
 premoe_batches_total                        counter    task
 premoe_resident_bytes                       gauge      - (device bytes of the resident model)
 premoe_resident_pattern                     gauge      task (1 for the resident pattern, else 0)
+premoe_patterns_mixed                       gauge      - (1: union resident, mixed; 0: swapped)
+premoe_kv_cache_bytes                       gauge      - (bytes of the KV cache slots)
 premoe_queue_depth                          gauge      - (requests waiting for a batch)
 premoe_running_requests                     gauge      - (requests in the running batch)
 premoe_request_latency_seconds              histogram  task (arrival to last token)
@@ -244,6 +246,16 @@ class ServeMetrics:
                 "1 for the pattern whose experts are resident, 0 for the others.",
                 ("task",),
             )
+        )
+        self.patterns_mixed = r.add(
+            Gauge(
+                "premoe_patterns_mixed",
+                "1: the patterns' union is resident and rows of several patterns share a step "
+                "(mixed mode); 0: one pattern resident, swapped between patterns.",
+            )
+        )
+        self.kv_cache_bytes = r.add(
+            Gauge("premoe_kv_cache_bytes", "Bytes of the KV cache slots (continuous scheduler).")
         )
         self.queue_depth = r.add(
             Gauge("premoe_queue_depth", "Requests waiting for a batch (routed or not).")

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def keep_count(
     source: ModelSource,
     keep: int | None,
-    budget: str | None,
+    budget: str | int | None,
     dtype: torch.dtype,
     quantize: Any = None,
 ) -> int:
@@ -57,7 +57,7 @@ def build_patterns(
     source: ModelSource,
     *,
     keep: int | None,
-    budget: str | None,
+    budget: str | int | None,
     dtype: torch.dtype,
     metric: str | None = None,
     quantize: Any = None,

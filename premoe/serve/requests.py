@@ -61,7 +61,8 @@ class EngineConfig:
     scheduler: str = "auto"  # auto (continuous where supported) | continuous | batch
     mixed: str = "auto"  # auto (when the union of the patterns fits) | on | off
     prefill_tokens: int = 512  # prompt tokens prefilled per step at most (decode stall bound)
-    kv_memory_fraction: float = 0.9  # CUDA: share of free memory the KV slots may take
+    kv_memory_fraction: float = 0.9  # without --budget: share of free memory the engine may take
+    min_kv_slots: int = 4  # KV slots that must fit beside the weights (mixed mode: the union)
     quantize: ExpertQuantization | None = None  # experts resident quantized (fp8 / int4)
     calibrated_routers: bool | None = None  # None: the store's calibrated routers, if any
 
@@ -92,6 +93,10 @@ class EngineConfig:
             )
         if self.mixed not in ("auto", "on", "off"):
             raise UsageError(f"--mixed must be auto, on or off, got {self.mixed!r}")
+        if self.min_kv_slots < 1:
+            raise UsageError(f"--min-kv-slots must be >= 1, got {self.min_kv_slots}")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise UsageError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.prefill_tokens < 1:
             raise UsageError(f"--prefill-tokens must be >= 1, got {self.prefill_tokens}")
 
