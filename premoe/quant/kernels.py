@@ -178,27 +178,27 @@ def _kernel() -> Any:
     return moe_gemv_kernel
 
 
-# (BLOCK_N, BLOCK_K) for plain weights: K-contiguous rows, and the transposed layout (N contiguous)
-DENSE_SHAPE = (16, 256)
-DENSE_SHAPE_TRANSPOSED = (64, 64)
+# (BLOCK_N, BLOCK_K, num_warps) per format (dense_t: plain weights stored transposed); measured
+# on an H200 with bench/tune_gemv.py at decode shapes
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "dense": (16, 256, 4),
+    "dense_t": (64, 64, 4),
+    "fp8": (16, 256, 4),
+    "int4": (16, 512, 4),
+}
 
 
-def launch_shape(scale_bk: int, mode: str) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, FP8_MODE) for a format (`mode`: fp8 | int4 | dense | dense_t, the last
-    plain weights stored transposed) and scale block /
-    group width: 16 rows per program (many programs in flight at decode) and 4-8 KiB of weights
-    per step."""
-    if mode.startswith("dense"):
-        bn, bk = DENSE_SHAPE_TRANSPOSED if mode == "dense_t" else DENSE_SHAPE
-        return bn, bk, 2
-    if mode == "int4":
-        return 16, 512, 2
-    pow2 = scale_bk > 0 and scale_bk & (scale_bk - 1) == 0
-    if pow2 and scale_bk >= 256:
-        return 16, 256, 0
-    if pow2 and scale_bk >= 16:
-        return 16, 256, 1
-    return 16, 128, 2
+def launch_shape(scale_bk: int, mode: str) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, FP8_MODE, num_warps) for a format (`mode`: fp8 | int4 | dense |
+    dense_t) and its scale block / group width. fp8 chunks lie in one scale block (mode 0),
+    span whole blocks (mode 1), or, for block widths that are not a power of two >= 16, gather
+    a scale per element (mode 2)."""
+    bn, bk, warps = SHAPES[mode]
+    if mode != "fp8":
+        return bn, bk, 2, warps
+    if scale_bk < 16 or scale_bk & (scale_bk - 1):
+        return bn, min(bk, 128), 2, warps
+    return bn, bk, 0 if bk <= scale_bk else 1, warps
 
 
 def _launch(
@@ -221,7 +221,7 @@ def _launch(
         stride_wn, stride_wk = weight.stride(2), weight.stride(1)
     else:
         stride_wn, stride_wk = weight.stride(1), 1
-    block_n, block_k, fp8_mode = launch_shape(scale_bk, mode)
+    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode)
     grid = (rows.shape[0], -(-n // block_n))
     kern[grid](
         x,
@@ -247,6 +247,7 @@ def _launch(
         FP8_MODE=fp8_mode,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        num_warps=warps,
     )
 
 

@@ -1,0 +1,116 @@
+"""Tune the decode GEMV (`premoe.quant.kernels`): launch shapes per weight format at decode shapes.
+
+For every format (dense bf16, fp8 128x128 blocks, int4 groups of 128) and every (BLOCK_N,
+BLOCK_K, num_warps) in a small grid, times `moe_gemv` on the bench model's expert projections
+(gate_up: N = 2 x 768, K = 2048; down: N = 2048, K = 768) for S routed pairs of distinct experts
+(8: batch 1, top-8; 64) and reports the weight bytes read per second. The best shape per format
+is what `kernels.SHAPES` should say.
+
+    python3 bench/tune_gemv.py --out bench/results/tune_gemv_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from typing import Any
+
+import _common as bc
+import torch
+
+from premoe.quant import kernels
+from premoe.quant.codecs import quantize_fp8_block, quantize_int4_pack
+
+GRID_N = (8, 16, 32)
+GRID_K = (128, 256, 512)
+GRID_W = (2, 4, 8)
+
+
+def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str, Any]:
+    dense = torch.randn(e, n, k, dtype=torch.bfloat16, device=device) * 0.02
+    if fmt == "dense":
+        return {"w": dense, "s": None, "block": (1, 1), "int4": False, "bytes": dense.nbytes}
+    if fmt == "fp8":
+        parts = [quantize_fp8_block(dense[i].cpu(), (128, 128)) for i in range(e)]
+        w = torch.stack([p["weight"] for p in parts]).to(device)
+        s = torch.stack([p["weight_scale_inv"] for p in parts]).to(device)
+        return {"w": w, "s": s, "block": (128, 128), "int4": False, "bytes": w.nbytes + s.nbytes}
+    parts = [quantize_int4_pack(dense[i].cpu(), group_size=128) for i in range(e)]
+    w = torch.stack([p["weight_packed"] for p in parts]).to(device)
+    s = torch.stack([p["weight_scale"] for p in parts]).to(device)
+    return {"w": w, "s": s, "block": (1, 128), "int4": True, "bytes": w.nbytes + s.nbytes}
+
+
+def time_call(fn: Any, device: torch.device, reps: int = 200) -> float:
+    for _ in range(5):
+        fn()
+    with bc.DeviceTimer(device) as t:
+        for _ in range(reps):
+            fn()
+    return t.seconds / reps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--pairs", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--formats", nargs="+", default=["dense", "fp8", "int4"])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    kernels.prepare(device)
+    projs = {"gate_up": (1536, 2048), "down": (2048, 768)}
+    result: dict[str, Any] = {"formats": {}}
+    rows = []
+    for fmt in args.formats:
+        ws = {name: weights(fmt, args.experts, n, k, device) for name, (n, k) in projs.items()}
+        default = kernels.SHAPES[fmt]
+        fig: dict[str, Any] = {}
+        for s in args.pairs:
+            eids = torch.arange(s, device=device) % args.experts
+            rows_t = torch.arange(s, device=device)
+            xs = {name: torch.randn(s, k, dtype=torch.bfloat16, device=device)
+                  for name, (_, k) in projs.items()}  # fmt: skip
+            distinct = min(s, args.experts)
+            timings = []
+            for bn, bk, warps in itertools.product(GRID_N, GRID_K, GRID_W):
+                kernels.SHAPES[fmt] = (bn, bk, warps)
+                total = 0.0
+                try:
+                    for name, (n, k) in projs.items():
+                        w = ws[name]
+
+                        def call(w: dict = w, x: torch.Tensor = xs[name], r: torch.Tensor = rows_t,
+                                 e: torch.Tensor = eids, n: int = n, k: int = k) -> None:  # fmt: skip
+                            kernels.moe_gemv(
+                                x, r, e, w["w"], w["s"], n=n, k=k,
+                                scale_block=w["block"], int4=w["int4"],
+                            )  # fmt: skip
+
+                        total += time_call(call, device)
+                except Exception as exc:  # a shape the kernel cannot take
+                    print(f"{fmt} {bn}x{bk} w{warps}: {type(exc).__name__}", file=sys.stderr)
+                    continue
+                nbytes = sum(w["bytes"] for w in ws.values()) * distinct / args.experts
+                timings.append({"shape": [bn, bk, warps], "us": total * 1e6,
+                                "gb_per_s": nbytes / total / 1e9})  # fmt: skip
+            kernels.SHAPES[fmt] = default
+            timings.sort(key=lambda r: r["us"])
+            base = next((r for r in timings if tuple(r["shape"]) == default), None)
+            fig[s] = {"best": timings[:5], "default": base}
+            best = timings[0]
+            rows.append(
+                [fmt, s, "x".join(map(str, best["shape"])), f"{best['us']:.1f}",
+                 f"{best['gb_per_s']:.0f}", "x".join(map(str, default)),
+                 f"{base['us']:.1f}" if base else "-", f"{base['gb_per_s']:.0f}" if base else "-"]
+            )  # fmt: skip
+        result["formats"][fmt] = fig
+    head = ["format", "pairs", "best BNxBKxW", "us", "GB/s", "default", "us", "GB/s"]
+    bc.print_table(head, rows)
+    bc.write_json(args.out, result, device=device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
