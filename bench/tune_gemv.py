@@ -81,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                     for name, (n, k) in projs.items():
                         w = ws[name]
 
-                        def call(w: dict = w, x: torch.Tensor = xs[name], r: torch.Tensor = rows_t,
-                                 e: torch.Tensor = eids, n: int = n, k: int = k) -> None:
+                        def call(
+                            w: dict = w,
+                            x: torch.Tensor = xs[name],
+                            r: torch.Tensor = rows_t,
+                            e: torch.Tensor = eids,
+                            n: int = n,
+                            k: int = k,
+                        ) -> None:
                             kernels.moe_gemv(
                                 x, r, e, w["w"], w["s"], n=n, k=k,
                                 scale_block=w["block"], int4=w["int4"],
