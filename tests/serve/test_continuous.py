@@ -139,10 +139,13 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
 
 @GPU[0]
 @GPU[1]
-@pytest.mark.parametrize("quantize", [None, "fp8"])
-def test_cuda_graph_steps_equal_eager_steps(world: World, quantize: str | None) -> None:
-    """Decode steps replayed from CUDA graphs (mixed patterns, rows joining at random steps,
-    experts through the premoe_gemv kernel or fp8 slots) give the eager steps' greedy text."""
+@pytest.mark.parametrize(("quantize", "compile"), [(None, False), (None, True), ("fp8", True)])
+def test_cuda_graph_steps_equal_eager_steps(
+    world: World, quantize: str | None, compile: bool
+) -> None:
+    """Decode steps replayed from CUDA graphs (of eager or torch.compile'd steps; mixed patterns,
+    rows joining at random steps, experts through the premoe_gemv kernel or fp8 slots) give the
+    eager steps' greedy text."""
     from premoe.load.loader import ExpertQuantization
     from premoe.quant.gemv_experts import register
 
@@ -163,7 +166,13 @@ def test_cuda_graph_steps_equal_eager_steps(world: World, quantize: str | None) 
     for graphs in (False, True):
         rng = random.Random(1)
         dec = ContinuousDecoder(
-            model, world.tokenizer, slots=4, max_len=MAX_LEN, routing=routing, graphs=graphs
+            model,
+            world.tokenizer,
+            slots=4,
+            max_len=MAX_LEN,
+            routing=routing,
+            graphs=graphs,
+            compile=compile and graphs,
         )
         assert (dec.graphs is not None) == graphs
         waiting, sinks = list(jobs), []
