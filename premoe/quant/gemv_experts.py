@@ -30,6 +30,7 @@ import torch
 from premoe.quant import kernels
 
 IMPLEMENTATION = "premoe_gemv"
+_RUNS_ON: set[str] = set()  # device types the kernel runs on, decided by `register` (not traced)
 
 GemvFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,7 +114,7 @@ def experts_forward(mod: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) -
         or not isinstance(w_up, torch.Tensor)
         or not isinstance(w_down, torch.Tensor)
         or rest[0].numel() > w_up.shape[0]
-        or not kernels.available(hidden.device)
+        or hidden.device.type not in _RUNS_ON
     ):
         return _fallback(mod, hidden, *args, **kwargs)
     transposed = bool(getattr(mod, "is_transposed", False))
@@ -130,8 +131,15 @@ def experts_forward(mod: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) -
 
 
 def register() -> str:
-    """Add ``premoe_gemv`` to transformers' experts implementations (idempotent); its name."""
+    """Add ``premoe_gemv`` to transformers' experts implementations (idempotent); its name.
+
+    Also builds the kernel ahead of any `torch.compile` trace and decides, once, on which device
+    types it runs (CUDA; the CPU only under ``TRITON_INTERPRET=1``)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    for dev in ("cuda", "cpu"):
+        if (dev == "cpu" or torch.cuda.is_available()) and kernels.prepare(torch.device(dev)):
+            _RUNS_ON.add(dev)
 
     if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
