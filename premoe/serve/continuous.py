@@ -21,7 +21,10 @@ Rows finish independently (end of sequence, a stop string or token, max_tokens);
 free for the next step. Masks are built here (4-D additive; key j visible to a query at position
 p of the same row iff j <= p), and position ids count the row's own tokens, so every row computes
 what it would alone. With `routing` (rowmask.py) every row also routes only among its own
-pattern's experts.
+pattern's experts. With `miss` (miss.py) every row's dropped mass is measured against its own
+pattern, and a row the ``reroute`` policy takes out leaves its slot before sampling from the
+failing pattern (`StepReport.rerouted`); `resume` later puts it into a slot again, its text so
+far recomputed as its prompt under its new pattern.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +43,9 @@ from premoe.serve.decode import RowSink, SamplingParams, TextStream, _eos_ids, _
 from premoe.serve.kvcache import SlotKVCache
 from premoe.serve.rowmask import RowRouting
 from premoe.serve.sampling import RowSampler, TokenLogprobs, needs_processing
+
+if TYPE_CHECKING:
+    from premoe.serve.miss import SlotMiss
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +66,12 @@ class Seq:
     last: int | None = None  # the sampled token not yet in the cache
     generated: int = 0
     done: bool = False
+    folded: int = 0  # generated tokens recomputed as part of `prompt` (after a reroute)
 
     @property
     def length(self) -> int:
         """Tokens in the cache."""
-        return self.filled + max(0, self.generated - 1)
+        return self.filled + max(0, self.generated - 1 - self.folded)
 
     @property
     def prefilling(self) -> bool:
@@ -78,6 +86,7 @@ class StepReport:
     patterns: set[str] = field(default_factory=set)
     finished: int = 0
     seconds: float = 0.0
+    rerouted: list[Seq] = field(default_factory=list)  # rows taken out for another pattern
 
 
 class ContinuousDecoder:
@@ -114,6 +123,7 @@ class ContinuousDecoder:
         self.seqs: list[Seq | None] = [None] * slots
         self._kw = _forward_cache_kwarg(model)
         self._order = itertools.count()
+        self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)
 
     # -- rows ------------------------------------------------------------------------------------
     @property
@@ -164,12 +174,36 @@ class ContinuousDecoder:
             order=next(self._order),
         )
         self.seqs[slot] = seq
+        if self.miss is not None:
+            self.miss.admit(seq)
         return seq
+
+    def resume(self, seq: Seq, pattern: str | None) -> None:
+        """Put a row taken out by a reroute into the lowest free slot, under `pattern`: its
+        prompt and every token it generated are prefilled again, and its next token is sampled
+        from that (as `premoe generate` recomputes its cache after a switch)."""
+        slot = next(i for i, s in enumerate(self.seqs) if s is None)
+        assert len(seq.stream.ids) == seq.generated, "a live row holds all it generated"
+        seq.prompt = seq.prompt[: len(seq.prompt) - seq.folded] + list(seq.stream.ids)
+        seq.folded, seq.filled, seq.last = seq.generated, 0, None
+        seq.slot, seq.pattern = slot, pattern
+        self.seqs[slot] = seq
+        if self.miss is not None:
+            self.miss.admit(seq, resumed=True)
+
+    def _take_out(self, seqs: Sequence[Seq], report: StepReport) -> None:
+        assert self.miss is not None
+        for seq in seqs:
+            self.miss.detach(seq)
+            self.seqs[seq.slot] = None
+            report.rerouted.append(seq)
 
     def _end(self, seq: Seq, reason: str, report: StepReport) -> None:
         seq.done = True
         self.seqs[seq.slot] = None
         report.finished += 1
+        if self.miss is not None:
+            self.miss.end(seq, cancelled=reason == "cancelled")
         if reason == "cancelled":
             seq.sink.on_finish("cancelled", seq.generated)
         else:
@@ -214,8 +248,9 @@ class ContinuousDecoder:
         positions: torch.Tensor,  # [B, S]
         mask: torch.Tensor,  # [B, 1, S, K] additive
         patterns: Sequence[str | None],
+        metered: AbstractContextManager[Any] | None = None,
     ) -> torch.Tensor:
-        """Last-position logits [B, V] (float32)."""
+        """Last-position logits [B, V] (float32); `metered` wraps the forward."""
         kwargs = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -224,11 +259,12 @@ class ContinuousDecoder:
             "logits_to_keep": 1,
             self._kw: self.cache,
         }
-        if self.routing is not None:
-            with self.routing.applied(self.routing.rows(patterns), ids.shape[1]):
+        with metered or nullcontext():
+            if self.routing is not None:
+                with self.routing.applied(self.routing.rows(patterns), ids.shape[1]):
+                    out = self.model(**kwargs)
+            else:
                 out = self.model(**kwargs)
-        else:
-            out = self.model(**kwargs)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, chunks: list[tuple[Seq, int, int]], report: StepReport) -> None:
@@ -252,7 +288,12 @@ class ContinuousDecoder:
         mask = torch.where(allowed, zero, self.min_value)[:, None]  # [B, 1, S, K]
         slots = torch.tensor([seq.slot for seq, _, _ in chunks], dtype=torch.long, device=dev)
         self.cache.plan(slots, cols, kv_len)
-        logits = self._forward(ids, qpos, mask, [seq.pattern for seq, _, _ in chunks])  # [B, V]
+        metered = None
+        if self.miss is not None:
+            spans = [(start, end) for _, start, end in chunks]
+            metered = self.miss.forward([seq for seq, _, _ in chunks], s, True, spans)
+        patterns = [seq.pattern for seq, _, _ in chunks]
+        logits = self._forward(ids, qpos, mask, patterns, metered)  # [B, V]
         report.prefill_rows += b
         report.prefill_tokens += sum(end - start for _, start, end in chunks)
         done = []
@@ -260,6 +301,10 @@ class ContinuousDecoder:
             seq.filled = end
             if not seq.prefilling:
                 done.append(i)
+        if done and self.miss is not None:
+            out = self.miss.prompt_misses([chunks[i][0] for i in done])
+            self._take_out(out, report)
+            done = [i for i in done if chunks[i][0] not in out]
         if done:
             self._emit([chunks[i][0] for i in done], logits[done], report)
 
@@ -283,10 +328,17 @@ class ContinuousDecoder:
         zero = torch.zeros((), dtype=self.dtype, device=dev)
         mask = torch.where(allowed, zero, self.min_value)[:, None, None, :]  # [B, 1, 1, K]
         self.cache.plan(None, cols, kv_len)
-        logits = self._forward(ids, qpos, mask, patterns)  # [B, V]
+        metered = None
+        if self.miss is not None:
+            metered = self.miss.forward([by_slot.get(i) for i in range(n)], 1, False)
+        logits = self._forward(ids, qpos, mask, patterns, metered)  # [B, V]
         report.decode_rows += len(rows)
         report.patterns |= {p for p in patterns if p is not None}
         order = sorted(by_slot)
+        if self.miss is not None:
+            out = self.miss.decode_misses([by_slot[i] for i in order])
+            self._take_out(out, report)
+            order = [i for i in order if by_slot[i] not in out]
         self._emit([by_slot[i] for i in order], logits[order], report)
 
     def _emit(self, seqs: list[Seq], logits: torch.Tensor, report: StepReport) -> None:

@@ -51,6 +51,7 @@ from premoe.load import keep_for_budget
 from premoe.prune import KeepSets
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.serve import kvcache, rowmask
+from premoe.serve import miss as serve_miss
 from premoe.serve.continuous import ContinuousDecoder, StepReport
 from premoe.serve.decode import (
     BatchDecoder,
@@ -89,6 +90,7 @@ class Engine:
         self.resident: Resident | None = None
         self.decoder: BatchDecoder | None = None
         self.cont: ContinuousDecoder | None = None  # the continuous scheduler's decoder
+        self.miss: serve_miss.SlotMiss | None = None  # dropped mass of the continuous rows
         self.mixed = False  # patterns share one resident union; rows masked per pattern
         self.resident_keep: KeepSets | None = None
         self.tokenizer: Any = None
@@ -234,6 +236,7 @@ class Engine:
             )
         if self._router is None and store is not None:
             self._router = make_router(store, model, self.tokenizer, src, cfg.route_threshold)
+        self.miss = serve_miss.attach(self, model, src)  # dropped mass, reroute (miss.py)
         self.load_seconds = time.perf_counter() - t0
         # warm-up (compilation, CUDA graph capture) runs in the worker thread, which is the
         # thread that replays the graphs (torch keeps CUDA graph trees per thread)
@@ -258,6 +261,8 @@ class Engine:
             "scheduler": "continuous" if continuous else "batch",
             "patterns_mode": "mixed" if self.mixed else "swap",
             "resident_experts_per_layer": resident_keep.count,
+            "miss_policy": cfg.miss_policy,
+            "dropped_mass_metered": self.miss is not None,
             **({"kv_slots": self.cont.slots} if self.cont is not None else {}),
             "max_wait_ms": cfg.max_wait_ms,
             "max_model_len": self.max_model_len,
@@ -492,6 +497,12 @@ class Engine:
                 return
             if req.cancelled:
                 continue
+            if req.resume is not None:  # rerouted: goes on under its new pattern
+                cont.resume(req.resume, req.task)
+                req.resume = None
+                req.served_keep = self.patterns[req.task]
+                free -= 1
+                continue
             try:
                 cont.add(req, req.prompt_ids, req.params, req.task)
             except ValueError as exc:
@@ -530,6 +541,10 @@ class Engine:
                 if isinstance(sink, GenRequest):
                     sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
             return True
+        for seq in report.rerouted:  # back to the queue under its new pattern (miss.py)
+            if isinstance(seq.sink, GenRequest) and not seq.sink.cancelled:
+                seq.sink.resume = seq
+                self.scheduler.put(seq.sink)
         self._observe_step(report)
         return True
 
