@@ -13,13 +13,14 @@ generated token the model read back).
 
 ``reroute`` (`--miss-policy reroute`): right after a prompt (its last `window` tokens) and
 every `window` generated tokens, a row's windowed mean dropped mass is read (one host sync for
-the rows due); above `threshold`, retrieval runs on the last `context` tokens of prompt +
-generated text. When it picks another pattern (or, when it insists on a pattern that already
-failed, the pooled `__global__` one), the row leaves its slot before sampling from the failing
-pattern's logits, and its request goes back to the scheduler under the new pattern with prompt
-+ generated text as its new prompt (recomputed, unmeasured, under the new pattern, as `premoe
-generate` recomputes its cache): in mixed mode it is admitted again at once (it is the oldest),
-in swap mode the scheduler regroups it with its new pattern's requests.
+the rows due); above `threshold`, retrieval runs on the last `2 * window` tokens of prompt +
+generated text (requests that name their pattern keep it). When it picks another pattern (or,
+when it insists on a pattern that already failed, the pooled `__global__` one), the row leaves
+its slot before sampling from the failing pattern's logits, and its request goes back to the
+scheduler under the new pattern, prompt + generated text as its new prompt (recomputed,
+unmeasured, under the new pattern, as `premoe generate` recomputes its cache; the next token
+is sampled from that): in mixed mode it is admitted again at once (it is the oldest), in swap
+mode the scheduler regroups it with its new pattern's requests.
 
 ``fetch`` is not offered: rows of a batch share the resident expert slots, so fetching one
 row's missing experts would evict experts another row is using.
@@ -334,6 +335,8 @@ class Rerouter:
         req = seq.sink
         if not isinstance(req, GenRequest) or seq.pattern is None:
             return None
+        if req.route is not None and not req.route.routed:
+            return None  # the client named its pattern: keep it
         ids = list(req.prompt_ids) + list(seq.stream.ids[: seq.generated])
         text = self.tokenizer.decode(ids[-self.context :], skip_special_tokens=True)
         try:
