@@ -135,6 +135,7 @@ class RowMeter(MissMeter):
             model, source.arch, first.layers, num_experts=source.num_experts, rows=rows
         )
         self.names = list(patterns)
+        self._index = {name: i for i, name in enumerate(self.names)}
         e = self.num_experts
         masks = [resident_mask(self.layers, k.layers, e, "cpu") for k in patterns.values()]
         self.masks = torch.stack(masks).to(self.device)  # [P, L, E] 1.0: not resident
@@ -147,9 +148,9 @@ class RowMeter(MissMeter):
     ) -> Iterator[None]:
         """Measure the forward run inside the block into `target`; row b routes among
         `patterns[b]`'s experts (None: an idle row, measured against pattern 0 and masked)."""
-        idx = [0 if p is None else self.names.index(p) for p in patterns]
-        tok = torch.tensor(idx, dtype=torch.long).repeat_interleave(tokens_per_row)
-        self._tok = tok.to(self.device)
+        idx = [0 if p is None else self._index[p] for p in patterns]
+        tok = torch.tensor(idx, dtype=torch.long, device=self.device)
+        self._tok = tok if tokens_per_row == 1 else tok.repeat_interleave(tokens_per_row)
         self.target = target
         try:
             yield
@@ -171,7 +172,8 @@ class RowMeter(MissMeter):
 
 class SlotAccumulator(MassAccumulator):
     """A `MassAccumulator` with one row per KV slot: `plan(slots, mask)` before a forward says
-    which slot each forward row is and which tokens count; `add` scatters into those slots."""
+    which slot each forward row is (distinct) and which tokens count; `add` folds each row into
+    its slot (no window tail)."""
 
     def __init__(self, layers: int, slots: int, device: torch.device | str) -> None:
         super().__init__(layers, slots, device)
@@ -184,13 +186,17 @@ class SlotAccumulator(MassAccumulator):
         self._mask = mask.to(dev, torch.float32)
 
     def add(self, dropped: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        assert self._slots is not None and self._mask is not None
-        n_layers, _, s = dropped.shape  # [L, B, S]
-        full = dropped.new_zeros(n_layers, self.rows, s).float()  # [L, N, S]
-        full[:, self._slots] = dropped.float()
-        m = torch.zeros(self.rows, s, dtype=torch.float32, device=full.device)  # [N, S]
-        m[self._slots] = self._mask
-        super().add(full, m)
+        slots, m = self._slots, self._mask  # [B], [B, S]
+        assert slots is not None and m is not None
+        d = dropped.float() * m  # [L, B, S]
+        self.sum.index_add_(0, slots, d.sum(-1).T)  # [B, L] into [N, L]
+        self.max_layer[slots] = torch.maximum(self.max_layer[slots], d.amax(-1).T)
+        per_token = d.mean(0)  # [B, S]
+        self.max_token[slots] = torch.maximum(self.max_token[slots], per_token.amax(-1))
+        self.win_sum.index_add_(0, slots, per_token.sum(-1))
+        n = m.sum(-1)  # [B]
+        self.count.index_add_(0, slots, n)
+        self.win_count.index_add_(0, slots, n)
 
 
 class SlotMiss:
@@ -258,26 +264,22 @@ class SlotMiss:
         prefill whose row b holds prompt tokens `spans[b]` = (start, end), left-padded to `s`
         (only the last `window` prompt tokens of rows not being recomputed count, and only
         when rerouting)."""
-        mask = torch.zeros(len(rows), s)  # [B, S]
         if prefill:
-            if self.decide is None:
-                yield
-                return
-            for b, (seq, (start, end)) in enumerate(zip(rows, spans, strict=True)):
-                if seq is None or seq in self.resumed:
-                    continue
-                first = max(start, len(seq.prompt) - self.window)
-                if first < end:
-                    mask[b, s - (end - first) :] = 1.0
-        else:
-            for b, seq in enumerate(rows):
-                if seq is not None:
-                    mask[b, :] = 1.0
+            mask = torch.zeros(len(rows), s)  # [B, S]
+            if self.decide is not None:
+                for b, (seq, (start, end)) in enumerate(zip(rows, spans, strict=True)):
+                    if seq is None or seq in self.resumed:
+                        continue
+                    first = max(start, len(seq.prompt) - self.window)
+                    if first < end:
+                        mask[b, s - (end - first) :] = 1.0
+        else:  # decode: row b is slot b
+            mask = torch.tensor([[float(q is not None)] for q in rows])  # [B, 1]
         if not bool(mask.any()):
             yield
             return
         acc = self.prompt if prefill else self.gen
-        acc.plan([0 if seq is None else seq.slot for seq in rows], mask)
+        acc.plan([b if q is None else q.slot for b, q in enumerate(rows)], mask)
         with self.meter.measure(acc, [None if q is None else q.pattern for q in rows], s):
             yield
 

@@ -94,14 +94,17 @@ def close(a: DroppedMass, b: DroppedMass) -> bool:
 
 def test_rows_of_a_mixed_batch_meter_as_alone_and_as_generate(world: World) -> None:
     names = list(world.patterns)
-    params = SamplingParams(max_tokens=10, ignore_eos=True)
-    jobs = [(ids, names[i % len(names)]) for i, ids in enumerate(prompts(world))]
+    # rows end at different steps: later decode steps have idle slots between live ones
+    jobs = [(ids, names[i % len(names)], 4 + 5 * (i % 3)) for i, ids in enumerate(prompts(world))]
     dec, mixed = world.decoder(4)
-    rows = [(Sink(), ids, params, pattern) for ids, pattern in jobs]
+    rows = [
+        (Sink(), ids, SamplingParams(max_tokens=n, ignore_eos=True), pattern)
+        for ids, pattern, n in jobs
+    ]
     dec.run(rows)
     assert len(mixed) == len(rows)
     spread = set()
-    for sink, ids, _, pattern in rows:
+    for sink, ids, params, pattern in rows:
         got = mixed[sink]
         assert got.tokens == params.max_tokens - 1  # every generated token read back
         alone_dec, alone = world.decoder(1)
