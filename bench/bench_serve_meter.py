@@ -9,6 +9,13 @@ step, so that steps with and without it see the same load on a shared machine; r
 median step time of each, its tokens/s (rows / step time) and their ratio (meter / no meter).
 
     python bench/bench_serve_meter.py --rows 1 16 --out bench/results/serve_meter_cpu.json
+
+`--mass`: instead, what the meter reports over HTTP: the real `premoe serve` of the demo model
+(`--keep`, mixed mode), `--prompts` held-out prompts of every task sent to every task's pattern
+(named in the request), 8 greedy tokens each; the table is the mean `dropped_mass.mean` of the
+responses (rows: the pattern, columns: the prompts' task).
+
+    python bench/bench_serve_meter.py --mass --keep 32 --out bench/results/serve_mass_cpu.json
 """
 
 from __future__ import annotations
@@ -61,6 +68,30 @@ def step_times(
     return on, off
 
 
+def mass_table(keep: int, prompts: int) -> dict[str, dict[str, float]]:
+    import httpx
+
+    port = bc.free_port()
+    proc = bc.start_demo_server(port, ["--keep", str(keep), "--mixed", "on"])
+    table: dict[str, dict[str, float]] = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            for pattern in TASKS:
+                table[pattern] = {}
+                for task in TASKS:
+                    got = []
+                    for row in generate(task, prompts, 11, "eval"):
+                        body = {"prompt": row["prompt"], "max_tokens": 8, "temperature": 0}
+                        body["premoe"] = {"task": pattern}
+                        got.append(c.post("/v1/completions", json=body).json())
+                    means = [r["premoe"]["dropped_mass"]["mean"] for r in got]
+                    table[pattern][task] = sum(means) / len(means)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16])
@@ -68,8 +99,18 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mass", action="store_true", help="dropped mass over HTTP (see above)")
+    ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.mass:
+        table = mass_table(args.keep, args.prompts)
+        bc.print_table(
+            ["pattern \\ prompts", *TASKS],
+            [[p, *(f"{table[p][t]:.3f}" for t in TASKS)] for p in TASKS],
+        )
+        bc.write_json(args.out, {"table": table, "args": vars(args)}, device="cpu")
+        return
     torch.set_num_threads(args.threads)
     src = resolve_model(str(bc.ROOT / "premoe/demo/model"))
     tok = load_tokenizer(src.path)
