@@ -124,6 +124,7 @@ class ContinuousDecoder:
         self._kw = _forward_cache_kwarg(model)
         self._order = itertools.count()
         self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)
+        self.taken_out: list[Seq] = []  # rows taken out by reroutes, for the caller to requeue
 
     # -- rows ------------------------------------------------------------------------------------
     @property
@@ -197,6 +198,7 @@ class ContinuousDecoder:
             self.miss.detach(seq)
             self.seqs[seq.slot] = None
             report.rerouted.append(seq)
+            self.taken_out.append(seq)
 
     def _end(self, seq: Seq, reason: str, report: StepReport) -> None:
         seq.done = True

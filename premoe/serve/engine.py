@@ -531,6 +531,10 @@ class Engine:
         try:
             report = cont.step(between=check)
         except Exception as exc:
+            taken, cont.taken_out = cont.taken_out, []  # rerouted rows fail with the step
+            for seq in taken:
+                if isinstance(seq.sink, GenRequest):
+                    seq.sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
             ids = [getattr(s.sink, "id", "-") for s in cont.active()]
             log.exception("a step of %d rows failed (requests %s)", len(ids), ", ".join(ids))
             if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -541,7 +545,8 @@ class Engine:
                 if isinstance(sink, GenRequest):
                     sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
             return True
-        for seq in report.rerouted:  # back to the queue under its new pattern (miss.py)
+        taken, cont.taken_out = cont.taken_out, []
+        for seq in taken:  # back to the queue under its new pattern (miss.py)
             if isinstance(seq.sink, GenRequest) and not seq.sink.cancelled:
                 seq.sink.resume = seq
                 self.scheduler.put(seq.sink)
