@@ -152,3 +152,24 @@ def test_a_pattern_that_fails_again_gets_the_pooled_fallback(demo_server: Server
     steps = [(s["at_token"], s["from"], s["to"], s["reason"]) for s in got["switches"]]
     assert steps == [(0, "close", "add", "retrieval"), (4, "add", "__global__", "fallback")]
     assert 4 <= got["dropped_mass"]["tokens"] <= 7  # 4 under add (carried over), then __global__
+
+
+def test_chat_responses_carry_dropped_mass_by_default(server: Server) -> None:
+    """The default server (meter on, mask): chat completions, plain and streamed."""
+    body = {
+        "messages": [{"role": "user", "content": "12+34="}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with server.client() as c:
+        plain = c.post("/v1/chat/completions", json=body).json()["premoe"]
+        assert plain["dropped_mass"]["tokens"] == 5 and plain["switches"] == []
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            chunks = [
+                json.loads(line[6:])
+                for line in r.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
+    (last,) = [ch for ch in chunks if ch["choices"] and ch["choices"][0]["finish_reason"]]
+    assert last["premoe"]["dropped_mass"] == plain["dropped_mass"]
