@@ -13,6 +13,7 @@ records what /health says (mode, resident bytes, KV slots) and the 1-minute load
 
     python bench/bench_serve_cpu.py --out bench/results/serve_cpu.json
     python bench/bench_serve_cpu.py --concurrency 1 16 64 --requests-per-client 4
+    python bench/bench_serve_cpu.py --settings mixed mixed-nometer  # the dropped-mass meter's cost
 """
 
 from __future__ import annotations
@@ -99,12 +100,16 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--requests-per-client", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument(
-        "--settings", nargs="+", default=["mixed", "swap"], choices=["mixed", "swap", "batch"]
-    )
+    extra = {
+        "mixed": [],
+        "swap": ["--mixed", "off"],
+        "batch": ["--scheduler", "batch"],
+        "mixed-nometer": ["--no-meter"],  # dropped mass not measured (issue #18's cost)
+        "swap-nometer": ["--mixed", "off", "--no-meter"],
+    }
+    ap.add_argument("--settings", nargs="+", default=["mixed", "swap"], choices=list(extra))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    extra = {"mixed": [], "swap": ["--mixed", "off"], "batch": ["--scheduler", "batch"]}
     max_batch = max(args.concurrency)
     runs = []
     for setting in args.settings:

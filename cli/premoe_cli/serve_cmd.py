@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from premoe.errors import UsageError
+from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW
 from premoe_cli.options import (
     BlockOpt,
     CalibratedRoutersOpt,
@@ -179,6 +180,29 @@ def serve_command(
         ),
     ] = 1024,
     calibrated_routers: CalibratedRoutersOpt = None,
+    meter: Annotated[
+        bool,
+        typer.Option(
+            "--meter/--no-meter",
+            help="Measure each request's dropped mass (share of the full router's top-k weight "
+            "on experts its pattern lacks): 'dropped_mass' in the response's premoe object and "
+            "the premoe_dropped_mass histogram. Continuous scheduler only.",
+        ),
+    ] = True,
+    miss_policy: Annotated[
+        str,
+        typer.Option(
+            help="mask: each request keeps its pattern; reroute: a request whose windowed "
+            "dropped mass exceeds --miss-threshold is switched to the pattern retrieval picks "
+            "for its text so far (fetch: `premoe generate` only).",
+        ),
+    ] = "mask",
+    miss_window: Annotated[
+        int, typer.Option(help="Tokens per dropped-mass check (reroute).")
+    ] = DEFAULT_WINDOW,
+    miss_threshold: Annotated[
+        float, typer.Option(help="Mean dropped mass over a window that triggers a reroute.")
+    ] = DEFAULT_REROUTE_THRESHOLD,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: ResidentQuantizeOpt = None,
@@ -224,6 +248,10 @@ def serve_command(
         prefill_tokens=prefill_tokens,
         quantize=expert_quantization(quantize, block, group_size),
         calibrated_routers=calibrated_routers,
+        meter=meter,
+        miss_policy=miss_policy,
+        miss_window=miss_window,
+        miss_threshold=miss_threshold,
     )
     config.check()
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

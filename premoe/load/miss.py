@@ -132,12 +132,19 @@ class MassAccumulator:
             self.count += m.sum(-1)
             self.win_count += m[:, -tail:].sum(-1)
 
-    def window(self) -> list[float]:
+    def window(self, rows: Sequence[int] | None = None) -> list[float]:
         """Mean dropped mass per row since the last call (tokens and layers; 0 with no token),
-        then a new window starts. One host sync."""
-        both = torch.stack((self.win_sum, self.win_count)).cpu()  # [2, B]
-        self.win_sum.zero_()
-        self.win_count.zero_()
+        then a new window starts. One host sync. `rows`: only these rows (in that order) are
+        read and restarted (rows of a continuous batch check their windows out of phase)."""
+        if rows is None:
+            both = torch.stack((self.win_sum, self.win_count)).cpu()  # [2, B]
+            self.win_sum.zero_()
+            self.win_count.zero_()
+        else:
+            idx = torch.tensor(list(rows), dtype=torch.long, device=self.win_sum.device)
+            both = torch.stack((self.win_sum[idx], self.win_count[idx])).cpu()  # [2, R]
+            self.win_sum[idx] = 0
+            self.win_count[idx] = 0
         return [float(s / n) if n > 0 else 0.0 for s, n in zip(both[0], both[1], strict=True)]
 
     def summary(self, row: int = 0) -> DroppedMass:

@@ -6,7 +6,8 @@ Endpoints:
   events (`data: {...}\\n\\n`, ending with `data: [DONE]`). A request may name its pattern with
   `"premoe": {"task": "math"}`; otherwise it is routed by its prompt. Every response says which
   pattern served it: a `premoe` object in the body (in every stream chunk) and the
-  `X-Premoe-Task` header.
+  `X-Premoe-Task` header; the body (streaming: each choice's final chunk) adds the request's
+  dropped mass and pattern switches (`dropped_mass`, `switches`; miss.py).
 - `GET /v1/models`: the served model, with its patterns.
 - `GET /health`: liveness and what is resident (no API key needed, for probes).
 - `GET /metrics`: Prometheus text (see metrics.py).
@@ -42,6 +43,7 @@ import premoe
 from premoe.serve.decode import SamplingParams
 from premoe.serve.engine import Engine
 from premoe.serve.metrics import CONTENT_TYPE
+from premoe.serve.miss import response_fields
 from premoe.serve.requests import EngineConfig, GenRequest, RequestError, RouteInfo
 from premoe.serve.schemas import (
     ChatCompletionRequest,
@@ -458,6 +460,7 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
             for i, g in enumerate(gens)
         ]
         build = chat_response if chat else completion_response
+        premoe = {**premoe, **response_fields(gens)}  # dropped mass, reroutes (miss.py)
         body = build(rid, engine.model_name, choices, len(prompt_ids), premoe, created)
         return JSONResponse(body, headers=headers)
 
@@ -500,10 +503,11 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
                         )
                 elif kind == "finish":
                     lp = new_logprobs(i)
+                    last = {**premoe, **response_fields([gens[i]])}  # dropped mass, reroutes
                     if chat:
-                        yield _sse(chat_chunk(rid, model, {}, value, premoe, created, i, lp))
+                        yield _sse(chat_chunk(rid, model, {}, value, last, created, i, lp))
                     else:
-                        yield _sse(completion_chunk(rid, model, "", value, premoe, created, i, lp))
+                        yield _sse(completion_chunk(rid, model, "", value, last, created, i, lp))
                 elif kind == "error":
                     err: RequestError = value
                     status = "error"

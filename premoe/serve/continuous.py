@@ -22,7 +22,10 @@ Rows finish independently (end of sequence, a stop string or token, max_tokens);
 free for the next step. Masks are built here (4-D additive; key j visible to a query at position
 p of the same row iff j <= p), and position ids count the row's own tokens, so every row computes
 what it would alone. With `routing` (rowmask.py) every row also routes only among its own
-pattern's experts.
+pattern's experts. With `miss` (miss.py) every row's dropped mass is measured against its own
+pattern, and a row the ``reroute`` policy takes out leaves its slot before sampling from the
+failing pattern (`StepReport.rerouted`); `resume` later puts it into a slot again, its text so
+far recomputed as its prompt under its new pattern.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +45,9 @@ from premoe.serve.graphs import DecodeGraphs
 from premoe.serve.kvcache import SlotKVCache
 from premoe.serve.rowmask import RowRouting, Rows
 from premoe.serve.sampling import RowSampler, TokenLogprobs, needs_processing
+
+if TYPE_CHECKING:
+    from premoe.serve.miss import SlotMiss
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +68,12 @@ class Seq:
     last: int | None = None  # the sampled token not yet in the cache
     generated: int = 0
     done: bool = False
+    folded: int = 0  # generated tokens recomputed as part of `prompt` (after a reroute)
 
     @property
     def length(self) -> int:
         """Tokens in the cache."""
-        return self.filled + max(0, self.generated - 1)
+        return self.filled + max(0, self.generated - 1 - self.folded)
 
     @property
     def prefilling(self) -> bool:
@@ -80,6 +88,7 @@ class StepReport:
     patterns: set[str] = field(default_factory=set)
     finished: int = 0
     seconds: float = 0.0
+    rerouted: list[Seq] = field(default_factory=list)  # rows taken out for another pattern
 
 
 class ContinuousDecoder:
@@ -134,6 +143,8 @@ class ContinuousDecoder:
                 else (len(routing.layers), routing.union.count),
                 compile=compile,
             )
+        self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)
+        self.taken_out: list[Seq] = []  # rows taken out by reroutes, for the caller to requeue
 
     # -- rows ------------------------------------------------------------------------------------
     @property
@@ -184,12 +195,37 @@ class ContinuousDecoder:
             order=next(self._order),
         )
         self.seqs[slot] = seq
+        if self.miss is not None:
+            self.miss.admit(seq)
         return seq
+
+    def resume(self, seq: Seq, pattern: str | None) -> None:
+        """Put a row taken out by a reroute into the lowest free slot, under `pattern`: its
+        prompt and every token it generated are prefilled again, and its next token is sampled
+        from that (as `premoe generate` recomputes its cache after a switch)."""
+        slot = next(i for i, s in enumerate(self.seqs) if s is None)
+        assert len(seq.stream.ids) == seq.generated, "a live row holds all it generated"
+        seq.prompt = seq.prompt[: len(seq.prompt) - seq.folded] + list(seq.stream.ids)
+        seq.folded, seq.filled, seq.last = seq.generated, 0, None
+        seq.slot, seq.pattern = slot, pattern
+        self.seqs[slot] = seq
+        if self.miss is not None:
+            self.miss.admit(seq, resumed=True)
+
+    def _take_out(self, seqs: Sequence[Seq], report: StepReport) -> None:
+        assert self.miss is not None
+        for seq in seqs:
+            self.miss.detach(seq)
+            self.seqs[seq.slot] = None
+            report.rerouted.append(seq)
+            self.taken_out.append(seq)
 
     def _end(self, seq: Seq, reason: str, report: StepReport) -> None:
         seq.done = True
         self.seqs[seq.slot] = None
         report.finished += 1
+        if self.miss is not None:
+            self.miss.end(seq, cancelled=reason == "cancelled")
         if reason == "cancelled":
             seq.sink.on_finish("cancelled", seq.generated)
         else:
@@ -234,8 +270,9 @@ class ContinuousDecoder:
         positions: torch.Tensor,  # [B, S]
         mask: torch.Tensor,  # [B, 1, S, K] additive
         rows: Rows | None,  # per-row routing masks [B, L, U] and patterns [B] (`routing`)
+        metered: AbstractContextManager[Any] | None = None,
     ) -> torch.Tensor:
-        """Last-position logits [B, V] (float32)."""
+        """Last-position logits [B, V] (float32); `metered` wraps the forward."""
         kwargs = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -244,11 +281,12 @@ class ContinuousDecoder:
             "logits_to_keep": 1,
             self._kw: self.cache,
         }
-        if self.routing is not None and rows is not None:
-            with self.routing.applied(rows, ids.shape[1]):
+        with metered or nullcontext():
+            if self.routing is not None and rows is not None:
+                with self.routing.applied(rows, ids.shape[1]):
+                    out = self.model(**kwargs)
+            else:
                 out = self.model(**kwargs)
-        else:
-            out = self.model(**kwargs)
         return out.logits[:, -1, :].float()
 
     def _rows(self, patterns: Sequence[str | None]) -> Rows | None:
@@ -275,8 +313,12 @@ class ContinuousDecoder:
         mask = torch.where(allowed, zero, self.min_value)[:, None]  # [B, 1, S, K]
         slots = torch.tensor([seq.slot for seq, _, _ in chunks], dtype=torch.long, device=dev)
         self.cache.plan(slots, cols, kv_len)
+        metered = None
+        if self.miss is not None:
+            spans = [(start, end) for _, start, end in chunks]
+            metered = self.miss.forward([seq for seq, _, _ in chunks], s, True, spans)
         rows = self._rows([seq.pattern for seq, _, _ in chunks])
-        logits = self._forward(ids, qpos, mask, rows)  # [B, V]
+        logits = self._forward(ids, qpos, mask, rows, metered)  # [B, V]
         report.prefill_rows += b
         report.prefill_tokens += sum(end - start for _, start, end in chunks)
         done = []
@@ -284,6 +326,10 @@ class ContinuousDecoder:
             seq.filled = end
             if not seq.prefilling:
                 done.append(i)
+        if done and self.miss is not None:
+            out = self.miss.prompt_misses([chunks[i][0] for i in done])
+            self._take_out(out, report)
+            done = [i for i in done if chunks[i][0] not in out]
         if done:
             self._emit([chunks[i][0] for i in done], logits[done], report)
 
@@ -302,8 +348,12 @@ class ContinuousDecoder:
             patterns[slot] = seq.pattern
         kv_len = max(seq.length for seq in rows) + 1
         row_routing = self._rows(patterns)
+        metered = None
+        if self.miss is not None:
+            metered = self.miss.forward([by_slot.get(i) for i in range(n)], 1, False)
         if self.graphs is not None:
-            logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
+            with metered or nullcontext():
+                logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
         else:
             ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
             keys = torch.arange(kv_len, device=dev)  # [K]
@@ -311,10 +361,14 @@ class ContinuousDecoder:
             zero = torch.zeros((), dtype=self.dtype, device=dev)
             mask = torch.where(allowed, zero, self.min_value)[:, None, None, :]  # [B, 1, 1, K]
             self.cache.plan(None, cols, kv_len)
-            logits = self._forward(ids, qpos, mask, row_routing)  # [B, V]
+            logits = self._forward(ids, qpos, mask, row_routing, metered)  # [B, V]
         report.decode_rows += len(rows)
         report.patterns |= {p for p in patterns if p is not None}
         order = sorted(by_slot)
+        if self.miss is not None:
+            out = self.miss.decode_misses([by_slot[i] for i in order])
+            self._take_out(out, report)
+            order = [i for i in order if by_slot[i] not in out]
         self._emit([by_slot[i] for i in order], logits[order], report)
 
     def _emit(self, seqs: list[Seq], logits: torch.Tensor, report: StepReport) -> None:

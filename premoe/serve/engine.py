@@ -53,6 +53,7 @@ from premoe.prune import KeepSets
 from premoe.quant import gemv_experts, kernels
 from premoe.runtime import resolve_device, resolve_dtype
 from premoe.serve import kvcache, memory, rowmask
+from premoe.serve import miss as serve_miss
 from premoe.serve.continuous import ContinuousDecoder, StepReport
 from premoe.serve.decode import (
     BatchDecoder,
@@ -91,6 +92,7 @@ class Engine:
         self.resident: Resident | None = None
         self.decoder: BatchDecoder | None = None
         self.cont: ContinuousDecoder | None = None  # the continuous scheduler's decoder
+        self.miss: serve_miss.SlotMiss | None = None  # dropped mass of the continuous rows
         self.mixed = False  # patterns share one resident union; rows masked per pattern
         self.mode_reason = "the batch scheduler"  # why mixed or swapped (/health)
         self.memory: memory.MemoryPlan | None = None  # set by load()
@@ -261,6 +263,7 @@ class Engine:
             )
         if self._router is None and store is not None:
             self._router = make_router(store, model, self.tokenizer, src, cfg.route_threshold)
+        self.miss = serve_miss.attach(self, model, src)  # dropped mass, reroute (miss.py)
         self.load_seconds = time.perf_counter() - t0
         # warm-up (compilation, CUDA graph capture) runs in the worker thread, which is the
         # thread that replays the graphs (torch keeps CUDA graph trees per thread)
@@ -293,6 +296,8 @@ class Engine:
             "routers": self.pattern_routers.to_json(self.patterns),
             "patterns_mode_reason": self.mode_reason,
             "resident_experts_per_layer": resident_keep.count,
+            "miss_policy": cfg.miss_policy,
+            "dropped_mass_metered": self.miss is not None,
             **(
                 {"kv_slots": self.cont.slots, "kv_bytes": kv_bytes} if self.cont is not None else {}
             ),
@@ -569,6 +574,12 @@ class Engine:
                 return
             if req.cancelled:
                 continue
+            if req.resume is not None:  # rerouted: goes on under its new pattern
+                cont.resume(req.resume, req.task)
+                req.resume = None
+                req.served_keep = self.patterns[req.task]
+                free -= 1
+                continue
             try:
                 cont.add(req, req.prompt_ids, req.params, req.task)
             except ValueError as exc:
@@ -597,6 +608,10 @@ class Engine:
         try:
             report = cont.step(between=check)
         except Exception as exc:
+            taken, cont.taken_out = cont.taken_out, []  # rerouted rows fail with the step
+            for seq in taken:
+                if isinstance(seq.sink, GenRequest):
+                    seq.sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
             ids = [getattr(s.sink, "id", "-") for s in cont.active()]
             log.exception("a step of %d rows failed (requests %s)", len(ids), ", ".join(ids))
             if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -607,6 +622,11 @@ class Engine:
                 if isinstance(sink, GenRequest):
                     sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))
             return True
+        taken, cont.taken_out = cont.taken_out, []
+        for seq in taken:  # back to the queue under its new pattern (miss.py)
+            if isinstance(seq.sink, GenRequest) and not seq.sink.cancelled:
+                seq.sink.resume = seq
+                self.scheduler.put(seq.sink)
         self._observe_step(report)
         return True
 

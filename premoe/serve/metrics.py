@@ -32,6 +32,10 @@ premoe_steps_total                          counter    mode (mixed: rows of seve
 premoe_step_patterns                        gauge      - (patterns in the last decode step)
 premoe_prefill_steps_total                  counter    - (steps that prefilled prompt tokens)
 premoe_prefill_step_tokens                  histogram  - (prompt tokens prefilled in one step)
+premoe_dropped_mass                         histogram  task (a request's mean dropped mass over its
+                                                       generated tokens; the pattern at its end)
+premoe_reroutes_total                       counter    from, to (pattern switches of --miss-policy
+                                                       reroute)
 ==========================================  =========  =============================================
 """
 
@@ -51,6 +55,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 PREFILL_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192)
+MASS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 def _escape(value: str) -> str:
@@ -319,6 +324,23 @@ class ServeMetrics:
                 "Prompt tokens prefilled in one step (bounded by --prefill-tokens).",
                 (),
                 PREFILL_BUCKETS,
+            )
+        )
+
+        self.dropped_mass = r.add(
+            Histogram(
+                "premoe_dropped_mass",
+                "Per request: mean share of the full router's top-k weight on experts its "
+                "pattern does not hold, over its generated tokens (by the pattern at its end).",
+                ("task",),
+                MASS_BUCKETS,
+            )
+        )
+        self.reroutes = r.add(
+            Counter(
+                "premoe_reroutes_total",
+                "Pattern switches of running requests (--miss-policy reroute).",
+                ("from", "to"),
             )
         )
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from premoe.errors import UsageError
+from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW, check_policy
 from premoe.load.loader import ExpertQuantization
+from premoe.load.miss import DroppedMass
 from premoe.prune import KeepSets
 from premoe.serve.decode import (
     SamplingParams,
@@ -65,6 +67,10 @@ class EngineConfig:
     min_kv_slots: int = 4  # KV slots that must fit beside the weights (mixed mode: the union)
     quantize: ExpertQuantization | None = None  # experts resident quantized (fp8 / int4)
     calibrated_routers: bool | None = None  # None: the store's calibrated routers, if any
+    meter: bool = True  # dropped mass per request (continuous scheduler; miss.py)
+    miss_policy: str = "mask"  # mask | reroute (fetch: `premoe generate` only)
+    miss_window: int = DEFAULT_WINDOW  # tokens per reroute check
+    miss_threshold: float = DEFAULT_REROUTE_THRESHOLD  # windowed dropped mass that reroutes
 
     def check(self) -> None:
         if self.keep is not None and self.budget is not None:
@@ -99,6 +105,13 @@ class EngineConfig:
             raise UsageError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.prefill_tokens < 1:
             raise UsageError(f"--prefill-tokens must be >= 1, got {self.prefill_tokens}")
+        check_policy(self.miss_policy, self.miss_window, self.miss_threshold)
+        if self.miss_policy == "fetch":
+            raise UsageError(
+                "--miss-policy fetch is available in `premoe generate` only: rows of a served "
+                "batch share the resident expert slots, so fetching one row's missing experts "
+                "would evict another's; use mask or reroute"
+            )
 
 
 class RequestError(Exception):
@@ -180,6 +193,9 @@ class GenRequest:
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.served_keep: KeepSets | None = None  # the keep sets it was decoded with
         self.logprobs: list[TokenLogprobs] = []  # one per generated token, when asked
+        self.dropped_mass: DroppedMass | None = None  # over its generated tokens, when metered
+        self.switches: list[Any] = []  # `premoe.serve.miss.Reroute`s, in order
+        self.resume: Any = None  # its decoder row, while it waits to continue (a reroute)
 
     # -- scheduler protocol ----------------------------------------------------------------------
     @property

@@ -67,8 +67,14 @@ class Scheduler(Generic[T]):
 
     # -- producers -------------------------------------------------------------------------------
     def put(self, item: T) -> None:
+        """Queue `item` in arrival order (an item put back, e.g. a rerouted request, goes
+        before the newer ones)."""
         with self._lock:
-            self._queues.setdefault(item.task, deque()).append(item)
+            q = self._queues.setdefault(item.task, deque())
+            i = len(q)
+            while i > 0 and q[i - 1].arrival > item.arrival:
+                i -= 1
+            q.insert(i, item)
 
     def remove(self, item: T) -> bool:
         """Take a waiting item out (a client that left); False when it is not queued."""

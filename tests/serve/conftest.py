@@ -144,7 +144,15 @@ class Server:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_server(world: ServeWorld, *extra: str, timeout: float = 60.0) -> Server:
+def start_server(
+    world: ServeWorld,
+    *extra: str,
+    timeout: float = 60.0,
+    model: Path | None = None,
+    store: Path | None = None,
+    keep: int = KEEP,
+) -> Server:
+    """`premoe serve` of the world's model and store (or `model` and `store`)."""
     port = free_port()
     log = world.root / f"server-{port}.log"
     cmd = [
@@ -152,11 +160,11 @@ def start_server(world: ServeWorld, *extra: str, timeout: float = 60.0) -> Serve
         "-m",
         "premoe_cli.app",
         "serve",
-        str(world.model),
+        str(model or world.model),
         "--store",
-        str(world.store),
+        str(store or world.store),
         "--keep",
-        str(KEEP),
+        str(keep),
         "--host",
         "127.0.0.1",
         "--port",

@@ -115,3 +115,16 @@ def test_bad_arguments() -> None:
         Scheduler(0, 1.0)
     with pytest.raises(ValueError):
         Scheduler(1, -1.0)
+
+
+def test_an_item_put_back_goes_before_newer_ones() -> None:
+    """A rerouted request, put back under its new pattern, is served before requests of that
+    pattern that arrived after it (miss.py)."""
+    s, _ = make()
+    newer = [Item("b", arrival=1.0 + i) for i in range(3)]
+    for it in newer:
+        s.put(it)
+    old = Item("b", arrival=0.5)
+    s.put(old)
+    assert s.pop_oldest() is old
+    assert s.pop("b", 3) == newer

@@ -1,0 +1,174 @@
+"""Miss-aware serving in process (premoe.serve.miss): the dropped mass of every row of a mixed
+continuous batch equals that row metered alone, and equals `premoe generate`'s definition (the
+library decode loop on the pattern's own pruned model); rows taken out by a reroute continue
+where they left off under their new pattern."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from premoe.demo.tasks import generate
+from premoe.load import ResidentModel, load_pruned
+from premoe.load.decode import decode
+from premoe.load.miss import DroppedMass, shadow_meter
+from premoe.serve.continuous import ContinuousDecoder, Seq
+from premoe.serve.decode import SamplingParams
+from premoe.serve.miss import RowMeter, SlotMiss, merge
+from premoe.serve.patterns import build_patterns
+from premoe.serve.rowmask import RowRouting, union_keep
+from premoe.source import resolve_model
+from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
+
+
+@dataclass(eq=False)
+class Sink:
+    cancelled: bool = False
+    text: str = ""
+    reason: str | None = None
+    tokens: int = 0
+
+    def on_delta(self, text: str, completion_tokens: int) -> None:
+        self.text += text
+
+    def on_finish(self, reason: str, completion_tokens: int) -> None:
+        self.reason, self.tokens = reason, completion_tokens
+
+
+@dataclass
+class World:
+    source: Any
+    tokenizer: Any
+    patterns: dict[str, Any]
+    model: Any
+    routing: RowRouting
+    meter: RowMeter
+    refs: dict[str, Any] = field(default_factory=dict)
+
+    def decoder(self, slots: int, **miss: Any) -> tuple[ContinuousDecoder, dict[Any, DroppedMass]]:
+        dec = ContinuousDecoder(
+            self.model, self.tokenizer, slots=slots, max_len=MAX_LEN, routing=self.routing
+        )
+        masses: dict[Any, DroppedMass] = {}
+
+        def on_mass(seq: Seq, mass: DroppedMass) -> None:
+            masses[seq.sink] = mass
+
+        dec.miss = SlotMiss(self.meter, slots, on_mass=on_mass, **miss)
+        return dec, masses
+
+
+@pytest.fixture(scope="module")
+def world(serve_world: ServeWorld) -> Iterator[World]:
+    src = resolve_model(str(serve_world.model))
+    _, patterns, _ = build_patterns(
+        serve_world.store, src, keep=KEEP, budget=None, dtype=torch.float32
+    )
+    union = union_keep(patterns, src.num_experts)
+    model = ResidentModel(src, union, device="cpu", dtype=torch.float32).model.eval()
+    routing = RowRouting(model, src.arch, union, patterns)
+    meter = RowMeter(model, src, patterns)
+    meter.attach()
+    yield World(src, serve_world.tokenizer, patterns, model, routing, meter)
+    meter.detach()
+    src.close()
+
+
+def prompts(world: World) -> list[list[int]]:
+    texts = [r["prompt"] for t in ("add", "reverse") for r in generate(t, 3, 5, "eval")]
+    return [world.tokenizer(t)["input_ids"] for t in texts]
+
+
+def close(a: DroppedMass, b: DroppedMass) -> bool:
+    return (
+        a.tokens == b.tokens
+        and abs(a.mean - b.mean) < 1e-5
+        and abs(a.max - b.max) < 1e-5
+        and all(abs(x - y) < 1e-5 for x, y in zip(a.per_layer, b.per_layer, strict=True))
+    )
+
+
+def test_rows_of_a_mixed_batch_meter_as_alone_and_as_generate(world: World) -> None:
+    names = list(world.patterns)
+    # rows end at different steps: later decode steps have idle slots between live ones
+    jobs = [(ids, names[i % len(names)], 4 + 5 * (i % 3)) for i, ids in enumerate(prompts(world))]
+    dec, mixed = world.decoder(4)
+    rows = [
+        (Sink(), ids, SamplingParams(max_tokens=n, ignore_eos=True), pattern)
+        for ids, pattern, n in jobs
+    ]
+    dec.run(rows)
+    assert len(mixed) == len(rows)
+    spread = set()
+    for sink, ids, params, pattern in rows:
+        got = mixed[sink]
+        assert got.tokens == params.max_tokens - 1  # every generated token read back
+        alone_dec, alone = world.decoder(1)
+        one = Sink()
+        alone_dec.run([(one, ids, params, pattern)])
+        assert one.text == sink.text
+        assert close(alone[one], got), (pattern, alone[one], got)
+        # generate's definition: the library loop on the pattern's own pruned model
+        if pattern not in world.refs:
+            world.refs[pattern] = load_pruned(
+                world.source, world.patterns[pattern], device="cpu", dtype=torch.float32
+            ).eval()
+        ref = world.refs[pattern]
+        meter = shadow_meter(ref, world.source, world.patterns[pattern].layers)
+        with meter:
+            out = decode(ref, ids, max_new_tokens=params.max_tokens, meter=meter)
+        assert out.mass is not None and close(out.mass, got), (pattern, out.mass, got)
+        spread.add(round(got.mean, 4))
+    assert len(spread) > 1, "every row measured the same: the test could not fail"
+
+
+def test_reroute_takes_a_row_out_and_resumes_it_under_the_new_pattern(world: World) -> None:
+    """A row rerouted mid-decode leaves its slot; resumed under the other pattern its text
+    continues as that pattern's pruned model would on prompt + text so far."""
+    decided: list[tuple[int, float]] = []
+
+    def decide(seq: Seq, mass: float) -> bool:
+        if decided or seq.generated == 0:  # not on the prompt: mid-decode
+            return False
+        decided.append((seq.generated, mass))
+        return True
+
+    dec, masses = world.decoder(2, window=3, threshold=0.0, decide=decide)
+    ids = prompts(world)[0]
+    sink = Sink()
+    seq = dec.add(sink, ids, SamplingParams(max_tokens=9, ignore_eos=True), "math")
+    moved = None
+    while dec.active() or moved is not None:
+        if moved is not None:
+            dec.resume(moved, "code")
+            moved = None
+        report = dec.step()
+        if report.rerouted:
+            (moved,) = report.rerouted
+            assert moved is seq and not dec.active()
+    assert decided and decided[0][0] == 3  # checked after the 3rd generated token was fed
+    assert sink.reason == "length" and sink.tokens == 9
+    done = world.tokenizer(sink.text, add_special_tokens=False)["input_ids"]
+    head = done[:3]  # decoded under math; the rest under code, from prompt + head
+    ref = load_pruned(world.source, world.patterns["code"], device="cpu", dtype=torch.float32)
+    x = torch.tensor([ids + head])
+    with torch.no_grad():
+        out = ref.eval().generate(
+            input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6
+        )
+    tail = world.tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+    assert sink.text == world.tokenizer.decode(head, skip_special_tokens=True) + tail
+    got = masses[sink]
+    assert got.tokens == 8  # 3 fed under math (carried over) + 5 under code
+
+
+def test_merge_weights_by_tokens() -> None:
+    a = DroppedMass(2, 0.1, 0.2, 0.3, [0.1, 0.1])
+    b = DroppedMass(6, 0.5, 0.6, 0.9, [0.5, 0.5])
+    m = merge(a, b)
+    assert m.tokens == 8 and abs(m.mean - 0.4) < 1e-9 and m.max == 0.6 and m.max_layer == 0.9
+    assert merge(None, b) is b and merge(DroppedMass.empty(2), b) is b
