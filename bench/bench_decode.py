@@ -16,7 +16,10 @@ Figures per precision: tokens/s per batch size; batch-1 tokens/s / bound, the bo
 device bandwidth (a large device-to-device copy) / the bytes a batch-1 token reads (every weight
 but the embedding table, one embedding row, top-k experts per layer at the precision's bytes);
 greedy agreement of graphs with eager (same tokens at batch 1); graph capture seconds. With
-`--profile`, the CUDA kernel time of a few batch-1 graph steps, by kernel.
+`--profile`, the CUDA kernel time of a few batch-1 graph steps, by kernel. With `--meter B ...`,
+the same step again with the dropped-mass meter `premoe serve` attaches by default (issue #18:
+`RowMeter` + `SlotMiss`, full rows = the model's routers, measured against a 3/4 keep set) at
+batch sizes B: tokens/s with it ÷ without (target >= 0.97).
 
     python3 bench/bench_decode.py --out bench/results/decode_h200.json          # H200: ~2 min
     python3 bench/bench_decode.py --layers 4 --precisions bf16 --batches 1 4    # quick check
@@ -34,11 +37,15 @@ from typing import Any
 import _common as bc
 import torch
 
+from premoe.arch.registry import arch_for_config
 from premoe.demo.tasks import build_tokenizer
+from premoe.load.miss import DroppedMass, FullRouterRows
+from premoe.prune import KeepSets
 from premoe.quant.gemv_experts import register
 from premoe.quant.resident import quantize_resident
 from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.decode import NullSink, SamplingParams
+from premoe.serve.miss import RowMeter, SlotMiss
 
 
 def say(msg: str) -> None:
@@ -101,6 +108,22 @@ def greedy_tokens(dec: ContinuousDecoder, tokens: int, prompt_len: int, seed: in
         if seq.last is not None and len(got) < seq.generated:
             got.append(seq.last)
     return got
+
+
+def metered(model: Any, dec: ContinuousDecoder, masses: list[DroppedMass]) -> RowMeter:
+    """Attach the serve meter to `dec`: full rows = the model's routers [L, E, H], every row
+    measured against a keep set of the first 3/4 of the experts (so the mass is not 0)."""
+    arch = arch_for_config(model.config)
+    layers = list(arch.moe_layer_ids(model.config))
+    names = [n for n, _ in model.named_modules() if n.endswith("mlp.gate")]
+    gates = [model.get_submodule(n).weight for n in names]  # [E, H] each
+    rows = FullRouterRows(layers, torch.stack(gates), None)
+    e = rows.weight.shape[1]
+    keep = KeepSets.uniform(layers, range(3 * e // 4))
+    meter = RowMeter(model, argparse.Namespace(arch=arch), {"p": keep}, rows=rows)
+    meter.attach()
+    dec.set_miss(SlotMiss(meter, dec.slots, on_mass=lambda seq, m: masses.append(m)))
+    return meter
 
 
 def profile_steps(dec: ContinuousDecoder, steps: int = 8) -> list[dict[str, Any]]:
@@ -168,6 +191,24 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 say(f"[{prec}] {mode} batch {b}: {tps:.1f} tokens/s")
             b1 = fig["batches"].get(1)
             fig["b1_over_bound"] = b1 / bound if b1 else None
+            if args.meter:
+                masses: list[DroppedMass] = []
+                mdec = ContinuousDecoder(
+                    model, tok, slots=slots, max_len=args.max_len, graphs=True,
+                    compile=mode == "compiled",
+                )  # fmt: skip
+                meter = metered(model, mdec, masses)
+                assert mdec.graphs is not None
+                mdec.graphs.warmup(batch=args.meter, kv=[args.prompt + args.tokens + 1])
+                fig["meter"] = {}
+                for b in args.meter:
+                    on = decode(mdec, b, args.tokens, args.prompt, seed=3 + b)
+                    off = decode(dec, b, args.tokens, args.prompt, seed=3 + b)  # same moment
+                    fig["meter"][b] = {"on": on, "off": off, "ratio": on / off}
+                    say(f"[{prec}] {mode} batch {b}: meter on {on:.1f} / off {off:.1f} tokens/s")
+                fig["meter_mean_mass"] = sum(m.mean for m in masses) / max(1, len(masses))
+                meter.detach()
+                del mdec
             out["modes"][mode] = fig
         if args.profile:
             out["profile_b1"] = profile_steps(dec)
@@ -190,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--profile", action="store_true", help="kernel times of batch-1 steps")
+    p.add_argument("--meter", type=int, nargs="*", default=[], help="batch sizes: meter on vs off")
     p.add_argument(
         "--modes",
         nargs="+",
@@ -227,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{fig['capture_s']:.1f}",
                 ]
             )
+            for b, m in fig.get("meter", {}).items():
+                say(f"  [{prec}] {mode} meter on/off at batch {b}: {m['ratio']:.3f}")
         for k in r.get("profile_b1", [])[:15]:
             say(f"  [{prec}] {k['us_per_step']:8.1f} us/step  x{k['count']:<5d} {k['kernel']}")
     header = ["precision", "step", "GB/token", "bound tok/s", "eager b1"]

@@ -28,6 +28,13 @@ a softmax router spreads a tail over experts it never routes to.
 Results go into a `MassAccumulator` (per batch row, on the device, no host sync per token);
 `MassAccumulator.summary(row)` gives the per-request `DroppedMass` (one host sync).
 
+CUDA graphs (serve's decode step, `premoe.serve.graphs`) replay kernels, not Python hooks, so a
+captured step cannot run the measuring hooks. `enable_tap(rows)` gives the shadow meter a
+persistent buffer [L, rows, H]; inside `tapping()` (the graph's warm-up and capture runs) the
+router hooks only copy their inputs into it (one copy per layer, captured with the step), and
+after each replay `measure_tapped(n)` measures what the buffer then holds, with the same
+batched pass as an eager decode step.
+
 Shape legend: B batch rows, S tokens per row in this forward, T = B·S, H hidden size, E routed
 experts, L MoE layers.
 """
@@ -250,6 +257,8 @@ class MissMeter:
         self._inputs: list[torch.Tensor] = []  # router inputs [T, H] (batched path)
         self._dropped: list[torch.Tensor] = []  # per-layer dropped [T] (layer-by-layer path)
         self._handles: list[Any] = []
+        self._tap: torch.Tensor | None = None  # [L, N, H] router inputs of a captured step
+        self._tapping = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> MissMeter:
@@ -284,6 +293,34 @@ class MissMeter:
         finally:
             self._paused = old
 
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    def enable_tap(self, rows: int) -> None:
+        """Allocate the tap buffer for forwards of up to `rows` rows of one token (shadow only)."""
+        if self.rows is None:
+            raise UsageError("only a shadow meter (full router rows beside the model) can tap")
+        _, _, h = self.rows.weight.shape
+        w = self.rows.weight
+        self._tap = torch.zeros(len(self.layers), rows, h, dtype=w.dtype, device=w.device)
+
+    @contextmanager
+    def tapping(self) -> Iterator[None]:
+        """Forwards inside only copy their router inputs into the tap buffer (no measuring)."""
+        if self._tap is None:
+            raise UsageError("enable_tap() first")
+        old, self._tapping = self._tapping, True
+        try:
+            yield
+        finally:
+            self._tapping = old
+
+    def measure_tapped(self, n: int) -> None:
+        """Measure rows 0..n-1 of the forward whose router inputs are in the tap buffer into
+        `target` (one token per row); nothing without a target."""
+        if self.target is None or self._paused or self._tap is None:
+            return
+        dropped = self._batched(self._tap[:, :n])  # [L, n]
+        self.target.add(dropped.reshape(len(self.layers), n, 1), None)
+
     # -- residency -------------------------------------------------------------------------------
     def set_resident(self, keep: Mapping[int, Sequence[int]]) -> None:
         new = resident_mask(self.layers, keep, self.num_experts, "cpu")
@@ -297,6 +334,8 @@ class MissMeter:
         return self.target is not None and not self._paused and self._shape is not None
 
     def _begin(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if self._tapping:
+            return
         self._inputs.clear()
         self._dropped.clear()
         self._shape = self._mask = None
@@ -344,6 +383,11 @@ class MissMeter:
 
     def _router_in(self, index: int) -> Any:
         def hook(module: torch.nn.Module, args: Any) -> None:
+            if self._tapping:
+                assert self._tap is not None
+                x = args[0].reshape(-1, args[0].shape[-1])  # [B, H]
+                self._tap[index, : x.shape[0]].copy_(x)
+                return
             if not self._active():
                 return
             assert self.rows is not None
@@ -366,16 +410,19 @@ class MissMeter:
 
         return hook
 
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropped mass [L, T] from every layer's router inputs x [L, T, H] in one pass."""
+        assert self.rows is not None
+        logits = torch.bmm(x.to(self.rows.weight.dtype), self.rows.weight.transpose(1, 2))
+        return self._from_logits(logits, None)  # logits [L, T, E] -> [L, T]
+
     def _end(self, module: Any, args: Any, out: Any) -> None:
-        if not self._active():
+        if self._tapping or not self._active():
             return
         assert self._shape is not None and self.target is not None
         b, s = self._shape
         if self._inputs:
-            assert self.rows is not None
-            x = torch.stack(self._inputs).to(self.rows.weight.dtype)  # [L, T, H]
-            logits = torch.bmm(x, self.rows.weight.transpose(1, 2))  # [L, T, E]
-            dropped = self._from_logits(logits, None)  # [L, T]
+            dropped = self._batched(torch.stack(self._inputs))  # [L, T]
         elif self._dropped:
             dropped = torch.stack(self._dropped)  # [L, T]
         else:

@@ -178,13 +178,13 @@ def _kernel() -> Any:
     return moe_gemv_kernel
 
 
-# (BLOCK_N, BLOCK_K, num_warps) per format (dense_t: plain weights stored transposed); measured
-# on an H200 with bench/tune_gemv.py at decode shapes
+# (BLOCK_N, BLOCK_K, num_warps) per format (dense_t: plain weights stored transposed): the best
+# at 8 routed pairs (batch-1 decode, top-8) on an H200, bench/tune_gemv.py, bench/RESULTS.md
 SHAPES: dict[str, tuple[int, int, int]] = {
-    "dense": (16, 256, 4),
+    "dense": (32, 256, 4),
     "dense_t": (64, 64, 4),
-    "fp8": (16, 256, 4),
-    "int4": (16, 512, 4),
+    "fp8": (8, 512, 4),
+    "int4": (8, 512, 4),
 }
 
 

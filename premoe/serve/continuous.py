@@ -146,6 +146,15 @@ class ContinuousDecoder:
         self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)
         self.taken_out: list[Seq] = []  # rows taken out by reroutes, for the caller to requeue
 
+    def set_miss(self, miss: SlotMiss) -> None:
+        """Measure (and check) every row with `miss`; captured decode steps then copy their
+        router inputs into the meter's tap, measured after each replay (graphs.py)."""
+        self.miss = miss
+        if self.graphs is not None:
+            miss.meter.enable_tap(self.slots)
+            self.graphs.tap = miss.meter.tapping
+            self.graphs.graphs.clear()
+
     # -- rows ------------------------------------------------------------------------------------
     @property
     def slots(self) -> int:
@@ -352,8 +361,10 @@ class ContinuousDecoder:
         if self.miss is not None:
             metered = self.miss.forward([by_slot.get(i) for i in range(n)], 1, False)
         if self.graphs is not None:
-            with metered or nullcontext():
-                logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
+            logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
+            if metered is not None and self.miss is not None:
+                with metered:  # the replay copied the router inputs into the meter's tap
+                    self.miss.meter.measure_tapped(n)
         else:
             ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
             keys = torch.arange(kv_len, device=dev)  # [K]

@@ -19,7 +19,9 @@ persistent buffers above, the KV cache or the weights.
 Exact as the eager step: the extra KV columns K - kv_len are masked (-inf before the softmax), the
 idle rows (slots without a decoding request, and the bucket's padding rows) write to scratch and
 see column 0 only. Expert swaps write into the same weight tensors (DESIGN.md invariant 5), so
-graphs stay valid across swaps. Anything data-dependent on the host (transformers' eager experts
+graphs stay valid across swaps. A dropped-mass meter (`tap`, premoe.load.miss) runs inside the
+captured step only as copies of the router inputs into its buffer; it measures after the replay.
+Anything data-dependent on the host (transformers' eager experts
 loop syncs on `nonzero`) cannot be captured: the engine selects the ``premoe_gemv`` experts
 implementation (`premoe.quant.gemv_experts`) or quantized slots, whose decode path is sync-free.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -94,6 +97,8 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
+        # entered around every warm-up and capture run (MissMeter.tapping); set before capturing
+        self.tap: Callable[[], AbstractContextManager[None]] | None = None
 
     def disable_compile(self) -> None:
         """Drop the compiled step and every graph captured from it (a compile failure)."""
@@ -128,13 +133,14 @@ class DecodeGraphs:
         self._idle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(b, kv)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._body(b, kv)
+        with self.tap() if self.tap is not None else nullcontext():
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._body(b, kv)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._body(b, kv)
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - t0
         log.debug("captured the decode step for %d rows x %d KV columns", b, kv)

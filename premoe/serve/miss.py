@@ -126,14 +126,21 @@ class RowMeter(MissMeter):
     """A shadow `MissMeter` whose resident set is per row: each token is measured against its
     own row's pattern (`measure(target, patterns, tokens_per_row)` around a forward)."""
 
-    def __init__(self, model: Any, source: Any, patterns: Mapping[str, KeepSets]) -> None:
-        router = router_module(model, source.arch, source.moe_layers[0])
-        w = router.get_parameter(source.arch.router_weight.memory.rsplit(".", 1)[1])
-        rows = FullRouterRows.from_source(source, w.device, w.dtype)
+    def __init__(
+        self,
+        model: Any,
+        source: Any,
+        patterns: Mapping[str, KeepSets],
+        rows: FullRouterRows | None = None,
+    ) -> None:
+        """`source`: the `ModelSource` (its arch, and the full router rows unless `rows`)."""
+        if rows is None:
+            router = router_module(model, source.arch, source.moe_layers[0])
+            w = router.get_parameter(source.arch.router_weight.memory.rsplit(".", 1)[1])
+            rows = FullRouterRows.from_source(source, w.device, w.dtype)
         first = next(iter(patterns.values()))
-        super().__init__(
-            model, source.arch, first.layers, num_experts=source.num_experts, rows=rows
-        )
+        num_experts = rows.weight.shape[1]
+        super().__init__(model, source.arch, first.layers, num_experts=num_experts, rows=rows)
         self.names = list(patterns)
         self._index = {name: i for i, name in enumerate(self.names)}
         e = self.num_experts
@@ -418,7 +425,7 @@ def attach(engine: Any, model: Any, source: Any) -> SlotMiss | None:
             metrics.dropped_mass.observe(mass.mean, task=req.task)
 
     miss.on_mass = on_mass
-    engine.cont.miss = miss
+    engine.cont.set_miss(miss)
     return miss
 
 

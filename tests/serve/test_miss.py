@@ -22,6 +22,7 @@ from premoe.serve.miss import RowMeter, SlotMiss, merge
 from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.source import resolve_model
+from tests.helpers import GPU
 from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
 
 
@@ -172,3 +173,59 @@ def test_merge_weights_by_tokens() -> None:
     m = merge(a, b)
     assert m.tokens == 8 and abs(m.mean - 0.4) < 1e-9 and m.max == 0.6 and m.max_layer == 0.9
     assert merge(None, b) is b and merge(DroppedMass.empty(2), b) is b
+
+
+@GPU[0]
+@GPU[1]
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_steps_meter_as_eager_steps(world: World, compile: bool) -> None:
+    """Decode steps replayed from CUDA graphs measure every row's dropped mass as eager steps
+    do (the captured step copies the router inputs into the meter's tap)."""
+    from premoe.quant.gemv_experts import register
+
+    model = ResidentModel(
+        world.source,
+        world.routing.union,
+        device="cuda",
+        dtype=torch.float32,
+        experts_implementation=register(),
+    ).model.eval()
+    routing = RowRouting(model, world.source.arch, world.routing.union, world.patterns)
+    meter = RowMeter(model, world.source, world.patterns)
+    meter.attach()
+    names = list(world.patterns)
+    jobs = [(ids, names[i % len(names)], 4 + 5 * (i % 3)) for i, ids in enumerate(prompts(world))]
+    got: dict[bool, list[tuple[str, DroppedMass]]] = {}
+    try:
+        for graphs in (False, True):
+            dec = ContinuousDecoder(
+                model,
+                world.tokenizer,
+                slots=4,
+                max_len=MAX_LEN,
+                routing=routing,
+                graphs=graphs,
+                compile=compile and graphs,
+            )
+            masses: dict[Any, DroppedMass] = {}
+
+            def on_mass(
+                seq: Seq, mass: DroppedMass, masses: dict[Any, DroppedMass] = masses
+            ) -> None:
+                masses[seq.sink] = mass
+
+            dec.set_miss(SlotMiss(meter, 4, on_mass=on_mass))
+            rows = [
+                (Sink(), ids, SamplingParams(max_tokens=n, ignore_eos=True), p)
+                for ids, p, n in jobs
+            ]
+            dec.run(rows)
+            if graphs:
+                assert dec.graphs is not None and dec.graphs.graphs
+            got[graphs] = [(sink.text, masses[sink]) for sink, _, _, _ in rows]
+    finally:
+        meter.detach()
+    assert [t for t, _ in got[True]] == [t for t, _ in got[False]]
+    for (_, a), (_, b) in zip(got[True], got[False], strict=True):
+        assert a.tokens == b.tokens and abs(a.mean - b.mean) < 1e-4, (a, b)
+    assert len({round(m.mean, 4) for _, m in got[False]}) > 1, "the test could not fail"
