@@ -3,8 +3,9 @@
 For every format (dense bf16, fp8 128x128 blocks, int4 groups of 128) and every (BLOCK_N,
 BLOCK_K, num_warps) in a small grid, times `moe_gemv` on the bench model's expert projections
 (gate_up: N = 2 x 768, K = 2048; down: N = 2048, K = 768) for S routed pairs of distinct experts
-(8: batch 1, top-8; 64) and reports the weight bytes read per second. The best shape per format
-is what `kernels.SHAPES` should say.
+(8: batch 1, top-8; 64) and reports the weight bytes read per second, timed inside a CUDA graph
+as serve's decode step runs it. The best shape per format at 8 pairs is what `kernels.SHAPES`
+should say.
 
     python3 bench/tune_gemv.py --out bench/results/tune_gemv_h200.json
 """
@@ -42,13 +43,24 @@ def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str,
     return {"w": w, "s": s, "block": (1, 128), "int4": True, "bytes": w.nbytes + s.nbytes}
 
 
-def time_call(fn: Any, device: torch.device, reps: int = 200) -> float:
-    for _ in range(5):
-        fn()
-    with bc.DeviceTimer(device) as t:
+def time_call(fn: Any, device: torch.device, reps: int = 20, replays: int = 10) -> float:
+    """Seconds per call on the device alone: `reps` calls captured in one CUDA graph, replayed
+    (as the serve decode step runs them: no launch overhead, which dominates at 8 pairs)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    return t.seconds / reps
+    graph.replay()
+    with bc.DeviceTimer(device) as t:
+        for _ in range(replays):
+            graph.replay()
+    return t.seconds / (reps * replays)
 
 
 def main(argv: list[str] | None = None) -> int:
