@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for fmt in args.formats:
         ws = {name: weights(fmt, args.experts, n, k, device) for name, (n, k) in projs.items()}
-        default = kernels.SHAPES[fmt]
+        defaults = kernels.SHAPES[fmt]
         fig: dict[str, Any] = {}
         for s in args.pairs:
             eids = torch.arange(s, device=device) % args.experts
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             distinct = min(s, args.experts)
             timings = []
             for bn, bk, warps in itertools.product(GRID_N, GRID_K, GRID_W):
-                kernels.SHAPES[fmt] = (bn, bk, warps)
+                kernels.SHAPES[fmt] = ((kernels.ANY, (bn, bk, warps)),)
                 total = 0.0
                 try:
                     for name, (n, k) in projs.items():
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 nbytes = sum(w["bytes"] for w in ws.values()) * distinct / args.experts
                 timings.append({"shape": [bn, bk, warps], "us": total * 1e6,
                                 "gb_per_s": nbytes / total / 1e9})  # fmt: skip
-            kernels.SHAPES[fmt] = default
+            kernels.SHAPES[fmt] = defaults
+            default = next(shape for bound, shape in defaults if s <= bound)
             timings.sort(key=lambda r: r["us"])
             base = next((r for r in timings if tuple(r["shape"]) == default), None)
             fig[s] = {"best": timings[:5], "default": base}

@@ -82,7 +82,7 @@ def _kernel() -> Any:
         INT4: tl.constexpr,
         DENSE: tl.constexpr,  # plain weights (bf16/fp16/fp32), no scales
         ROUND_BF16: tl.constexpr,  # round each dequantized weight to bf16 before use
-        FP8_MODE: tl.constexpr,  # 0: chunk in one scale block, 1: whole blocks, 2: any
+        FP8_MODE: tl.constexpr,  # scale mode: 0 chunk in one block/group, 1 whole blocks, 2 any
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -109,16 +109,21 @@ def _kernel() -> Any:
                 w = (nib - 8).to(tl.float32)  # [BN, BW, 8]
                 offs_x = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
                 xk = tl.load(x_base + offs_x, mask=mask_w[:, None], other=0.0).to(tl.float32)
-                sc = tl.load(s_base[:, None] + (offs_w[None, :] * 8) // SCALE_BK, mask=m2,
-                             other=0.0).to(tl.float32)  # [BN, BW]  # fmt: skip
-                if ROUND_BF16:
-                    # bf16 round-to-nearest-even on the bits (same under the interpreter)
-                    bits = (w * sc[:, :, None]).to(tl.uint32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                    w = bits.to(tl.float32, bitcast=True)
-                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)
+                if FP8_MODE == 0 and not ROUND_BF16:  # the chunk lies in one group
+                    sc1 = tl.load(s_base + (k0 * 8) // SCALE_BK, mask=mask_n, other=0.0)
+                    part = tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)  # [BN]
+                    acc += part * sc1.to(tl.float32)
                 else:
-                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2) * sc, axis=1)
+                    sc = tl.load(s_base[:, None] + (offs_w[None, :] * 8) // SCALE_BK, mask=m2,
+                                 other=0.0).to(tl.float32)  # [BN, BW]  # fmt: skip
+                    if ROUND_BF16:
+                        # bf16 round-to-nearest-even on the bits (same under the interpreter)
+                        bits = (w * sc[:, :, None]).to(tl.uint32, bitcast=True)
+                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                        w = bits.to(tl.float32, bitcast=True)
+                        acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)
+                    else:
+                        acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2) * sc, axis=1)
         elif FP8_MODE == 1:
             # several whole scale blocks per chunk: load W as [BN, NB, SCALE_BK], one scale each
             NB: tl.constexpr = BLOCK_K // SCALE_BK
@@ -178,24 +183,29 @@ def _kernel() -> Any:
     return moe_gemv_kernel
 
 
-# (BLOCK_N, BLOCK_K, num_warps) per format (dense_t: plain weights stored transposed): the best
-# at 8 routed pairs (batch-1 decode, top-8) on an H200, bench/tune_gemv.py, bench/RESULTS.md
-SHAPES: dict[str, tuple[int, int, int]] = {
-    "dense": (32, 256, 4),
-    "dense_t": (64, 64, 4),
-    "fp8": (8, 512, 4),
-    "int4": (8, 512, 4),
+ANY = 1 << 30
+# (BLOCK_N, BLOCK_K, num_warps) per format (dense_t: plain weights stored transposed) and number
+# of routed pairs S (the first entry whose bound >= S): the best at S = 8 (batch-1 decode,
+# top-8), 64 and 256 on an H200, timed inside a CUDA graph (bench/tune_gemv.py, RESULTS.md)
+SHAPES: dict[str, tuple[tuple[int, tuple[int, int, int]], ...]] = {
+    "dense": ((8, (16, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8))),
+    "dense_t": ((ANY, (64, 64, 4)),),
+    "fp8": ((8, (16, 512, 2)), (64, (16, 256, 2)), (ANY, (32, 512, 2))),
+    "int4": ((8, (16, 256, 2)), (64, (8, 256, 2)), (ANY, (16, 256, 2))),
 }
 
 
-def launch_shape(scale_bk: int, mode: str) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, FP8_MODE, num_warps) for a format (`mode`: fp8 | int4 | dense |
-    dense_t) and its scale block / group width. fp8 chunks lie in one scale block (mode 0),
-    span whole blocks (mode 1), or, for block widths that are not a power of two >= 16, gather
-    a scale per element (mode 2)."""
-    bn, bk, warps = SHAPES[mode]
-    if mode != "fp8":
+def launch_shape(scale_bk: int, mode: str, pairs: int = 8) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SCALE_MODE, num_warps) for a format (`mode`: fp8 | int4 | dense |
+    dense_t), its scale block / group width and `pairs` routed pairs. A chunk of BLOCK_K lies in
+    one scale block (SCALE_MODE 0: one scale per row), spans whole fp8 blocks (1), or takes a
+    scale per element (2: int4 chunks wider than a group, fp8 widths that are not a power of
+    two >= 16)."""
+    bn, bk, warps = next(shape for bound, shape in SHAPES[mode] if pairs <= bound)
+    if mode.startswith("dense"):
         return bn, bk, 2, warps
+    if mode == "int4":
+        return bn, bk, 0 if scale_bk % bk == 0 else 2, warps
     if scale_bk < 16 or scale_bk & (scale_bk - 1):
         return bn, min(bk, 128), 2, warps
     return bn, bk, 0 if bk <= scale_bk else 1, warps
@@ -221,7 +231,7 @@ def _launch(
         stride_wn, stride_wk = weight.stride(2), weight.stride(1)
     else:
         stride_wn, stride_wk = weight.stride(1), 1
-    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode)
+    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, rows.shape[0])
     grid = (rows.shape[0], -(-n // block_n))
     kern[grid](
         x,

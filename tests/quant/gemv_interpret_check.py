@@ -21,7 +21,17 @@ CASES = [
 for _scheme, opt in CASES[:3]:
     mode = kernels.launch_shape(opt[1], "fp8")[2]
     assert mode == {32: 1, 48: 2, 512: 0}[opt[1]], (opt, mode)
-for scheme, opt in CASES:
+# int4 chunks inside one group (one scale per row) and wider than a group (scale per element)
+WHOLE = {"int4": ((kernels.ANY, (16, 32, 4)),)}
+CASES += [("int4", 32, WHOLE), ("int4", 16, WHOLE)]
+_saved = dict(kernels.SHAPES)
+kernels.SHAPES.update(WHOLE)
+assert kernels.launch_shape(32, "int4")[2] == 0 and kernels.launch_shape(16, "int4")[2] == 2
+kernels.SHAPES.update(_saved)
+for case in CASES:
+    scheme, opt = case[0], case[1]
+    saved = dict(kernels.SHAPES)
+    kernels.SHAPES.update(case[2] if len(case) > 2 else {})
     dense = torch.randn(E, N, K, dtype=torch.bfloat16)
     if scheme == "fp8":
         parts = [quantize_fp8_block(dense[e], opt) for e in range(E)]
@@ -51,6 +61,7 @@ for scheme, opt in CASES:
         ref = torch.stack([deq[eids[i]].float() @ x[rows[i]].float() for i in range(S)])
         err = (y - ref).abs().max().item()
         assert err < 1e-4 * ref.abs().max().item(), (scheme, opt, round_dtype, err)
+    kernels.SHAPES.update(saved)
 print("fp8 ok", "int4 ok")
 
 # the whole quantized forward through the kernel (decode-sized) vs the dequantizing eager path
