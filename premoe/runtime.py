@@ -99,3 +99,11 @@ def synchronize(device: torch.device) -> None:
     """Wait for the work queued on `device` (CUDA); nothing on the CPU. For timings."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` (a small host tensor) on `device` without blocking the host: a pinned, non-blocking
+    copy on CUDA (a pageable copy would wait for all the work queued before it)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

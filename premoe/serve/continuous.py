@@ -361,9 +361,11 @@ class ContinuousDecoder:
         if self.miss is not None:
             metered = self.miss.forward([by_slot.get(i) for i in range(n)], 1, False)
         if self.graphs is not None:
-            logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
-            if metered is not None and self.miss is not None:
-                with metered:  # the replay copied the router inputs into the meter's tap
+            # the meter plans before the replay (host work while the device waits anyway) and
+            # measures the tap the replay filled right after it, queued behind it
+            with metered or nullcontext():
+                logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
+                if metered is not None and self.miss is not None:
                     self.miss.meter.measure_tapped(n)
         else:
             ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
