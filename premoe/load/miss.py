@@ -32,8 +32,8 @@ CUDA graphs (serve's decode step, `premoe.serve.graphs`) replay kernels, not Pyt
 captured step cannot run the measuring hooks. `enable_tap(rows)` gives the shadow meter a
 persistent buffer [L, rows, H]; inside `tapping()` (the graph's warm-up and capture runs) the
 router hooks only copy their inputs into it (one copy per layer, captured with the step), and
-after each replay `measure_tapped(n)` measures what the buffer then holds, with the same
-batched pass as an eager decode step.
+`tapped(b)`, captured right after the step, measures what the buffer then holds with the same
+batched pass as an eager decode step (premoe.serve.miss accumulates it inside the graph too).
 
 Shape legend: B batch rows, S tokens per row in this forward, T = B·S, H hidden size, E routed
 experts, L MoE layers.
@@ -313,13 +313,13 @@ class MissMeter:
         finally:
             self._tapping = old
 
-    def measure_tapped(self, n: int) -> None:
-        """Measure rows 0..n-1 of the forward whose router inputs are in the tap buffer into
-        `target` (one token per row); nothing without a target."""
-        if self.target is None or self._paused or self._tap is None:
-            return
-        dropped = self._batched(self._tap[:, :n])  # [L, n]
-        self.target.add(dropped.reshape(len(self.layers), n, 1), None)
+    def tapped(self, b: int) -> torch.Tensor:
+        """Dropped mass [L, b] of rows 0..b-1 (one token each) of the forward whose router
+        inputs are in the tap buffer: the same batched pass as an eager decode step. Sync-free,
+        so it can be captured after the step it measures."""
+        if self._tap is None:
+            raise UsageError("enable_tap() first")
+        return self._batched(self._tap[:, :b])
 
     # -- residency -------------------------------------------------------------------------------
     def set_resident(self, keep: Mapping[int, Sequence[int]]) -> None:

@@ -147,12 +147,12 @@ class ContinuousDecoder:
         self.taken_out: list[Seq] = []  # rows taken out by reroutes, for the caller to requeue
 
     def set_miss(self, miss: SlotMiss) -> None:
-        """Measure (and check) every row with `miss`; captured decode steps then copy their
-        router inputs into the meter's tap, measured after each replay (graphs.py)."""
+        """Measure (and check) every row with `miss`; captured decode steps then measure inside
+        the graph (graphs.py, SlotMiss.captured)."""
         self.miss = miss
         if self.graphs is not None:
-            miss.meter.enable_tap(self.slots)
-            self.graphs.tap = miss.meter.tapping
+            miss.enable_graphs()
+            self.graphs.meter = miss
             self.graphs.graphs.clear()
 
     # -- rows ------------------------------------------------------------------------------------
@@ -357,17 +357,14 @@ class ContinuousDecoder:
             patterns[slot] = seq.pattern
         kv_len = max(seq.length for seq in rows) + 1
         row_routing = self._rows(patterns)
-        metered = None
-        if self.miss is not None:
-            metered = self.miss.forward([by_slot.get(i) for i in range(n)], 1, False)
         if self.graphs is not None:
-            # the meter plans before the replay (host work while the device waits anyway) and
-            # measures the tap the replay filled right after it, queued behind it
-            with metered or nullcontext():
-                logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
-                if metered is not None and self.miss is not None:
-                    self.miss.meter.measure_tapped(n)
+            if self.miss is not None:  # the replay measures its rows (SlotMiss.captured)
+                self.miss.before_replay([by_slot.get(i) for i in range(n)])
+            logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
         else:
+            metered = None
+            if self.miss is not None:
+                metered = self.miss.forward([by_slot.get(i) for i in range(n)], 1, False)
             ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
             keys = torch.arange(kv_len, device=dev)  # [K]
             allowed = keys[None, :] <= qpos  # [B, K]; idle rows see column 0 only

@@ -19,8 +19,9 @@ persistent buffers above, the KV cache or the weights.
 Exact as the eager step: the extra KV columns K - kv_len are masked (-inf before the softmax), the
 idle rows (slots without a decoding request, and the bucket's padding rows) write to scratch and
 see column 0 only. Expert swaps write into the same weight tensors (DESIGN.md invariant 5), so
-graphs stay valid across swaps. A dropped-mass meter (`tap`, premoe.load.miss) runs inside the
-captured step only as copies of the router inputs into its buffer; it measures after the replay.
+graphs stay valid across swaps. A dropped-mass meter (`meter`, premoe.serve.miss) is captured with
+the step: the router inputs are copied into its buffer, measured and folded into the rows' sums
+right after the step, inside the same graph (no kernel launched per step for it).
 Anything data-dependent on the host (transformers' eager experts
 loop syncs on `nonzero`) cannot be captured: the engine selects the ``premoe_gemv`` experts
 implementation (`premoe.quant.gemv_experts`) or quantized slots, whose decode path is sync-free.
@@ -32,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 
@@ -41,6 +43,19 @@ log = logging.getLogger(__name__)
 
 # (ids [B, 1], positions [B, 1], mask [B, 1, 1, K], per-row routing | None) -> logits [B, V]
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Rows | None"], torch.Tensor]
+
+
+class CapturedMeter(Protocol):
+    """A meter measured inside the captured step (premoe.serve.miss.SlotMiss)."""
+
+    def tapping(self) -> AbstractContextManager[None]:
+        """Entered around the warm-up and capture runs of a step."""
+        ...
+
+    def captured(self, b: int, *, warm: bool) -> None:
+        """Runs right after the step of rows 0..b-1 (`warm`: a warm-up run, which executes: it
+        must change no running row's state; else the capture, recorded into the graph)."""
+        ...
 
 
 def buckets_up_to(n: int, first: int = 1) -> list[int]:
@@ -97,8 +112,8 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
-        # entered around every warm-up and capture run (MissMeter.tapping); set before capturing
-        self.tap: Callable[[], AbstractContextManager[None]] | None = None
+        # measured inside every captured step (SlotMiss); set before capturing
+        self.meter: CapturedMeter | None = None
 
     def disable_compile(self) -> None:
         """Drop the compiled step and every graph captured from it (a compile failure)."""
@@ -133,14 +148,19 @@ class DecodeGraphs:
         self._idle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with self.tap() if self.tap is not None else nullcontext():
+        meter = self.meter
+        with meter.tapping() if meter is not None else nullcontext():
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self._body(b, kv)
+                    if meter is not None:
+                        meter.captured(b, warm=True)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self._body(b, kv)
+                if meter is not None:
+                    meter.captured(b, warm=False)
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - t0
         log.debug("captured the decode step for %d rows x %d KV columns", b, kv)

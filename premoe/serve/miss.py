@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary, WeakSet
@@ -172,6 +172,17 @@ class RowMeter(MissMeter):
             self.target = None
             self._tok = None
 
+    def index(self, pattern: str) -> int:
+        return self._index[pattern]
+
+    def tapped_rows(self, b: int, tok: torch.Tensor) -> torch.Tensor:
+        """`tapped(b)` [L, b], row i measured against pattern `tok[i]` (tok [b], device)."""
+        self._tok = tok
+        try:
+            return self.tapped(b)
+        finally:
+            self._tok = None
+
     def _share(self, w: torch.Tensor, idx: torch.Tensor, index: int | None) -> torch.Tensor:
         """Σ_j w·1[idx ∉ S_row] / Σ_j w, S_row the token's row's pattern."""
         tok = self._tok
@@ -216,6 +227,19 @@ class SlotAccumulator(MassAccumulator):
         n = m.sum(-1)  # [B]
         self.count.index_add_(0, slots, n)
         self.win_count.index_add_(0, slots, n)
+
+    def add_rows(self, dropped: torch.Tensor, live: torch.Tensor) -> None:
+        """Fold one decode step's `dropped` [L, B] of slots 0..B-1 (row b is slot b) in, rows
+        with `live` [B] 0.0 not at all: in place on views, no indexing (captured in graphs)."""
+        b = dropped.shape[1]
+        d = dropped.float() * live  # [L, B]
+        self.sum[:b].add_(d.T)
+        self.max_layer[:b].copy_(torch.maximum(self.max_layer[:b], d.T))
+        per_token = d.mean(0)  # [B]
+        self.max_token[:b].copy_(torch.maximum(self.max_token[:b], per_token))
+        self.win_sum[:b].add_(per_token)
+        self.count[:b].add_(live)
+        self.win_count[:b].add_(live)
 
 
 class SlotMiss:
@@ -303,6 +327,41 @@ class SlotMiss:
         acc.plan(slots, mask, None if prefill else (tuple(slots), tuple(mask.flatten().tolist())))
         with self.meter.measure(acc, [None if q is None else q.pattern for q in rows], s):
             yield
+
+    # -- CUDA graphs (premoe.serve.graphs) ---------------------------------------------------------
+    def enable_graphs(self) -> None:
+        """Decode steps run as graph replays: each captured step measures its rows right after
+        the step and folds them into their slots (`captured`), reading the rows' pattern indices
+        and which rows are live from buffers `before_replay` fills; a replay costs nothing more."""
+        n = self.gen.rows
+        self.meter.enable_tap(n)
+        dev = self.meter.device
+        self._graph_tok = torch.zeros(n, dtype=torch.long, device=dev)  # [N] pattern index
+        self._graph_live = torch.zeros(n, dtype=torch.float32, device=dev)  # [N] 1.0: decoding
+        self._graph_rows: tuple[str | None, ...] | None = None  # what the buffers hold
+
+    def tapping(self) -> AbstractContextManager[None]:
+        return self.meter.tapping()
+
+    def captured(self, b: int, *, warm: bool) -> None:
+        dropped = self.meter.tapped_rows(b, self._graph_tok[:b])  # [L, B]
+        if not warm:  # a warm-up run executes: running rows' sums stay as they are
+            self.gen.add_rows(dropped, self._graph_live[:b])
+
+    def before_replay(self, rows: Sequence[Seq | None]) -> None:
+        """Rows 0..n-1 of the next replay (row b is slot b; None: idle): fills the buffers when
+        they changed since the last replay (non-blocking)."""
+        key = tuple(None if q is None else q.pattern for q in rows)
+        if key == self._graph_rows:
+            return
+        tok = torch.zeros(self.gen.rows, dtype=torch.long)  # [N]
+        live = torch.zeros(self.gen.rows)  # [N]
+        for b, pattern in enumerate(key):
+            if pattern is not None:
+                tok[b], live[b] = self.meter.index(pattern), 1.0
+        self._graph_tok.copy_(upload(tok, self._graph_tok.device))
+        self._graph_live.copy_(upload(live, self._graph_live.device))
+        self._graph_rows = key
 
     # -- reroute checks --------------------------------------------------------------------------
     def prompt_misses(self, seqs: Sequence[Seq]) -> list[Seq]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -173,6 +174,36 @@ def test_merge_weights_by_tokens() -> None:
     m = merge(a, b)
     assert m.tokens == 8 and abs(m.mean - 0.4) < 1e-9 and m.max == 0.6 and m.max_layer == 0.9
     assert merge(None, b) is b and merge(DroppedMass.empty(2), b) is b
+
+
+def test_a_captured_step_measures_as_an_eager_step(world: World) -> None:
+    """What a captured decode step records (router inputs tapped, then `SlotMiss.captured`, as
+    graphs.py captures it) folds the same dropped mass into each slot as an eager metered step,
+    each row against its own pattern; idle rows and warm-up runs change nothing."""
+    names = list(world.patterns)
+    rows = [
+        SimpleNamespace(slot=0, pattern=names[0]),
+        None,
+        SimpleNamespace(slot=2, pattern=names[-1]),
+    ]
+    ids = torch.tensor([[5], [0], [7]])  # [B, 1]
+    eager, captured = SlotMiss(world.meter, 4), SlotMiss(world.meter, 4)
+    captured.enable_graphs()
+    with torch.no_grad():
+        with eager.forward(rows, 1, False):  # type: ignore[arg-type]
+            world.model(ids)
+        captured.before_replay(rows)  # type: ignore[arg-type]
+        with captured.tapping():
+            world.model(ids)
+            captured.captured(3, warm=True)
+            assert float(captured.gen.count.sum()) == 0.0
+            captured.captured(3, warm=False)
+    a, b = eager.gen, captured.gen
+    for x, y in ((a.sum, b.sum), (a.max_layer, b.max_layer), (a.max_token, b.max_token)):
+        assert torch.allclose(x, y, atol=1e-6), (x, y)
+    assert a.count.tolist() == b.count.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert torch.allclose(a.win_sum, b.win_sum, atol=1e-6)
+    assert float(a.sum[0].sum()) != float(a.sum[2].sum()), "the test could not fail"
 
 
 @GPU[0]
