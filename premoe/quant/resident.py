@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 _ALIGN = 16
 STORAGE_BUFFER = "premoe_qstorage"  # the experts module's buffer holding the quantized slots
-DEFAULT_GEMV_ROWS = 512  # routed pairs up to which the Triton GEMV runs (decode, batches <= 64)
+DEFAULT_GEMV_ROWS = 64  # routed pairs up to which the Triton GEMV runs (decode, small batches)
 
 
 @dataclass(frozen=True)
