@@ -160,7 +160,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
     bound = bw / act["total"]
     tok = build_tokenizer(model_max_length=args.max_len)
     out: dict[str, Any] = {"active_bytes": act, "bound_tokens_per_s": bound, "modes": {}}
-    slots = max(args.batches)
+    slots = max([*args.batches, *args.meter])
     with torch.inference_mode():
         eager = ContinuousDecoder(model, tok, slots=1, max_len=args.max_len, graphs=False)
         ref = greedy_tokens(eager, args.check_tokens, args.prompt, seed=1)
