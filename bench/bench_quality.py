@@ -94,6 +94,34 @@ def _equal_memory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda x: (x["expert_mib"], x["method"], x["keep"]))
 
 
+def _best_at_budget(table: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Per dense row (its resident MiB as the budget): the best row of any precision that fits."""
+
+    def better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return (
+            a["retained"] > b["retained"] if kind == "accuracy" else a["retained"] < b["retained"]
+        )
+
+    out = []
+    for d in (x for x in table if x["precision"] == "none"):
+        fits = [
+            x
+            for x in table
+            if x["method"] == d["method"] and x["resident_mib"] <= d["resident_mib"]
+        ]
+        best = d
+        for x in fits:
+            if better(x, best):
+                best = x
+        out.append({"budget_mib": d["resident_mib"], "dense": d, "best": best})
+    return out
+
+
+def _label(x: dict[str, Any], dense: str) -> str:
+    """ "24 int4" ("8 bf16" for the dense precision)."""
+    return f"{x['keep']} {dense if x['precision'] == 'none' else x['precision']}"
+
+
 def _print_equal_memory(table: list[dict[str, Any]], kind: str, dense: str) -> None:
     label = "accuracy retained" if kind == "accuracy" else "ppl / full"
     rows = [
@@ -109,6 +137,19 @@ def _print_equal_memory(table: list[dict[str, Any]], kind: str, dense: str) -> N
     ]
     head = ["K", "precision", "method", "expert MiB", "resident MiB", label]
     _common.print_table(head, rows, title="at equal memory (by the kept experts' memory)")
+    rows = [
+        [
+            f"{b['budget_mib']:.2f}",
+            b["dense"]["method"],
+            _label(b["dense"], dense),
+            f"{b['dense']['retained']:.3f}",
+            _label(b["best"], dense),
+            f"{b['best']['retained']:.3f}",
+        ]
+        for b in _best_at_budget(table, kind)
+    ]
+    head = ["budget MiB", "method", "dense K", label, "best that fits", label]
+    _common.print_table(head, rows, title="best (K, precision) within each dense row's memory")
 
 
 def _print(summary: dict[str, dict[str, float]], kind: str) -> None:
@@ -165,6 +206,7 @@ def _run(
         out["summary"] = _summary(out["rows"])
         if args.quantize != "none":
             out["equal_memory"] = _equal_memory(out["rows"])
+            out["best_at_budget"] = _best_at_budget(out["equal_memory"], data["results"][0]["kind"])
         out["options"] = {k: str(v) for k, v in vars(args).items()}
         _common.write_json(args.out, out)
         print(f"{t}: {out['seconds'][t]:.0f} s", flush=True)
@@ -197,7 +239,7 @@ def realtext(args: argparse.Namespace) -> dict[str, Any]:
         subprocess.run(cmd, check=True)
     corpora = model / "corpora"
     tasks = args.tasks.split(",") if args.tasks else list(REALTEXT_DOMAINS)
-    store = model / "store"
+    store = model.with_name(model.name + "-store")  # premoe refuses outputs inside the model
     if not (store / "store.json").is_file():
         profile(
             model,
