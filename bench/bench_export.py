@@ -7,6 +7,15 @@ Figures (issue 4):
 (b) memory: peak host RSS of the exporting process / (largest source shard + kept bytes).
     Target <= 1.2. Also given without the interpreter's baseline (torch + transformers imports).
 
+With ``--quantize fp8|int4`` the export quantizes the kept experts as it writes (``premoe export
+--quantize``): it writes fewer bytes than it reads, so two ratios are given. ``throughput_ratio``
+is (a): bytes *written* per second / cp's bytes per second; ``time_ratio`` is cp's seconds /
+the export's seconds for the same kept source bytes (source bytes processed per second / cp's),
+the one that says how much slower than copying the kept bytes the quantizing export is.
+``--profile`` adds one more export run under cProfile (not in the timings) and prints where its
+time goes, grouped by library (compressed-tensors, pack: premoe's quantizers, safetensors,
+torch, premoe, other): self time per group and the top cumulative entries.
+
 Both timings include an fsync of everything written, so neither is flattered by dirty pages
 left in the page cache. Each run is done twice: "cold" (the source files' pages are dropped
 from the page cache first with posix_fadvise(DONTNEED) after a sync; no root needed, other
@@ -21,6 +30,8 @@ carries through fork + exec), cross-checked by sampling with psutil from the par
     python bench/bench_export.py --checkpoint /data/q8 --keep 16 --out bench/export.json
     python bench/bench_export.py --smoke --out /tmp/export_smoke.json      # tiny, seconds
     python bench/bench_export.py --gb 4 --quant fp8 --out bench/results/export_cpu_fp8.json
+    python bench/bench_export.py --gb 1.5 --quantize int4 --profile \
+        --out bench/results/export_cpu_int4.json
 
 CPU only: export does not use an accelerator (`--device` only picks where make_checkpoint
 generates its random pool).
@@ -29,9 +40,12 @@ generates its random pool).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import resource
 import shutil
 import statistics
@@ -130,8 +144,12 @@ def child(args: argparse.Namespace) -> None:
     # load the Python modules that resolving a model imports (transformers' config classes:
     # ~3 s here) before the clock starts; this reads config.json only, no shard
     resolve_model(args.checkpoint).close()
+    quantizer = quantizer_of(args)
     baseline = psutil.Process().memory_info().rss
+    profiler = cProfile.Profile() if args.profile_to else None
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     result = export_from_store(
         args.checkpoint,
         None,
@@ -141,9 +159,13 @@ def child(args: argparse.Namespace) -> None:
         policy="random",
         seed=args.seed,
         max_shard_bytes=args.max_shard_bytes,
+        quantize=quantizer,
     )
     fsync_tree(Path(args.dest))
     seconds = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile_to)
     peak = vm_hwm()
     print(
         json.dumps(
@@ -163,6 +185,61 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def quantizer_of(args: argparse.Namespace) -> Any:
+    """The `ExpertQuantizer` of ``--quantize`` (None for none), as `premoe export` builds it."""
+    if args.quantize == "none":
+        return None
+    from premoe.quant.export import ExpertQuantizer
+
+    block = (args.block, args.block)
+    return ExpertQuantizer(args.quantize, block=block, group_size=args.group_size, symmetric=True)
+
+
+# ---- the profile, by library ---------------------------------------------------------------------
+
+LIBRARIES: tuple[tuple[str, str], ...] = (  # (path fragment, group), first match wins
+    ("compressed_tensors", "compressed-tensors"),
+    ("premoe/quant/", "pack"),
+    ("safetensors", "safetensors"),
+    ("torch", "torch"),
+    ("premoe/", "premoe"),
+)
+
+
+def library_of(filename: str) -> str:
+    for fragment, group in LIBRARIES:
+        if fragment in filename:
+            return group
+    return "other"
+
+
+def profile_by_library(path: str, top: int = 6) -> dict[str, Any]:
+    """Self time per library and each library's top entries by cumulative time."""
+    stats = pstats.Stats(path, stream=io.StringIO())
+    total = stats.total_tt  # type: ignore[attr-defined]
+    groups: dict[str, dict[str, Any]] = {}
+    for (filename, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        g = groups.setdefault(library_of(filename), {"self_seconds": 0.0, "entries": []})
+        g["self_seconds"] += tottime
+        where = f"{Path(filename).name}:{line}" if line else filename
+        g["entries"].append(
+            {"function": f"{func} ({where})", "calls": ncalls, "cumulative": cumtime}
+        )
+    for g in groups.values():
+        g["entries"] = sorted(g["entries"], key=lambda e: -e["cumulative"])[:top]
+    order = sorted(groups, key=lambda n: -groups[n]["self_seconds"])
+    return {"total_seconds": total, "libraries": {n: groups[n] for n in order}}
+
+
+def print_profile(prof: dict[str, Any]) -> None:
+    total = prof["total_seconds"]
+    print(f"\nprofile of one export ({total:.1f} s under cProfile), self time by library:")
+    for name, g in prof["libraries"].items():
+        print(f"  {name:<19} {g['self_seconds']:7.2f} s  {100 * g['self_seconds'] / total:5.1f} %")
+        for e in g["entries"][:4]:
+            print(f"      {e['cumulative']:7.2f} s cum  {e['calls']:>7}x  {e['function'][:90]}")
+
+
 def vm_hwm() -> int:
     """Peak RSS of this process image (VmHWM). Unlike getrusage's ru_maxrss, which Linux carries
     over from the parent through fork + exec, it covers only this process's own memory."""
@@ -173,7 +250,14 @@ def vm_hwm() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_export(checkpoint: Path, dest: Path, keep: int, max_shard: int) -> dict[str, Any]:
+def run_export(
+    checkpoint: Path,
+    dest: Path,
+    keep: int,
+    max_shard: int,
+    args: argparse.Namespace,
+    profile_to: Path | None = None,
+) -> dict[str, Any]:
     import psutil
 
     if dest.exists():
@@ -190,6 +274,13 @@ def run_export(checkpoint: Path, dest: Path, keep: int, max_shard: int) -> dict[
         str(keep),
         "--max-shard-bytes",
         str(max_shard),
+        "--quantize",
+        args.quantize,
+        "--block",
+        str(args.block),
+        "--group-size",
+        str(args.group_size),
+        *(["--profile-to", str(profile_to)] if profile_to else []),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampled = 0
@@ -238,6 +329,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quant", choices=["fp8"], default=None, help="Build an fp8-block (DeepSeek layout) one."
     )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "fp8", "int4"],
+        default="none",
+        help="Quantize the kept experts while exporting (premoe export --quantize).",
+    )
+    p.add_argument("--block", type=int, default=128, help="fp8 block size (with --quantize fp8).")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size.")
+    p.add_argument(
+        "--profile", action="store_true", help="One more export under cProfile, by library."
+    )
+    p.add_argument("--profile-to", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dest", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -294,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare([cp_src])
             cps.append(time_cp(cp_src, cp_dst))
             prepare(shards)
-            exports.append(run_export(args.checkpoint, dest, keep, args.max_shard_bytes))
+            exports.append(run_export(args.checkpoint, dest, keep, args.max_shard_bytes, args))
         cp_s = statistics.median(cps)
         ex_s = statistics.median(e["seconds"] for e in exports)
         written = exports[0]["file_bytes"]
@@ -306,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             "cp_bytes_per_s": kept_bytes / cp_s,
             "export_bytes_per_s": written / ex_s,
             "throughput_ratio": (written / ex_s) / (kept_bytes / cp_s),
+            "time_ratio": cp_s / ex_s,
             "peak_rss": peak,
             "sampled_peak_rss": max(e["sampled_peak_rss"] for e in exports),
             "baseline_rss": base,
@@ -314,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_read": exports[0]["bytes_read"],
             "runs": exports,
         }
+    profile = None
+    if args.profile:
+        prof_path = workdir / "export.prof"
+        run_export(args.checkpoint, dest, keep, args.max_shard_bytes, args, prof_path)
+        profile = profile_by_library(str(prof_path))
+        prof_path.unlink()
     results = {
         "benchmark": "export",
         "machine": {
@@ -331,10 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         },
         "format": built["format"] if built else None,
         "keep": keep,
+        "quantize": None
+        if args.quantize == "none"
+        else {"scheme": args.quantize, "block": args.block, "group_size": args.group_size},
         "kept_bytes": kept_bytes,
         "predicted_file_bytes": sizes.file_bytes(keep, max_shard_bytes=args.max_shard_bytes),
         "modes": runs,
         "targets": {"throughput_ratio": ">= 0.5", "rss_ratio": "<= 1.2"},
+        "ratios": {
+            "throughput_ratio": "(bytes written / export s) / (kept source bytes / cp s)",
+            "time_ratio": "cp s / export s, same kept source bytes",
+        },
+        "profile": profile,
     }
     gb = 1e9
     print(
@@ -342,13 +460,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{largest / gb:.2f} GB); keep {keep}/{sizes.num_experts}: {kept_bytes / gb:.2f} GB"
     )
     bc.print_table(
-        ("mode", "cp MB/s", "export MB/s", "ratio", "peak RSS GB", "RSS ratio", "w/o base"),
+        (
+            "mode",
+            "cp MB/s",
+            "export MB/s",
+            "ratio",
+            "cp s / export s",
+            "peak RSS GB",
+            "RSS ratio",
+            "w/o base",
+        ),
         [
             (
                 mode,
                 f"{r['cp_bytes_per_s'] / 1e6:.0f}",
                 f"{r['export_bytes_per_s'] / 1e6:.0f}",
                 f"{r['throughput_ratio']:.2f}",
+                f"{r['time_ratio']:.2f}",
                 f"{r['peak_rss'] / gb:.2f}",
                 f"{r['rss_ratio']:.2f}",
                 f"{r['rss_ratio_above_baseline']:.2f}",
@@ -356,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode, r in runs.items()
         ],
     )
+    if profile is not None:
+        print_profile(profile)
     bc.write_json(args.out, results)
     cp_src.unlink(missing_ok=True)
     if built is not None and not args.keep_checkpoint:

@@ -3,6 +3,9 @@ without router recalibration, on the bundled demo model and on a real-text char-
 
     python bench/bench_quality.py demo --out bench/results/quality_demo.json
     python bench/bench_quality.py realtext --out bench/results/quality_realtext.json
+    python bench/bench_quality.py realtext-quant --out bench/results/quality_realtext_quant.json
+    python bench/bench_quality.py demo --quantize none,int4 --group-size 32 --methods tcess \
+        --recal-methods '' --keeps 16,32,64 --out bench/results/quality_demo_quant.json
     python bench/bench_quality.py cost --out bench/results/quality_cost.json   # recalibration cost
     python bench/bench_quality.py gpu --out bench/results/quality_gpu.json     # 15B-class, CUDA
 
@@ -13,6 +16,14 @@ cores), profiles its five domains, and scores per-domain perplexity. Methods: tc
 paper-logits, reap (store scores), recon (premoe.calibrate.select), each optionally ``+recal``
 (routers recalibrated, premoe.calibrate.recalibrate). Tasks are evaluated one at a time and the
 JSON is rewritten after each, so a long run leaves partial results. ``--plot`` writes the curve.
+
+``--quantize none,fp8,int4`` (demo, realtext): every (method, K) is also scored with the kept
+experts resident in fp8 (``--block``) or int4 (``--group-size``) (`evaluate(quantize=...)`), and
+the output gains ``equal_memory``: per (method, K, precision) the mean retained score, the kept
+experts' MiB and the resident MiB (checkpoint dtype), ordered by memory, printed as a table.
+``realtext-quant`` is ``realtext`` with the TCESS pattern only, K in 4..32 and
+``--quantize none,fp8,int4`` (blocks and groups of 48: the model's experts are 48x96 and 96x48),
+no recalibration: accuracy at equal memory on real text.
 
 ``gpu``: layer-sequential recalibration cost on a 15B-class random Qwen3-MoE-shaped model built
 directly on the GPU (`_common.build_on_device`): per MoE layer, the pruned block's router is fitted
@@ -36,19 +47,109 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TASKS = ("add", "reverse", "sort", "count", "close")
+DEFAULT_KEEPS = "8,16"
+DEFAULT_GROUP = 128  # fp8 block and int4 group size, as premoe's defaults
 REALTEXT_DOMAINS = ("python", "c", "man", "perl", "doc")
 
 
+def _ratio(r: dict[str, Any]) -> float:
+    """accuracy: pruned/full; perplexity: pruned/full ratio (1.0 = no loss)."""
+    if r["kind"] == "accuracy":
+        return r["value"] / r["full"] if r["full"] else float("nan")
+    return r["value"] / r["full"]
+
+
+def _series(r: dict[str, Any]) -> str:
+    """A row's line: its method, with its expert precision when quantized ("tcess int4")."""
+    p = r.get("precision", "none")
+    return r["method"] if p == "none" else f"{r['method']} {p}"
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """method -> K -> mean retained (accuracy: pruned/full; perplexity: pruned/full ratio)."""
+    """method (precision) -> K -> mean retained over tasks (`_ratio`)."""
     acc: dict[str, dict[str, list[float]]] = {}
     for r in rows:
-        if r["kind"] == "accuracy":
-            v = r["value"] / r["full"] if r["full"] else float("nan")
-        else:
-            v = r["value"] / r["full"]  # perplexity ratio, 1.0 = no loss
-        acc.setdefault(r["method"], {}).setdefault(str(r["keep"]), []).append(v)
+        acc.setdefault(_series(r), {}).setdefault(str(r["keep"]), []).append(_ratio(r))
     return {m: {k: sum(v) / len(v) for k, v in ks.items()} for m, ks in acc.items()}
+
+
+def _equal_memory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, K, precision): mean retained over tasks, kept experts' and resident bytes,
+    ordered by expert memory."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["keep"], r.get("precision", "none")), []).append(r)
+    out = [
+        {
+            "method": m,
+            "keep": k,
+            "precision": p,
+            "retained": sum(_ratio(r) for r in rs) / len(rs),
+            "expert_mib": rs[0]["expert_bytes"] / 2**20,
+            "resident_mib": rs[0]["checkpoint_bytes"] / 2**20,
+            "tasks": len(rs),
+        }
+        for (m, k, p), rs in groups.items()
+    ]
+    return sorted(out, key=lambda x: (x["expert_mib"], x["method"], x["keep"]))
+
+
+def _best_at_budget(table: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Per dense row (its resident MiB as the budget): the best row of any precision that fits."""
+
+    def better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return (
+            a["retained"] > b["retained"] if kind == "accuracy" else a["retained"] < b["retained"]
+        )
+
+    out = []
+    for d in (x for x in table if x["precision"] == "none"):
+        fits = [
+            x
+            for x in table
+            if x["method"] == d["method"] and x["resident_mib"] <= d["resident_mib"]
+        ]
+        best = d
+        for x in fits:
+            if better(x, best):
+                best = x
+        out.append({"budget_mib": d["resident_mib"], "dense": d, "best": best})
+    return out
+
+
+def _label(x: dict[str, Any], dense: str) -> str:
+    """ "24 int4" ("8 bf16" for the dense precision)."""
+    return f"{x['keep']} {dense if x['precision'] == 'none' else x['precision']}"
+
+
+def _print_equal_memory(table: list[dict[str, Any]], kind: str, dense: str) -> None:
+    label = "accuracy retained" if kind == "accuracy" else "ppl / full"
+    rows = [
+        [
+            f"{x['keep']}",
+            dense if x["precision"] == "none" else x["precision"],
+            x["method"],
+            f"{x['expert_mib']:.2f}",
+            f"{x['resident_mib']:.2f}",
+            f"{x['retained']:.3f}",
+        ]
+        for x in table
+    ]
+    head = ["K", "precision", "method", "expert MiB", "resident MiB", label]
+    _common.print_table(head, rows, title="at equal memory (by the kept experts' memory)")
+    rows = [
+        [
+            f"{b['budget_mib']:.2f}",
+            b["dense"]["method"],
+            _label(b["dense"], dense),
+            f"{b['dense']['retained']:.3f}",
+            _label(b["best"], dense),
+            f"{b['best']['retained']:.3f}",
+        ]
+        for b in _best_at_budget(table, kind)
+    ]
+    head = ["budget MiB", "method", "dense K", label, "best that fits", label]
+    _common.print_table(head, rows, title="best (K, precision) within each dense row's memory")
 
 
 def _print(summary: dict[str, dict[str, float]], kind: str) -> None:
@@ -94,10 +195,18 @@ def _run(
             recalibrate_methods=args.recal_methods.split(",") if args.recal_methods else None,
             recalibrate_options=opts,
             calibration={t: calibration[t]},
+            quantize=args.quantize,
+            block=args.block,
+            group_size=args.group_size,
         )
-        out["rows"] += report.to_json()["results"]
+        data = report.to_json()
+        out["rows"] += data["results"]
+        out["source_dtype"] = data["options"]["source_dtype"]
         out["seconds"][t] = time.perf_counter() - t0
         out["summary"] = _summary(out["rows"])
+        if args.quantize != "none":
+            out["equal_memory"] = _equal_memory(out["rows"])
+            out["best_at_budget"] = _best_at_budget(out["equal_memory"], data["results"][0]["kind"])
         out["options"] = {k: str(v) for k, v in vars(args).items()}
         _common.write_json(args.out, out)
         print(f"{t}: {out['seconds'][t]:.0f} s", flush=True)
@@ -130,7 +239,7 @@ def realtext(args: argparse.Namespace) -> dict[str, Any]:
         subprocess.run(cmd, check=True)
     corpora = model / "corpora"
     tasks = args.tasks.split(",") if args.tasks else list(REALTEXT_DOMAINS)
-    store = model / "store"
+    store = model.with_name(model.name + "-store")  # premoe refuses outputs inside the model
     if not (store / "store.json").is_file():
         profile(
             model,
@@ -148,6 +257,18 @@ def realtext(args: argparse.Namespace) -> dict[str, Any]:
     }
     calibration = {d: str(corpora / f"{d}.profile.jsonl") for d in tasks}
     return _run(model, store, tasks, args, calibration, sets)
+
+
+def realtext_quant(args: argparse.Namespace) -> dict[str, Any]:
+    """`realtext`, TCESS only, K x {none, fp8, int4}: perplexity at equal memory."""
+    args.methods, args.recal_methods = "tcess", ""
+    if args.keeps == DEFAULT_KEEPS:
+        args.keeps = "4,8,12,16,24,32"
+    if args.quantize == "none":
+        args.quantize = "none,fp8,int4"
+    if args.block == DEFAULT_GROUP and args.group_size == DEFAULT_GROUP:
+        args.block = args.group_size = 48  # the model's experts: 48x96 and 96x48
+    return realtext(args)
 
 
 def cost(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,16 +372,23 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         out["seconds"].update(part["seconds"])
         out.setdefault("options", part.get("options"))
     out["summary"] = _summary(out["rows"])
+    if any(r.get("precision", "none") != "none" for r in out["rows"]):
+        out["equal_memory"] = _equal_memory(out["rows"])
     _common.write_json(args.out, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["demo", "realtext", "cost", "gpu", "merge"])
+    p.add_argument("mode", choices=["demo", "realtext", "realtext-quant", "cost", "gpu", "merge"])
     p.add_argument("--inputs", nargs="*", default=[], help="merge mode: JSON files to combine")
     p.add_argument("--out", default=None)
-    p.add_argument("--keeps", default="8,16")
+    p.add_argument("--keeps", default=DEFAULT_KEEPS)
+    p.add_argument(
+        "--quantize", default="none", help="expert precisions: none,fp8,int4 (comma-separated)"
+    )
+    p.add_argument("--block", type=int, default=DEFAULT_GROUP, help="fp8 block (rows, cols)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="int4 group size")
     p.add_argument("--methods", default="tcess,paper-logits,reap,recon")
     p.add_argument(
         "--recal-methods",
@@ -284,11 +412,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--chunk-tokens", type=int, default=2048)
     args = p.parse_args(argv)
-    modes = {"demo": demo, "realtext": realtext, "cost": cost, "gpu": gpu, "merge": merge}
+    modes = {
+        "demo": demo,
+        "realtext": realtext,
+        "realtext-quant": realtext_quant,
+        "cost": cost,
+        "gpu": gpu,
+        "merge": merge,
+    }
     out = modes[args.mode](args)
-    if args.mode in ("demo", "realtext", "merge"):
+    if args.mode in ("demo", "realtext", "realtext-quant", "merge"):
         kind = out["rows"][0]["kind"] if out["rows"] else "accuracy"
         _print(out["summary"], kind)
+        if out.get("equal_memory"):
+            _print_equal_memory(out["equal_memory"], kind, out.get("source_dtype", "dense"))
         if args.plot:
             plot(out["summary"], kind, args.plot, Path(args.out or args.mode).stem)
 

@@ -214,10 +214,18 @@ class SizeModel:
                 total += per_bytes
         return total
 
-    def resident_at(self, k: int, precision: str) -> int:
+    def resident_at(
+        self,
+        k: int,
+        precision: str,
+        *,
+        block: tuple[int, int] = (128, 128),
+        group_size: int = 128,
+    ) -> int:
         """Resident bytes with K experts kept per MoE layer, experts stored at `precision`."""
         self.check(k)
-        return self.non_expert_bytes(k) + k * self.expert_per_k_at(precision)
+        per_k = self.expert_per_k_at(precision, block=block, group_size=group_size)
+        return self.non_expert_bytes(k) + k * per_k
 
     def check(self, k: int) -> None:
         if not 0 <= k <= self.num_experts:

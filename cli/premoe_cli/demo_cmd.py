@@ -94,7 +94,7 @@ def demo_command(
 
 
 def _print_result(result: Any) -> None:
-    from premoe.eval.demo import summary_table
+    from premoe.eval.demo import equal_memory_table, summary_table
 
     e = result.num_experts
     typer.echo(
@@ -149,6 +149,14 @@ def _print_result(result: Any) -> None:
     )
     headers, rows = summary_table(result)
     print_table(headers, rows)
+    if result.equal_memory:
+        typer.echo(
+            "\n5. at equal memory: the task's own pattern (TCESS), fewer experts in the "
+            f"checkpoint's dtype or more of them kept in {result.options['equal_memory']}, "
+            "by the memory of the kept experts"
+        )
+        headers, rows = equal_memory_table(result)
+        print_table(headers, rows)
     if result.plots:
         typer.echo("\nplots:")
         for name, path in result.plots.items():

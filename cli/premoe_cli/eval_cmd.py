@@ -7,9 +7,18 @@ from typing import Annotated
 import typer
 
 from premoe.calibrate.recalibrate import RecalibrateOptions
-from premoe.eval.runner import METHODS, EvalProgress, EvalReport, evaluate
+from premoe.eval.runner import METHODS, NONE, EvalProgress, EvalReport, evaluate
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
-from premoe_cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, RecalLrOpt, RecalStepsOpt
+from premoe_cli.options import (
+    BlockOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GroupSizeOpt,
+    JsonOpt,
+    ModelArg,
+    RecalLrOpt,
+    RecalStepsOpt,
+)
 from premoe_cli.progress import LazyBar, closing
 
 
@@ -30,9 +39,16 @@ def fmt_value(kind: str, value: float | None) -> str:
     return f"{100 * value:.1f}%" if kind == "accuracy" else f"{value:.3f}"
 
 
+def precision_label(report: EvalReport, precision: str) -> str:
+    """none -> the checkpoint's dtype (bf16), else the scheme (int4)."""
+    if precision != NONE:
+        return precision
+    return str(report.options.get("source_dtype") or "dense")
+
+
 def print_report(report: EvalReport) -> None:
-    """Per task: methods x keep counts (accuracy or perplexity), the full model, then routing."""
-    e = report.num_experts
+    """Per task: methods x keep counts (accuracy or perplexity), the full model, then routing;
+    with several precisions, one row per (K, precision) ordered by expert memory instead."""
     for t in report.tasks:
         full = report.full[t]
         kind = full.kind
@@ -41,32 +57,70 @@ def print_report(report: EvalReport) -> None:
             f"\ntask {t}: {what} on {full.n} held-out rows; full model "
             f"{fmt_value(kind, full.value)} ({human_bytes(report.full_checkpoint_bytes)})"
         )
-        headers = ["method", *[f"K={k}/{e}" for k in report.keeps]]
-        rows = []
+        if report.precisions == [NONE]:
+            _print_keeps(report, t)
+        else:
+            _print_equal_memory(report, t)
+    _print_routing(report)
+    typer.echo(f"\n{report.seconds:.1f} s ({report.options['via']}, {report.options['dtype']})")
+
+
+def _dropped(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _print_keeps(report: EvalReport, t: str) -> None:
+    """Methods x keep counts, dropped mass, resident bytes (one precision)."""
+    e, kind = report.num_experts, report.full[t].kind
+    headers = ["method", *[f"K={k}/{e}" for k in report.keeps]]
+    rows = []
+    for m in report.methods:
+        rows.append([m, *[fmt_value(kind, report.row(t, m, k).score.value) for k in report.keeps]])
+    size_row = [
+        "resident",
+        *[human_bytes(report.row(t, report.methods[0], k).checkpoint_bytes) for k in report.keeps],
+    ]
+    masses = [report.row(t, m, k).dropped_mass for m in report.methods for k in report.keeps]
+    if any(x is not None for x in masses):  # in-process pruned models measure it
         for m in report.methods:
             rows.append(
-                [m, *[fmt_value(kind, report.row(t, m, k).score.value) for k in report.keeps]]
+                [
+                    f"{m} dropped mass",
+                    *[_dropped(report.row(t, m, k).dropped_mass) for k in report.keeps],
+                ]
             )
-        size_row = [
-            "resident",
-            *[
-                human_bytes(report.row(t, report.methods[0], k).checkpoint_bytes)
-                for k in report.keeps
-            ],
+    print_table(headers, [*rows, size_row])
+
+
+def _print_equal_memory(report: EvalReport, t: str) -> None:
+    """One row per (K, precision), by the kept experts' bytes: which mix wins at equal memory."""
+    kind = report.full[t].kind
+    combos = sorted(
+        {(r.keep, r.precision) for r in report.rows if r.task == t},
+        key=lambda kp: (report.row(t, report.methods[0], *kp).expert_bytes, kp),
+    )
+    headers = ["experts", "precision", "expert memory", "resident", *report.methods]
+    has_mass = any(r.dropped_mass is not None for r in report.rows)
+    if has_mass:
+        headers += [f"{m} dropped mass" for m in report.methods]
+    rows = []
+    for k, p in combos:
+        first = report.row(t, report.methods[0], k, p)
+        row = [
+            f"{k}/{report.num_experts}",
+            precision_label(report, p),
+            human_bytes(first.expert_bytes),
+            human_bytes(first.checkpoint_bytes),
+            *[fmt_value(kind, report.row(t, m, k, p).score.value) for m in report.methods],
         ]
-        masses = [report.row(t, m, k).dropped_mass for m in report.methods for k in report.keeps]
-        if any(x is not None for x in masses):  # in-process pruned models measure it
-            for m in report.methods:
-                rows.append(
-                    [
-                        f"{m} dropped mass",
-                        *[
-                            "-" if (x := report.row(t, m, k).dropped_mass) is None else f"{x:.3f}"
-                            for k in report.keeps
-                        ],
-                    ]
-                )
-        print_table(headers, [*rows, size_row])
+        if has_mass:
+            row += [_dropped(report.row(t, m, k, p).dropped_mass) for m in report.methods]
+        rows.append(row)
+    typer.echo("at equal memory (rows by the kept experts' bytes at their precision):")
+    print_table(headers, rows)
+
+
+def _print_routing(report: EvalReport) -> None:
     if report.routing is not None and report.routing.per_task:
         r = report.routing
         key = f"{r.key.get('kind')}/{r.key.get('search')}"
@@ -79,7 +133,6 @@ def print_report(report: EvalReport) -> None:
             wrong = ", ".join(f"{x} {n}" for x, n in v["routed"].items() if x != t) or "-"
             rows.append([t, v["n"], fmt_value("accuracy", v["accuracy"]), wrong])
         print_table(["task", "queries", "routed to own task", "routed elsewhere"], rows)
-    typer.echo(f"\n{report.seconds:.1f} s ({report.options['via']}, {report.options['dtype']})")
 
 
 def eval_command(
@@ -176,6 +229,17 @@ def eval_command(
             show_default=False,
         ),
     ] = None,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            "--quantize",
+            help="Precisions of the kept experts, comma-separated from none, fp8 (blocks of "
+            "--block), int4 (groups of --group-size): every method and K is scored at each, "
+            "with the experts resident quantized, and the table compares them at equal memory.",
+        ),
+    ] = NONE,
+    block: BlockOpt = 128,
+    group_size: GroupSizeOpt = 128,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     overwrite: Annotated[
@@ -194,6 +258,8 @@ def eval_command(
     Example:
       premoe eval premoe/demo/model --store patterns/demo --task add --task sort \\
         --keep 4,8,16 --method tcess,global,random --plot eval.png
+      premoe eval premoe/demo/model --store patterns/demo --task add --method tcess \\
+        --keep 16,32,64 --quantize none,int4 --group-size 32
     """
     if plot is not None:  # before any work: the plot is written after the whole evaluation
         from premoe.errors import UsageError
@@ -227,6 +293,9 @@ def eval_command(
             recalibrate=recalibrate,
             recalibrate_options=RecalibrateOptions(steps=recalibrate_steps, lr=recalibrate_lr),
             calibration=_calibration(calibration or [], task),
+            quantize=quantize,
+            block=block,
+            group_size=group_size,
         )
     plot_path = None
     if plot is not None:

@@ -12,7 +12,10 @@ Steps, every number computed in the run:
 5. evaluate the full model, and the pruned model at every keep count with: the task's own
    TCESS pattern, the pattern TAER routes each query to, the pattern of all tasks pooled
    (task-agnostic) and random experts (`premoe.eval.evaluate`), plus held-out routing accuracy;
-6. plot accuracy versus experts kept and the store's patterns.
+6. at equal memory: the task's own pattern with the kept experts resident in int4, at half and
+   at all of the experts, beside a quarter of them in the checkpoint's dtype (`evaluate(...,
+   quantize="int4")`): which mix of experts kept and precision wins at the same memory;
+7. plot accuracy versus experts kept and the store's patterns.
 
 Everything is written into one output folder, atomically (``tasks/``, ``store/``,
 ``export-TASK-kK/``, ``plots/``, ``demo.json``).
@@ -41,13 +44,15 @@ from premoe.demo import tasks as demo_tasks
 from premoe.errors import ModelNotFoundError, OutputExistsError, PremoeError, UsageError
 from premoe.eval.harness import load_eval_set, no_load_bars, score, torch_threads
 from premoe.eval.plots import PlotUnavailableError, check_matplotlib, plot_eval, plot_patterns
-from premoe.eval.runner import evaluate
+from premoe.eval.runner import NONE, evaluate
 from premoe.export import export_from_store
+from premoe.export.export import check_expert_quantization
 from premoe.fingerprint import fingerprint_source, same_model
 from premoe.io.atomic import atomic_output_dir, atomic_write_text, check_output_path
 from premoe.patterns.store import PatternStore
 from premoe.plan import keep_ladder
 from premoe.profile import profile
+from premoe.quant.export import ExpertQuantizer, check_scheme
 from premoe.route import QueryKeyer, route
 from premoe.source import resolve_model
 
@@ -65,7 +70,17 @@ METHOD_LABELS = {
     "global": "all tasks pooled (task-agnostic)",
     "random": "random experts",
 }
-STEPS: tuple[str, ...] = ("suite", "profile", "route", "export", "evaluate", "plots")
+STEPS: tuple[str, ...] = (
+    "suite",
+    "profile",
+    "route",
+    "export",
+    "evaluate",
+    "equal-memory",
+    "plots",
+)
+EQUAL_MEMORY_METHOD = "tcess"  # the pattern compared across precisions
+GROUP_SIZES: tuple[int, ...] = (128, 64, 32, 16, 8)  # int4 group sizes tried, largest first
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,7 @@ class DemoOptions:
     batch_size: int = 128
     recalibrate_steps: int = 200  # the export task also goes through `export --recalibrate`
     # (recon selection + router recalibration); 0 skips it
+    equal_memory: str | None = "int4"  # scheme of the equal-memory rows (None skips them)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoOptions:
@@ -133,6 +149,7 @@ class DemoResult:
     export: dict[str, Any]
     summary: list[dict[str, Any]]
     routing: dict[str, Any]
+    equal_memory: list[dict[str, Any]]
     evaluation: dict[str, Any]
     plots: dict[str, str]
     timings: dict[str, float]
@@ -156,6 +173,7 @@ class DemoResult:
             "export": self.export,
             "summary": self.summary,
             "routing": self.routing,
+            "equal_memory": self.equal_memory,
             "evaluation": self.evaluation,
             "plots": self.plots,
             "timings": self.timings,
@@ -316,6 +334,8 @@ def _run(
     names = demo_tasks.task_names()
     if opts.export_task not in names:
         raise UsageError(f"export task {opts.export_task!r} is not a demo task")
+    if opts.equal_memory is not None:
+        check_scheme(opts.equal_memory)
 
     # 1. the task suite
     step("suite", f"{len(names)} tasks")
@@ -426,7 +446,13 @@ def _run(
     )
     rep = report.to_json()
 
-    # 6. plots
+    # 6. at equal memory: the task's own pattern, experts kept quantized
+    equal_memory: list[dict[str, Any]] = []
+    if opts.equal_memory is not None:
+        step("equal-memory", f"{EQUAL_MEMORY_METHOD} in {opts.equal_memory}")
+        equal_memory = _equal_memory(model_dir, st, names, paths, report, keep, opts, dtype)
+
+    # 7. plots
     step("plots")
     plots: dict[str, str] = {}
     try:
@@ -462,6 +488,7 @@ def _run(
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": opts.batch_size,
             "methods": list(METHODS),
+            "equal_memory": opts.equal_memory,
         },
         tasks=names,
         num_experts=e,
@@ -472,6 +499,7 @@ def _run(
         export=export_info,
         summary=summary,
         routing=routing,
+        equal_memory=equal_memory,
         evaluation=rep,
         plots=plots,
         timings=timings,
@@ -527,6 +555,86 @@ def _recalibrated_export(
     }
 
 
+def _group_size(model_dir: Path, scheme: str) -> int:
+    """The largest int4 group size (fp8 block) of `GROUP_SIZES` that divides the experts."""
+    src = resolve_model(model_dir)
+    try:
+        for g in GROUP_SIZES:
+            try:
+                q = ExpertQuantizer(check_scheme(scheme), block=(g, g), group_size=g)
+                check_expert_quantization(src, q)
+            except UsageError:
+                continue
+            return g
+    finally:
+        src.close()
+    raise UsageError(f"no {scheme} group size of {GROUP_SIZES} divides the experts of {model_dir}")
+
+
+def _equal_memory(
+    model_dir: Path,
+    store: Any,
+    names: list[str],
+    paths: dict[str, dict[str, Path]],
+    report: Any,
+    keep: int,
+    opts: DemoOptions,
+    dtype: Any,
+) -> list[dict[str, Any]]:
+    """The task's own pattern at `keep` in the checkpoint's dtype (from `report`), and at half
+    and all of the experts with the experts resident in `opts.equal_memory`; by memory."""
+    scheme = opts.equal_memory
+    assert scheme is not None
+    e, top_k = report.num_experts, report.top_k
+    keeps = sorted({max(top_k, e // 2), e})
+    group = _group_size(model_dir, scheme)
+    quant = evaluate(
+        model_dir,
+        store,
+        names,
+        keeps=keeps,
+        methods=[EQUAL_MEMORY_METHOD],
+        eval_sets={t: paths[t]["eval"] for t in names},
+        device="cpu",
+        dtype=dtype,
+        seed=opts.seed,
+        batch_size=opts.batch_size,
+        routing=False,
+        quantize=scheme,
+        block=group,
+        group_size=group,
+    )
+    rows = [_summary_row(report, EQUAL_MEMORY_METHOD, keep, NONE)]
+    rows += [_summary_row(quant, EQUAL_MEMORY_METHOD, k, scheme) for k in keeps]
+    for r in rows:
+        r["label"] = f"{r['keep']}/{e} {r['precision_label']}"
+        r["group_size"] = None if r["precision"] == NONE else group  # int4 group, fp8 block
+    return sorted(rows, key=lambda r: (r["expert_bytes"], r["keep"]))
+
+
+def _summary_row(report: Any, method: str, keep: int, precision: str) -> dict[str, Any]:
+    """Mean accuracy over tasks of one (method, K, precision), with its memory."""
+    tasks = report.tasks
+    full_mean = sum(report.full[t].value for t in tasks) / len(tasks)
+    per = {t: report.row(t, method, keep, precision).score.value for t in tasks}
+    mean = sum(per.values()) / len(per)
+    row = report.row(tasks[0], method, keep, precision)
+    source = report.options.get("source_dtype") or "dense"
+    return {
+        "method": method,
+        "keep": keep,
+        "precision": precision,
+        "precision_label": source if precision == NONE else precision,
+        "bytes": row.checkpoint_bytes,
+        "expert_bytes": row.expert_bytes,
+        "saved": 1.0 - row.checkpoint_bytes / report.full_checkpoint_bytes,
+        "accuracy": mean,
+        "retained": mean / full_mean if full_mean > 0 else None,
+        "per_task": per,
+        "worst_task": min(tasks, key=lambda t: per[t]),
+    }
+
+
 def summarise(report: Any, keep: int) -> list[dict[str, Any]]:
     """One row per method at `keep` (and the full model): memory, mean accuracy over tasks,
     accuracy retained (mean pruned / mean full), worst task."""
@@ -548,33 +656,25 @@ def summarise(report: Any, keep: int) -> list[dict[str, Any]]:
         }
     ]
     for m in report.methods:
-        per = {t: report.row(t, m, keep).score.value for t in tasks}
-        mean = sum(per.values()) / len(per)
-        nbytes = report.row(tasks[0], m, keep).checkpoint_bytes
-        rows.append(
-            {
-                "method": m,
-                "keep": keep,
-                "bytes": nbytes,
-                "saved": 1.0 - nbytes / full_bytes,
-                "accuracy": mean,
-                "retained": mean / full_mean if full_mean > 0 else None,
-                "per_task": per,
-                "worst_task": min(tasks, key=lambda t: per[t]),
-            }
-        )
+        row = _summary_row(report, m, keep, NONE)
+        rows.append({k: v for k, v in row.items() if k not in _EQUAL_MEMORY_KEYS})
     return rows
+
+
+_EQUAL_MEMORY_KEYS = ("precision", "precision_label", "expert_bytes")  # not in `summarise` rows
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 def summary_table(result: DemoResult) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the one summary table the CLI prints."""
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    def mib(n: int) -> str:
-        return f"{n / 2**20:.2f} MiB"
-
+    pct, mib = _pct, _mib
     headers = [
         "method",
         "experts kept",
@@ -613,6 +713,23 @@ def summary_table(result: DemoResult) -> tuple[list[str], list[list[str]]]:
                 "-" if worst is None else f"{worst} {pct(per[worst]['accuracy'])}",
             ]
         )
+    return headers, rows
+
+
+def equal_memory_table(result: DemoResult) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the "at equal memory" table (empty rows when it was skipped)."""
+    headers = ["experts kept", "expert memory", "resident", "accuracy", "retained", "worst task"]
+    rows = [
+        [
+            r["label"],
+            _mib(r["expert_bytes"]),
+            _mib(r["bytes"]),
+            _pct(r["accuracy"]),
+            _pct(r["retained"]),
+            f"{r['worst_task']} {_pct(r['per_task'][r['worst_task']])}",
+        ]
+        for r in result.equal_memory
+    ]
     return headers, rows
 
 
@@ -673,6 +790,7 @@ __all__ = [
     "DemoResult",
     "build_shipped_store",
     "choose_out",
+    "equal_memory_table",
     "profile_demo_store",
     "run_demo",
     "shipped_store_matches",

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATTERN_PLOTS: tuple[str, ...] = ("heatmaps", "overlap", "coverage")
+_PRECISION_LINE = {"fp8": "--", "int4": ":"}  # line style per expert precision (dense: method's)
 _STYLE = {
     "tcess": ("tab:blue", "o", "-"),
     "frequency": ("tab:cyan", "s", "-"),
@@ -99,12 +100,16 @@ def plot_eval(
 ) -> Path:
     """Accuracy (or perplexity) versus experts kept: one panel per task, one line per method,
     a horizontal line for the full model. `report`: an `EvalReport` or its `to_json()`.
-    `extra`: more lines, ``{method: {task: {K: value}}}`` (e.g. routed evaluation)."""
+    `extra`: more lines, ``{method: {task: {K: value}}}`` (e.g. routed evaluation). A report
+    with several expert precisions (``evaluate(quantize=...)``) is plotted against the kept
+    experts' memory instead, one line per method and precision (`plot_eval_memory`)."""
     data = report if isinstance(report, dict) else report.to_json()
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--plot {out}: the plot is a PNG; give a path ending in .png")
     _check_free(out, overwrite)
+    if len(data.get("precisions") or ["none"]) > 1:
+        return _write(out, _png(plot_eval_memory(data)))
     tasks: list[str] = list(data["tasks"])
     methods: list[str] = list(data["methods"])
     keeps: list[int] = list(data["keeps"])
@@ -134,22 +139,71 @@ def plot_eval(
         ax.set_xticks(keeps)
         ax.set_xticklabels([str(k) for k in keeps])
         ax.set_xlabel(f"experts kept per layer (of {e})")
-        if kind == "accuracy":
-            ax.set_ylabel("exact-match accuracy (%)")
-            ax.set_ylim(-3, 103)
-        else:
-            ax.set_ylabel("perplexity (lower is better)")
-            ax.set_yscale("log")
+        _score_axis(ax, kind)
         ax.set_title(f"{task} ({full['n']} held-out samples)")
         ax.grid(alpha=0.3)
-    for j in range(len(tasks), rows * cols):
+    _finish_eval_figure(fig, axes, data, len(tasks), rows, cols)
+    return _write(out, _png(fig))
+
+
+def _finish_eval_figure(
+    fig: Any, axes: Any, data: dict[str, Any], n: int, rows: int, cols: int
+) -> None:
+    """Hide unused panels, one legend below, the title."""
+    for j in range(n, rows * cols):
         axes[j // cols][j % cols].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 7))
     family = (data.get("fingerprint") or {}).get("family", "")
     name = "/".join(Path(str(data["model"])).parts[-2:])
     fig.suptitle(f"Pruned vs full model: {family} {name}".rstrip())
-    return _write(out, _png(fig))
+
+
+def _score_axis(ax: Any, kind: str) -> None:
+    if kind == "accuracy":
+        ax.set_ylabel("exact-match accuracy (%)")
+        ax.set_ylim(-3, 103)
+    else:
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_yscale("log")
+
+
+def plot_eval_memory(data: dict[str, Any]) -> Any:
+    """The figure of a report with several precisions: score versus the kept experts' MiB, one
+    panel per task, one line per method and precision (labels ``tcess int4``), points labelled
+    with their keep count."""
+    tasks: list[str] = list(data["tasks"])
+    dense = str((data.get("options") or {}).get("source_dtype") or "dense")
+    series: dict[tuple[str, str], dict[str, list[tuple[float, float, int]]]] = {}
+    for r in data["results"]:
+        pts = series.setdefault((r["method"], r["precision"]), {}).setdefault(r["task"], [])
+        pts.append((r["expert_bytes"] / 2**20, float(r["value"]), int(r["keep"])))
+    rows, cols = _grid(len(tasks))
+    fig = _figure(4.6 * cols, 3.4 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, task in enumerate(tasks):
+        ax = axes[i // cols][i % cols]
+        full = data["full"][task]
+        kind = full["kind"]
+        scale = 100.0 if kind == "accuracy" else 1.0
+        for (m, p), per_task in series.items():
+            pts = sorted(per_task.get(task, []))
+            if not pts:
+                continue
+            color, marker, ls = _STYLE.get(m, ("tab:gray", ".", "-"))
+            label = f"{m} {dense if p == 'none' else p}"
+            xs, ys = [x for x, _, _ in pts], [scale * y for _, y, _ in pts]
+            ax.plot(xs, ys, _PRECISION_LINE.get(p, ls), color=color, marker=marker, label=label)
+            for x, y, k in zip(xs, ys, [k for _, _, k in pts], strict=True):
+                ax.annotate(str(k), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.axhline(scale * full["value"], color="black", lw=1, ls="-.", label="full model")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("memory of the kept experts (MiB; points: experts kept)")
+        _score_axis(ax, kind)
+        ax.set_title(f"{task} ({full['n']} held-out samples)")
+        ax.grid(alpha=0.3)
+    _finish_eval_figure(fig, axes, data, len(tasks), rows, cols)
+    return fig
 
 
 # ---- patterns ------------------------------------------------------------------------------------
@@ -304,5 +358,6 @@ __all__ = [
     "jaccard_matrix",
     "layer_shares",
     "plot_eval",
+    "plot_eval_memory",
     "plot_patterns",
 ]

@@ -15,6 +15,11 @@ or written by `export_pruned` and read back with ``from_pretrained`` (``via="exp
 Routing accuracy (TAER): every eval query is routed with the store's key (`premoe.route`), and
 counts as right when it routes to its own task.
 
+Precisions (``quantize``): every (method, K) is also scored with the kept experts resident in
+fp8 or int4 (`ExpertQuantization`, `load_pruned(quantize=...)`; on the CPU the slots are
+dequantized on the fly), and every row carries the bytes of its kept experts at that precision
+(`SizeModel`), so that keep counts and precisions compare at equal memory.
+
 Shape legend: L MoE layers, E experts per layer, K experts kept per layer.
 
 One module because `evaluate` walks one grid (task x method x keep count) whose inputs,
@@ -56,14 +61,17 @@ from premoe.eval.harness import (
     torch_threads,
 )
 from premoe.export import export_pruned
+from premoe.export.export import check_expert_quantization
 from premoe.fingerprint import fingerprint_source
 from premoe.load import ResidentModel
-from premoe.load.loader import param_bytes
+from premoe.load.loader import ExpertQuantization, param_bytes
 from premoe.load.miss import MassAccumulator, shadow_meter
 from premoe.patterns.store import GLOBAL, METRICS, PatternStore
 from premoe.plan import SizeModel, keep_ladder
 from premoe.policy import select_experts
 from premoe.prune import KeepSets
+from premoe.quant.export import ExpertQuantizer, check_scheme
+from premoe.quant.resident import STORAGE_BUFFER
 from premoe.route import QueryKeyer
 from premoe.route.retrieve import route_key
 from premoe.runtime import resolve_device, resolve_dtype
@@ -76,6 +84,7 @@ MODEL_METHODS: tuple[str, ...] = ("recon",)  # need the model and the task corpu
 METHODS: tuple[str, ...] = (*METRICS, *MODEL_METHODS, *BASELINES, "routed")
 RECAL = "+recal"  # suffix of a method's rows with recalibrated routers
 VIAS: tuple[str, ...] = ("load", "export")
+NONE = "none"  # the precision of rows whose experts stay in the evaluated dtype
 METHOD_DESCRIPTIONS = {
     "tcess": "top K of the task's TCESS",
     "frequency": "top K of the task's routed-selection share",
@@ -138,6 +147,41 @@ def parse_methods(text: str | Sequence[str] | None) -> list[str] | None:
                 out.append(m)
     if not out:
         raise UsageError(f"--method is empty; choose from {', '.join(METHODS)}")
+    return out
+
+
+def parse_precisions(text: str | Sequence[str] | None) -> list[str]:
+    """`"none,fp8,int4"` -> ["none", "fp8", "int4"] (order kept, checked); None -> ["none"]."""
+    if text is None:
+        return [NONE]
+    items = [text] if isinstance(text, str) else [str(t) for t in text]
+    out: list[str] = []
+    for p in (p.strip().lower() for item in items for p in item.split(",")):
+        if p and p not in out:
+            out.append(p if p == NONE else check_scheme(p))
+    if not out:
+        raise UsageError("--quantize is empty; give none, fp8 or int4 (comma-separated)")
+    return out
+
+
+def expert_quantizations(
+    src: Any, precisions: Sequence[str], *, block: int, group_size: int, via: str
+) -> dict[str, ExpertQuantization | None]:
+    """{precision: how its experts stay resident} (None: dense), checked against the source
+    before any model runs: an already-quantized source, or a block or group size that does not
+    divide an expert weight, is a `UsageError` (the checks of ``premoe export --quantize``)."""
+    out: dict[str, ExpertQuantization | None] = {}
+    for p in precisions:
+        if p == NONE:
+            out[p] = None
+            continue
+        if via != "load":
+            raise UsageError(
+                f"--quantize {p} keeps the experts quantized in memory; use --via load"
+            )
+        q = ExpertQuantizer(check_scheme(p), block=(block, block), group_size=group_size)
+        check_expert_quantization(src, q)
+        out[p] = ExpertQuantization(q.scheme, q.block, q.group_size)
     return out
 
 
@@ -333,6 +377,8 @@ class EvalRow:
     resident_bytes: int  # parameters of the pruned model as evaluated (its dtype)
     checkpoint_bytes: int  # resident bytes at the checkpoint's own dtype (`plan.SizeModel`)
     dropped_mass: float | None = None  # mean over tokens and layers (`premoe.load.miss`)
+    precision: str = NONE  # the kept experts' precision: none (dense), fp8 or int4
+    expert_bytes: int = 0  # the kept experts' bytes at `precision` (checkpoint dtype otherwise)
 
     @property
     def retained(self) -> float:
@@ -354,6 +400,8 @@ class EvalRow:
             "resident_bytes": self.resident_bytes,
             "checkpoint_bytes": self.checkpoint_bytes,
             "dropped_mass": self.dropped_mass,
+            "precision": self.precision,
+            "expert_bytes": self.expert_bytes,
             **({"predictions": self.score.predictions} if predictions else {}),
         }
 
@@ -409,12 +457,13 @@ class EvalReport:
     options: dict[str, Any]
     seconds: float
     premoe_version: str = field(default_factory=lambda: premoe.__version__)
+    precisions: list[str] = field(default_factory=lambda: [NONE])
 
-    def row(self, task: str, method: str, keep: int) -> EvalRow:
+    def row(self, task: str, method: str, keep: int, precision: str = NONE) -> EvalRow:
         for r in self.rows:
-            if (r.task, r.method, r.keep) == (task, method, keep):
+            if (r.task, r.method, r.keep, r.precision) == (task, method, keep, precision):
                 return r
-        raise KeyError((task, method, keep))
+        raise KeyError((task, method, keep, precision))
 
     def to_json(self, *, predictions: bool = False) -> dict[str, Any]:
         return {
@@ -426,6 +475,7 @@ class EvalReport:
             "methods": self.methods,
             "method_descriptions": {m: describe_method(m) for m in self.methods},
             "keeps": self.keeps,
+            "precisions": self.precisions,
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "full": {
@@ -445,6 +495,19 @@ class EvalReport:
 
 
 # ---- running -----------------------------------------------------------------------------------
+
+
+def resident_bytes(model: Any) -> int:
+    """Parameters plus quantized expert slots (`premoe.quant.resident` keeps them in buffers)."""
+    slots = sum(b.numel() for n, b in model.named_buffers() if n.endswith(STORAGE_BUFFER))
+    return param_bytes(model) + slots
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16" (the ``--dtype`` spelling)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
 
 
 def keep_id(keep: KeepSets) -> tuple[Any, ...]:
@@ -540,6 +603,9 @@ def evaluate(
     calibration: Mapping[str, Any] | None = None,
     recon_options: Any = None,
     recalibrate_methods: Sequence[str] | None = None,
+    quantize: Sequence[str] | str | None = None,
+    block: int = 128,
+    group_size: int = 128,
 ) -> EvalReport:
     """Score the full model and every (method, K) pruned model on every task's eval set.
 
@@ -552,7 +618,9 @@ def evaluate(
     demo task's held-out split. `max_samples` caps rows per task (seeded subset). `via`:
     ``load`` (in process) or ``export`` (write a checkpoint, read it back with
     from_pretrained; `workdir` holds it, default a temp folder). `threads`: torch CPU threads
-    while it runs. All inputs are checked before any model runs.
+    while it runs. `quantize`: precisions of the kept experts, ``"none,fp8,int4"`` (default
+    none): every (method, K) is scored at each, fp8 in `block` x `block` blocks, int4 in groups
+    of `group_size` (``via="load"`` only). All inputs are checked before any model runs.
     """
 
     # Model methods (``recon``) and ``recalibrate`` (every method but routed gains a
@@ -568,6 +636,7 @@ def evaluate(
             raise UsageError(f"a task is given twice in {tasks}")
         if via not in VIAS:
             raise UsageError(f"unknown --via {via!r}; choose load or export")
+        precisions = parse_precisions(quantize)
 
         src = resolve_model(model)
         try:
@@ -601,6 +670,19 @@ def evaluate(
             torch_dtype = resolve_dtype(dtype, src)
             tokenizer = load_tokenizer(src.path)
             sizes = SizeModel.from_source(src)
+            quant = expert_quantizations(
+                src, precisions, block=block, group_size=group_size, via=via
+            )
+
+            def expert_bytes(k: int, precision: str) -> int:
+                stored = "source" if precision == NONE else precision
+                per_k = sizes.expert_per_k_at(stored, block=(block, block), group_size=group_size)
+                return k * per_k
+
+            def checkpoint_bytes(k: int, precision: str) -> int:
+                if precision == NONE:
+                    return sizes.resident(k)
+                return sizes.resident_at(k, precision, block=(block, block), group_size=group_size)
 
             def keep_for(task: str, method: str, k: int) -> KeepSets:
                 return method_keep(st, task, method, k, shape, seed=seed, global_metric=gmetric)
@@ -714,26 +796,33 @@ def evaluate(
                 for unit, keep in parts:
                     slot = groups.setdefault(k, {}).setdefault(kid_of(unit, keep), (keep, {}))
                     slot[1].setdefault(unit.name, unit)
-            counter.total += sum(
+            counter.total += len(precisions) * sum(
                 len(u.evalset)
                 for by in groups.values()
                 for _, us in by.values()
                 for u in us.values()
             )
 
-            results: dict[tuple[str, int, tuple[Any, ...]], tuple[Score, int]] = {}
+            # (unit name, K, precision, keep id) -> (score, resident bytes) / dropped mass
+            results: dict[tuple[str, int, str, tuple[Any, ...]], tuple[Score, int]] = {}
             full_routers = source_routers(src) if unit_routers else {}
-            mass_of: dict[tuple[str, int, tuple[Any, ...]], float] = {}
+            mass_of: dict[tuple[str, int, str, tuple[Any, ...]], float] = {}
             with tempfile.TemporaryDirectory(prefix="premoe-eval-", dir=workdir) as tmp:
-                for k in ks:
+                for k, prec in ((k, p) for k in ks for p in precisions):
                     resident: Any = None
                     try:
                         for n_group, (kid, (keep, units)) in enumerate(groups[k].items()):
                             counter.stage = f"{k} experts kept ({n_group + 1}/{len(groups[k])})"
+                            if prec != NONE:
+                                counter.stage += f", {prec}"
                             if via == "load":
                                 if resident is None:
                                     resident = ResidentModel(
-                                        src, keep, device=dev, dtype=torch_dtype
+                                        src,
+                                        keep,
+                                        device=dev,
+                                        dtype=torch_dtype,
+                                        quantize=quant[prec],
                                     )
                                     resident.model.eval()
                                 else:
@@ -756,7 +845,7 @@ def evaluate(
                                     dev,
                                     _routers_of(units, unit_routers),
                                 )
-                            nbytes = param_bytes(net)
+                            nbytes = resident_bytes(net)
                             meter = None
                             if resident is not None and via == "load":
                                 meter = shadow_meter(net, src, keep.layers)
@@ -767,38 +856,49 @@ def evaluate(
                                 if meter is not None:
                                     meter.detach()
                             for name, sc in scored.items():
-                                results[(name, k, kid)] = (sc, nbytes)
+                                results[(name, k, prec, kid)] = (sc, nbytes)
                                 if meter is not None:
-                                    mass_of[(name, k, kid)] = masses[name]
+                                    mass_of[(name, k, prec, kid)] = masses[name]
                             del net
                     finally:
                         if resident is not None:
                             resident.close()
             rows: list[EvalRow] = []
             shown = [*chosen, *[m + RECAL for m in chosen if (tasks[0], m + RECAL, ks[0]) in work]]
-            for t in tasks:
-                for m in shown:
-                    for k in ks:
-                        parts = work[(t, m, k)]
-                        got = [results[(u.name, k, kid_of(u, keep))] for u, keep in parts]
-                        if len(parts) == 1 and parts[0][0].name == t:
-                            sc = got[0][0]
-                        else:
-                            sc = combine(
-                                [(g[0], u.rows) for g, (u, _) in zip(got, parts, strict=True)],
-                                len(sets[t]),
-                            )
-                        mass = [mass_of.get((u.name, k, kid_of(u, keep))) for u, keep in parts]
-                        weights = [len(u.rows) for u, _ in parts]
-                        dropped = (
-                            None
-                            if any(x is None for x in mass)
-                            else sum(float(x) * w for x, w in zip(mass, weights, strict=True))
-                            / max(1, sum(weights))
-                        )
-                        rows.append(
-                            EvalRow(t, m, k, sc, full[t], got[0][1], sizes.resident(k), dropped)
-                        )
+            for t, m, k, prec in (
+                (t, m, k, p) for t in tasks for m in shown for k in ks for p in precisions
+            ):
+                parts = work[(t, m, k)]
+                got = [results[(u.name, k, prec, kid_of(u, keep))] for u, keep in parts]
+                if len(parts) == 1 and parts[0][0].name == t:
+                    sc = got[0][0]
+                else:
+                    sc = combine(
+                        [(g[0], u.rows) for g, (u, _) in zip(got, parts, strict=True)],
+                        len(sets[t]),
+                    )
+                mass = [mass_of.get((u.name, k, prec, kid_of(u, keep))) for u, keep in parts]
+                weights = [len(u.rows) for u, _ in parts]
+                dropped = (
+                    None
+                    if any(x is None for x in mass)
+                    else sum(float(x) * w for x, w in zip(mass, weights, strict=True))
+                    / max(1, sum(weights))
+                )
+                rows.append(
+                    EvalRow(
+                        t,
+                        m,
+                        k,
+                        sc,
+                        full[t],
+                        got[0][1],
+                        checkpoint_bytes(k, prec),
+                        dropped,
+                        precision=prec,
+                        expert_bytes=expert_bytes(k, prec),
+                    )
+                )
             return EvalReport(
                 model=str(model),
                 fingerprint=fingerprint,
@@ -826,10 +926,15 @@ def evaluate(
                     "batch_size": batch_size,
                     "max_new_tokens": max_new_tokens,
                     "global_metric": gmetric,
+                    "quantize": {"block": block, "group_size": group_size}
+                    if precisions != [NONE]
+                    else None,
+                    "source_dtype": dtype_name(resolve_dtype("auto", src)),
                     "stop": "eos or newline",
                     "match": "exact, surrounding whitespace ignored",
                 },
                 seconds=time.perf_counter() - t0,
+                precisions=precisions,
             )
         finally:
             src.close()
@@ -896,6 +1001,7 @@ def _export_and_load(
 __all__ = [
     "BASELINES",
     "METHODS",
+    "NONE",
     "METHOD_DESCRIPTIONS",
     "EvalProgress",
     "EvalReport",
@@ -911,5 +1017,6 @@ __all__ = [
     "parse_eval_sets",
     "parse_keeps",
     "parse_methods",
+    "parse_precisions",
     "routing_accuracy",
 ]

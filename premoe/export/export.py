@@ -318,24 +318,34 @@ def export_pruned(
             src.close()
 
 
-def _check_quantizable(src: ModelSource, q: ExpertQuantizer) -> None:
-    """Refuse `--quantize` before any work when it cannot apply to every expert weight."""
+def check_expert_quantization(src: ModelSource, q: ExpertQuantizer) -> None:
+    """Refuse quantizing `src`'s routed experts to `q` before any work (export, or experts kept
+    quantized in memory: `premoe eval --quantize`): a source already quantized, or an fp8 block
+    or int4 group size that does not divide a per-expert weight (`ExpertQuantizer.check`)."""
     km = src.keymap
     if km.format.quantized:
         raise UsageError(
-            f"--quantize {q.scheme}: the source is already {km.format.name}-quantized; export it "
-            "as it is (premoe keeps its format), or quantize from the bf16/fp16 checkpoint"
+            f"--quantize {q.scheme}: the source is already {km.format.name}-quantized and premoe "
+            "does not re-quantize quantized experts; use it as it is (without --quantize), or "
+            "quantize from the bf16/fp16 checkpoint"
         )
     if km.layout != "per_expert":
-        raise UsageError(
-            f"--quantize needs per-expert expert weights; {src.arch.name} stores its experts "
-            "fused on disk, which has no quantized hub layout premoe writes"
-        )
+        return  # fused on disk: the in-memory quantizer checks its [E, N, K] shapes itself
     layer = src.moe_layers[0]
     for ti, t in enumerate(src.arch.experts):
         for part in range(len(t.per_expert)):
             rows, cols = km.stored(layer, ti, 0, part).dense_shape
             q.check(km.expert_key(layer, t, 0, part), rows, cols)
+
+
+def _check_quantizable(src: ModelSource, q: ExpertQuantizer) -> None:
+    """Refuse `--quantize` before any work when it cannot apply to every expert weight."""
+    if src.keymap.layout != "per_expert" and not src.keymap.format.quantized:
+        raise UsageError(
+            f"--quantize needs per-expert expert weights; {src.arch.name} stores its experts "
+            "fused on disk, which has no quantized hub layout premoe writes"
+        )
+    check_expert_quantization(src, q)
 
 
 def _with_mtp(src: ModelSource, keep: KeepSets, drop: bool) -> tuple[KeepSets, dict[str, Any]]:

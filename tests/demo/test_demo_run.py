@@ -20,6 +20,7 @@ from premoe.eval.demo import (
     DemoOptions,
     build_shipped_store,
     choose_out,
+    equal_memory_table,
     run_demo,
     shipped_store_matches,
     summary_table,
@@ -73,6 +74,7 @@ def check_result(data: dict, out: Path, *, num_experts: int, keep: int) -> None:
         assert 0.0 < row["saved"] < 1.0 and 0.0 <= row["accuracy"] <= 1.0
         assert set(row["per_task"]) == set(names)
     assert len({r["bytes"] for r in summary[1:]}) == 1  # same K, same memory
+    check_equal_memory(data, num_experts=num_experts, keep=keep)
     routing = data["routing"]
     assert routing["n"] == len(names) * data["options"]["n_eval"]
     assert 0.0 <= routing["accuracy"] <= 1.0 and set(routing["per_task"]) == set(names)
@@ -81,6 +83,27 @@ def check_result(data: dict, out: Path, *, num_experts: int, keep: int) -> None:
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG" and p.parent == out / "plots"
     assert set(data["timings"]) >= {"suite", "profile", "route", "export", "evaluate", "plots"}
     assert data["seconds"] > 0 and data["premoe_version"]
+
+
+def check_equal_memory(data: dict, *, num_experts: int, keep: int) -> None:
+    """The quarter of the experts dense beside half and all of them int4, by expert memory."""
+    rows = data["equal_memory"]
+    half = max(data["top_k"], num_experts // 2)
+    assert {(r["keep"], r["precision"]) for r in rows} == {
+        (keep, "none"),
+        (half, "int4"),
+        (num_experts, "int4"),
+    }
+    assert [r["expert_bytes"] for r in rows] == sorted(r["expert_bytes"] for r in rows)
+    dense = next(r for r in rows if r["precision"] == "none")
+    tcess = next(r for r in data["summary"] if r["method"] == "tcess")
+    assert dense["accuracy"] == tcess["accuracy"] and dense["bytes"] == tcess["bytes"]
+    all_int4 = next(r for r in rows if r["keep"] == num_experts)
+    assert all_int4["bytes"] < data["summary"][0]["bytes"]  # int4 beats the full model's size
+    assert all_int4["group_size"] in (128, 64, 32, 16, 8)
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["expert_bytes"] > 0
+        assert r["label"].startswith(f"{r['keep']}/{num_experts} ")
 
 
 def test_quick_demo_on_a_tiny_model(tiny_demo_model: Path, tmp_path: Path) -> None:
@@ -92,6 +115,8 @@ def test_quick_demo_on_a_tiny_model(tiny_demo_model: Path, tmp_path: Path) -> No
     headers, rows = summary_table(result)
     assert headers[0] == "method" and len(rows) == len(METHODS) + 2
     assert rows[-1][0].startswith("TAER routing")
+    headers, rows = equal_memory_table(result)
+    assert headers[0] == "experts kept" and len(rows) == 3 and rows[0][0].endswith("int4")
     assert not list(tmp_path.glob(".demo.premoe-tmp-*"))
     # an explicit existing folder is refused (and left alone), replaced with overwrite
     stamp = (out / "demo.json").read_bytes()
@@ -152,7 +177,8 @@ def test_quick_demo_on_the_bundled_model_cli(tmp_path: Path) -> None:
     # table output names every part
     res = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d2")])
     assert res.exit_code == 0, res.output
-    for text in ("pattern store", "routing", "exported", "TCESS", "random experts", "plots:"):
+    texts = ("pattern store", "routing", "exported", "TCESS", "random experts", "plots:")
+    for text in (*texts, "at equal memory", "int4"):
         assert text in res.stdout
 
 
