@@ -21,7 +21,11 @@ Dtype (`parse_dtype`, `resolve_dtype`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -107,3 +111,25 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+# transformers (5.x) patches `PreTrainedModel` class attributes while it builds a model
+# (`initialization.no_tie_weights`, `no_init_weights`) and restores them after; two threads
+# building at once can leave them patched for good (every later model comes out untied). premoe
+# builds one model at a time per process.
+_BUILD_LOCK = threading.RLock()
+
+
+@contextmanager
+def building_models() -> Iterator[None]:
+    """Hold around any transformers model construction (see `_BUILD_LOCK`)."""
+    with _BUILD_LOCK:
+        yield
+
+
+def pretrained_causal_lm(path: str | Path, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, one build at a time."""
+    from transformers import AutoModelForCausalLM
+
+    with building_models():
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -49,7 +49,7 @@ from premoe.load import load_pruned
 from premoe.load.loader import as_source
 from premoe.plan import SizeModel, check_store_layers, open_store, store_scores
 from premoe.policy import Selection, select_experts
-from premoe.runtime import resolve_device, resolve_dtype
+from premoe.runtime import pretrained_causal_lm, resolve_device, resolve_dtype
 from premoe.source import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,6 @@ def calibrate_pattern(
     default: each task's corpus as recorded in the store. `save`: keep the routers in `store`
     and write it back to its folder (one task only).
     """
-    from transformers import AutoModelForCausalLM
 
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     if not names:
@@ -145,9 +144,7 @@ def calibrate_pattern(
         teacher = None
         selection = base
         if select == "recon" or recalibrate_routers:
-            teacher = AutoModelForCausalLM.from_pretrained(
-                src.path, dtype=dt, device_map={"": str(dev)}
-            ).eval()
+            teacher = pretrained_causal_lm(src.path, dtype=dt, device_map={"": str(dev)}).eval()
         if select == "recon":
             assert teacher is not None
             pad = pad_token_id(tokenizer, src.config)

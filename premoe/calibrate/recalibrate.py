@@ -50,7 +50,7 @@ from premoe.errors import CorpusError, UsageError
 from premoe.load.loader import as_source, load_pruned
 from premoe.profile.corpus import load_task
 from premoe.prune.keepsets import KeepSets
-from premoe.runtime import resolve_device, resolve_dtype
+from premoe.runtime import pretrained_causal_lm, resolve_device, resolve_dtype
 from premoe.source import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,6 @@ def recalibrate(
     the calibrated routers (apply with `apply_routers`, export with `router_overrides`, keep
     with `PatternStore.set_routers`). In-memory path: each model fits `device`.
     """
-    from transformers import AutoModelForCausalLM
 
     opts = (options or RecalibrateOptions()).check()
     check_corpus(corpus)
@@ -375,9 +374,7 @@ def recalibrate(
             progress(RecalibrateProgress("teacher", 0, opts.steps))
         own_teacher = teacher is None
         if own_teacher:
-            teacher = AutoModelForCausalLM.from_pretrained(
-                src.path, dtype=dt, device_map={"": str(dev)}
-            ).eval()
+            teacher = pretrained_causal_lm(src.path, dtype=dt, device_map={"": str(dev)}).eval()
         targets = teacher_targets(teacher, data, topk=topk, token_weight=opts.token_weight)
         if own_teacher:
             del teacher

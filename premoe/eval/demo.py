@@ -54,6 +54,7 @@ from premoe.plan import keep_ladder
 from premoe.profile import profile
 from premoe.quant.export import ExpertQuantizer, check_scheme
 from premoe.route import QueryKeyer, route
+from premoe.runtime import pretrained_causal_lm
 from premoe.source import resolve_model
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,10 @@ def choose_out(out: str | Path | None, overwrite: bool) -> tuple[Path, str]:
 
 
 def _load_full(model_dir: Path, dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    net = pretrained_causal_lm(model_dir, dtype=dtype).eval()
     return net, tok
 
 
@@ -398,9 +399,8 @@ def _run(
     task = opts.export_task
     export_name = f"export-{task}-k{keep}"
     result = export_from_store(model_dir, st, [task], tmp / export_name, keep=keep)
-    from transformers import AutoModelForCausalLM
 
-    exported = AutoModelForCausalLM.from_pretrained(tmp / export_name, dtype=dtype).eval()
+    exported = pretrained_causal_lm(tmp / export_name, dtype=dtype).eval()
     eval_set = load_eval_set(task, paths[task]["eval"])
     exp_score = score(exported, tok, eval_set, batch_size=opts.batch_size)
     del exported
@@ -525,7 +525,6 @@ def _recalibrated_export(
 ) -> dict[str, Any]:
     """`premoe export --recalibrate` of the export task (recon selection, routers recalibrated
     on the task's profiling corpus), read back with plain from_pretrained and scored."""
-    from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     pattern = calibrate_pattern(
@@ -540,7 +539,7 @@ def _recalibrated_export(
     )
     name = f"{export_name}-recalibrated"
     export_calibrated(model_dir, pattern, tmp / name)
-    net = AutoModelForCausalLM.from_pretrained(tmp / name, dtype=dtype).eval()
+    net = pretrained_causal_lm(tmp / name, dtype=dtype).eval()
     sc = score(net, tok, load_eval_set(task, files["eval"]), batch_size=opts.batch_size)
     assert pattern.routers is not None
     return {

@@ -74,7 +74,7 @@ from premoe.quant.export import ExpertQuantizer, check_scheme
 from premoe.quant.resident import STORAGE_BUFFER
 from premoe.route import QueryKeyer
 from premoe.route.retrieve import route_key
-from premoe.runtime import resolve_device, resolve_dtype
+from premoe.runtime import pretrained_causal_lm, resolve_device, resolve_dtype
 from premoe.source import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -720,12 +720,11 @@ def evaluate(
                 return {u.name: sc for u, sc in zip(units, got, strict=True)}
 
             # the full model (and routing, which needs no expert but uses the full model's layers)
-            from transformers import AutoModelForCausalLM
 
             whole = {t: _Unit(t, t, sets[t], list(range(len(sets[t])))) for t in tasks}
             counter.total = sum(len(s) for s in sets.values())
             counter.stage = "full model"
-            full_model = AutoModelForCausalLM.from_pretrained(
+            full_model = pretrained_causal_lm(
                 src.path, dtype=torch_dtype, device_map={"": str(dev)}
             ).eval()
             full_bytes = param_bytes(full_model)
@@ -989,12 +988,11 @@ def _export_and_load(
 ) -> Any:
     """`export_pruned` into a fresh folder under `tmp` (with calibrated `routers` as
     overrides), then `from_pretrained` it."""
-    from transformers import AutoModelForCausalLM
 
     out = tmp / f"export-{len(list(tmp.iterdir()))}"
     overrides = None if routers is None else router_overrides(src, routers)
     export_pruned(src, keep, out, router_overrides=overrides)
-    net = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": str(device)})
+    net = pretrained_causal_lm(out, dtype=dtype, device_map={"": str(device)})
     return net.eval()
 
 

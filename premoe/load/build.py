@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from premoe.errors import CheckpointError
+from premoe.runtime import building_models
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build_skeleton(config: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
     """The transformers model of `config`: parameters on meta, buffers real (CPU), tied."""
     from transformers import AutoModelForCausalLM
 
-    with params_on_meta():
+    with params_on_meta(), building_models():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     return model
 

@@ -34,7 +34,7 @@ from premoe.fingerprint import fingerprint_model, fingerprint_source
 from premoe.load.loader import load_full
 from premoe.profile.corpus import TaskCorpus
 from premoe.profile.hooks import Recorded, RoutingRecorder
-from premoe.runtime import parse_dtype, resolve_device
+from premoe.runtime import parse_dtype, pretrained_causal_lm, resolve_device
 from premoe.source import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,6 @@ def load_causal_lm(
     device_map: str | dict[str, Any] | None = None,
 ) -> Any:
     """`AutoModelForCausalLM.from_pretrained` on a device (or an accelerate device map)."""
-    from transformers import AutoModelForCausalLM
 
     if path is None:
         raise UsageError("no model path to load from")
@@ -128,7 +127,7 @@ def load_causal_lm(
 
         return load_full(path, device=device_map[""], dtype=parsed)
     log.info("loading %s (dtype %s, device map %s)", path, torch_dtype, device_map)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
+    model = pretrained_causal_lm(path, dtype=torch_dtype, device_map=device_map)
     return model.eval()
 
 

@@ -72,6 +72,7 @@ from premoe.serve.requests import (  # noqa: F401  (moved; re-exported)
     RouteFn,
     RouteInfo,
 )
+from premoe.serve.reroute import attach as attach_miss
 from premoe.serve.resident import Resident, open_resident
 from premoe.serve.scheduler import Scheduler
 from premoe.source import load_tokenizer, resolve_model
@@ -263,7 +264,7 @@ class Engine:
             )
         if self._router is None and store is not None:
             self._router = make_router(store, model, self.tokenizer, src, cfg.route_threshold)
-        self.miss = serve_miss.attach(self, model, src)  # dropped mass, reroute (miss.py)
+        self.miss = attach_miss(self, model, src)  # dropped mass, reroute (reroute.py)
         self.load_seconds = time.perf_counter() - t0
         # warm-up (compilation, CUDA graph capture) runs in the worker thread, which is the
         # thread that replays the graphs (torch keeps CUDA graph trees per thread)
