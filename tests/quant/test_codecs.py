@@ -16,7 +16,6 @@ from premoe.quant.codecs import (
     int4_pack_config,
     quantize_fp8_block,
     quantize_int4_pack,
-    quantize_int4_pack_ct,
     quantize_int4_pack_torch,
 )
 
@@ -116,14 +115,13 @@ def test_ct_int4_equals_compressed_tensors(symmetric: bool, group_size: int) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_torch_packer_writes_the_library_bytes(dtype: torch.dtype) -> None:
+def test_int4_torch_fallback_writes_the_library_bytes(dtype: torch.dtype) -> None:
     torch.manual_seed(8)
-    w = torch.randn(24, 128).to(dtype)  # half the words have the top nibble >= 8 (sign bit)
+    w = torch.randn(24, 128).to(dtype)
     w[3, :32] = 0  # an all-zero group: the scale is the dtype's eps
     w[5, 64:96] = 1e-3
-    ref = quantize_int4_pack_ct(w, group_size=32)
+    ref = quantize_int4_pack(w, group_size=32)
     ours = quantize_int4_pack_torch(w, group_size=32)
-    assert all(torch.equal(ours[k], v) for k, v in quantize_int4_pack(w, group_size=32).items())
     assert set(ours) == set(ref)
     for k in ref:
         assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
