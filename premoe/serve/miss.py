@@ -337,7 +337,7 @@ class SlotMiss:
         dev = self.meter.device
         self._graph_tok = torch.zeros(n, dtype=torch.long, device=dev)  # [N] pattern index
         self._graph_live = torch.zeros(n, dtype=torch.float32, device=dev)  # [N] 1.0: decoding
-        self._graph_rows: tuple[str | None, ...] | None = None  # what the buffers hold
+        self._graph_rows: tuple[tuple[bool, str | None], ...] | None = None  # buffers' rows
 
     def tapping(self) -> AbstractContextManager[None]:
         return self.meter.tapping()
@@ -350,14 +350,14 @@ class SlotMiss:
     def before_replay(self, rows: Sequence[Seq | None]) -> None:
         """Rows 0..n-1 of the next replay (row b is slot b; None: idle): fills the buffers when
         they changed since the last replay (non-blocking)."""
-        key = tuple(None if q is None else q.pattern for q in rows)
+        key = tuple((q is not None, None if q is None else q.pattern) for q in rows)
         if key == self._graph_rows:
             return
         tok = torch.zeros(self.gen.rows, dtype=torch.long)  # [N]
         live = torch.zeros(self.gen.rows)  # [N]
-        for b, pattern in enumerate(key):
-            if pattern is not None:
-                tok[b], live[b] = self.meter.index(pattern), 1.0
+        for b, (is_live, pattern) in enumerate(key):  # as `forward`: no pattern -> pattern 0
+            if is_live:
+                tok[b], live[b] = 0 if pattern is None else self.meter.index(pattern), 1.0
         self._graph_tok.copy_(upload(tok, self._graph_tok.device))
         self._graph_live.copy_(upload(live, self._graph_live.device))
         self._graph_rows = key

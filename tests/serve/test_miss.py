@@ -179,14 +179,16 @@ def test_merge_weights_by_tokens() -> None:
 def test_a_captured_step_measures_as_an_eager_step(world: World) -> None:
     """What a captured decode step records (router inputs tapped, then `SlotMiss.captured`, as
     graphs.py captures it) folds the same dropped mass into each slot as an eager metered step,
-    each row against its own pattern; idle rows and warm-up runs change nothing."""
+    each row against its own pattern (a row without one: the first pattern, as eager steps);
+    idle rows and warm-up runs change nothing."""
     names = list(world.patterns)
     rows = [
         SimpleNamespace(slot=0, pattern=names[0]),
         None,
         SimpleNamespace(slot=2, pattern=names[-1]),
+        SimpleNamespace(slot=3, pattern=None),
     ]
-    ids = torch.tensor([[5], [0], [7]])  # [B, 1]
+    ids = torch.tensor([[5], [0], [7], [9]])  # [B, 1]
     eager, captured = SlotMiss(world.meter, 4), SlotMiss(world.meter, 4)
     captured.enable_graphs()
     with torch.no_grad():
@@ -195,13 +197,13 @@ def test_a_captured_step_measures_as_an_eager_step(world: World) -> None:
         captured.before_replay(rows)  # type: ignore[arg-type]
         with captured.tapping():
             world.model(ids)
-            captured.captured(3, warm=True)
+            captured.captured(4, warm=True)
             assert float(captured.gen.count.sum()) == 0.0
-            captured.captured(3, warm=False)
+            captured.captured(4, warm=False)
     a, b = eager.gen, captured.gen
     for x, y in ((a.sum, b.sum), (a.max_layer, b.max_layer), (a.max_token, b.max_token)):
         assert torch.allclose(x, y, atol=1e-6), (x, y)
-    assert a.count.tolist() == b.count.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert a.count.tolist() == b.count.tolist() == [1.0, 0.0, 1.0, 1.0]
     assert torch.allclose(a.win_sum, b.win_sum, atol=1e-6)
     assert float(a.sum[0].sum()) != float(a.sum[2].sum()), "the test could not fail"
 
