@@ -97,6 +97,15 @@ def serve_command(
     metric: Annotated[
         str | None, typer.Option(help="Store metric that ranks experts (default: tcess).")
     ] = None,
+    allocation: Annotated[
+        str,
+        typer.Option(
+            help="uniform: --keep/--budget's K experts in every MoE layer; nonuniform: the same "
+            "total (K x layers) spread by each pattern's scores, more experts where a layer's "
+            "scores are spread, fewer where concentrated. Nonuniform needs the patterns' union "
+            "resident (mixed mode).",
+        ),
+    ] = "uniform",
     route_threshold: Annotated[
         float | None,
         typer.Option(help="Similarity below which a request gets the __global__ pattern."),
@@ -229,6 +238,7 @@ def serve_command(
         keep=keep,
         budget=budget,
         metric=metric,
+        allocation=allocation,
         device=device,
         dtype=dtype,
         max_batch=max_batch,
@@ -265,7 +275,8 @@ def serve_command(
     app = create_app(config, engine=engine)
     typer.echo(
         f"premoe: serving {engine.model_name} ({len(engine.patterns)} patterns, "
-        f"{engine.info['experts_kept']}/{engine.info['experts_total']} experts per layer) "
+        f"{engine.info['experts_kept']}/{engine.info['experts_total']} experts per layer"
+        f"{' on average' if engine.info['allocation'] == 'nonuniform' else ''}) "
         f"on http://{host}:{port}/v1",
         err=True,
     )

@@ -82,6 +82,12 @@ log = logging.getLogger(__name__)
 GLOBAL_PATTERN = "__global__"
 
 
+def _mean_kept(keep: KeepSets) -> int | float:
+    """Experts kept per layer: the count, or for ragged keep sets the mean over layers."""
+    mean = sum(len(v) for v in keep.layers.values()) / len(keep.layers)
+    return int(mean) if mean == int(mean) else round(mean, 2)
+
+
 class Engine:
     """Loads the model once and serves generation requests from a worker thread."""
 
@@ -170,18 +176,21 @@ class Engine:
                 dtype=dtype,
                 metric=cfg.metric,
                 quantize=cfg.quantize,
+                allocation=cfg.allocation,
             )
             self.patterns, self.pattern_routers = pattern_routers(
                 store, self.patterns, src, enabled=cfg.calibrated_routers
             )
         if not self.patterns:
             raise UsageError("no patterns to serve: the store has no tasks")
+        # ragged keep sets (--allocation nonuniform) are served mixed only: see below
+        ragged = any(not k.is_uniform for k in self.patterns.values())
         counts = {k.count for k in self.patterns.values()}
-        if len(counts) != 1:
+        if not ragged and len(counts) != 1:
             raise UsageError(f"all patterns must keep the same expert count, got {counts}")
         for name, keep in self.patterns.items():
             try:
-                keep.validate(src.arch, src.config)
+                keep.validate(src.arch, src.config, allow_ragged=ragged)
             except UsageError as err:
                 raise UsageError(f"pattern {name!r}: {err}") from None
         default = cfg.default_task or (
@@ -205,6 +214,17 @@ class Engine:
             kwargs["experts_implementation"] = impl
         continuous = self._continuous_supported(src)
         self.mixed = continuous and self._mixed_fits(src, dtype)
+        shapes = {
+            tuple(len(v) for _, v in sorted(k.layers.items())) for k in self.patterns.values()
+        }
+        if ragged and not self.mixed and len(shapes) > 1:
+            # a swap keeps every layer's slot count; ragged patterns differ there
+            raise UsageError(
+                "nonuniform allocation needs the patterns' union resident (mixed mode), but the "
+                f"patterns would be swapped ({self.mode_reason}); give a larger --budget, or "
+                "use --allocation uniform"
+            )
+        kept = _mean_kept(self.patterns[default])
         resident_keep = (
             rowmask.union_keep(self.patterns, src.num_experts)
             if self.mixed
@@ -286,7 +306,8 @@ class Engine:
             "architecture": src.arch.name,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
-            "experts_kept": next(iter(counts)),
+            "experts_kept": kept,  # nonuniform: the mean over layers (of the default pattern)
+            "allocation": "nonuniform" if ragged or cfg.allocation == "nonuniform" else "uniform",
             "experts_total": src.num_experts,
             "patterns": sorted(self.patterns),
             "default_pattern": default,
@@ -323,10 +344,10 @@ class Engine:
         }
         self.ready = True
         log.info(
-            "serving %s: %d patterns, %d of %d experts resident per layer, %s on %s",
+            "serving %s: %d patterns, %s of %d experts resident per layer, %s on %s",
             self.model_name,
             len(self.patterns),
-            next(iter(counts)),
+            kept,
             src.num_experts,
             self.info["dtype"],
             device,

@@ -4,6 +4,12 @@ Every task of the store becomes a pattern (its top-K experts per layer by the st
 plus `__global__` (all tasks pooled), the fallback for queries that match no task well. K is
 uniform over patterns, so that any pattern fits the same resident slots: `--keep K`, or the
 largest K whose resident weights fit `--budget`.
+
+`allocation="nonuniform"` (`--allocation nonuniform`) spreads the same total, K experts times
+the number of MoE layers, over the layers by each pattern's scores (`premoe.policy.
+select_nonuniform`: more experts where a layer's scores are spread, fewer where they are
+concentrated). Such ragged patterns are served from the union of the patterns resident (mixed
+mode, rowmask.py); swapping needs the same count in every layer of every pattern.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from premoe.fingerprint import fingerprint_source
 from premoe.load import keep_for_budget
 from premoe.patterns import GLOBAL
 from premoe.plan import open_store, store_scores
-from premoe.policy import select_experts
+from premoe.policy import select_experts, select_nonuniform
 from premoe.prune import KeepSets
 from premoe.route import QueryKeyer, route
 from premoe.serve.requests import RouteInfo
@@ -31,6 +37,13 @@ if TYPE_CHECKING:
     from premoe.serve.requests import RouteInfo
 
 log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "nonuniform")
+
+
+def check_allocation(allocation: str) -> None:
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation must be uniform or nonuniform, got {allocation!r}")
 
 
 def keep_count(
@@ -61,9 +74,14 @@ def build_patterns(
     dtype: torch.dtype,
     metric: str | None = None,
     quantize: Any = None,
+    allocation: str = "uniform",
 ) -> tuple[PatternStore, dict[str, KeepSets], dict[str, Any]]:
-    """(store, pattern name -> keep sets, provenance) for serving `source` from a store."""
+    """(store, pattern name -> keep sets, provenance) for serving `source` from a store.
 
+    `allocation`: uniform (K experts in every layer) or nonuniform (ragged keep sets, the same
+    K x layers experts in all, distributed by each pattern's scores)."""
+
+    check_allocation(allocation)
     store = open_store(store_path, fingerprint_source(source))
     metric = metric or store.default_metric
     store_scores(store, [], metric)  # an unknown metric: a usage error
@@ -81,10 +99,21 @@ def build_patterns(
     patterns[GLOBAL] = select_experts(
         None, layers, policy="global", pooled=store.pooled_scores(metric), **common
     ).keep
+    if allocation == "nonuniform":  # the uniform selection above checked K
+        for name in patterns:
+            scores = store.pooled_scores(metric) if name == GLOBAL else store.scores(name, metric)
+            patterns[name] = select_nonuniform(
+                scores,
+                layers,
+                total=k * len(layers),
+                routed=source.top_k,
+                cap=source.num_experts,
+            )
     info = {
         "path": str(store_path),
         "metric": metric,
         "keep": k,
+        "allocation": allocation,
         "budget": budget,
         "key": dict(store.key),
     }

@@ -42,6 +42,7 @@ class EngineConfig:
     keep: int | None = None
     budget: str | None = None
     metric: str | None = None
+    allocation: str = "uniform"  # uniform (K per layer) | nonuniform (same total, by layer)
     patterns: Mapping[str, KeepSets] | None = None
     default_task: str | None = None
     device: str = "auto"
@@ -97,6 +98,8 @@ class EngineConfig:
             raise UsageError(
                 f"--scheduler must be auto, continuous or batch, got {self.scheduler!r}"
             )
+        if self.allocation not in ("uniform", "nonuniform"):
+            raise UsageError(f"--allocation must be uniform or nonuniform, got {self.allocation!r}")
         if self.mixed not in ("auto", "on", "off"):
             raise UsageError(f"--mixed must be auto, on or off, got {self.mixed!r}")
         if self.min_kv_slots < 1:
