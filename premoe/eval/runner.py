@@ -68,7 +68,7 @@ from premoe.load.loader import ExpertQuantization, param_bytes
 from premoe.load.miss import MassAccumulator, shadow_meter
 from premoe.patterns.store import GLOBAL, METRICS, PatternStore
 from premoe.plan import SizeModel, keep_ladder
-from premoe.policy import select_experts
+from premoe.policy import select_experts, select_nonuniform
 from premoe.prune import KeepSets
 from premoe.quant.export import ExpertQuantizer, check_scheme
 from premoe.quant.resident import STORAGE_BUFFER
@@ -81,7 +81,8 @@ log = logging.getLogger(__name__)
 
 BASELINES: tuple[str, ...] = ("global", "random")
 MODEL_METHODS: tuple[str, ...] = ("recon",)  # need the model and the task corpus, not only scores
-METHODS: tuple[str, ...] = (*METRICS, *MODEL_METHODS, *BASELINES, "routed")
+NONUNIFORM = "nonuniform"  # ragged keep sets: in process only (exports stay uniform)
+METHODS: tuple[str, ...] = (*METRICS, NONUNIFORM, *MODEL_METHODS, *BASELINES, "routed")
 RECAL = "+recal"  # suffix of a method's rows with recalibrated routers
 VIAS: tuple[str, ...] = ("load", "export")
 NONE = "none"  # the precision of rows whose experts stay in the evaluated dtype
@@ -90,6 +91,8 @@ METHOD_DESCRIPTIONS = {
     "frequency": "top K of the task's routed-selection share",
     "paper-logits": "top K of the task's mean top-1 router logits (reference code)",
     "reap": "top K of the task's REAP saliency",
+    NONUNIFORM: "K x layers experts of the task's default-metric scores, spread over the layers "
+    "(more where a layer's scores are spread: premoe.policy.select_nonuniform); K is the mean",
     "recon": "layer-sequential greedy reconstruction of every MoE block's output on the task's "
     "corpus, lower layers already pruned (premoe.calibrate.select)",
     "global": "top K of all tasks pooled (task-agnostic)",
@@ -284,14 +287,14 @@ def check_methods(store: PatternStore, methods: Sequence[str], tasks: Sequence[s
                 f"{', '.join(store.metrics)}); re-profile with --metric {m} or drop it from "
                 "--method"
             )
-    if any(m in METRICS for m in methods):
+    if any(m in METRICS or m == NONUNIFORM for m in methods):
         missing = [t for t in tasks if t not in store.tasks]
         if missing:
             raise StoreError(
                 f"task {missing[0]!r} is not in the store (it has {', '.join(store.tasks)}); "
                 "profile it first, or evaluate only the global and random methods"
             )
-    for m in MODEL_METHODS:
+    for m in (*MODEL_METHODS, NONUNIFORM):
         if m in methods and store.default_metric not in store.metrics:
             raise StoreError(f"method {m!r} needs a store with task scores")
     for m in ("global", "routed"):
@@ -345,6 +348,13 @@ def method_keep(
             sel = select_experts(
                 None, shape.layers, policy="global", pooled=store.pooled_scores(metric), **kwargs
             )
+        elif method == NONUNIFORM:
+            if shape.groups[0] > 1:
+                raise UsageError("the nonuniform method does not support group-limited routers")
+            scores = store.scores(task, store.default_metric)  # [L, E]
+            total = keep * len(shape.layers)
+            cap = shape.num_experts
+            return select_nonuniform(scores, shape.layers, total, routed=shape.top_k, cap=cap)
         else:
             sel = select_experts(store.scores(task, method), shape.layers, policy="task", **kwargs)
     return sel.keep
@@ -653,6 +663,11 @@ def evaluate(
                 chosen = [*st.metrics, *BASELINES] if st is not None else ["random"]
             if st is None and any(m != "random" for m in chosen):
                 raise UsageError("methods other than random need a pattern store (--store)")
+            if NONUNIFORM in chosen and via != "load":
+                raise UsageError(
+                    "the nonuniform method keeps a different count per layer, which only "
+                    "--via load evaluates (exports stay uniform)"
+                )
             if "routed" in chosen and not routing:
                 raise UsageError("the routed method needs routing; do not turn routing off")
             if st is not None:
@@ -743,7 +758,7 @@ def evaluate(
             calibrated: dict[tuple[str, str, int], Any] = {}
             if recalibrate:
                 for (t, m, k), keep in list(plan.items()):
-                    if m == "random" or (
+                    if m in ("random", NONUNIFORM) or (
                         recalibrate_methods is not None and m not in recalibrate_methods
                     ):
                         continue
@@ -815,7 +830,12 @@ def evaluate(
                             if prec != NONE:
                                 counter.stage += f", {prec}"
                             if via == "load":
-                                if resident is None:
+                                if resident is None or any(
+                                    len(v) != resident.layer_slots[n]
+                                    for n, v in keep.layers.items()
+                                ):  # first, or other per-layer counts (nonuniform): a new one
+                                    if resident is not None:
+                                        resident.close()
                                     resident = ResidentModel(
                                         src,
                                         keep,

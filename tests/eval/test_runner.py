@@ -9,9 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from premoe.errors import CorpusError, StoreError, UsageError
+from premoe.eval.harness import load_eval_set, score
 from premoe.eval.runner import ModelShape, evaluate, method_keep, parse_eval_sets
+from premoe.load import load_pruned
 from premoe.patterns import PatternStore
-from premoe.source import resolve_model
+from premoe.policy import select_nonuniform
+from premoe.source import load_tokenizer, resolve_model
 from premoe_cli.app import app
 from tests.eval.conftest import TASKS
 
@@ -79,6 +82,30 @@ def test_methods_choose_their_own_experts(eval_model, eval_store) -> None:
     assert rnd != method_keep(st, "add", "random", 2, shape, seed=4)
 
 
+def test_nonuniform_rows_score_the_ragged_pruned_model(eval_model, eval_store, eval_suite) -> None:
+    """`nonuniform`: K x layers experts spread over the layers by the task's scores, scored on
+    exactly what `load_pruned` builds from those ragged keep sets (a model per count pattern)."""
+    st = PatternStore.load(eval_store)
+    src = resolve_model(eval_model)
+    shape = ModelShape(tuple(src.moe_layers), src.num_experts, src.top_k, (1, 1))
+    keeps = {t: method_keep(st, t, "nonuniform", 3, shape) for t in TASKS}
+    for t, keep in keeps.items():
+        total = 3 * len(shape.layers)
+        assert keep == select_nonuniform(
+            st.scores(t, st.default_metric), shape.layers, total, routed=2, cap=8
+        )
+        assert sum(len(v) for v in keep.layers.values()) == total
+    assert not all(k.is_uniform for k in keeps.values()), "the test could not fail"
+    rep = _evaluate(eval_model, eval_store, eval_suite, keeps=[3], methods="tcess,nonuniform",
+                    routing=False)  # fmt: skip
+    tok = load_tokenizer(src.path)
+    for t, keep in keeps.items():
+        net = load_pruned(src, keep, device="cpu").eval()
+        want = score(net, tok, load_eval_set(t, eval_suite[t]["eval"]))
+        assert rep.row(t, "nonuniform", 3).score.predictions == want.predictions
+    src.close()
+
+
 def test_routing_accuracy_is_reported(report) -> None:
     r = report.routing
     assert r is not None and set(r.per_task) == set(TASKS)
@@ -141,6 +168,7 @@ def test_perplexity_mode_for_sets_without_answers(eval_model, eval_store, tmp_pa
         ({"keeps": [16]}, UsageError, "more than the model's 8"),
         ({"keeps": "4,x"}, UsageError, "--keep expects counts"),
         ({"via": "ftp"}, UsageError, "unknown --via"),
+        ({"methods": "nonuniform", "via": "export"}, UsageError, "only --via load"),
         ({"eval_sets": {"add": "/nonexistent.jsonl"}}, CorpusError, "does not exist"),
     ],
 )
