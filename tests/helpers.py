@@ -53,6 +53,21 @@ def suite(folder: Path, tasks: tuple[str, ...] = ("add", "reverse", "sort"), n: 
     return write_suite(folder, n_profile=n, n_eval=30, seed=0, tasks=list(tasks))
 
 
+def greedy_text(model: Any, tokenizer: Any, ids: list[int], n: int) -> str:
+    """`model.generate`'s greedy continuation of `ids` (n new tokens), decoded."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return str(tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True))
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """name -> sha256 of every file under `folder` (to prove a store was left untouched)."""
     return {

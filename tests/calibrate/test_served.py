@@ -26,7 +26,7 @@ from premoe.patterns.store import PatternStore
 from premoe.prune import KeepSets
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.source import ModelSource, resolve_model
-from tests.helpers import random_texts, tokenizer
+from tests.helpers import greedy_text, random_texts, tokenizer
 
 FAST = RecalibrateOptions(steps=4, lr=5e-2, batch_size=8, max_tokens=400)
 
@@ -226,20 +226,6 @@ async def _collect(req: Any) -> tuple[str, Any]:
             return text, value
 
 
-def _greedy(model: Any, tok: Any, ids: list[int], n: int) -> str:
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            do_sample=False,
-            max_new_tokens=n,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    return str(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
-
-
 @pytest.mark.parametrize("mixed", ["off", "auto"])
 def test_engine_serves_each_pattern_with_its_routers(tiny_dir, calib_store, mixed: str) -> None:
     from premoe.serve import Engine, EngineConfig, SamplingParams
@@ -284,7 +270,7 @@ def test_engine_serves_each_pattern_with_its_routers(tiny_dir, calib_store, mixe
         }
         for task in ("alpha", "__global__", "alpha"):
             text = asyncio.run(run(task))
-            assert text == _greedy(refs[task], tok, ids, 5), task
+            assert text == greedy_text(refs[task], tok, ids, 5), task
             if mixed == "off":  # the resident model holds the pattern's own routers
                 want = ra.tensors if task == "alpha" else _source_rows(src, engine.patterns[task])
                 _assert_routers(engine.resident.model, src, want)

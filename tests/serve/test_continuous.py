@@ -21,7 +21,7 @@ from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.serve.sampling import TokenLogprobs
 from premoe.source import resolve_model
-from tests.helpers import GPU
+from tests.helpers import GPU, greedy_text
 from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
 
 
@@ -62,18 +62,7 @@ class World:
         return self.refs[pattern]
 
     def greedy(self, pattern: str, ids: list[int], n: int) -> str:
-        x = torch.tensor([ids])
-        tok = self.tokenizer
-        with torch.no_grad():
-            out = self.ref(pattern).generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                do_sample=False,
-                max_new_tokens=n,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        return str(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
+        return greedy_text(self.ref(pattern), self.tokenizer, ids, n)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.source import resolve_model
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, greedy_text, run_cli
 from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
 from tests.serve.test_continuous import Sink
 from tests.serve.test_engine import collect
@@ -43,18 +43,7 @@ class Ragged:
             keep = (self.patterns if ragged else self.uniform)[pattern]
             model = load_pruned(self.source, keep, device="cpu", dtype=torch.float32)
             self.refs[pattern, ragged] = model.eval()
-        x = torch.tensor([ids])
-        tok = self.tokenizer
-        with torch.no_grad():
-            out = self.refs[pattern, ragged].generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                do_sample=False,
-                max_new_tokens=n,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        return str(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
+        return greedy_text(self.refs[pattern, ragged], self.tokenizer, ids, n)
 
 
 @pytest.fixture(scope="module")
