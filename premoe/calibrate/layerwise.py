@@ -16,10 +16,13 @@ layer's router locally:
    dropped experts masked: `premoe.prune.masked_routing`, exact by invariant 1) to produce the
    next layer's input.
 
-Memory: one batch's activations per layer plus f (T x E' x H floats; `max_tokens` caps T). The
-model must be resident on its device here; running it from the checkpoint one layer at a time
-(`premoe.profile.sequential.CheckpointWeights`, as ``profile --sequential`` does) is the
-designed extension: `LayerwiseOptions` and the per-layer loop are already the unit of work.
+Memory: one batch's activations per layer plus f (T x E' x H floats; `max_tokens` caps T).
+`model` is either resident (a loaded model, run where it is) or streamed: a checkpoint (folder,
+hub id, `ModelSource`) or a `LayerWeights`, whose model is a skeleton on the meta device filled
+one decoder layer at a time from the checkpoint and emptied after that layer's fit and replay
+(`premoe.profile.weights.CheckpointWeights`, the onloading of ``profile --sequential``; the
+embeddings are on the device only while the layers' inputs are captured). Streamed, peak device
+memory is about one decoder layer plus the activations; the routers equal the resident path's.
 
 Shape legend: B batch, S sequence, T tokens, H hidden, E experts, E' kept, k routed.
 """
@@ -33,15 +36,19 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
+from premoe.arch.spec import ArchSpec
 from premoe.calibrate.routers import CalibratedRouters, router_roles
 from premoe.calibrate.select import block_output, expert_outputs
 from premoe.errors import UsageError
 from premoe.profile.hooks import correction_bias
 from premoe.profile.metrics import RoutingRule
-from premoe.profile.sequential import capture_batch
+from premoe.profile.sequential import capture_batch, weights_for
+from premoe.profile.weights import LayerWeights
 from premoe.prune.keepsets import KeepSets
 from premoe.prune.mask import masked_routing
+from premoe.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -107,40 +114,97 @@ def fit_router(
     return w.detach(), before, after
 
 
+class _Resident(LayerWeights):
+    """A model already where it runs: nothing to bring in or take off."""
+
+    def __init__(self, model: Any, arch: ArchSpec) -> None:
+        self.model = model
+        self.arch = arch
+        self.device = next(model.parameters()).device
+
+    def bring(self, modules: Sequence[nn.Module]) -> None:
+        pass
+
+    def release(self, modules: Sequence[nn.Module]) -> None:
+        pass
+
+
 def recalibrate_layerwise(
     model: Any,
-    arch: Any,
+    arch: ArchSpec | None,
     keep: KeepSets,
     data: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     options: LayerwiseOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
 ) -> CalibratedRouters:
     """Layer-sequential router recalibration of the full `model` pruned to `keep` (module doc).
 
-    `data`: right-padded (ids [B, S], mask [B, S]) batches of the task's corpus. The model is
-    left unchanged. Returns calibrated routers (router weight rows trained; other router
-    tensors as the source's kept rows).
+    `model`: a loaded transformers model (resident: run on the device it is on; `device` and
+    `dtype` unused), or streamed from a checkpoint folder, hub id or `ModelSource` (one decoder
+    layer at a time on `device`, in `dtype` as `from_pretrained` would use), or a `LayerWeights`
+    (its device). `arch`: the family (None: the checkpoint's). `data`: right-padded (ids [B, S],
+    mask [B, S]) batches of the task's corpus. The model is left unchanged. Returns calibrated
+    routers (router weight rows trained; other router tensors as the source's kept rows).
     """
 
     opts = options or LayerwiseOptions()
     if opts.steps < 0 or opts.lr <= 0:
         raise UsageError("layerwise recalibration needs steps >= 0 and lr > 0")
-    config = model.config
-    rule = RoutingRule.from_arch(arch, config)
+    if not keep.layers:
+        raise UsageError("layerwise recalibration needs keep sets for at least one MoE layer")
+    if not data or not any(int(mask.sum()) for _, mask in data):
+        raise UsageError("layerwise recalibration needs calibration data with at least one token")
+    if isinstance(model, nn.Module):
+        if arch is None:
+            raise UsageError("layerwise recalibration of a loaded model needs its arch")
+        weights: LayerWeights = _Resident(model, arch)
+        owned = None
+    else:
+        dev = resolve_device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        weights, owned = weights_for(model, dev, dtype)
+    try:
+        return _run(weights, arch or weights.arch, keep, data, opts, progress)
+    finally:
+        if weights is not model:
+            weights.close()
+        if owned is not None:
+            owned.close()
+
+
+def _run(
+    weights: LayerWeights,
+    arch: ArchSpec,
+    keep: KeepSets,
+    data: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    opts: LayerwiseOptions,
+    progress: Callable[[int, int], None] | None,
+) -> CalibratedRouters:
+    model, dev = weights.model, weights.device
+    rule = RoutingRule.from_arch(arch, model.config)
     moe = set(keep.layers)
     last = max(moe)
-    dev = next(model.parameters()).device
     t0 = time.perf_counter()
     layers_mod = model.get_submodule(arch.layers_prefix)
     tensors: dict[int, dict[str, torch.Tensor]] = {}
     info_layers: dict[str, Any] = {}
+    prefix = weights.prefix_modules()
+    weights.bring(prefix)
+    weights.prefetch([layers_mod[0]])  # read while capturing
     with torch.no_grad():
         recs = [capture_batch(model, arch, ids.to(dev), mask.to(dev), last) for ids, mask in data]
+    weights.release(prefix)
     hidden = [r.hidden for r in recs]
     masks = [mask.to(dev).reshape(-1).bool() for _, mask in data]
     for i in range(last + 1):
         layer = layers_mod[i]
+        weights.bring([layer])
+        if i < last:  # read the next layer while this one runs
+            weights.prefetch([layers_mod[i + 1]])
         if i in moe:
             block = layer.get_submodule(arch.block)
             got: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -189,11 +253,13 @@ def recalibrate_layerwise(
                         hidden = [_replay(layer, hidden[b], r, i) for b, r in enumerate(recs)]
                 finally:
                     router_w.copy_(saved)
+            weights.release([layer])
             if progress is not None:
                 progress(len(tensors), len(moe))
         else:
             with torch.no_grad():
                 hidden = [_replay(layer, hidden[b], r, i) for b, r in enumerate(recs)]
+            weights.release([layer])
     assert set(tensors) == moe
     for by_role in tensors.values():
         assert set(by_role) == set(router_roles(arch))
@@ -206,7 +272,9 @@ def recalibrate_layerwise(
             "method": "layerwise",
             "options": asdict(opts),
             "tokens": tokens,
+            "streamed": not isinstance(weights, _Resident),
             "seconds": time.perf_counter() - t0,
+            "load_seconds": weights.load_seconds,
             "layers": info_layers,
         },
     )

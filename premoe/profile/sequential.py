@@ -212,7 +212,7 @@ class SequentialRun:
     stats: SequentialStats
 
 
-def _weights_for(
+def weights_for(
     model: Any, device: torch.device, dtype: Any
 ) -> tuple[LayerWeights, ModelSource | None]:
     """(weights, source to close) for a path / hub id / `ModelSource` / loaded model."""
@@ -264,7 +264,7 @@ def run_profile_sequential(
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     budget = default_host_budget() if host_budget is None else int(host_budget)
-    weights, owned = _weights_for(model, dev, dtype)
+    weights, owned = weights_for(model, dev, dtype)
     try:
         return _run(
             weights,
@@ -452,4 +452,5 @@ __all__ = [
     "SequentialStats",
     "capture_batch",
     "run_profile_sequential",
+    "weights_for",
 ]
