@@ -139,6 +139,16 @@ def export_command(
             "paper-logits, frequency).",
         ),
     ] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="With --recalibrate, for models that do not fit the device: fit the routers "
+            "layer by layer with one decoder layer on the device at a time (each MoE block's "
+            "output matched, --recalibrate-steps per layer), as profile --sequential does; the "
+            "experts come from a store metric (--select, default tcess).",
+        ),
+    ] = False,
     recalibrate_steps: RecalStepsOpt = RecalibrateOptions.steps,
     recalibrate_lr: RecalLrOpt = RecalibrateOptions.lr,
     calibration: Annotated[
@@ -186,6 +196,8 @@ def export_command(
         )
     if select is not None and not recalibrate:
         raise UsageError("--select needs --recalibrate (without it, --metric picks the scores)")
+    if sequential and not recalibrate:
+        raise UsageError("--sequential needs --recalibrate (a plain export never loads the model)")
     if recalibrate:
         result = _export_recalibrated(
             model,
@@ -196,7 +208,8 @@ def export_command(
             coverage=coverage,
             budget=budget,
             top_k=top_k,
-            select=select or DEFAULT_SELECTION,
+            select=select or ("tcess" if sequential else DEFAULT_SELECTION),
+            sequential=sequential,
             policy=policy,
             format=format,
             options=RecalibrateOptions(steps=recalibrate_steps, lr=recalibrate_lr),
@@ -325,6 +338,7 @@ def _export_recalibrated(
     max_shard: int,
     drop_mtp: bool = False,
     quantize: ExpertQuantizer | None = None,
+    sequential: bool = False,
 ):  # noqa: ANN202
     from premoe.export import check_output
     from premoe.source import resolve_model
@@ -349,6 +363,7 @@ def _export_recalibrated(
             device=device,
             dtype=dtype,
             save=save and len(tasks) == 1,
+            sequential=sequential,
         )
         return export_calibrated(
             src,

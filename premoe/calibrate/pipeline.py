@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from premoe.batching import pad_token_id
+from premoe.calibrate.layerwise import LayerwiseOptions, recalibrate_layerwise
 from premoe.calibrate.recalibrate import (
     RecalibrateOptions,
     RecalibrateProgress,
@@ -101,8 +102,14 @@ def calibrate_pattern(
     dtype: str | torch.dtype = "fp32",
     save: bool = False,
     progress: Callable[[RecalibrateProgress], None] | None = None,
+    sequential: bool = False,
 ) -> CalibratedPattern:
     """Keep sets (and calibrated routers) for `tasks` of a store (module doc).
+
+    `sequential`: for models that do not fit `device`: the routers are fitted layer by layer with
+    one decoder layer on the device at a time (`recalibrate_layerwise` streaming the checkpoint;
+    each MoE block's output matched, `options.steps` / `options.lr` per layer); the keep sets
+    then come from a store metric (``recon`` needs the whole model).
 
     `corpus`: the calibration corpus, as token-id lists, a task source path, or {task: path};
     default: each task's corpus as recorded in the store. `save`: keep the routers in `store`
@@ -114,6 +121,11 @@ def calibrate_pattern(
         raise UsageError("recalibration needs a --task")
     if select not in SELECTIONS:
         raise UsageError(f"unknown selection {select!r}; choose from {', '.join(SELECTIONS)}")
+    if sequential and select == "recon":
+        raise UsageError(
+            "sequential recalibration selects by a store metric (recon needs the whole model "
+            "on one device): choose --select tcess (or reap, paper-logits, frequency)"
+        )
     opts = (options or RecalibrateOptions()).check()
     src, owned = as_source(model)
     try:
@@ -143,7 +155,7 @@ def calibrate_pattern(
         t0 = time.perf_counter()
         teacher = None
         selection = base
-        if select == "recon" or recalibrate_routers:
+        if select == "recon" or (recalibrate_routers and not sequential):
             teacher = pretrained_causal_lm(src.path, dtype=dt, device_map={"": str(dev)}).eval()
         if select == "recon":
             assert teacher is not None
@@ -157,16 +169,24 @@ def calibrate_pattern(
         stored = None
         if recalibrate_routers:
             t1 = time.perf_counter()
-            routers = recalibrate(
-                src,
-                selection.keep,
-                rows,
-                options=opts,
-                device=dev,
-                dtype=dt,
-                teacher=teacher,
-                progress=progress,
-            )
+            if sequential:  # one decoder layer on the device at a time, from the checkpoint
+                lw = LayerwiseOptions(steps=opts.steps, lr=opts.lr, seed=opts.seed)
+                pad = pad_token_id(tokenizer, src.config)
+                data = batches(cap_tokens(rows, lw.max_tokens), opts.batch_size, pad)
+                routers = recalibrate_layerwise(
+                    src, src.arch, selection.keep, data, options=lw, device=dev, dtype=dt
+                )
+            else:
+                routers = recalibrate(
+                    src,
+                    selection.keep,
+                    rows,
+                    options=opts,
+                    device=dev,
+                    dtype=dt,
+                    teacher=teacher,
+                    progress=progress,
+                )
             times["recalibrate"] = time.perf_counter() - t1
             if save:
                 stored = save_to_store(st, names[0], routers)

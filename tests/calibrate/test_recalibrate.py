@@ -258,3 +258,43 @@ def test_layerwise_recalibration_fits_every_layer(tiny_dir) -> None:
     ours = load_pruned(src, keep, dtype=torch.float32)
     apply_routers(ours, src.arch, routers)
     src.close()
+
+
+def test_cli_export_recalibrate_sequential(tiny_dir, calib_store, tmp_path, capsys) -> None:
+    """`--sequential`: routers fitted layer by layer from the checkpoint (one decoder layer on
+    the device at a time); the export differs from the plain one in router tensors only."""
+    folder = tiny_dir("qwen3_moe")
+    store_dir, corpus = calib_store(folder)
+    base = ["export", str(folder), "-s", str(store_dir), "-t", "alpha", "--keep", "4"]
+    opts = ["--calibration", f"alpha={corpus}", "--device", "cpu"]
+    code, out, err = run_cli(
+        [
+            *base,
+            "--recalibrate",
+            "--sequential",
+            "--recalibrate-steps",
+            "3",
+            *opts,
+            "--json",
+            "-o",
+            str(tmp_path / "seq"),
+        ],  # fmt: skip
+        capsys,
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["recalibration"]["streamed"] is True
+    code, _, err = run_cli([*base, "-o", str(tmp_path / "plain")], capsys)
+    assert code == 0, err
+    seq, plain = _tensors(tmp_path / "seq"), _tensors(tmp_path / "plain")
+    assert set(seq) == set(plain)
+    changed = {k for k in seq if not torch.equal(seq[k], plain[k])}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed), changed
+    assert PatternStore.load(store_dir).calibrated
+    for extra, needle in (
+        (["--recalibrate", "--sequential", "--select", "recon"], "store metric"),
+        (["--sequential"], "needs --recalibrate"),
+    ):
+        code, _, err = run_cli([*base, *extra, *opts, "-o", str(tmp_path / "bad")], capsys)
+        assert_one_line_error(code, err, needle)
+        assert not (tmp_path / "bad").exists()
