@@ -44,11 +44,10 @@ from premoe.calibrate.select import block_output, expert_outputs
 from premoe.errors import UsageError
 from premoe.profile.hooks import correction_bias
 from premoe.profile.metrics import RoutingRule
-from premoe.profile.sequential import capture_batch, weights_for
+from premoe.profile.sequential import capture_batch, opened_weights
 from premoe.profile.weights import LayerWeights
 from premoe.prune.keepsets import KeepSets
 from premoe.prune.mask import masked_routing
-from premoe.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +159,9 @@ def recalibrate_layerwise(
     if isinstance(model, nn.Module):
         if arch is None:
             raise UsageError("layerwise recalibration of a loaded model needs its arch")
-        weights: LayerWeights = _Resident(model, arch)
-        owned = None
-    else:
-        dev = resolve_device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        weights, owned = weights_for(model, dev, dtype)
-    try:
+        return _run(_Resident(model, arch), arch, keep, data, opts, progress)
+    with opened_weights(model, device, dtype) as weights:
         return _run(weights, arch or weights.arch, keep, data, opts, progress)
-    finally:
-        if weights is not model:
-            weights.close()
-        if owned is not None:
-            owned.close()
 
 
 def _run(

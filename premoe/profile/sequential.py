@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,23 @@ def weights_for(
         raise
 
 
+@contextmanager
+def opened_weights(model: Any, device: str | torch.device, dtype: Any) -> Iterator[LayerWeights]:
+    """`weights_for(model)` on `device` (a bare ``cuda``: the current one), closed after, with
+    the source it opened."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    weights, owned = weights_for(model, dev, dtype)
+    try:
+        yield weights
+    finally:
+        if weights is not model:
+            weights.close()
+        if owned is not None:
+            owned.close()
+
+
 def run_profile_sequential(
     model: Any,
     arch: ArchSpec,
@@ -260,12 +278,8 @@ def run_profile_sequential(
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if layers_at_once < 1:
         raise UsageError(f"--sequential-layers must be >= 1, got {layers_at_once}")
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
     budget = default_host_budget() if host_budget is None else int(host_budget)
-    weights, owned = weights_for(model, dev, dtype)
-    try:
+    with opened_weights(model, device, dtype) as weights:
         return _run(
             weights,
             arch,
@@ -279,11 +293,6 @@ def run_profile_sequential(
             budget=budget,
             progress=progress,
         )
-    finally:
-        if weights is not model:
-            weights.close()
-        if owned is not None:
-            owned.close()
 
 
 def _run(
@@ -452,5 +461,6 @@ __all__ = [
     "SequentialStats",
     "capture_batch",
     "run_profile_sequential",
+    "opened_weights",
     "weights_for",
 ]
