@@ -45,6 +45,8 @@ from typing import Any
 import _common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 
+from premoe.eval.runner import precision_label
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TASKS = ("add", "reverse", "sort", "count", "close")
 DEFAULT_KEEPS = "8,16"
@@ -119,7 +121,7 @@ def _best_at_budget(table: list[dict[str, Any]], kind: str) -> list[dict[str, An
 
 def _label(x: dict[str, Any], dense: str) -> str:
     """ "24 int4" ("8 bf16" for the dense precision)."""
-    return f"{x['keep']} {dense if x['precision'] == 'none' else x['precision']}"
+    return f"{x['keep']} {precision_label(x['precision'], dense)}"
 
 
 def _print_equal_memory(table: list[dict[str, Any]], kind: str, dense: str) -> None:
@@ -127,7 +129,7 @@ def _print_equal_memory(table: list[dict[str, Any]], kind: str, dense: str) -> N
     rows = [
         [
             f"{x['keep']}",
-            dense if x["precision"] == "none" else x["precision"],
+            precision_label(x["precision"], dense),
             x["method"],
             f"{x['expert_mib']:.2f}",
             f"{x['resident_mib']:.2f}",

@@ -99,6 +99,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, source: ModelSource) -> torch
     return torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16": the first ``--dtype`` spelling of `dtype` in `DTYPES`."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on `device` (CUDA); nothing on the CPU. For timings."""
     if device.type == "cuda":

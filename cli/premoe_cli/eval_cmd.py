@@ -7,7 +7,14 @@ from typing import Annotated
 import typer
 
 from premoe.calibrate.recalibrate import RecalibrateOptions
-from premoe.eval.runner import METHODS, NONE, EvalProgress, EvalReport, evaluate
+from premoe.eval.runner import (
+    METHODS,
+    NONE,
+    EvalProgress,
+    EvalReport,
+    evaluate,
+    precision_label,
+)
 from premoe_cli._common import human_bytes, print_json, print_table, progress_enabled
 from premoe_cli.options import (
     BlockOpt,
@@ -37,13 +44,6 @@ def fmt_value(kind: str, value: float | None) -> str:
     if value is None or value != value:
         return "-"
     return f"{100 * value:.1f}%" if kind == "accuracy" else f"{value:.3f}"
-
-
-def precision_label(report: EvalReport, precision: str) -> str:
-    """none -> the checkpoint's dtype (bf16), else the scheme (int4)."""
-    if precision != NONE:
-        return precision
-    return str(report.options.get("source_dtype") or "dense")
 
 
 def print_report(report: EvalReport) -> None:
@@ -108,7 +108,7 @@ def _print_equal_memory(report: EvalReport, t: str) -> None:
         first = report.row(t, report.methods[0], k, p)
         row = [
             f"{k}/{report.num_experts}",
-            precision_label(report, p),
+            precision_label(p, report.options.get("source_dtype")),
             human_bytes(first.expert_bytes),
             human_bytes(first.checkpoint_bytes),
             *[fmt_value(kind, report.row(t, m, k, p).score.value) for m in report.methods],

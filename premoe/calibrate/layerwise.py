@@ -45,7 +45,7 @@ from premoe.errors import UsageError
 from premoe.profile.hooks import correction_bias
 from premoe.profile.metrics import RoutingRule
 from premoe.profile.sequential import capture_batch, opened_weights
-from premoe.profile.weights import LayerWeights
+from premoe.profile.weights import LayerWeights, ModuleWeights
 from premoe.prune.keepsets import KeepSets
 from premoe.prune.mask import masked_routing
 
@@ -113,21 +113,6 @@ def fit_router(
     return w.detach(), before, after
 
 
-class _Resident(LayerWeights):
-    """A model already where it runs: nothing to bring in or take off."""
-
-    def __init__(self, model: Any, arch: ArchSpec) -> None:
-        self.model = model
-        self.arch = arch
-        self.device = next(model.parameters()).device
-
-    def bring(self, modules: Sequence[nn.Module]) -> None:
-        pass
-
-    def release(self, modules: Sequence[nn.Module]) -> None:
-        pass
-
-
 def recalibrate_layerwise(
     model: Any,
     arch: ArchSpec | None,
@@ -159,9 +144,10 @@ def recalibrate_layerwise(
     if isinstance(model, nn.Module):
         if arch is None:
             raise UsageError("layerwise recalibration of a loaded model needs its arch")
-        return _run(_Resident(model, arch), arch, keep, data, opts, progress)
+        here = ModuleWeights(model, next(model.parameters()).device)  # brings nothing
+        return _run(here, arch, keep, data, opts, progress, streamed=False)
     with opened_weights(model, device, dtype) as weights:
-        return _run(weights, arch or weights.arch, keep, data, opts, progress)
+        return _run(weights, arch or weights.arch, keep, data, opts, progress, streamed=True)
 
 
 def _run(
@@ -171,6 +157,8 @@ def _run(
     data: Sequence[tuple[torch.Tensor, torch.Tensor]],
     opts: LayerwiseOptions,
     progress: Callable[[int, int], None] | None,
+    *,
+    streamed: bool,
 ) -> CalibratedRouters:
     model, dev = weights.model, weights.device
     rule = RoutingRule.from_arch(arch, model.config)
@@ -260,7 +248,7 @@ def _run(
             "method": "layerwise",
             "options": asdict(opts),
             "tokens": tokens,
-            "streamed": not isinstance(weights, _Resident),
+            "streamed": streamed,
             "seconds": time.perf_counter() - t0,
             "load_seconds": weights.load_seconds,
             "layers": info_layers,

@@ -44,7 +44,7 @@ from premoe.demo import tasks as demo_tasks
 from premoe.errors import ModelNotFoundError, OutputExistsError, PremoeError, UsageError
 from premoe.eval.harness import load_eval_set, no_load_bars, score, torch_threads
 from premoe.eval.plots import PlotUnavailableError, check_matplotlib, plot_eval, plot_patterns
-from premoe.eval.runner import NONE, evaluate
+from premoe.eval.runner import NONE, evaluate, precision_label
 from premoe.export import export_from_store
 from premoe.export.export import check_expert_quantization
 from premoe.fingerprint import fingerprint_source, same_model
@@ -618,12 +618,11 @@ def _summary_row(report: Any, method: str, keep: int, precision: str) -> dict[st
     per = {t: report.row(t, method, keep, precision).score.value for t in tasks}
     mean = sum(per.values()) / len(per)
     row = report.row(tasks[0], method, keep, precision)
-    source = report.options.get("source_dtype") or "dense"
     return {
         "method": method,
         "keep": keep,
         "precision": precision,
-        "precision_label": source if precision == NONE else precision,
+        "precision_label": precision_label(precision, report.options.get("source_dtype")),
         "bytes": row.checkpoint_bytes,
         "expert_bytes": row.expert_bytes,
         "saved": 1.0 - row.checkpoint_bytes / report.full_checkpoint_bytes,

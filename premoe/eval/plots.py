@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from premoe.errors import UsageError
+from premoe.eval.runner import precision_label
 from premoe.io.atomic import Inputs, atomic_write_bytes, check_output_file
 from premoe.patterns.store import PatternStore
 from premoe.policy import expert_order, normalize_rows
@@ -173,7 +174,7 @@ def plot_eval_memory(data: dict[str, Any]) -> Any:
     panel per task, one line per method and precision (labels ``tcess int4``), points labelled
     with their keep count."""
     tasks: list[str] = list(data["tasks"])
-    dense = str((data.get("options") or {}).get("source_dtype") or "dense")
+    source_dtype = (data.get("options") or {}).get("source_dtype")
     series: dict[tuple[str, str], dict[str, list[tuple[float, float, int]]]] = {}
     for r in data["results"]:
         pts = series.setdefault((r["method"], r["precision"]), {}).setdefault(r["task"], [])
@@ -191,7 +192,7 @@ def plot_eval_memory(data: dict[str, Any]) -> Any:
             if not pts:
                 continue
             color, marker, ls = _STYLE.get(m, ("tab:gray", ".", "-"))
-            label = f"{m} {dense if p == 'none' else p}"
+            label = f"{m} {precision_label(p, source_dtype)}"
             xs, ys = [x for x, _, _ in pts], [scale * y for _, y, _ in pts]
             ax.plot(xs, ys, _PRECISION_LINE.get(p, ls), color=color, marker=marker, label=label)
             for x, y, k in zip(xs, ys, [k for _, _, k in pts], strict=True):

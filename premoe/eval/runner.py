@@ -74,7 +74,7 @@ from premoe.quant.export import ExpertQuantizer, check_scheme
 from premoe.quant.resident import STORAGE_BUFFER
 from premoe.route import QueryKeyer
 from premoe.route.retrieve import route_key
-from premoe.runtime import pretrained_causal_lm, resolve_device, resolve_dtype
+from premoe.runtime import dtype_name, pretrained_causal_lm, resolve_device, resolve_dtype
 from premoe.source import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -513,11 +513,10 @@ def resident_bytes(model: Any) -> int:
     return param_bytes(model) + slots
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> "bf16" (the ``--dtype`` spelling)."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
-        dtype, str(dtype).removeprefix("torch.")
-    )
+def precision_label(precision: str, source_dtype: str | None) -> str:
+    """How a row's expert precision reads: ``none`` -> the checkpoint's dtype (bf16), else the
+    scheme (int4). `source_dtype`: the report's ``options["source_dtype"]``."""
+    return precision if precision != NONE else (source_dtype or "dense")
 
 
 def keep_id(keep: KeepSets) -> tuple[Any, ...]:
@@ -1036,5 +1035,6 @@ __all__ = [
     "parse_keeps",
     "parse_methods",
     "parse_precisions",
+    "precision_label",
     "routing_accuracy",
 ]

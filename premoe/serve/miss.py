@@ -32,7 +32,7 @@ experts, P patterns, N KV slots, k routed experts per token.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -148,8 +148,6 @@ class RowMeter(MissMeter):
         self.masks = torch.stack(masks).to(self.device)  # [P, L, E] 1.0: not resident
         self._layer_ids = torch.arange(len(self.layers), device=self.device)  # [L]
         self._tok: torch.Tensor | None = None  # [T] pattern index of every token
-        self._tok_cached: torch.Tensor | None = None  # [T] of the last `measure` ...
-        self._tok_key: tuple[tuple[str | None, ...], int] | None = None  # ... and its rows
 
     @contextmanager
     def measure(
@@ -157,13 +155,9 @@ class RowMeter(MissMeter):
     ) -> Iterator[None]:
         """Measure the forward run inside the block into `target`; row b routes among
         `patterns[b]`'s experts (None: an idle row, measured against pattern 0 and masked)."""
-        key = (tuple(patterns), tokens_per_row)
-        if self._tok_key != key:  # decode steps mostly repeat the last step's rows
-            idx = torch.tensor([0 if p is None else self._index[p] for p in patterns])  # [B]
-            tok = upload(idx, self.device)
-            self._tok_cached = tok if tokens_per_row == 1 else tok.repeat_interleave(tokens_per_row)
-            self._tok_key = key
-        self._tok = self._tok_cached
+        idx = torch.tensor([0 if p is None else self._index[p] for p in patterns])  # [B]
+        tok = upload(idx, self.device)
+        self._tok = tok if tokens_per_row == 1 else tok.repeat_interleave(tokens_per_row)
         self.target = target
         try:
             yield
@@ -203,16 +197,11 @@ class SlotAccumulator(MassAccumulator):
         super().__init__(layers, slots, device)
         self._slots: torch.Tensor | None = None  # [B]
         self._mask: torch.Tensor | None = None  # [B, S]
-        self._planned: Hashable = None  # the key of the last plan
 
-    def plan(self, slots: Sequence[int], mask: torch.Tensor, key: Hashable = None) -> None:
-        """`key` (not None): names this (slots, mask); planning the same key again is free."""
-        if key is not None and key == self._planned:
-            return
+    def plan(self, slots: Sequence[int], mask: torch.Tensor) -> None:
         dev = self.sum.device
         self._slots = upload(torch.tensor(list(slots), dtype=torch.long), dev)
         self._mask = upload(mask.float(), dev)
-        self._planned = key
 
     def add(self, dropped: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         slots, m = self._slots, self._mask  # [B], [B, S]
@@ -321,9 +310,7 @@ class SlotMiss:
             yield
             return
         acc = self.prompt if prefill else self.gen
-        slots = [b if q is None else q.slot for b, q in enumerate(rows)]
-        # decode steps mostly repeat the last step's rows: then the planned tensors stay
-        acc.plan(slots, mask, None if prefill else (tuple(slots), tuple(mask.flatten().tolist())))
+        acc.plan([b if q is None else q.slot for b, q in enumerate(rows)], mask)
         with self.meter.measure(acc, [None if q is None else q.pattern for q in rows], s):
             yield
 
