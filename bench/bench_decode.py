@@ -10,7 +10,10 @@ implementation, fp8 128x128 blocks, int4 groups of 128: `quantize_resident`), de
 
 - `graphs`: the decode step as CUDA graph replays (`premoe.serve.graphs`, the serve default on
   CUDA), at every batch size in `--batches`;
-- `eager`: the same step launched kernel by kernel, batch 1 (the previous serve path).
+- `eager`: the same step launched kernel by kernel, batch 1 (the previous serve path);
+- `graphs_unfused` / `compiled_unfused`: as `graphs` / `compiled` without the step's fusions
+  (sibling projections as one matmul, `premoe.serve.fusion`; routers' top-k as one kernel,
+  `premoe.serve.topk`), run first in the same process for a side-by-side ratio.
 
 Figures per precision: tokens/s per batch size; batch-1 tokens/s / bound, the bound being the
 device bandwidth (a large device-to-device copy) / the bytes a batch-1 token reads (every weight
@@ -46,6 +49,8 @@ from premoe.quant.resident import quantize_resident
 from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.decode import NullSink, SamplingParams
 from premoe.serve.miss import RowMeter, SlotMiss
+
+UNFUSED = "_unfused"
 
 
 def say(msg: str) -> None:
@@ -169,14 +174,17 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         say(f"[{prec}] eager batch 1: {t_eager:.1f} tokens/s")
         del eager
         gc.collect()
-        for mode in args.modes:
+        # unfused steps first: fusing the projections changes the model's modules for good
+        for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
+            fuse = not mode.endswith(UNFUSED)
             dec = ContinuousDecoder(
                 model,
                 tok,
                 slots=slots,
                 max_len=args.max_len,
                 graphs=True,
-                compile=mode == "compiled",
+                compile=mode.startswith("compiled"),
+                fuse=fuse,
             )
             assert dec.graphs is not None
             t0 = time.perf_counter()
@@ -195,7 +203,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 masses: list[DroppedMass] = []
                 mdec = ContinuousDecoder(
                     model, tok, slots=slots, max_len=args.max_len, graphs=True,
-                    compile=mode == "compiled",
+                    compile=mode.startswith("compiled"), fuse=fuse,
                 )  # fmt: skip
                 meter = metered(model, mdec, masses)
                 assert mdec.graphs is not None
@@ -236,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         "--modes",
         nargs="+",
         default=["graphs", "compiled"],
-        choices=["graphs", "compiled"],
-        help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps",
+        choices=["graphs", "compiled", f"graphs{UNFUSED}", f"compiled{UNFUSED}"],
+        help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
+        f"{UNFUSED}: without the serve step's fusions (projections, router top-k)",
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode, fig in r["modes"].items():
             base = result["precisions"].get("bf16", {}).get("modes", {}).get(mode, {})
             b1, base_b1 = fig["batches"].get(1), base.get("batches", {}).get(1)
+            unfused_b1 = r["modes"].get(mode + UNFUSED, {}).get("batches", {}).get(1)
             rows.append(
                 [
                     prec,
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     *[f"{fig['batches'][b]:.0f}" for b in args.batches],
                     f"{fig['b1_over_bound']:.3f}" if fig["b1_over_bound"] else "-",
                     f"{b1 / base_b1:.3f}" if (b1 and base_b1) else "-",
+                    f"{b1 / unfused_b1:.3f}" if (b1 and unfused_b1) else "-",
                     f"{fig['greedy_agreement_vs_eager']:.2f}",
                     f"{fig['capture_s']:.1f}",
                 ]
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  [{prec}] {k['us_per_step']:8.1f} us/step  x{k['count']:<5d} {k['kernel']}")
     header = ["precision", "step", "GB/token", "bound tok/s", "eager b1"]
     header += [f"b{b} tok/s" for b in args.batches]
-    header += ["b1 / bound", "b1 / bf16 b1", "greedy = eager", "capture s"]
+    header += ["b1 / bound", "b1 / bf16 b1", "b1 / unfused b1", "greedy = eager", "capture s"]
     bc.print_table(header, rows)
     bc.write_json(args.out, result, device=device)
     return 0

@@ -16,7 +16,9 @@ Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. On
 3. One decode step for every row that has a sampled token not yet in the cache: the forward runs
    over slots 0..n-1 (n: the highest such slot + 1, so the cache is a view, no copy); idle and
    still-prefilling slots in that range are fed a padding token written to scratch. On CUDA
-   with `graphs`, this step is a CUDA graph replay (graphs.py).
+   with `graphs`, this step is a CUDA graph replay (graphs.py), and by default (`fuse`) the
+   model's sibling projections run as one matmul (fusion.py) and the routers' top-k as one
+   kernel (topk.py).
 
 Rows finish independently (end of sequence, a stop string or token, max_tokens); their slot is
 free for the next step. Masks are built here (4-D additive; key j visible to a query at position
@@ -30,17 +32,20 @@ far recomputed as its prompt under its new pattern.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from premoe.serve import topk
 from premoe.serve.decode import RowSink, SamplingParams, TextStream, _eos_ids, _forward_cache_kwarg
+from premoe.serve.fusion import fuse_projections
 from premoe.serve.graphs import DecodeGraphs
 from premoe.serve.kvcache import SlotKVCache
 from premoe.serve.rowmask import RowRouting, Rows
@@ -107,6 +112,7 @@ class ContinuousDecoder:
         pad_id: int | None = None,
         graphs: bool = False,
         compile: bool = False,
+        fuse: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -128,9 +134,14 @@ class ContinuousDecoder:
         self._kw = _forward_cache_kwarg(model)
         self._order = itertools.count()
         self.graphs: DecodeGraphs | None = None
-        if graphs and self.device.type == "cuda":
+        graphs = graphs and self.device.type == "cuda"
+        fuse = graphs if fuse is None else fuse
+        if fuse:  # q/k/v (and gate/up) as one matmul (fusion.py)
+            one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+            fuse_projections(model, lambda: model(input_ids=one, use_cache=False))
+        if graphs:
             self.graphs = DecodeGraphs(
-                self._forward,
+                self._graph_step,
                 lambda cols, kv_len: self.cache.plan(None, cols, kv_len),
                 slots=slots,
                 max_len=max_len,
@@ -142,6 +153,7 @@ class ContinuousDecoder:
                 if routing is None
                 else (len(routing.layers), routing.union.count),
                 compile=compile,
+                patched=functools.partial(self._patched, fuse),
             )
         self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)
         self.taken_out: list[Seq] = []  # rows taken out by reroutes, for the caller to requeue
@@ -297,6 +309,39 @@ class ContinuousDecoder:
             else:
                 out = self.model(**kwargs)
         return out.logits[:, -1, :].float()
+
+    @contextmanager
+    def _patched(self, fuse: bool) -> Iterator[None]:
+        """Around a traced decode step: the routers' top-k kernel (`fuse`), the row-mask hook."""
+        with ExitStack() as stack:
+            if fuse:
+                stack.enter_context(topk.patched(self.device))
+            if self.routing is not None:
+                stack.enter_context(self.routing.hooked())
+            yield
+
+    def _graph_step(
+        self,
+        ids: torch.Tensor,  # [B, 1]
+        positions: torch.Tensor,  # [B, 1]
+        mask: torch.Tensor,  # [B, 1, 1, K] additive
+        rows: Rows | None,  # per-row routing masks [B, L, U] and patterns [B] (`routing`)
+    ) -> torch.Tensor:
+        """`_forward` as the decode graphs trace it (inside `_patched`): no context manager,
+        the rows set as plain state (rowmask.RowRouting.use), so torch.compile sees one graph."""
+        if self.routing is not None:
+            self.routing.use(rows)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._kw: self.cache},
+        )
+        if self.routing is not None:
+            self.routing.use(None)
+        return out.logits[:, -1, :].float()  # [B, V]
 
     def _rows(self, patterns: Sequence[str | None]) -> Rows | None:
         return None if self.routing is None else self.routing.rows(patterns)

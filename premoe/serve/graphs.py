@@ -14,7 +14,9 @@ small host-to-device copy and a replay. With `compile`, the step is first `torch
 (B, K) on first use, after two warm-up runs (inductor and Triton compile, cuBLAS picks its kernels)
 that write only the scratch KV column of every row, never a running request's cache. All graphs
 share one memory pool; every tensor a graph reads that it does not compute itself is one of the
-persistent buffers above, the KV cache or the weights.
+persistent buffers above, the KV cache or the weights. `patched` is entered around each traced
+and captured step, outside `torch.compile` (functions the step calls, swapped in: the routers'
+one-kernel top-k, premoe.serve.topk; the per-row routing hook, rowmask.py).
 
 Exact as the eager step: the extra KV columns K - kv_len are masked (-inf before the softmax), the
 idle rows (slots without a decoding request, and the bucket's padding rows) write to scratch and
@@ -84,6 +86,7 @@ class DecodeGraphs:
         row_mask_shape: tuple[int, int] | None = None,
         first_kv_bucket: int = 256,
         compile: bool = False,
+        patched: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self.eager_step = step
         self.step = step
@@ -91,6 +94,7 @@ class DecodeGraphs:
         if compile:  # inductor fuses the small kernels; the graphs below remove the launches
             self.step = torch.compile(step, fullgraph=False, dynamic=None)
         self.plan = plan  # plan(cols [B, 1], kv_len): the cache's columns for the next forward
+        self.patched = patched  # entered around every traced step, outside torch.compile
         self.device = device
         self.dtype = dtype
         self.pad_id = pad_id
@@ -132,7 +136,8 @@ class DecodeGraphs:
         mask = torch.where(keys[None, :] <= pos, zero, torch.finfo(self.dtype).min)  # [B, K]
         self.plan(self.cols[:b], kv)
         rows = None if self.rows is None else Rows(self.rows.masks[:b], self.rows.index[:b])
-        return self.step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
+        with self.patched():
+            return self.step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
 
     def _idle(self) -> None:
         """Every row: the padding token at position 0, written to scratch."""

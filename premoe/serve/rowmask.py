@@ -9,13 +9,17 @@ masked-routing reference applied per row, so a row computes exactly what its pat
 model computes (DESIGN.md invariant 1): softmax over -inf gives 0, top-k never picks a masked
 slot, and the pattern's experts keep their relative order.
 
-The logits are caught where every family's router makes them, `torch.nn.functional.linear` on the
-router weight (recognised by its storage), for the duration of one forward (`applied`). Families
+The logits are caught where every family's router makes them: the first
+`torch.nn.functional.linear` call (of the union's width) inside a router module's forward (a
+forward pre-hook on each router says which layer runs), while `F.linear` is patched (`hooked`)
+and rows are set (`use`); `applied` does both for one forward. Nothing in the hook depends on a
+tensor's storage or creates a closure per forward, so a `torch.compile`d step traces it without a
+graph break (the decode graphs patch `F.linear` around the traced step and set the rows inside
+it). Families
 with a selection-only correction bias (sigmoid routers: DeepSeek-V3, GLM-4.5, ...) would need the
 bias masked per row too, and group-limited routers a consistent group structure: for those
 `unsupported` says why, and the engine swaps patterns instead. `verify` runs one token to check
-that every router was seen (a router that copies its weight first, e.g. `.float()` of a bf16
-weight, would not be).
+that every router was seen.
 
 Patterns with their own router weights (calibrated routers, `premoe.calibrate.served`): each
 layer then also holds a stacked `[P, U, H]` router weight, pattern p's rows over the union (its
@@ -29,13 +33,14 @@ Shape legend: B rows, S tokens per row, L MoE layers (in `layers` order), U resi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from premoe.arch.model import router_module
 from premoe.arch.spec import ArchSpec
 from premoe.errors import KeepSetError
 from premoe.load.loader import moe_layer, tensor_of
@@ -97,10 +102,14 @@ class RowRouting:
         self.layers = sorted(union.layers)
         self.union = union
         device = next(model.parameters()).device
-        self._index: dict[int, int] = {}  # router weight data_ptr -> position in `layers`
+        self._layer: int | None = None  # the router running (set by its pre-hook)
+        self._per_layer: torch.Tensor | None = None  # [L, T, U] masks of the forward running
+        self._token_pattern: torch.Tensor | None = None  # [T] pattern index of every token
+        self._linear = torch.nn.functional.linear
         for i, layer in enumerate(self.layers):
-            weight = tensor_of(moe_layer(model, arch, layer), arch.router_weight.memory)
-            self._index[weight.data_ptr()] = i
+            router = router_module(model, arch, layer)
+            router.register_forward_pre_hook(functools.partial(self._router_starts, i))
+        self._hook = self._make_hook()  # one function: compiled steps guard on its identity
         width = union.count
         self.names = list(patterns)
         masks = torch.full((len(self.names), len(self.layers), width), float("-inf"))
@@ -153,35 +162,65 @@ class RowRouting:
         index = torch.tensor([max(i, 0) for i in idx], device=self.masks.device)
         return Rows(out, index)
 
-    @contextmanager
-    def applied(self, rows: Rows, tokens_per_row: int) -> Iterator[None]:
-        """During the block, router logits of token (b, s) get `rows.masks[b, layer]` added
-        (and come from the row's pattern's own router weight, where patterns have their own)."""
-        per_layer = rows.masks.repeat_interleave(tokens_per_row, 0).transpose(0, 1)  # [L, T, U]
-        token_pattern = rows.index.repeat_interleave(tokens_per_row)  # [T]
-        index, original, weights = self._index, F.linear, self.weights
+    def _router_starts(self, i: int, module: Any, args: Any) -> None:
+        self._layer = i
+
+    def _make_hook(self) -> Any:
+        original, width = self._linear, self.union.count
 
         def linear(
             x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         ) -> torch.Tensor:
             out = original(x, weight, bias)
-            i = index.get(weight.data_ptr())
-            if i is None:
+            i, per_layer = self._layer, self._per_layer
+            if i is None or per_layer is None or out.shape[-1] != width:
                 return out
+            self._layer = None  # the router's logits: later linears of the layer pass
             self.hits += 1
-            if weights is not None:  # every pattern's logits, then each token's own
-                per = torch.stack([original(x, w, bias) for w in weights[i]])  # [P, ..., U]
+            if self.weights is not None:  # every pattern's logits, then each token's own
+                assert self._token_pattern is not None
+                per = torch.stack([original(x, w, bias) for w in self.weights[i]])  # [P, ..., U]
                 flat = per.reshape(per.shape[0], -1, per.shape[-1])  # [P, T, U]
-                pick = token_pattern.view(1, -1, 1).expand(1, *flat.shape[1:])
+                pick = self._token_pattern.view(1, -1, 1).expand(1, *flat.shape[1:])
                 out = flat.gather(0, pick)[0].view(out.shape)
             m = per_layer[i].to(out.dtype)  # [T, U]
             return out + (m if out.dim() == 2 else m.view(*out.shape[:-1], -1))
 
-        torch.nn.functional.linear = linear
+        return linear
+
+    def use(self, rows: Rows | None, tokens_per_row: int = 1) -> None:
+        """Route the next forwards' tokens (B x `tokens_per_row`, row-major) by `rows`; None:
+        stop. Takes effect while `hooked`."""
+        self._layer = None
+        if rows is None:
+            self._per_layer = self._token_pattern = None
+            return
+        self._per_layer = rows.masks.repeat_interleave(tokens_per_row, 0).transpose(0, 1)
+        self._token_pattern = rows.index.repeat_interleave(tokens_per_row)  # [T]
+
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        """During the block, router logits get the rows' masks (see `use`)."""
+        if torch.nn.functional.linear is self._hook:
+            yield
+            return
+        torch.nn.functional.linear = self._hook
         try:
             yield
         finally:
-            torch.nn.functional.linear = original
+            torch.nn.functional.linear = self._linear
+            self._layer = None
+
+    @contextmanager
+    def applied(self, rows: Rows, tokens_per_row: int) -> Iterator[None]:
+        """During the block, router logits of token (b, s) get `rows.masks[b, layer]` added
+        (and come from the row's pattern's own router weight, where patterns have their own)."""
+        with self.hooked():
+            self.use(rows, tokens_per_row)
+            try:
+                yield
+            finally:
+                self.use(None)
 
     def verify(self, model: Any) -> str | None:
         """Run one token through `model`; None when every router took its mask."""

@@ -126,6 +126,36 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
     assert differ >= 2, "the patterns agree on every prompt: the test could not fail"
 
 
+def test_traced_step_equals_eager_forward_in_one_graph(world: World) -> None:
+    """The step the decode graphs trace (per-row routing set as state, the hook patched around
+    it) gives the eager forward's logits, and torch.compile traces it whole: no graph break
+    (a break per router call made the compiled step slower and hit dynamo's recompile limit)."""
+    dec = ContinuousDecoder(
+        world.model, world.tokenizer, slots=3, max_len=MAX_LEN, routing=world.routing
+    )
+    names = list(world.patterns)
+    ids = torch.tensor([[5], [7], [9]])  # [B, 1]
+    pos = torch.tensor([[0], [0], [0]])
+    kv = 4
+    mask = torch.where(torch.arange(kv)[None, :] <= pos, 0.0, torch.finfo(torch.float32).min)
+    mask = mask[:, None, None, :]  # [B, 1, 1, K]
+    rows = world.routing.rows([names[0], names[1], None])
+    with torch.no_grad():
+        dec.cache.plan(None, pos, kv)
+        want = dec._forward(ids, pos, mask, rows)
+        with dec._patched(False):
+            dec.cache.plan(None, pos, kv)
+            got = dec._graph_step(ids, pos, mask, rows)
+            torch._dynamo.reset()
+            dec.cache.plan(None, pos, kv)
+            explained = torch._dynamo.explain(dec._graph_step)(ids, pos, mask, rows)
+        dec.cache.plan(None, pos, kv)
+        unrouted = dec._forward(ids, pos, mask, None)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want[:2], unrouted[:2])  # the masks mattered: could fail
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+
+
 @GPU[0]
 @GPU[1]
 @pytest.mark.parametrize(("quantize", "compile"), [(None, False), (None, True), ("fp8", True)])
