@@ -3,8 +3,9 @@
 Figures (issue 6):
 
 (a) mixed workload: requests over 2-4 patterns sent over HTTP to the real server (uvicorn in this
-    process, requests naming their pattern, round-robin so that the scheduler must batch by
-    pattern and swap): tokens/s, p50/p99 latency, swaps. Versus the same model under
+    process, the client in another unless `--client thread`; requests naming their pattern,
+    round-robin so that the scheduler must batch by pattern and swap): tokens/s, p50/p99
+    latency, swaps. Versus the same model under
     accelerate's CPU offload with the same GPU budget (`device_map="auto"`,
     `max_memory={0: budget, "cpu": ...}`), batch 1 and batch max_batch.
 (b) decode tokens/s at batch 1 for one pattern / the memory-bandwidth bound (active bytes per
@@ -42,6 +43,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import multiprocessing
 import random
 import shutil
 import string
@@ -49,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +191,12 @@ class HttpServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def run_workload_sync(
+    url: str, jobs: list[tuple[str, str]], max_tokens: int, concurrency: int
+) -> dict[str, Any]:
+    return asyncio.run(run_workload(url, jobs, max_tokens, concurrency))
 
 
 async def run_workload(
@@ -397,6 +406,13 @@ def bench_premoe(
             "batches": m.batch_size.count(),
         }
         works = []
+        # the client in its own process (as vLLM's serving benchmark): sharing this process's
+        # GIL with the server thread and the engine thread, its 64-256 streams slowed both
+        client = (
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            if args.client == "process"
+            else None
+        )
         for conc in args.concurrency:
             for k in before:
                 before[k] = {
@@ -409,7 +425,12 @@ def bench_premoe(
             mixed0, single0 = m.steps.value(mode="mixed"), m.steps.value(mode="single")
             n_req = max(args.requests, 2 * conc)
             conc_jobs = (jobs * (n_req // len(jobs) + 1))[:n_req]
-            work = asyncio.run(run_workload(server.url, conc_jobs, args.max_tokens, conc))
+            call = (server.url, conc_jobs, args.max_tokens, conc)
+            work = (
+                client.submit(run_workload_sync, *call).result()
+                if client is not None
+                else run_workload_sync(*call)
+            )
             batches = m.batch_size.count() - before["batches"]
             work.update(
                 {
@@ -436,6 +457,8 @@ def bench_premoe(
                 f"{human_bytes(work['kv_gib'] * 2**30)} KV"
             )
             works.append(work)
+        if client is not None:
+            client.shutdown()
         work = works[0]
         alternatives = {}
         model = engine.resident.model
@@ -590,6 +613,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=int, nargs="+", default=[16, 64, 256], help="Workload sweep."
     )
     p.add_argument("--scheduler", default="continuous", choices=["continuous", "batch"])
+    p.add_argument(
+        "--client",
+        default="process",
+        choices=["process", "thread"],
+        help="Where the HTTP client of the workloads runs: a separate process (default) or "
+        "this one (sharing the server's GIL; earlier runs of this bench).",
+    )
     p.add_argument("--mixed", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=64)
