@@ -10,7 +10,8 @@ masks `[N, L, U]` and pattern indices `[N]` (rowmask.py). The attention mask is 
 graph from the positions (key j is visible to row b iff j <= pos[b]), so a step's host work is one
 small host-to-device copy and a replay. With `compile`, the step is first `torch.compile`d
 (inductor, no CUDA graphs of its own): it fuses the hundreds of small elementwise kernels per step
-(norms, rotary embeddings, casts) that otherwise dominate a batch-1 step. A graph is captured per
+(norms, rotary embeddings, casts) that otherwise dominate a batch-1 step; only buckets of up
+to `compile_batches` rows are compiled (COMPILE_BATCHES says why). A graph is captured per
 (B, K) on first use, after two warm-up runs (inductor and Triton compile, cuBLAS picks its kernels)
 that write only the scratch KV column of every row, never a running request's cache. All graphs
 share one memory pool; every tensor a graph reads that it does not compute itself is one of the
@@ -60,6 +61,14 @@ class CapturedMeter(Protocol):
         ...
 
 
+# batch buckets up to this many rows run the compiled step; larger ones CUDA graphs of the eager
+# step. Inductor compiles the whole step again for every batch range its guards split (the
+# experts' GEMV / grouped-matmul choice, the GEMV's launch shapes) and KV bucket, ~35-70 s each
+# for the 15.6 B bench model on an H200: all nine buckets of 256 slots took over 8 minutes.
+# Batch 1-8 steps are launch-bound, where inductor's fusion pays; larger ones are device-bound.
+COMPILE_BATCHES = 8
+
+
 def buckets_up_to(n: int, first: int = 1) -> list[int]:
     """first, 2 first, 4 first, ... below n, then n."""
     out, b = [], first
@@ -86,11 +95,13 @@ class DecodeGraphs:
         row_mask_shape: tuple[int, int] | None = None,
         first_kv_bucket: int = 256,
         compile: bool = False,
+        compile_batches: int = COMPILE_BATCHES,
         patched: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self.eager_step = step
         self.step = step
         self.compiled = compile
+        self.compile_batches = compile_batches  # buckets of more rows: graphs of the eager step
         if compile:  # inductor fuses the small kernels; the graphs below remove the launches
             self.step = torch.compile(step, fullgraph=False, dynamic=None)
         self.plan = plan  # plan(cols [B, 1], kv_len): the cache's columns for the next forward
@@ -136,8 +147,9 @@ class DecodeGraphs:
         mask = torch.where(keys[None, :] <= pos, zero, torch.finfo(self.dtype).min)  # [B, K]
         self.plan(self.cols[:b], kv)
         rows = None if self.rows is None else Rows(self.rows.masks[:b], self.rows.index[:b])
+        step = self.step if b <= self.compile_batches else self.eager_step
         with self.patched():
-            return self.step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
+            return step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
 
     def _idle(self) -> None:
         """Every row: the padding token at position 0, written to scratch."""
