@@ -82,6 +82,35 @@ def _error_response(err: RequestError, engine: Engine | None = None) -> JSONResp
     )
 
 
+class _BearerAuth:
+    """Every path but /health needs ``Authorization: Bearer KEY``; else a 401 (OpenAI's error
+    body). Plain ASGI: Starlette's `BaseHTTPMiddleware` (``@app.middleware``) would pass every
+    chunk of every streamed response through a memory stream and a task switch, a large share
+    of the event loop's time under many concurrent streams."""
+
+    def __init__(self, app: Any, key: str, engine: Engine) -> None:
+        self.app, self.key, self.engine = app, key.encode(), engine
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            err = self._check(dict(scope["headers"]).get(b"authorization", b""))
+            if err is not None:
+                await _error_response(err, self.engine)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, header: bytes) -> RequestError | None:
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            msg = "missing API key: send 'Authorization: Bearer KEY'"
+            return RequestError(msg, 401, "authentication_error", code="missing_api_key")
+        if not hmac.compare_digest(token.strip().encode(), self.key):
+            return RequestError(
+                "invalid API key", 401, "authentication_error", code="invalid_api_key"
+            )
+        return None
+
+
 DISCARD_FACTOR = 8  # a body over the limit is read and dropped up to this many limits
 
 
@@ -243,29 +272,8 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         return _error_response(err, engine)
 
     # -- auth ------------------------------------------------------------------------------------
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        if api_key is not None and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                return _error_response(
-                    RequestError(
-                        "missing API key: send 'Authorization: Bearer KEY'",
-                        401,
-                        "authentication_error",
-                        code="missing_api_key",
-                    ),
-                    engine,
-                )
-            if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return _error_response(
-                    RequestError(
-                        "invalid API key", 401, "authentication_error", code="invalid_api_key"
-                    ),
-                    engine,
-                )
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_BearerAuth, key=api_key, engine=engine)
 
     # -- info endpoints --------------------------------------------------------------------------
     def _authorized(request: Request) -> bool:
