@@ -391,15 +391,17 @@ class ContinuousDecoder:
         dev = self.device
         n = max(seq.slot for seq in rows) + 1
         by_slot = {seq.slot: seq for seq in rows}
-        ids = torch.full((n, 1), self.pad_id, dtype=torch.long)  # [B, 1]
-        cols = torch.full((n, 1), self.cache.scratch, dtype=torch.long)  # [B, 1]
-        qpos = torch.zeros((n, 1), dtype=torch.long)  # [B, 1]
+        host_ids, host_pos = [self.pad_id] * n, [0] * n
+        host_cols = [self.cache.scratch] * n
         patterns: list[str | None] = [None] * n
         for slot, seq in by_slot.items():
             assert seq.last is not None
-            ids[slot, 0] = seq.last
-            cols[slot, 0] = qpos[slot, 0] = seq.length
+            host_ids[slot] = seq.last
+            host_cols[slot] = host_pos[slot] = seq.length
             patterns[slot] = seq.pattern
+        ids = torch.tensor(host_ids, dtype=torch.long)[:, None]  # [B, 1]
+        cols = torch.tensor(host_cols, dtype=torch.long)[:, None]  # [B, 1]
+        qpos = torch.tensor(host_pos, dtype=torch.long)[:, None]  # [B, 1]
         kv_len = max(seq.length for seq in rows) + 1
         row_routing = self._rows(patterns)
         if self.graphs is not None:
