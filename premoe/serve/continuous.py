@@ -294,20 +294,24 @@ class ContinuousDecoder:
         metered: AbstractContextManager[Any] | None = None,
     ) -> torch.Tensor:
         """Last-position logits [B, V] (float32); `metered` wraps the forward."""
-        kwargs = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "use_cache": True,
-            "logits_to_keep": 1,
-            self._kw: self.cache,
-        }
         with metered or nullcontext():
             if self.routing is not None and rows is not None:
                 with self.routing.applied(rows, ids.shape[1]):
-                    out = self.model(**kwargs)
-            else:
-                out = self.model(**kwargs)
+                    return self._logits(ids, positions, mask)
+            return self._logits(ids, positions, mask)
+
+    def _logits(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's last-position logits [B, V] (float32) over the slot cache."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._kw: self.cache},
+        )
         return out.logits[:, -1, :].float()
 
     @contextmanager
@@ -331,17 +335,10 @@ class ContinuousDecoder:
         the rows set as plain state (rowmask.RowRouting.use), so torch.compile sees one graph."""
         if self.routing is not None:
             self.routing.use(rows)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._kw: self.cache},
-        )
+        logits = self._logits(ids, positions, mask)  # [B, V]
         if self.routing is not None:
             self.routing.use(None)
-        return out.logits[:, -1, :].float()  # [B, V]
+        return logits
 
     def _rows(self, patterns: Sequence[str | None]) -> Rows | None:
         return None if self.routing is None else self.routing.rows(patterns)
