@@ -44,7 +44,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from premoe.serve import topk
-from premoe.serve.decode import RowSink, SamplingParams, TextStream, _eos_ids, _forward_cache_kwarg
+from premoe.serve.decode import (
+    RowSink,
+    SamplingParams,
+    TextStream,
+    _eos_ids,
+    _forward_cache_kwarg,
+    last_logits,
+)
 from premoe.serve.fusion import fuse_projections
 from premoe.serve.graphs import DecodeGraphs
 from premoe.serve.kvcache import SlotKVCache
@@ -304,15 +311,7 @@ class ContinuousDecoder:
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """The model's last-position logits [B, V] (float32) over the slot cache."""
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._kw: self.cache},
-        )
-        return out.logits[:, -1, :].float()
+        return last_logits(self.model, ids, positions, mask, self._kw, self.cache)
 
     @contextmanager
     def _patched(self, fuse: bool) -> Iterator[None]:

@@ -233,6 +233,26 @@ def _forward_cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def last_logits(
+    model: Any,
+    ids: torch.Tensor,  # [B, S]
+    positions: torch.Tensor,  # [B, S]
+    mask: torch.Tensor,  # [B, 1, S, K] additive
+    cache_kw: str,
+    cache: Any,
+) -> torch.Tensor:
+    """The model's last-position logits [B, V] (float32) of one forward that fills `cache`."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+    )
+    return out.logits[:, -1, :].float()
+
+
 def buckets_for(max_batch: int) -> list[int]:
     out, b = [], 1
     while b < max_batch:
@@ -551,17 +571,9 @@ class BatchDecoder:
         allowed = (k[None, :] <= q[:, None])[None] & valid[:, None, :]  # [Bp, P, L]
         zero = torch.zeros((), dtype=self.dtype, device=dev)
         mask = torch.where(allowed, zero, self.min_value)[:, None]  # [Bp, 1, P, L]
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: cache},
-        )
-        logits = out.logits[:, -1, :].float()  # [Bp, V]
+        logits = last_logits(self.model, ids, positions, mask, self._cache_kw, cache)  # [Bp, V]
         greedy = logits.argmax(-1)
-        del out, mask, allowed
+        del mask, allowed
         next_pos = positions[:, -1:] + 1  # [Bp, 1]
         t_prefilled = time.perf_counter()
         self.stats.prefill_s += t_prefilled - t_start

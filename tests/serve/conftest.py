@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from premoe.demo.tasks import build_tokenizer, generate, write_jsonl
+from tests.helpers import greedy_text
 from tests.tiny import build_tiny
 
 API_KEY = "sk-premoe-test"
@@ -56,18 +57,8 @@ class ServeWorld:
         """`generate(do_sample=False)` of the pattern's exported checkpoint, prompt alone."""
         key = (pattern, tuple(ids), max_new)
         if key not in self._cache:
-            tok = self.tokenizer
-            x = torch.tensor([ids])
-            with torch.no_grad():
-                out = self.reference(pattern).generate(
-                    input_ids=x,
-                    attention_mask=torch.ones_like(x),
-                    do_sample=False,
-                    max_new_tokens=max_new,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-            self._cache[key] = tok.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+            ref = self.reference(pattern)
+            self._cache[key] = greedy_text(ref, self.tokenizer, ids, max_new)
         return self._cache[key]
 
     def greedy(self, pattern: str, prompt: str, max_new: int) -> str:
