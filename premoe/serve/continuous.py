@@ -103,6 +103,15 @@ class StepReport:
     rerouted: list[Seq] = field(default_factory=list)  # rows taken out for another pattern
 
 
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The model's decoder layers: its module list of `num_hidden_layers` entries."""
+    n = int(model.config.num_hidden_layers)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ValueError(f"no list of {n} decoder layers in {type(model).__name__}")
+
+
 class ContinuousDecoder:
     """Iteration-level scheduling of rows over a per-slot KV cache (see the module docstring)."""
 
@@ -159,7 +168,7 @@ class ContinuousDecoder:
                 row_mask_shape=None
                 if routing is None
                 else (len(routing.layers), routing.union.count),
-                compile=compile,
+                compile_layers=decoder_layers(model) if compile else (),
                 patched=functools.partial(self._patched, fuse),
             )
         self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)

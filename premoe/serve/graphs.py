@@ -8,12 +8,13 @@ A decode step feeds one token per row of slots 0..B-1. Everything it reads lives
 allocated once: token ids, positions and KV columns `[N, 1]`, and with per-row routing the row
 masks `[N, L, U]` and pattern indices `[N]` (rowmask.py). The attention mask is computed inside the
 graph from the positions (key j is visible to row b iff j <= pos[b]), so a step's host work is one
-small host-to-device copy and a replay. With `compile`, the step is first `torch.compile`d
-(inductor, no CUDA graphs of its own): it fuses the hundreds of small elementwise kernels per step
-(norms, rotary embeddings, casts) that otherwise dominate a batch-1 step; only buckets of up
-to `compile_batches` rows are compiled (COMPILE_BATCHES says why). A graph is captured per
-(B, K) on first use, after two warm-up runs (inductor and Triton compile, cuBLAS picks its kernels)
-that write only the scratch KV column of every row, never a running request's cache. All graphs
+small host-to-device copy and a replay. With `compile`, the decoder `layers` run
+`torch.compile`d inside the step (inductor, no CUDA graphs of its own): it fuses the hundreds of
+small elementwise kernels per step (norms, rotary embeddings, casts) that otherwise dominate a
+batch-1 step. Compiling per layer, not the whole step, is what keeps warm-up short (`Regions`).
+A graph is captured per (B, K) on first use, after two warm-up runs (inductor and Triton compile,
+cuBLAS picks its kernels) that write only the scratch KV column of every row, never a running
+request's cache. All graphs
 share one memory pool; every tensor a graph reads that it does not compute itself is one of the
 persistent buffers above, the KV cache or the weights. `patched` is entered around each traced
 and captured step, outside `torch.compile` (functions the step calls, swapped in: the routers'
@@ -34,9 +35,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Protocol
 
 import torch
 
@@ -61,12 +62,48 @@ class CapturedMeter(Protocol):
         ...
 
 
-# batch buckets up to this many rows run the compiled step; larger ones CUDA graphs of the eager
-# step. Inductor compiles the whole step again for every batch range its guards split (the
-# experts' GEMV / grouped-matmul choice, the GEMV's launch shapes) and KV bucket, ~35-70 s each
-# for the 15.6 B bench model on an H200: all nine buckets of 256 slots took over 8 minutes.
-# Batch 1-8 steps are launch-bound, where inductor's fusion pays; larger ones are device-bound.
-COMPILE_BATCHES = 8
+class Regions:
+    """The decoder layers' forwards, `torch.compile`d once for all layers (regional compilation).
+
+    Every layer runs the same code, so dynamo keeps one cache for them: the layer index
+    (`layer_idx`, an int on the module) is traced as a symbolic int
+    (``allow_unspec_int_on_nn_module``), the KV cache is indexed by it (kvcache.py), and a shape
+    that changes (batch rows, KV columns) becomes symbolic on its first change (automatic
+    dynamic shapes). A warm-up over every (B, K) bucket then compiles a handful of one-layer
+    graphs instead of the whole step per bucket: compiling the 24-layer step whole took 35-70 s
+    per bucket on an H200 (over 8 minutes for the buckets of 256 slots). The loss: the residual
+    add ending a layer and the next layer's norm are two kernels, not one.
+    """
+
+    RECOMPILE_LIMIT = 64  # compiled variants kept per layer forward (shape ranges, guards)
+
+    def __init__(self, layers: Sequence[torch.nn.Module], backend: Any = "inductor") -> None:
+        self.layers = list(layers)
+        # the forward each layer has now (bound method, or a wrapper an offload hook installed)
+        self._own = [layer.__dict__.get("forward") for layer in self.layers]
+        self._compiled = [
+            torch.compile(layer.forward, backend=backend, dynamic=None) for layer in self.layers
+        ]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block, the layers run their compiled forwards."""
+        config = torch._dynamo.config.patch(
+            allow_unspec_int_on_nn_module=True,
+            recompile_limit=self.RECOMPILE_LIMIT,
+            accumulated_recompile_limit=max(256, self.RECOMPILE_LIMIT),
+        )
+        with config:
+            for layer, fn in zip(self.layers, self._compiled, strict=True):
+                layer.forward = fn
+            try:
+                yield
+            finally:
+                for layer, own in zip(self.layers, self._own, strict=True):
+                    if own is None:
+                        del layer.forward
+                    else:
+                        layer.forward = own
 
 
 def buckets_up_to(n: int, first: int = 1) -> list[int]:
@@ -94,16 +131,12 @@ class DecodeGraphs:
         device: torch.device,
         row_mask_shape: tuple[int, int] | None = None,
         first_kv_bucket: int = 256,
-        compile: bool = False,
-        compile_batches: int = COMPILE_BATCHES,
+        compile_layers: Sequence[torch.nn.Module] = (),
         patched: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
-        self.eager_step = step
         self.step = step
-        self.compiled = compile
-        self.compile_batches = compile_batches  # buckets of more rows: graphs of the eager step
-        if compile:  # inductor fuses the small kernels; the graphs below remove the launches
-            self.step = torch.compile(step, fullgraph=False, dynamic=None)
+        # inductor fuses the small kernels of every layer; the graphs below remove the launches
+        self.regions = Regions(compile_layers) if compile_layers else None
         self.plan = plan  # plan(cols [B, 1], kv_len): the cache's columns for the next forward
         self.patched = patched  # entered around every traced step, outside torch.compile
         self.device = device
@@ -130,10 +163,13 @@ class DecodeGraphs:
         # measured inside every captured step (SlotMiss); set before capturing
         self.meter: CapturedMeter | None = None
 
+    @property
+    def compiled(self) -> bool:
+        return self.regions is not None
+
     def disable_compile(self) -> None:
-        """Drop the compiled step and every graph captured from it (a compile failure)."""
-        self.step = self.eager_step
-        self.compiled = False
+        """Drop the compiled layers and every graph captured with them (a compile failure)."""
+        self.regions = None
         self.graphs.clear()
 
     @staticmethod
@@ -147,9 +183,9 @@ class DecodeGraphs:
         mask = torch.where(keys[None, :] <= pos, zero, torch.finfo(self.dtype).min)  # [B, K]
         self.plan(self.cols[:b], kv)
         rows = None if self.rows is None else Rows(self.rows.masks[:b], self.rows.index[:b])
-        step = self.step if b <= self.compile_batches else self.eager_step
-        with self.patched():
-            return step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
+        regions = self.regions.active() if self.regions is not None else nullcontext()
+        with self.patched(), regions:
+            return self.step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
 
     def _idle(self) -> None:
         """Every row: the padding token at position 0, written to scratch."""

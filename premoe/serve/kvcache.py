@@ -64,8 +64,12 @@ class SlotKVCache(Cache):
         super().__init__(layers=[])
         layers, kv, head_dim = _dims(config)
         shape = (slots, kv, max_len + 1, head_dim)  # [N, Hk, L + 1, D]
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        # one tensor per role, indexed by layer: a compiled layer indexes it with its (symbolic)
+        # layer index, so every layer shares one compiled graph (graphs.py)
+        self.all_keys = torch.zeros((layers, *shape), dtype=dtype, device=device)  # [Ly, N, ...]
+        self.all_values = torch.zeros((layers, *shape), dtype=dtype, device=device)
+        self.keys = list(self.all_keys.unbind(0))  # per layer [N, Hk, L + 1, D] views
+        self.values = list(self.all_values.unbind(0))
         self.slots = slots
         self.max_len = max_len
         self.scratch = max_len
@@ -76,7 +80,7 @@ class SlotKVCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for t in (self.all_keys, self.all_values))
 
     def plan(self, slots: torch.Tensor | None, cols: torch.Tensor, kv_len: int) -> None:
         """The next forward: rows are `slots` ([B], None: 0..B-1), new token (b, s) goes to
@@ -100,7 +104,7 @@ class SlotKVCache(Cache):
         **kw: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._rows is not None and self._cols is not None, "plan() the forward first"
-        k, v = self.keys[layer_idx], self.values[layer_idx]  # [N, Hk, L + 1, D]
+        k, v = self.all_keys[layer_idx], self.all_values[layer_idx]  # [N, Hk, L + 1, D]
         k[self._rows, :, self._cols] = key_states.transpose(1, 2).to(k.dtype)  # [B, S, Hk, D]
         v[self._rows, :, self._cols] = value_states.transpose(1, 2).to(v.dtype)
         n = self._kv_len

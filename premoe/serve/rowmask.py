@@ -176,7 +176,8 @@ class RowRouting:
             if i is None or per_layer is None or out.shape[-1] != width:
                 return out
             self._layer = None  # the router's logits: later linears of the layer pass
-            self.hits += 1
+            if not torch.compiler.is_compiling():  # a traced count would be guarded per layer
+                self.hits += 1
             if self.weights is not None:  # every pattern's logits, then each token's own
                 assert self._token_pattern is not None
                 per = torch.stack([original(x, w, bias) for w in self.weights[i]])  # [P, ..., U]

@@ -15,8 +15,9 @@ import torch
 
 from premoe.demo.tasks import generate
 from premoe.load import ResidentModel, load_pruned
-from premoe.serve.continuous import ContinuousDecoder
+from premoe.serve.continuous import ContinuousDecoder, decoder_layers
 from premoe.serve.decode import SamplingParams
+from premoe.serve.graphs import Regions
 from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.serve.sampling import TokenLogprobs
@@ -156,6 +157,47 @@ def test_traced_step_equals_eager_forward_in_one_graph(world: World) -> None:
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
 
 
+def test_layers_compile_once_for_every_layer_and_bucket(world: World) -> None:
+    """Regional compilation (graphs.Regions): the decoder layers' compiled forwards share one
+    dynamo cache, so decode steps over every batch and KV bucket trace a handful of one-layer
+    graphs, not one per layer and bucket (the layer index and shapes go symbolic); every step
+    equals the eager one, and the layers get their own forwards back afterwards."""
+    layers = decoder_layers(world.model)
+    assert len(layers) >= 2
+    dec = ContinuousDecoder(
+        world.model, world.tokenizer, slots=8, max_len=MAX_LEN, routing=world.routing
+    )
+    traced: list[Any] = []
+
+    def backend(gm: Any, example: Any) -> Any:
+        traced.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    regions = Regions(layers, backend=backend)
+    names = list(world.patterns)
+    shapes = [(b, kv) for b in (1, 2, 4, 8) for kv in (16, 32, 64)]
+    with torch.no_grad():
+        for b, kv in shapes:
+            ids = torch.arange(5, 5 + b)[:, None]  # [B, 1]
+            pos = torch.full((b, 1), 3)
+            mask = torch.where(
+                torch.arange(kv)[None, :] <= pos, 0.0, torch.finfo(torch.float32).min
+            )
+            mask = mask[:, None, None, :]  # [B, 1, 1, K]
+            rows = world.routing.rows([names[i % len(names)] for i in range(b)])
+            dec.cache.plan(None, pos, kv)
+            want = dec._forward(ids, pos, mask, rows)
+            with dec._patched(False), regions.active():
+                dec.cache.plan(None, pos, kv)
+                got = dec._graph_step(ids, pos, mask, rows)
+            torch.testing.assert_close(got, want)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    # the first layer's graph, then the layer index, B (> 1) and K going symbolic: 4 (with the
+    # layer index guarded, every one of them again per layer: 6 with two layers, 24 with 12)
+    assert 0 < len(traced) <= 5, len(traced)
+
+
 @GPU[0]
 @GPU[1]
 @pytest.mark.parametrize(("quantize", "compile"), [(None, False), (None, True), ("fp8", True)])
@@ -194,8 +236,6 @@ def test_cuda_graph_steps_equal_eager_steps(
             compile=compile and graphs,
         )
         assert (dec.graphs is not None) == graphs
-        if dec.graphs is not None:  # buckets of 1-2 rows compiled, of 4 the eager step's graphs
-            dec.graphs.compile_batches = 2
         waiting, sinks = list(jobs), []
         while waiting or dec.active():
             for _ in range(rng.randint(0, 2)):
