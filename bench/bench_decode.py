@@ -187,9 +187,13 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fuse=fuse,
             )
             assert dec.graphs is not None
+            torch._dynamo.utils.counters.clear()
             t0 = time.perf_counter()
             dec.graphs.warmup(batch=args.batches, kv=[args.prompt + args.tokens + 1])
             fig: dict[str, Any] = {"capture_s": time.perf_counter() - t0, "batches": {}}
+            fig["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            say(f"[{prec}] {mode}: warm-up {fig['capture_s']:.1f} s, "
+                f"{fig['dynamo_graphs']} graphs compiled")  # fmt: skip
             got = greedy_tokens(dec, args.check_tokens, args.prompt, seed=1)
             same = sum(a == b for a, b in zip(got, ref, strict=False)) / max(len(ref), 1)
             fig["greedy_agreement_vs_eager"] = same
