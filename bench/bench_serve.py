@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("premoe.serve.graphs").setLevel(logging.INFO)  # warm-up progress
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     device = torch.device(args.device)

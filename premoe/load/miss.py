@@ -41,6 +41,7 @@ experts, L MoE layers.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -382,24 +383,29 @@ class MissMeter:
         return (w * miss).sum(-1) / w.sum(-1).clamp(min=1e-20)
 
     def _router_in(self, index: int) -> Any:
-        def hook(module: torch.nn.Module, args: Any) -> None:
-            if self._tapping:
-                assert self._tap is not None
-                x = args[0].reshape(-1, args[0].shape[-1])  # [B, H]
-                self._tap[index, : x.shape[0]].copy_(x)
-                return
-            if not self._active():
-                return
-            assert self.rows is not None
-            x = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
-            if x.shape[0] <= BATCH_TOKENS:
-                self._inputs.append(x)
-                return
-            w = self.rows.weight[index]  # [E, H]
-            logits = torch.nn.functional.linear(x.to(w.dtype), w)  # [T, E]
-            self._dropped.append(self._from_logits(logits, index))  # [T]
+        # a partial, not a closure: a compiled layer (premoe.serve.graphs.Regions) traces its
+        # argument as a symbolic int, so one graph serves every layer
+        return functools.partial(self._router_in_hook, index)
 
-        return hook
+    def _router_in_hook(self, index: int, module: torch.nn.Module, args: Any) -> None:
+        if self._tapping:
+            assert self._tap is not None
+            x = args[0].reshape(-1, args[0].shape[-1])  # [B, H]
+            rows = torch.arange(x.shape[0], device=x.device)  # [B]
+            # tap[index, :B] = x as one index_put: a write through a view would make a
+            # compiled step copy the whole buffer
+            self._tap.index_put_((torch.full_like(rows, index), rows), x.to(self._tap.dtype))
+            return
+        if not self._active():
+            return
+        assert self.rows is not None
+        x = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
+        if x.shape[0] <= BATCH_TOKENS:
+            self._inputs.append(x)
+            return
+        w = self.rows.weight[index]  # [E, H]
+        logits = torch.nn.functional.linear(x.to(w.dtype), w)  # [T, E]
+        self._dropped.append(self._from_logits(logits, index))  # [T]
 
     def _router_out(self, index: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, out: Any) -> None:

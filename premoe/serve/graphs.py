@@ -215,8 +215,9 @@ class DecodeGraphs:
                 if meter is not None:
                     meter.captured(b, warm=False)
         torch.cuda.synchronize(self.device)
-        self.capture_seconds += time.perf_counter() - t0
-        log.debug("captured the decode step for %d rows x %d KV columns", b, kv)
+        seconds = time.perf_counter() - t0
+        self.capture_seconds += seconds
+        log.info("captured the decode step of %d rows x %d KV columns in %.1f s", b, kv, seconds)
         return graph, out
 
     def warmup(self, batch: Sequence[int] | None = None, kv: Sequence[int] | None = None) -> float:

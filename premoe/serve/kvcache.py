@@ -104,9 +104,13 @@ class SlotKVCache(Cache):
         **kw: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._rows is not None and self._cols is not None, "plan() the forward first"
-        k, v = self.all_keys[layer_idx], self.all_values[layer_idx]  # [N, Hk, L + 1, D]
-        k[self._rows, :, self._cols] = key_states.transpose(1, 2).to(k.dtype)  # [B, S, Hk, D]
-        v[self._rows, :, self._cols] = value_states.transpose(1, 2).to(v.dtype)
+        # one index_put into the whole tensor (the layer as an index tensor): written through a
+        # view (`all_keys[layer_idx]`), a compiled step would copy the layer's whole cache
+        layer = torch.full_like(self._rows, layer_idx)  # [B, S]
+        k, v = self.all_keys, self.all_values  # [Ly, N, Hk, L + 1, D]
+        k[layer, self._rows, :, self._cols] = key_states.transpose(1, 2).to(k.dtype)  # [B,S,Hk,D]
+        v[layer, self._rows, :, self._cols] = value_states.transpose(1, 2).to(v.dtype)
+        k, v = k[layer_idx], v[layer_idx]  # [N, Hk, L + 1, D]
         n = self._kv_len
         if self._gather is None:
             b = self._rows.shape[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,45 +158,62 @@ def test_traced_step_equals_eager_forward_in_one_graph(world: World) -> None:
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
 
 
+class GraphLog:
+    """A torch.compile backend (AOT, no codegen) that keeps the code of every graph traced."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.codes: list[str] = []
+        self.backend = aot_autograd(fw_compiler=self._compile)
+
+    def _compile(self, gm: Any, example: Any) -> Any:
+        self.codes.append(gm.code)
+        return gm.forward
+
+    def view_writes(self) -> list[str]:
+        """Writes through a view of an input: a compiled step copies the whole input for each."""
+        return [ln for c in self.codes for ln in c.splitlines() if "_scatter" in ln]
+
+
+def decode_shapes(world: Any, dec: ContinuousDecoder, regions: Regions | None, routed: bool) -> Any:
+    """Decode steps over 4 batch x 3 KV buckets; per step the eager forward's logits and the
+    step's through `regions` (None: eager too)."""
+    names = list(world.patterns)
+    low = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        for b, kv in [(b, kv) for b in (1, 2, 4, 8) for kv in (16, 32, 64)]:
+            ids = torch.arange(5, 5 + b)[:, None]  # [B, 1]
+            pos = torch.full((b, 1), 3)
+            mask = torch.where(torch.arange(kv)[None, :] <= pos, 0.0, low)[:, None, None, :]
+            rows = world.routing.rows([names[i % len(names)] for i in range(b)]) if routed else None
+            dec.cache.plan(None, pos, kv)
+            want = dec._forward(ids, pos, mask, rows)
+            with dec._patched(False), regions.active() if regions else nullcontext():
+                dec.cache.plan(None, pos, kv)
+                yield want, dec._graph_step(ids, pos, mask, rows)
+
+
 def test_layers_compile_once_for_every_layer_and_bucket(world: World) -> None:
     """Regional compilation (graphs.Regions): the decoder layers' compiled forwards share one
     dynamo cache, so decode steps over every batch and KV bucket trace a handful of one-layer
-    graphs, not one per layer and bucket (the layer index and shapes go symbolic); every step
-    equals the eager one, and the layers get their own forwards back afterwards."""
+    graphs, not one per layer and bucket (the layer index and shapes go symbolic), and no graph
+    writes the KV cache through a view; every step equals the eager one, and the layers get their
+    own forwards back afterwards."""
     layers = decoder_layers(world.model)
     assert len(layers) >= 2
     dec = ContinuousDecoder(
         world.model, world.tokenizer, slots=8, max_len=MAX_LEN, routing=world.routing
     )
-    traced: list[Any] = []
-
-    def backend(gm: Any, example: Any) -> Any:
-        traced.append(gm)
-        return gm.forward
-
+    log = GraphLog()
     torch._dynamo.reset()
-    regions = Regions(layers, backend=backend)
-    names = list(world.patterns)
-    shapes = [(b, kv) for b in (1, 2, 4, 8) for kv in (16, 32, 64)]
-    with torch.no_grad():
-        for b, kv in shapes:
-            ids = torch.arange(5, 5 + b)[:, None]  # [B, 1]
-            pos = torch.full((b, 1), 3)
-            mask = torch.where(
-                torch.arange(kv)[None, :] <= pos, 0.0, torch.finfo(torch.float32).min
-            )
-            mask = mask[:, None, None, :]  # [B, 1, 1, K]
-            rows = world.routing.rows([names[i % len(names)] for i in range(b)])
-            dec.cache.plan(None, pos, kv)
-            want = dec._forward(ids, pos, mask, rows)
-            with dec._patched(False), regions.active():
-                dec.cache.plan(None, pos, kv)
-                got = dec._graph_step(ids, pos, mask, rows)
-            torch.testing.assert_close(got, want)
+    for want, got in decode_shapes(world, dec, Regions(layers, backend=log.backend), True):
+        torch.testing.assert_close(got, want)
     assert all("forward" not in layer.__dict__ for layer in layers)
     # the first layer's graph, then the layer index, B (> 1) and K going symbolic: 4 (with the
     # layer index guarded, every one of them again per layer: 6 with two layers, 24 with 12)
-    assert 0 < len(traced) <= 5, len(traced)
+    assert 0 < len(log.codes) <= 5, len(log.codes)
+    assert not log.view_writes(), log.view_writes()
 
 
 @GPU[0]

@@ -17,14 +17,16 @@ from premoe.demo.tasks import generate
 from premoe.load import ResidentModel, load_pruned
 from premoe.load.decode import decode
 from premoe.load.miss import DroppedMass, shadow_meter
-from premoe.serve.continuous import ContinuousDecoder, Seq
+from premoe.serve.continuous import ContinuousDecoder, Seq, decoder_layers
 from premoe.serve.decode import SamplingParams
+from premoe.serve.graphs import Regions
 from premoe.serve.miss import RowMeter, SlotMiss, merge
 from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.source import resolve_model
 from tests.helpers import GPU
 from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
+from tests.serve.test_continuous import GraphLog, decode_shapes
 
 
 @dataclass(eq=False)
@@ -206,6 +208,31 @@ def test_a_captured_step_measures_as_an_eager_step(world: World) -> None:
     assert a.count.tolist() == b.count.tolist() == [1.0, 0.0, 1.0, 1.0]
     assert torch.allclose(a.win_sum, b.win_sum, atol=1e-6)
     assert float(a.sum[0].sum()) != float(a.sum[2].sum()), "the test could not fail"
+
+
+def test_compiled_layers_tap_as_eager_layers(world: World) -> None:
+    """The router inputs a captured step taps (`SlotMiss.tapping`) are the same through the
+    compiled decoder layers (graphs.Regions) as eager, one graph serving every layer (the tap
+    hook's layer index traced as a symbolic int) and the tap written in place, not through a
+    view of the buffer."""
+    log = GraphLog()
+    torch._dynamo.reset()
+    regions = Regions(decoder_layers(world.model), backend=log.backend)
+    dec = ContinuousDecoder(world.model, world.tokenizer, slots=8, max_len=MAX_LEN)
+    taps = []
+    for compiled in (None, regions):
+        miss = SlotMiss(world.meter, 8)
+        miss.enable_graphs()
+        with miss.tapping():
+            for _, _ in decode_shapes(world, dec, compiled, True):
+                assert world.meter._tap is not None
+                taps.append(world.meter._tap.clone())
+    half = len(taps) // 2
+    assert float(taps[0].abs().sum()) > 0
+    for eager, got in zip(taps[:half], taps[half:], strict=True):
+        torch.testing.assert_close(got, eager)
+    assert 0 < len(log.codes) <= 5, len(log.codes)
+    assert not log.view_writes(), log.view_writes()
 
 
 @GPU[0]
