@@ -366,30 +366,36 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
     ) -> AsyncIterator[tuple[int, str, Any]]:
         """(choice index, kind, value) of every generation, merged as they come; each ends
         with its "finish" or "error". A client that leaves cancels all of them."""
-        queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[list[tuple[int, str, Any]]] = asyncio.Queue()
 
         async def pump(i: int, gen: GenRequest) -> None:
             while True:
-                kind, value = await gen.next_event()
-                if kind == "route":
-                    continue
-                await queue.put((i, kind, value))
-                if kind in ("finish", "error"):
+                events = await gen.next_events()
+                await queue.put([(i, kind, value) for kind, value in events])
+                if events[-1][0] in ("finish", "error"):
                     return
 
-        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        # one generation (n = 1, the common case) is read directly; several through a pump each
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)] if gens[1:] else []
         left = len(gens)
         try:
             while left:
                 try:
-                    item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    if tasks:
+                        items = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    else:
+                        events = await asyncio.wait_for(gens[0].next_events(), DISCONNECT_POLL_S)
+                        items = [(0, kind, value) for kind, value in events]
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         raise ClientGone() from None
                     continue
-                if item[1] in ("finish", "error"):
-                    left -= 1
-                yield item
+                for item in items:
+                    if item[1] == "route":
+                        continue
+                    if item[1] in ("finish", "error"):
+                        left -= 1
+                    yield item
         finally:
             for t in tasks:
                 t.cancel()

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,53 @@ class RouteInfo:
 
 RouteFn = Callable[[str], RouteInfo]
 
+
+class _Mailbox:
+    """Events from the worker thread to one event loop. A burst of posts (the rows of one
+    decode step) wakes the loop once: `call_soon_threadsafe` per event writes to the loop's
+    wake-up pipe and runs a callback for every one of them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        """Put `item` on `queue` (of `loop`) soon; RuntimeError when the loop is closed."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+    weakref.WeakKeyDictionary()
+)
+_MAILBOXES_LOCK = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _MAILBOXES_LOCK:
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = _Mailbox(loop)
+        return box
+
+
 _ids = itertools.count()
 
 
@@ -213,7 +261,7 @@ class GenRequest:
     # -- events (worker thread -> event loop) ----------------------------------------------------
     def _push(self, kind: str, value: Any) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+            _mailbox(self._loop).post(self._events, (kind, value))
         except RuntimeError:  # the event loop is gone (shutdown)
             self._cancelled = True
 
@@ -274,3 +322,16 @@ class GenRequest:
 
     async def next_event(self) -> tuple[str, Any]:
         return await self._events.get()
+
+    async def next_events(self) -> list[tuple[str, Any]]:
+        """The next events, at least one: every event waiting, consecutive deltas joined into
+        one. Under load the event loop falls behind the decoder; a chunk per token would then
+        cost it more per token than the decoder spends."""
+        events = [await self._events.get()]
+        while not self._events.empty():
+            kind, value = self._events.get_nowait()
+            if kind == "delta" and events[-1][0] == "delta":
+                events[-1] = ("delta", events[-1][1] + value)
+            else:
+                events.append((kind, value))
+        return events
