@@ -184,6 +184,7 @@ def _round_name(dtype: torch.dtype | None) -> str:
 
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32)}
+_DTYPE_NAMES = {d: name for name, d in _DTYPES.items()}
 
 
 def _out(x: torch.Tensor, rows: int, cols: int, out_dtype: str) -> torch.Tensor:
@@ -353,7 +354,7 @@ def moe_gemv_silu(
         raise ValueError(f"experts must be [T, k], got {tuple(experts.shape)}")
     x, experts = x.contiguous(), experts.contiguous()
     scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
-    dt = str(out_dtype).removeprefix("torch.")
+    dt = _DTYPE_NAMES[out_dtype]
     op = _op(x, "silu")
     if op is not None:
         return op(x, experts, weight, scale_t, *args, dt)
@@ -385,7 +386,7 @@ def moe_gemv_wsum(
                          f"{tuple(route_w.shape)}")  # fmt: skip
     x, experts, route_w = x.contiguous(), experts.contiguous(), route_w.contiguous()
     scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
-    dt = str(out_dtype).removeprefix("torch.")
+    dt = _DTYPE_NAMES[out_dtype]
     op = _op(x, "wsum")
     if op is not None:
         return op(x, experts, route_w, weight, scale_t, *args, dt)
