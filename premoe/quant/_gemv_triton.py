@@ -30,10 +30,10 @@ def _round_bf16(w):
 
 
 @triton.jit
-def _store(ptrs, v, mask):
-    """Store fp32 `v` in the pointers' dtype; to bf16 rounded to nearest even (the interpreter's
-    own cast truncates)."""
-    if ptrs.dtype.element_ty == tl.bfloat16:
+def _store(ptrs, v, mask, OUT_BF16: tl.constexpr):
+    """Store fp32 `v` in the pointers' dtype; to bf16 (`OUT_BF16`) rounded to nearest even on
+    the bits, as the GPU's cast does (the interpreter's own cast truncates)."""
+    if OUT_BF16:
         v = _round_bf16(v)
     tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
@@ -159,6 +159,7 @@ def moe_gemv_kernel(
     FP8_MODE: tl.constexpr,  # scale mode: 0 chunk in one block/group, 1 whole blocks, 2 any
     FUSE: tl.constexpr,  # 0 plain, 1 SiLU-gated up projection, 2 weighted sum over TOPK pairs
     TOPK: tl.constexpr,  # routed pairs per token (FUSE 1 and 2)
+    OUT_BF16: tl.constexpr,  # y is bf16 (FUSE 1 and 2)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -181,7 +182,7 @@ def moe_gemv_kernel(
                                    SCALE_BK, INT4, DENSE, ROUND_BF16, FP8_MODE,
                                    BLOCK_K)  # fmt: skip
             acc += wt * part
-        _store(out_ptrs, acc, mask_n)
+        _store(out_ptrs, acc, mask_n, OUT_BF16)
     elif FUSE == 1:
         r = (pid // TOPK).to(tl.int64)
         e = tl.load(experts_ptr + pid).to(tl.int64)
@@ -198,7 +199,7 @@ def moe_gemv_kernel(
             up += _chunk_dot(x_base, u_row, u_srow, k0, mask_n, K, stride_wk, SCALE_BK, INT4,
                              DENSE, ROUND_BF16, FP8_MODE, BLOCK_K)  # fmt: skip
         act = gate * tl.sigmoid(gate) * up  # silu(gate) * up, fp32
-        _store(out_ptrs, act, mask_n)
+        _store(out_ptrs, act, mask_n, OUT_BF16)
     else:
         r = tl.load(rows_ptr + pid).to(tl.int64)
         e = tl.load(experts_ptr + pid).to(tl.int64)

@@ -84,9 +84,10 @@ SHAPES: dict[str, Shapes] = {
 }
 # The fused variants, same layout. silu (keyed by pairs S): a program reads BLOCK_N gate and
 # BLOCK_N up rows, so BLOCK_N is half of SHAPES' for the same bytes per program. wsum (keyed by
-# tokens T: the grid is (T, N / BLOCK_N), each program loops over its token's k experts): small
-# BLOCK_N at T = 1 so that N = 2048 still gives 256 programs for 132 SMs. Untuned guesses until
-# measured (bench/bench_moe_kernels.py).
+# tokens T: the grid is (T, N / BLOCK_N), each program loops over its token's k experts, unrolled
+# so that their loads overlap): small BLOCK_N at T = 1 so that N = 2048 still gives 256 programs
+# for 132 SMs, and at most ~160 registers a thread (ptxas, sm_90, no spills). Untuned guesses
+# until measured (bench/bench_moe_kernels.py --sweep).
 FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     "silu": {
         "dense": ((8, (8, 256, 8)), (64, (8, 128, 4)), (ANY, (16, 128, 8))),
@@ -95,10 +96,10 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
         "int4": ((8, (8, 256, 2)), (ANY, (8, 256, 2))),
     },
     "wsum": {
-        "dense": ((1, (8, 256, 4)), (8, (16, 256, 4)), (ANY, (32, 128, 4))),
-        "dense_t": ((ANY, (64, 64, 4)),),
-        "fp8": ((1, (8, 256, 2)), (8, (16, 256, 2)), (ANY, (32, 256, 2))),
-        "int4": ((1, (8, 256, 2)), (8, (16, 256, 2)), (ANY, (16, 256, 2))),
+        "dense": ((1, (8, 256, 8)), (ANY, (16, 128, 8))),
+        "dense_t": ((ANY, (32, 64, 4)),),
+        "fp8": ((ANY, (8, 256, 4)),),
+        "int4": ((ANY, (8, 256, 4)),),
     },
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2}
@@ -173,6 +174,7 @@ def _launch(
         FP8_MODE=fp8_mode,
         FUSE=_FUSE[fuse],
         TOPK=topk,
+        OUT_BF16=y.dtype == torch.bfloat16,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
