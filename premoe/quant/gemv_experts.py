@@ -12,6 +12,12 @@ sum over the k experts of each token. `up`/`down` compute ``y[s] = W[eids[s]] @ 
 ``[E, N, K]`` parameters (here). Only the S routed experts' weights are read, and every shape
 depends on T and k alone, so a CUDA graph can capture it.
 
+Where the module is a SiLU-gated experts module with transformers' default gate and no biases
+(`silu_gated`: Qwen, Mixtral, DeepSeek, OLMoE...; not gpt-oss's clamped interleaved gate) and
+the caller passes `fused` kernels, the same forward is two kernels instead of about six:
+`kernels.moe_gemv_silu` (up projection and ``silu(gate) * up``) and `kernels.moe_gemv_wsum`
+(down projection, routing weight and sum over k), each rounding once to the output dtype.
+
 `register()` adds the experts implementation ``premoe_gemv`` to transformers' registry
 (`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`, chosen by
 ``config._experts_implementation`` like ``grouped_mm``): plain weights through the kernel when
@@ -26,13 +32,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers.activations import SiLUActivation
 
 from premoe.quant import kernels
+
+try:  # the gate `use_experts_implementation` installs on classes without their own
+    from transformers.integrations.moe import _default_apply_gate as _DEFAULT_GATE
+except ImportError:  # pragma: no cover - a transformers without it: every gate is its own
+    _DEFAULT_GATE = None
 
 IMPLEMENTATION = "premoe_gemv"
 _RUNS_ON: set[str] = set()  # device types the kernel runs on, decided by `register` (not traced)
 
 GemvFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# fused: (hidden [T, H], top_k_index [T, k], dtype) -> silu(gate) * up [S, I] in dtype
+UpActFn = Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
+# fused: (h [S, I], top_k_index [T, k], weights [T, k], dtype) -> [T, H] in dtype
+DownSumFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
+_SILU = (SiLUActivation, torch.nn.SiLU)
 
 
 def bias_of(mod: Any, name: str) -> torch.Tensor | None:
@@ -54,6 +71,22 @@ def activate(mod: Any, h: torch.Tensor) -> torch.Tensor:
     return mod.act_fn(h)
 
 
+def silu_gated(mod: Any, names: tuple[str, str]) -> bool:
+    """True when `activate` is ``silu(gate) * up`` of the concatenated ``[gate; up]`` rows and the
+    projections `names` have no bias: what `kernels.moe_gemv_silu` / `moe_gemv_wsum` compute.
+    Only classes of transformers' experts interface keeping its default gate qualify."""
+    return bool(
+        getattr(mod, "has_gate", True)
+        and getattr(mod, "is_concatenated", True)
+        and not getattr(mod, "has_post_expert_norm", False)
+        and _DEFAULT_GATE is not None
+        and getattr(type(mod), "_apply_gate", None) is _DEFAULT_GATE
+        and type(getattr(mod, "act_fn", None)) in _SILU
+        and bias_of(mod, names[0]) is None
+        and bias_of(mod, names[1]) is None
+    )
+
+
 def gemv_forward(
     mod: Any,
     hidden: torch.Tensor,  # [T, H]
@@ -63,8 +96,14 @@ def gemv_forward(
     down: GemvFn,
     names: tuple[str, str],
     dtype: torch.dtype,
+    fused: tuple[UpActFn, DownSumFn] | None = None,
 ) -> torch.Tensor:
-    """[T, H]: the experts' weighted sum for every token (see the module docstring)."""
+    """[T, H]: the experts' weighted sum for every token (see the module docstring); through
+    the two `fused` kernels where given and `silu_gated` says they compute the module's forward.
+    `dtype`: the activations' (the up projection's output)."""
+    if fused is not None and silu_gated(mod, names):
+        h = fused[0](hidden, top_k_index, dtype)  # [S, I]
+        return fused[1](h, top_k_index, weights, hidden.dtype)  # [T, H]
     t, k = top_k_index.shape
     eids = top_k_index.reshape(-1)  # [S]
     pairs = torch.arange(t * k, device=hidden.device)  # [S]
@@ -92,6 +131,32 @@ def _plain(weight: torch.Tensor, transposed: bool) -> GemvFn:
     return fn
 
 
+def _plain_fused(w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[UpActFn, DownSumFn]:
+    """The fused kernels over plain `[E, 2I, H]` / `[E, H, I]` weights."""
+    i, h_size = w_down.shape[2], w_down.shape[1]
+
+    def up_act(x: torch.Tensor, top_k_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return kernels.moe_gemv_silu(x, top_k_index, w_up, n=i, k=h_size, out_dtype=dtype)
+
+    def down_sum(
+        h: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return kernels.moe_gemv_wsum(h, top_k_index, weights, w_down, n=h_size, k=i,
+                                     out_dtype=dtype)  # fmt: skip
+
+    return up_act, down_sum
+
+
+def plain_gemvs(mod: Any) -> tuple[GemvFn, GemvFn, tuple[UpActFn, DownSumFn] | None]:
+    """(up, down, fused) for `gemv_forward` over the module's own parameters; fused is None
+    where the weights are stored transposed."""
+    up_name = "gate_up_proj" if getattr(mod, "has_gate", True) else "up_proj"
+    w_up, w_down = getattr(mod, up_name), mod.down_proj
+    transposed = bool(getattr(mod, "is_transposed", False))
+    fused = None if transposed else _plain_fused(w_up, w_down)
+    return _plain(w_up, transposed), _plain(w_down, transposed), fused
+
+
 def _fallback(mod: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -117,17 +182,9 @@ def experts_forward(mod: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) -
         or hidden.device.type not in _RUNS_ON
     ):
         return _fallback(mod, hidden, *args, **kwargs)
-    transposed = bool(getattr(mod, "is_transposed", False))
-    return gemv_forward(
-        mod,
-        hidden,
-        rest[0],
-        rest[1],
-        _plain(w_up, transposed),
-        _plain(w_down, transposed),
-        (up_name, "down_proj"),
-        hidden.dtype,
-    )
+    up, down, fused = plain_gemvs(mod)
+    names = (up_name, "down_proj")
+    return gemv_forward(mod, hidden, rest[0], rest[1], up, down, names, hidden.dtype, fused)
 
 
 def register() -> str:
@@ -146,4 +203,13 @@ def register() -> str:
     return IMPLEMENTATION
 
 
-__all__ = ["IMPLEMENTATION", "activate", "bias_of", "experts_forward", "gemv_forward", "register"]
+__all__ = [
+    "IMPLEMENTATION",
+    "activate",
+    "bias_of",
+    "experts_forward",
+    "gemv_forward",
+    "plain_gemvs",
+    "register",
+    "silu_gated",
+]

@@ -19,19 +19,29 @@ from a dense matmul of the dequantized model. Work per row is K·N weight bytes,
 for decode (few rows); prefill dequantizes the hit experts and uses dense matmuls
 (`QuantizedExperts.forward`).
 
+Two fused variants make a gated SiLU experts forward two kernels instead of about six (up GEMV,
+casts, activation, down GEMV, routing weight, sum over the k experts), in any weight format:
+
+- `moe_gemv_silu(x, experts, W_gate_up, ...)`: ``silu(gate) * up`` ``[S, I]`` in the activation
+  dtype, gate and up rows of the concatenated ``[E, 2I, H]`` projection read in one K loop;
+- `moe_gemv_wsum(h, experts, route_w, W_down, ...)`: ``sum_j route_w[t, j] * W[e_tj] @ h[t*k+j]``
+  ``[T, H]``, accumulated in fp32 and rounded once to the hidden dtype.
+
+Both round once, where the unfused path rounds after each step: they differ from it by about
+one rounding of the output dtype.
+
 Triton exists only where a GPU does: this module imports it lazily. `available()` says whether
 the kernel can run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
 import torch
 
-_OP: Any = None
+_OPS: dict[str, Any] | None = None  # the custom ops by variant; {} where torch has none
 
 
 def triton_importable() -> bool:
@@ -55,153 +65,56 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and interpret_mode()
 
 
-@functools.lru_cache(maxsize=1)
 def _kernel() -> Any:
-    import triton
-    import triton.language as tl
+    from premoe.quant import _gemv_triton  # imports triton
 
-    @triton.jit
-    def moe_gemv_kernel(
-        x_ptr,
-        rows_ptr,
-        experts_ptr,
-        w_ptr,
-        s_ptr,
-        y_ptr,
-        N,
-        K: tl.constexpr,
-        stride_xr,
-        stride_we,
-        stride_wn,
-        stride_wk,  # 1 except for dense weights stored transposed ([E, K, N])
-        stride_se,
-        stride_sn,
-        stride_yr,
-        SCALE_BN: tl.constexpr,  # rows of W sharing one scale (fp8 block rows; 1 for int4)
-        SCALE_BK: tl.constexpr,  # columns sharing one scale (fp8 block cols; int4 group size)
-        INT4: tl.constexpr,
-        DENSE: tl.constexpr,  # plain weights (bf16/fp16/fp32), no scales
-        ROUND_BF16: tl.constexpr,  # round each dequantized weight to bf16 before use
-        FP8_MODE: tl.constexpr,  # scale mode: 0 chunk in one block/group, 1 whole blocks, 2 any
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        pid_s = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        r = tl.load(rows_ptr + pid_s).to(tl.int64)
-        e = tl.load(experts_ptr + pid_s).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        w_base = w_ptr + e * stride_we + offs_n.to(tl.int64) * stride_wn  # [BN] row starts
-        s_base = s_ptr + e * stride_se + (offs_n // SCALE_BN).to(tl.int64) * stride_sn
-        x_base = x_ptr + r * stride_xr
-        if INT4:
-            # 8 nibbles per int32 word: load words once, unpack with shifts to [BN, BW, 8]
-            BW: tl.constexpr = BLOCK_K // 8
-            shifts = tl.arange(0, 8) * 4
-            for k0 in range(0, K // 8, BW):
-                offs_w = k0 + tl.arange(0, BW)  # word index along K/8
-                mask_w = offs_w < K // 8
-                m2 = mask_n[:, None] & mask_w[None, :]
-                words = tl.load(w_base[:, None] + offs_w[None, :], mask=m2, other=0)
-                nib = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-                w = (nib - 8).to(tl.float32)  # [BN, BW, 8]
-                offs_x = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
-                xk = tl.load(x_base + offs_x, mask=mask_w[:, None], other=0.0).to(tl.float32)
-                if FP8_MODE == 0 and not ROUND_BF16:  # the chunk lies in one group
-                    sc1 = tl.load(s_base + (k0 * 8) // SCALE_BK, mask=mask_n, other=0.0)
-                    part = tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)  # [BN]
-                    acc += part * sc1.to(tl.float32)
-                else:
-                    sc = tl.load(s_base[:, None] + (offs_w[None, :] * 8) // SCALE_BK, mask=m2,
-                                 other=0.0).to(tl.float32)  # [BN, BW]  # fmt: skip
-                    if ROUND_BF16:
-                        # bf16 round-to-nearest-even on the bits (same under the interpreter)
-                        bits = (w * sc[:, :, None]).to(tl.uint32, bitcast=True)
-                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                        w = bits.to(tl.float32, bitcast=True)
-                        acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)
-                    else:
-                        acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2) * sc, axis=1)
-        elif FP8_MODE == 1:
-            # several whole scale blocks per chunk: load W as [BN, NB, SCALE_BK], one scale each
-            NB: tl.constexpr = BLOCK_K // SCALE_BK
-            offs_b = tl.arange(0, NB)
-            offs_j = tl.arange(0, SCALE_BK)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + offs_b[:, None] * SCALE_BK + offs_j[None, :]  # [NB, SCALE_BK]
-                mask_k = offs_k < K
-                mask_b = (k0 + offs_b * SCALE_BK) < K  # [NB]
-                m3 = mask_n[:, None, None] & mask_k[None, :, :]
-                xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                w = tl.load(w_base[:, None, None] + offs_k[None, :, :], mask=m3, other=0.0)
-                w = w.to(tl.float32)  # [BN, NB, SCALE_BK]
-                sc = tl.load(s_base[:, None] + (k0 // SCALE_BK + offs_b)[None, :],
-                             mask=mask_n[:, None] & mask_b[None, :], other=0.0)  # fmt: skip
-                sc = sc.to(tl.float32)  # [BN, NB]
-                if ROUND_BF16:
-                    # bf16 round-to-nearest-even on the bits (same under the interpreter)
-                    bits = (w * sc[:, :, None]).to(tl.uint32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                    w = bits.to(tl.float32, bitcast=True)
-                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)
-                else:
-                    acc += tl.sum(tl.sum(w * xk[None, :, :], axis=2) * sc, axis=1)
-        else:
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                m2 = mask_n[:, None] & mask_k[None, :]
-                xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                w = tl.load(w_base[:, None] + offs_k[None, :] * stride_wk, mask=m2, other=0.0)
-                w = w.to(tl.float32)
-                if DENSE:
-                    acc += tl.sum(w * xk[None, :], axis=1)
-                elif FP8_MODE == 0:  # the chunk lies in one scale block: one scale per row
-                    sc = tl.load(s_base + k0 // SCALE_BK, mask=mask_n, other=0.0).to(tl.float32)
-                    if ROUND_BF16:
-                        # bf16 round-to-nearest-even on the bits (same under the interpreter)
-                        bits = (w * sc[:, None]).to(tl.uint32, bitcast=True)
-                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                        w = bits.to(tl.float32, bitcast=True)
-                        acc += tl.sum(w * xk[None, :], axis=1)
-                    else:
-                        acc += tl.sum(w * xk[None, :], axis=1) * sc
-                else:  # per-element scales (any block width)
-                    sc = tl.load(s_base[:, None] + offs_k[None, :] // SCALE_BK, mask=m2,
-                                 other=0.0).to(tl.float32)  # fmt: skip
-                    w = w * sc
-                    if ROUND_BF16:
-                        # bf16 round-to-nearest-even on the bits (same under the interpreter)
-                        bits = w.to(tl.uint32, bitcast=True)
-                        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                        w = bits.to(tl.float32, bitcast=True)
-                    acc += tl.sum(w * xk[None, :], axis=1)
-        tl.store(y_ptr + pid_s * stride_yr + offs_n, acc, mask=mask_n)
-
-    return moe_gemv_kernel
+    return _gemv_triton.moe_gemv_kernel
 
 
 ANY = 1 << 30
+Shapes = tuple[tuple[int, tuple[int, int, int]], ...]
 # (BLOCK_N, BLOCK_K, num_warps) per format (dense_t: plain weights stored transposed) and number
 # of routed pairs S (the first entry whose bound >= S): the best at S = 8 (batch-1 decode,
 # top-8), 64 and 256 on an H200, timed inside a CUDA graph (bench/tune_gemv.py, RESULTS.md)
-SHAPES: dict[str, tuple[tuple[int, tuple[int, int, int]], ...]] = {
+SHAPES: dict[str, Shapes] = {
     "dense": ((8, (16, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8))),
     "dense_t": ((ANY, (64, 64, 4)),),
     "fp8": ((8, (16, 512, 2)), (64, (16, 256, 2)), (ANY, (32, 512, 2))),
     "int4": ((8, (16, 256, 2)), (64, (8, 256, 2)), (ANY, (16, 256, 2))),
 }
+# The fused variants, same layout. silu (keyed by pairs S): a program reads BLOCK_N gate and
+# BLOCK_N up rows, so BLOCK_N is half of SHAPES' for the same bytes per program. wsum (keyed by
+# tokens T: the grid is (T, N / BLOCK_N), each program loops over its token's k experts, unrolled
+# so that their loads overlap): small BLOCK_N at T = 1 so that N = 2048 still gives 256 programs
+# for 132 SMs, and at most ~160 registers a thread (ptxas, sm_90, no spills). Untuned guesses
+# until measured (bench/bench_moe_kernels.py --sweep).
+FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
+    "silu": {
+        "dense": ((8, (8, 256, 8)), (64, (8, 128, 4)), (ANY, (16, 128, 8))),
+        "dense_t": ((ANY, (32, 64, 4)),),
+        "fp8": ((8, (8, 512, 2)), (64, (8, 256, 2)), (ANY, (16, 512, 2))),
+        "int4": ((8, (8, 256, 2)), (ANY, (8, 256, 2))),
+    },
+    "wsum": {
+        "dense": ((1, (8, 256, 8)), (ANY, (16, 128, 8))),
+        "dense_t": ((ANY, (32, 64, 4)),),
+        "fp8": ((ANY, (8, 256, 4)),),
+        "int4": ((ANY, (8, 256, 4)),),
+    },
+}
+_FUSE = {"": 0, "silu": 1, "wsum": 2}
 
 
-def launch_shape(scale_bk: int, mode: str, pairs: int = 8) -> tuple[int, int, int, int]:
+def launch_shape(
+    scale_bk: int, mode: str, pairs: int = 8, fuse: str = ""
+) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SCALE_MODE, num_warps) for a format (`mode`: fp8 | int4 | dense |
-    dense_t), its scale block / group width and `pairs` routed pairs. A chunk of BLOCK_K lies in
-    one scale block (SCALE_MODE 0: one scale per row), spans whole fp8 blocks (1), or takes a
-    scale per element (2: int4 chunks wider than a group, fp8 widths that are not a power of
-    two >= 16)."""
-    bn, bk, warps = next(shape for bound, shape in SHAPES[mode] if pairs <= bound)
+    dense_t), its scale block / group width and `pairs` rows of the grid (routed pairs; tokens
+    for `fuse="wsum"`). A chunk of BLOCK_K lies in one scale block (SCALE_MODE 0: one scale per
+    row), spans whole fp8 blocks (1), or takes a scale per element (2: int4 chunks wider than a
+    group, fp8 widths that are not a power of two >= 16)."""
+    table = FUSED_SHAPES[fuse][mode] if fuse else SHAPES[mode]
+    bn, bk, warps = next(shape for bound, shape in table if pairs <= bound)
     if mode.startswith("dense"):
         return bn, bk, 2, warps
     if mode == "int4":
@@ -213,17 +126,19 @@ def launch_shape(scale_bk: int, mode: str, pairs: int = 8) -> tuple[int, int, in
 
 def _launch(
     x: torch.Tensor,  # [R, K]
-    rows: torch.Tensor,  # [S] int
-    experts: torch.Tensor,  # [S] int
+    rows: torch.Tensor,  # [S] int (plain only)
+    experts: torch.Tensor,  # [S] int, or [T, k] (fused: pair s = token s // k)
     weight: torch.Tensor,  # [E, N, K] fp8 | [E, N, K/8] int32 | [E, N, K] or [E, K, N] dense
     scale: torch.Tensor,  # [E, ceil(N/b0), ceil(K/b1)] | [E, N, K/g] | unused (dense)
-    y: torch.Tensor,  # [S, N] fp32 (out)
+    route_w: torch.Tensor,  # [T, k] (wsum only)
+    y: torch.Tensor,  # [S, N] fp32 | [S, N/2] (silu) | [T, N] (wsum) (out)
     n: int,
     k: int,
     scale_bn: int,
     scale_bk: int,
     mode: str,
     round_to: str,
+    fuse: str = "",
     wrap: Any = None,
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
@@ -231,8 +146,9 @@ def _launch(
         stride_wn, stride_wk = weight.stride(2), weight.stride(1)
     else:
         stride_wn, stride_wk = weight.stride(1), 1
-    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, rows.shape[0])
-    grid = (rows.shape[0], -(-n // block_n))
+    topk = experts.shape[-1] if fuse else 1
+    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, y.shape[0], fuse)
+    grid = (y.shape[0], -(-y.shape[1] // block_n))
     kern[grid](
         x,
         rows,
@@ -240,7 +156,8 @@ def _launch(
         weight,
         scale,
         y,
-        n,
+        route_w,
+        y.shape[1],
         k,
         x.stride(0),
         weight.stride(0),
@@ -255,6 +172,9 @@ def _launch(
         DENSE=mode.startswith("dense"),
         ROUND_BF16=round_to == "bf16",
         FP8_MODE=fp8_mode,
+        FUSE=_FUSE[fuse],
+        TOPK=topk,
+        OUT_BF16=y.dtype == torch.bfloat16,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
@@ -265,8 +185,17 @@ def _round_name(dtype: torch.dtype | None) -> str:
     return "bf16" if dtype == torch.bfloat16 else "none"
 
 
-def _register_op() -> Any:
-    """`premoe::moe_gemv` as a torch custom op (traceable by torch.compile / CUDA graphs)."""
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32)}
+_DTYPE_NAMES = {d: name for name, d in _DTYPES.items()}
+
+
+def _out(x: torch.Tensor, rows: int, cols: int, out_dtype: str) -> torch.Tensor:
+    return torch.empty(rows, cols, dtype=_DTYPES[out_dtype], device=x.device)
+
+
+def _register_ops() -> dict[str, Any]:
+    """`premoe::moe_gemv`, `premoe::moe_gemv_silu` and `premoe::moe_gemv_wsum` as torch custom
+    ops (traceable by torch.compile / CUDA graphs: output shapes from input shapes alone)."""
     from torch.library import triton_op, wrap_triton
 
     @triton_op("premoe::moe_gemv", mutates_args=())
@@ -283,26 +212,94 @@ def _register_op() -> Any:
         mode: str,
         round_to: str,
     ) -> torch.Tensor:
-        y = torch.empty(rows.shape[0], n, dtype=torch.float32, device=x.device)
-        _launch(x, rows, experts, weight, scale, y, n, k, scale_bn, scale_bk, mode, round_to,
+        y = _out(x, rows.shape[0], n, "float32")
+        _launch(x, rows, experts, weight, scale, x, y, n, k, scale_bn, scale_bk, mode, round_to,
                 wrap=wrap_triton)  # fmt: skip
         return y
 
-    return moe_gemv_op
+    @triton_op("premoe::moe_gemv_silu", mutates_args=())
+    def moe_gemv_silu_op(
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        n: int,
+        k: int,
+        scale_bn: int,
+        scale_bk: int,
+        mode: str,
+        round_to: str,
+        out_dtype: str,
+    ) -> torch.Tensor:
+        y = _out(x, experts.numel(), n, out_dtype)
+        _launch(x, experts, experts, weight, scale, x, y, n, k, scale_bn, scale_bk, mode,
+                round_to, "silu", wrap=wrap_triton)  # fmt: skip
+        return y
+
+    @triton_op("premoe::moe_gemv_wsum", mutates_args=())
+    def moe_gemv_wsum_op(
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        route_w: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        n: int,
+        k: int,
+        scale_bn: int,
+        scale_bk: int,
+        mode: str,
+        round_to: str,
+        out_dtype: str,
+    ) -> torch.Tensor:
+        y = _out(x, experts.shape[0], n, out_dtype)
+        _launch(x, experts, experts, weight, scale, route_w, y, n, k, scale_bn, scale_bk, mode,
+                round_to, "wsum", wrap=wrap_triton)  # fmt: skip
+        return y
+
+    return {"": moe_gemv_op, "silu": moe_gemv_silu_op, "wsum": moe_gemv_wsum_op}
 
 
 def prepare(device: torch.device) -> bool:
-    """Build the kernel (and its custom op on CUDA) ahead of any trace; True if usable."""
-    global _OP
+    """Build the kernel (and its custom ops on CUDA) ahead of any trace; True if usable."""
+    global _OPS
     if not available(device):
         return False
     _kernel()
-    if device.type == "cuda" and _OP is None:
+    if device.type == "cuda" and _OPS is None:
         try:
-            _OP = _register_op()
+            _OPS = _register_ops()
         except Exception:  # older torch: no triton_op; eager launches still work
-            _OP = False
+            _OPS = {}
     return True
+
+
+def _args(
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    n: int,
+    k: int,
+    scale_block: tuple[int, int],
+    int4: bool,
+    transposed: bool,
+    round_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, tuple[int, int, int, int, str, str]]:
+    """(scale tensor, the ops' (n, k, scale_bn, scale_bk, mode, round_to))."""
+    if scale is None:
+        mode = "dense_t" if transposed else "dense"
+    else:
+        mode = "int4" if int4 else "fp8"
+    scale_t = weight if scale is None else scale  # a pointer the dense kernel never reads
+    sb = (int(scale_block[0]), int(scale_block[1]))
+    return scale_t, (n, k, sb[0], sb[1], mode, _round_name(round_dtype))
+
+
+def _op(x: torch.Tensor, fuse: str) -> Any:
+    """The custom op of `fuse` for CUDA tensors (None: launch directly)."""
+    if x.device.type != "cuda":
+        return None
+    if _OPS is None:
+        prepare(x.device)
+    return (_OPS or {}).get(fuse)
 
 
 def moe_gemv(
@@ -327,22 +324,85 @@ def moe_gemv(
     values, fewer instructions). `weight`/`scale` may be strided views (E-stride of a shared
     slot buffer); their last dim must be contiguous, as must `x`'s.
     """
-    x = x.contiguous()
-    rows = rows.contiguous()
-    experts = experts.contiguous()
-    if scale is None:
-        mode = "dense_t" if transposed else "dense"
-    else:
-        mode = "int4" if int4 else "fp8"
-    scale_t = weight if scale is None else scale  # a pointer the dense kernel never reads
-    args = (n, k, int(scale_block[0]), int(scale_block[1]), mode, _round_name(round_dtype))
-    if x.device.type == "cuda" and _OP is None:
-        prepare(x.device)
-    if x.device.type == "cuda" and _OP:
-        return _OP(x, rows, experts, weight, scale_t, *args)
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32, device=x.device)
-    _launch(x, rows, experts, weight, scale_t, y, *args)
+    x, rows, experts = x.contiguous(), rows.contiguous(), experts.contiguous()
+    scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
+    op = _op(x, "")
+    if op is not None:
+        return op(x, rows, experts, weight, scale_t, *args)
+    y = _out(x, rows.shape[0], n, "float32")
+    _launch(x, rows, experts, weight, scale_t, x, y, *args)
     return y
 
 
-__all__ = ["available", "interpret_mode", "moe_gemv", "prepare", "triton_importable"]
+def moe_gemv_silu(
+    x: torch.Tensor,  # [T, K]
+    experts: torch.Tensor,  # [T, k]
+    weight: torch.Tensor,  # [E, 2 n, K] (quantized as for `moe_gemv`): gate rows, then up rows
+    scale: torch.Tensor | None = None,
+    *,
+    n: int,
+    k: int,
+    out_dtype: torch.dtype,
+    scale_block: tuple[int, int] = (1, 1),
+    int4: bool = False,
+    transposed: bool = False,
+    round_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`y [S, n]` in `out_dtype`, S = T*k pairs in `experts`' order (token-major), with
+    ``y[s] = silu(W[e_s, :n] @ x[s // k]) * (W[e_s, n:] @ x[s // k])``, computed in fp32 and
+    rounded once: ``act_fn(gate) * up`` of ``h.chunk(2, -1)`` for a SiLU experts module. The
+    weight arguments are those of `moe_gemv` for the whole ``[E, 2n, K]`` projection."""
+    if experts.ndim != 2:
+        raise ValueError(f"experts must be [T, k], got {tuple(experts.shape)}")
+    x, experts = x.contiguous(), experts.contiguous()
+    scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
+    dt = _DTYPE_NAMES[out_dtype]
+    op = _op(x, "silu")
+    if op is not None:
+        return op(x, experts, weight, scale_t, *args, dt)
+    y = _out(x, experts.numel(), n, dt)
+    _launch(x, experts, experts, weight, scale_t, x, y, *args, "silu")
+    return y
+
+
+def moe_gemv_wsum(
+    x: torch.Tensor,  # [S, K]: row s is pair s
+    experts: torch.Tensor,  # [T, k]
+    route_w: torch.Tensor,  # [T, k]
+    weight: torch.Tensor,  # [E, n, K] (quantized as for `moe_gemv`)
+    scale: torch.Tensor | None = None,
+    *,
+    n: int,
+    k: int,
+    out_dtype: torch.dtype,
+    scale_block: tuple[int, int] = (1, 1),
+    int4: bool = False,
+    transposed: bool = False,
+    round_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`y [T, n]` in `out_dtype` with ``y[t] = sum_j route_w[t, j] * (W[experts[t, j]] @
+    x[t * k + j])``: the down projection, routing weight and sum over a token's k experts in
+    one kernel, accumulated in fp32 (routing weights too) and rounded once."""
+    if experts.ndim != 2 or route_w.shape != experts.shape:
+        raise ValueError(f"experts and route_w must be [T, k], got {tuple(experts.shape)}, "
+                         f"{tuple(route_w.shape)}")  # fmt: skip
+    x, experts, route_w = x.contiguous(), experts.contiguous(), route_w.contiguous()
+    scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
+    dt = _DTYPE_NAMES[out_dtype]
+    op = _op(x, "wsum")
+    if op is not None:
+        return op(x, experts, route_w, weight, scale_t, *args, dt)
+    y = _out(x, experts.shape[0], n, dt)
+    _launch(x, experts, experts, weight, scale_t, route_w, y, *args, "wsum")
+    return y
+
+
+__all__ = [
+    "available",
+    "interpret_mode",
+    "moe_gemv",
+    "moe_gemv_silu",
+    "moe_gemv_wsum",
+    "prepare",
+    "triton_importable",
+]

@@ -6,7 +6,8 @@ expert parameters (transformers' experts interface: ``gate_up_proj`` / ``up_proj
 frees the dense parameters and replaces each experts module's forward:
 
 - on CUDA with Triton, rows of routed (token, expert) pairs at decode go through
-  `premoe.quant.kernels.moe_gemv`, which reads the quantized bytes directly;
+  `premoe.quant.kernels.moe_gemv`, which reads the quantized bytes directly (for SiLU-gated
+  modules its two fused variants, `moe_gemv_silu` and `moe_gemv_wsum`: see `fuse`);
 - otherwise (CPU, or more rows than `gemv_rows`), the hit experts are dequantized on the fly and
   run as transformers' eager loop does, so on the CPU the logits equal, bit for bit, those of the
   model holding the dequantized weights.
@@ -48,7 +49,14 @@ from premoe.quant.codecs import (
     quantize_int4_pack,
 )
 from premoe.quant.export import check_scheme
-from premoe.quant.gemv_experts import GemvFn, activate, bias_of, gemv_forward
+from premoe.quant.gemv_experts import (
+    DownSumFn,
+    GemvFn,
+    UpActFn,
+    activate,
+    bias_of,
+    gemv_forward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,8 @@ class QuantizedExperts:
         self.block = (int(block[0]), int(block[1]))
         self.group_size = int(group_size)
         self.gemv_rows = int(gemv_rows)
+        # the GEMV path as two fused kernels where the activation allows (gemv_experts.silu_gated)
+        self.fuse = True
         self._grouped = grouped
         self.module = module
         dense = [getattr(module, p) for p in params]
@@ -341,6 +351,28 @@ class QuantizedExperts:
         )  # fmt: skip
         return y
 
+    def _fused(self, storage: torch.Tensor) -> tuple[UpActFn, DownSumFn]:
+        """The two fused kernels (`gemv_experts.gemv_forward`) over the slots in `storage`."""
+        pu, pd = self.projs[self._up_param()], self.projs[self._down_param()]
+        (wu, su), (wd, sd) = self.views(pu.param, storage), self.views(pd.param, storage)
+        int4, round_dtype = self.scheme == "int4", self.dtype if self.exact_weights else None
+
+        def up_act(x: torch.Tensor, top_k_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return kernels.moe_gemv_silu(
+                x, top_k_index, wu, su, n=pu.n // 2, k=pu.k, out_dtype=dtype,
+                scale_block=self.scale_block(pu.param), int4=int4, round_dtype=round_dtype,
+            )  # fmt: skip
+
+        def down_sum(
+            h: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
+        ) -> torch.Tensor:
+            return kernels.moe_gemv_wsum(
+                h, top_k_index, weights, wd, sd, n=pd.n, k=pd.k, out_dtype=dtype,
+                scale_block=self.scale_block(pd.param), int4=int4, round_dtype=round_dtype,
+            )  # fmt: skip
+
+        return up_act, down_sum
+
     def forward(
         self,
         hidden_states: torch.Tensor,  # [T, H]
@@ -407,8 +439,9 @@ class QuantizedExperts:
         def gemv(param: str) -> GemvFn:
             return lambda x, rows, eids: self._gemv(param, x, rows, eids, storage)
 
+        fused = self._fused(storage) if self.fuse else None
         return gemv_forward(
-            mod, hidden, top_k_index, weights, gemv(up), gemv(down), (up, down), self.dtype
+            mod, hidden, top_k_index, weights, gemv(up), gemv(down), (up, down), self.dtype, fused
         )
 
     def _forward_eager(

@@ -207,6 +207,40 @@ def test_triton_gemv_interpreter(tmp_path: Path) -> None:
     assert "dense ok" in out.stdout
 
 
+_FUSED_SCRIPT = Path(__file__).with_name("fused_interpret_check.py")
+
+
+@pytest.mark.slow
+def test_triton_fused_interpreter() -> None:
+    """The fused kernels (up + silu(gate) * up; down + routing weight + sum over k) against
+    float64, then tiny models through them, run by Triton's interpreter (needs `triton`)."""
+    if not kernels.triton_importable():
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
+    out = subprocess.run([sys.executable, str(_FUSED_SCRIPT)], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = ["fused kernels ok", "qwen3_moe greedy ok", "qwen3_moe bf16 ok",
+             "fp8 resident fused ok", "int4 resident fused ok", "gpt_oss unfused ok"]  # fmt: skip
+    for line in lines:
+        assert line in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_triton_kernel_compiles_for_sm90() -> None:
+    """Every kernel variant and table shape compiles for sm_90 with no GPU (needs `triton`)."""
+    if not kernels.triton_importable():
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
+    script = Path(__file__).with_name("sm90_compile_check.py")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sm_90 compile ok" in out.stdout
+
+
 @GPU[0]
 @GPU[1]
 @pytest.mark.parametrize("scheme", ["fp8", "int4"])

@@ -1,0 +1,47 @@
+"""Run by tests/quant/test_resident.py: compile the GEMV kernel for an H100/H200 (sm_90) with no
+GPU present (Triton's code generator, LLVM and its bundled ptxas), for every variant (plain,
+silu, wsum), weight format and launch shape of the tables at H = 2048, I = 768, k = 8: the
+interpreter does not check what only the compiler rejects."""
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from premoe.quant import _gemv_triton, kernels
+
+H, I, TOPK = 2048, 768, 8  # noqa: E741
+FORMATS = {  # mode: (weight, scale pointer types, scale block)
+    "dense": ("bf16", "bf16", (1, 1)),
+    "fp8": ("fp8e4nv", "fp32", (128, 128)),
+    "int4": ("i32", "bf16", (1, 128)),
+}
+ARGS = ["x_ptr", "rows_ptr", "experts_ptr", "w_ptr", "s_ptr", "y_ptr", "rw_ptr", "N", "K",
+        "stride_xr", "stride_we", "stride_wn", "stride_wk", "stride_se", "stride_sn",
+        "stride_yr"]  # fmt: skip
+
+done = set()
+for fuse, k_in, y_type in (("", H, "fp32"), ("silu", H, "bf16"), ("wsum", I, "bf16")):
+    for mode, (w_type, s_type, block) in FORMATS.items():
+        for rows in (1, 8, 64, 256):
+            bn, bk, fp8_mode, warps = kernels.launch_shape(block[1], mode, rows, fuse)
+            for round_bf16 in (False, True) if mode != "dense" else (False,):
+                key = (fuse, mode, bn, bk, fp8_mode, warps, round_bf16)
+                if key in done:
+                    continue
+                done.add(key)
+                types = ["*bf16", "*i64", "*i64", f"*{w_type}", f"*{s_type}", f"*{y_type}",
+                         "*fp32", "i32", "constexpr"] + ["i32"] * 7  # fmt: skip
+                sig = dict(zip(ARGS, types, strict=True))
+                consts = {"K": k_in, "stride_wk": 1, "SCALE_BN": block[0],
+                          "SCALE_BK": block[1], "INT4": mode == "int4",
+                          "DENSE": mode == "dense", "ROUND_BF16": round_bf16,
+                          "FP8_MODE": fp8_mode, "FUSE": kernels._FUSE[fuse],
+                          "TOPK": TOPK if fuse else 1, "OUT_BF16": y_type == "bf16",
+                          "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+                sig.update(dict.fromkeys(consts, "constexpr"))
+                at = {(list(sig).index(c),): v for c, v in consts.items()}
+                src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": warps})  # fmt: skip
+                assert compiled.asm["cubin"], key
+print("sm_90 compile ok", len(done), "variants")
