@@ -147,13 +147,18 @@ def _plain_fused(w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[UpActFn, Dow
     return up_act, down_sum
 
 
+FUSE = True
+"""Plain weights through the two fused kernels where they apply (False: the unfused GEMVs, for
+side-by-side benchmarks; quantized slots have `QuantizedExperts.fuse`)."""
+
+
 def plain_gemvs(mod: Any) -> tuple[GemvFn, GemvFn, tuple[UpActFn, DownSumFn] | None]:
     """(up, down, fused) for `gemv_forward` over the module's own parameters; fused is None
-    where the weights are stored transposed."""
+    where the weights are stored transposed (or `FUSE` is off)."""
     up_name = "gate_up_proj" if getattr(mod, "has_gate", True) else "up_proj"
     w_up, w_down = getattr(mod, up_name), mod.down_proj
     transposed = bool(getattr(mod, "is_transposed", False))
-    fused = None if transposed else _plain_fused(w_up, w_down)
+    fused = None if transposed or not FUSE else _plain_fused(w_up, w_down)
     return _plain(w_up, transposed), _plain(w_down, transposed), fused
 
 
