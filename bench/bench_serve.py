@@ -639,9 +639,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "batched_mm); each recompiles the decode step once.",
     )
     p.add_argument(
-        "--unfused-experts",
+        "--fused-experts",
         action="store_true",
-        help="premoe_gemv experts through the unfused GEMVs (premoe.quant.gemv_experts.FUSE)",
+        help="premoe_gemv experts through the two fused kernels (premoe.quant.gemv_experts.FUSE)",
     )
     p.add_argument("--decode-tokens", type=int, default=256, help="Batch-1 decode length.")
     p.add_argument("--baseline-tokens", type=int, default=4, help="Tokens per baseline request.")
@@ -659,10 +659,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt_chars, args.max_model_len = 15, 128
     args.buckets = [int(b) for b in str(args.buckets).split(",") if b.strip()]
     args.also_experts_impl = [x for x in str(args.also_experts_impl).split(",") if x.strip()]
-    if args.unfused_experts:
+    if args.fused_experts:
         from premoe.quant import gemv_experts
 
-        gemv_experts.FUSE = False
+        gemv_experts.FUSE = True
     if not 1 <= args.patterns:
         p.error("--patterns must be >= 1")
     return args

@@ -147,18 +147,21 @@ def _plain_fused(w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[UpActFn, Dow
     return up_act, down_sum
 
 
-FUSE = True
-"""Plain weights through the two fused kernels where they apply (False: the unfused GEMVs, for
-side-by-side benchmarks; quantized slots have `QuantizedExperts.fuse`)."""
+FUSE = False
+"""Serve's decode experts through the two fused kernels where they apply (`premoe_gemv` over plain
+weights, and the default of `QuantizedExperts.fuse`). Off by default: per layer, in isolation,
+the fused pair is 1.33x the unfused path on an H200 (bench_moe_kernels.py, batch 1), but the one
+end-to-end run with it decoded batch 1 at 353 tokens/s against 384 without it (another machine
+instance, bench/RESULTS.md); a same-machine comparison is still to be made."""
 
 
 def plain_gemvs(mod: Any) -> tuple[GemvFn, GemvFn, tuple[UpActFn, DownSumFn] | None]:
     """(up, down, fused) for `gemv_forward` over the module's own parameters; fused is None
-    where the weights are stored transposed (or `FUSE` is off)."""
+    where the weights are stored transposed."""
     up_name = "gate_up_proj" if getattr(mod, "has_gate", True) else "up_proj"
     w_up, w_down = getattr(mod, up_name), mod.down_proj
     transposed = bool(getattr(mod, "is_transposed", False))
-    fused = None if transposed or not FUSE else _plain_fused(w_up, w_down)
+    fused = None if transposed else _plain_fused(w_up, w_down)
     return _plain(w_up, transposed), _plain(w_down, transposed), fused
 
 
@@ -189,6 +192,7 @@ def experts_forward(mod: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) -
         return _fallback(mod, hidden, *args, **kwargs)
     up, down, fused = plain_gemvs(mod)
     names = (up_name, "down_proj")
+    fused = fused if FUSE else None
     return gemv_forward(mod, hidden, rest[0], rest[1], up, down, names, hidden.dtype, fused)
 
 
