@@ -91,7 +91,7 @@ class Regions:
         config = torch._dynamo.config.patch(
             allow_unspec_int_on_nn_module=True,
             recompile_limit=self.RECOMPILE_LIMIT,
-            accumulated_recompile_limit=max(256, self.RECOMPILE_LIMIT),
+            accumulated_recompile_limit=256,  # over all code objects
         )
         with config:
             for layer, fn in zip(self.layers, self._compiled, strict=True):

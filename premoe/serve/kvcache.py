@@ -68,8 +68,6 @@ class SlotKVCache(Cache):
         # layer index, so every layer shares one compiled graph (graphs.py)
         self.all_keys = torch.zeros((layers, *shape), dtype=dtype, device=device)  # [Ly, N, ...]
         self.all_values = torch.zeros((layers, *shape), dtype=dtype, device=device)
-        self.keys = list(self.all_keys.unbind(0))  # per layer [N, Hk, L + 1, D] views
-        self.values = list(self.all_values.unbind(0))
         self.slots = slots
         self.max_len = max_len
         self.scratch = max_len

@@ -240,7 +240,7 @@ class GenRequest:
         self._cancelled = False
         self._ended = False
         self._lock = threading.Lock()
-        self._loop = loop
+        self._mailbox = _mailbox(loop)  # the worker's events to the handler's loop
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.served_keep: KeepSets | None = None  # the keep sets it was decoded with
         self.logprobs: list[TokenLogprobs] = []  # one per generated token, when asked
@@ -261,7 +261,7 @@ class GenRequest:
     # -- events (worker thread -> event loop) ----------------------------------------------------
     def _push(self, kind: str, value: Any) -> None:
         try:
-            _mailbox(self._loop).post(self._events, (kind, value))
+            self._mailbox.post(self._events, (kind, value))
         except RuntimeError:  # the event loop is gone (shutdown)
             self._cancelled = True
 

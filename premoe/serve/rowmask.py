@@ -121,7 +121,7 @@ class RowRouting:
         self.masks = masks.to(device)  # [P, L, U]
         self.hits = 0
         own = {n: r for n, r in (routers or {}).items() if r is not None and n in patterns}
-        self.weights: list[torch.Tensor] | None = None  # per layer [P, U, H]; None: shared
+        self.weights: torch.Tensor | None = None  # [L, P, U, H]; None: shared
         if own:
             why = unsupported_routers(arch)
             if why is not None:
@@ -135,8 +135,9 @@ class RowRouting:
         union: KeepSets,
         patterns: Mapping[str, KeepSets],
         own: Mapping[str, RouterTensors],
-    ) -> list[torch.Tensor]:
-        """Per layer, [P, U, H]: every pattern's router rows over the union's slots."""
+    ) -> torch.Tensor:
+        """[L, P, U, H]: every pattern's router rows over the union's slots, per layer (one
+        tensor: a compiled layer indexes it with its symbolic layer index, graphs.Regions)."""
         out = []
         for layer in self.layers:
             weight = tensor_of(moe_layer(model, arch, layer), arch.router_weight.memory)  # [U, H]
@@ -149,7 +150,7 @@ class RowRouting:
                 kept = torch.tensor([slot[e] for e in patterns[name].layers[layer]])
                 stacked[p, kept.to(stacked.device)] = rows.to(stacked.device, stacked.dtype)
             out.append(stacked)
-        return out
+        return torch.stack(out)
 
     def rows(self, names: Sequence[str | None]) -> Rows:
         """Masks [B, L, U] and pattern indices [B] of rows whose patterns are `names` (None:

@@ -189,56 +189,46 @@ def test_resident_bytes_and_errors() -> None:
 
 # ---- Triton kernel ---------------------------------------------------------------------------
 
-_INTERPRET_SCRIPT = Path(__file__).with_name("gemv_interpret_check.py")
+
+def _run_check(script: str, timeout: int, interpret: bool = True) -> str:
+    """Stdout of the check `script` beside this file, run in a subprocess (under Triton's CPU
+    interpreter with `interpret`); skips without triton, fails on a non-zero exit."""
+    if not kernels.triton_importable():
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name(script))], env=env,
+                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 @pytest.mark.slow
-def test_triton_gemv_interpreter(tmp_path: Path) -> None:
+def test_triton_gemv_interpreter() -> None:
     """The kernel's arithmetic, run by Triton's interpreter on the CPU (needs `triton`)."""
-    if not kernels.triton_importable():
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
-    out = subprocess.run([sys.executable, str(_INTERPRET_SCRIPT)], env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "fp8 ok" in out.stdout and "int4 ok" in out.stdout
-    assert "fp8 model ok" in out.stdout and "int4 model ok" in out.stdout
-    assert "dense ok" in out.stdout
-
-
-_FUSED_SCRIPT = Path(__file__).with_name("fused_interpret_check.py")
+    stdout = _run_check("gemv_interpret_check.py", 300)
+    assert "fp8 ok" in stdout and "int4 ok" in stdout
+    assert "fp8 model ok" in stdout and "int4 model ok" in stdout
+    assert "dense ok" in stdout
 
 
 @pytest.mark.slow
 def test_triton_fused_interpreter() -> None:
     """The fused kernels (up + silu(gate) * up; down + routing weight + sum over k) against
     float64, then tiny models through them, run by Triton's interpreter (needs `triton`)."""
-    if not kernels.triton_importable():
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
-    out = subprocess.run([sys.executable, str(_FUSED_SCRIPT)], env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = _run_check("fused_interpret_check.py", 600)
     lines = ["fused kernels ok", "qwen3_moe greedy ok", "qwen3_moe bf16 ok",
              "fp8 resident fused ok", "int4 resident fused ok", "gpt_oss unfused ok"]  # fmt: skip
     for line in lines:
-        assert line in out.stdout, out.stdout
+        assert line in stdout, stdout
 
 
 @pytest.mark.slow
 def test_triton_kernel_compiles_for_sm90() -> None:
     """Every kernel variant and table shape compiles for sm_90 with no GPU (needs `triton`)."""
-    if not kernels.triton_importable():
-        pytest.skip("triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
-    script = Path(__file__).with_name("sm90_compile_check.py")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=900)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "sm_90 compile ok" in out.stdout
+    assert "sm_90 compile ok" in _run_check("sm90_compile_check.py", 900, interpret=False)
 
 
 @GPU[0]

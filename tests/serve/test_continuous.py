@@ -16,7 +16,7 @@ import torch
 
 from premoe.demo.tasks import generate
 from premoe.load import ResidentModel, load_pruned
-from premoe.serve.continuous import ContinuousDecoder, decoder_layers
+from premoe.serve.continuous import ContinuousDecoder, StepReport, decoder_layers
 from premoe.serve.decode import SamplingParams
 from premoe.serve.graphs import Regions
 from premoe.serve.patterns import build_patterns
@@ -45,6 +45,26 @@ class Sink:
 
     def on_finish(self, reason: str, completion_tokens: int) -> None:
         self.reason = reason
+
+
+Row = tuple[Sink, list[int], str, int]  # sink, prompt ids, pattern, max tokens
+
+
+def run_joining(
+    dec: ContinuousDecoder, jobs: list[tuple[list[int], str, int]], rng: random.Random
+) -> tuple[list[Row], list[StepReport]]:
+    """Decode `jobs` (prompt ids, pattern, max tokens) to the end, 0-2 of them joining at each
+    step as slots allow (taken from the end of the list): the rows and every step's report."""
+    waiting, rows, reports = list(jobs), [], []
+    while waiting or dec.active():
+        for _ in range(rng.randint(0, 2)):
+            if waiting and dec.free():
+                ids, pattern, n = waiting.pop()
+                sink = Sink()
+                dec.add(sink, ids, SamplingParams(max_tokens=n), pattern)
+                rows.append((sink, ids, pattern, n))
+        reports.append(dec.step())
+    return rows, reports
 
 
 @dataclass
@@ -103,21 +123,11 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
         (ids, names[i % len(names)], rng.randint(3, 16)) for i, ids in enumerate(prompts(world))
     ]
     rng.shuffle(jobs)
-    sinks: list[tuple[Sink, list[int], str, int]] = []
-    waiting = list(jobs)
-    mixed_steps = interleaved = 0
-    while waiting or dec.active():
-        # join at random steps: 0-2 newcomers per step, as slots allow
-        for _ in range(rng.randint(0, 2)):
-            if waiting and dec.free():
-                ids, pattern, n = waiting.pop()
-                sink = Sink()
-                dec.add(sink, ids, SamplingParams(max_tokens=n), pattern)
-                sinks.append((sink, ids, pattern, n))
-        report = dec.step()
-        mixed_steps += len(report.patterns) > 1
-        assert report.prefill_tokens <= 7  # the decode stall bound (--prefill-tokens)
-        interleaved += report.prefill_tokens > 0 and report.decode_rows > 0
+    sinks, reports = run_joining(dec, jobs, rng)
+    mixed_steps = sum(len(report.patterns) > 1 for report in reports)
+    # the decode stall bound (--prefill-tokens)
+    assert all(report.prefill_tokens <= 7 for report in reports)
+    interleaved = sum(r.prefill_tokens > 0 and r.decode_rows > 0 for r in reports)
     assert mixed_steps > 0, "no step mixed patterns: the test could not fail"
     assert interleaved > 0, "prefill never shared a step with decoding rows"
     differ = 0
@@ -254,15 +264,8 @@ def test_cuda_graph_steps_equal_eager_steps(
             compile=compile and graphs,
         )
         assert (dec.graphs is not None) == graphs
-        waiting, sinks = list(jobs), []
-        while waiting or dec.active():
-            for _ in range(rng.randint(0, 2)):
-                if waiting and dec.free():
-                    ids, pattern, n = waiting.pop()
-                    sinks.append(Sink())
-                    dec.add(sinks[-1], ids, SamplingParams(max_tokens=n), pattern)
-            dec.step()
-        texts[graphs] = [s.text for s in sinks]
+        rows, _ = run_joining(dec, jobs, rng)
+        texts[graphs] = [sink.text for sink, *_ in rows]
         if graphs:
             assert dec.graphs is not None and len(dec.graphs.graphs) >= 2  # several buckets
     assert texts[True] == texts[False]

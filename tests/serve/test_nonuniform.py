@@ -25,7 +25,7 @@ from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.source import resolve_model
 from tests.helpers import assert_one_line_error, greedy_text, run_cli
 from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
-from tests.serve.test_continuous import Sink
+from tests.serve.test_continuous import run_joining
 from tests.serve.test_engine import collect
 
 
@@ -118,16 +118,8 @@ def test_ragged_rows_mixed_in_continuous_steps_equal_their_own_pruned_model(
         for i, ids in enumerate(prompts(ragged.tokenizer))
     ]
     rng.shuffle(waiting)
-    rows: list[tuple[Sink, list[int], str, int]] = []
-    mixed_steps = 0
-    while waiting or dec.active():
-        for _ in range(rng.randint(0, 2)):
-            if waiting and dec.free():
-                ids, pattern, n = waiting.pop()
-                sink = Sink()
-                dec.add(sink, ids, SamplingParams(max_tokens=n), pattern)
-                rows.append((sink, ids, pattern, n))
-        mixed_steps += len(dec.step().patterns) > 1
+    rows, reports = run_joining(dec, waiting, rng)
+    mixed_steps = sum(len(report.patterns) > 1 for report in reports)
     assert mixed_steps > 0, "no step mixed patterns: the test could not fail"
     differ = 0
     for sink, ids, pattern, n in rows:
