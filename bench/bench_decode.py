@@ -22,7 +22,8 @@ greedy agreement of graphs with eager (same tokens at batch 1); graph capture se
 `--profile`, the CUDA kernel time of a few batch-1 graph steps, by kernel. With `--meter B ...`,
 the same step again with the dropped-mass meter `premoe serve` attaches by default (issue #18:
 `RowMeter` + `SlotMiss`, full rows = the model's routers, measured against a 3/4 keep set) at
-batch sizes B: tokens/s with it ÷ without (target >= 0.97).
+batch sizes B: tokens/s with it ÷ without (target >= 0.97). With `--sync`, every batch size
+again with the decoder's pipeline off (each step read on the host before the next is launched).
 
     python3 bench/bench_decode.py --out bench/results/decode_h200.json          # H200: ~2 min
     python3 bench/bench_decode.py --layers 4 --precisions bf16 --batches 1 4    # quick check
@@ -201,6 +202,12 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 tps = decode(dec, b, args.tokens, args.prompt, seed=3 + b)
                 fig["batches"][b] = tps
                 say(f"[{prec}] {mode} batch {b}: {tps:.1f} tokens/s")
+                if args.sync:  # the same graphs, every step read before the next
+                    dec.pipeline = False
+                    sync = decode(dec, b, args.tokens, args.prompt, seed=3 + b)
+                    dec.pipeline = True
+                    fig.setdefault("sync_batches", {})[b] = sync
+                    say(f"[{prec}] {mode} batch {b} unpipelined: {sync:.1f} tokens/s")
             b1 = fig["batches"].get(1)
             fig["b1_over_bound"] = b1 / bound if b1 else None
             if args.meter:
@@ -252,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k)",
     )
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="each batch again unpipelined (every step read before the next is launched)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -284,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{fig['capture_s']:.1f}",
                 ]
             )
+            for b, sync in fig.get("sync_batches", {}).items():
+                ratio = fig["batches"][b] / sync
+                say(f"  [{prec}] {mode} b{b}: pipelined / unpipelined {ratio:.3f} ({sync:.1f})")
             for b, m in fig.get("meter", {}).items():
                 say(f"  [{prec}] {mode} meter on/off at batch {b}: {m['ratio']:.3f}")
         for k in r.get("profile_b1", [])[:15]:

@@ -341,6 +341,7 @@ def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool
         scheduler=args.scheduler,
         mixed=args.mixed,
         prefill_tokens=args.prefill_tokens,
+        pipeline=not args.no_pipeline,
         cache=(args.cache if args.cache != "auto" else ("static" if cuda else "dynamic"))
         if batch
         else "auto",
@@ -622,6 +623,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--mixed", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument(
+        "--no-pipeline", action="store_true", help="Read every decode step before the next."
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=63, help="Prompt length (+1 BOS token).")
     p.add_argument("--max-batch", type=int, default=256, help="KV slots (continuous).")

@@ -165,6 +165,14 @@ def serve_command(
             "stall for newcomers.",
         ),
     ] = 512,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            help="On CUDA: launch each decode step before the host has read the last one's "
+            "tokens (streaming, stop checks overlap the device's work; greedy rows). "
+            "--no-pipeline reads every step before the next.",
+        ),
+    ] = True,
     shutdown_timeout: Annotated[
         float,
         typer.Option(
@@ -256,6 +264,7 @@ def serve_command(
         mixed=mixed,
         min_kv_slots=min_kv_slots,
         prefill_tokens=prefill_tokens,
+        pipeline=pipeline,
         quantize=expert_quantization(quantize, block, group_size),
         calibrated_routers=calibrated_routers,
         meter=meter,

@@ -155,16 +155,38 @@ class MassAccumulator:
             self.win_count[idx] = 0
         return [float(s / n) if n > 0 else 0.0 for s, n in zip(both[0], both[1], strict=True)]
 
-    def summary(self, row: int = 0) -> DroppedMass:
-        n = float(self.count[row])
+    def _packed(self, rows: int) -> torch.Tensor:
+        return torch.cat(  # [R, 2 L + 2]: sum, max_layer, max_token, count
+            (
+                self.sum[:rows],
+                self.max_layer[:rows],
+                self.max_token[:rows, None],
+                self.count[:rows, None],
+            ),
+            dim=1,
+        )
+
+    def snapshot(self, rows: int) -> torch.Tensor:
+        """Rows 0..rows-1 as they will be once the work queued so far has run, copied to the
+        host without waiting for it: read it (`summary(row, snapshot)`) after that work."""
+        packed = self._packed(rows)
+        if packed.device.type != "cuda":
+            return packed
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        return host.copy_(packed, non_blocking=True)
+
+    def summary(self, row: int = 0, snapshot: torch.Tensor | None = None) -> DroppedMass:
+        """Row `row`'s figures: from a `snapshot`, else read from the device (one sync)."""
+        packed = (self._packed(row + 1) if snapshot is None else snapshot)[row].cpu()  # [2L+2]
+        n, layers = float(packed[-1]), self.layers
         if n <= 0:
-            return DroppedMass.empty(self.layers)
-        per_layer = (self.sum[row] / n).tolist()
+            return DroppedMass.empty(layers)
+        per_layer = (packed[:layers] / n).tolist()
         return DroppedMass(
             tokens=int(n),
             mean=float(sum(per_layer) / max(1, len(per_layer))),
-            max=float(self.max_token[row]),
-            max_layer=float(self.max_layer[row].max()),
+            max=float(packed[2 * layers]),
+            max_layer=float(packed[layers : 2 * layers].max()),
             per_layer=[float(x) for x in per_layer],
         )
 

@@ -20,6 +20,17 @@ Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. On
    model's sibling projections run as one matmul (fusion.py) and the routers' top-k as one
    kernel (topk.py).
 
+With `pipeline` (the default with CUDA graphs) a decode step is launched before the host reads
+the last one's samples, as vLLM's async scheduling does: every step also takes each row's argmax
+on the device (`sampled`), a row fed in the step still running gets that sample as its next
+token on the device (`fed`), and the host hands the last step's tokens to their rows (detokenizes,
+streams, checks stop conditions) while the device runs the next one. A row whose stop string or
+stop token shows only then has its last token fed once more in the step already running, and
+that step's sample is dropped; a row that ends on max_tokens is not fed again; the meter's
+figures of an ending row are copied as of the step that sampled its last token (`Launched`).
+Steps with a row that samples, has penalties or logprobs, or may be rerouted are read at once
+(their sampling needs the step's logits on the host).
+
 Rows finish independently (end of sequence, a stop string or token, max_tokens); their slot is
 free for the next step. Masks are built here (4-D additive; key j visible to a query at position
 p of the same row iff j <= p), and position ids count the row's own tokens, so every row computes
@@ -81,6 +92,7 @@ class Seq:
     generated: int = 0
     done: bool = False
     folded: int = 0  # generated tokens recomputed as part of `prompt` (after a reroute)
+    inflight: int = 0  # decode steps that fed it and are not resolved yet (`pipeline`)
 
     @property
     def length(self) -> int:
@@ -91,6 +103,25 @@ class Seq:
     def prefilling(self) -> bool:
         return self.filled < len(self.prompt)
 
+    @property
+    def decodable(self) -> bool:
+        """Has a token to feed, and the step in flight (if any) did not sample its last one."""
+        if self.prefilling or self.last is None:
+            return False
+        return self.generated + self.inflight < self.params.max_tokens
+
+
+@dataclass
+class Launched:
+    """A decode step on its way: its rows (by slot) and the host copies of what it computes,
+    made without waiting; read them once `ready` has passed (None: already there)."""
+
+    seqs: list[Seq]
+    logits: torch.Tensor  # [n, V] float32 (valid until the next step runs)
+    tokens: torch.Tensor  # [n] host: each slot's greedy sample
+    stats: torch.Tensor | None  # [n, ...] host: the meter's figures of slots 0..n-1
+    ready: torch.cuda.Event | None
+
 
 @dataclass
 class StepReport:
@@ -100,6 +131,7 @@ class StepReport:
     patterns: set[str] = field(default_factory=set)
     finished: int = 0
     seconds: float = 0.0
+    in_flight: bool = False  # the decode step was left running when `step` returned (pipeline)
     rerouted: list[Seq] = field(default_factory=list)  # rows taken out for another pattern
 
 
@@ -129,6 +161,7 @@ class ContinuousDecoder:
         graphs: bool = False,
         compile: bool = False,
         fuse: bool | None = None,
+        pipeline: bool | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -151,6 +184,10 @@ class ContinuousDecoder:
         self._order = itertools.count()
         self.graphs: DecodeGraphs | None = None
         graphs = graphs and self.device.type == "cuda"
+        # the next step is launched before the last one's samples are read (module docstring)
+        self.pipeline = graphs if pipeline is None else pipeline
+        self.sampled = torch.zeros(slots, dtype=torch.long, device=self.device)  # [N] argmax
+        self._inflight: Launched | None = None
         fuse = graphs if fuse is None else fuse
         if fuse:  # q/k/v (and gate/up) as one matmul (fusion.py)
             one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
@@ -170,6 +207,7 @@ class ContinuousDecoder:
                 else (len(routing.layers), routing.union.count),
                 compile_layers=decoder_layers(model) if compile else (),
                 patched=functools.partial(self._patched, fuse),
+                keep=[self.sampled],
             )
         self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)
         self.taken_out: list[Seq] = []  # rows taken out by reroutes, for the caller to requeue
@@ -257,16 +295,25 @@ class ContinuousDecoder:
             report.rerouted.append(seq)
             self.taken_out.append(seq)
 
-    def _end(self, seq: Seq, reason: str, report: StepReport) -> None:
+    def _end(
+        self, seq: Seq, reason: str, report: StepReport, stats: torch.Tensor | None = None
+    ) -> None:
+        """`seq` ends; `stats`: the meter's figures as of the step that sampled its last token."""
         seq.done = True
         self.seqs[seq.slot] = None
         report.finished += 1
         if self.miss is not None:
-            self.miss.end(seq, cancelled=reason == "cancelled")
-        if reason == "cancelled":
-            seq.sink.on_finish("cancelled", seq.generated)
-        else:
-            seq.sink.on_finish(reason, seq.generated)
+            self.miss.end(seq, cancelled=reason == "cancelled", snapshot=stats)
+        seq.sink.on_finish(reason, seq.generated)
+
+    def clear(self) -> list[Seq]:
+        """Drop every row (a failed step) and the step in flight; the rows dropped."""
+        rows = self.active()
+        self.seqs = [None] * self.slots
+        self._inflight = None
+        for seq in rows:
+            seq.inflight = 0
+        return rows
 
     def drop_cancelled(self, report: StepReport) -> None:
         for seq in self.active():
@@ -293,11 +340,14 @@ class ContinuousDecoder:
             if between is not None:
                 between()
             self._prefill(chunks, report)
-        rows = [s for s in self.active() if not s.prefilling and s.last is not None]
+        rows = [s for s in self.active() if s.decodable]
         if rows:
             if between is not None:
                 between()
             self._decode(rows, report)
+        elif self._inflight is not None:  # nothing more to launch: read the last step
+            self._resolve(self._inflight, report)
+            self._inflight = None
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -335,18 +385,29 @@ class ContinuousDecoder:
     def _graph_step(
         self,
         ids: torch.Tensor,  # [B, 1]
+        fed: torch.Tensor,  # [B, 1] 1: the row's token is its sample of the last step
         positions: torch.Tensor,  # [B, 1]
         mask: torch.Tensor,  # [B, 1, 1, K] additive
         rows: Rows | None,  # per-row routing masks [B, L, U] and patterns [B] (`routing`)
     ) -> torch.Tensor:
         """`_forward` as the decode graphs trace it (inside `_patched`): no context manager,
-        the rows set as plain state (rowmask.RowRouting.use), so torch.compile sees one graph."""
+        the rows set as plain state (rowmask.RowRouting.use), so torch.compile sees one graph.
+        With the tokens fed and sampled on the device (`_fed`, `_sample`)."""
         if self.routing is not None:
             self.routing.use(rows)
-        logits = self._logits(ids, positions, mask)  # [B, V]
+        logits = self._logits(self._fed(ids, fed), positions, mask)  # [B, V]
         if self.routing is not None:
             self.routing.use(None)
+        self._sample(logits)
         return logits
+
+    def _fed(self, ids: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        """ids [B, 1], where `fed` [B, 1] says so the row's sample of the last step instead."""
+        return torch.where(fed > 0, self.sampled[: ids.shape[0], None], ids)
+
+    def _sample(self, logits: torch.Tensor) -> None:
+        """Every row's greedy sample of `logits` [B, V], kept on the device (`sampled`)."""
+        self.sampled[: logits.shape[0]].copy_(logits.argmax(-1))
 
     def _rows(self, patterns: Sequence[str | None]) -> Rows | None:
         return None if self.routing is None else self.routing.rows(patterns)
@@ -396,42 +457,96 @@ class ContinuousDecoder:
         dev = self.device
         n = max(seq.slot for seq in rows) + 1
         by_slot = {seq.slot: seq for seq in rows}
-        host_ids, host_pos = [self.pad_id] * n, [0] * n
+        host_ids, host_pos, host_fed = [self.pad_id] * n, [0] * n, [0] * n
         host_cols = [self.cache.scratch] * n
         patterns: list[str | None] = [None] * n
         for slot, seq in by_slot.items():
             assert seq.last is not None
-            host_ids[slot] = seq.last
-            host_cols[slot] = host_pos[slot] = seq.length
+            if seq.inflight:  # its token is the step in flight's sample, on the device
+                host_fed[slot] = 1
+            else:
+                host_ids[slot] = seq.last
+            host_cols[slot] = host_pos[slot] = seq.length + seq.inflight
             patterns[slot] = seq.pattern
         ids = torch.tensor(host_ids, dtype=torch.long)[:, None]  # [B, 1]
         cols = torch.tensor(host_cols, dtype=torch.long)[:, None]  # [B, 1]
         qpos = torch.tensor(host_pos, dtype=torch.long)[:, None]  # [B, 1]
-        kv_len = max(seq.length for seq in rows) + 1
+        fed = torch.tensor(host_fed, dtype=torch.long)[:, None]  # [B, 1]
+        kv_len = max(host_pos) + 1
         row_routing = self._rows(patterns)
         if self.graphs is not None:
             if self.miss is not None:  # the replay measures its rows (SlotMiss.captured)
                 self.miss.before_replay([by_slot.get(i) for i in range(n)])
-            logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing)  # [B, V]
+            logits = self.graphs.run(ids, qpos, cols, kv_len, row_routing, fed)  # [B, V]
         else:
             metered = None
             if self.miss is not None:
                 metered = self.miss.forward([by_slot.get(i) for i in range(n)], 1, False)
-            ids, cols, qpos = ids.to(dev), cols.to(dev), qpos.to(dev)
+            ids, cols, qpos, fed = ids.to(dev), cols.to(dev), qpos.to(dev), fed.to(dev)
             keys = torch.arange(kv_len, device=dev)  # [K]
             allowed = keys[None, :] <= qpos  # [B, K]; idle rows see column 0 only
             zero = torch.zeros((), dtype=self.dtype, device=dev)
             mask = torch.where(allowed, zero, self.min_value)[:, None, None, :]  # [B, 1, 1, K]
             self.cache.plan(None, cols, kv_len)
-            logits = self._forward(ids, qpos, mask, row_routing, metered)  # [B, V]
+            logits = self._forward(self._fed(ids, fed), qpos, mask, row_routing, metered)
+            self._sample(logits)
+        launched = self._launched([by_slot[i] for i in sorted(by_slot)], logits)
         report.decode_rows += len(rows)
         report.patterns |= {p for p in patterns if p is not None}
-        order = sorted(by_slot)
+        last, self._inflight = self._inflight, None
+        if last is not None:  # read while this step runs
+            self._resolve(last, report)
+        if self.pipeline and self._pipelinable(launched.seqs):
+            self._inflight = launched
+            report.in_flight = True
+        else:
+            self._resolve(launched, report)
+
+    def _launched(self, seqs: list[Seq], logits: torch.Tensor) -> Launched:
+        """The step just queued: host copies of its samples and meter figures (no waiting)."""
+        n = logits.shape[0]
+        tokens = self.sampled[:n]  # [n]
+        stats = self.miss.snapshot(n) if self.miss is not None else None
+        ready = None
+        if tokens.device.type == "cuda":
+            host = torch.empty(n, dtype=torch.long, pin_memory=True)
+            tokens = host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            tokens = tokens.clone()
+        for seq in seqs:
+            seq.inflight += 1
+        return Launched(seqs, logits, tokens, stats, ready)
+
+    def _pipelinable(self, seqs: list[Seq]) -> bool:
+        """Whether the next step may be launched before `seqs`' samples are read: every row is
+        plain greedy (its sample is the device's argmax) and no row may be rerouted."""
+        if self.miss is not None and self.miss.decide is not None:
+            return False
+        return not any(needs_processing(seq.params) for seq in seqs)
+
+    def _resolve(self, step: Launched, report: StepReport) -> None:
+        """Hand a launched step's samples to its rows (waits for the step to finish). Rows that
+        ended since it was launched drop theirs."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.tokens.tolist()
+        seqs = []
+        for seq in step.seqs:
+            seq.inflight -= 1
+            if not seq.done and self.seqs[seq.slot] is seq:
+                seqs.append(seq)
         if self.miss is not None:
-            out = self.miss.decode_misses([by_slot[i] for i in order])
+            out = self.miss.decode_misses(seqs)
             self._take_out(out, report)
-            order = [i for i in order if by_slot[i] not in out]
-        self._emit([by_slot[i] for i in order], logits[order], report)
+            seqs = [seq for seq in seqs if seq not in out]
+        for seq in seqs:
+            if needs_processing(seq.params):  # never in flight: its step's logits are current
+                token, info = seq.sampler.choose(step.logits[seq.slot])
+            else:
+                token, info = tokens[seq.slot], None
+            self._consume(seq, token, info, report, step.stats)
 
     def _emit(self, seqs: list[Seq], logits: torch.Tensor, report: StepReport) -> None:
         """Sample each row's next token from `logits` [B, V] and hand it to the row."""
@@ -448,7 +563,12 @@ class ContinuousDecoder:
             self._consume(seq, token, info, report)
 
     def _consume(
-        self, seq: Seq, token: int, info: TokenLogprobs | None, report: StepReport
+        self,
+        seq: Seq,
+        token: int,
+        info: TokenLogprobs | None,
+        report: StepReport,
+        stats: torch.Tensor | None = None,
     ) -> None:
         if seq.sink.cancelled:
             self._end(seq, "cancelled", report)
@@ -465,7 +585,7 @@ class ContinuousDecoder:
         if delta:
             seq.sink.on_delta(delta, seq.generated)
         if seq.stream.finished:
-            self._end(seq, seq.stream.finish_reason or "stop", report)
+            self._end(seq, seq.stream.finish_reason or "stop", report, stats)
 
     def run(self, rows: Sequence[tuple[RowSink, list[int], SamplingParams, str | None]]) -> None:
         """Decode `rows` to completion (tests, benchmarks): admit as slots free up."""

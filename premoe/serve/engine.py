@@ -270,6 +270,7 @@ class Engine:
                 routing=routing,
                 graphs=cfg.compile != "none",
                 compile=cfg.compile in ("auto", "default"),
+                pipeline=cfg.pipeline and device.type == "cuda" and cfg.compile != "none",
             )
             compile_mode = "none"
         else:
@@ -638,8 +639,7 @@ class Engine:
             log.exception("a step of %d rows failed (requests %s)", len(ids), ", ".join(ids))
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            for seq in cont.active():
-                cont.seqs[seq.slot] = None
+            for seq in cont.clear():
                 sink = seq.sink
                 if isinstance(sink, GenRequest):
                     sink.fail(RequestError(f"generation failed: {exc}", 500, "server_error"))

@@ -14,7 +14,7 @@ small elementwise kernels per step (norms, rotary embeddings, casts) that otherw
 batch-1 step. Compiling per layer, not the whole step, is what keeps warm-up short (`Regions`).
 A graph is captured per (B, K) on first use, after two warm-up runs (inductor and Triton compile,
 cuBLAS picks its kernels) that write only the scratch KV column of every row, never a running
-request's cache. All graphs
+request's cache (and buffers named `keep`, the decoder's samples, get their values back). All graphs
 share one memory pool; every tensor a graph reads that it does not compute itself is one of the
 persistent buffers above, the KV cache or the weights. `patched` is entered around each traced
 and captured step, outside `torch.compile` (functions the step calls, swapped in: the routers'
@@ -45,8 +45,11 @@ from premoe.serve.rowmask import Rows
 
 log = logging.getLogger(__name__)
 
-# (ids [B, 1], positions [B, 1], mask [B, 1, 1, K], per-row routing | None) -> logits [B, V]
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Rows | None"], torch.Tensor]
+# (ids [B, 1], fed [B, 1], positions [B, 1], mask [B, 1, 1, K], per-row routing | None)
+#   -> logits [B, V]; `fed` 1: the row's token is the one the previous step sampled (on the device)
+StepFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "Rows | None"], torch.Tensor
+]
 
 
 class CapturedMeter(Protocol):
@@ -133,8 +136,10 @@ class DecodeGraphs:
         first_kv_bucket: int = 256,
         compile_layers: Sequence[torch.nn.Module] = (),
         patched: Callable[[], AbstractContextManager[None]] = nullcontext,
+        keep: Sequence[torch.Tensor] = (),
     ) -> None:
         self.step = step
+        self.keep = list(keep)  # buffers the step writes that a capture's warm-up must not change
         # inductor fuses the small kernels of every layer; the graphs below remove the launches
         self.regions = Regions(compile_layers) if compile_layers else None
         self.plan = plan  # plan(cols [B, 1], kv_len): the cache's columns for the next forward
@@ -148,6 +153,7 @@ class DecodeGraphs:
         self.ids = torch.full((slots, 1), pad_id, dtype=torch.long, device=device)  # [N, 1]
         self.pos = torch.zeros((slots, 1), dtype=torch.long, device=device)  # [N, 1]
         self.cols = torch.full((slots, 1), scratch, dtype=torch.long, device=device)  # [N, 1]
+        self.fed = torch.zeros((slots, 1), dtype=torch.long, device=device)  # [N, 1]
         self.rows = (
             None
             if row_mask_shape is None
@@ -156,7 +162,6 @@ class DecodeGraphs:
                 torch.zeros(slots, dtype=torch.long, device=device),  # [N] pattern index
             )
         )
-        self._host = torch.empty((3, slots), dtype=torch.long).pin_memory()  # ids, pos, cols
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
@@ -185,19 +190,21 @@ class DecodeGraphs:
         rows = None if self.rows is None else Rows(self.rows.masks[:b], self.rows.index[:b])
         regions = self.regions.active() if self.regions is not None else nullcontext()
         with self.patched(), regions:
-            return self.step(self.ids[:b], pos, mask[:, None, None, :], rows)  # [B, V]
+            return self.step(self.ids[:b], self.fed[:b], pos, mask[:, None, None, :], rows)
 
     def _idle(self) -> None:
         """Every row: the padding token at position 0, written to scratch."""
         self.ids.fill_(self.pad_id)
         self.pos.zero_()
         self.cols.fill_(self.scratch)
+        self.fed.zero_()
         if self.rows is not None:
             self.rows.masks.zero_()
             self.rows.index.zero_()
 
     def _capture(self, b: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         t0 = time.perf_counter()
+        kept = [t.clone() for t in self.keep]  # e.g. the samples of a step in flight
         self._idle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -214,6 +221,8 @@ class DecodeGraphs:
                 out = self._body(b, kv)
                 if meter is not None:
                     meter.captured(b, warm=False)
+        for t, old in zip(self.keep, kept, strict=True):
+            t.copy_(old)
         torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.capture_seconds += seconds
@@ -237,6 +246,7 @@ class DecodeGraphs:
         cols: torch.Tensor,  # [n, 1] host
         kv_len: int,
         rows: Rows | None = None,  # masks [n, L, U], pattern index [n] (device)
+        fed: torch.Tensor | None = None,  # [n, 1] host: 1 where the token is the last sample
     ) -> torch.Tensor:
         """Logits [n, V] of one decode step over slots 0..n-1 (a view of the graph's output)."""
         n = ids.shape[0]
@@ -245,13 +255,15 @@ class DecodeGraphs:
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
         b = key[0]
-        host = self._host
+        # a fresh pinned buffer (the caching host allocator keeps it until its copy has run):
+        # with a step in flight, the last step's copy may not have run yet
+        host = torch.empty((4, b), dtype=torch.long, pin_memory=True)  # ids, pos, cols, fed
         host[0, :n], host[1, :n], host[2, :n] = ids[:, 0], pos[:, 0], cols[:, 0]
-        host[0, n:b], host[1, n:b], host[2, n:b] = self.pad_id, 0, self.scratch
-        dev = host[:, :b].to(self.device, non_blocking=True)  # [3, B]
-        self.ids[:b, 0].copy_(dev[0])
-        self.pos[:b, 0].copy_(dev[1])
-        self.cols[:b, 0].copy_(dev[2])
+        host[3, :n] = 0 if fed is None else fed[:, 0]
+        host[0, n:b], host[1, n:b], host[2, n:b], host[3, n:b] = self.pad_id, 0, self.scratch, 0
+        dev = host.to(self.device, non_blocking=True)  # [4, B]
+        for i, buf in enumerate((self.ids, self.pos, self.cols, self.fed)):
+            buf[:b, 0].copy_(dev[i])
         if self.rows is not None and rows is not None:
             self.rows.masks[:n].copy_(rows.masks)
             self.rows.masks[n:b].zero_()

@@ -274,13 +274,19 @@ class SlotMiss:
         """`seq` leaves its slot and will continue in another: keep what it measured."""
         self.carried[seq] = merge(self.carried.get(seq), self.gen.summary(seq.slot))
 
-    def end(self, seq: Seq, cancelled: bool = False) -> None:
+    def end(self, seq: Seq, cancelled: bool = False, snapshot: torch.Tensor | None = None) -> None:
+        """`seq` ended; its figures are its slot's now, or those in `snapshot` (`snapshot`)."""
         carried = self.carried.pop(seq, None)
         self.measured.pop(seq, None)
         self.resumed.discard(seq)
         if cancelled or self.on_mass is None:
             return
-        self.on_mass(seq, merge(carried, self.gen.summary(seq.slot)))
+        self.on_mass(seq, merge(carried, self.gen.summary(seq.slot, snapshot)))
+
+    def snapshot(self, slots: int) -> torch.Tensor:
+        """Slots 0..slots-1 once the work queued so far has run, without waiting for it (a
+        decode step in flight: its rows may end only after the next step has started)."""
+        return self.gen.snapshot(slots)
 
     # -- measuring -------------------------------------------------------------------------------
     @contextmanager

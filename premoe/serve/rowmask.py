@@ -46,6 +46,7 @@ from premoe.errors import KeepSetError
 from premoe.load.loader import moe_layer, tensor_of
 from premoe.load.routers import RouterTensors
 from premoe.prune import KeepSets
+from premoe.runtime import upload
 
 
 def unsupported(arch: ArchSpec, config: Any) -> str | None:
@@ -155,13 +156,11 @@ class RowRouting:
     def rows(self, names: Sequence[str | None]) -> Rows:
         """Masks [B, L, U] and pattern indices [B] of rows whose patterns are `names` (None:
         an idle row, no mask)."""
-        idx = [self.names.index(n) if n is not None else -1 for n in names]
-        out = self.masks[[max(i, 0) for i in idx]]  # [B, L, U]
-        idle = [b for b, i in enumerate(idx) if i < 0]
-        if idle:
-            out[idle] = 0.0
-        index = torch.tensor([max(i, 0) for i in idx], device=self.masks.device)
-        return Rows(out, index)
+        idx = torch.tensor([self.names.index(n) if n is not None else -1 for n in names])
+        # one pinned, non-blocking upload: a step may be in flight (continuous.py)
+        dev = upload(torch.stack((idx.clamp(min=0), (idx >= 0).long())), self.masks.device)
+        out = torch.where(dev[1, :, None, None] > 0, self.masks[dev[0]], 0.0)  # [B, L, U]
+        return Rows(out, dev[0])
 
     def _router_starts(self, i: int, module: Any, args: Any) -> None:
         self._layer = i

@@ -108,7 +108,12 @@ def prompts(world: World) -> list[list[int]]:
     return [world.tokenizer(t)["input_ids"] for t in texts]
 
 
-def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: World) -> None:
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(
+    world: World, pipeline: bool
+) -> None:
+    """`pipeline`: each decode step is launched before the last one's samples are read, the
+    rows' tokens fed from the device (serve's default on CUDA)."""
     rng = random.Random(0)
     names = list(world.patterns)
     dec = ContinuousDecoder(
@@ -118,6 +123,7 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
         max_len=MAX_LEN,
         prefill_tokens=7,
         routing=world.routing,
+        pipeline=pipeline,
     )
     jobs = [
         (ids, names[i % len(names)], rng.randint(3, 16)) for i, ids in enumerate(prompts(world))
@@ -130,6 +136,7 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(world: W
     interleaved = sum(r.prefill_tokens > 0 and r.decode_rows > 0 for r in reports)
     assert mixed_steps > 0, "no step mixed patterns: the test could not fail"
     assert interleaved > 0, "prefill never shared a step with decoding rows"
+    assert bool(sum(r.in_flight for r in reports)) == pipeline
     differ = 0
     for sink, ids, pattern, n in sinks:
         assert sink.reason in ("stop", "length")
@@ -157,10 +164,10 @@ def test_traced_step_equals_eager_forward_in_one_graph(world: World) -> None:
         want = dec._forward(ids, pos, mask, rows)
         with dec._patched(False):
             dec.cache.plan(None, pos, kv)
-            got = dec._graph_step(ids, pos, mask, rows)
+            got = dec._graph_step(ids, 0 * ids, pos, mask, rows)
             torch._dynamo.reset()
             dec.cache.plan(None, pos, kv)
-            explained = torch._dynamo.explain(dec._graph_step)(ids, pos, mask, rows)
+            explained = torch._dynamo.explain(dec._graph_step)(ids, 0 * ids, pos, mask, rows)
         dec.cache.plan(None, pos, kv)
         unrouted = dec._forward(ids, pos, mask, None)
     torch.testing.assert_close(got, want)
@@ -201,7 +208,7 @@ def decode_shapes(world: Any, dec: ContinuousDecoder, regions: Regions | None, r
             want = dec._forward(ids, pos, mask, rows)
             with dec._patched(False), regions.active() if regions else nullcontext():
                 dec.cache.plan(None, pos, kv)
-                yield want, dec._graph_step(ids, pos, mask, rows)
+                yield want, dec._graph_step(ids, 0 * ids, pos, mask, rows)
 
 
 def test_layers_compile_once_for_every_layer_and_bucket(world: World) -> None:
@@ -341,6 +348,49 @@ def test_seeded_sampling_is_reproducible(world: World) -> None:
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+
+
+def test_pipelined_steps_equal_unpipelined_ones_for_every_kind_of_row(world: World) -> None:
+    """Plain greedy rows (pipelined), rows ending on a stop string or token (seen only once the
+    next step has fed their last token), seeded sampled and penalized rows with logprobs (their
+    steps are read at once) and a client leaving mid-stream, all in one run: every row's tokens,
+    text and finish reason are those of the same run unpipelined."""
+    names = list(world.patterns)
+    ids = prompts(world)
+    stop_ids = world.tokenizer(";C", add_special_tokens=False)["input_ids"]
+    kinds = [
+        SamplingParams(max_tokens=9, ignore_eos=True),
+        SamplingParams(max_tokens=14, stop=(":", "4"), ignore_eos=True),
+        SamplingParams(max_tokens=14, stop_token_ids=tuple(stop_ids), ignore_eos=True),
+        SamplingParams(max_tokens=8, temperature=0.9, seed=3, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=8, repetition_penalty=1.4, ignore_eos=True),
+        SamplingParams(max_tokens=11),
+    ]
+
+    def run(pipeline: bool) -> list[tuple[str, str | None, list[tuple[int, float]]]]:
+        dec = ContinuousDecoder(
+            world.model,
+            world.tokenizer,
+            slots=3,
+            max_len=MAX_LEN,
+            routing=world.routing,
+            pipeline=pipeline,
+        )
+        rows = [
+            (Sink(leave_after=4 if i == 6 else None), p_ids, kinds[i % len(kinds)], names[i % 3])
+            for i, p_ids in enumerate(ids[:9])
+        ]
+        dec.run(rows)
+        assert dec.free() == 3
+        return [
+            (s.text, s.reason, [(t.token, round(t.logprob, 4)) for t in s.tokens])
+            for s, _, _, _ in rows
+        ]
+
+    want, got = run(False), run(True)
+    assert got == want
+    reasons = [r for _, r, _ in want]
+    assert reasons.count("stop") >= 2 and "cancelled" in reasons and "length" in reasons, reasons
 
 
 def test_a_row_that_leaves_frees_its_slot(world: World) -> None:

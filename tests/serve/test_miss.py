@@ -53,9 +53,16 @@ class World:
     meter: RowMeter
     refs: dict[str, Any] = field(default_factory=dict)
 
-    def decoder(self, slots: int, **miss: Any) -> tuple[ContinuousDecoder, dict[Any, DroppedMass]]:
+    def decoder(
+        self, slots: int, pipeline: bool = False, **miss: Any
+    ) -> tuple[ContinuousDecoder, dict[Any, DroppedMass]]:
         dec = ContinuousDecoder(
-            self.model, self.tokenizer, slots=slots, max_len=MAX_LEN, routing=self.routing
+            self.model,
+            self.tokenizer,
+            slots=slots,
+            max_len=MAX_LEN,
+            routing=self.routing,
+            pipeline=pipeline,
         )
         masses: dict[Any, DroppedMass] = {}
 
@@ -128,6 +135,29 @@ def test_rows_of_a_mixed_batch_meter_as_alone_and_as_generate(world: World) -> N
         assert out.mass is not None and close(out.mass, got), (pattern, out.mass, got)
         spread.add(round(got.mean, 4))
     assert len(spread) > 1, "every row measured the same: the test could not fail"
+
+
+def test_pipelined_rows_meter_as_unpipelined_ones(world: World) -> None:
+    """Rows that end on a stop string are seen to end only after the next step has fed their
+    last token again: their figures are still those up to the step that sampled it."""
+    names = list(world.patterns)
+    params = [
+        SamplingParams(max_tokens=12, stop=(":", "4"), ignore_eos=True),
+        SamplingParams(max_tokens=7, ignore_eos=True),
+    ]
+    got = {}
+    for pipeline in (False, True):
+        dec, masses = world.decoder(3, pipeline=pipeline)
+        rows = [
+            (Sink(), ids, params[i % 2], names[i % len(names)])
+            for i, ids in enumerate(prompts(world))
+        ]
+        dec.run(rows)
+        got[pipeline] = [(s.text, s.reason, masses[s]) for s, _, _, _ in rows]
+    assert [g[:2] for g in got[True]] == [g[:2] for g in got[False]]
+    assert any(r == "stop" for _, r, _ in got[False]), "no row stopped early: could not fail"
+    for (_, _, a), (_, _, b) in zip(got[True], got[False], strict=True):
+        assert close(a, b), (a, b)
 
 
 def test_reroute_takes_a_row_out_and_resumes_it_under_the_new_pattern(world: World) -> None:
