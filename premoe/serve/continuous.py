@@ -306,6 +306,13 @@ class ContinuousDecoder:
             self.miss.end(seq, cancelled=reason == "cancelled", snapshot=stats)
         seq.sink.on_finish(reason, seq.generated)
 
+    def settle(self, report: StepReport | None = None) -> None:
+        """Wait for the step in flight, if any, and hand its samples to its rows (before the
+        resident experts change under it, e.g.)."""
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            self._resolve(step, report or StepReport())
+
     def clear(self) -> list[Seq]:
         """Drop every row (a failed step) and the step in flight; the rows dropped."""
         rows = self.active()
@@ -345,9 +352,8 @@ class ContinuousDecoder:
             if between is not None:
                 between()
             self._decode(rows, report)
-        elif self._inflight is not None:  # nothing more to launch: read the last step
-            self._resolve(self._inflight, report)
-            self._inflight = None
+        else:  # nothing more to launch: read the last step
+            self.settle(report)
         report.seconds = time.perf_counter() - t0
         return report
 

@@ -582,6 +582,7 @@ class Engine:
                 if task != self.resident_task:
                     if cont.active():
                         return  # drain, then swap
+                    cont.settle()  # the last step may still run on the experts swapped out
                     try:
                         self._swap(task)
                     except Exception as exc:

@@ -63,7 +63,7 @@ def _module(scheme: str) -> tuple[Any, Any]:
         return mod, forward
     root = torch.nn.Module()
     root.experts = mod
-    opt = {"block": (128, 128)} if scheme == "fp8" else {"group_size": 8}  # 8 divides I
+    opt = {"block": (8, 8)} if scheme == "fp8" else {"group_size": 8}  # 8 divides I and H
     q = quantize_resident(root, ["experts"], scheme, **opt).layers["experts"]
     q.gemv_rows = 10**6
 
