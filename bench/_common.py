@@ -279,6 +279,23 @@ class DeviceTimer:
         self.seconds = time.perf_counter() - self._t0
 
 
+def kernel_profile(run: Callable[[], Any], steps: int, top: int = 25) -> list[dict[str, Any]]:
+    """CUDA kernel time of `run()` (which runs `steps` steps), by kernel: the `top` largest
+    as {kernel, count, us_per_step}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:90], "count": e.count, "us_per_step": t / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:top]
+
+
 def median_seconds(
     fn: Callable[[], Any], repeats: int, device: torch.device | None = None
 ) -> float:

@@ -133,24 +133,13 @@ def metered(model: Any, dec: ContinuousDecoder, masses: list[DroppedMass]) -> Ro
 
 
 def profile_steps(dec: ContinuousDecoder, steps: int = 8) -> list[dict[str, Any]]:
-    from torch.profiler import ProfilerActivity, profile
-
     seq = dec.add(NullSink(), [11] * 16, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
     while seq.prefilling or seq.generated < 2:
         dec.step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            dec.step()
-        torch.cuda.synchronize()
+    rows = bc.kernel_profile(lambda: [dec.step() for _ in range(steps)], steps)
     while dec.active():
         dec.step()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"kernel": e.key[:90], "count": e.count, "us_per_step": t / steps})
-    rows.sort(key=lambda r: -r["us_per_step"])
-    return rows[:25]
+    return rows
 
 
 def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw: float) -> dict:

@@ -289,27 +289,50 @@ def decode_b1(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any
 
 
 def decode_b1_continuous(engine: Any, task: str, prompt: str, tokens: int) -> dict[str, Any]:
-    """Batch-1 greedy decode of `tokens` tokens with the continuous decoder (eager steps)."""
+    """Batch-1 greedy decode of `tokens` tokens with the continuous decoder."""
+    return decode_rows_continuous(engine, [(task, prompt)], tokens)
+
+
+def decode_rows_continuous(
+    engine: Any, rows: list[tuple[str, str]], tokens: int, profile: int = 0
+) -> dict[str, Any]:
+    """Greedy decode of `tokens` tokens for every (pattern, prompt) row at once, through the
+    engine's continuous decoder in its worker thread (no HTTP): prefill, then the decode steps
+    timed (tokens/s counts every row)."""
     from premoe.serve.decode import NullSink, SamplingParams
 
     def run() -> dict[str, Any]:
         cont = engine.cont
         if not engine.mixed:
-            engine._swap(task)
-        ids = engine.encode_prompt(prompt)
-        cont.run([(NullSink(), ids, SamplingParams(max_tokens=4, ignore_eos=True), task)])
-        cont.add(NullSink(), ids, SamplingParams(max_tokens=tokens, ignore_eos=True), task)
+            engine._swap(rows[0][0])
+        ids = [engine.encode_prompt(prompt) for _, prompt in rows]
+        cont.run([(NullSink(), ids[0], SamplingParams(max_tokens=4, ignore_eos=True), rows[0][0])])
+        for (task, _), row_ids in zip(rows, ids, strict=True):
+            cont.add(NullSink(), row_ids, SamplingParams(max_tokens=tokens, ignore_eos=True), task)
         with bc.DeviceTimer(cont.device) as t:
-            cont.step()  # prefill + the first decode step
+            while any(s.prefilling for s in cont.active()):
+                cont.step()  # prefill (+ the first decode steps)
         prefill_s = t.seconds
         steps = 0
         with bc.DeviceTimer(cont.device) as t:
             while cont.active():
                 steps += cont.step().decode_rows
         decode_s = t.seconds
+        kernels = None
+        if profile:  # `profile` more steps of the same rows, by kernel
+            for (task, _), row_ids in zip(rows, ids, strict=True):
+                params = SamplingParams(max_tokens=profile + 2, ignore_eos=True)
+                cont.add(NullSink(), row_ids, params, task)
+            while any(s.prefilling for s in cont.active()):
+                cont.step()
+            kernels = bc.kernel_profile(lambda: [cont.step() for _ in range(profile)], profile)
+            while cont.active():
+                cont.step()
         return {
-            "task": task,
-            "prompt_tokens": len(ids),
+            "kernels": kernels,
+            "rows": len(rows),
+            "tasks": sorted({task for task, _ in rows}),
+            "prompt_tokens": len(ids[0]),
             "tokens": tokens,
             "prefill_s": prefill_s,
             "decode_s": decode_s,
@@ -394,6 +417,16 @@ def bench_premoe(
         b1 = decode_b1(engine, task, random_prompt(rng, args.prompt_chars), args.decode_tokens)
         say(f"batch-1 decode: {b1['decode_tokens_per_s']:.1f} tokens/s")
         names = list(patterns)[: args.patterns]
+        batched = None
+        if engine.cont is not None and args.engine_batch:  # the engine alone, no HTTP
+            rows = [
+                (names[i % len(names)] if engine.mixed else task,
+                 random_prompt(rng, args.prompt_chars))
+                for i in range(min(args.engine_batch, engine.cont.slots))
+            ]  # fmt: skip
+            batched = decode_rows_continuous(engine, rows, args.max_tokens, args.profile_steps)
+            say(f"batch-{batched['rows']} decode through the engine (no HTTP): "
+                f"{batched['decode_tokens_per_s']:.1f} tokens/s")  # fmt: skip
         jobs = [
             (random_prompt(rng, args.prompt_chars), names[i % len(names)])
             for i in range(args.requests)
@@ -486,6 +519,7 @@ def bench_premoe(
             "resident_bytes": engine.resident.resident_bytes,
             "peak_device_bytes": peak,
             "decode_b1": b1,
+            "decode_engine_batch": batched,
             "decode_b1_other_experts_impl": alternatives,
             "workload": work,
             "workloads": works,
@@ -648,6 +682,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="premoe_gemv experts through the two fused kernels (premoe.quant.gemv_experts.FUSE)",
     )
     p.add_argument("--decode-tokens", type=int, default=256, help="Batch-1 decode length.")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="With --engine-batch on CUDA: this many more steps profiled, by kernel.",
+    )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for this process (server, engine; default Python's 5 ms).",
+    )
+    p.add_argument(
+        "--engine-batch",
+        type=int,
+        default=64,
+        help="Rows decoded together through the engine alone, no HTTP (0: skip).",
+    )
     p.add_argument("--baseline-tokens", type=int, default=4, help="Tokens per baseline request.")
     p.add_argument("--skip-full", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
@@ -663,6 +715,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt_chars, args.max_model_len = 15, 128
     args.buckets = [int(b) for b in str(args.buckets).split(",") if b.strip()]
     args.also_experts_impl = [x for x in str(args.also_experts_impl).split(",") if x.strip()]
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.fused_experts:
         from premoe.quant import gemv_experts
 
@@ -836,11 +890,20 @@ def report(
                             f"{bw / 1e9:.0f} GB/s)"),
         ("  fraction of bound", f"{b1['fraction_of_bound']:.3f}"),
     ]  # fmt: skip
+    eb = results["premoe"].get("decode_engine_batch")
+    if eb:
+        rows.append((f"decode b{eb['rows']} tokens/s, engine only",
+                     f"{eb['decode_tokens_per_s']:.1f} = "
+                     f"{eb['decode_tokens_per_s'] / b1['decode_tokens_per_s']:.2f}x b1 "
+                     f"({eb['per_token_ms']['total'] * eb['rows']:.1f} ms a step)"))  # fmt: skip
+    for k in (eb or {}).get("kernels") or []:
+        rows.append((f"  {k['us_per_step']:8.1f} us/step x{k['count']}", k["kernel"][:60]))
     for x in results["premoe"].get("workloads", [w]):
         rows += [
             (f"mixed workload, concurrency {x['concurrency']}",
              f"{x['requests']} req, {x['patterns']} patterns, {x['max_tokens']} tokens"),
-            ("  tokens/s", f"{x['tokens_per_s']:.1f}"),
+            ("  tokens/s", f"{x['tokens_per_s']:.1f} = "
+                           f"{x['tokens_per_s'] / b1['decode_tokens_per_s']:.2f}x b1"),
             ("  memory", f"{x.get('patterns_mode')}: "
                          f"{human_bytes(x.get('resident_gib', 0) * 2**30)} resident "
                          f"({x.get('resident_experts_per_layer')} experts/layer) + "
