@@ -377,6 +377,8 @@ def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool
     )
     engine = Engine(cfg)
     engine.load()
+    if engine.cont is not None and args.eager_prefill:
+        engine.cont.compile_prefill = False
     return engine
 
 
@@ -457,6 +459,7 @@ def bench_premoe(
                     "batches": m.batch_size.count(),
                 }[k]
             mixed0, single0 = m.steps.value(mode="mixed"), m.steps.value(mode="single")
+            prefills0 = m.prefill_steps.value()
             n_req = max(args.requests, 2 * conc)
             conc_jobs = (jobs * (n_req // len(jobs) + 1))[:n_req]
             call = (server.url, conc_jobs, args.max_tokens, conc)
@@ -479,6 +482,7 @@ def bench_premoe(
                     "mean_batch": n_req / batches if batches and engine.cont is None else None,
                     "mixed_steps": m.steps.value(mode="mixed") - mixed0,
                     "single_steps": m.steps.value(mode="single") - single0,
+                    "prefill_steps": m.prefill_steps.value() - prefills0,
                     **memory_of(engine),
                 }
             )
@@ -659,6 +663,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument(
         "--no-pipeline", action="store_true", help="Read every decode step before the next."
+    )
+    p.add_argument(
+        "--eager-prefill", action="store_true", help="Prefill without the compiled layers."
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=63, help="Prompt length (+1 BOS token).")
@@ -912,8 +919,9 @@ def report(
             ("  latency p50 / p99", f"{secs(x['p50_s'])} / {secs(x['p99_s'])}"),
             ("  TTFT p50 / p99", f"{secs(x['ttft_p50_s'], 3)} / {secs(x['ttft_p99_s'], 3)} "
                                  f"({x.get('ttft_measured')} of {x['requests'] - x['errors']})"),
-            ("  steps mixed / single", f"{x.get('mixed_steps', 0):.0f} / "
-                                       f"{x.get('single_steps', 0):.0f}"),
+            ("  steps mixed / single / prefill", f"{x.get('mixed_steps', 0):.0f} / "
+                                       f"{x.get('single_steps', 0):.0f} / "
+                                       f"{x.get('prefill_steps', 0):.0f}"),
             ("  swaps (bytes, s)", f"{x['swaps']:.0f} ({x['swap_bytes'] / 1e9:.2f} GB, "
                                    f"{x['swap_seconds']:.2f} s)"),
         ]  # fmt: skip

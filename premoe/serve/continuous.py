@@ -66,7 +66,7 @@ from premoe.serve.decode import (
     last_logits,
 )
 from premoe.serve.fusion import fuse_projections
-from premoe.serve.graphs import DecodeGraphs
+from premoe.serve.graphs import DecodeGraphs, Regions
 from premoe.serve.kvcache import SlotKVCache
 from premoe.serve.rowmask import RowRouting, Rows
 from premoe.serve.sampling import RowSampler, TokenLogprobs, needs_processing
@@ -152,6 +152,9 @@ class ContinuousDecoder:
                 patched=functools.partial(self._patched, fuse),
                 keep=[self.sampled],
             )
+        # prefill forwards run compiled layers too (`_prefill_compiled`): these, or the step's
+        self.compile_prefill = True
+        self.prefill_regions: Regions | None = None
         self.miss: SlotMiss | None = None  # dropped mass and reroute checks (miss.py)
         self.taken_out: list[Seq] = []  # rows taken out by reroutes, for the caller to requeue
 
@@ -331,6 +334,26 @@ class ContinuousDecoder:
                 stack.enter_context(self.routing.hooked())
             yield
 
+    def _prefill_regions(self) -> Regions | None:
+        if self.prefill_regions is not None or self.graphs is None:
+            return self.prefill_regions
+        return self.graphs.regions
+
+    def _prefill_compiled(self) -> AbstractContextManager[None]:
+        """Around a prefill forward: the decode step's compiled layers and patches (graphs.py),
+        so a chunk runs inductor's kernels, not some 40 eager ops per layer (a host-bound 30 ms
+        forward on an H200, paid by every request's time to first token). Not while prompts
+        are measured for rerouting (the meter's hooks would be traced per pattern set)."""
+        regions = self._prefill_regions()
+        rerouting = self.miss is not None and self.miss.decide is not None
+        if regions is None or rerouting or not self.compile_prefill:
+            return nullcontext()
+        stack = ExitStack()
+        if self.graphs is not None:
+            stack.enter_context(self.graphs.patched())
+        stack.enter_context(regions.active())
+        return stack
+
     def _graph_step(
         self,
         ids: torch.Tensor,  # [B, 1]
@@ -387,7 +410,16 @@ class ContinuousDecoder:
             spans = [(start, end) for _, start, end in chunks]
             metered = self.miss.forward([seq for seq, _, _ in chunks], s, True, spans)
         rows = self._rows([seq.pattern for seq, _, _ in chunks])
-        logits = self._forward(ids, qpos, mask, rows, metered)  # [B, V]
+        try:
+            with self._prefill_compiled():
+                logits = self._forward(ids, qpos, mask, rows, metered)  # [B, V]
+        except Exception:
+            if not self.compile_prefill or self._prefill_regions() is None:
+                raise
+            # the chunk again, eagerly (it rewrites the same KV columns); later ones too
+            log.exception("a compiled prefill failed; prefilling without the compiled layers")
+            self.compile_prefill = False
+            logits = self._forward(ids, qpos, mask, rows, metered)
         report.prefill_rows += b
         report.prefill_tokens += sum(end - start for _, start, end in chunks)
         done = []

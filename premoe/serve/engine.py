@@ -524,7 +524,11 @@ class Engine:
                     log.exception("CUDA graph capture failed; decoding continues eagerly")
                     self.cont.graphs = None
                     self.info["compile"] = f"none (capture failed: {type(exc).__name__})"
+            # prefill shapes too (the compiled layers run prefill chunks): one row, then two
+            # rows long enough for the experts' grouped path
+            long = (ids * (256 // len(ids) + 1))[: max(2, min(256, self.max_model_len // 2))]
             self.cont.run([(NullSink(), ids, params, self.default_task)])
+            self.cont.run([(NullSink(), x, params, self.default_task) for x in (ids, long)])
             self.warmup_seconds = time.perf_counter() - t0
             self.info["warmup_seconds"] = round(self.warmup_seconds, 3)
         if self.decoder is not None and self._warmup_pending:
