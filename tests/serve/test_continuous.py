@@ -86,6 +86,12 @@ class World:
     def greedy(self, pattern: str, ids: list[int], n: int) -> str:
         return greedy_text(self.ref(pattern), self.tokenizer, ids, n)
 
+    def decoder(self, slots: int = 4, **kw: Any) -> ContinuousDecoder:
+        """A decoder of mixed patterns over the union on the CPU."""
+        return ContinuousDecoder(
+            self.model, self.tokenizer, slots=slots, max_len=MAX_LEN, routing=self.routing, **kw
+        )
+
 
 @pytest.fixture(scope="module")
 def world(serve_world: ServeWorld) -> Iterator[World]:
@@ -116,15 +122,7 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(
     rows' tokens fed from the device (serve's default on CUDA)."""
     rng = random.Random(0)
     names = list(world.patterns)
-    dec = ContinuousDecoder(
-        world.model,
-        world.tokenizer,
-        slots=4,
-        max_len=MAX_LEN,
-        prefill_tokens=7,
-        routing=world.routing,
-        pipeline=pipeline,
-    )
+    dec = world.decoder(prefill_tokens=7, pipeline=pipeline)
     jobs = [
         (ids, names[i % len(names)], rng.randint(3, 16)) for i, ids in enumerate(prompts(world))
     ]
@@ -241,14 +239,7 @@ def test_prefill_chunks_through_compiled_layers_equal_their_patterns_pruned_mode
     greedy text, and their shapes trace a handful of graphs, not one per chunk shape."""
     rng = random.Random(2)
     names = list(world.patterns)
-    dec = ContinuousDecoder(
-        world.model,
-        world.tokenizer,
-        slots=4,
-        max_len=MAX_LEN,
-        prefill_tokens=9,
-        routing=world.routing,
-    )
+    dec = world.decoder(prefill_tokens=9)
     log = GraphLog()
     torch._dynamo.reset()
     dec.prefill_regions = Regions(decoder_layers(world.model), backend=log.backend)
@@ -413,14 +404,7 @@ def test_pipelined_steps_equal_unpipelined_ones_for_every_kind_of_row(world: Wor
     ]
 
     def run(pipeline: bool) -> list[tuple[str, str | None, list[tuple[int, float]]]]:
-        dec = ContinuousDecoder(
-            world.model,
-            world.tokenizer,
-            slots=3,
-            max_len=MAX_LEN,
-            routing=world.routing,
-            pipeline=pipeline,
-        )
+        dec = world.decoder(3, pipeline=pipeline)
         rows = [
             (Sink(leave_after=4 if i == 6 else None), p_ids, kinds[i % len(kinds)], names[i % 3])
             for i, p_ids in enumerate(ids[:9])
