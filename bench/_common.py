@@ -400,26 +400,33 @@ async def stream_completion(
     "latency", "ttft", "tokens", "chunks"}``: seconds to the end of the stream, seconds to the
     first chunk that carries generated text (None when none did), completion tokens (the usage
     chunk's, with ``stream_options.include_usage``; else the content chunks) and content chunks.
-    A non-200 answer gives ``{"status", "error"}``."""
+    A non-200 answer gives ``{"status", "error"}``; a lost connection (reset, closed, timed out)
+    gives status 0 and the error, so a load run counts it instead of dying."""
+    import httpx
+
     t0 = time.perf_counter()
     ttft: float | None = None
     chunks = 0
     usage: int | None = None
-    async with client.stream("POST", path, json=body) as r:
-        if r.status_code != 200:
-            return {"status": r.status_code, "error": (await r.aread()).decode(errors="replace")}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue  # blank separators, comments, "data: [DONE]"
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                usage = int(data["usage"]["completion_tokens"])
-            for choice in data.get("choices") or ():
-                text = choice.get("text") or (choice.get("delta") or {}).get("content")
-                if text:
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
+    try:
+        async with client.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                error = (await r.aread()).decode(errors="replace")
+                return {"status": r.status_code, "error": error}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue  # blank separators, comments, "data: [DONE]"
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    usage = int(data["usage"]["completion_tokens"])
+                for choice in data.get("choices") or ():
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if text:
+                        chunks += 1
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+    except httpx.TransportError as e:
+        return {"status": 0, "error": f"{type(e).__name__}: {e}"}
     latency = time.perf_counter() - t0
     tokens = usage if usage is not None else chunks
     return {"status": 200, "latency": latency, "ttft": ttft, "tokens": tokens, "chunks": chunks}

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -168,17 +169,16 @@ def random_prompt(rng: random.Random, chars: int) -> str:
 
 
 class HttpServer:
-    """`create_app` served by uvicorn in a background thread of this process."""
+    """`create_app` served as `premoe serve` serves it (connection guard, keep-alive) in a
+    background thread of this process."""
 
     def __init__(self, engine: Any) -> None:
-        import uvicorn
-
-        from premoe.serve import create_app
+        from premoe.serve import ServerOptions, create_app
+        from premoe.serve.server import make_server
 
         self.port = bc.free_port()
         app = create_app(engine.config, engine=engine)
-        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(cfg)
+        self.server = make_server(app, engine, ServerOptions(port=self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -191,6 +191,12 @@ class HttpServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def guard_counts(server: HttpServer) -> dict[str, int]:
+    """Connections the server's guard has closed so far (none should be real requests)."""
+    state = server.server.guard_state
+    return {"evicted": state.evicted, "timed_out": state.timed_out}
 
 
 def run_workload_sync(
@@ -235,9 +241,11 @@ async def run_workload(
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in ok)
     summary = bc.latency_summary(results)
+    kinds = Counter(f"{r['status']} {r['error'][:80]}" for r in results if r["status"] != 200)
     return {
         "requests": len(jobs),
         "errors": len(results) - len(ok),
+        "error_kinds": dict(kinds),
         "completion_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
@@ -460,6 +468,7 @@ def bench_premoe(
                 }[k]
             mixed0, single0 = m.steps.value(mode="mixed"), m.steps.value(mode="single")
             prefills0 = m.prefill_steps.value()
+            guard0 = guard_counts(server)
             n_req = max(args.requests, 2 * conc)
             conc_jobs = (jobs * (n_req // len(jobs) + 1))[:n_req]
             call = (server.url, conc_jobs, args.max_tokens, conc)
@@ -483,6 +492,9 @@ def bench_premoe(
                     "mixed_steps": m.steps.value(mode="mixed") - mixed0,
                     "single_steps": m.steps.value(mode="single") - single0,
                     "prefill_steps": m.prefill_steps.value() - prefills0,
+                    "connections_closed_by_guard": {
+                        k: v - guard0[k] for k, v in guard_counts(server).items()
+                    },
                     **memory_of(engine),
                 }
             )
@@ -924,6 +936,7 @@ def report(
                                        f"{x.get('prefill_steps', 0):.0f}"),
             ("  swaps (bytes, s)", f"{x['swaps']:.0f} ({x['swap_bytes'] / 1e9:.2f} GB, "
                                    f"{x['swap_seconds']:.2f} s)"),
+            ("  errors", f"{x['errors']} {x.get('error_kinds') or ''}".strip()),
         ]  # fmt: skip
     for k, v in b1["per_token_ms"].items():
         rows.append((f"  ms/token {k}", f"{v:.3f}"))

@@ -11,6 +11,7 @@ import typer
 
 from premoe.errors import UsageError
 from premoe.load.decode import DEFAULT_REROUTE_THRESHOLD, DEFAULT_WINDOW
+from premoe.serve.guard import KEEP_ALIVE_S
 from premoe_cli.options import (
     BlockOpt,
     CalibratedRoutersOpt,
@@ -188,6 +189,15 @@ def serve_command(
     body_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a request gets to send its body.")
     ] = 30.0,
+    keep_alive_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds an idle kept-alive connection stays open. Keep it longer than your "
+            "clients' pool idle expiry (httpx/OpenAI SDK 5 s, aiohttp 15 s, Go 90 s), or a "
+            "request sent as the server closes the connection is lost to a reset.",
+        ),
+    ] = KEEP_ALIVE_S,
     max_pending_per_client: Annotated[
         int,
         typer.Option(
@@ -294,5 +304,11 @@ def serve_command(
         body_timeout=body_timeout,
         max_pending_per_client=max_pending_per_client,
     )
-    opts = ServerOptions(host=host, port=port, shutdown_timeout=shutdown_timeout, guard=guard)
+    opts = ServerOptions(
+        host=host,
+        port=port,
+        shutdown_timeout=shutdown_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        guard=guard,
+    )
     run_server(app, engine, opts)

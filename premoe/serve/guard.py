@@ -6,8 +6,13 @@ connection) until the request line, headers and body have all arrived. Pending c
 what a slowloris attack holds; they cost the server nothing but a socket, so they must not count
 against anything that real requests need:
 
-- a pending connection gets `header_timeout` seconds to send its request line and headers, then
-  `body_timeout` seconds for the body; past either it is closed;
+- a new connection gets `header_timeout` seconds to send its request line and headers, then
+  `body_timeout` seconds for the body; past either it is closed. A kept-alive connection waiting
+  for its next request is idle, not slow: uvicorn's keep-alive timeout closes it, and the header
+  clock starts with the first byte of that request. (Closing an idle kept-alive connection
+  sooner than the client's own idle expiry loses requests: the client sends on the connection
+  just as the server closes it, and gets a reset. On an H200 under 256 concurrent streams that
+  was an `httpx.ReadError`.)
 - at most `max_pending_per_client` pending connections per client address and
   `max_pending_total` overall: one more closes the oldest pending one (of that client, or
   overall) once that one has been pending for `min_age` seconds (a burst of real connections,
@@ -32,6 +37,12 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
+
+# Idle kept-alive connections are closed after this long. It must outlast the idle expiry of the
+# clients' connection pools (httpx and the OpenAI SDK 5 s, aiohttp 15 s, Go's net/http 90 s): a
+# server that closes first races a client sending on that connection, and the request is lost to
+# a reset (uvicorn's 5 s default against httpx's 5 s did that under load).
+KEEP_ALIVE_S = 120.0
 
 
 @dataclass
@@ -107,13 +118,15 @@ class GuardedH11Protocol(H11Protocol):
             self._timer.cancel()
         self._timer = self.loop.call_later(seconds, self._expired)
 
-    def _start_pending(self) -> None:
+    def _start_pending(self, *, idle: bool) -> None:
+        """Pending from now; the header clock runs at once unless the connection is `idle` (kept
+        alive after a response), where it starts with the next request's first byte."""
         self._have_head = False
         if not self._pending:
             self._pending = True
             self.pending_since = time.monotonic()
             self.guard.add(self)  # may evict (close) this very connection if it is the oldest
-        if self._pending:
+        if self._pending and not idle:
             self._arm(self.guard.settings.header_timeout)
 
     def _stop_pending(self) -> None:
@@ -144,7 +157,12 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.client_host = self.client[0] if self.client else "?"
-        self._start_pending()
+        self._start_pending(idle=False)
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending and self._timer is None and not self._have_head:
+            self._arm(self.guard.settings.header_timeout)  # an idle connection's next request
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_pending()
@@ -163,5 +181,5 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         if not self.transport.is_closing():
-            self._start_pending()  # kept alive: the next request must arrive in time too
+            self._start_pending(idle=True)  # kept alive: its next request is guarded too
         super().on_response_complete()  # may run a pipelined request (handle_events above)

@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 
 from premoe.serve.engine import Engine
-from premoe.serve.guard import GuardedH11Protocol, GuardSettings, GuardState
+from premoe.serve.guard import KEEP_ALIVE_S, GuardedH11Protocol, GuardSettings, GuardState
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     shutdown_timeout: float = 30.0
-    keep_alive_timeout: float = 5.0
+    keep_alive_timeout: float = KEEP_ALIVE_S
     guard: GuardSettings | None = None
     log_level: str = "warning"
 

@@ -74,6 +74,17 @@ def test_ttft_is_measured_on_a_real_stream(bench: ModuleType, demo_url: str) -> 
     assert nothing["ttft_p50_s"] is None and bench.ms(nothing["ttft_p50_s"]) == "-"
 
 
+def test_a_lost_connection_is_an_error_not_a_crash(bench: ModuleType) -> None:
+    async def run() -> dict[str, Any]:
+        url = f"http://127.0.0.1:{bench.free_port()}"  # nothing listens there
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            return await bench.stream_completion(client, {"prompt": "1", "stream": True})
+
+    lost = asyncio.run(run())
+    assert lost["status"] == 0 and lost["error"].startswith("ConnectError")
+    assert bench.latency_summary([lost])["latency_p50_s"] is None
+
+
 def test_gpu_bench_tokenizer_streams_every_token(bench: ModuleType, tmp_path: Path) -> None:
     """Ids past the character vocabulary decode to text (they decoded to "", so no chunk was
     streamed), and prompts still encode one token per character."""

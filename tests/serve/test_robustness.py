@@ -130,6 +130,53 @@ def test_pending_connections_per_client_are_capped(guarded: Server) -> None:
             s.close()
 
 
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _answer(s: socket.socket) -> bytes:
+    """The status line of one response on the kept-alive socket `s` (reads the whole response);
+    ConnectionError when the server closed it."""
+    s.settimeout(5)
+    data = b""
+
+    def more() -> bytes:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    while b"\r\n\r\n" not in data:
+        data += more()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = int(next(h for h in lines if h.lower().startswith(b"content-length:"))[15:])
+    while len(body) < length:
+        body += more()
+    return lines[0]
+
+
+def test_an_idle_kept_alive_connection_outlives_the_header_timeout(guarded: Server) -> None:
+    # a client pool reuses a connection after idling up to its own expiry (httpx: 5 s); closing
+    # it at the header timeout (3 s here) instead lost requests to resets under load
+    with socket.create_connection(("127.0.0.1", _port(guarded)), timeout=5) as s:
+        s.sendall(HEALTH)
+        assert _answer(s).endswith(b"200 OK")
+        time.sleep(3.5)
+        s.sendall(HEALTH)
+        assert _answer(s).endswith(b"200 OK")
+
+
+def test_a_slow_head_on_a_kept_alive_connection_is_cut(guarded: Server) -> None:
+    with socket.create_connection(("127.0.0.1", _port(guarded)), timeout=5) as s:
+        s.sendall(HEALTH)
+        assert _answer(s).endswith(b"200 OK")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\n")  # and nothing more: the header clock runs
+        assert _closed_by_server(s, 5.0)
+        assert 2.5 < time.monotonic() - t0 < 4.5
+
+
 def test_health_without_key_hides_paths(guarded: Server, serve_world: ServeWorld) -> None:
     public = httpx.get(guarded.url + "/health").json()
     assert public["status"] == "ok" and "patterns" in public
