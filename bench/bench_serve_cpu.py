@@ -9,7 +9,9 @@ tokens/s, request latency p50/p99, time to first token p50/p99, and the server's
 /metrics. The figure of merit: tokens/s at concurrency 16 / tokens/s at concurrency 1 (target
 >= 6). TTFT is the client's: request sent to the first streamed chunk with text
 (`_common.stream_completion`); "TTFT n" counts the requests where it was measured. Each run also
-records what /health says (mode, resident bytes, KV slots) and the 1-minute load average.
+records what /health says (mode, resident bytes, KV slots) and the 1-minute load average, and
+the server's CPU time per generated token: its main thread (the HTTP event loop: parsing,
+streaming) and its other threads (the engine's decode loop and torch), from /proc.
 
     python bench/bench_serve_cpu.py --out bench/results/serve_cpu.json
     python bench/bench_serve_cpu.py --concurrency 1 16 64 --requests-per-client 4
@@ -78,6 +80,30 @@ async def workload(url: str, concurrency: int, per_client: int, max_tokens: int)
     }
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of each thread of process `pid`, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def cpu_per_token(pid: int, before: dict[int, float], tokens: int) -> dict[str, float]:
+    """Microseconds of server CPU per generated token since `before`: the main thread (uvicorn's
+    event loop: HTTP parsing and streaming) and every other thread (engine, torch)."""
+    after = thread_cpu_s(pid)
+    spent = {tid: s - before.get(tid, 0.0) for tid, s in after.items()}
+    loop = spent.pop(pid, 0.0)
+    scale = 1e6 / max(tokens, 1)
+    return {"loop_us_per_token": loop * scale, "other_us_per_token": sum(spent.values()) * scale}
+
+
 def step_modes(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
@@ -120,7 +146,9 @@ def main() -> None:
             for conc in args.concurrency:
                 before = step_modes(url)
                 load0 = os.getloadavg()[0]
+                cpu0 = thread_cpu_s(proc.pid)
                 res = asyncio.run(workload(url, conc, args.requests_per_client, args.max_tokens))
+                res["server_cpu"] = cpu_per_token(proc.pid, cpu0, res["tokens"])
                 after = step_modes(url)
                 res["setting"] = setting
                 res["server"] = served(url)
@@ -151,6 +179,8 @@ def main() -> None:
                 int(d.get('premoe_steps_total{mode="mixed"}', 0)),
                 int(d.get('premoe_steps_total{mode="single"}', 0)),
                 int(d.get("premoe_swaps_total", 0)),
+                f"{r['server_cpu']['loop_us_per_token']:.0f}",
+                f"{r['server_cpu']['other_us_per_token']:.0f}",
             ]
         )
     bc.print_table(
@@ -169,6 +199,8 @@ def main() -> None:
             "mixed steps",
             "single steps",
             "swaps",
+            "HTTP loop CPU µs/token",
+            "engine CPU µs/token",
         ],
         rows,
     )

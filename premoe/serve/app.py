@@ -28,8 +28,9 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -193,8 +194,28 @@ async def _next_event(gen: GenRequest, request: Request) -> tuple[str, Any]:
                 raise ClientGone() from None
 
 
+def _stream_watches_disconnect(request: Request) -> bool:
+    """Whether Starlette's StreamingResponse listens for the client's disconnect itself and
+    cancels the stream when it comes (it does under ASGI spec versions below 2.4, as uvicorn's
+    h11 server reports); otherwise the stream must poll for it."""
+    spec = request.scope.get("asgi", {}).get("spec_version", "2.0")
+    return tuple(int(x) for x in spec.split(".")) < (2, 4)
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+_SLOT = "\x00premoe-slot\x00"
+
+
+def _sse_template(chunk: Callable[[str], Any]) -> Callable[[str], bytes]:
+    """`lambda text: _sse(chunk(text))`, with `chunk` serialized once: the delta chunks of a
+    stream differ only in their text, and re-encoding the rest (ids, model, the premoe fields)
+    for every token is most of a chunk's cost."""
+    head, slot, tail = _sse(chunk(_SLOT)).partition(json.dumps(_SLOT).encode())
+    assert slot, "the chunk does not hold its text"
+    return lambda text: head + json.dumps(text).encode() + tail
 
 
 REF = "#/components/schemas/{model}"
@@ -362,11 +383,14 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
 
     async def _events(
-        gens: list[GenRequest], request: Request
+        gens: list[GenRequest], request: Request, poll: bool = True
     ) -> AsyncIterator[tuple[int, str, Any]]:
         """(choice index, kind, value) of every generation, merged as they come; each ends
-        with its "finish" or "error". A client that leaves cancels all of them."""
+        with its "finish" or "error". A client that leaves cancels all of them: found by
+        polling every DISCONNECT_POLL_S while no event comes (`poll`), or by the caller's task
+        being cancelled (a streaming response whose server listens for the disconnect)."""
         queue: asyncio.Queue[list[tuple[int, str, Any]]] = asyncio.Queue()
+        timeout = DISCONNECT_POLL_S if poll else None
 
         async def pump(i: int, gen: GenRequest) -> None:
             while True:
@@ -381,10 +405,13 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         try:
             while left:
                 try:
+                    # (without a timeout no wait_for: on Python 3.11 it is a task per chunk)
                     if tasks:
-                        items = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                        get = queue.get()
+                        items = await (asyncio.wait_for(get, timeout) if timeout else get)
                     else:
-                        events = await asyncio.wait_for(gens[0].next_events(), DISCONNECT_POLL_S)
+                        nxt = gens[0].next_events()
+                        events = await (asyncio.wait_for(nxt, timeout) if timeout else nxt)
                         items = [(0, kind, value) for kind, value in events]
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
@@ -499,22 +526,29 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
             sent[i] = len(g.logprobs)
             return lp
 
+        def delta_chunk(i: int, text: str, lp: Any = None) -> Any:
+            if chat:
+                return chat_chunk(rid, model, {"content": text}, None, premoe, created, i, lp)
+            return completion_chunk(rid, model, text, None, premoe, created, i, lp)
+
+        plain: dict[int, Callable[[str], bytes]] = {}  # choice -> its delta chunk, no logprobs
+
         try:
             if chat:
                 for i in range(len(gens)):
                     delta = {"role": "assistant", "content": ""}
                     yield _sse(chat_chunk(rid, model, delta, None, premoe, created, i))
-            async for i, kind, value in _events(gens, request):
+            poll = not _stream_watches_disconnect(request)
+            async for i, kind, value in _events(gens, request, poll):
                 if kind == "delta":
                     lp = new_logprobs(i)
                     offset[i] += len(value)
-                    if chat:
-                        delta = {"content": value}
-                        yield _sse(chat_chunk(rid, model, delta, None, premoe, created, i, lp))
-                    else:
-                        yield _sse(
-                            completion_chunk(rid, model, value, None, premoe, created, i, lp)
-                        )
+                    if lp is not None:
+                        yield _sse(delta_chunk(i, value, lp))
+                        continue
+                    if i not in plain:
+                        plain[i] = _sse_template(partial(delta_chunk, i))
+                    yield plain[i](value)
                 elif kind == "finish":
                     lp = new_logprobs(i)
                     last = {**premoe, **response_fields([gens[i]])}  # dropped mass, reroutes
@@ -536,9 +570,10 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
                 yield _sse(usage_chunk(rid, model, obj, created, prompt, done))
             status = "ok"
             yield b"data: [DONE]\n\n"
-        except ClientGone:
+        except (ClientGone, asyncio.CancelledError) as gone:
             log.info("request %s: the client left mid-stream", gens[0].id)
-            return
+            if isinstance(gone, asyncio.CancelledError):
+                raise
         finally:
             for g in gens:
                 if g.finish_reason is None:

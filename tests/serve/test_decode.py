@@ -3,6 +3,7 @@ rows finish independently; stop strings, sampling, cancellation."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from premoe.demo.tasks import build_tokenizer
 from premoe.serve.decode import BatchDecoder, DecodeRow, SamplingParams, TextStream
+from tests.hub_tokenizers import CORPUS, hub_tokenizer
 from tests.tiny import build_tiny
 
 PROMPTS = ["12+345=", "kqzb>", "QDKAZZYXWVUT:", "#@#&|#?", "(["]
@@ -160,3 +162,60 @@ def test_text_stream_stop_strings(tiny: tuple[Any, Any]) -> None:
     s = TextStream(tok, [], eos_ids={tok.eos_token_id})
     assert s.push(ids[0]) == "a"
     assert s.push(tok.eos_token_id) == "" and s.finish_reason == "stop"
+
+
+# ---- incremental detokenization of hub-style tokenizers ----------------------------------------
+
+
+@pytest.fixture(scope="module", params=["byte_level_bpe", "metaspace_byte_fallback", "demo"])
+def a_tokenizer(request: pytest.FixtureRequest) -> Any:
+    if request.param == "demo":
+        return build_tokenizer(64)
+    return hub_tokenizer(request.param)
+
+
+def _streamed(tok: Any, ids: list[int], window: bool) -> tuple[str, list[str]]:
+    s = TextStream(tok, [], eos_ids=set())
+    if window:
+        s._stream = None
+    deltas = [s.push(i) for i in ids]
+    deltas.append(s.finish("length"))
+    return "".join(deltas), deltas
+
+
+def test_streamed_text_equals_the_full_decode_for_hub_style_tokenizers(a_tokenizer: Any) -> None:
+    tok = a_tokenizer
+    assert TextStream(tok, [], set())._stream is not None  # the Rust path is taken
+    rng = random.Random(0)
+    alphabet = "".join(sorted(set("".join(CORPUS[:3]))))
+    special = tok.all_special_ids[:1]
+    texts = [
+        *CORPUS[:3],
+        *("".join(rng.choices(alphabet, k=rng.randint(1, 30))) for _ in range(40)),
+    ]
+    cases = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    cases += [ids[:3] + special + ids[3:] for ids in cases[:10]]  # a special token mid-stream
+    # random ids: split characters, stray bytes (their text is all that is compared)
+    cases += [rng.choices(range(len(tok)), k=rng.randint(1, 40)) for _ in range(100)]
+    compared = 0
+    for ids in cases:
+        full = tok.decode(ids, skip_special_tokens=True)
+        fast, deltas = _streamed(tok, ids, window=False)
+        window = _streamed(tok, ids, window=True)[0]
+        if "\ufffd" in full:  # invalid bytes: where a run splits changes the replacement chars
+            continue
+        assert fast == full, (ids, deltas)
+        assert window == full
+        compared += 1
+    assert compared >= 50
+    # a multi-byte character split over tokens is held back, not sent broken
+    emoji = tok("🙂", add_special_tokens=False)["input_ids"]
+    if len(emoji) > 1:
+        s = TextStream(tok, [], eos_ids=set())
+        assert [s.push(i) for i in emoji] == [""] * (len(emoji) - 1) + ["🙂"]
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_in_python() -> None:
+    tok = hub_tokenizer("byte_level_bpe")
+    tok.clean_up_tokenization_spaces = True  # transformers edits the Rust text: not streamable
+    assert TextStream(tok, [], set())._stream is None
