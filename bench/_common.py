@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import socket
 import statistics
@@ -354,8 +355,22 @@ def device_name(device: torch.device | str | None) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def host_cpu() -> str:
+    """The host's CPU model and core count (serving figures over HTTP are host-bound in part:
+    two loans of the same card gave 1.3x apart at concurrency 64)."""
+    name = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name
+            )
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Versions (premoe, torch, transformers, faiss, Python) and the device's name."""
+    """Versions (premoe, torch, transformers, faiss, Python), the device's name, the host CPU."""
     import transformers
 
     import premoe
@@ -373,6 +388,7 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         "faiss": faiss_version,
         "python": platform.python_version(),
         "device": device_name(device),
+        "host_cpu": host_cpu(),
     }
 
 
@@ -466,7 +482,6 @@ def start_demo_server(port: int, extra: list[str], *, timeout: float = 180.0) ->
     """`premoe serve` of the bundled demo model and its shipped store (CPU, fp32, --keep 16) in a
     subprocess on 127.0.0.1:`port` with `extra` options; returns the process once /health
     answers 200 (a `RuntimeError` with its stderr if it dies first)."""
-    import os
     import subprocess
 
     import httpx
