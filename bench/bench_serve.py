@@ -396,6 +396,7 @@ def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool
         mixed=args.mixed,
         prefill_tokens=args.prefill_tokens,
         pipeline=not args.no_pipeline,
+        freeze_gc=not args.no_gc_freeze,
         cache=(args.cache if args.cache != "auto" else ("static" if cuda else "dynamic"))
         if batch
         else "auto",
@@ -495,11 +496,12 @@ def bench_premoe(
             n_req = max(args.requests, 2 * conc)
             conc_jobs = (jobs * (n_req // len(jobs) + 1))[:n_req]
             call = (server.url, conc_jobs, args.max_tokens, conc)
-            work = (
-                client.submit(run_workload_sync, *call).result()
-                if client is not None
-                else run_workload_sync(*call)
-            )
+            with bc.GcPauses() as gc_passes:
+                work = (
+                    client.submit(run_workload_sync, *call).result()
+                    if client is not None
+                    else run_workload_sync(*call)
+                )
             batches = m.batch_size.count() - before["batches"]
             work.update(
                 {
@@ -515,6 +517,7 @@ def bench_premoe(
                     "mixed_steps": m.steps.value(mode="mixed") - mixed0,
                     "single_steps": m.steps.value(mode="single") - single0,
                     "prefill_steps": m.prefill_steps.value() - prefills0,
+                    "gc_passes": gc_passes.summary(),
                     "connections_closed_by_guard": {
                         k: v - guard0[k] for k, v in guard_counts(server).items()
                     },
@@ -701,6 +704,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--eager-prefill", action="store_true", help="Prefill without the compiled layers."
+    )
+    p.add_argument(
+        "--no-gc-freeze", action="store_true", help="Leave start-up objects in the GC's passes."
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=63, help="Prompt length (+1 BOS token).")
@@ -966,6 +972,9 @@ def report(
                                    f"{x['swap_seconds']:.2f} s)"),
             ("  errors", f"{x['errors']} {x.get('error_kinds') or ''}".strip()),
         ]  # fmt: skip
+        if "gc_passes" in x:
+            full = x["gc_passes"]["gen2"]
+            rows.append(("  GC full passes", f"{full['n']} (longest {full['max_ms']:.1f} ms)"))
     for k, v in b1["per_token_ms"].items():
         rows.append((f"  ms/token {k}", f"{v:.3f}"))
     for impl, alt in results["premoe"].get("decode_b1_other_experts_impl", {}).items():

@@ -16,6 +16,7 @@ streaming) and its other threads (the engine's decode loop and torch), from /pro
     python bench/bench_serve_cpu.py --out bench/results/serve_cpu.json
     python bench/bench_serve_cpu.py --concurrency 1 16 64 --requests-per-client 4
     python bench/bench_serve_cpu.py --settings mixed mixed-nometer  # the dropped-mass meter's cost
+    python bench/bench_serve_cpu.py --settings mixed mixed-nofreeze --concurrency 64  # gc.freeze
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def main() -> None:
         "batch": ["--scheduler", "batch"],
         "mixed-nometer": ["--no-meter"],  # dropped mass not measured (issue #18's cost)
         "swap-nometer": ["--mixed", "off", "--no-meter"],
+        "mixed-nofreeze": ["--no-gc-freeze"],  # start-up objects left in the GC's full passes
     }
     ap.add_argument("--settings", nargs="+", default=["mixed", "swap"], choices=list(extra))
     ap.add_argument("--out", type=Path, default=None)

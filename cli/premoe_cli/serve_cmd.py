@@ -216,6 +216,15 @@ def serve_command(
             "the premoe_dropped_mass histogram. Continuous scheduler only.",
         ),
     ] = True,
+    gc_freeze: Annotated[
+        bool,
+        typer.Option(
+            "--gc-freeze/--no-gc-freeze",
+            help="After warm-up, move what start-up allocated out of Python's garbage "
+            "collector's full passes (gc.freeze, as vLLM does): such a pass walks every object "
+            "and pauses all decoding and streaming while it runs.",
+        ),
+    ] = True,
     miss_policy: Annotated[
         str,
         typer.Option(
@@ -278,6 +287,7 @@ def serve_command(
         quantize=expert_quantization(quantize, block, group_size),
         calibrated_routers=calibrated_routers,
         meter=meter,
+        freeze_gc=gc_freeze,
         miss_policy=miss_policy,
         miss_window=miss_window,
         miss_threshold=miss_threshold,

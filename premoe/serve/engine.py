@@ -35,6 +35,7 @@ Requests and configuration are in `premoe.serve.requests`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -133,6 +134,7 @@ class Engine:
         self._live: set[GenRequest] = set()  # submitted and not ended
         self.shutting_down = False
         self.warm = threading.Event()
+        self._froze = 0  # objects this engine's warm-up moved out of the GC's reach
         self.ready = False
 
     # -- loading ---------------------------------------------------------------------------------
@@ -450,6 +452,9 @@ class Engine:
         for req in pending:
             req.fail(RequestError("the server is shutting down", 503, "server_error"))
         self.abort_all("the server is shutting down")  # rows the worker left running
+        if self._froze:  # this engine's objects may be collected again once it is dropped
+            gc.unfreeze()
+            self._froze = 0
 
     # -- shutdown --------------------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -541,6 +546,8 @@ class Engine:
                 self.info["compile"] = f"none (compilation failed: {type(exc).__name__})"
             self.info["warmup_seconds"] = round(self.warmup_seconds, 3)
             log.info("warm-up took %.1f s", self.warmup_seconds)
+        if self.config.freeze_gc:
+            self._froze = freeze_heap()
         self.warm.set()
 
     def _run(self) -> None:
@@ -930,3 +937,17 @@ class Engine:
 
 
 _PRIVATE = ("model", "store")  # health fields that hold local paths
+
+
+def freeze_heap() -> int:
+    """Collect, then move every object alive (the model, its compiled graphs, the tokenizer) to
+    the cyclic GC's permanent generation, as vLLM and SGLang do after start-up; returns how many.
+    A full collection walks every tracked object: with start-up's hundreds of thousands that is
+    a pause of the decode loop and of every stream (0.2 s for the CPU demo model) whenever
+    serving's garbage triggers one. Reference counting still frees them; only cycles among
+    them wait for `gc.unfreeze()`."""
+    gc.collect()
+    gc.freeze()
+    n = gc.get_freeze_count()
+    log.info("moved %d start-up objects out of the garbage collector's full passes", n)
+    return n

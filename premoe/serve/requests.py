@@ -71,6 +71,10 @@ class EngineConfig:
     quantize: ExpertQuantization | None = None  # experts resident quantized (fp8 / int4)
     calibrated_routers: bool | None = None  # None: the store's calibrated routers, if any
     meter: bool = True  # dropped mass per request (continuous scheduler; miss.py)
+    # after warm-up, gc.freeze() what start-up allocated (the model, compiled graphs: 10^5-10^6
+    # objects), so that the cyclic GC's full collections stop walking it (a pause of every step
+    # and stream, 0.2 s for the CPU demo); process-wide, undone by Engine.stop()
+    freeze_gc: bool = True
     miss_policy: str = "mask"  # mask | reroute (fetch: `premoe generate` only)
     miss_window: int = DEFAULT_WINDOW  # tokens per reroute check
     miss_threshold: float = DEFAULT_REROUTE_THRESHOLD  # windowed dropped mass that reroutes

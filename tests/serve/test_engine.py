@@ -177,3 +177,35 @@ def test_backpressure_answers_carry_retry_after() -> None:
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
     assert _error_response(RequestError("bye", 503, "server_error")).headers["retry-after"]
     assert "retry-after" not in _error_response(RequestError("bad", 400)).headers
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_start_up_objects_leave_the_collectors_full_passes(
+    serve_world: ServeWorld, freeze: bool
+) -> None:
+    import gc
+
+    before = gc.get_freeze_count()  # another engine of this process may hold some
+    cfg = EngineConfig(
+        model=str(serve_world.model),
+        store=str(serve_world.store),
+        keep=KEEP,
+        device="cpu",
+        dtype="fp32",
+        freeze_gc=freeze,
+    )
+    eng = Engine(cfg, router=router)
+    eng.start()
+    try:
+        assert eng.warm.wait(60)
+        model = eng.cont.model if eng.cont is not None else None
+        frozen = gc.get_freeze_count()
+        if freeze:  # the model's modules are in the permanent generation
+            assert frozen > before + 1000 and model is not None
+            assert not any(o is model for o in gc.get_objects(generation=2))
+        else:
+            assert frozen == before
+    finally:
+        eng.stop()
+    if freeze:
+        assert gc.get_freeze_count() == 0  # stop() gives them back
