@@ -440,6 +440,23 @@ def write_json(out: str | Path | None, data: dict[str, Any], *, device: Any = No
 # ---- HTTP clients of the serving benches ------------------------------------------------------
 
 
+def http_client(url: str) -> Any:
+    """An httpx client of one connection, for one simulated client of a load run. One shared
+    client for hundreds of concurrent streams does not scale: httpcore's pool checks every
+    connection for each request it places (`has_expired`, a socket call each), so at concurrency
+    256 the load generator, not the server, set the pace (the server sat idle for seconds)."""
+    import httpx
+
+    global _TLS
+    if _TLS is None:  # httpx loads the CA bundle for every client otherwise (~25 ms each)
+        _TLS = httpx.create_ssl_context()
+    limits = httpx.Limits(max_connections=1)
+    return httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits, verify=_TLS)
+
+
+_TLS: Any = None
+
+
 async def stream_completion(
     client: Any, body: dict[str, Any], path: str = "/v1/completions"
 ) -> dict[str, Any]:

@@ -211,16 +211,13 @@ async def run_workload(
     max_tokens: int,
     concurrency: int,
 ) -> dict[str, Any]:
-    import httpx
-
-    sem = asyncio.Semaphore(concurrency)
     results: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    queue = list(reversed(jobs))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
-
-        async def one(prompt: str, task: str) -> None:
-            async with sem:
+    async def client_loop() -> None:  # one of `concurrency` clients, each its own connection
+        async with bc.http_client(url) as client:
+            while queue:
+                prompt, task = queue.pop()
                 body = {
                     "prompt": prompt,
                     "max_tokens": max_tokens,
@@ -235,9 +232,9 @@ async def run_workload(
                     log.warning("request failed: %s %s", res["status"], res["error"][:200])
                 results.append(res)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(p, t) for p, t in jobs))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(jobs)))))
+    wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in ok)
     summary = bc.latency_summary(results)

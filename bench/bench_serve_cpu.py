@@ -47,10 +47,9 @@ def start_server(port: int, extra: list[str], max_batch: int) -> subprocess.Pope
 async def workload(url: str, concurrency: int, per_client: int, max_tokens: int) -> dict[str, Any]:
     prompts = {t: [r["prompt"] for r in generate(t, 16, 7, "eval")] for t in TASKS}
     results: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
-        async def client_loop(c: int) -> None:
+    async def client_loop(c: int) -> None:
+        async with bc.http_client(url) as client:  # each client its own connection
             for k in range(per_client):
                 task = TASKS[(c + k) % len(TASKS)]
                 body = {
@@ -64,10 +63,11 @@ async def workload(url: str, concurrency: int, per_client: int, max_tokens: int)
                 }
                 results.append(await bc.stream_completion(client, body))
 
+    async with bc.http_client(url) as client:
         await bc.stream_completion(client, {"prompt": "1+1=", "max_tokens": 2, "stream": True})
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
+    wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in ok)
     return {

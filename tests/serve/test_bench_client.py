@@ -52,7 +52,7 @@ def test_ttft_is_measured_on_a_real_stream(bench: ModuleType, demo_url: str) -> 
     }
 
     async def run() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=demo_url, timeout=60) as client:
+        async with bench.http_client(demo_url) as client:  # one connection: streams queue
             first = await bench.stream_completion(client, body)
             rest = await asyncio.gather(*(bench.stream_completion(client, body) for _ in range(3)))
             bad = await bench.stream_completion(client, {**body, "premoe": {"task": "nope"}})
