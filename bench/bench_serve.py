@@ -199,22 +199,24 @@ def guard_counts(server: HttpServer) -> dict[str, int]:
     return {"evicted": state.evicted, "timed_out": state.timed_out}
 
 
-def run_workload_sync(
+CLIENTS_PER_PROCESS = 64  # one client process streams ~10^4 chunks/s at most (httpx: ~100 µs each)
+
+
+def run_clients(
     url: str, jobs: list[tuple[str, str]], max_tokens: int, concurrency: int
 ) -> dict[str, Any]:
-    return asyncio.run(run_workload(url, jobs, max_tokens, concurrency))
+    """`concurrency` clients (each its own connection) stream `jobs` in this process, each
+    sending its next job as its last one ends; returns their answers and the wall-clock span."""
+    return asyncio.run(_run_clients(url, jobs, max_tokens, concurrency))
 
 
-async def run_workload(
-    url: str,
-    jobs: list[tuple[str, str]],
-    max_tokens: int,
-    concurrency: int,
+async def _run_clients(
+    url: str, jobs: list[tuple[str, str]], max_tokens: int, concurrency: int
 ) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     queue = list(reversed(jobs))
 
-    async def client_loop() -> None:  # one of `concurrency` clients, each its own connection
+    async def client_loop() -> None:
         async with bc.http_client(url) as client:
             while queue:
                 prompt, task = queue.pop()
@@ -232,15 +234,42 @@ async def run_workload(
                     log.warning("request failed: %s %s", res["status"], res["error"][:200])
                 results.append(res)
 
-    t0 = time.perf_counter()
+    start = time.time()
     await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(jobs)))))
-    wall = time.perf_counter() - t0
+    return {"results": results, "start": start, "end": time.time()}
+
+
+def run_workload(
+    url: str,
+    jobs: list[tuple[str, str]],
+    max_tokens: int,
+    concurrency: int,
+    pool: ProcessPoolExecutor | None,
+    procs: int,
+) -> dict[str, Any]:
+    """The workload's figures: in this process (`pool` None), or its clients split over `procs`
+    processes of `pool` (job i to process i % procs), the span from the first start to the last
+    end (wall clock, one host)."""
+    if pool is None:
+        parts = [run_clients(url, jobs, max_tokens, concurrency)]
+    else:
+        procs = max(1, min(procs, concurrency))
+        futures = [
+            pool.submit(
+                run_clients, url, jobs[i::procs], max_tokens, len(range(i, concurrency, procs))
+            )
+            for i in range(procs)
+        ]
+        parts = [f.result() for f in futures]
+    results = [r for part in parts for r in part["results"]]
+    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in ok)
     summary = bc.latency_summary(results)
     kinds = Counter(f"{r['status']} {r['error'][:80]}" for r in results if r["status"] != 200)
     return {
         "requests": len(jobs),
+        "client_processes": len(parts) if pool is not None else 0,
         "errors": len(results) - len(ok),
         "error_kinds": dict(kinds),
         "completion_tokens": tokens,
@@ -471,13 +500,17 @@ def bench_premoe(
             "batches": m.batch_size.count(),
         }
         works = []
-        # the client in its own process (as vLLM's serving benchmark): sharing this process's
-        # GIL with the server thread and the engine thread, its 64-256 streams slowed both
+        # the clients in their own processes (as vLLM's serving benchmark): sharing this
+        # process's GIL with the server and engine threads, their streams slowed both; and one
+        # process of them caps what it can read (CLIENTS_PER_PROCESS)
+        procs = -(-max(args.concurrency) // CLIENTS_PER_PROCESS)
         client = (
-            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
             if args.client == "process"
             else None
         )
+        if client is not None:  # start them all (imports) before any workload's clock starts
+            list(client.map(time.sleep, [0.5] * procs))
         for conc in args.concurrency:
             for k in before:
                 before[k] = {
@@ -492,12 +525,14 @@ def bench_premoe(
             guard0 = guard_counts(server)
             n_req = max(args.requests, 2 * conc)
             conc_jobs = (jobs * (n_req // len(jobs) + 1))[:n_req]
-            call = (server.url, conc_jobs, args.max_tokens, conc)
             with bc.GcPauses() as gc_passes:
-                work = (
-                    client.submit(run_workload_sync, *call).result()
-                    if client is not None
-                    else run_workload_sync(*call)
+                work = run_workload(
+                    server.url,
+                    conc_jobs,
+                    args.max_tokens,
+                    conc,
+                    client,
+                    -(-conc // CLIENTS_PER_PROCESS),
                 )
             batches = m.batch_size.count() - before["batches"]
             work.update(
@@ -691,8 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--client",
         default="process",
         choices=["process", "thread"],
-        help="Where the HTTP client of the workloads runs: a separate process (default) or "
-        "this one (sharing the server's GIL; earlier runs of this bench).",
+        help="Where the HTTP clients of the workloads run: separate processes, one per "
+        f"{CLIENTS_PER_PROCESS} clients (default), or this one (sharing the server's GIL; "
+        "earlier runs of this bench).",
     )
     p.add_argument("--mixed", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--prefill-tokens", type=int, default=2048)
