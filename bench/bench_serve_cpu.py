@@ -81,6 +81,12 @@ async def workload(url: str, concurrency: int, per_client: int, max_tokens: int)
     }
 
 
+FULL_GC = (
+    'premoe_gc_pause_seconds_count{generation="2"}',
+    'premoe_gc_pause_seconds_sum{generation="2"}',
+)
+
+
 def thread_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) so far of each thread of process `pid`, by thread id."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -109,7 +115,7 @@ def step_modes(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
     for line in text.splitlines():
-        if line.startswith(("premoe_steps_total", "premoe_swaps_total")):
+        if line.startswith(("premoe_steps_total", "premoe_swaps_total", *FULL_GC)):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
@@ -183,6 +189,7 @@ def main() -> None:
                 int(d.get("premoe_swaps_total", 0)),
                 f"{r['server_cpu']['loop_us_per_token']:.0f}",
                 f"{r['server_cpu']['other_us_per_token']:.0f}",
+                f"{d.get(FULL_GC[0], 0):.0f} ({1e3 * d.get(FULL_GC[1], 0):.0f} ms)",
             ]
         )
     bc.print_table(
@@ -203,6 +210,7 @@ def main() -> None:
             "swaps",
             "HTTP loop CPU µs/token",
             "engine CPU µs/token",
+            "full GC passes",
         ],
         rows,
     )

@@ -434,6 +434,7 @@ class Engine:
         if not self.ready:
             self.load()
         self._stop.clear()
+        self.metrics.gc_pauses.install()
         self._thread = threading.Thread(target=self._run, name="premoe-decode", daemon=True)
         self._thread.start()
 
@@ -452,6 +453,7 @@ class Engine:
         for req in pending:
             req.fail(RequestError("the server is shutting down", 503, "server_error"))
         self.abort_all("the server is shutting down")  # rows the worker left running
+        self.metrics.gc_pauses.remove()
         if self._froze:  # this engine's objects may be collected again once it is dropped
             gc.unfreeze()
             self._froze = 0

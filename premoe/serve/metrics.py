@@ -36,13 +36,18 @@ premoe_dropped_mass                         histogram  task (a request's mean dr
                                                        generated tokens; the pattern at its end)
 premoe_reroutes_total                       counter    from, to (pattern switches of --miss-policy
                                                        reroute)
+premoe_gc_pause_seconds                     histogram  generation (passes of Python's cyclic GC;
+                                                       every thread waits; 2: full passes)
 ==========================================  =========  =============================================
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -344,5 +349,50 @@ class ServeMetrics:
             )
         )
 
+        self.gc_pause = r.add(
+            Histogram(
+                "premoe_gc_pause_seconds",
+                "Passes of Python's cyclic garbage collector, by generation (2: full passes); "
+                "every thread of the server waits for one.",
+                ("generation",),
+                STEP_BUCKETS,
+            )
+        )
+
+        self.gc_pauses = GcPauses(self.gc_pause)
+
     def render(self) -> str:
+        self.gc_pauses.drain()
         return self.registry.render()
+
+
+class GcPauses:
+    """Times the cyclic garbage collector's passes for a `premoe_gc_pause_seconds` histogram
+    while installed (gc.callbacks is process-wide: `install` once, `remove` when done). A pass
+    may start in any thread, even one holding a metric's lock, so the callback only appends;
+    `drain` moves the times into the histogram."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self._start: dict[int, float] = {}
+        self._done: deque[tuple[int, float]] = deque()
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        gen = info["generation"]
+        if phase == "start":
+            self._start[gen] = time.perf_counter()
+        elif gen in self._start:
+            self._done.append((gen, time.perf_counter() - self._start.pop(gen)))
+
+    def drain(self) -> None:
+        while self._done:
+            gen, seconds = self._done.popleft()
+            self.histogram.observe(seconds, generation=str(gen))
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def remove(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)

@@ -69,3 +69,21 @@ def test_serve_metrics_names() -> None:
     ):
         assert f"# TYPE {name} " in text
     assert "premoe_swaps_total 1" in text
+
+
+def test_gc_passes_are_timed_while_installed() -> None:
+    import gc
+
+    m = ServeMetrics()
+    m.gc_pauses.install()
+    try:
+        gc.collect()  # a full pass
+        gc.collect(0)
+    finally:
+        m.gc_pauses.remove()
+    assert m.gc_pauses not in gc.callbacks
+    gc.collect()  # not counted: removed
+    text = m.render()
+    assert 'premoe_gc_pause_seconds_count{generation="2"} 1' in text
+    gen0 = re.search(r'premoe_gc_pause_seconds_count\{generation="0"\} (\d+)', text)
+    assert gen0 is not None and int(gen0.group(1)) >= 1  # (allocation may add its own)
