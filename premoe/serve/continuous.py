@@ -58,6 +58,7 @@ import torch
 
 from premoe.serve import topk
 from premoe.serve.decode import (
+    NullSink,
     RowSink,
     SamplingParams,
     TextStream,
@@ -567,6 +568,18 @@ class ContinuousDecoder:
             seq.sink.on_delta(delta, seq.generated)
         if seq.stream.finished:
             self._end(seq, seq.stream.finish_reason or "stop", report, stats)
+
+    def warm_prefill(self, ids: list[int], pattern: str | None) -> None:
+        """Prefill (and a few decode steps) of every chunk-shape family the compiled layers
+        meet in serving, so that none compiles under a request: torch.compile specializes a
+        size-1 dimension (one row is not many rows) and the experts' kernel-or-grouped choice
+        (T·k routed pairs against the expert count) is a guard, so one row and several rows
+        each need a short and a long chunk. `ids`: a prompt of at least two tokens."""
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        short = (ids * 2)[:2]
+        long = (ids * (256 // len(ids) + 1))[: max(2, min(256, self.max_len // 2))]
+        for prompts in ([ids], [long], [short, short], [ids, long]):
+            self.run([(NullSink(), x, params, pattern) for x in prompts])
 
     def run(self, rows: Sequence[tuple[RowSink, list[int], SamplingParams, str | None]]) -> None:
         """Decode `rows` to completion (tests, benchmarks): admit as slots free up."""

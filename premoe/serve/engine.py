@@ -61,7 +61,6 @@ from premoe.serve.decode import (
     CacheMode,
     CompileMode,
     DecodeRow,
-    NullSink,
     SamplingParams,
 )
 from premoe.serve.metrics import ServeMetrics
@@ -514,8 +513,7 @@ class Engine:
         if self.cont is not None and self._warmup_pending:
             self._warmup_pending = False
             t0 = time.perf_counter()
-            ids = self.encode_prompt("warm up")[:8] or [self.cont.pad_id]
-            params = SamplingParams(max_tokens=4, ignore_eos=True)
+            ids = (self.encode_prompt("warm up") or [self.cont.pad_id]) * 2
             graphs = self.cont.graphs
             if graphs is not None and graphs.compiled:
                 try:
@@ -531,11 +529,8 @@ class Engine:
                     log.exception("CUDA graph capture failed; decoding continues eagerly")
                     self.cont.graphs = None
                     self.info["compile"] = f"none (capture failed: {type(exc).__name__})"
-            # prefill shapes too (the compiled layers run prefill chunks): one row, then two
-            # rows long enough for the experts' grouped path
-            long = (ids * (256 // len(ids) + 1))[: max(2, min(256, self.max_model_len // 2))]
-            self.cont.run([(NullSink(), ids, params, self.default_task)])
-            self.cont.run([(NullSink(), x, params, self.default_task) for x in (ids, long)])
+            # prefill shapes too (the compiled layers run prefill chunks)
+            self.cont.warm_prefill(ids[:8], self.default_task)
             self.warmup_seconds = time.perf_counter() - t0
             self.info["warmup_seconds"] = round(self.warmup_seconds, 3)
         if self.decoder is not None and self._warmup_pending:

@@ -253,6 +253,25 @@ def test_prefill_chunks_through_compiled_layers_equal_their_patterns_pruned_mode
     assert not log.view_writes(), log.view_writes()
 
 
+def test_after_the_prefill_warm_up_no_chunk_shape_compiles(world: World) -> None:
+    """`warm_prefill` traces every family of chunk shapes (one row / several, short / long):
+    the chunks of later requests, of any row count and length, reuse those graphs (a compile
+    under a request stalls it for seconds; on the H200 two were left to the first requests)."""
+    dec = world.decoder(slots=16, prefill_tokens=2048)
+    log = GraphLog()
+    torch._dynamo.reset()
+    dec.prefill_regions = Regions(decoder_layers(world.model), backend=log.backend)
+    ids = prompts(world)[0]
+    task = next(iter(world.patterns))
+    dec.warm_prefill(ids[:8], task)
+    warmed = len(log.codes)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for rows, length in [(1, 3), (1, 17), (4, 10), (16, 12), (3, 30), (2, 2), (16, 5)]:
+        prompt = (ids * 10)[:length]
+        dec.run([(Sink(), prompt, params, task) for _ in range(rows)])
+        assert len(log.codes) == warmed, (rows, length)  # could fail: a new shape family
+
+
 def test_a_compiled_prefill_that_fails_falls_back_to_eager_prefill(world: World) -> None:
     def broken(gm: Any, example: Any) -> Any:
         raise RuntimeError("no compiler here")
