@@ -23,7 +23,6 @@ a checkout where premoe is not installed.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -279,36 +278,6 @@ class DeviceTimer:
     def __exit__(self, *exc: object) -> None:
         sync(self.device)
         self.seconds = time.perf_counter() - self._t0
-
-
-class GcPauses:
-    """``with GcPauses() as g: work()`` then ``g.summary()``: the cyclic garbage collector's
-    passes in the block, by generation: how many, their total and longest milliseconds (a
-    pass holds the GIL: every thread of the process waits for it)."""
-
-    def __init__(self) -> None:
-        self.passes: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        self._t0: dict[int, float] = {}
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        gen = info["generation"]
-        if phase == "start":
-            self._t0[gen] = time.perf_counter()
-        elif gen in self._t0:
-            self.passes[gen].append(time.perf_counter() - self._t0.pop(gen))
-
-    def __enter__(self) -> GcPauses:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._callback)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {
-            f"gen{g}": {"n": len(x), "total_ms": 1e3 * sum(x), "max_ms": 1e3 * max(x, default=0)}
-            for g, x in self.passes.items()
-        }
 
 
 def kernel_profile(run: Callable[[], Any], steps: int, top: int = 25) -> list[dict[str, Any]]:

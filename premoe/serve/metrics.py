@@ -175,6 +175,10 @@ class Histogram(_Metric):
         with self._lock:
             return sum(self._counts.get(self._key(labels), []))
 
+    def sum(self, **labels: str) -> float:
+        with self._lock:
+            return self._sums.get(self._key(labels), 0.0)
+
     def render(self) -> list[str]:
         lines = self.header()
         with self._lock:

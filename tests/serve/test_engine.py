@@ -32,19 +32,21 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(MODES))
-def engine(serve_world: ServeWorld, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    cfg = EngineConfig(
-        **MODES[request.param],
+def cpu_config(serve_world: ServeWorld, **kw: Any) -> EngineConfig:
+    """The serve world's model and store on the CPU in fp32, with `kw`."""
+    return EngineConfig(
         model=str(serve_world.model),
         store=str(serve_world.store),
         keep=KEEP,
         device="cpu",
         dtype="fp32",
-        max_batch=3,
-        max_wait_ms=10,
-        max_queue=64,
+        **kw,
     )
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def engine(serve_world: ServeWorld, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    cfg = cpu_config(serve_world, **MODES[request.param], max_batch=3, max_wait_ms=10, max_queue=64)
     eng = Engine(cfg, router=router)
     eng.start()
     yield eng
@@ -152,15 +154,7 @@ def test_health_is_not_ready_during_warm_up(
         run(self, rows)
 
     monkeypatch.setattr(ContinuousDecoder, "run", slow_run)
-    cfg = EngineConfig(
-        model=str(serve_world.model),
-        store=str(serve_world.store),
-        keep=KEEP,
-        device="cpu",
-        dtype="fp32",
-        warmup=True,
-    )
-    eng = Engine(cfg, router=router)
+    eng = Engine(cpu_config(serve_world, warmup=True), router=router)
     eng.start()
     try:
         assert eng.health()["status"] == "warming_up"
@@ -186,15 +180,7 @@ def test_start_up_objects_leave_the_collectors_full_passes(
     import gc
 
     before = gc.get_freeze_count()  # another engine of this process may hold some
-    cfg = EngineConfig(
-        model=str(serve_world.model),
-        store=str(serve_world.store),
-        keep=KEEP,
-        device="cpu",
-        dtype="fp32",
-        freeze_gc=freeze,
-    )
-    eng = Engine(cfg, router=router)
+    eng = Engine(cpu_config(serve_world, freeze_gc=freeze), router=router)
     eng.start()
     try:
         assert eng.warm.wait(60)

@@ -33,6 +33,7 @@ def test_counter_gauge_histogram_render() -> None:
     assert 'lat_seconds_bucket{task="math",le="+Inf"} 3' in lines
     assert 'lat_seconds_count{task="math"} 3' in lines
     assert 'lat_seconds_sum{task="math"} 5.55' in lines
+    assert h.count(task="math") == 3 and h.sum(task="math") == pytest.approx(5.55)
     for line in lines:
         assert line.startswith("#") or SAMPLE.match(line), line
     assert text.endswith("\n")
