@@ -23,6 +23,7 @@ a checkout where premoe is not installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -416,14 +417,16 @@ def http_client(url: str) -> Any:
     256 the load generator, not the server, set the pace (the server sat idle for seconds)."""
     import httpx
 
-    global _TLS
-    if _TLS is None:  # httpx loads the CA bundle for every client otherwise (~25 ms each)
-        _TLS = httpx.create_ssl_context()
     limits = httpx.Limits(max_connections=1)
-    return httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits, verify=_TLS)
+    return httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits, verify=_tls_context())
 
 
-_TLS: Any = None
+@functools.cache
+def _tls_context() -> Any:
+    """One TLS context for every client: httpx loads the CA bundle per client otherwise (26 ms)."""
+    import httpx
+
+    return httpx.create_ssl_context()
 
 
 async def stream_completion(

@@ -2,7 +2,7 @@
 
 Under load the server's Python time per token decides how many rows a decode step can carry
 before the host, not the device, sets its pace (the engine thread and the HTTP event loop share
-one GIL). Two pieces of it, each measured both ways side by side:
+one GIL). Three pieces of it, each measured both ways side by side:
 
 - incremental detokenization (`premoe.serve.decode.TextStream.push`): `tokenizers`' Rust
   DecodeStream against the Python prefix window (two `decode` calls per token), for the bundled

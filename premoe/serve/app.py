@@ -390,7 +390,9 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         polling every DISCONNECT_POLL_S while no event comes (`poll`), or by the caller's task
         being cancelled (a streaming response whose server listens for the disconnect)."""
         queue: asyncio.Queue[list[tuple[int, str, Any]]] = asyncio.Queue()
-        timeout = DISCONNECT_POLL_S if poll else None
+
+        def bounded(aw: Any) -> Any:  # no wait_for without a poll: on 3.11 a task per chunk
+            return asyncio.wait_for(aw, DISCONNECT_POLL_S) if poll else aw
 
         async def pump(i: int, gen: GenRequest) -> None:
             while True:
@@ -405,13 +407,10 @@ def create_app(config: EngineConfig, engine: Engine | None = None) -> FastAPI:
         try:
             while left:
                 try:
-                    # (without a timeout no wait_for: on Python 3.11 it is a task per chunk)
                     if tasks:
-                        get = queue.get()
-                        items = await (asyncio.wait_for(get, timeout) if timeout else get)
+                        items = await bounded(queue.get())
                     else:
-                        nxt = gens[0].next_events()
-                        events = await (asyncio.wait_for(nxt, timeout) if timeout else nxt)
+                        events = await bounded(gens[0].next_events())
                         items = [(0, kind, value) for kind, value in events]
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():

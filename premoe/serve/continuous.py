@@ -574,9 +574,10 @@ class ContinuousDecoder:
         meet in serving, so that none compiles under a request: torch.compile specializes a
         size-1 dimension (one row is not many rows) and the experts' kernel-or-grouped choice
         (T·k routed pairs against the expert count) is a guard, so one row and several rows
-        each need a short and a long chunk. `ids`: a prompt of at least two tokens."""
+        each need a short and a long chunk. `ids`: a prompt (repeated if shorter than two)."""
         params = SamplingParams(max_tokens=4, ignore_eos=True)
-        short = (ids * 2)[:2]
+        ids = ids if len(ids) >= 2 else ids * 2
+        short = ids[:2]
         long = (ids * (256 // len(ids) + 1))[: max(2, min(256, self.max_len // 2))]
         for prompts in ([ids], [long], [short, short], [ids, long]):
             self.run([(NullSink(), x, params, pattern) for x in prompts])

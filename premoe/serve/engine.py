@@ -513,7 +513,7 @@ class Engine:
         if self.cont is not None and self._warmup_pending:
             self._warmup_pending = False
             t0 = time.perf_counter()
-            ids = (self.encode_prompt("warm up") or [self.cont.pad_id]) * 2
+            ids = self.encode_prompt("warm up")[:8] or [self.cont.pad_id]
             graphs = self.cont.graphs
             if graphs is not None and graphs.compiled:
                 try:
@@ -530,7 +530,7 @@ class Engine:
                     self.cont.graphs = None
                     self.info["compile"] = f"none (capture failed: {type(exc).__name__})"
             # prefill shapes too (the compiled layers run prefill chunks)
-            self.cont.warm_prefill(ids[:8], self.default_task)
+            self.cont.warm_prefill(ids, self.default_task)
             self.warmup_seconds = time.perf_counter() - t0
             self.info["warmup_seconds"] = round(self.warmup_seconds, 3)
         if self.decoder is not None and self._warmup_pending:

@@ -378,15 +378,15 @@ class GcPauses:
 
     def __init__(self, histogram: Histogram) -> None:
         self.histogram = histogram
-        self._start: dict[int, float] = {}
+        self._t0: float | None = None  # the pass running now (passes never overlap)
         self._done: deque[tuple[int, float]] = deque()
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
-        gen = info["generation"]
         if phase == "start":
-            self._start[gen] = time.perf_counter()
-        elif gen in self._start:
-            self._done.append((gen, time.perf_counter() - self._start.pop(gen)))
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self._done.append((info["generation"], time.perf_counter() - self._t0))
+            self._t0 = None
 
     def drain(self) -> None:
         while self._done:
