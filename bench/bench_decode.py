@@ -47,11 +47,13 @@ from premoe.load.miss import DroppedMass, FullRouterRows
 from premoe.prune import KeepSets
 from premoe.quant.gemv_experts import register
 from premoe.quant.resident import quantize_resident
+from premoe.serve import attention
 from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.decode import NullSink, SamplingParams
 from premoe.serve.miss import RowMeter, SlotMiss
 
 UNFUSED = "_unfused"
+SDPA = "_sdpa"  # fused, but transformers' sdpa attention instead of premoe.serve.attention
 
 
 def say(msg: str) -> None:
@@ -132,14 +134,19 @@ def metered(model: Any, dec: ContinuousDecoder, masses: list[DroppedMass]) -> Ro
     return meter
 
 
-def profile_steps(dec: ContinuousDecoder, steps: int = 8) -> list[dict[str, Any]]:
+def profile_steps(dec: ContinuousDecoder, steps: int = 8) -> dict[str, Any]:
+    """Kernel time of `steps` batch-1 steps: every kernel, and the totals per step."""
     seq = dec.add(NullSink(), [11] * 16, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
     while seq.prefilling or seq.generated < 2:
         dec.step()
-    rows = bc.kernel_profile(lambda: [dec.step() for _ in range(steps)], steps)
+    rows = bc.kernel_profile(lambda: [dec.step() for _ in range(steps)], steps, top=1000)
     while dec.active():
         dec.step()
-    return rows
+    return {
+        "kernels_per_step": sum(r["count"] for r in rows) / steps,
+        "kernel_us_per_step": sum(r["us_per_step"] for r in rows),
+        "kernels": rows,
+    }
 
 
 def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw: float) -> dict:
@@ -167,6 +174,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         # unfused steps first: fusing the projections changes the model's modules for good
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
+            attention.ENABLED = not mode.endswith(SDPA)
             dec = ContinuousDecoder(
                 model,
                 tok,
@@ -217,9 +225,10 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fig["meter_mean_mass"] = sum(m.mean for m in masses) / max(1, len(masses))
                 meter.detach()
                 del mdec
+            if args.profile:
+                fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
-        if args.profile:
-            out["profile_b1"] = profile_steps(dec)
+        attention.ENABLED = True
     del model, qr, dec
     torch._dynamo.reset()
     gc.collect()
@@ -239,14 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--profile", action="store_true", help="kernel times of batch-1 steps")
+    p.add_argument("--profile-top", type=int, default=15, help="kernels printed per profile")
     p.add_argument("--meter", type=int, nargs="*", default=[], help="batch sizes: meter on vs off")
     p.add_argument(
         "--modes",
         nargs="+",
         default=["graphs", "compiled"],
-        choices=["graphs", "compiled", f"graphs{UNFUSED}", f"compiled{UNFUSED}"],
+        choices=["graphs", "compiled", f"graphs{UNFUSED}", f"compiled{UNFUSED}", f"compiled{SDPA}"],
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
-        f"{UNFUSED}: without the serve step's fusions (projections, router top-k)",
+        f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
+        f"attention); {SDPA}: fused but with transformers' sdpa attention",
     )
     p.add_argument(
         "--sync",
@@ -290,8 +301,14 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"  [{prec}] {mode} b{b}: pipelined / unpipelined {ratio:.3f} ({sync:.1f})")
             for b, m in fig.get("meter", {}).items():
                 say(f"  [{prec}] {mode} meter on/off at batch {b}: {m['ratio']:.3f}")
-        for k in r.get("profile_b1", [])[:15]:
-            say(f"  [{prec}] {k['us_per_step']:8.1f} us/step  x{k['count']:<5d} {k['kernel']}")
+        for mode, fig in r["modes"].items():
+            prof = fig.get("profile_b1")
+            if not prof:
+                continue
+            say(f"  [{prec}] {mode}: {prof['kernels_per_step']:.0f} kernels, "
+                f"{prof['kernel_us_per_step']:.0f} us of kernels per batch-1 step")  # fmt: skip
+            for k in prof["kernels"][: args.profile_top]:
+                say(f"  [{prec}] {k['us_per_step']:8.1f} us/step  x{k['count']:<5d} {k['kernel']}")
     header = ["precision", "step", "GB/token", "bound tok/s", "eager b1"]
     header += [f"b{b} tok/s" for b in args.batches]
     header += ["b1 / bound", "b1 / bf16 b1", "b1 / unfused b1", "greedy = eager", "capture s"]

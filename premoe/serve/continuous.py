@@ -17,8 +17,9 @@ Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. On
    over slots 0..n-1 (n: the highest such slot + 1, so the cache is a view, no copy); idle and
    still-prefilling slots in that range are fed a padding token written to scratch. On CUDA
    with `graphs`, this step is a CUDA graph replay (graphs.py), and by default (`fuse`) the
-   model's sibling projections run as one matmul (fusion.py) and the routers' top-k as one
-   kernel (topk.py).
+   model's sibling projections run as one matmul (fusion.py), the routers' top-k as one
+   kernel (topk.py) and the attention of the step's one query per row as one kernel
+   (attention.py).
 
 With `pipeline` (the default with CUDA graphs) a decode step is launched before the host reads
 the last one's samples, as vLLM's async scheduling does: every step also takes each row's argmax
@@ -56,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from premoe.serve import topk
+from premoe.serve import attention, topk
 from premoe.serve.decode import (
     NullSink,
     RowSink,
@@ -327,10 +328,13 @@ class ContinuousDecoder:
 
     @contextmanager
     def _patched(self, fuse: bool) -> Iterator[None]:
-        """Around a traced decode step: the routers' top-k kernel (`fuse`), the row-mask hook."""
+        """Around a traced decode step: the routers' top-k and the one-query attention kernels
+        (`fuse`), the row-mask hook."""
         with ExitStack() as stack:
             if fuse:
                 stack.enter_context(topk.patched(self.device))
+                if attention.ENABLED:
+                    stack.enter_context(attention.patched(self.device))
             if self.routing is not None:
                 stack.enter_context(self.routing.hooked())
             yield

@@ -1,0 +1,324 @@
+"""Attention of one query token per row in one Triton kernel (decode steps on CUDA).
+
+Shape legend: B rows, Hq query heads, Hk KV heads, G = Hq / Hk query heads per KV head, K KV
+columns read, D head dim, P splits of the KV columns.
+
+At a decode step transformers' ``sdpa`` attention with an additive mask and grouped KV heads
+(every GQA family) repeats K and V `G` times (two copies of `G` x the cache read, per layer) and
+then runs a kernel built for many queries: on an H200 that is ~8 µs per layer at batch 1, for
+half a megabyte of cache. `decode_attention` reads each KV head's columns once for all of its `G`
+query heads (`[G, D] x [D, K]` as one tensor-core dot) with an online softmax, in one program per
+(row, KV head, split of the columns); where the columns are split (long contexts), a second small
+kernel merges the splits' partial sums. The cache views are read through their strides (the slot
+cache's `[B, Hk, K, D]` views are not contiguous), scores and sums in fp32, probabilities rounded
+to the value dtype for the second dot, as flash attention does: the result equals SDPA's to
+about one bf16 rounding, not bit for bit.
+
+`patched()` swaps transformers' ``sdpa`` attention function for the duration of a block: calls
+with one query token, an additive float mask (or none), no dropout, softcap, sinks, sliding window
+or position bias, and a CUDA half-precision cache go to the kernel; every other call (prefill
+chunks, other families' extras) goes to transformers' own function. The decode step is traced
+and captured inside that block (`premoe.serve.graphs`), so the graphs replay the kernel and
+nothing is patched while they run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from premoe.quant import kernels
+
+ENABLED = True
+"""Serve's fused decode steps patch the kernel in (`ContinuousDecoder`'s `fuse`); benches turn it
+off to compare with transformers' sdpa in one process."""
+MAX_HEAD_DIM = 256
+SPLIT_COLUMNS = 256  # KV columns a program reads at least, before the columns are split
+MAX_SPLITS = 64
+_DTYPES = (torch.bfloat16, torch.float16)
+_OP: Any = None
+_IGNORED = frozenset({"is_causal", "position_ids", "cache_position", "output_attentions"})
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> tuple[Any, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_attention_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr,
+        n_kv, n_kv_heads, scale,
+        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n, so_b, so_h,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)  # row b, KV head h
+        split = tl.program_id(1)
+        b = bh // n_kv_heads
+        h = bh % n_kv_heads
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_ok = offs_g < G
+        d_ok = offs_d < D
+        q = tl.load(
+            q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [BG, BD]
+        m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)  # finite: a fully masked block adds 0
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        start = split * SPLIT_LEN
+        for n0 in range(0, SPLIT_LEN, BLOCK_N):
+            offs_n = start + n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_kv
+            kv_ok = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(
+                k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+                mask=kv_ok,
+                other=0.0,
+            )  # [BN, BD]
+            s = tl.dot(q, tl.trans(k)) * scale  # [BG, BN] fp32
+            if HAS_MASK:
+                add = tl.load(mask_ptr + b * sm_b + offs_n * sm_n, mask=n_ok, other=0.0)
+                s += add.to(tl.float32)[None, :]
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
+                mask=kv_ok,
+                other=0.0,
+            )  # [BN, BD]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if SPLIT:  # partial sums [B*Hk, P, BG, BD] and (max, sum) [B*Hk, P, 2, BG]
+            row = bh * tl.num_programs(1) + split
+            tl.store(part_ptr + (row * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :], acc)
+            tl.store(stat_ptr + row * 2 * BLOCK_G + offs_g, m_i)
+            tl.store(stat_ptr + row * 2 * BLOCK_G + BLOCK_G + offs_g, l_i)
+        else:
+            out = acc / l_i[:, None]
+            tl.store(
+                out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=g_ok[:, None] & d_ok[None, :],
+            )
+
+    @triton.jit
+    def merge_splits_kernel(
+        part_ptr, stat_ptr, out_ptr, n_kv_heads, so_b, so_h,
+        N_SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        b = bh // n_kv_heads
+        h = bh % n_kv_heads
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        m = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+        for p in range(N_SPLITS):
+            m = tl.maximum(m, tl.load(stat_ptr + (bh * N_SPLITS + p) * 2 * BLOCK_G + offs_g))
+        num = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        den = tl.zeros((BLOCK_G,), tl.float32)
+        for p in range(N_SPLITS):
+            row = bh * N_SPLITS + p
+            w = tl.exp(tl.load(stat_ptr + row * 2 * BLOCK_G + offs_g) - m)
+            den += w * tl.load(stat_ptr + row * 2 * BLOCK_G + BLOCK_G + offs_g)
+            part = tl.load(part_ptr + (row * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :])
+            num += w[:, None] * part
+        out = num / den[:, None]
+        tl.store(
+            out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=(offs_g < G)[:, None] & (offs_d < D)[None, :],
+        )
+
+    return decode_attention_kernel, merge_splits_kernel
+
+
+def _splits(n_kv: int) -> tuple[int, int]:
+    """(splits, columns per split, a multiple of 64) for `n_kv` KV columns."""
+    per = min(max(SPLIT_COLUMNS, -(-n_kv // MAX_SPLITS)), n_kv)
+    per = -(-per // 64) * 64
+    return -(-n_kv // per), per
+
+
+def launch(
+    q: torch.Tensor,  # [B, Hq, 1, D]
+    k: torch.Tensor,  # [B, Hk, K, D]
+    v: torch.Tensor,  # [B, Hk, K, D]
+    mask: torch.Tensor | None,  # [B or 1, 1, 1, K] additive
+    scale: float,
+    out: torch.Tensor,  # [B, 1, Hq, D]
+) -> None:
+    """Write softmax(q k^T * scale + mask) v of every row and query head into `out`."""
+    import triton
+
+    attend, merge = _kernels()
+    b, hq, _, d = q.shape
+    hk, n_kv = k.shape[1], k.shape[2]
+    g = hq // hk
+    block_g = max(16, triton.next_power_of_2(g))
+    block_d = max(16, triton.next_power_of_2(d))
+    splits, per = _splits(n_kv)
+    if mask is not None:
+        m = mask.reshape(mask.shape[0], n_kv)  # [B or 1, K]
+        sm_b, sm_n = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
+    else:
+        m, sm_b, sm_n = q, 0, 0  # a pointer the kernel never reads
+    part = stat = q  # never read unless split
+    if splits > 1:
+        part = torch.empty((b * hk * splits, block_g, block_d), dtype=torch.float32,
+                           device=q.device)  # fmt: skip
+        stat = torch.empty((b * hk * splits, 2, block_g), dtype=torch.float32, device=q.device)
+    attend[(b * hk, splits)](
+        q, k, v, m, out, part, stat,
+        n_kv, hk, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),
+        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=64, SPLIT_LEN=per,
+        HAS_MASK=mask is not None, SPLIT=splits > 1, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if splits > 1:
+        merge[(b * hk,)](
+            part, stat, out, hk, out.stride(0), out.stride(2),
+            N_SPLITS=splits, G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+
+
+def _register_op() -> Any:
+    @torch.library.custom_op("premoe::decode_attention", mutates_args=())
+    def decode_attention_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        b, hq, _, d = q.shape
+        out = torch.empty((b, 1, hq, d), dtype=q.dtype, device=q.device)
+        launch(q, k, v, mask, scale, out)
+        return out
+
+    @decode_attention_op.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float) -> Any:
+        b, hq, _, d = q.shape
+        return q.new_empty((b, 1, hq, d))
+
+    return decode_attention_op
+
+
+def prepare(device: torch.device) -> bool:
+    """Build the kernels and the custom op ahead of any trace; True if they run on `device`."""
+    global _OP
+    if device.type != "cuda" or not kernels.available(device):
+        return False
+    if _OP is None:
+        _kernels()
+        try:
+            _OP = _register_op()
+        except Exception:  # a torch without custom ops: keep transformers' attention
+            _OP = False
+    return bool(_OP)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, 1, D]
+    k: torch.Tensor,  # [B, Hk, K, D]
+    v: torch.Tensor,  # [B, Hk, K, D]
+    mask: torch.Tensor | None = None,  # [B or 1, 1, 1, K] additive
+    scale: float | None = None,
+) -> torch.Tensor:
+    """[B, 1, Hq, D]: each row's one-query attention (module docstring; CUDA)."""
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if prepare(q.device):
+        return _OP(q, k, v, mask, s)
+    out = torch.empty((q.shape[0], 1, q.shape[1], q.shape[3]), dtype=q.dtype, device=q.device)
+    launch(q, k, v, mask, s, out)  # the interpreter's CPU tensors (tests)
+    return out
+
+
+def handles(q: Any, k: Any, v: Any, mask: Any, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """True when `decode_attention` computes what transformers' sdpa function would."""
+    if any(val is not None and key not in _IGNORED for key, val in kwargs.items()):
+        return False  # softcap, sinks (s_aux), sliding_window, position_bias, ...
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or dropout:
+        return False
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] != 1 or q.dtype not in _DTYPES:
+        return False
+    b, hq, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        return False
+    if d > MAX_HEAD_DIM or k.dtype != q.dtype or v.dtype != q.dtype or not q.is_cuda:
+        return False
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return False
+    if mask is None:
+        return True
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.is_floating_point()
+        and mask.dim() == 4
+        and mask.shape[1:3] == (1, 1)
+        and mask.shape[0] in (1, b)
+        and mask.shape[3] == k.shape[2]
+    )
+
+
+def _sdpa() -> tuple[Any, Any]:
+    from transformers.modeling_utils import AttentionInterface
+
+    return AttentionInterface, AttentionInterface._global_mapping["sdpa"]
+
+
+@functools.lru_cache(maxsize=1)
+def _attention() -> Any:
+    """transformers' sdpa function with one-query calls through the kernel (one function for
+    the process: compiled steps guard on it)."""
+    _, original = _sdpa()
+
+    def attention(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if handles(query, key, value, attention_mask, dropout, kwargs):
+            return _OP(query, key, value, attention_mask, _scale(query, scaling)), None
+        return original(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    return attention
+
+
+def _scale(q: torch.Tensor, scaling: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+
+
+@contextmanager
+def patched(device: torch.device) -> Iterator[None]:
+    """During the block, one-query sdpa calls run `decode_attention` (module docstring)."""
+    if not prepare(device):
+        yield
+        return
+    interface, current = _sdpa()
+    ours = _attention()
+    if current is ours:
+        yield
+        return
+    interface._global_mapping["sdpa"] = ours
+    try:
+        yield
+    finally:
+        interface._global_mapping["sdpa"] = current
+
+
+__all__ = ["decode_attention", "handles", "launch", "patched", "prepare"]

@@ -1,0 +1,41 @@
+"""Run by test_attention.py under Triton's CPU interpreter: the one-query attention kernel
+against a float64 reference (fp16: the interpreter's bf16 dot is not the GPU's)."""
+
+from __future__ import annotations
+
+import torch
+
+from premoe.serve import attention
+
+
+def reference(q, k, v, mask, scale):  # [B, Hq, 1, D] ... -> [B, 1, Hq, D] float64
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    if mask is not None:
+        s = s + mask.double()
+    return (s.softmax(-1) @ vv).transpose(1, 2)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    # (rows, query heads, KV heads, KV columns, head dim): one split, several, odd sizes
+    for b, hq, hk, n, d in [(1, 32, 4, 256, 128), (3, 8, 2, 700, 64), (2, 4, 4, 37, 80),
+                            (1, 16, 4, 1500, 128)]:  # fmt: skip
+        cache = torch.randn(2, b + 1, hk, n + 5, d, dtype=torch.float16)
+        k, v = cache[0, :b, :, :n], cache[1, :b, :, :n]  # strided views, as the slot cache's
+        q = torch.randn(b, 1, hq, d, dtype=torch.float16).transpose(1, 2)
+        pos = torch.randint(0, n, (b, 1))
+        mask = torch.where(torch.arange(n)[None, :] <= pos, 0.0, torch.finfo(torch.float16).min)
+        mask = mask.to(torch.float16)[:, None, None, :]
+        for m in (mask, None, mask[:1]):
+            got = attention.decode_attention(q, k, v, m, d**-0.5)
+            full = m if m is None else m.expand(b, -1, -1, -1)
+            want = reference(q, k, v, full, d**-0.5)
+            err = (got.double() - want).abs().max().item()
+            assert got.shape == (b, 1, hq, d) and err < 2e-3, ((b, hq, hk, n, d), err)
+    print("decode attention ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The one-query attention kernel (premoe.serve.attention): equal to SDPA to about one rounding
+for grouped and plain heads, strided cache views, split and unsplit KV columns, masks per row,
+broadcast or none; patched in, decode calls (eager, compiled, captured) take it and every other
+call stays transformers' own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from premoe.quant import kernels
+from premoe.serve import attention
+from tests.helpers import GPU
+
+
+def test_kernel_under_the_interpreter() -> None:
+    """The kernels' arithmetic, run by Triton's CPU interpreter (needs `triton`)."""
+    if not kernels.triton_importable():
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
+    script = Path(__file__).with_name("attention_interpret_check.py")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "decode attention ok" in out.stdout
+
+
+def test_handles_only_what_it_computes() -> None:
+    q, k = torch.zeros(1, 8, 1, 64), torch.zeros(1, 2, 10, 64)
+    mask = torch.zeros(1, 1, 1, 10)
+    assert not attention.handles(q, k, k, mask, 0.0, {})  # fp32, CPU
+    half = q.half()
+    assert not attention.handles(half, k.half(), k.half(), None, 0.0, {})  # CPU
+    assert not attention.handles(q, k, k, mask, 0.0, {"softcap": 30.0})
+
+
+def _sdpa_reference(q, k, v, mask, scale):  # -> [B, 1, Hq, D] float32
+    g = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1),
+        attn_mask=None if mask is None else mask.float(), scale=scale,
+    )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _prepared() -> None:
+    if not attention.prepare(torch.device("cuda")):
+        pytest.skip("Triton cannot run here")
+
+
+@GPU[0]
+@GPU[1]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("b", "hq", "hk", "n", "d"),
+    [(1, 32, 4, 256, 128), (5, 8, 2, 700, 64), (2, 4, 4, 37, 80), (1, 16, 4, 9000, 128)],
+)
+def test_equals_sdpa(dtype: torch.dtype, b: int, hq: int, hk: int, n: int, d: int) -> None:
+    _prepared()
+    g = torch.Generator(device="cuda").manual_seed(b * n + d)
+    cache = torch.randn(2, b + 1, hk, n + 3, d, dtype=dtype, device="cuda", generator=g)
+    k, v = cache[0, :b, :, :n], cache[1, :b, :, :n]  # strided, as the slot cache's views
+    q = torch.randn(b, 1, hq, d, dtype=dtype, device="cuda", generator=g).transpose(1, 2)
+    pos = torch.randint(0, n, (b, 1), device="cuda", generator=g)
+    cols = torch.arange(n, device="cuda")
+    mask = torch.where(cols[None, :] <= pos, 0.0, torch.finfo(dtype).min).to(dtype)
+    for m in (mask[:, None, None, :], None, mask[:1, None, None, :]):
+        got = attention.decode_attention(q, k, v, m, d**-0.5)
+        full = None if m is None else m.expand(b, 1, 1, n)
+        want = _sdpa_reference(q, k, v, full, d**-0.5)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+        # a bf16 / fp16 rounding of the output, not more: compare with the rounded reference
+        rounding = (want.to(dtype).float() - want).abs().max()
+        assert (got.float() - want).abs().max() <= 2 * rounding + 1e-3
+
+
+@GPU[0]
+@GPU[1]
+def test_patched_takes_decode_calls_compiled_and_captured() -> None:
+    _prepared()
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = 4
+
+    mod = Module()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(2, 2, 300, 64, dtype=torch.bfloat16, device="cuda", generator=g)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 8, 1, 64, dtype=torch.bfloat16, device="cuda", generator=g)
+    mask = torch.zeros(2, 1, 1, 300, dtype=torch.bfloat16, device="cuda")
+    mask[1, ..., 100:] = torch.finfo(torch.bfloat16).min
+    q_long = torch.randn(2, 8, 5, 64, dtype=torch.bfloat16, device="cuda", generator=g)
+    mask_long = torch.zeros(2, 1, 5, 300, dtype=torch.bfloat16, device="cuda")
+
+    def attend(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
+        return fn(mod, q, k, v, mask, scaling=0.125)[0]
+
+    want, want_long = attend(q, mask), attend(q_long, mask_long)
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with attention.patched(torch.device("cuda")):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not original
+        eager, long = attend(q, mask), attend(q_long, mask_long)
+        compiled = torch.compile(attend)(q, mask)
+        static = q.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            attend(static, mask)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attend(static, mask)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original  # restored
+    static.copy_(q.flip(0))
+    graph.replay()
+    assert torch.equal(long, want_long)  # a prefill chunk: transformers' own function
+    for got, ref in ((eager, want), (compiled, want), (out, attend(q.flip(0), mask))):
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
