@@ -17,9 +17,9 @@ Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. On
    over slots 0..n-1 (n: the highest such slot + 1, so the cache is a view, no copy); idle and
    still-prefilling slots in that range are fed a padding token written to scratch. On CUDA
    with `graphs`, this step is a CUDA graph replay (graphs.py), and by default (`fuse`) the
-   model's sibling projections run as one matmul (fusion.py), the routers' top-k as one
-   kernel (topk.py) and the attention of the step's one query per row as one kernel
-   (attention.py).
+   model's sibling projections run as one matmul (fusion.py), each router's forward as its
+   logits' matmul and one kernel (fused_router.py; else its top-k as one kernel, topk.py) and
+   the attention of the step's one query per row as one kernel (attention.py).
 
 With `pipeline` (the default with CUDA graphs) a decode step is launched before the host reads
 the last one's samples, as vLLM's async scheduling does: every step also takes each row's argmax
@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from premoe.serve import attention, topk
+from premoe.serve import attention, fused_router, topk
 from premoe.serve.decode import (
     NullSink,
     RowSink,
@@ -134,9 +134,12 @@ class ContinuousDecoder:
         self.sampled = torch.zeros(slots, dtype=torch.long, device=self.device)  # [N] argmax
         self._inflight: Launched | None = None
         fuse = graphs if fuse is None else fuse
+        self.fused_routers: fused_router.FusedRouters | None = None
         if fuse:  # q/k/v (and gate/up) as one matmul (fusion.py)
             one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
             fuse_projections(model, lambda: model(input_ids=one, use_cache=False))
+            if graphs:  # on CUDA: each router's forward as its matmul and one kernel
+                self.fused_routers = fused_router.for_model(model)
         if graphs:
             self.graphs = DecodeGraphs(
                 self._graph_step,
@@ -333,6 +336,8 @@ class ContinuousDecoder:
         with ExitStack() as stack:
             if fuse:
                 stack.enter_context(topk.patched(self.device))
+                if self.fused_routers is not None:
+                    stack.enter_context(self.fused_routers.patched())
                 if attention.ENABLED:
                     stack.enter_context(attention.patched(self.device))
             if self.routing is not None:

@@ -8,6 +8,12 @@ does it in one Triton program per token: k rounds of "take the largest, then exc
 row held in registers. Values are the input's own (no arithmetic), sorted descending; among equal
 values the lower index comes first; NaN counts as the largest, as in `torch.topk`.
 
+`route_topk` is the same kernel with the router's arithmetic around the selection: a softmax or
+sigmoid of the logits before it, or a softmax over the k selected logits after it, the
+renormalisation of the k weights, the routed scaling factor and the cast, all in fp32 registers
+(`premoe.serve.fused_router` puts it in routers' forwards: one kernel after the logits instead of
+three or four).
+
 `patched()` routes the routers' calls to it for the duration of a block: every
 ``torch.topk(x, k, dim=-1)`` on a CUDA tensor `[T, E]` with E <= `MAX_WIDTH` and k <= `MAX_K`,
 largest first (what every supported family's router calls); any other call goes to `torch.topk`.
@@ -29,8 +35,13 @@ from premoe.quant import kernels
 MAX_WIDTH = 1024
 MAX_K = 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_OP: Any = None
+_OP: Any = None  # premoe::small_topk; False where it cannot be registered
+_ROUTE_OP: Any = None  # premoe::route_topk
 _TORCH_TOPK = torch.topk
+
+
+# what a row's k largest are taken over, and what is stored for them (`route_topk`)
+RAW, SOFTMAX, SIGMOID, TOPK_SOFTMAX = 0, 1, 2, 3
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,44 +50,73 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def small_topk_kernel(
+    def route_topk_kernel(
         x_ptr,
         values_ptr,
         indices_ptr,
         E,
         stride_x,
+        scaling,
         K: tl.constexpr,
         BLOCK_E: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SCORING: tl.constexpr,
+        RENORM: tl.constexpr,
     ):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_E)
-        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < E, other=float("-inf"))
+        ok = offs < E
+        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        if SCORING == 1:  # softmax over the row, then its k largest
+            e = tl.where(ok, tl.exp(x - tl.max(x, axis=0)), 0.0)
+            x = e / tl.sum(e, axis=0)
+        elif SCORING == 2:  # sigmoid scores
+            x = tl.sigmoid(x)
         # order-preserving int keys: larger float -> larger int; NaN above +inf
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        bits = x.to(tl.int32, bitcast=True)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         key = tl.where(x != x, 0x7FFFFFFF, key)
         taken = -2147483647 - 1  # below every real key (also -inf's)
-        key = tl.where(offs < E, key, taken)
+        key = tl.where(ok, key, taken)
+        offs_k = tl.arange(0, BLOCK_K)
+        vals = tl.zeros((BLOCK_K,), tl.float32)
         for i in tl.static_range(K):
             best = tl.max(key, axis=0)
             idx = tl.min(tl.where(key == best, offs, BLOCK_E), axis=0)  # lowest index
-            val = tl.load(x_ptr + row * stride_x + idx)
-            tl.store(values_ptr + row * K + i, val)
+            vals = tl.where(offs_k == i, tl.sum(tl.where(offs == idx, x, 0.0), axis=0), vals)
             tl.store(indices_ptr + row * K + i, idx.to(tl.int64))
             key = tl.where(offs == idx, taken, key)
+        in_k = offs_k < K
+        if SCORING == 3:  # the k largest logits, then a softmax over them
+            e = tl.where(in_k, tl.exp(vals - tl.max(tl.where(in_k, vals, float("-inf")), 0)), 0.0)
+            vals = e / tl.sum(e, axis=0)
+        if RENORM:
+            vals = vals / tl.sum(tl.where(in_k, vals, 0.0), axis=0)
+        if SCORING != 0:
+            vals = vals * scaling
+        tl.store(values_ptr + row * K + offs_k, vals.to(values_ptr.dtype.element_ty), mask=in_k)
 
-    return small_topk_kernel
+    return route_topk_kernel
 
 
 def _launch(
-    x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor, wrap: Any
+    x: torch.Tensor,
+    k: int,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    wrap: Any,
+    scoring: int = RAW,
+    renorm: bool = False,
+    scaling: float = 1.0,
 ) -> None:
     import triton
 
     kern = _kernel() if wrap is None else wrap(_kernel())
     e = x.shape[1]
     block = max(16, triton.next_power_of_2(e))
-    kern[(x.shape[0],)](x, values, indices, e, x.stride(0), K=k, BLOCK_E=block, num_warps=1)
+    kern[(x.shape[0],)](x, values, indices, e, x.stride(0), scaling, K=k, BLOCK_E=block,
+                        BLOCK_K=max(2, triton.next_power_of_2(k)), SCORING=scoring,
+                        RENORM=renorm, num_warps=1)  # fmt: skip
 
 
 def _register_op() -> Any:
@@ -89,18 +129,27 @@ def _register_op() -> Any:
         _launch(x, k, values, indices, wrap_triton)
         return values, indices
 
-    return small_topk_op
+    @triton_op("premoe::route_topk", mutates_args=())
+    def route_topk_op(
+        x: torch.Tensor, k: int, scoring: int, renorm: bool, scaling: float, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.empty((x.shape[0], k), dtype=dtype, device=x.device)
+        indices = torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
+        _launch(x, k, values, indices, wrap_triton, scoring, renorm, scaling)
+        return values, indices
+
+    return small_topk_op, route_topk_op
 
 
 def prepare(device: torch.device) -> bool:
     """Build the kernel and its custom op ahead of any trace; True if it runs on `device`."""
-    global _OP
+    global _OP, _ROUTE_OP
     if device.type != "cuda" or not kernels.available(device):
         return False
     if _OP is None:
         _kernel()
         try:
-            _OP = _register_op()
+            _OP, _ROUTE_OP = _register_op()
         except Exception:  # older torch without triton_op: keep torch.topk
             _OP = False
     return bool(_OP)
@@ -113,6 +162,29 @@ def small_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = _TORCH_TOPK(x, k, dim=-1)
         return out.values, out.indices
     return _OP(x.contiguous(), k)
+
+
+def route_topk(
+    x: torch.Tensor,  # [T, E] router logits
+    k: int,
+    scoring: int,
+    renorm: bool,
+    scaling: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in `dtype`, indices [T, k] int64) of a router's logits in one kernel:
+    `scoring` SOFTMAX or SIGMOID (then the k largest scores), or TOPK_SOFTMAX (the k largest
+    logits, then a softmax over them); with `renorm` the k weights are divided by their sum;
+    then multiplied by `scaling`. Computed in fp32; E <= MAX_WIDTH, k <= MAX_K; CUDA (or
+    CPU tensors under Triton's interpreter)."""
+    if prepare(x.device):
+        return _ROUTE_OP(x.contiguous(), k, scoring, renorm, scaling, dtype)
+    if not kernels.available(x.device):
+        raise RuntimeError("route_topk needs Triton on a CUDA device (or its interpreter)")
+    values = torch.empty((x.shape[0], k), dtype=dtype, device=x.device)
+    indices = torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
+    _launch(x.contiguous(), k, values, indices, None, scoring, renorm, scaling)  # interpreter
+    return values, indices
 
 
 def _handles(x: Any, k: Any, dim: int, largest: bool) -> bool:
@@ -156,4 +228,7 @@ def patched(device: torch.device) -> Iterator[None]:
         torch.topk = _TORCH_TOPK
 
 
-__all__ = ["MAX_K", "MAX_WIDTH", "patched", "prepare", "small_topk"]
+__all__ = [
+    "MAX_K", "MAX_WIDTH", "RAW", "SIGMOID", "SOFTMAX", "TOPK_SOFTMAX", "patched", "prepare",
+    "route_topk", "small_topk",
+]  # fmt: skip

@@ -1,0 +1,56 @@
+"""Run by test_fused_router.py under Triton's CPU interpreter: `route_topk` against the routing
+rule's reference for every scoring, and `FusedRouters` checked against tiny models' own routers
+(the families whose rule the kernel expresses pass; the others keep their forward)."""
+
+from __future__ import annotations
+
+import torch
+
+from premoe.arch.registry import arch_for_config
+from premoe.arch.routing import RoutingRule, route_from_logits
+from premoe.serve import fused_router, topk
+from tests.helpers import tiny_model
+
+
+def kernel() -> None:
+    g = torch.Generator().manual_seed(0)
+    for scoring, selection, code in [("softmax", "scores", topk.SOFTMAX),
+                                     ("sigmoid", "scores", topk.SIGMOID),
+                                     ("softmax", "logits_topk", topk.TOPK_SOFTMAX)]:  # fmt: skip
+        for renorm in (False, True):
+            for t, e, k in [(1, 128, 8), (5, 60, 2), (3, 81, 8)]:
+                rule = RoutingRule(scoring, selection, e, k, renorm, scaling=2.5)
+                x = torch.randn(t, e, generator=g)
+                w, idx = topk.route_topk(x, k, code, renorm, 2.5, torch.float32)
+                want_w, want_idx = route_from_logits(x, rule)
+                assert torch.equal(idx, want_idx), (scoring, selection, renorm, idx, want_idx)
+                torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
+    x = torch.tensor([[0.5, 0.5, 0.1, 0.5, float("-inf"), 0.2]])  # ties: the lower index
+    assert topk.route_topk(x, 3, topk.RAW, False, 1.0, torch.float32)[1].tolist() == [[0, 1, 3]]
+    print("route_topk ok")
+
+
+def routers() -> None:
+    for family in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3"):
+        model = tiny_model(family).eval()
+        arch = arch_for_config(model.config)
+        fused = fused_router.FusedRouters(model, arch)
+        why = fused_router.unsupported(arch, model.config)
+        assert (why is None) == bool(fused.routers), (family, why, fused.why)
+        if not fused.routers:
+            print(f"{family} keeps its routers: {fused.why}")
+            continue
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+            with fused.patched():
+                got = model(input_ids=ids).logits
+        assert all("forward" not in r.__dict__ for r in fused.routers)  # restored
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        print(f"{family} fused ok")
+
+
+if __name__ == "__main__":
+    kernel()
+    routers()

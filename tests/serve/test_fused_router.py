@@ -1,0 +1,68 @@
+"""Routers' fused forwards (premoe.serve.fused_router, topk.route_topk): the kernel equals the
+routing rule's reference for every scoring it expresses; a model's routers are fused only where
+the check against their own forward passes, and the patched model computes what it did."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from premoe.arch.registry import arch_for_config
+from premoe.quant import kernels
+from premoe.serve import fused_router, topk
+from tests.helpers import GPU, tiny_model
+
+
+def test_kernel_and_checks_under_the_interpreter() -> None:
+    """route_topk against the reference, FusedRouters against six families' own routers, run
+    by Triton's CPU interpreter (needs `triton`)."""
+    if not kernels.triton_importable():
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
+    script = Path(__file__).with_name("router_interpret_check.py")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for family in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss"):
+        assert f"{family} fused ok" in out.stdout, out.stdout
+    assert "deepseek_v3 keeps its routers: the router has a selection-only correction bias" in (
+        out.stdout
+    )
+
+
+def test_unsupported_rules_are_named() -> None:
+    model = tiny_model("deepseek_v3")
+    arch = arch_for_config(model.config)
+    assert fused_router.unsupported(arch, model.config) == (
+        "the router has a selection-only correction bias"
+    )
+    assert fused_router.for_model(model) is None  # CPU: no kernel, nothing fused
+
+
+@GPU[0]
+@GPU[1]
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_fused_routers_compiled_and_captured(family: str) -> None:
+    if not topk.prepare(torch.device("cuda")):
+        pytest.skip("Triton cannot run here")
+    model = tiny_model(family).to("cuda", torch.bfloat16).eval()
+    fused = fused_router.for_model(model)
+    assert fused is not None and len(fused.routers) == model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), device="cuda")
+    router = fused.routers[0]
+    x = torch.randn(5, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        own, want = router(x), model(input_ids=ids).logits
+        with fused.patched():
+            got = model(input_ids=ids).logits
+            compiled = torch.compile(router)(x)
+    for a, b in zip(own, compiled, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
