@@ -47,13 +47,14 @@ from premoe.load.miss import DroppedMass, FullRouterRows
 from premoe.prune import KeepSets
 from premoe.quant.gemv_experts import register
 from premoe.quant.resident import quantize_resident
-from premoe.serve import attention
+from premoe.serve import attention, fused_router
 from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.decode import NullSink, SamplingParams
 from premoe.serve.miss import RowMeter, SlotMiss
 
 UNFUSED = "_unfused"
 SDPA = "_sdpa"  # fused, but transformers' sdpa attention instead of premoe.serve.attention
+PREV = "_prev"  # fused as before this stop: sdpa attention and the routers' own forwards
 
 
 def say(msg: str) -> None:
@@ -174,7 +175,8 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         # unfused steps first: fusing the projections changes the model's modules for good
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
-            attention.ENABLED = not mode.endswith(SDPA)
+            attention.ENABLED = not mode.endswith((SDPA, PREV))
+            fused_router.ENABLED = not mode.endswith(PREV)
             dec = ContinuousDecoder(
                 model,
                 tok,
@@ -228,7 +230,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             if args.profile:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
-        attention.ENABLED = True
+        attention.ENABLED = fused_router.ENABLED = True
     del model, qr, dec
     torch._dynamo.reset()
     gc.collect()
@@ -254,10 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         "--modes",
         nargs="+",
         default=["graphs", "compiled"],
-        choices=["graphs", "compiled", f"graphs{UNFUSED}", f"compiled{UNFUSED}", f"compiled{SDPA}"],
+        choices=[
+            "graphs",
+            "compiled",
+            f"graphs{UNFUSED}",
+            f"compiled{UNFUSED}",
+            f"compiled{SDPA}",
+            f"compiled{PREV}",
+        ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
-        f"attention); {SDPA}: fused but with transformers' sdpa attention",
+        f"attention); {SDPA}: fused but with transformers' sdpa attention; {PREV}: also the "
+        "routers' own forwards (the step before the one-query attention and fused routers)",
     )
     p.add_argument(
         "--sync",
