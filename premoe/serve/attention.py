@@ -12,11 +12,11 @@ query heads (`[G, D] x [D, K]` as one tensor-core dot) with an online softmax, i
 kernel merges the splits' partial sums. The cache views are read through their strides (the slot
 cache's `[B, Hk, K, D]` views are not contiguous), scores and sums in fp32, probabilities rounded
 to the value dtype for the second dot, as flash attention does: the result equals SDPA's to
-about one bf16 rounding, not bit for bit.
+about one rounding of the dtype, not bit for bit (fp32 caches: full-precision dots, no TF32).
 
 `patched()` swaps transformers' ``sdpa`` attention function for the duration of a block: calls
 with one query token, an additive float mask (or none), no dropout, softcap, sinks, sliding window
-or position bias, and a CUDA half-precision cache go to the kernel; every other call (prefill
+or position bias, and a CUDA cache (bf16, fp16, fp32) go to the kernel; every other call (prefill
 chunks, other families' extras) goes to transformers' own function. The decode step is traced
 and captured inside that block (`premoe.serve.graphs`), so the graphs replay the kernel and
 nothing is patched while they run.
@@ -39,7 +39,7 @@ off to compare with transformers' sdpa in one process."""
 MAX_HEAD_DIM = 256
 SPLIT_COLUMNS = 256  # KV columns a program reads at least, before the columns are split
 MAX_SPLITS = 64
-_DTYPES = (torch.bfloat16, torch.float16)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
 _IGNORED = frozenset({"is_causal", "position_ids", "cache_position", "output_attentions"})
 
@@ -56,7 +56,7 @@ def _kernels() -> tuple[Any, Any]:
         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n, so_b, so_h,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)  # row b, KV head h
         split = tl.program_id(1)
@@ -84,7 +84,7 @@ def _kernels() -> tuple[Any, Any]:
                 mask=kv_ok,
                 other=0.0,
             )  # [BN, BD]
-            s = tl.dot(q, tl.trans(k)) * scale  # [BG, BN] fp32
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BG, BN] fp32
             if HAS_MASK:
                 add = tl.load(mask_ptr + b * sm_b + offs_n * sm_n, mask=n_ok, other=0.0)
                 s += add.to(tl.float32)[None, :]
@@ -98,7 +98,7 @@ def _kernels() -> tuple[Any, Any]:
                 mask=kv_ok,
                 other=0.0,
             )  # [BN, BD]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         if SPLIT:  # partial sums [B*Hk, P, BG, BD] and (max, sum) [B*Hk, P, 2, BG]
             row = bh * tl.num_programs(1) + split
@@ -186,7 +186,8 @@ def launch(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=64, SPLIT_LEN=per,
-        HAS_MASK=mask is not None, SPLIT=splits > 1, num_warps=4, num_stages=2,
+        HAS_MASK=mask is not None, SPLIT=splits > 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )  # fmt: skip
     if splits > 1:
         merge[(b * hk,)](

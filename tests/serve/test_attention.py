@@ -34,9 +34,7 @@ def test_kernel_under_the_interpreter() -> None:
 def test_handles_only_what_it_computes() -> None:
     q, k = torch.zeros(1, 8, 1, 64), torch.zeros(1, 2, 10, 64)
     mask = torch.zeros(1, 1, 1, 10)
-    assert not attention.handles(q, k, k, mask, 0.0, {})  # fp32, CPU
-    half = q.half()
-    assert not attention.handles(half, k.half(), k.half(), None, 0.0, {})  # CPU
+    assert not attention.handles(q, k, k, mask, 0.0, {})  # CPU
     assert not attention.handles(q, k, k, mask, 0.0, {"softcap": 30.0})
 
 
@@ -56,7 +54,7 @@ def _prepared() -> None:
 
 @GPU[0]
 @GPU[1]
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     ("b", "hq", "hk", "n", "d"),
     [(1, 32, 4, 256, 128), (5, 8, 2, 700, 64), (2, 4, 4, 37, 80), (1, 16, 4, 9000, 128)],
