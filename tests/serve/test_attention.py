@@ -122,3 +122,18 @@ def test_patched_takes_decode_calls_compiled_and_captured() -> None:
     assert torch.equal(long, want_long)  # a prefill chunk: transformers' own function
     for got, ref in ((eager, want), (compiled, want), (out, attend(q.flip(0), mask))):
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90() -> None:
+    """The attention, merge and route top-k kernels compile for sm_90 with no GPU (needs
+    `triton`): what the interpreter does not check."""
+    if not kernels.triton_importable():
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
+    env.pop("TRITON_INTERPRET", None)
+    script = Path(__file__).with_name("sm90_compile_check.py")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sm_90 compile ok" in out.stdout
