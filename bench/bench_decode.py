@@ -45,6 +45,7 @@ from premoe.arch.registry import arch_for_config
 from premoe.demo.tasks import build_tokenizer
 from premoe.load.miss import DroppedMass, FullRouterRows
 from premoe.prune import KeepSets
+from premoe.quant import gemv_experts
 from premoe.quant.gemv_experts import register
 from premoe.quant.resident import quantize_resident
 from premoe.serve import attention, fused_router
@@ -55,6 +56,7 @@ from premoe.serve.miss import RowMeter, SlotMiss
 UNFUSED = "_unfused"
 SDPA = "_sdpa"  # fused, but transformers' sdpa attention instead of premoe.serve.attention
 PREV = "_prev"  # fused as before this stop: sdpa attention and the routers' own forwards
+FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_experts.FUSE)
 
 
 def say(msg: str) -> None:
@@ -177,6 +179,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             fuse = not mode.endswith(UNFUSED)
             attention.ENABLED = not mode.endswith((SDPA, PREV))
             fused_router.ENABLED = not mode.endswith(PREV)
+            gemv_experts.FUSE = mode.endswith(FX)
             dec = ContinuousDecoder(
                 model,
                 tok,
@@ -231,6 +234,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
         attention.ENABLED = fused_router.ENABLED = True
+        gemv_experts.FUSE = False
     del model, qr, dec
     torch._dynamo.reset()
     gc.collect()
@@ -263,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{UNFUSED}",
             f"compiled{SDPA}",
             f"compiled{PREV}",
+            f"compiled{FX}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
         f"attention); {SDPA}: fused but with transformers' sdpa attention; {PREV}: also the "
-        "routers' own forwards (the step before the one-query attention and fused routers)",
+        "routers' own forwards (the step before the one-query attention and fused routers); "
+        f"{FX}: fused, and the experts' two fused GEMV kernels",
     )
     p.add_argument(
         "--sync",
