@@ -180,6 +180,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             attention.ENABLED = not mode.endswith((SDPA, PREV))
             fused_router.ENABLED = not mode.endswith(PREV)
             gemv_experts.FUSE = mode.endswith(FX)
+            torch._dynamo.reset()  # compiled layers do not guard on every patched function
             dec = ContinuousDecoder(
                 model,
                 tok,

@@ -41,7 +41,9 @@ SPLIT_COLUMNS = 256  # KV columns a program reads at least, before the columns a
 MAX_SPLITS = 64
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
-_IGNORED = frozenset({"is_causal", "position_ids", "cache_position", "output_attentions"})
+# keyword arguments that do not change what attention computes (flags are bools; any other
+# keyword with a value, e.g. softcap, sinks, sliding_window, position_bias, goes to sdpa)
+_IGNORED = frozenset({"position_ids", "cache_position"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -246,8 +248,9 @@ def decode_attention(
 
 def handles(q: Any, k: Any, v: Any, mask: Any, dropout: float, kwargs: dict[str, Any]) -> bool:
     """True when `decode_attention` computes what transformers' sdpa function would."""
-    if any(val is not None and key not in _IGNORED for key, val in kwargs.items()):
-        return False  # softcap, sinks (s_aux), sliding_window, position_bias, ...
+    for key, val in kwargs.items():
+        if val is not None and not isinstance(val, bool) and key not in _IGNORED:
+            return False  # softcap, sinks (s_aux), sliding_window, position_bias, ...
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or dropout:
         return False
     if q.dim() != 4 or k.dim() != 4 or q.shape[2] != 1 or q.dtype not in _DTYPES:

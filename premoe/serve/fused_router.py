@@ -118,7 +118,7 @@ class FusedRouters:
         x = torch.randn(7, weight.shape[1], generator=g, device=weight.device).to(weight.dtype)
         with torch.no_grad():
             own = router.forward(x)  # not through hooks: nothing else sees the check
-            self.order, self.dtype = _OUTPUTS, None
+            self.order, self.dtype = _OUTPUTS, torch.float32  # cast below to the router's dtype
             logits, w, idx = self._route(router, x)
         if not isinstance(own, tuple) or len(own) != 3:
             return f"{type(router).__name__} does not return (logits, weights, indices)"
@@ -132,7 +132,7 @@ class FusedRouters:
                 order.append("indices")
             elif t.is_floating_point() and t.shape == w.shape:
                 tol = max(4 * torch.finfo(t.dtype).eps, 1e-5)  # ~ one rounding of the dtype
-                if not torch.allclose(w.float(), t.float(), rtol=tol, atol=tol):
+                if not torch.allclose(w.to(t.dtype).float(), t.float(), rtol=tol, atol=tol):
                     return f"{type(router).__name__}'s weights differ from the kernel's"
                 self.dtype = t.dtype
                 order.append("weights")

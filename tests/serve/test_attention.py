@@ -38,6 +38,38 @@ def test_handles_only_what_it_computes() -> None:
     assert not attention.handles(q, k, k, mask, 0.0, {"softcap": 30.0})
 
 
+def test_handles_the_keywords_a_decoder_layer_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a tiny Qwen3-MoE's attention passes at a decode step reaches the kernel (on a GPU):
+    flags and position ids do; anything that changes the attention does not."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from premoe.serve.continuous import ContinuousDecoder
+    from premoe.serve.decode import NullSink, SamplingParams
+    from tests.helpers import tiny_model, tokenizer
+
+    seen: list[dict] = []
+    original = AttentionInterface._global_mapping["sdpa"]
+
+    def spy(module, q, k, v, mask, dropout=0.0, scaling=None, **kw):  # noqa: ANN001, ANN202
+        if q.shape[2] == 1:
+            seen.append(kw)
+        return original(module, q, k, v, mask, dropout, scaling, **kw)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", spy)
+    dec = ContinuousDecoder(tiny_model("qwen3_moe").eval(), tokenizer(), slots=2, max_len=64)
+    dec.add(NullSink(), [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+    with torch.no_grad():
+        while dec.active():
+            dec.step()
+    assert seen and set(seen[0]) >= {"use_cache", "sliding_window", "position_ids"}
+    q, k = torch.zeros(1, 8, 1, 64, dtype=torch.half), torch.zeros(1, 2, 10, 64, dtype=torch.half)
+    mask = torch.zeros(1, 1, 1, 10, dtype=torch.half)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert attention.handles(q, k, k, mask, 0.0, seen[0])
+    assert not attention.handles(q, k, k, mask, 0.0, {**seen[0], "s_aux": k})
+    assert not attention.handles(q, k, k, mask, 0.0, {**seen[0], "sliding_window": 8})
+
+
 def _sdpa_reference(q, k, v, mask, scale):  # -> [B, 1, Hq, D] float32
     g = q.shape[1] // k.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
