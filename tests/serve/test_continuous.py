@@ -266,10 +266,13 @@ def test_after_the_prefill_warm_up_no_chunk_shape_compiles(world: World) -> None
     dec.warm_prefill(ids[:8], task)
     warmed = len(log.codes)
     params = SamplingParams(max_tokens=2, ignore_eos=True)
-    for rows, length in [(1, 3), (1, 17), (4, 10), (16, 12), (3, 30), (2, 2), (16, 5)]:
+    cases = [(1, 3, 2048), (1, 17, 2048), (4, 10, 2048), (16, 12, 2048), (3, 30, 2048),
+             (2, 2, 2048), (16, 5, 2048), (1, 30, 7), (3, 30, 40), (2, 9, 5)]  # fmt: skip
+    for rows, length, budget in cases:  # budget < prompt: later chunks follow a cached prefix
+        dec.prefill_tokens = budget
         prompt = (ids * 10)[:length]
         dec.run([(Sink(), prompt, params, task) for _ in range(rows)])
-        assert len(log.codes) == warmed, (rows, length)  # could fail: a new shape family
+        assert len(log.codes) == warmed, (rows, length, budget)  # could fail: a new family
 
 
 def test_a_compiled_prefill_that_fails_falls_back_to_eager_prefill(world: World) -> None:
