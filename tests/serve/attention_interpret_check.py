@@ -21,7 +21,7 @@ def main() -> None:
     torch.manual_seed(0)
     # (rows, query heads, KV heads, KV columns, head dim): one split, several, odd sizes
     for b, hq, hk, n, d in [(1, 32, 4, 256, 128), (3, 8, 2, 700, 64), (2, 4, 4, 37, 80),
-                            (1, 16, 4, 1500, 128)]:  # fmt: skip
+                            (1, 16, 4, 1500, 128), (1, 8, 2, 20000, 64)]:  # fmt: skip
         dtype = torch.float32 if b == 3 else torch.float16
         cache = torch.randn(2, b + 1, hk, n + 5, d, dtype=dtype)
         k, v = cache[0, :b, :, :n], cache[1, :b, :, :n]  # strided views, as the slot cache's

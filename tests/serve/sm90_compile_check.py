@@ -2,6 +2,10 @@
 attention and its split merge, the routers' top-k in every scoring) for an H100/H200 (sm_90)
 with no GPU present: the interpreter does not check what only the compiler rejects."""
 
+import os
+import subprocess
+import tempfile
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -16,6 +20,14 @@ def compile_for_sm90(fn, types: dict[str, str], consts: dict, warps: int) -> Non
     compiled = triton.compile(ASTSource(fn, sig, constexprs=at), target=target,
                               options={"num_warps": warps})  # fmt: skip
     assert compiled.asm["cubin"], (fn, consts)
+    # registers: what ptxas reports for this PTX (a spill costs local-memory traffic per block)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr  # fmt: skip
+    assert "0 bytes spill stores" in info, (fn.__name__, consts, info)
 
 
 attend, merge = attention._kernels()
@@ -28,10 +40,11 @@ for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
         types.update(dict.fromkeys(["sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h",
                                     "sv_n", "sm_b", "sm_n", "so_b", "so_h"], "i32"))  # fmt: skip
         block_g, block_d = max(16, triton.next_power_of_2(g)), triton.next_power_of_2(d)
-        consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d, "BLOCK_N": 64,
-                  "SPLIT_LEN": 256, "HAS_MASK": True, "SPLIT": split,
+        _, per, block_n = attention._blocks(700, block_d, 4 if dtype == "fp32" else 2)
+        consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d, "BLOCK_N": block_n,
+                  "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
                   "PRECISION": precision}  # fmt: skip
-        compile_for_sm90(attend, types, consts, 4)
+        compile_for_sm90(attend, types, consts, 8)
         n += 1
         if split:
             types = {"part_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": f"*{dtype}",
