@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,23 @@ VOCAB = 128  # the demo char tokenizer has 100 ids
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GPU = [pytest.mark.gpu, needs_cuda]
 """`pytestmark = GPU`: CUDA tests (not in the default run; skipped without CUDA)."""
+
+
+def run_triton_script(script: Path, timeout: int, interpret: bool = True) -> str:
+    """Stdout of a Triton check `script`, run in a subprocess (under Triton's CPU interpreter
+    with `interpret`); skips without triton, fails on a non-zero exit."""
+    from premoe.quant import kernels
+
+    if not kernels.triton_importable():
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 def tokenizer() -> Any:

@@ -5,9 +5,6 @@ weights within summation-order rounding."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from premoe.errors import UsageError
 from premoe.quant import kernels
 from premoe.quant.codecs import dequantize
 from premoe.quant.resident import QuantizedExperts, quantize_resident
-from tests.helpers import GPU
+from tests.helpers import GPU, run_triton_script
 from tests.tiny import build_tiny
 
 _OPTS = {"fp8": {"block": (16, 16)}, "int4": {"group_size": 16}}
@@ -191,18 +188,8 @@ def test_resident_bytes_and_errors() -> None:
 
 
 def _run_check(script: str, timeout: int, interpret: bool = True) -> str:
-    """Stdout of the check `script` beside this file, run in a subprocess (under Triton's CPU
-    interpreter with `interpret`); skips without triton, fails on a non-zero exit."""
-    if not kernels.triton_importable():
-        pytest.skip("triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name(script))], env=env,
-                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    """Stdout of the check `script` beside this file (tests.helpers.run_triton_script)."""
+    return run_triton_script(Path(__file__).with_name(script), timeout, interpret)
 
 
 @pytest.mark.slow

@@ -5,30 +5,19 @@ call stays transformers' own."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from premoe.quant import kernels
 from premoe.serve import attention
-from tests.helpers import GPU
+from tests.helpers import GPU, run_triton_script
 
 
 def test_kernel_under_the_interpreter() -> None:
     """The kernels' arithmetic, run by Triton's CPU interpreter (needs `triton`)."""
-    if not kernels.triton_importable():
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
-    script = Path(__file__).with_name("attention_interpret_check.py")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "decode attention ok" in out.stdout
+    stdout = run_triton_script(Path(__file__).with_name("attention_interpret_check.py"), 300)
+    assert "decode attention ok" in stdout
 
 
 def test_handles_only_what_it_computes() -> None:
@@ -160,45 +149,5 @@ def test_patched_takes_decode_calls_compiled_and_captured() -> None:
 def test_kernels_compile_for_sm90() -> None:
     """The attention, merge and route top-k kernels compile for sm_90 with no GPU (needs
     `triton`): what the interpreter does not check."""
-    if not kernels.triton_importable():
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
-    env.pop("TRITON_INTERPRET", None)
     script = Path(__file__).with_name("sm90_compile_check.py")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "sm_90 compile ok" in out.stdout
-
-
-@GPU[0]
-@GPU[1]
-@pytest.mark.parametrize("compile", [False, True])
-def test_decode_graphs_run_the_step_kernels(compile: bool) -> None:
-    """A bf16 model's captured decode step (eager or compiled layers) runs the one-query
-    attention kernel and the fused routers' kernel, and no sdpa kernel: the patches reach the
-    layers' real calls (they once fell back to sdpa for every call, silently)."""
-    _prepared()
-    from torch.profiler import ProfilerActivity, profile
-
-    from premoe.quant.gemv_experts import register
-    from premoe.serve.continuous import ContinuousDecoder
-    from premoe.serve.decode import NullSink, SamplingParams
-    from tests.helpers import tiny_model, tokenizer
-
-    model = tiny_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
-    model.config._experts_implementation = register()
-    dec = ContinuousDecoder(model, tokenizer(), slots=2, max_len=64, graphs=True, compile=compile)
-    assert dec.fused_routers is not None
-    dec.add(NullSink(), [5, 6, 7, 8], SamplingParams(max_tokens=12, ignore_eos=True))
-    for _ in range(4):
-        dec.step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            dec.step()
-        torch.cuda.synchronize()
-    names = {e.key for e in prof.key_averages()}
-    assert any("decode_attention_kernel" in n for n in names), sorted(names)
-    assert any("route_topk_kernel" in n for n in names), sorted(names)
-    sdpa = ("sdpa", "flash", "fmha", "efficient_attention")
-    assert not any(word in n.lower() for n in names for word in sdpa), sorted(names)
+    assert "sm_90 compile ok" in run_triton_script(script, 600, interpret=False)

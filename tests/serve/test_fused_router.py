@@ -4,35 +4,24 @@ the check against their own forward passes, and the patched model computes what 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from premoe.arch.registry import arch_for_config
-from premoe.quant import kernels
 from premoe.serve import fused_router, topk
-from tests.helpers import GPU, tiny_model
+from tests.helpers import GPU, run_triton_script, tiny_model
 
 
 def test_kernel_and_checks_under_the_interpreter() -> None:
     """route_topk against the reference, FusedRouters against six families' own routers, run
     by Triton's CPU interpreter (needs `triton`)."""
-    if not kernels.triton_importable():
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])
-    script = Path(__file__).with_name("router_interpret_check.py")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = run_triton_script(Path(__file__).with_name("router_interpret_check.py"), 600)
     for family in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss"):
-        assert f"{family} fused ok" in out.stdout, out.stdout
+        assert f"{family} fused ok" in stdout, stdout
     assert "deepseek_v3 keeps its routers: the router has a selection-only correction bias" in (
-        out.stdout
+        stdout
     )
 
 
