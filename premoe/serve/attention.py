@@ -147,15 +147,13 @@ def _kernels() -> tuple[Any, Any]:
     return decode_attention_kernel, merge_splits_kernel
 
 
-def _blocks(n_kv: int, block_d: int, itemsize: int) -> tuple[int, int, int]:
-    """(splits, columns per split, columns per block) for `n_kv` KV columns: a block is 256
-    columns of a 16-bit cache with D <= 128 (else 64: wider tiles spill registers; ptxas, sm_90,
-    8 warps), so a split of up to that many columns is one block, every load in flight at once."""
-    cap = 256 if itemsize <= 2 and block_d <= 128 else 64
+def _blocks(n_kv: int) -> tuple[int, int, int]:
+    """(splits, columns per split, columns per block) for `n_kv` KV columns: blocks of 64
+    columns (the configuration measured on a GPU; wider one-shot blocks are a tested but
+    unmeasured option, see bench/RESULTS.md)."""
     per = min(max(SPLIT_COLUMNS, -(-n_kv // MAX_SPLITS)), n_kv)
-    block = min(cap, max(64, 1 << (per - 1).bit_length()))
-    per = -(-per // block) * block
-    return -(-n_kv // per), per, block
+    per = -(-per // 64) * 64
+    return -(-n_kv // per), per, 64
 
 
 def launch(
@@ -175,7 +173,7 @@ def launch(
     g = hq // hk
     block_g = max(16, triton.next_power_of_2(g))
     block_d = max(16, triton.next_power_of_2(d))
-    splits, per, block_n = _blocks(n_kv, block_d, q.element_size())
+    splits, per, block_n = _blocks(n_kv)
     if mask is not None:
         m = mask.reshape(mask.shape[0], n_kv)  # [B or 1, K]
         sm_b, sm_n = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
@@ -193,7 +191,8 @@ def launch(
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_LEN=per,
         HAS_MASK=mask is not None, SPLIT=splits > 1,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8, num_stages=2,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if block_d > 128 else 4, num_stages=2,
     )  # fmt: skip
     if splits > 1:
         merge[(b * hk,)](
