@@ -38,6 +38,7 @@ ENABLED = True
 off to compare with transformers' sdpa in one process."""
 MAX_HEAD_DIM = 256
 SPLIT_COLUMNS = 256  # KV columns a program reads at least, before the columns are split
+BLOCK_COLUMNS = 64  # KV columns a program reads per loop iteration
 MAX_SPLITS = 64
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
@@ -147,13 +148,16 @@ def _kernels() -> tuple[Any, Any]:
     return decode_attention_kernel, merge_splits_kernel
 
 
-def _blocks(n_kv: int) -> tuple[int, int, int]:
-    """(splits, columns per split, columns per block) for `n_kv` KV columns: blocks of 64
-    columns (the configuration measured on a GPU; wider one-shot blocks are a tested but
-    unmeasured option, see bench/RESULTS.md)."""
+def _splits(n_kv: int) -> tuple[int, int]:
+    """(splits, columns per split, a multiple of `BLOCK_COLUMNS`) for `n_kv` KV columns."""
     per = min(max(SPLIT_COLUMNS, -(-n_kv // MAX_SPLITS)), n_kv)
-    per = -(-per // 64) * 64
-    return -(-n_kv // per), per, 64
+    per = -(-per // BLOCK_COLUMNS) * BLOCK_COLUMNS
+    return -(-n_kv // per), per
+
+
+def _warps(block_d: int) -> int:
+    """Warps of the attention kernel: 8 for head dims above 128 (4 spill registers there)."""
+    return 8 if block_d > 128 else 4
 
 
 def launch(
@@ -173,7 +177,7 @@ def launch(
     g = hq // hk
     block_g = max(16, triton.next_power_of_2(g))
     block_d = max(16, triton.next_power_of_2(d))
-    splits, per, block_n = _blocks(n_kv)
+    splits, per = _splits(n_kv)
     if mask is not None:
         m = mask.reshape(mask.shape[0], n_kv)  # [B or 1, K]
         sm_b, sm_n = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
@@ -189,10 +193,10 @@ def launch(
         n_kv, hk, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),
-        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_LEN=per,
+        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=BLOCK_COLUMNS, SPLIT_LEN=per,
         HAS_MASK=mask is not None, SPLIT=splits > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if block_d > 128 else 4, num_stages=2,
+        num_warps=_warps(block_d), num_stages=2,
     )  # fmt: skip
     if splits > 1:
         merge[(b * hk,)](
@@ -241,7 +245,7 @@ def decode_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """[B, 1, Hq, D]: each row's one-query attention (module docstring; CUDA)."""
-    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    s = _scale(q, scale)
     if prepare(q.device):
         return _OP(q, k, v, mask, s)
     out = torch.empty((q.shape[0], 1, q.shape[1], q.shape[3]), dtype=q.dtype, device=q.device)

@@ -40,11 +40,12 @@ for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
         types.update(dict.fromkeys(["sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h",
                                     "sv_n", "sm_b", "sm_n", "so_b", "so_h"], "i32"))  # fmt: skip
         block_g, block_d = max(16, triton.next_power_of_2(g)), triton.next_power_of_2(d)
-        _, per, block_n = attention._blocks(700)
-        consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d, "BLOCK_N": block_n,
+        _, per = attention._splits(700)
+        consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d,
+                  "BLOCK_N": attention.BLOCK_COLUMNS,
                   "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
                   "PRECISION": precision}  # fmt: skip
-        compile_for_sm90(attend, types, consts, 8 if block_d > 128 else 4)
+        compile_for_sm90(attend, types, consts, attention._warps(block_d))
         n += 1
         if split:
             types = {"part_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": f"*{dtype}",
