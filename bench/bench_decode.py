@@ -48,14 +48,15 @@ from premoe.prune import KeepSets
 from premoe.quant import gemv_experts
 from premoe.quant.gemv_experts import register
 from premoe.quant.resident import quantize_resident
-from premoe.serve import attention, fused_router
+from premoe.serve import attention, gemv_linear
 from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.decode import NullSink, SamplingParams
 from premoe.serve.miss import RowMeter, SlotMiss
 
 UNFUSED = "_unfused"
 SDPA = "_sdpa"  # fused, but transformers' sdpa attention instead of premoe.serve.attention
-PREV = "_prev"  # fused as before this stop: sdpa attention and the routers' own forwards
+CUBLAS = "_cublas"  # fused, but one-row linear layers through cuBLAS, not premoe.serve.gemv_linear
+PREV = "_prev"  # fused as at the start of this stop: cuBLAS linears, 64-column attention blocks
 FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_experts.FUSE)
 
 
@@ -175,10 +176,12 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         del eager
         gc.collect()
         # unfused steps first: fusing the projections changes the model's modules for good
+        wide = attention.WIDE_COLUMNS
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
-            attention.ENABLED = not mode.endswith((SDPA, PREV))
-            fused_router.ENABLED = not mode.endswith(PREV)
+            attention.ENABLED = not mode.endswith(SDPA)
+            attention.WIDE_COLUMNS = 0 if mode.endswith(PREV) else wide
+            gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
             torch._dynamo.reset()  # compiled layers do not guard on every patched function
             dec = ContinuousDecoder(
@@ -234,7 +237,8 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             if args.profile:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
-        attention.ENABLED = fused_router.ENABLED = True
+        attention.ENABLED = gemv_linear.ENABLED = True
+        attention.WIDE_COLUMNS = wide
         gemv_experts.FUSE = False
     del model, qr, dec
     torch._dynamo.reset()
@@ -267,13 +271,15 @@ def main(argv: list[str] | None = None) -> int:
             f"graphs{UNFUSED}",
             f"compiled{UNFUSED}",
             f"compiled{SDPA}",
+            f"compiled{CUBLAS}",
             f"compiled{PREV}",
             f"compiled{FX}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
-        f"attention); {SDPA}: fused but with transformers' sdpa attention; {PREV}: also the "
-        "routers' own forwards (the step before the one-query attention and fused routers); "
+        f"attention, one-row GEMVs); {SDPA}: fused but with transformers' sdpa attention; "
+        f"{CUBLAS}: fused but the one-row linear layers through cuBLAS; {PREV}: as at the start "
+        "of this stop (cuBLAS linears, 64-column attention blocks); "
         f"{FX}: fused, and the experts' two fused GEMV kernels",
     )
     p.add_argument(

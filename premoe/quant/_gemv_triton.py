@@ -9,7 +9,9 @@ a row is and what is stored:
   ``y[s, n] = silu(gate) * up`` is stored once in y's dtype (`kernels.moe_gemv_silu`);
 - 2: a token t; its TOPK routed pairs are looped over and
   ``y[t, n] = sum_j rw[t, j] * (W[e_tj, n, :] @ x[t * TOPK + j])`` is stored once in y's dtype
-  (`kernels.moe_gemv_wsum`).
+  (`kernels.moe_gemv_wsum`);
+- 3: a token t of a plain linear layer (one weight, no index loads);
+  ``y[t, n] = W[n, :] @ x[t]`` is stored once in y's dtype (`kernels.gemv_linear`).
 
 Every dot product goes through `_chunk_dot`, so each weight format (fp8 block, int4 packed,
 plain) gets every fusion.
@@ -157,13 +159,13 @@ def moe_gemv_kernel(
     DENSE: tl.constexpr,  # plain weights (bf16/fp16/fp32), no scales
     ROUND_BF16: tl.constexpr,  # round each dequantized weight to bf16 before use
     FP8_MODE: tl.constexpr,  # scale mode: 0 chunk in one block/group, 1 whole blocks, 2 any
-    FUSE: tl.constexpr,  # 0 plain, 1 SiLU-gated up projection, 2 weighted sum over TOPK pairs
+    FUSE: tl.constexpr,  # 0 plain, 1 SiLU-gated up, 2 weighted sum over TOPK pairs, 3 linear
     TOPK: tl.constexpr,  # routed pairs per token (FUSE 1 and 2)
     OUT_BF16: tl.constexpr,  # y is bf16 (FUSE 1 and 2)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # the pair s (FUSE 0, 1) or the token t (FUSE 2)
+    pid = tl.program_id(0)  # the pair s (FUSE 0, 1) or the token t (FUSE 2, 3)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -201,12 +203,19 @@ def moe_gemv_kernel(
         act = gate * tl.sigmoid(gate) * up  # silu(gate) * up, fp32
         _store(out_ptrs, act, mask_n, OUT_BF16)
     else:
-        r = tl.load(rows_ptr + pid).to(tl.int64)
-        e = tl.load(experts_ptr + pid).to(tl.int64)
+        if FUSE == 3:
+            r = pid.to(tl.int64)
+            e = 0
+        else:
+            r = tl.load(rows_ptr + pid).to(tl.int64)
+            e = tl.load(experts_ptr + pid).to(tl.int64)
         w_row, s_row = _row_ptrs(w_ptr, s_ptr, e, offs_n, stride_we, stride_wn, stride_se,
                                  stride_sn, SCALE_BN)  # fmt: skip
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             acc += _chunk_dot(x_ptr + r * stride_xr, w_row, s_row, k0, mask_n, K, stride_wk,
                               SCALE_BK, INT4, DENSE, ROUND_BF16, FP8_MODE, BLOCK_K)  # fmt: skip
-        tl.store(out_ptrs, acc, mask=mask_n)
+        if FUSE == 3:
+            _store(out_ptrs, acc, mask_n, OUT_BF16)
+        else:
+            tl.store(out_ptrs, acc, mask=mask_n)

@@ -96,13 +96,17 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
         "int4": ((8, (8, 256, 2)), (ANY, (8, 256, 2))),
     },
     "wsum": {
-        "dense": ((1, (8, 256, 8)), (ANY, (16, 128, 8))),
+        "dense": ((1, (4, 256, 4)), (ANY, (16, 128, 8))),
         "dense_t": ((ANY, (32, 64, 4)),),
         "fp8": ((ANY, (8, 256, 4)),),
         "int4": ((ANY, (8, 256, 4)),),
     },
+    # a plain linear layer at decode (`gemv_linear`), keyed by its output columns N (not rows):
+    # the grid is (T, N / BLOCK_N), so narrow layers take narrow blocks to keep several programs
+    # per SM (cuBLAS reads a 128-expert router with 2 CTAs; bench/bench_linear.py)
+    "linear": {"dense": ((512, (1, 256, 4)), (2048, (4, 256, 8)), (ANY, (8, 256, 8)))},
 }
-_FUSE = {"": 0, "silu": 1, "wsum": 2}
+_FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
 
 
 def launch_shape(
@@ -147,7 +151,8 @@ def _launch(
     else:
         stride_wn, stride_wk = weight.stride(1), 1
     topk = experts.shape[-1] if fuse else 1
-    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, y.shape[0], fuse)
+    key = y.shape[1] if fuse == "linear" else y.shape[0]
+    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, fuse)
     grid = (y.shape[0], -(-y.shape[1] // block_n))
     kern[grid](
         x,
@@ -256,7 +261,20 @@ def _register_ops() -> dict[str, Any]:
                 round_to, "wsum", wrap=wrap_triton)  # fmt: skip
         return y
 
-    return {"": moe_gemv_op, "silu": moe_gemv_silu_op, "wsum": moe_gemv_wsum_op}
+    @triton_op("premoe::gemv_linear", mutates_args=())
+    def gemv_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        _linear(x, weight, y, wrap_triton)
+        return y
+
+    return {"": moe_gemv_op, "silu": moe_gemv_silu_op, "wsum": moe_gemv_wsum_op,
+            "linear": gemv_linear_op}  # fmt: skip
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, wrap: Any = None) -> None:
+    n, k = weight.shape
+    w = weight.unsqueeze(0)  # [1, N, K]: expert 0
+    _launch(x, x, x, w, w, x, y, n, k, 1, 1, "dense", "none", "linear", wrap=wrap)
 
 
 def prepare(device: torch.device) -> bool:
@@ -397,7 +415,20 @@ def moe_gemv_wsum(
     return y
 
 
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (`[T, K]` x `[N, K]` -> `[T, N]` in x's dtype) for a few rows: one GEMV
+    kernel, fp32 accumulation, rounded once (a dense matmul differs by its summation order)."""
+    x = x.contiguous()
+    op = _op(x, "linear")
+    if op is not None:
+        return op(x, weight)
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    _linear(x, weight, y)
+    return y
+
+
 __all__ = [
+    "gemv_linear",
     "available",
     "interpret_mode",
     "moe_gemv",

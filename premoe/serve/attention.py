@@ -38,7 +38,11 @@ ENABLED = True
 off to compare with transformers' sdpa in one process."""
 MAX_HEAD_DIM = 256
 SPLIT_COLUMNS = 256  # KV columns a program reads at least, before the columns are split
-BLOCK_COLUMNS = 64  # KV columns a program reads per loop iteration
+BLOCK_COLUMNS = 64  # KV columns a program reads per loop iteration (but see WIDE_COLUMNS)
+WIDE_COLUMNS = 256
+"""A split of a 16-bit cache with head dim <= 128 is read in one block of up to this many
+columns and 8 warps, every load in flight at once (no spills: tests/serve/sm90_compile_check.py);
+0: always `BLOCK_COLUMNS` (benches compare the two in one process)."""
 MAX_SPLITS = 64
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
@@ -148,16 +152,22 @@ def _kernels() -> tuple[Any, Any]:
     return decode_attention_kernel, merge_splits_kernel
 
 
-def _splits(n_kv: int) -> tuple[int, int]:
-    """(splits, columns per split, a multiple of `BLOCK_COLUMNS`) for `n_kv` KV columns."""
+def _blocks(n_kv: int, block_d: int, itemsize: int) -> tuple[int, int, int]:
+    """(splits, columns per split, columns per block) for `n_kv` KV columns: a split of a
+    16-bit cache with head dim <= 128 is one block of up to `WIDE_COLUMNS` (a whole short
+    context in one load), else blocks of `BLOCK_COLUMNS` (wider fp32 or D > 128 tiles spill)."""
     per = min(max(SPLIT_COLUMNS, -(-n_kv // MAX_SPLITS)), n_kv)
-    per = -(-per // BLOCK_COLUMNS) * BLOCK_COLUMNS
-    return -(-n_kv // per), per
+    block = BLOCK_COLUMNS
+    if WIDE_COLUMNS and itemsize <= 2 and block_d <= 128:
+        block = min(WIDE_COLUMNS, max(BLOCK_COLUMNS, 1 << (per - 1).bit_length()))
+    per = -(-per // block) * block
+    return -(-n_kv // per), per, block
 
 
-def _warps(block_d: int) -> int:
-    """Warps of the attention kernel: 8 for head dims above 128 (4 spill registers there)."""
-    return 8 if block_d > 128 else 4
+def _warps(block_d: int, block_n: int) -> int:
+    """Warps of the attention kernel: 8 for head dims above 128 (4 spill registers there) or
+    blocks wider than `BLOCK_COLUMNS`."""
+    return 8 if block_d > 128 or block_n > BLOCK_COLUMNS else 4
 
 
 def launch(
@@ -177,7 +187,7 @@ def launch(
     g = hq // hk
     block_g = max(16, triton.next_power_of_2(g))
     block_d = max(16, triton.next_power_of_2(d))
-    splits, per = _splits(n_kv)
+    splits, per, block_n = _blocks(n_kv, block_d, q.element_size())
     if mask is not None:
         m = mask.reshape(mask.shape[0], n_kv)  # [B or 1, K]
         sm_b, sm_n = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
@@ -193,10 +203,10 @@ def launch(
         n_kv, hk, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),
-        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=BLOCK_COLUMNS, SPLIT_LEN=per,
+        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_LEN=per,
         HAS_MASK=mask is not None, SPLIT=splits > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=_warps(block_d), num_stages=2,
+        num_warps=_warps(block_d, block_n), num_stages=2,
     )  # fmt: skip
     if splits > 1:
         merge[(b * hk,)](

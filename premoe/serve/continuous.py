@@ -18,8 +18,9 @@ Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. On
    still-prefilling slots in that range are fed a padding token written to scratch. On CUDA
    with `graphs`, this step is a CUDA graph replay (graphs.py), and by default (`fuse`) the
    model's sibling projections run as one matmul (fusion.py), each router's forward as its
-   logits' matmul and one kernel (fused_router.py; else its top-k as one kernel, topk.py) and
-   the attention of the step's one query per row as one kernel (attention.py).
+   logits' matmul and one kernel (fused_router.py; else its top-k as one kernel, topk.py),
+   the attention of the step's one query per row as one kernel (attention.py) and every
+   one-row linear layer but the LM head as one Triton GEMV (gemv_linear.py).
 
 With `pipeline` (the default with CUDA graphs) a decode step is launched before the host reads
 the last one's samples, as vLLM's async scheduling does: every step also takes each row's argmax
@@ -57,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from premoe.serve import attention, fused_router, topk
+from premoe.serve import attention, fused_router, gemv_linear, topk
 from premoe.serve.decode import (
     NullSink,
     RowSink,
@@ -331,8 +332,8 @@ class ContinuousDecoder:
 
     @contextmanager
     def _patched(self, fuse: bool) -> Iterator[None]:
-        """Around a traced decode step: the routers' top-k and the one-query attention kernels
-        (`fuse`), the row-mask hook."""
+        """Around a traced decode step: the routers' top-k, the one-query attention and the
+        one-row GEMV kernels (`fuse`), the row-mask hook."""
         with ExitStack() as stack:
             if fuse:
                 stack.enter_context(topk.patched(self.device))
@@ -340,6 +341,7 @@ class ContinuousDecoder:
                     stack.enter_context(self.fused_routers.patched())
                 if attention.ENABLED:
                     stack.enter_context(attention.patched(self.device))
+                stack.enter_context(gemv_linear.patched(self.device))  # before the row-mask hook
             if self.routing is not None:
                 stack.enter_context(self.routing.hooked())
             yield

@@ -47,6 +47,7 @@ from premoe.load.loader import moe_layer, tensor_of
 from premoe.load.routers import RouterTensors
 from premoe.prune import KeepSets
 from premoe.runtime import upload
+from premoe.serve import gemv_linear
 
 
 def unsupported(arch: ArchSpec, config: Any) -> str | None:
@@ -166,7 +167,8 @@ class RowRouting:
         self._layer = i
 
     def _make_hook(self) -> Any:
-        original, width = self._linear, self.union.count
+        # the logits through the decode step's one-row GEMV while that is patched in
+        original, width = gemv_linear.over(self._linear), self.union.count
 
         def linear(
             x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

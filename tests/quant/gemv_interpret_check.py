@@ -95,6 +95,18 @@ for transposed in (False, True):
     y = kernels.moe_gemv(x, rows, eids, stored, n=N, k=K, transposed=transposed)
     ref = torch.stack([w[eids[i]] @ x[rows[i]] for i in range(len(rows))])
     assert (y - ref).abs().max().item() < 1e-4, transposed
+# a plain linear layer's few rows (`gemv_linear`): rounded once to x's 16-bit dtype, narrow and
+# wide table shapes, ragged N and K
+for dtype in (torch.bfloat16, torch.float16):
+    for t, n, k in ((1, 40, 96), (2, 700, 300), (1, 3000, 520)):
+        w = (torch.randn(n, k) * 0.1).to(dtype)
+        x = torch.randn(t, k).to(dtype)
+        y = kernels.gemv_linear(x, w)
+        ref = (x.double() @ w.double().T).to(dtype)
+        ulp = ref.double().abs() * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) + 1e-6
+        assert y.shape == (t, n) and y.dtype == dtype, (y.shape, y.dtype)
+        assert ((y.double() - ref.double()).abs() <= ulp).all(), (dtype, t, n, k)
+print("linear ok")
 register()
 for family in ("qwen3_moe", "gpt_oss", "mixtral"):
     m = build_tiny(family, 0).eval()

@@ -198,7 +198,7 @@ def test_triton_gemv_interpreter() -> None:
     stdout = _run_check("gemv_interpret_check.py", 300)
     assert "fp8 ok" in stdout and "int4 ok" in stdout
     assert "fp8 model ok" in stdout and "int4 model ok" in stdout
-    assert "dense ok" in stdout
+    assert "dense ok" in stdout and "linear ok" in stdout
 
 
 @pytest.mark.slow

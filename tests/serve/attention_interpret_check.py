@@ -18,6 +18,13 @@ def reference(q, k, v, mask, scale):  # [B, Hq, 1, D] ... -> [B, 1, Hq, D] float
 
 
 def main() -> None:
+    for wide in (attention.WIDE_COLUMNS, 0):  # one-shot wide blocks, and the 64-column loop
+        attention.WIDE_COLUMNS = wide
+        check()
+    print("decode attention ok")
+
+
+def check() -> None:
     torch.manual_seed(0)
     # (rows, query heads, KV heads, KV columns, head dim): one split, several, odd sizes
     for b, hq, hk, n, d in [(1, 32, 4, 256, 128), (3, 8, 2, 700, 64), (2, 4, 4, 37, 80),
@@ -36,7 +43,6 @@ def main() -> None:
             err = (got.double() - want).abs().max().item()
             tol = 1e-5 if dtype == torch.float32 else 2e-3
             assert got.shape == (b, 1, hq, d) and err < tol, ((b, hq, hk, n, d), err)
-    print("decode attention ok")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def compile_for_sm90(fn, types: dict[str, str], consts: dict, warps: int) -> Non
 
 attend, merge = attention._kernels()
 n = 0
-for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
+for dtype, precision, size in (("bf16", "tf32", 2), ("fp16", "tf32", 2), ("fp32", "ieee", 4)):
     for g, d, split in ((8, 128, False), (8, 128, True), (1, 64, False), (4, 80, True)):
         types = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr")}
         types.update({"part_ptr": "*fp32", "stat_ptr": "*fp32", "n_kv": "i32", "n_kv_heads": "i32",
@@ -40,13 +40,14 @@ for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
         types.update(dict.fromkeys(["sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h",
                                     "sv_n", "sm_b", "sm_n", "so_b", "so_h"], "i32"))  # fmt: skip
         block_g, block_d = max(16, triton.next_power_of_2(g)), triton.next_power_of_2(d)
-        _, per = attention._splits(700)
-        consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d,
-                  "BLOCK_N": attention.BLOCK_COLUMNS,
-                  "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
-                  "PRECISION": precision}  # fmt: skip
-        compile_for_sm90(attend, types, consts, attention._warps(block_d))
-        n += 1
+        for wide in (attention.WIDE_COLUMNS, 0):  # the blocking launch() picks, either setting
+            attention.WIDE_COLUMNS = wide
+            _, per, block_n = attention._blocks(700, block_d, size)
+            consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d, "BLOCK_N": block_n,
+                      "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
+                      "PRECISION": precision}  # fmt: skip
+            compile_for_sm90(attend, types, consts, attention._warps(block_d, block_n))
+            n += 1
         if split:
             types = {"part_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": f"*{dtype}",
                      "n_kv_heads": "i32", "so_b": "i32", "so_h": "i32"}  # fmt: skip

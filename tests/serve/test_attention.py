@@ -151,3 +151,36 @@ def test_kernels_compile_for_sm90() -> None:
     `triton`): what the interpreter does not check."""
     script = Path(__file__).with_name("sm90_compile_check.py")
     assert "sm_90 compile ok" in run_triton_script(script, 600, interpret=False)
+
+
+@GPU[0]
+@GPU[1]
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_graphs_run_the_step_kernels(compile: bool) -> None:
+    """A bf16 model's captured decode step (eager or compiled layers) runs the one-query
+    attention kernel and the fused routers' kernel, and no sdpa kernel: the patches reach the
+    layers' real calls (they once fell back to sdpa for every call, silently)."""
+    _prepared()
+    from torch.profiler import ProfilerActivity, profile
+
+    from premoe.quant.gemv_experts import register
+    from premoe.serve.continuous import ContinuousDecoder
+    from premoe.serve.decode import NullSink, SamplingParams
+    from tests.helpers import tiny_model, tokenizer
+
+    model = tiny_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
+    model.config._experts_implementation = register()
+    dec = ContinuousDecoder(model, tokenizer(), slots=2, max_len=64, graphs=True, compile=compile)
+    assert dec.fused_routers is not None
+    dec.add(NullSink(), [5, 6, 7, 8], SamplingParams(max_tokens=12, ignore_eos=True))
+    for _ in range(4):
+        dec.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            dec.step()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    assert any("decode_attention_kernel" in n for n in names), sorted(names)
+    assert any("route_topk_kernel" in n for n in names), sorted(names)
+    sdpa = ("sdpa", "flash", "fmha", "efficient_attention")
+    assert not any(word in n.lower() for n in names for word in sdpa), sorted(names)

@@ -1,0 +1,126 @@
+"""One-row linear layers as the Triton GEMV (premoe.serve.gemv_linear): only one-row 16-bit
+calls without bias on CUDA take it, every other call is the function it replaced; patched in, a
+captured decode step runs it for every linear layer (q/k/v, o_proj, router, a narrow LM head) and
+decodes what cuBLAS's step decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from premoe.quant import kernels
+from premoe.serve import gemv_linear
+from tests.helpers import GPU
+
+
+def test_cpu_calls_keep_the_function_they_replace() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def fallback(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return F.linear(x, w, b)
+
+    wrapped = gemv_linear.over(fallback)
+    assert gemv_linear.over(fallback) is wrapped  # one function per fallback (dynamo guards)
+    assert gemv_linear.over(wrapped) is wrapped
+    x, w = torch.randn(1, 1, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    with gemv_linear.patched(torch.device("cpu")):  # no kernel on the CPU: nothing patched
+        assert F.linear is not wrapped
+        assert torch.equal(wrapped(x, w), F.linear(x, w))
+    assert calls == [(1, 1, 8)]
+
+
+def _prepared() -> None:
+    if not kernels.prepare(torch.device("cuda")):
+        pytest.skip("Triton cannot run here")
+
+
+@GPU[0]
+@GPU[1]
+def test_one_row_calls_take_the_gemv_others_stay() -> None:
+    _prepared()
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+    real = F.linear
+    seen: list[str] = []
+
+    def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        seen.append("gemv")
+        return kernels.gemv_linear(x, w)
+
+    w, wide = rand(300, 512), rand(gemv_linear.MAX_OUT + 8, 64)
+    cases = {  # name: (x, weight, bias, takes the GEMV)
+        "one row": (rand(1, 1, 512), w, None, True),
+        "fp16": (rand(1, 512, dtype=torch.float16), w.half(), None, True),
+        "two rows": (rand(2, 1, 512), w, None, False),
+        "bias": (rand(1, 512), w, rand(300), False),
+        "fp32": (rand(1, 512, dtype=torch.float32), w.float(), None, False),
+        "LM head width": (rand(1, 64), wide, None, False),
+        "weight view with a stride": (rand(1, 256), w[:, ::2], None, False),
+    }
+    original = kernels.gemv_linear
+    kernels.gemv_linear = gemv  # type: ignore[assignment]
+    try:
+        with gemv_linear.patched(torch.device("cuda")):
+            assert F.linear is not real
+            for name, (x, weight, bias, takes) in cases.items():
+                seen.clear()
+                got = F.linear(x, weight, bias)
+                assert seen == (["gemv"] if takes else []), name
+                want = real(x, weight, bias)
+                assert got.shape == want.shape and got.dtype == want.dtype, name
+                # fp32 accumulation either way: the two differ by about one rounding of the output
+                torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2, msg=name)
+    finally:
+        kernels.gemv_linear = original
+    assert F.linear is real  # restored
+
+
+@GPU[0]
+@GPU[1]
+def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
+    """The GEMV adds 3 launches per layer (q/k/v fused, o_proj, router) and 1 for the tiny LM
+    head to a captured step, and the step decodes what the cuBLAS step decodes."""
+    _prepared()
+    from torch.profiler import ProfilerActivity, profile
+
+    from premoe.quant.gemv_experts import register
+    from premoe.serve.continuous import ContinuousDecoder
+    from premoe.serve.decode import NullSink, SamplingParams
+    from tests.helpers import tiny_model, tokenizer
+
+    model = tiny_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
+    model.config._experts_implementation = register()
+
+    class Text(NullSink):
+        text = ""
+
+        def on_delta(self, text: str, completion_tokens: int) -> None:
+            self.text += text
+
+    runs: dict[bool, tuple[int, str]] = {}
+    for enabled in (False, True):
+        gemv_linear.ENABLED = enabled
+        sink = Text()
+        try:
+            dec = ContinuousDecoder(model, tokenizer(), slots=2, max_len=64, graphs=True)
+            dec.add(sink, [5, 6, 7, 8], SamplingParams(max_tokens=12, ignore_eos=True))
+            for _ in range(4):
+                dec.step()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    dec.step()
+                torch.cuda.synchronize()
+            while dec.active():
+                dec.step()
+        finally:
+            gemv_linear.ENABLED = True
+        launches = sum(e.count for e in prof.key_averages() if "moe_gemv_kernel" in e.key)
+        runs[enabled] = (launches, sink.text)
+    layers = model.config.num_hidden_layers
+    assert runs[True][0] - runs[False][0] == 3 * (3 * layers + 1), runs
+    assert runs[True][1] == runs[False][1]
