@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from premoe.quant import kernels
 
-GRID = list(itertools.product((1, 2, 4, 8, 16), (256, 512), (4, 8)))  # BLOCK_N, BLOCK_K, warps
+GRID = list(
+    itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (4, 8))
+)  # BLOCK_N, BLOCK_K, warps
 
 
 def time_graph(fn: Any, device: torch.device, replays: int = 20) -> float:

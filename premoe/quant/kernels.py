@@ -104,7 +104,7 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     # a plain linear layer at decode (`gemv_linear`), keyed by its output columns N (not rows):
     # the grid is (T, N / BLOCK_N), so narrow layers take narrow blocks to keep several programs
     # per SM (cuBLAS reads a 128-expert router with 2 CTAs; bench/bench_linear.py)
-    "linear": {"dense": ((512, (1, 256, 4)), (2048, (4, 256, 8)), (ANY, (8, 256, 8)))},
+    "linear": {"dense": ((512, (1, 1024, 4)), (2048, (4, 1024, 8)), (ANY, (8, 512, 8)))},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
 
