@@ -101,12 +101,15 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
         "fp8": ((ANY, (8, 256, 4)),),
         "int4": ((ANY, (8, 256, 4)),),
     },
-    # a plain linear layer at decode (`gemv_linear`), keyed by its output columns N (not rows):
-    # the grid is (T, N / BLOCK_N), so narrow layers take narrow blocks to keep several programs
-    # per SM (cuBLAS reads a 128-expert router with 2 CTAs; bench/bench_linear.py)
-    "linear": {"dense": ((512, (1, 1024, 4)), (2048, (4, 1024, 8)), (ANY, (8, 512, 8)))},
+    # a plain linear layer at decode (`gemv_linear`), keyed by its output columns N: one output
+    # row per program, K in 1024-wide chunks, was the best of 30 shapes for every layer of the
+    # bench model on an H100 (q/k/v 5120 x 2048, o_proj 2048 x 4096, routers of 32-128 rows;
+    # bench/bench_linear.py --sweep, RESULTS.md); wider blocks only where the grid's second
+    # dimension would pass CUDA's 65535
+    "linear": {"dense": ((ANY, (1, 1024, 4)),)},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 
 
 def launch_shape(
@@ -153,6 +156,8 @@ def _launch(
     topk = experts.shape[-1] if fuse else 1
     key = y.shape[1] if fuse == "linear" else y.shape[0]
     block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, fuse)
+    while -(-y.shape[1] // block_n) > _MAX_GRID_Y:  # e.g. an LM head's 152k rows one by one
+        block_n *= 2
     grid = (y.shape[0], -(-y.shape[1] // block_n))
     kern[grid](
         x,
