@@ -44,6 +44,31 @@ def run_triton_script(script: Path, timeout: int, interpret: bool = True) -> str
     return out.stdout
 
 
+def captured_step_kernels(compile: bool = False, sink: Any = None) -> tuple[dict[str, int], Any]:
+    """(launches by kernel name of 3 captured decode steps, the decoder) of the tiny bf16
+    Qwen3-MoE (experts through premoe's GEMV) on CUDA, decoding one 12-token stream into `sink`
+    (after 4 warm steps; the stream is then run to its end)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from premoe.quant.gemv_experts import register
+    from premoe.serve.continuous import ContinuousDecoder
+    from premoe.serve.decode import NullSink, SamplingParams
+
+    model = tiny_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
+    model.config._experts_implementation = register()
+    dec = ContinuousDecoder(model, tokenizer(), slots=2, max_len=64, graphs=True, compile=compile)
+    dec.add(sink or NullSink(), [5, 6, 7, 8], SamplingParams(max_tokens=12, ignore_eos=True))
+    for _ in range(4):
+        dec.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            dec.step()
+        torch.cuda.synchronize()
+    while dec.active():
+        dec.step()
+    return {e.key: e.count for e in prof.key_averages()}, dec
+
+
 def tokenizer() -> Any:
     return build_tokenizer(128)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from premoe.serve import attention
-from tests.helpers import GPU, run_triton_script
+from tests.helpers import GPU, captured_step_kernels, run_triton_script
 
 
 def test_kernel_under_the_interpreter() -> None:
@@ -161,25 +161,9 @@ def test_decode_graphs_run_the_step_kernels(compile: bool) -> None:
     attention kernel and the fused routers' kernel, and no sdpa kernel: the patches reach the
     layers' real calls (they once fell back to sdpa for every call, silently)."""
     _prepared()
-    from torch.profiler import ProfilerActivity, profile
-
-    from premoe.quant.gemv_experts import register
-    from premoe.serve.continuous import ContinuousDecoder
-    from premoe.serve.decode import NullSink, SamplingParams
-    from tests.helpers import tiny_model, tokenizer
-
-    model = tiny_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
-    model.config._experts_implementation = register()
-    dec = ContinuousDecoder(model, tokenizer(), slots=2, max_len=64, graphs=True, compile=compile)
+    launches, dec = captured_step_kernels(compile)
     assert dec.fused_routers is not None
-    dec.add(NullSink(), [5, 6, 7, 8], SamplingParams(max_tokens=12, ignore_eos=True))
-    for _ in range(4):
-        dec.step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            dec.step()
-        torch.cuda.synchronize()
-    names = {e.key for e in prof.key_averages()}
+    names = set(launches)
     assert any("decode_attention_kernel" in n for n in names), sorted(names)
     assert any("route_topk_kernel" in n for n in names), sorted(names)
     sdpa = ("sdpa", "flash", "fmha", "efficient_attention")

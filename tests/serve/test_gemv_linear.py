@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from premoe.quant import kernels
 from premoe.serve import gemv_linear
-from tests.helpers import GPU
+from tests.helpers import GPU, captured_step_kernels
 
 
 def test_cpu_calls_keep_the_function_they_replace() -> None:
@@ -91,15 +91,7 @@ def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
     """The GEMV adds 3 launches per layer (q/k/v fused, o_proj, router) and 1 for the tiny LM
     head to a captured step, and the step decodes what the cuBLAS step decodes."""
     _prepared()
-    from torch.profiler import ProfilerActivity, profile
-
-    from premoe.quant.gemv_experts import register
-    from premoe.serve.continuous import ContinuousDecoder
-    from premoe.serve.decode import NullSink, SamplingParams
-    from tests.helpers import tiny_model, tokenizer
-
-    model = tiny_model("qwen3_moe").to("cuda", torch.bfloat16).eval()
-    model.config._experts_implementation = register()
+    from premoe.serve.decode import NullSink
 
     class Text(NullSink):
         text = ""
@@ -112,20 +104,10 @@ def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
         gemv_linear.ENABLED = enabled
         sink = Text()
         try:
-            dec = ContinuousDecoder(model, tokenizer(), slots=2, max_len=64, graphs=True)
-            dec.add(sink, [5, 6, 7, 8], SamplingParams(max_tokens=12, ignore_eos=True))
-            for _ in range(4):
-                dec.step()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    dec.step()
-                torch.cuda.synchronize()
-            while dec.active():
-                dec.step()
+            launches, dec = captured_step_kernels(sink=sink)
         finally:
             gemv_linear.ENABLED = True
-        launches = sum(e.count for e in prof.key_averages() if "moe_gemv_kernel" in e.key)
-        runs[enabled] = (launches, sink.text)
-    layers = model.config.num_hidden_layers
+        runs[enabled] = (sum(n for k, n in launches.items() if "moe_gemv_kernel" in k), sink.text)
+    layers = dec.model.config.num_hidden_layers
     assert runs[True][0] - runs[False][0] == 3 * (3 * layers + 1), runs
     assert runs[True][1] == runs[False][1]
