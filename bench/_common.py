@@ -12,7 +12,8 @@ a checkout where premoe is not installed.
 - `build_on_device(config, device, dtype)`: random weights allocated on the device, never the host.
 - `write_layered_checkpoint(config, folder, device)`: random weights made on the device one layer
   at a time, one safetensors shard per layer, in the hub's per-expert layout.
-- `sync`, `reset_peak`, `peak_bytes`, `DeviceTimer`, `median_seconds`: timing and peak device
+- `sync`, `reset_peak`, `peak_bytes`, `DeviceTimer`, `median_seconds`, `graph_seconds` (one
+  replay of calls captured in a CUDA graph): timing and peak device
   memory with the device synchronised (CUDA; no-ops elsewhere).
 - `format_table` / `print_table`, `environment`, `write_json`, `free_port`, `max_rel_diff`.
 - `stream_completion`: one streamed request to an OpenAI-compatible server, timed (latency, time
@@ -279,6 +280,24 @@ class DeviceTimer:
     def __exit__(self, *exc: object) -> None:
         sync(self.device)
         self.seconds = time.perf_counter() - self._t0
+
+
+def graph_seconds(fn: Callable[[], Any], device: torch.device, replays: int = 20) -> float:
+    """Seconds of one replay of `fn`'s calls captured in one CUDA graph (warmed on a side
+    stream first, as capture requires)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    with DeviceTimer(device) as t:
+        for _ in range(replays):
+            graph.replay()
+    return t.seconds / replays
 
 
 def kernel_profile(run: Callable[[], Any], steps: int, top: int = 25) -> list[dict[str, Any]]:

@@ -58,6 +58,7 @@ SDPA = "_sdpa"  # fused, but transformers' sdpa attention instead of premoe.serv
 CUBLAS = "_cublas"  # fused, but one-row linear layers through cuBLAS, not premoe.serve.gemv_linear
 PREV = "_prev"  # fused as at the start of this stop: cuBLAS linears, 64-column attention blocks
 FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_experts.FUSE)
+SPLIT = "_split"  # fused, short contexts' attention split to reach --split-programs programs
 
 
 def say(msg: str) -> None:
@@ -176,11 +177,12 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         del eager
         gc.collect()
         # unfused steps first: fusing the projections changes the model's modules for good
-        wide = attention.WIDE_COLUMNS
+        wide, programs = attention.WIDE_COLUMNS, attention.PROGRAMS
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
             attention.ENABLED = not mode.endswith(SDPA)
             attention.WIDE_COLUMNS = 0 if mode.endswith(PREV) else wide
+            attention.PROGRAMS = args.split_programs if mode.endswith(SPLIT) else programs
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
             torch._dynamo.reset()  # compiled layers do not guard on every patched function
@@ -238,7 +240,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
         attention.ENABLED = gemv_linear.ENABLED = True
-        attention.WIDE_COLUMNS = wide
+        attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
         gemv_experts.FUSE = False
     del model, qr, dec
     torch._dynamo.reset()
@@ -274,14 +276,17 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{CUBLAS}",
             f"compiled{PREV}",
             f"compiled{FX}",
+            f"compiled{SPLIT}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
         f"attention, one-row GEMVs); {SDPA}: fused but with transformers' sdpa attention; "
         f"{CUBLAS}: fused but the one-row linear layers through cuBLAS; {PREV}: as at the start "
         "of this stop (cuBLAS linears, 64-column attention blocks); "
-        f"{FX}: fused, and the experts' two fused GEMV kernels",
+        f"{FX}: fused, and the experts' two fused GEMV kernels; {SPLIT}: fused, the attention "
+        "of short contexts split over --split-programs programs (premoe.serve.attention.PROGRAMS)",
     )
+    p.add_argument("--split-programs", type=int, default=64, help="attention programs (_split)")
     p.add_argument(
         "--sync",
         action="store_true",

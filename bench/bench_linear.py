@@ -29,23 +29,6 @@ GRID = list(
 )  # BLOCK_N, BLOCK_K, warps
 
 
-def time_graph(fn: Any, device: torch.device, replays: int = 20) -> float:
-    """Seconds of one replay of `fn`'s calls captured in one CUDA graph."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    with bc.DeviceTimer(device) as t:
-        for _ in range(replays):
-            graph.replay()
-    return t.seconds / replays
-
-
 def shapes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     """name: (N, K) of the bench model's one-row linear layers."""
     q = args.heads * args.head_dim
@@ -72,13 +55,13 @@ def measure(n: int, k: int, layers: int, device: torch.device, sweep: bool) -> d
             F.linear(x, w)
 
     row: dict[str, Any] = {"n": n, "k": k, "max_rel_err": err, "sweep": {}}
-    row["cublas_us"] = time_graph(cublas, device) / layers * 1e6
-    row["gemv_us"] = time_graph(gemv, device) / layers * 1e6
+    row["cublas_us"] = bc.graph_seconds(cublas, device) / layers * 1e6
+    row["gemv_us"] = bc.graph_seconds(gemv, device) / layers * 1e6
     table = kernels.FUSED_SHAPES["linear"]["dense"]
     for shape in GRID if sweep else []:
         kernels.FUSED_SHAPES["linear"]["dense"] = ((kernels.ANY, shape),)
         try:
-            row["sweep"]["x".join(map(str, shape))] = time_graph(gemv, device) / layers * 1e6
+            row["sweep"]["x".join(map(str, shape))] = bc.graph_seconds(gemv, device) / layers * 1e6
         finally:
             kernels.FUSED_SHAPES["linear"]["dense"] = table
     row["best"] = min(row["sweep"].items(), key=lambda kv: kv[1], default=("-", float("nan")))

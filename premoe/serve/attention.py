@@ -37,7 +37,12 @@ ENABLED = True
 """Serve's fused decode steps patch the kernel in (`ContinuousDecoder`'s `fuse`); benches turn it
 off to compare with transformers' sdpa in one process."""
 MAX_HEAD_DIM = 256
-SPLIT_COLUMNS = 256  # KV columns a program reads at least, before the columns are split
+SPLIT_COLUMNS = 256  # KV columns a split reads at most (unless that makes over MAX_SPLITS)
+PROGRAMS = 0
+"""Programs a call aims for: where rows x KV heads are fewer, the columns are split further
+(no split under `MIN_SPLIT_COLUMNS` columns), so that a short context at a small batch is read by
+more than a handful of SMs. 0: splits by `SPLIT_COLUMNS` alone."""
+MIN_SPLIT_COLUMNS = 32
 BLOCK_COLUMNS = 64  # KV columns a program reads per loop iteration (but see WIDE_COLUMNS)
 WIDE_COLUMNS = 256
 """A split of a 16-bit cache with head dim <= 128 is read in one block of up to this many
@@ -152,14 +157,17 @@ def _kernels() -> tuple[Any, Any]:
     return decode_attention_kernel, merge_splits_kernel
 
 
-def _blocks(n_kv: int, block_d: int, itemsize: int) -> tuple[int, int, int]:
-    """(splits, columns per split, columns per block) for `n_kv` KV columns: a split of a
-    16-bit cache with head dim <= 128 is one block of up to `WIDE_COLUMNS` (a whole short
-    context in one load), else blocks of `BLOCK_COLUMNS` (wider fp32 or D > 128 tiles spill)."""
-    per = min(max(SPLIT_COLUMNS, -(-n_kv // MAX_SPLITS)), n_kv)
-    block = BLOCK_COLUMNS
-    if WIDE_COLUMNS and itemsize <= 2 and block_d <= 128:
-        block = min(WIDE_COLUMNS, max(BLOCK_COLUMNS, 1 << (per - 1).bit_length()))
+def _blocks(n_kv: int, block_d: int, itemsize: int, heads: int = 1) -> tuple[int, int, int]:
+    """(splits, columns per split, columns per block) for `n_kv` KV columns read by `heads`
+    (row, KV head) pairs: splits of at most `SPLIT_COLUMNS` columns. A 16-bit cache with head
+    dim <= 128 is split further where `heads` is under `PROGRAMS`, and each split is one block
+    of up to `WIDE_COLUMNS` (a whole short context in one load); other caches are read in
+    blocks of `BLOCK_COLUMNS` (wider fp32 or D > 128 tiles, and fp32 tiles of one block, spill)."""
+    wide = bool(WIDE_COLUMNS) and itemsize <= 2 and block_d <= 128
+    splits = max(-(-n_kv // SPLIT_COLUMNS), -(-PROGRAMS // heads) if wide else 1)
+    splits = max(1, min(splits, MAX_SPLITS, -(-n_kv // MIN_SPLIT_COLUMNS)))
+    per = -(-n_kv // splits)
+    block = min(WIDE_COLUMNS, max(16, 1 << (per - 1).bit_length())) if wide else BLOCK_COLUMNS
     per = -(-per // block) * block
     return -(-n_kv // per), per, block
 
@@ -187,7 +195,7 @@ def launch(
     g = hq // hk
     block_g = max(16, triton.next_power_of_2(g))
     block_d = max(16, triton.next_power_of_2(d))
-    splits, per, block_n = _blocks(n_kv, block_d, q.element_size())
+    splits, per, block_n = _blocks(n_kv, block_d, q.element_size(), b * hk)
     if mask is not None:
         m = mask.reshape(mask.shape[0], n_kv)  # [B or 1, K]
         sm_b, sm_n = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)

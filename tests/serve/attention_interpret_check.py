@@ -18,8 +18,10 @@ def reference(q, k, v, mask, scale):  # [B, Hq, 1, D] ... -> [B, 1, Hq, D] float
 
 
 def main() -> None:
-    for wide in (attention.WIDE_COLUMNS, 0):  # one-shot wide blocks, and the 64-column loop
-        attention.WIDE_COLUMNS = wide
+    # one-shot wide blocks, the 64-column loop, and short contexts split over many programs
+    # (narrow blocks, many splits merged)
+    for wide, programs in ((attention.WIDE_COLUMNS, 0), (0, 0), (attention.WIDE_COLUMNS, 64)):
+        attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
         check()
     print("decode attention ok")
 

@@ -40,9 +40,11 @@ for dtype, precision, size in (("bf16", "tf32", 2), ("fp16", "tf32", 2), ("fp32"
         types.update(dict.fromkeys(["sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h",
                                     "sv_n", "sm_b", "sm_n", "so_b", "so_h"], "i32"))  # fmt: skip
         block_g, block_d = max(16, triton.next_power_of_2(g)), triton.next_power_of_2(d)
-        for wide in (attention.WIDE_COLUMNS, 0):  # the blocking launch() picks, either setting
-            attention.WIDE_COLUMNS = wide
-            _, per, block_n = attention._blocks(700, block_d, size)
+        # the blockings launch() picks: wide blocks, the 64-column loop, a short context at
+        # batch 1 split over many programs (narrow blocks)
+        for wide, programs in ((attention.WIDE_COLUMNS, 0), (0, 0), (attention.WIDE_COLUMNS, 64)):
+            attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
+            _, per, block_n = attention._blocks(161 if programs else 700, block_d, size, 4)
             consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d, "BLOCK_N": block_n,
                       "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
                       "PRECISION": precision}  # fmt: skip
