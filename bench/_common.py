@@ -282,6 +282,14 @@ class DeviceTimer:
         self.seconds = time.perf_counter() - self._t0
 
 
+def cuda_device(script: str) -> torch.device | None:
+    """The CUDA device, or None after saying on stderr that `script` needs one."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print(f"{script} needs a CUDA device", file=sys.stderr)
+    return None
+
+
 def graph_seconds(fn: Callable[[], Any], device: torch.device, replays: int = 20) -> float:
     """Seconds of one replay of `fn`'s calls captured in one CUDA graph (warmed on a side
     stream first, as capture requires)."""

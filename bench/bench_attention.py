@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-columns", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention needs a CUDA device", file=sys.stderr)
+    device = bc.cuda_device("bench_attention")
+    if device is None:
         return 2
-    device = torch.device("cuda")
     attention.prepare(device)
     result: dict[str, Any] = {
         "args": vars(args),

@@ -294,10 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_decode needs a CUDA device", file=sys.stderr)
+    device = bc.cuda_device("bench_decode")
+    if device is None:
         return 2
-    device = torch.device("cuda")
     bw = bandwidth(device)
     say(f"device bandwidth {bw / 1e9:.0f} GB/s")
     result: dict[str, Any] = {"bandwidth_bytes_per_s": bw, "args": vars(args), "precisions": {}}

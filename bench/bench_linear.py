@@ -75,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also every launch shape of the grid")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_linear needs a CUDA device", file=sys.stderr)
+    device = bc.cuda_device("bench_linear")
+    if device is None:
         return 2
-    device = torch.device("cuda")
     kernels.prepare(device)
     table = kernels.FUSED_SHAPES["linear"]["dense"]
     result: dict[str, Any] = {"args": vars(args), "table": table, "shapes": {}}
