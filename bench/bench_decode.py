@@ -58,7 +58,7 @@ SDPA = "_sdpa"  # fused, but transformers' sdpa attention instead of premoe.serv
 CUBLAS = "_cublas"  # fused, but one-row linear layers through cuBLAS, not premoe.serve.gemv_linear
 PREV = "_prev"  # fused as at the start of this stop: cuBLAS linears, 64-column attention blocks
 FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_experts.FUSE)
-SPLIT = "_split"  # fused, short contexts' attention split to reach --split-programs programs
+SPLIT = "_split"  # fused, the attention's programs target at --split-programs
 
 
 def say(msg: str) -> None:
@@ -178,6 +178,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         gc.collect()
         # unfused steps first: fusing the projections changes the model's modules for good
         wide, programs = attention.WIDE_COLUMNS, attention.PROGRAMS
+        fuse_experts = gemv_experts.FUSE
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
             attention.ENABLED = not mode.endswith(SDPA)
@@ -185,6 +186,8 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             attention.PROGRAMS = args.split_programs if mode.endswith(SPLIT) else programs
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
+            for q in qr.layers.values() if qr is not None else ():
+                q.fuse = gemv_experts.FUSE
             torch._dynamo.reset()  # compiled layers do not guard on every patched function
             dec = ContinuousDecoder(
                 model,
@@ -241,7 +244,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             out["modes"][mode] = fig
         attention.ENABLED = gemv_linear.ENABLED = True
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
-        gemv_experts.FUSE = False
+        gemv_experts.FUSE = fuse_experts
     del model, qr, dec
     torch._dynamo.reset()
     gc.collect()
@@ -283,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         f"attention, one-row GEMVs); {SDPA}: fused but with transformers' sdpa attention; "
         f"{CUBLAS}: fused but the one-row linear layers through cuBLAS; {PREV}: as at the start "
         "of this stop (cuBLAS linears, 64-column attention blocks); "
-        f"{FX}: fused, and the experts' two fused GEMV kernels; {SPLIT}: fused, the attention "
-        "of short contexts split over --split-programs programs (premoe.serve.attention.PROGRAMS)",
+        f"{FX}: fused, and the experts' two fused GEMV kernels (serve's default; the other modes "
+        f"run them unfused); {SPLIT}: fused, the attention's columns split to reach "
+        "--split-programs programs (premoe.serve.attention.PROGRAMS; default 0: by length alone)",
     )
-    p.add_argument("--split-programs", type=int, default=64, help="attention programs (_split)")
+    p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(
         "--sync",
         action="store_true",

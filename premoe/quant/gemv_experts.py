@@ -147,12 +147,12 @@ def _plain_fused(w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[UpActFn, Dow
     return up_act, down_sum
 
 
-FUSE = False
+FUSE = True
 """Serve's decode experts through the two fused kernels where they apply (`premoe_gemv` over plain
-weights, and the default of `QuantizedExperts.fuse`). Off by default: per layer, in isolation,
-the fused pair is 1.33x the unfused path on an H200 (bench_moe_kernels.py, batch 1), but the one
-end-to-end run with it decoded batch 1 at 353 tokens/s against 384 without it (another machine
-instance, bench/RESULTS.md); a same-machine comparison is still to be made."""
+weights, and the default of `QuantizedExperts.fuse`): the SiLU-gated up projection in one kernel,
+the down projection and the weighted sum over the top-k in another. On an H100, same process,
+bench model (`bench_decode.py`, modes compiled / compiled_fx): batch 1 1.022x and 1.031x in two
+runs, batch 64 0.996x and 0.999x (bench/RESULTS.md). Benches turn it off to compare."""
 
 
 def plain_gemvs(mod: Any) -> tuple[GemvFn, GemvFn, tuple[UpActFn, DownSumFn] | None]:
