@@ -20,7 +20,8 @@ def reference(q, k, v, mask, scale):  # [B, Hq, 1, D] ... -> [B, 1, Hq, D] float
 def main() -> None:
     # one-shot wide blocks, the 64-column loop, and short contexts split over many programs
     # (narrow blocks, many splits merged)
-    for wide, programs in ((attention.WIDE_COLUMNS, 0), (0, 0), (attention.WIDE_COLUMNS, 64)):
+    wide_cols, programs_default = attention.WIDE_COLUMNS, attention.PROGRAMS or 32
+    for wide, programs in ((wide_cols, 0), (0, 0), (wide_cols, programs_default)):
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
         check()
     print("decode attention ok")

@@ -31,6 +31,7 @@ def compile_for_sm90(fn, types: dict[str, str], consts: dict, warps: int) -> Non
 
 
 attend, merge = attention._kernels()
+wide_cols, programs_default = attention.WIDE_COLUMNS, attention.PROGRAMS or 32
 n = 0
 for dtype, precision, size in (("bf16", "tf32", 2), ("fp16", "tf32", 2), ("fp32", "ieee", 4)):
     for g, d, split in ((8, 128, False), (8, 128, True), (1, 64, False), (4, 80, True)):
@@ -42,7 +43,7 @@ for dtype, precision, size in (("bf16", "tf32", 2), ("fp16", "tf32", 2), ("fp32"
         block_g, block_d = max(16, triton.next_power_of_2(g)), triton.next_power_of_2(d)
         # the blockings launch() picks: wide blocks, the 64-column loop, a short context at
         # batch 1 split over many programs (narrow blocks)
-        for wide, programs in ((attention.WIDE_COLUMNS, 0), (0, 0), (attention.WIDE_COLUMNS, 64)):
+        for wide, programs in ((wide_cols, 0), (0, 0), (wide_cols, programs_default)):
             attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
             _, per, block_n = attention._blocks(161 if programs else 700, block_d, size, 4)
             consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d, "BLOCK_N": block_n,

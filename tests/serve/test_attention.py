@@ -20,6 +20,21 @@ def test_kernel_under_the_interpreter() -> None:
     assert "decode attention ok" in stdout
 
 
+def test_split_sizing() -> None:
+    """Columns split to reach `PROGRAMS` (row, KV head, split) programs at small batches, never
+    under `MIN_SPLIT_COLUMNS` a split, by length alone at large batches, never for fp32 or
+    D > 128 caches (their one-block tiles spill)."""
+    assert attention.PROGRAMS == 32 and attention.MIN_SPLIT_COLUMNS == 32
+    blocks = attention._blocks
+    assert blocks(1024, 128, 2, 4) == (8, 128, 128)  # batch 1, 4 KV heads: 32 programs
+    assert blocks(256, 128, 2, 4) == (8, 32, 32)
+    assert blocks(40, 128, 2, 4) == (2, 32, 32)  # not under 32 columns a split
+    assert blocks(1024, 128, 2, 256) == (4, 256, 256)  # batch 64: by length alone
+    assert blocks(1024, 128, 4, 4) == (4, 256, 64)  # fp32: by length, 64-column blocks
+    assert blocks(1024, 256, 2, 4) == (4, 256, 64)  # D > 128 likewise
+    assert blocks(20000, 128, 2, 4)[0] <= attention.MAX_SPLITS
+
+
 def test_handles_only_what_it_computes() -> None:
     q, k = torch.zeros(1, 8, 1, 64), torch.zeros(1, 2, 10, 64)
     mask = torch.zeros(1, 1, 1, 10)
