@@ -186,7 +186,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             attention.PROGRAMS = args.split_programs if mode.endswith(SPLIT) else programs
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
-            for q in qr.layers.values() if qr is not None else ():  # serve: FUSE_QUANTIZED
+            for q in qr.layers.values() if qr is not None else ():
                 q.fuse = gemv_experts.FUSE
             torch._dynamo.reset()  # compiled layers do not guard on every patched function
             dec = ContinuousDecoder(
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         f"attention, one-row GEMVs); {SDPA}: fused but with transformers' sdpa attention; "
         f"{CUBLAS}: fused but the one-row linear layers through cuBLAS; {PREV}: as at the start "
         "of this stop (cuBLAS linears, 64-column attention blocks); "
-        f"{FX}: fused, and the experts' two fused GEMV kernels (serve's default for bf16 "
-        f"experts; the other modes run them unfused); {SPLIT}: fused, the attention's columns "
+        f"{FX}: fused, and the experts' two fused GEMV kernels (gemv_experts.FUSE; the other "
+        f"modes run them unfused); {SPLIT}: fused, the attention's columns "
         "split to reach --split-programs programs (premoe.serve.attention.PROGRAMS; default 0: "
         "by length alone)",
     )

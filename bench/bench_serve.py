@@ -761,9 +761,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "batched_mm); each recompiles the decode step once.",
     )
     p.add_argument(
-        "--unfused-experts",
+        "--fused-experts",
         action="store_true",
-        help="premoe_gemv experts not through the two fused kernels (gemv_experts.FUSE off)",
+        help="premoe_gemv experts through the two fused kernels (premoe.quant.gemv_experts.FUSE)",
     )
     p.add_argument("--decode-tokens", type=int, default=256, help="Batch-1 decode length.")
     p.add_argument(
@@ -801,10 +801,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.also_experts_impl = [x for x in str(args.also_experts_impl).split(",") if x.strip()]
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
-    if args.unfused_experts:
+    if args.fused_experts:
         from premoe.quant import gemv_experts
 
-        gemv_experts.FUSE = False
+        gemv_experts.FUSE = True
     if not 1 <= args.patterns:
         p.error("--patterns must be >= 1")
     return args

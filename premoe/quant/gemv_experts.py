@@ -147,15 +147,13 @@ def _plain_fused(w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[UpActFn, Dow
     return up_act, down_sum
 
 
-FUSE = True
-"""Serve's bf16/fp16 decode experts (`premoe_gemv` over plain weights) through the two fused
-kernels where they apply: the SiLU-gated up projection in one kernel, the down projection and the
-weighted sum over the top-k in another. On an H100, same process, bench model (`bench_decode.py`,
-modes compiled / compiled_fx): batch 1 1.022x and 1.031x in two runs, batch 64 0.996x and 0.999x
-(bench/RESULTS.md). Benches turn it off to compare."""
-FUSE_QUANTIZED = False
-"""The default of `QuantizedExperts.fuse` (fp8 / int4 resident experts): off, because the fused
-pair over quantized weights has been checked for correctness but not timed in a decode step."""
+FUSE = False
+"""Serve's decode experts through the two fused kernels where they apply (`premoe_gemv` over plain
+weights, and the default of `QuantizedExperts.fuse`): the SiLU-gated up projection in one kernel,
+the down projection and the weighted sum over the top-k in another. Off: in `bench_decode.py`'s
+step (H100, same process) it gained 1.022x and 1.031x at batch 1 and nothing at batch 64, but in
+the server (H100, same machine, `bench_serve.py --fused-experts`) a batch-1 step replayed in
+2.19 ms against 2.17 unfused, and the load figures moved by -2 % to +4 % (bench/RESULTS.md)."""
 
 
 def plain_gemvs(mod: Any) -> tuple[GemvFn, GemvFn, tuple[UpActFn, DownSumFn] | None]:

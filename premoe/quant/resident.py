@@ -119,7 +119,7 @@ class QuantizedExperts:
         self.group_size = int(group_size)
         self.gemv_rows = int(gemv_rows)
         # the GEMV path as two fused kernels where the activation allows (gemv_experts.silu_gated)
-        self.fuse = gemv_experts.FUSE_QUANTIZED
+        self.fuse = gemv_experts.FUSE
         self._grouped = grouped
         self.module = module
         dense = [getattr(module, p) for p in params]
