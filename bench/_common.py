@@ -290,9 +290,11 @@ def cuda_device(script: str) -> torch.device | None:
     return None
 
 
-def graph_seconds(fn: Callable[[], Any], device: torch.device, replays: int = 20) -> float:
-    """Seconds of one replay of `fn`'s calls captured in one CUDA graph (warmed on a side
-    stream first, as capture requires)."""
+def graph_seconds(
+    fn: Callable[[], Any], device: torch.device, calls: int = 1, replays: int = 20
+) -> float:
+    """Seconds per call of `fn`'s `calls` calls captured in one CUDA graph and replayed
+    (warmed on a side stream first, as capture requires)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -305,7 +307,7 @@ def graph_seconds(fn: Callable[[], Any], device: torch.device, replays: int = 20
     with DeviceTimer(device) as t:
         for _ in range(replays):
             graph.replay()
-    return t.seconds / replays
+    return t.seconds / replays / calls
 
 
 def kernel_profile(run: Callable[[], Any], steps: int, top: int = 25) -> list[dict[str, Any]]:

@@ -53,8 +53,9 @@ def measure(args: argparse.Namespace, b: int, n: int, device: torch.device) -> d
             attention.decode_attention(q, k, v, mask, scale)
 
     row: dict[str, Any] = {"b": b, "n_kv": n, "settings": {}}
-    row["sdpa_us"] = bc.graph_seconds(lambda: [sdpa(q, k, v, mask) for k, v in kv], device)
-    row["sdpa_us"] *= 1e6 / args.layers
+    row["sdpa_us"] = 1e6 * bc.graph_seconds(
+        lambda: [sdpa(q, k, v, mask) for k, v in kv], device, args.layers
+    )
     saved = attention.PROGRAMS, attention.MIN_SPLIT_COLUMNS
     try:
         for programs, cols in itertools.product(args.programs, args.min_columns):
@@ -64,7 +65,7 @@ def measure(args: argparse.Namespace, b: int, n: int, device: torch.device) -> d
             got = attention.decode_attention(q, *kv[0], mask, scale).float()
             err = ((got - want).abs().max() / want.abs().max()).item()
             splits, per, block = attention._blocks(n, d, 2, b * hk)
-            us = bc.graph_seconds(kernel, device) / args.layers * 1e6
+            us = bc.graph_seconds(kernel, device, args.layers) * 1e6
             row["settings"][f"{programs}/{cols}"] = {
                 "us": us, "splits": splits, "per": per, "block": block, "max_rel_err": err,
             }  # fmt: skip

@@ -45,6 +45,7 @@ than a handful of SMs. 0: splits by `SPLIT_COLUMNS` alone. H100, bench model (4 
 `bench_attention.py`: at batch 1, 513 / 1024 columns 6.9 / 7.9 µs a call against 8.2 / 9.6 with
 0; 161-256 columns and batch 4-64 within 0.5 µs either way (bench/RESULTS.md)."""
 MIN_SPLIT_COLUMNS = 32
+_DOT_MIN = 16  # tl.dot's smallest tile dimension (query group, head dim, block columns)
 BLOCK_COLUMNS = 64  # KV columns a program reads per loop iteration (but see WIDE_COLUMNS)
 WIDE_COLUMNS = 256
 """A split of a 16-bit cache with head dim <= 128 is read in one block of up to this many
@@ -169,7 +170,7 @@ def _blocks(n_kv: int, block_d: int, itemsize: int, heads: int = 1) -> tuple[int
     splits = max(-(-n_kv // SPLIT_COLUMNS), -(-PROGRAMS // heads) if wide else 1)
     splits = max(1, min(splits, MAX_SPLITS, -(-n_kv // MIN_SPLIT_COLUMNS)))
     per = -(-n_kv // splits)
-    block = min(WIDE_COLUMNS, max(16, 1 << (per - 1).bit_length())) if wide else BLOCK_COLUMNS
+    block = min(WIDE_COLUMNS, max(_DOT_MIN, 1 << (per - 1).bit_length())) if wide else BLOCK_COLUMNS
     per = -(-per // block) * block
     return -(-n_kv // per), per, block
 
@@ -195,8 +196,8 @@ def launch(
     b, hq, _, d = q.shape
     hk, n_kv = k.shape[1], k.shape[2]
     g = hq // hk
-    block_g = max(16, triton.next_power_of_2(g))
-    block_d = max(16, triton.next_power_of_2(d))
+    block_g = max(_DOT_MIN, triton.next_power_of_2(g))
+    block_d = max(_DOT_MIN, triton.next_power_of_2(d))
     splits, per, block_n = _blocks(n_kv, block_d, q.element_size(), b * hk)
     if mask is not None:
         m = mask.reshape(mask.shape[0], n_kv)  # [B or 1, K]
