@@ -310,14 +310,30 @@ def graph_seconds(
     return t.seconds / replays / calls
 
 
-def kernel_profile(run: Callable[[], Any], steps: int, top: int = 25) -> list[dict[str, Any]]:
+def kernel_profile(
+    run: Callable[[], Any],
+    steps: int,
+    top: int = 25,
+    sequence: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """CUDA kernel time of `run()` (which runs `steps` steps), by kernel: the `top` largest
-    as {kernel, count, us_per_step}."""
+    as {kernel, count, us_per_step}. `sequence`, if given, gets the last step's kernels in launch
+    order as {kernel, us, gap_us} (gap: idle device time before the kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
+    if sequence is not None:
+        spans = sorted(
+            (e.time_range.start, e.time_range.end, e.name)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        )
+        last = spans[len(spans) - len(spans) // steps :]
+        for i, (start, end, name) in enumerate(last):
+            gap = start - last[i - 1][1] if i else 0.0
+            sequence.append({"kernel": name[:60], "us": end - start, "gap_us": gap})
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)

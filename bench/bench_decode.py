@@ -144,13 +144,16 @@ def profile_steps(dec: ContinuousDecoder, steps: int = 8) -> dict[str, Any]:
     seq = dec.add(NullSink(), [11] * 16, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
     while seq.prefilling or seq.generated < 2:
         dec.step()
-    rows = bc.kernel_profile(lambda: [dec.step() for _ in range(steps)], steps, top=1000)
+    sequence: list[dict[str, Any]] = []
+    run = lambda: [dec.step() for _ in range(steps)]  # noqa: E731
+    rows = bc.kernel_profile(run, steps, top=1000, sequence=sequence)
     while dec.active():
         dec.step()
     return {
         "kernels_per_step": sum(r["count"] for r in rows) / steps,
         "kernel_us_per_step": sum(r["us_per_step"] for r in rows),
         "kernels": rows,
+        "last_step": sequence,
     }
 
 
@@ -204,8 +207,12 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             dec.graphs.warmup(batch=args.batches, kv=[args.prompt + args.tokens + 1])
             fig: dict[str, Any] = {"capture_s": time.perf_counter() - t0, "batches": {}}
             fig["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-            say(f"[{prec}] {mode}: warm-up {fig['capture_s']:.1f} s, "
-                f"{fig['dynamo_graphs']} graphs compiled")  # fmt: skip
+            breaks = dict(torch._dynamo.utils.counters["graph_break"])  # reason -> count
+            fig["graph_breaks"] = breaks
+            say(f"[{prec}] {mode}: warm-up {fig['capture_s']:.1f} s, {fig['dynamo_graphs']} "
+                f"graphs compiled, {sum(breaks.values())} graph breaks")  # fmt: skip
+            for reason, count in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]:
+                say(f"[{prec}]   break x{count}: {reason[:300]}")
             got = greedy_tokens(dec, args.check_tokens, args.prompt, seed=1)
             same = sum(a == b for a, b in zip(got, ref, strict=False)) / max(len(ref), 1)
             fig["greedy_agreement_vs_eager"] = same
@@ -265,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--profile", action="store_true", help="kernel times of batch-1 steps")
     p.add_argument("--profile-top", type=int, default=15, help="kernels printed per profile")
+    p.add_argument(
+        "--profile-sequence", type=int, default=40, help="kernels of one step printed in order"
+    )
     p.add_argument("--meter", type=int, nargs="*", default=[], help="batch sizes: meter on vs off")
     p.add_argument(
         "--modes",
@@ -341,6 +351,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{prof['kernel_us_per_step']:.0f} us of kernels per batch-1 step")  # fmt: skip
             for k in prof["kernels"][: args.profile_top]:
                 say(f"  [{prec}] {k['us_per_step']:8.1f} us/step  x{k['count']:<5d} {k['kernel']}")
+            seq = prof["last_step"]
+            say(f"  [{prec}] {mode}: the last step, kernel by kernel (us, gap before it):")
+            for k in seq[: args.profile_sequence]:
+                say(f"  [{prec}]   {k['us']:6.2f} {k['gap_us']:5.2f}  {k['kernel']}")
+            tail = seq[args.profile_sequence :]
+            if tail:
+                say(f"  [{prec}]   ... {len(tail)} more: {sum(k['us'] for k in tail):.1f} us, "
+                    f"gaps {sum(k['gap_us'] for k in tail):.1f} us")  # fmt: skip
     header = ["precision", "step", "GB/token", "bound tok/s", "eager b1"]
     header += [f"b{b} tok/s" for b in args.batches]
     header += ["b1 / bound", "b1 / bf16 b1", "b1 / unfused b1", "greedy = eager", "capture s"]
