@@ -6,7 +6,8 @@ programs on 4 of the device's SMs. For every (batch, KV columns) of `--batches` 
 times one call on each of `--layers` distinct caches (strided views of a slot cache, as serve's
 are) captured in one CUDA graph, with `attention.PROGRAMS` at each of `--programs` (0: split by
 `SPLIT_COLUMNS` alone, the kernel's behaviour before this setting) and `MIN_SPLIT_COLUMNS` at
-each of `--min-columns`; and transformers' sdpa path (K and V repeated per query head, then
+each of `--min-columns`, split calls merged in the kernel or by the merge kernel (`--merge`,
+`attention.MERGE_IN_KERNEL`); and transformers' sdpa path (K and V repeated per query head, then
 `F.scaled_dot_product_attention`) for reference. Checks every setting against sdpa's output.
 Prints µs per call, writes JSON.
 
@@ -56,21 +57,25 @@ def measure(args: argparse.Namespace, b: int, n: int, device: torch.device) -> d
     row["sdpa_us"] = 1e6 * bc.graph_seconds(
         lambda: [sdpa(q, k, v, mask) for k, v in kv], device, args.layers
     )
-    saved = attention.PROGRAMS, attention.MIN_SPLIT_COLUMNS
+    saved = attention.PROGRAMS, attention.MIN_SPLIT_COLUMNS, attention.MERGE_IN_KERNEL
     try:
-        for programs, cols in itertools.product(args.programs, args.min_columns):
+        for programs, cols, merge in itertools.product(args.programs, args.min_columns, args.merge):
             if programs == 0 and cols != args.min_columns[0]:
                 continue  # min columns only matter where PROGRAMS splits
+            splits, per, block = attention._blocks(n, d, 2, b * hk)
+            if splits == 1 and merge != args.merge[0]:
+                continue  # nothing to merge
             attention.PROGRAMS, attention.MIN_SPLIT_COLUMNS = programs, cols
+            attention.MERGE_IN_KERNEL = merge == "in-kernel"
             got = attention.decode_attention(q, *kv[0], mask, scale).float()
             err = ((got - want).abs().max() / want.abs().max()).item()
-            splits, per, block = attention._blocks(n, d, 2, b * hk)
             us = bc.graph_seconds(kernel, device, args.layers) * 1e6
-            row["settings"][f"{programs}/{cols}"] = {
+            key = f"{programs}/{cols}" + ("" if splits == 1 else f"/{merge}")
+            row["settings"][key] = {
                 "us": us, "splits": splits, "per": per, "block": block, "max_rel_err": err,
             }  # fmt: skip
     finally:
-        attention.PROGRAMS, attention.MIN_SPLIT_COLUMNS = saved
+        attention.PROGRAMS, attention.MIN_SPLIT_COLUMNS, attention.MERGE_IN_KERNEL = saved
     row["best"] = min(row["settings"].items(), key=lambda kv: kv[1]["us"])[0]
     return row
 
@@ -82,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", type=int, nargs="+", default=[161, 256, 513, 1024, 4096])
     p.add_argument("--programs", type=int, nargs="+", default=[0, 16, 32, 64, 132])
     p.add_argument("--min-columns", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=["in-kernel", "separate"],
+        choices=["in-kernel", "separate"],
+        help="how split calls merge (attention.MERGE_IN_KERNEL: the last program, or a kernel)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = bc.cuda_device("bench_attention")
@@ -90,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     attention.prepare(device)
     result: dict[str, Any] = {
         "args": vars(args),
-        "defaults": {"programs": attention.PROGRAMS, "min_columns": attention.MIN_SPLIT_COLUMNS},
+        "defaults": {
+            "programs": attention.PROGRAMS,
+            "min_columns": attention.MIN_SPLIT_COLUMNS,
+            "merge_in_kernel": attention.MERGE_IN_KERNEL,
+        },  # fmt: skip
         "rows": [],
     }
     for b, n in itertools.product(args.batches, args.columns):

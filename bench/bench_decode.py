@@ -59,6 +59,7 @@ CUBLAS = "_cublas"  # fused, but one-row linear layers through cuBLAS, not premo
 PREV = "_prev"  # fused as at the start of this stop: cuBLAS linears, 64-column attention blocks
 FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_experts.FUSE)
 SPLIT = "_split"  # fused, the attention's programs target at --split-programs
+SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel (not in-kernel)
 
 
 def say(msg: str) -> None:
@@ -187,6 +188,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             attention.ENABLED = not mode.endswith(SDPA)
             attention.WIDE_COLUMNS = 0 if mode.endswith(PREV) else wide
             attention.PROGRAMS = args.split_programs if mode.endswith(SPLIT) else programs
+            attention.MERGE_IN_KERNEL = not mode.endswith(SEPARATE)
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
             for q in qr.layers.values() if qr is not None else ():
@@ -249,7 +251,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             if args.profile:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
-        attention.ENABLED = gemv_linear.ENABLED = True
+        attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = True
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
         gemv_experts.FUSE = fuse_experts
     del model, qr, dec
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{PREV}",
             f"compiled{FX}",
             f"compiled{SPLIT}",
+            f"compiled{SEPARATE}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
@@ -299,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{FX}: fused, and the experts' two fused GEMV kernels (gemv_experts.FUSE; the other "
         f"modes run them unfused); {SPLIT}: fused, the attention's columns "
         "split to reach --split-programs programs (premoe.serve.attention.PROGRAMS; default 0: "
-        "by length alone)",
+        f"by length alone); {SEPARATE}: fused, split attention calls merged by a second kernel "
+        "(attention.MERGE_IN_KERNEL off)",
     )
     p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(

@@ -52,6 +52,12 @@ WIDE_COLUMNS = 256
 columns and 8 warps, every load in flight at once (no spills: tests/serve/sm90_compile_check.py);
 0: always `BLOCK_COLUMNS` (benches compare the two in one process)."""
 MAX_SPLITS = 64
+MERGE_IN_KERNEL = True
+"""Split calls over a 16-bit cache merge their partial sums in the attention kernel itself: the
+last program of each (row, KV head) to finish (an atomic ticket) merges them, so a split call is
+one kernel, not two. False, and for fp32 caches: the separate merge kernel (benches compare the
+two in one process)."""
+_TICKETS = 1 << 16  # (row, KV head) pairs one call may split; more are read unsplit
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
 # keyword arguments that do not change what attention computes (flags are bools; any other
@@ -61,103 +67,9 @@ _IGNORED = frozenset({"position_ids", "cache_position"})
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> tuple[Any, Any]:
-    import triton
-    import triton.language as tl
+    from premoe.serve import _attention_triton as t  # imports triton
 
-    @triton.jit
-    def decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr,
-        n_kv, n_kv_heads, scale,
-        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n, so_b, so_h,
-        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
-        SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        bh = tl.program_id(0)  # row b, KV head h
-        split = tl.program_id(1)
-        b = bh // n_kv_heads
-        h = bh % n_kv_heads
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        g_ok = offs_g < G
-        d_ok = offs_d < D
-        q = tl.load(
-            q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
-            mask=g_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [BG, BD]
-        m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)  # finite: a fully masked block adds 0
-        l_i = tl.zeros((BLOCK_G,), tl.float32)
-        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-        start = split * SPLIT_LEN
-        for n0 in range(0, SPLIT_LEN, BLOCK_N):
-            offs_n = start + n0 + tl.arange(0, BLOCK_N)
-            n_ok = (offs_n < n_kv) & (n0 + tl.arange(0, BLOCK_N) < SPLIT_LEN)
-            kv_ok = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(
-                k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-                mask=kv_ok,
-                other=0.0,
-            )  # [BN, BD]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BG, BN] fp32
-            if HAS_MASK:
-                add = tl.load(mask_ptr + b * sm_b + offs_n * sm_n, mask=n_ok, other=0.0)
-                s += add.to(tl.float32)[None, :]
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
-                mask=kv_ok,
-                other=0.0,
-            )  # [BN, BD]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        if SPLIT:  # partial sums [B*Hk, P, BG, BD] and (max, sum) [B*Hk, P, 2, BG]
-            row = bh * tl.num_programs(1) + split
-            tl.store(part_ptr + (row * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :], acc)
-            tl.store(stat_ptr + row * 2 * BLOCK_G + offs_g, m_i)
-            tl.store(stat_ptr + row * 2 * BLOCK_G + BLOCK_G + offs_g, l_i)
-        else:
-            out = acc / l_i[:, None]
-            tl.store(
-                out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_d[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=g_ok[:, None] & d_ok[None, :],
-            )
-
-    @triton.jit
-    def merge_splits_kernel(
-        part_ptr, stat_ptr, out_ptr, n_kv_heads, so_b, so_h,
-        N_SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        bh = tl.program_id(0)
-        b = bh // n_kv_heads
-        h = bh % n_kv_heads
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        m = tl.full((BLOCK_G,), -1.0e30, tl.float32)
-        for p in range(N_SPLITS):
-            m = tl.maximum(m, tl.load(stat_ptr + (bh * N_SPLITS + p) * 2 * BLOCK_G + offs_g))
-        num = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-        den = tl.zeros((BLOCK_G,), tl.float32)
-        for p in range(N_SPLITS):
-            row = bh * N_SPLITS + p
-            w = tl.exp(tl.load(stat_ptr + row * 2 * BLOCK_G + offs_g) - m)
-            den += w * tl.load(stat_ptr + row * 2 * BLOCK_G + BLOCK_G + offs_g)
-            part = tl.load(part_ptr + (row * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :])
-            num += w[:, None] * part
-        out = num / den[:, None]
-        tl.store(
-            out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=(offs_g < G)[:, None] & (offs_d < D)[None, :],
-        )
-
-    return decode_attention_kernel, merge_splits_kernel
+    return t.decode_attention_kernel, t.merge_splits_kernel
 
 
 def _blocks(n_kv: int, block_d: int, itemsize: int, heads: int = 1) -> tuple[int, int, int]:
@@ -204,26 +116,48 @@ def launch(
         sm_b, sm_n = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
     else:
         m, sm_b, sm_n = q, 0, 0  # a pointer the kernel never reads
+    # fp32 tiles with the merge inlined spill registers (sm_90): those keep the merge kernel
+    wanted = MERGE_IN_KERNEL and splits > 1 and q.element_size() <= 2 and b * hk <= _TICKETS
+    tickets = _tickets(q.device) if wanted else None
     part = stat = q  # never read unless split
     if splits > 1:
         part = torch.empty((b * hk * splits, block_g, block_d), dtype=torch.float32,
                            device=q.device)  # fmt: skip
         stat = torch.empty((b * hk * splits, 2, block_g), dtype=torch.float32, device=q.device)
+    merged = tickets is not None
     attend[(b * hk, splits)](
-        q, k, v, m, out, part, stat,
+        q, k, v, m, out, part, stat, tickets if merged else q,
         n_kv, hk, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_LEN=per,
         HAS_MASK=mask is not None, SPLIT=splits > 1,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MERGE=merged,
+        N_SPLITS=splits if merged else 1,
         num_warps=_warps(block_d, block_n), num_stages=2,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and not merged:
         merge[(b * hk,)](
             part, stat, out, hk, out.stride(0), out.stride(2),
             N_SPLITS=splits, G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
+
+
+_ticket_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device) -> torch.Tensor | None:
+    """The device's split-merge counters `[_TICKETS]` int32, all 0 between calls (the merging
+    program resets its own). Made on first use outside a CUDA graph capture (`prepare` does it
+    before any trace); None where none exists yet and a capture is running. One set per device:
+    two steps on one device must not run their attention at the same time (one decoder per
+    device, its steps in one stream)."""
+    buf = _ticket_buffers.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _ticket_buffers[device] = torch.zeros(_TICKETS, dtype=torch.int32, device=device)
+    return buf
 
 
 def _register_op() -> Any:
@@ -255,6 +189,9 @@ def prepare(device: torch.device) -> bool:
             _OP = _register_op()
         except Exception:  # a torch without custom ops: keep transformers' attention
             _OP = False
+    if _OP:  # the merge counters exist before any capture
+        _tickets(torch.device("cuda", torch.cuda.current_device()) if device.index is None
+                 else device)  # fmt: skip
     return bool(_OP)
 
 

@@ -19,11 +19,14 @@ def reference(q, k, v, mask, scale):  # [B, Hq, 1, D] ... -> [B, 1, Hq, D] float
 
 def main() -> None:
     # one-shot wide blocks, the 64-column loop, and short contexts split over many programs
-    # (narrow blocks, many splits merged)
+    # (narrow blocks, many splits merged), the splits merged in the kernel and by the merge kernel
     wide_cols, programs_default = attention.WIDE_COLUMNS, attention.PROGRAMS or 32
     for wide, programs in ((wide_cols, 0), (0, 0), (wide_cols, programs_default)):
-        attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
-        check()
+        for merge_in_kernel in (True, False):
+            attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
+            attention.MERGE_IN_KERNEL = merge_in_kernel
+            check()
+            assert not attention._tickets(torch.device("cpu")).any()  # every counter back at 0
     print("decode attention ok")
 
 

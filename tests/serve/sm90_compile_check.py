@@ -36,8 +36,8 @@ n = 0
 for dtype, precision, size in (("bf16", "tf32", 2), ("fp16", "tf32", 2), ("fp32", "ieee", 4)):
     for g, d, split in ((8, 128, False), (8, 128, True), (1, 64, False), (4, 80, True)):
         types = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr")}
-        types.update({"part_ptr": "*fp32", "stat_ptr": "*fp32", "n_kv": "i32", "n_kv_heads": "i32",
-                      "scale": "fp32"})  # fmt: skip
+        types.update({"part_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "n_kv": "i32",
+                      "n_kv_heads": "i32", "scale": "fp32"})  # fmt: skip
         types.update(dict.fromkeys(["sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h",
                                     "sv_n", "sm_b", "sm_n", "so_b", "so_h"], "i32"))  # fmt: skip
         block_g, block_d = max(16, triton.next_power_of_2(g)), triton.next_power_of_2(d)
@@ -46,11 +46,13 @@ for dtype, precision, size in (("bf16", "tf32", 2), ("fp16", "tf32", 2), ("fp32"
         for wide, programs in ((wide_cols, 0), (0, 0), (wide_cols, programs_default)):
             attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
             _, per, block_n = attention._blocks(161 if programs else 700, block_d, size, 4)
-            consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d, "BLOCK_N": block_n,
-                      "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
-                      "PRECISION": precision}  # fmt: skip
-            compile_for_sm90(attend, types, consts, attention._warps(block_d, block_n))
-            n += 1
+            for merge_in_kernel in (True, False) if split and size == 2 else (False,):
+                consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d,
+                          "BLOCK_N": block_n, "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
+                          "PRECISION": precision, "MERGE": merge_in_kernel,
+                          "N_SPLITS": 6 if merge_in_kernel else 1}  # fmt: skip
+                compile_for_sm90(attend, types, consts, attention._warps(block_d, block_n))
+                n += 1
         if split:
             types = {"part_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": f"*{dtype}",
                      "n_kv_heads": "i32", "so_b": "i32", "so_h": "i32"}  # fmt: skip
