@@ -3,7 +3,8 @@
 `moe_gemv_kernel` runs one program per (row, block of BLOCK_N output columns); `FUSE` picks what
 a row is and what is stored:
 
-- 0: a routed pair s; ``y[s, n] = W[e_s, n, :] @ x[rows[s]]`` in fp32 (`kernels.moe_gemv`);
+- 0: a routed pair s; ``y[s, n] = W[e_s, n, :] @ x[rows[s]]`` in fp32 (`kernels.moe_gemv`),
+  or ``x[s // TOPK]`` where TOPK > 0 (no rows tensor);
 - 1: a routed pair s of token ``s // TOPK``; the gate rows n and the up rows N + n of the
   concatenated ``[gate; up]`` projection are read in the same K loop and
   ``y[s, n] = silu(gate) * up`` is stored once in y's dtype (`kernels.moe_gemv_silu`);
@@ -138,7 +139,7 @@ def _row_ptrs(w_ptr, s_ptr, e, rows_n, stride_we, stride_wn, stride_se, stride_s
 @triton.jit
 def moe_gemv_kernel(
     x_ptr,
-    rows_ptr,  # [S] x row of each pair (FUSE 0 only)
+    rows_ptr,  # [S] x row of each pair (FUSE 0 with TOPK 0 only)
     experts_ptr,  # [S] expert of each pair (token-major: pair s = token s // TOPK)
     w_ptr,
     s_ptr,
@@ -160,7 +161,7 @@ def moe_gemv_kernel(
     ROUND_BF16: tl.constexpr,  # round each dequantized weight to bf16 before use
     FP8_MODE: tl.constexpr,  # scale mode: 0 chunk in one block/group, 1 whole blocks, 2 any
     FUSE: tl.constexpr,  # 0 plain, 1 SiLU-gated up, 2 weighted sum over TOPK pairs, 3 linear
-    TOPK: tl.constexpr,  # routed pairs per token (FUSE 1 and 2)
+    TOPK: tl.constexpr,  # routed pairs per token (FUSE 1 and 2; FUSE 0: per x row, 0: rows_ptr)
     OUT_BF16: tl.constexpr,  # y is bf16 (FUSE 1 and 2)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -206,6 +207,9 @@ def moe_gemv_kernel(
         if FUSE == 3:
             r = pid.to(tl.int64)
             e = 0
+        elif TOPK > 0:  # pair s of token s // TOPK: no rows tensor
+            r = (pid // TOPK).to(tl.int64)
+            e = tl.load(experts_ptr + pid).to(tl.int64)
         else:
             r = tl.load(rows_ptr + pid).to(tl.int64)
             e = tl.load(experts_ptr + pid).to(tl.int64)

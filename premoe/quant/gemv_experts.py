@@ -7,7 +7,8 @@ projection's rows (2 I when gated), I the intermediate size.
 transformers experts module for a decode-sized batch: every routed pair (token, expert) is one
 row of the up projection's GEMV, then the module's own activation (`_apply_gate`: gated, clamped
 or interleaved as the family defines it), the down projection's GEMV, the routing weight and the
-sum over the k experts of each token. `up`/`down` compute ``y[s] = W[eids[s]] @ x[rows[s]]``:
+sum over the k experts of each token. `up`/`down` compute ``y[s] = W[eids[s]] @ x[s // r]``
+(r = k for the up projection, 1 for the down; no row-index tensor is computed):
 `premoe.quant.kernels.moe_gemv` over quantized slots (`premoe.quant.resident`) or over the plain
 ``[E, N, K]`` parameters (here). Only the S routed experts' weights are read, and every shape
 depends on T and k alone, so a CUDA graph can capture it.
@@ -44,7 +45,9 @@ except ImportError:  # pragma: no cover - a transformers without it: every gate 
 IMPLEMENTATION = "premoe_gemv"
 _RUNS_ON: set[str] = set()  # device types the kernel runs on, decided by `register` (not traced)
 
-GemvFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x [R, K], rows: pairs per x row (pair s reads row s // rows) | [S] row of each pair,
+#  eids [S]) -> [S, N] fp32
+GemvFn = Callable[[torch.Tensor, "torch.Tensor | int", torch.Tensor], torch.Tensor]
 # fused: (hidden [T, H], top_k_index [T, k], dtype) -> silu(gate) * up [S, I] in dtype
 UpActFn = Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
 # fused: (h [S, I], top_k_index [T, k], weights [T, k], dtype) -> [T, H] in dtype
@@ -106,13 +109,12 @@ def gemv_forward(
         return fused[1](h, top_k_index, weights, hidden.dtype)  # [T, H]
     t, k = top_k_index.shape
     eids = top_k_index.reshape(-1)  # [S]
-    pairs = torch.arange(t * k, device=hidden.device)  # [S]
-    h = up(hidden, pairs // k, eids).to(dtype)  # [S, N_up]
+    h = up(hidden, k, eids).to(dtype)  # [S, N_up]: pair s reads token s // k
     bias = bias_of(mod, names[0])
     if bias is not None:
         h = h + bias[eids]
     h = activate(mod, h)  # [S, I]
-    h = down(h, pairs, eids).to(dtype)  # [S, H]
+    h = down(h, 1, eids).to(dtype)  # [S, H]: pair s reads its own row
     bias = bias_of(mod, names[1])
     if bias is not None:
         h = h + bias[eids]
@@ -125,7 +127,7 @@ def _plain(weight: torch.Tensor, transposed: bool) -> GemvFn:
     n = weight.shape[2] if transposed else weight.shape[1]
     k_in = weight.shape[1] if transposed else weight.shape[2]
 
-    def fn(x: torch.Tensor, rows: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, rows: torch.Tensor | int, eids: torch.Tensor) -> torch.Tensor:
         return kernels.moe_gemv(x, rows, eids, weight, n=n, k=k_in, transposed=transposed)
 
     return fn

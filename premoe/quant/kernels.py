@@ -146,6 +146,7 @@ def _launch(
     mode: str,
     round_to: str,
     fuse: str = "",
+    per_row: int = 0,  # plain: pairs per x row, row = s // per_row (0: rows[s])
     wrap: Any = None,
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
@@ -153,7 +154,7 @@ def _launch(
         stride_wn, stride_wk = weight.stride(2), weight.stride(1)
     else:
         stride_wn, stride_wk = weight.stride(1), 1
-    topk = experts.shape[-1] if fuse else 1
+    topk = experts.shape[-1] if fuse else per_row
     key = y.shape[1] if fuse == "linear" else y.shape[0]
     block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, fuse)
     while -(-y.shape[1] // block_n) > _MAX_GRID_Y:  # e.g. an LM head's 152k rows one by one
@@ -212,6 +213,7 @@ def _register_ops() -> dict[str, Any]:
     def moe_gemv_op(
         x: torch.Tensor,
         rows: torch.Tensor,
+        per_row: int,
         experts: torch.Tensor,
         weight: torch.Tensor,
         scale: torch.Tensor,
@@ -222,9 +224,9 @@ def _register_ops() -> dict[str, Any]:
         mode: str,
         round_to: str,
     ) -> torch.Tensor:
-        y = _out(x, rows.shape[0], n, "float32")
+        y = _out(x, experts.shape[0], n, "float32")
         _launch(x, rows, experts, weight, scale, x, y, n, k, scale_bn, scale_bk, mode, round_to,
-                wrap=wrap_triton)  # fmt: skip
+                per_row=per_row, wrap=wrap_triton)  # fmt: skip
         return y
 
     @triton_op("premoe::moe_gemv_silu", mutates_args=())
@@ -327,7 +329,7 @@ def _op(x: torch.Tensor, fuse: str) -> Any:
 
 def moe_gemv(
     x: torch.Tensor,
-    rows: torch.Tensor,
+    rows: torch.Tensor | int,
     experts: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor | None = None,
@@ -339,7 +341,8 @@ def moe_gemv(
     transposed: bool = False,
     round_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """`y [S, N]` fp32 with ``y[s] = W[experts[s]] @ x[rows[s]]`` (see the module docstring).
+    """`y [S, N]` fp32 with ``y[s] = W[experts[s]] @ x[rows[s]]`` (see the module docstring);
+    `rows` an int r: ``x[s // r]`` (r pairs per row, token-major: no row tensor to compute).
 
     `scale=None`: plain weights `[E, N, K]` (`[E, K, N]` with `transposed`), read as they are.
     `round_dtype=torch.bfloat16` rounds every dequantized weight to bf16 first, so the weights
@@ -347,13 +350,15 @@ def moe_gemv(
     values, fewer instructions). `weight`/`scale` may be strided views (E-stride of a shared
     slot buffer); their last dim must be contiguous, as must `x`'s.
     """
-    x, rows, experts = x.contiguous(), rows.contiguous(), experts.contiguous()
+    x, experts = x.contiguous(), experts.contiguous()
+    per_row = rows if isinstance(rows, int) else 0
+    rows_t = experts if isinstance(rows, int) else rows.contiguous()  # never read with per_row
     scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
     op = _op(x, "")
     if op is not None:
-        return op(x, rows, experts, weight, scale_t, *args)
-    y = _out(x, rows.shape[0], n, "float32")
-    _launch(x, rows, experts, weight, scale_t, x, y, *args)
+        return op(x, rows_t, per_row, experts, weight, scale_t, *args)
+    y = _out(x, experts.shape[0], n, "float32")
+    _launch(x, rows_t, experts, weight, scale_t, x, y, *args, per_row=per_row)
     return y
 
 

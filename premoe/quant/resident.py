@@ -340,7 +340,7 @@ class QuantizedExperts:
 
     # ---- forward -------------------------------------------------------------------------------
 
-    def _gemv(self, param: str, x: torch.Tensor, rows: torch.Tensor, eids: torch.Tensor,
+    def _gemv(self, param: str, x: torch.Tensor, rows: torch.Tensor | int, eids: torch.Tensor,
               storage: torch.Tensor) -> torch.Tensor:  # fmt: skip
         p = self.projs[param]
         wv, sv = self.views(param, storage)

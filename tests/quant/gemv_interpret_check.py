@@ -95,6 +95,11 @@ for transposed in (False, True):
     y = kernels.moe_gemv(x, rows, eids, stored, n=N, k=K, transposed=transposed)
     ref = torch.stack([w[eids[i]] @ x[rows[i]] for i in range(len(rows))])
     assert (y - ref).abs().max().item() < 1e-4, transposed
+    # rows as pairs per x row: pair s reads row s // 2 (no rows tensor)
+    pairs = torch.tensor([2, 0, 1, 1, 2, 0, 0, 1])
+    y = kernels.moe_gemv(x, 2, pairs, stored, n=N, k=K, transposed=transposed)
+    ref = torch.stack([w[pairs[i]] @ x[i // 2] for i in range(len(pairs))])
+    assert y.shape == ref.shape and (y - ref).abs().max().item() < 1e-4, transposed
 # a plain linear layer's few rows (`gemv_linear`): rounded once to x's 16-bit dtype, narrow and
 # wide table shapes, ragged N and K
 for dtype in (torch.bfloat16, torch.float16):

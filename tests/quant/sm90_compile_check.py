@@ -3,6 +3,8 @@ GPU present (Triton's code generator, LLVM and its bundled ptxas), for every var
 silu, wsum), weight format and launch shape of the tables at H = 2048, I = 768, k = 8: the
 interpreter does not check what only the compiler rejects."""
 
+import itertools
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -24,8 +26,11 @@ for fuse, k_in, y_type in (("", H, "fp32"), ("silu", H, "bf16"), ("wsum", I, "bf
     for mode, (w_type, s_type, block) in FORMATS.items():
         for rows in (1, 8, 64, 256):
             bn, bk, fp8_mode, warps = kernels.launch_shape(block[1], mode, rows, fuse)
-            for round_bf16 in (False, True) if mode != "dense" else (False,):
-                key = (fuse, mode, bn, bk, fp8_mode, warps, round_bf16)
+            # plain: a rows tensor (TOPK 0) or pairs per row (the experts' k, or 1)
+            for round_bf16, topk in itertools.product(
+                (False, True) if mode != "dense" else (False,), (TOPK,) if fuse else (0, 8, 1)
+            ):
+                key = (fuse, mode, bn, bk, fp8_mode, warps, round_bf16, topk)
                 if key in done:
                     continue
                 done.add(key)
@@ -36,7 +41,7 @@ for fuse, k_in, y_type in (("", H, "fp32"), ("silu", H, "bf16"), ("wsum", I, "bf
                           "SCALE_BK": block[1], "INT4": mode == "int4",
                           "DENSE": mode == "dense", "ROUND_BF16": round_bf16,
                           "FP8_MODE": fp8_mode, "FUSE": kernels._FUSE[fuse],
-                          "TOPK": TOPK if fuse else 1, "OUT_BF16": y_type == "bf16",
+                          "TOPK": topk, "OUT_BF16": y_type == "bf16",
                           "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
                 sig.update(dict.fromkeys(consts, "constexpr"))
                 at = {(list(sig).index(c),): v for c, v in consts.items()}

@@ -48,6 +48,8 @@ def _(x, rows, experts, weight, scale, n, k, bn, bk, int4):  # type: ignore[no-u
 
 
 def _fake_moe_gemv(x, rows, experts, weight, scale, *, n, k, scale_block, int4, round_dtype=None):  # type: ignore[no-untyped-def]  # noqa: E501
+    if isinstance(rows, int):  # pairs per x row (token-major)
+        rows = torch.arange(experts.numel(), device=x.device) // rows
     return torch.ops.premoe_test.gemv_ref(
         x, rows, experts, weight, scale, n, k, scale_block[0], scale_block[1], int4
     )
