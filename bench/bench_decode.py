@@ -40,6 +40,7 @@ from typing import Any
 
 import _common as bc
 import torch
+import torch._inductor.config as inductor_config
 
 from premoe.arch.registry import arch_for_config
 from premoe.demo.tasks import build_tokenizer
@@ -60,6 +61,7 @@ PREV = "_prev"  # fused as at the start of this stop: cuBLAS linears, 64-column 
 FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_experts.FUSE)
 SPLIT = "_split"  # fused, the attention's programs target at --split-programs
 SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel (not in-kernel)
+PDL = "_pdl"  # fused, inductor's kernels launched with programmatic dependent launch (sm_90)
 
 
 def say(msg: str) -> None:
@@ -189,6 +191,11 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             attention.WIDE_COLUMNS = 0 if mode.endswith(PREV) else wide
             attention.PROGRAMS = args.split_programs if mode.endswith(SPLIT) else programs
             attention.MERGE_IN_KERNEL = not mode.endswith(SEPARATE)
+            if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.10
+                inductor_config.triton.enable_pdl = mode.endswith(PDL)
+            elif mode.endswith(PDL):
+                say(f"[{prec}] {mode}: this torch's inductor has no PDL setting; skipped")
+                continue
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
             for q in qr.layers.values() if qr is not None else ():
@@ -252,6 +259,8 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
         attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = True
+        if hasattr(inductor_config.triton, "enable_pdl"):
+            inductor_config.triton.enable_pdl = False
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
         gemv_experts.FUSE = fuse_experts
     del model, qr, dec
@@ -293,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{FX}",
             f"compiled{SPLIT}",
             f"compiled{SEPARATE}",
+            f"compiled{PDL}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
@@ -303,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         f"modes run them unfused); {SPLIT}: fused, the attention's columns "
         "split to reach --split-programs programs (premoe.serve.attention.PROGRAMS; default 0: "
         f"by length alone); {SEPARATE}: fused, split attention calls merged by a second kernel "
-        "(attention.MERGE_IN_KERNEL off)",
+        f"(attention.MERGE_IN_KERNEL off); {PDL}: fused, inductor's kernels launched with "
+        "programmatic dependent launch (torch._inductor.config.triton.enable_pdl)",
     )
     p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(
