@@ -12,7 +12,7 @@ a row is and what is stored:
   ``y[t, n] = sum_j rw[t, j] * (W[e_tj, n, :] @ x[t * TOPK + j])`` is stored once in y's dtype
   (`kernels.moe_gemv_wsum`);
 - 3: a token t of a plain linear layer (one weight, no index loads);
-  ``y[t, n] = W[n, :] @ x[t]`` is stored once in y's dtype (`kernels.gemv_linear`).
+  ``y[t, n] = W[n, :] @ x[t] (+ bias[n])`` is stored once in y's dtype (`kernels.gemv_linear`).
 
 Every dot product goes through `_chunk_dot`, so each weight format (fp8 block, int4 packed,
 plain) gets every fusion.
@@ -144,7 +144,7 @@ def moe_gemv_kernel(
     w_ptr,
     s_ptr,
     y_ptr,
-    rw_ptr,  # [S] routing weight of each pair (FUSE 2 only)
+    rw_ptr,  # [S] routing weight of each pair (FUSE 2); [N] bias (FUSE 3 with HAS_BIAS)
     N,  # output columns (FUSE 1: the intermediate size I; the projection has 2 I rows)
     K: tl.constexpr,
     stride_xr,
@@ -163,6 +163,7 @@ def moe_gemv_kernel(
     FUSE: tl.constexpr,  # 0 plain, 1 SiLU-gated up, 2 weighted sum over TOPK pairs, 3 linear
     TOPK: tl.constexpr,  # routed pairs per token (FUSE 1 and 2; FUSE 0: per x row, 0: rows_ptr)
     OUT_BF16: tl.constexpr,  # y is bf16 (FUSE 1 and 2)
+    HAS_BIAS: tl.constexpr,  # FUSE 3: add rw_ptr's [N] before the one rounding
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -220,6 +221,8 @@ def moe_gemv_kernel(
             acc += _chunk_dot(x_ptr + r * stride_xr, w_row, s_row, k0, mask_n, K, stride_wk,
                               SCALE_BK, INT4, DENSE, ROUND_BF16, FP8_MODE, BLOCK_K)  # fmt: skip
         if FUSE == 3:
+            if HAS_BIAS:
+                acc += tl.load(rw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             _store(out_ptrs, acc, mask_n, OUT_BF16)
         else:
             tl.store(out_ptrs, acc, mask=mask_n)

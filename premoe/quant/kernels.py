@@ -147,6 +147,7 @@ def _launch(
     round_to: str,
     fuse: str = "",
     per_row: int = 0,  # plain: pairs per x row, row = s // per_row (0: rows[s])
+    has_bias: bool = False,  # linear: route_w is the bias [N]
     wrap: Any = None,
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
@@ -186,6 +187,7 @@ def _launch(
         FUSE=_FUSE[fuse],
         TOPK=topk,
         OUT_BF16=y.dtype == torch.bfloat16,
+        HAS_BIAS=has_bias,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
@@ -269,19 +271,29 @@ def _register_ops() -> dict[str, Any]:
         return y
 
     @triton_op("premoe::gemv_linear", mutates_args=())
-    def gemv_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def gemv_linear_op(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         y = x.new_empty(x.shape[0], weight.shape[0])
-        _linear(x, weight, y, wrap_triton)
+        _linear(x, weight, y, bias, wrap_triton)
         return y
 
     return {"": moe_gemv_op, "silu": moe_gemv_silu_op, "wsum": moe_gemv_wsum_op,
             "linear": gemv_linear_op}  # fmt: skip
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, wrap: Any = None) -> None:
+def _linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    wrap: Any = None,
+) -> None:
     n, k = weight.shape
     w = weight.unsqueeze(0)  # [1, N, K]: expert 0
-    _launch(x, x, x, w, w, x, y, n, k, 1, 1, "dense", "none", "linear", wrap=wrap)
+    b = x if bias is None else bias  # a pointer the kernel never reads without a bias
+    _launch(x, x, x, w, w, b, y, n, k, 1, 1, "dense", "none", "linear",
+            has_bias=bias is not None, wrap=wrap)  # fmt: skip
 
 
 def prepare(device: torch.device) -> bool:
@@ -425,15 +437,18 @@ def moe_gemv_wsum(
     return y
 
 
-def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (`[T, K]` x `[N, K]` -> `[T, N]` in x's dtype) for a few rows: one GEMV
-    kernel, fp32 accumulation, rounded once (a dense matmul differs by its summation order)."""
+def gemv_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` (`[T, K]` x `[N, K]` (+ `[N]`) -> `[T, N]` in x's dtype) for a
+    few rows: one GEMV kernel, fp32 accumulation, the bias added in fp32, rounded once (a dense
+    matmul differs by its summation order)."""
     x = x.contiguous()
     op = _op(x, "linear")
     if op is not None:
-        return op(x, weight)
+        return op(x, weight, bias)
     y = x.new_empty(x.shape[0], weight.shape[0])
-    _linear(x, weight, y)
+    _linear(x, weight, y, bias)
     return y
 
 

@@ -9,9 +9,10 @@ bench/RESULTS.md). `premoe.quant.kernels.gemv_linear` reads the weight with one 
 output rows, accumulates in fp32 and rounds once, as cuBLAS does (the summation order differs, so
 a bf16 result can differ in its last bit).
 
-`patched(device)` makes every ``F.linear(x, W)`` of one row (x `[..., K]` with one row, W `[N, K]`
-in x's 16-bit dtype, no bias, N <= `MAX_OUT`) call it for the duration of a block; every other call
-goes to the function it replaced. `over(fallback)` is the same wrapper over any other linear
+`patched(device)` makes every ``F.linear(x, W, b)`` of one row (x `[..., K]` with one row, W
+`[N, K]` in x's 16-bit dtype, N <= `MAX_OUT`, b None or `[N]` in x's dtype, added in fp32 before
+the one rounding) call it for the duration of a block; every other call goes to the function it
+replaced. `over(fallback)` is the same wrapper over any other linear
 function (the row-mask hook of rowmask.py computes its router logits through it). The decode step
 is traced and captured inside the block (`premoe.serve.graphs`), so nothing is patched while the
 graphs replay.
@@ -36,7 +37,7 @@ _active = False
 _wrappers: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         x.is_cuda
         and x.dtype in _DTYPES
@@ -46,6 +47,10 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.shape[0] <= MAX_OUT
         and x.shape[-1] == weight.shape[1]
         and x.numel() == x.shape[-1]
+        and (
+            bias is None
+            or (bias.dtype == x.dtype and bias.shape == weight.shape[:1] and bias.stride(0) == 1)
+        )
     )
 
 
@@ -58,8 +63,8 @@ def over(fallback: Callable[..., Any]) -> Callable[..., Any]:
     def linear(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if _active and bias is None and _eligible(x, weight):
-            out = kernels.gemv_linear(x.reshape(1, -1), weight)  # [1, N]
+        if _active and _eligible(x, weight, bias):
+            out = kernels.gemv_linear(x.reshape(1, -1), weight, bias)  # [1, N]
             return out.view(*x.shape[:-1], weight.shape[0])
         return fallback(x, weight, bias)
 

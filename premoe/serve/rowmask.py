@@ -173,13 +173,17 @@ class RowRouting:
         def linear(
             x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         ) -> torch.Tensor:
-            out = original(x, weight, bias)
             i, per_layer = self._layer, self._per_layer
-            if i is None or per_layer is None or out.shape[-1] != width:
-                return out
+            if i is None or per_layer is None or weight.shape[0] != width:
+                return original(x, weight, bias)
             self._layer = None  # the router's logits: later linears of the layer pass
             if not torch.compiler.is_compiling():  # a traced count would be guarded per layer
                 self.hits += 1
+            if bias is None and self.weights is None and x.numel() == x.shape[-1]:
+                # one token: its mask is the matmul's bias (0 or -inf: adding it before or
+                # after the rounding is the same), one kernel where the GEMV is patched in
+                return original(x, weight, per_layer[i].to(x.dtype).view(-1))
+            out = original(x, weight, bias)
             if self.weights is not None:  # every pattern's logits, then each token's own
                 assert self._token_pattern is not None
                 per = torch.stack([original(x, w, bias) for w in self.weights[i]])  # [P, ..., U]

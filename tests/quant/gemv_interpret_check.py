@@ -106,11 +106,18 @@ for dtype in (torch.bfloat16, torch.float16):
     for t, n, k in ((1, 40, 96), (2, 700, 300), (1, 3000, 520)):
         w = (torch.randn(n, k) * 0.1).to(dtype)
         x = torch.randn(t, k).to(dtype)
-        y = kernels.gemv_linear(x, w)
-        ref = (x.double() @ w.double().T).to(dtype)
-        ulp = ref.double().abs() * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) + 1e-6
-        assert y.shape == (t, n) and y.dtype == dtype, (y.shape, y.dtype)
-        assert ((y.double() - ref.double()).abs() <= ulp).all(), (dtype, t, n, k)
+        bias = torch.randn(n).to(dtype)
+        bias[::3] = float("-inf")  # a row mask (rowmask.py) as the bias
+        for b in (None, bias):
+            y = kernels.gemv_linear(x, w, b)
+            ref = x.double() @ w.double().T + (0.0 if b is None else b.double())
+            ref = ref.to(dtype)
+            ulp = ref.double().abs() * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) + 1e-6
+            assert y.shape == (t, n) and y.dtype == dtype, (y.shape, y.dtype)
+            finite = ref.isfinite()
+            assert torch.equal(y.isfinite(), finite) and (y[~finite] == ref[~finite]).all()
+            err = (y.double() - ref.double()).abs()[finite]
+            assert (err <= ulp[finite]).all(), (dtype, t, n, k, b is None)
 print("linear ok")
 register()
 for family in ("qwen3_moe", "gpt_oss", "mixtral"):

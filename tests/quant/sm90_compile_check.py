@@ -41,7 +41,7 @@ for fuse, k_in, y_type in (("", H, "fp32"), ("silu", H, "bf16"), ("wsum", I, "bf
                           "SCALE_BK": block[1], "INT4": mode == "int4",
                           "DENSE": mode == "dense", "ROUND_BF16": round_bf16,
                           "FP8_MODE": fp8_mode, "FUSE": kernels._FUSE[fuse],
-                          "TOPK": topk, "OUT_BF16": y_type == "bf16",
+                          "TOPK": topk, "OUT_BF16": y_type == "bf16", "HAS_BIAS": False,
                           "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
                 sig.update(dict.fromkeys(consts, "constexpr"))
                 at = {(list(sig).index(c),): v for c, v in consts.items()}
@@ -49,15 +49,16 @@ for fuse, k_in, y_type in (("", H, "fp32"), ("silu", H, "bf16"), ("wsum", I, "bf
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                           options={"num_warps": warps})  # fmt: skip
                 assert compiled.asm["cubin"], key
-for n_out, k_in in ((128, H), (H, 2 * H), (5 * 1024, H)):  # a plain linear: router, o/qkv_proj
+for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H)), (False, True)):
+    # a plain linear: router (with a row mask as its bias), o/qkv_proj
     bn, bk, fp8_mode, warps = kernels.launch_shape(1, "dense", n_out, "linear")
     types = ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "i32",
              "constexpr"] + ["i32"] * 7  # fmt: skip
     sig = dict(zip(ARGS, types, strict=True))
     consts = {"K": k_in, "stride_wk": 1, "SCALE_BN": 1, "SCALE_BK": 1, "INT4": False,
               "DENSE": True, "ROUND_BF16": False, "FP8_MODE": fp8_mode,
-              "FUSE": kernels._FUSE["linear"], "TOPK": 1, "OUT_BF16": True, "BLOCK_N": bn,
-              "BLOCK_K": bk}  # fmt: skip
+              "FUSE": kernels._FUSE["linear"], "TOPK": 1, "OUT_BF16": True, "HAS_BIAS": bias,
+              "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
     sig.update(dict.fromkeys(consts, "constexpr"))
     at = {(list(sig).index(c),): v for c, v in consts.items()}
     src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
