@@ -8,9 +8,10 @@ At a decode step transformers' ``sdpa`` attention with an additive mask and grou
 then runs a kernel built for many queries: on an H200 that is ~8 µs per layer at batch 1, for
 half a megabyte of cache. `decode_attention` reads each KV head's columns once for all of its `G`
 query heads (`[G, D] x [D, K]` as one tensor-core dot) with an online softmax, in one program per
-(row, KV head, split of the columns); where the columns are split (long contexts), a second small
-kernel merges the splits' partial sums. The cache views are read through their strides (the slot
-cache's `[B, Hk, K, D]` views are not contiguous), scores and sums in fp32, probabilities rounded
+(row, KV head, split of the columns); where the columns are split (long contexts, or few rows
+at batch 1), the last program of each (row, KV head) to finish merges the splits' partial sums
+(`MERGE_IN_KERNEL`; a second small kernel for fp32 caches). The cache views are read through
+their strides (the slot cache's `[B, Hk, K, D]` views are not contiguous), scores and sums in fp32, probabilities rounded
 to the value dtype for the second dot, as flash attention does: the result equals SDPA's to
 about one rounding of the dtype, not bit for bit (fp32 caches: full-precision dots, no TF32).
 
@@ -57,7 +58,7 @@ MERGE_IN_KERNEL = True
 last program of each (row, KV head) to finish (an atomic ticket) merges them, so a split call is
 one kernel, not two. False, and for fp32 caches: the separate merge kernel (benches compare the
 two in one process)."""
-_TICKETS = 1 << 16  # (row, KV head) pairs one call may split; more are read unsplit
+_TICKETS = 1 << 16  # (row, KV head) pairs the counters cover; calls with more use the kernel
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
 # keyword arguments that do not change what attention computes (flags are bools; any other
