@@ -11,9 +11,10 @@ query heads (`[G, D] x [D, K]` as one tensor-core dot) with an online softmax, i
 (row, KV head, split of the columns); where the columns are split (long contexts, or few rows
 at batch 1), the last program of each (row, KV head) to finish merges the splits' partial sums
 (`MERGE_IN_KERNEL`; a second small kernel for fp32 caches). The cache views are read through
-their strides (the slot cache's `[B, Hk, K, D]` views are not contiguous), scores and sums in fp32, probabilities rounded
-to the value dtype for the second dot, as flash attention does: the result equals SDPA's to
-about one rounding of the dtype, not bit for bit (fp32 caches: full-precision dots, no TF32).
+their strides (the slot cache's `[B, Hk, K, D]` views are not contiguous), scores and sums in
+fp32, probabilities rounded to the value dtype for the second dot, as flash attention does: the
+result equals SDPA's to about one rounding of the dtype, not bit for bit (fp32 caches:
+full-precision dots, no TF32).
 
 `patched()` swaps transformers' ``sdpa`` attention function for the duration of a block: calls
 with one query token, an additive float mask (or none), no dropout, softcap, sinks, sliding window
