@@ -52,6 +52,7 @@ from premoe.quant.resident import quantize_resident
 from premoe.serve import attention, gemv_linear
 from premoe.serve.continuous import ContinuousDecoder
 from premoe.serve.decode import NullSink, SamplingParams
+from premoe.serve.graphs import Regions
 from premoe.serve.miss import RowMeter, SlotMiss
 
 UNFUSED = "_unfused"
@@ -62,7 +63,7 @@ FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_ex
 SPLIT = "_split"  # fused, the attention's programs target at --split-programs
 SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel (not in-kernel)
 PDL = "_pdl"  # fused, inductor's kernels launched with programmatic dependent launch (sm_90)
-COMBO = "_combo"  # fused, inductor's combo kernels (independent small kernels as one launch)
+NOCOMBO = "_nocombo"  # fused, without inductor's combo kernels (graphs.Regions.COMBO_KERNELS)
 
 
 def say(msg: str) -> None:
@@ -192,7 +193,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             attention.WIDE_COLUMNS = 0 if mode.endswith(PREV) else wide
             attention.PROGRAMS = args.split_programs if mode.endswith(SPLIT) else programs
             attention.MERGE_IN_KERNEL = not mode.endswith(SEPARATE)
-            inductor_config.combo_kernels = mode.endswith(COMBO)
+            Regions.COMBO_KERNELS = not mode.endswith(NOCOMBO)
             if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.10
                 inductor_config.triton.enable_pdl = mode.endswith(PDL)
             elif mode.endswith(PDL):
@@ -261,7 +262,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
         attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = True
-        inductor_config.combo_kernels = False
+        Regions.COMBO_KERNELS = True
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = False
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{SPLIT}",
             f"compiled{SEPARATE}",
             f"compiled{PDL}",
-            f"compiled{COMBO}",
+            f"compiled{NOCOMBO}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
@@ -318,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "split to reach --split-programs programs (premoe.serve.attention.PROGRAMS; default 0: "
         f"by length alone); {SEPARATE}: fused, split attention calls merged by a second kernel "
         f"(attention.MERGE_IN_KERNEL off); {PDL}: fused, inductor's kernels launched with "
-        f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {COMBO}: "
-        "fused, inductor's combo kernels (torch._inductor.config.combo_kernels)",
+        f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {NOCOMBO}: "
+        "fused, without inductor's combo kernels (graphs.Regions.COMBO_KERNELS)",
     )
     p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(

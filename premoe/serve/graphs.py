@@ -79,6 +79,10 @@ class Regions:
     """
 
     RECOMPILE_LIMIT = 64  # compiled variants kept per layer forward (shape ranges, guards)
+    COMBO_KERNELS = True
+    """Inductor's combo kernels: independent small kernels of a layer (the query's and the
+    key's norm and rotary embedding) launched as one. H100, bench model, batch 1 through
+    bench_decode.py: 499.7 against 491.2 tokens/s (bench/RESULTS.md)."""
 
     def __init__(self, layers: Sequence[torch.nn.Module], backend: Any = "inductor") -> None:
         self.layers = list(layers)
@@ -91,12 +95,15 @@ class Regions:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Within the block, the layers run their compiled forwards."""
+        import torch._inductor.config as inductor_config
+
         config = torch._dynamo.config.patch(
             allow_unspec_int_on_nn_module=True,
             recompile_limit=self.RECOMPILE_LIMIT,
             accumulated_recompile_limit=256,  # over all code objects
         )
-        with config:
+        inductor = inductor_config.patch(combo_kernels=self.COMBO_KERNELS)
+        with config, inductor:
             for layer, fn in zip(self.layers, self._compiled, strict=True):
                 layer.forward = fn
             try:

@@ -48,16 +48,17 @@ def test_one_row_calls_take_the_gemv_others_stay() -> None:
     real, original = F.linear, kernels.gemv_linear
     seen: list[str] = []
 
-    def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         seen.append("gemv")
-        return original(x, w)  # not kernels.gemv_linear: that is this function during the test
+        return original(x, w, b)  # not kernels.gemv_linear: that is this function during the test
 
     w, wide = rand(300, 512), rand(gemv_linear.MAX_OUT + 8, 64)
     cases = {  # name: (x, weight, bias, takes the GEMV)
         "one row": (rand(1, 1, 512), w, None, True),
         "fp16": (rand(1, 512, dtype=torch.float16), w.half(), None, True),
         "two rows": (rand(2, 1, 512), w, None, False),
-        "bias": (rand(1, 512), w, rand(300), False),
+        "bias": (rand(1, 512), w, rand(300), True),
+        "bias view with a stride": (rand(1, 512), w, rand(600)[::2], False),
         "fp32": (rand(1, 512, dtype=torch.float32), w.float(), None, False),
         "LM head width": (rand(1, 64), wide, None, False),
         "weight view with a stride": (rand(1, 256), w[:, ::2], None, False),
@@ -76,7 +77,7 @@ def test_one_row_calls_take_the_gemv_others_stay() -> None:
                     assert torch.equal(got, want), name
                     continue
                 # the GEMV: fp32 sums rounded once, so one rounding from the exact product
-                exact = x.double() @ weight.double().T
+                exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
                 step = 2.0**-7 if x.dtype == torch.bfloat16 else 2.0**-10
                 assert ((got.double() - exact).abs() <= exact.abs() * step + 1e-3).all(), name
     finally:
