@@ -63,7 +63,7 @@ FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_ex
 SPLIT = "_split"  # fused, the attention's programs target at --split-programs
 SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel (not in-kernel)
 PDL = "_pdl"  # fused, inductor's kernels launched with programmatic dependent launch (sm_90)
-NOCOMBO = "_nocombo"  # fused, without inductor's combo kernels (graphs.Regions.COMBO_KERNELS)
+COMBO = "_combo"  # fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS)
 
 
 def say(msg: str) -> None:
@@ -193,7 +193,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             attention.WIDE_COLUMNS = 0 if mode.endswith(PREV) else wide
             attention.PROGRAMS = args.split_programs if mode.endswith(SPLIT) else programs
             attention.MERGE_IN_KERNEL = not mode.endswith(SEPARATE)
-            Regions.COMBO_KERNELS = not mode.endswith(NOCOMBO)
+            Regions.COMBO_KERNELS = mode.endswith(COMBO)
             if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.10
                 inductor_config.triton.enable_pdl = mode.endswith(PDL)
             elif mode.endswith(PDL):
@@ -262,7 +262,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
         attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = True
-        Regions.COMBO_KERNELS = True
+        Regions.COMBO_KERNELS = False
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = False
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{SPLIT}",
             f"compiled{SEPARATE}",
             f"compiled{PDL}",
-            f"compiled{NOCOMBO}",
+            f"compiled{COMBO}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "split to reach --split-programs programs (premoe.serve.attention.PROGRAMS; default 0: "
         f"by length alone); {SEPARATE}: fused, split attention calls merged by a second kernel "
         f"(attention.MERGE_IN_KERNEL off); {PDL}: fused, inductor's kernels launched with "
-        f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {NOCOMBO}: "
-        "fused, without inductor's combo kernels (graphs.Regions.COMBO_KERNELS)",
+        f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {COMBO}: "
+        "fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS)",
     )
     p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(

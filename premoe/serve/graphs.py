@@ -79,10 +79,11 @@ class Regions:
     """
 
     RECOMPILE_LIMIT = 64  # compiled variants kept per layer forward (shape ranges, guards)
-    COMBO_KERNELS = True
+    COMBO_KERNELS = False
     """Inductor's combo kernels: independent small kernels of a layer (the query's and the
     key's norm and rotary embedding) launched as one. H100, bench model, batch 1 through
-    bench_decode.py: 499.7 against 491.2 tokens/s (bench/RESULTS.md)."""
+    bench_decode.py: 499.7 against 491.2 tokens/s (bench/RESULTS.md); off until it has run in
+    the server's dynamic-shape buckets on a GPU (not yet measured there)."""
 
     def __init__(self, layers: Sequence[torch.nn.Module], backend: Any = "inductor") -> None:
         self.layers = list(layers)
