@@ -62,7 +62,6 @@ two in one process)."""
 _TICKETS = 1 << 16  # (row, KV head) pairs the counters cover; calls with more use the kernel
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
-_READY = False  # the op is registered (a plain bool: compiled steps read it, not the op)
 # keyword arguments that do not change what attention computes (flags are bools; any other
 # keyword with a value, e.g. softcap, sinks, sliding_window, position_bias, goes to sdpa)
 _IGNORED = frozenset({"position_ids", "cache_position"})
@@ -183,12 +182,8 @@ def _register_op() -> Any:
 
 def prepare(device: torch.device) -> bool:
     """Build the kernels and the custom op ahead of any trace; True if they run on `device`."""
-    global _OP, _READY
-    if device.type != "cuda":
-        return False
-    if _READY:  # traced steps get here: no truth test of a custom op (a graph break)
-        return True
-    if not kernels.available(device):
+    global _OP
+    if device.type != "cuda" or not kernels.available(device):
         return False
     if _OP is None:
         _kernels()
@@ -196,11 +191,10 @@ def prepare(device: torch.device) -> bool:
             _OP = _register_op()
         except Exception:  # a torch without custom ops: keep transformers' attention
             _OP = False
-    _READY = _OP is not False
-    if _READY:  # the merge counters exist before any capture
+    if _OP:  # the merge counters exist before any capture
         _tickets(torch.device("cuda", torch.cuda.current_device()) if device.index is None
                  else device)  # fmt: skip
-    return _READY
+    return bool(_OP)
 
 
 def decode_attention(
