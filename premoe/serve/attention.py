@@ -128,7 +128,7 @@ def launch(
         stat = torch.empty((b * hk * splits, 2, block_g), dtype=torch.float32, device=q.device)
     merged = tickets is not None
     attend[(b * hk, splits)](
-        q, k, v, m, out, part, stat, tickets if merged else q,
+        q, k, v, m, out, part, stat, q if tickets is None else tickets,
         n_kv, hk, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),

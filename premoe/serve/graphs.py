@@ -40,6 +40,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
+import torch._inductor.config as inductor_config
 
 from premoe.serve.rowmask import Rows
 
@@ -96,15 +97,14 @@ class Regions:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Within the block, the layers run their compiled forwards."""
-        import torch._inductor.config as inductor_config
-
         config = torch._dynamo.config.patch(
             allow_unspec_int_on_nn_module=True,
             recompile_limit=self.RECOMPILE_LIMIT,
             accumulated_recompile_limit=256,  # over all code objects
         )
-        inductor = inductor_config.patch(combo_kernels=self.COMBO_KERNELS)
-        with config, inductor:
+        # patched only when on: a prefill forward enters this block every step
+        combo = inductor_config.patch(combo_kernels=True) if self.COMBO_KERNELS else nullcontext()
+        with config, combo:
             for layer, fn in zip(self.layers, self._compiled, strict=True):
                 layer.forward = fn
             try:
