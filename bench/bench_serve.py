@@ -765,6 +765,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="premoe_gemv experts through the two fused kernels (premoe.quant.gemv_experts.FUSE)",
     )
+    p.add_argument(
+        "--combo-kernels",
+        action="store_true",
+        help="inductor's combo kernels in the compiled decoder layers "
+        "(premoe.serve.graphs.Regions.COMBO_KERNELS)",
+    )
     p.add_argument("--decode-tokens", type=int, default=256, help="Batch-1 decode length.")
     p.add_argument(
         "--profile-steps",
@@ -805,6 +811,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from premoe.quant import gemv_experts
 
         gemv_experts.FUSE = True
+    if args.combo_kernels:
+        from premoe.serve.graphs import Regions
+
+        Regions.COMBO_KERNELS = True
     if not 1 <= args.patterns:
         p.error("--patterns must be >= 1")
     return args

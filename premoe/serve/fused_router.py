@@ -19,12 +19,16 @@ keeps its own forward (`FusedRouters.why` says why).
 
 `patched()` puts the fused forwards in place for a block; the decode step is traced and captured
 inside it (`premoe.serve.graphs`), so the graphs replay the kernel and nothing is patched while
-they run.
+they run. The fused forward is one function for every router, set on the router's class (each
+router finds its settings in an attribute): a compiled decoder layer (`graphs.Regions`, one dynamo
+cache for all layers) would guard on a per-router object such as a `functools.partial` set as the
+instance's forward, recompile for every layer and hit dynamo's recompile limit (H100: 363.5
+against 491.2 tokens/s, bench/RESULTS.md). A class whose instances are not all checked routers
+of the model keeps its own forward.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +52,7 @@ _SCORING = {
     ("softmax", "logits_topk"): topk.TOPK_SOFTMAX,
 }
 _OUTPUTS = ("logits", "weights", "indices")
+_ATTR = "_premoe_fused"  # on each fused router: its FusedRouters
 ENABLED = True
 """Serve's fused decode steps use the fused forwards (`ContinuousDecoder`'s `fuse`); benches turn
 them off to compare with the routers' own forwards in one process."""
@@ -91,15 +96,28 @@ class FusedRouters:
         self.order: tuple[str, ...] = _OUTPUTS
         self.dtype: torch.dtype | None = None  # the weights' dtype, as the router returns them
         routers = [router_module(model, arch, i) for i in arch.moe_layer_ids(model.config)]
+        self.why = self._shared_class(model, routers)
         checked: set[type] = set()
         for router in routers:
-            if type(router) not in checked:
+            if self.why is None and type(router) not in checked:
                 self.why = self._check(router)
-                if self.why is not None:
-                    log.info("routers keep their own forward: %s", self.why)
-                    return
                 checked.add(type(router))
+        if self.why is not None:
+            log.info("routers keep their own forward: %s", self.why)
+            return
         self.routers = routers
+        for router in routers:
+            setattr(router, _ATTR, self)
+
+    @staticmethod
+    def _shared_class(model: Any, routers: list[nn.Module]) -> str | None:
+        """None when every module of the routers' classes in `model` is one of the routers (the
+        class's forward is patched, `patched`)."""
+        ids = {id(r) for r in routers}
+        classes = tuple({type(r) for r in routers})
+        others = (m for m in model.modules() if isinstance(m, classes) and id(m) not in ids)
+        other = next(others, None)
+        return None if other is None else f"{type(other).__name__} is not only a router"
 
     def _route(self, router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
@@ -143,18 +161,25 @@ class FusedRouters:
 
     @contextmanager
     def patched(self) -> Iterator[None]:
-        """During the block, the checked routers run the fused forward."""
-        own = [router.__dict__.get("forward") for router in self.routers]
-        for router in self.routers:
-            router.forward = functools.partial(self._route, router)
+        """During the block, the checked routers run the fused forward (their classes')."""
+        classes = {type(router) for router in self.routers}
+        own = {cls: cls.__dict__.get("forward") for cls in classes}
+        for cls in classes:
+            cls.forward = _fused_forward  # type: ignore[method-assign]
         try:
             yield
         finally:
-            for router, fn in zip(self.routers, own, strict=True):
+            for cls, fn in own.items():
                 if fn is None:
-                    del router.forward
+                    del cls.forward
                 else:
-                    router.forward = fn
+                    cls.forward = fn  # type: ignore[method-assign]
+
+
+def _fused_forward(router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every fused router's forward while patched (one function: compiled layers guard on it)."""
+    fused: FusedRouters = getattr(router, _ATTR)
+    return fused._route(router, hidden)
 
 
 def for_model(model: Any) -> FusedRouters | None:

@@ -37,6 +37,7 @@ MAX_K = 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OP: Any = None  # premoe::small_topk; False where it cannot be registered
 _ROUTE_OP: Any = None  # premoe::route_topk
+_READY = False  # the ops are registered (a plain bool: compiled steps read it, not the op)
 _TORCH_TOPK = torch.topk
 
 
@@ -143,8 +144,12 @@ def _register_op() -> Any:
 
 def prepare(device: torch.device) -> bool:
     """Build the kernel and its custom op ahead of any trace; True if it runs on `device`."""
-    global _OP, _ROUTE_OP
-    if device.type != "cuda" or not kernels.available(device):
+    global _OP, _ROUTE_OP, _READY
+    if device.type != "cuda":
+        return False
+    if _READY:  # traced steps get here: no truth test of a custom op (a graph break)
+        return True
+    if not kernels.available(device):
         return False
     if _OP is None:
         _kernel()
@@ -152,7 +157,8 @@ def prepare(device: torch.device) -> bool:
             _OP, _ROUTE_OP = _register_op()
         except Exception:  # older torch without triton_op: keep torch.topk
             _OP = False
-    return bool(_OP)
+    _READY = _OP is not False
+    return _READY
 
 
 def small_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,9 @@ import httpx
 import pytest
 import torch
 
+from premoe.arch.routing import RoutingRule, route_from_logits
 from premoe.demo.tasks import build_tokenizer, generate, write_jsonl
+from premoe.serve import topk
 from tests.helpers import greedy_text
 from tests.tiny import build_tiny
 
@@ -210,3 +212,17 @@ def server(serve_world: ServeWorld) -> Iterator[Server]:
     )
     yield srv
     stop_server(srv)
+
+
+def reference_route(
+    x: torch.Tensor, k: int, scoring: int, renorm: bool, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `topk.route_topk` computes, in torch (the kernel needs CUDA or the interpreter)."""
+    names = {
+        topk.SOFTMAX: ("softmax", "scores"),
+        topk.SIGMOID: ("sigmoid", "scores"),
+        topk.TOPK_SOFTMAX: ("softmax", "logits_topk"),
+    }
+    rule = RoutingRule(*names[scoring], x.shape[1], k, renorm, scaling=scaling)
+    w, idx = route_from_logits(x.float(), rule)
+    return w.to(dtype), idx

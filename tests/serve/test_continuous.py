@@ -16,15 +16,17 @@ import torch
 
 from premoe.demo.tasks import generate
 from premoe.load import ResidentModel, load_pruned
+from premoe.serve import topk
 from premoe.serve.continuous import ContinuousDecoder, StepReport, decoder_layers
 from premoe.serve.decode import SamplingParams
+from premoe.serve.fused_router import FusedRouters
 from premoe.serve.graphs import Regions
 from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.serve.sampling import TokenLogprobs
 from premoe.source import resolve_model
 from tests.helpers import GPU, greedy_text
-from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
+from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld, reference_route
 
 
 @dataclass
@@ -191,7 +193,9 @@ class GraphLog:
         return [ln for c in self.codes for ln in c.splitlines() if "_scatter" in ln]
 
 
-def decode_shapes(world: Any, dec: ContinuousDecoder, regions: Regions | None, routed: bool) -> Any:
+def decode_shapes(
+    world: Any, dec: ContinuousDecoder, regions: Regions | None, routed: bool, fuse: bool = False
+) -> Any:
     """Decode steps over 4 batch x 3 KV buckets; per step the eager forward's logits and the
     step's through `regions` (None: eager too)."""
     names = list(world.patterns)
@@ -204,26 +208,38 @@ def decode_shapes(world: Any, dec: ContinuousDecoder, regions: Regions | None, r
             rows = world.routing.rows([names[i % len(names)] for i in range(b)]) if routed else None
             dec.cache.plan(None, pos, kv)
             want = dec._forward(ids, pos, mask, rows)
-            with dec._patched(False), regions.active() if regions else nullcontext():
+            with dec._patched(fuse), regions.active() if regions else nullcontext():
                 dec.cache.plan(None, pos, kv)
                 yield want, dec._graph_step(ids, 0 * ids, pos, mask, rows)
 
 
-def test_layers_compile_once_for_every_layer_and_bucket(world: World) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_layers_compile_once_for_every_layer_and_bucket(
+    world: World, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Regional compilation (graphs.Regions): the decoder layers' compiled forwards share one
     dynamo cache, so decode steps over every batch and KV bucket trace a handful of one-layer
     graphs, not one per layer and bucket (the layer index and shapes go symbolic), and no graph
     writes the KV cache through a view; every step equals the eager one, and the layers get their
-    own forwards back afterwards."""
+    own forwards back afterwards. `fused`: with the fused routers' forward in place, as on CUDA
+    (its kernel replaced by the torch reference here), and no graph break."""
     layers = decoder_layers(world.model)
     assert len(layers) >= 2
     dec = ContinuousDecoder(
         world.model, world.tokenizer, slots=8, max_len=MAX_LEN, routing=world.routing
     )
+    if fused:
+        monkeypatch.setattr(topk, "route_topk", reference_route)
+        dec.fused_routers = FusedRouters(world.model, world.source.arch)
+        assert dec.fused_routers.routers, dec.fused_routers.why
     log = GraphLog()
     torch._dynamo.reset()
-    for want, got in decode_shapes(world, dec, Regions(layers, backend=log.backend), True):
+    torch._dynamo.utils.counters.clear()
+    regions = Regions(layers, backend=log.backend)
+    for want, got in decode_shapes(world, dec, regions, True, fused):
         torch.testing.assert_close(got, want)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not breaks, breaks
     assert all("forward" not in layer.__dict__ for layer in layers)
     # the first layer's graph, then the layer index, B (> 1) and K going symbolic: 4 (with the
     # layer index guarded, every one of them again per layer: 6 with two layers, 24 with 12)

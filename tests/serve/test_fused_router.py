@@ -5,13 +5,17 @@ the check against their own forward passes, and the patched model computes what 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from premoe.arch.registry import arch_for_config
 from premoe.serve import fused_router, topk
+from premoe.serve.continuous import decoder_layers
+from premoe.serve.graphs import Regions
 from tests.helpers import GPU, run_triton_script, tiny_model
+from tests.serve.conftest import reference_route
 
 
 def test_kernel_and_checks_under_the_interpreter() -> None:
@@ -55,3 +59,40 @@ def test_fused_routers_compiled_and_captured(family: str) -> None:
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_routers_compile_once_for_every_layer(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled decoder layers (graphs.Regions: one dynamo cache for all layers) with the fused
+    routers in place trace a handful of graphs over several shapes, not one per layer, with no
+    graph break, and compute what the model's own forward does; afterwards the routers' classes
+    have their own forward back. (A per-router forward object made dynamo recompile for every
+    layer and hit its recompile limit: H100 363.5 against 491.2 tokens/s.)"""
+    monkeypatch.setattr(topk, "route_topk", reference_route)
+    model = tiny_model(family, num_hidden_layers=6).eval()
+    fused = fused_router.FusedRouters(model, arch_for_config(model.config))
+    assert fused.why is None and len(fused.routers) == 6
+    own = type(fused.routers[0]).__dict__.get("forward")
+    graphs: list[Any] = []
+
+    def backend(gm: Any, example: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    regions = Regions(decoder_layers(model), backend=backend)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for rows, length in [(1, 5), (2, 7), (3, 4), (1, 9)]:
+            ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=g)
+            want = model(input_ids=ids, use_cache=False).logits
+            with fused.patched(), regions.active():
+                got = model(input_ids=ids, use_cache=False).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not breaks, breaks
+    assert 0 < len(graphs) <= 3, len(graphs)  # per layer it would be 6 and more
+    assert type(fused.routers[0]).__dict__.get("forward") is own
