@@ -64,6 +64,7 @@ SPLIT = "_split"  # fused, the attention's programs target at --split-programs
 SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel (not in-kernel)
 PDL = "_pdl"  # fused, inductor's kernels launched with programmatic dependent launch (sm_90)
 COMBO = "_combo"  # fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS)
+NOGLU = "_noglu"  # fused, the experts' activation its own kernel (not gemv_experts.GLU_ON_LOAD)
 
 
 def say(msg: str) -> None:
@@ -201,6 +202,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 continue
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
+            gemv_experts.GLU_ON_LOAD = not mode.endswith(NOGLU)
             for q in qr.layers.values() if qr is not None else ():
                 q.fuse = gemv_experts.FUSE
             torch._dynamo.reset()  # compiled layers do not guard on every patched function
@@ -266,7 +268,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = False
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
-        gemv_experts.FUSE = fuse_experts
+        gemv_experts.FUSE, gemv_experts.GLU_ON_LOAD = fuse_experts, True
     del model, qr, dec
     torch._dynamo.reset()
     gc.collect()
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{SEPARATE}",
             f"compiled{PDL}",
             f"compiled{COMBO}",
+            f"compiled{NOGLU}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
@@ -320,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         f"by length alone); {SEPARATE}: fused, split attention calls merged by a second kernel "
         f"(attention.MERGE_IN_KERNEL off); {PDL}: fused, inductor's kernels launched with "
         f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {COMBO}: "
-        "fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS)",
+        f"fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS); {NOGLU}: fused, "
+        "the experts' activation as its own kernel (gemv_experts.GLU_ON_LOAD off)",
     )
     p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(

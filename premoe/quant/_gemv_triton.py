@@ -4,7 +4,9 @@
 a row is and what is stored:
 
 - 0: a routed pair s; ``y[s, n] = W[e_s, n, :] @ x[rows[s]]`` in fp32 (`kernels.moe_gemv`),
-  or ``x[s // TOPK]`` where TOPK > 0 (no rows tensor);
+  or ``x[s // TOPK]`` where TOPK > 0 (no rows tensor); with GLU, x's row holds an up
+  projection's ``[gate | up]`` (2 K values) and the dot product reads ``silu(gate) * up``
+  (`_load_x`: the down projection takes the activation as it loads, no kernel between);
 - 1: a routed pair s of token ``s // TOPK``; the gate rows n and the up rows N + n of the
   concatenated ``[gate; up]`` projection are read in the same K loop and
   ``y[s, n] = silu(gate) * up`` is stored once in y's dtype (`kernels.moe_gemv_silu`);
@@ -42,6 +44,24 @@ def _store(ptrs, v, mask, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _load_x(ptrs, mask, K: tl.constexpr, GLU: tl.constexpr):
+    """fp32 x values at `ptrs` (offsets < K in the row). GLU 1 or 2: the row is ``[gate | up]``
+    (2 K values) and ``silu(gate) * up`` is returned; 1 rounds gate and up to bf16 first and the
+    activation after, as an activation computed in bf16 and stored there would be."""
+    if GLU == 0:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+    if GLU == 1:
+        gate = _round_bf16(gate)
+        up = _round_bf16(up)
+    act = gate * tl.sigmoid(gate) * up
+    if GLU == 1:
+        act = _round_bf16(act)
+    return act
+
+
+@triton.jit
 def _chunk_dot(
     x_base,  # x row start
     w_row,  # [BN] pointers: start of each weight row
@@ -56,8 +76,10 @@ def _chunk_dot(
     ROUND_BF16: tl.constexpr,
     FP8_MODE: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GLU: tl.constexpr = 0,
 ):
-    """[BN] fp32: sum over k in [k0, k0 + BLOCK_K) of W[n, k] * x[k], W dequantized."""
+    """[BN] fp32: sum over k in [k0, k0 + BLOCK_K) of W[n, k] * x[k], W dequantized (x as
+    `_load_x` reads it)."""
     if INT4:
         # 8 nibbles per int32 word: load words once, unpack with shifts to [BN, BW, 8]
         BW: tl.constexpr = BLOCK_K // 8
@@ -69,7 +91,7 @@ def _chunk_dot(
         nib = (words[:, :, None] >> shifts[None, None, :]) & 0xF
         w = (nib - 8).to(tl.float32)  # [BN, BW, 8]
         offs_x = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BW, 8]
-        xk = tl.load(x_base + offs_x, mask=mask_w[:, None], other=0.0).to(tl.float32)
+        xk = _load_x(x_base + offs_x, mask_w[:, None], K, GLU)
         if FP8_MODE == 0 and not ROUND_BF16:  # the chunk lies in one group
             sc1 = tl.load(s_row + k0 // SCALE_BK, mask=mask_n, other=0.0)
             part = tl.sum(tl.sum(w * xk[None, :, :], axis=2), axis=1)  # [BN]
@@ -90,7 +112,7 @@ def _chunk_dot(
         mask_k = offs_k < K
         mask_b = (k0 + offs_b * SCALE_BK) < K  # [NB]
         m3 = mask_n[:, None, None] & mask_k[None, :, :]
-        xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xk = _load_x(x_base + offs_k, mask_k, K, GLU)
         w = tl.load(w_row[:, None, None] + offs_k[None, :, :], mask=m3, other=0.0)
         w = w.to(tl.float32)  # [BN, NB, SCALE_BK]
         sc = tl.load(s_row[:, None] + (k0 // SCALE_BK + offs_b)[None, :],
@@ -105,7 +127,7 @@ def _chunk_dot(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         m2 = mask_n[:, None] & mask_k[None, :]
-        xk = tl.load(x_base + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xk = _load_x(x_base + offs_k, mask_k, K, GLU)
         w = tl.load(w_row[:, None] + offs_k[None, :] * stride_wk, mask=m2, other=0.0)
         w = w.to(tl.float32)  # [BN, BK]
         if DENSE:
@@ -164,6 +186,7 @@ def moe_gemv_kernel(
     TOPK: tl.constexpr,  # routed pairs per token (FUSE 1 and 2; FUSE 0: per x row, 0: rows_ptr)
     OUT_BF16: tl.constexpr,  # y is bf16 (FUSE 1 and 2)
     HAS_BIAS: tl.constexpr,  # FUSE 3: add rw_ptr's [N] before the one rounding
+    GLU: tl.constexpr,  # FUSE 0: x rows are [gate | up], read as silu(gate) * up (`_load_x`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -219,7 +242,8 @@ def moe_gemv_kernel(
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             acc += _chunk_dot(x_ptr + r * stride_xr, w_row, s_row, k0, mask_n, K, stride_wk,
-                              SCALE_BK, INT4, DENSE, ROUND_BF16, FP8_MODE, BLOCK_K)  # fmt: skip
+                              SCALE_BK, INT4, DENSE, ROUND_BF16, FP8_MODE, BLOCK_K,
+                              GLU)  # fmt: skip
         if FUSE == 3:
             if HAS_BIAS:
                 acc += tl.load(rw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)

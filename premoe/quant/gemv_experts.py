@@ -46,8 +46,10 @@ IMPLEMENTATION = "premoe_gemv"
 _RUNS_ON: set[str] = set()  # device types the kernel runs on, decided by `register` (not traced)
 
 # (x [R, K], rows: pairs per x row (pair s reads row s // rows) | [S] row of each pair,
-#  eids [S]) -> [S, N] fp32
-GemvFn = Callable[[torch.Tensor, "torch.Tensor | int", torch.Tensor], torch.Tensor]
+#  eids [S], glu: None, or x [R, 2 K] is the up projection's output and the product reads
+#  silu(gate) * up in this dtype, `kernels.moe_gemv`) -> [S, N] fp32
+GemvFn = Callable[[torch.Tensor, "torch.Tensor | int", torch.Tensor, "torch.dtype | None"],
+                  torch.Tensor]  # fmt: skip
 # fused: (hidden [T, H], top_k_index [T, k], dtype) -> silu(gate) * up [S, I] in dtype
 UpActFn = Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
 # fused: (h [S, I], top_k_index [T, k], weights [T, k], dtype) -> [T, H] in dtype
@@ -109,12 +111,16 @@ def gemv_forward(
         return fused[1](h, top_k_index, weights, hidden.dtype)  # [T, H]
     t, k = top_k_index.shape
     eids = top_k_index.reshape(-1)  # [S]
-    h = up(hidden, k, eids).to(dtype)  # [S, N_up]: pair s reads token s // k
-    bias = bias_of(mod, names[0])
-    if bias is not None:
-        h = h + bias[eids]
-    h = activate(mod, h)  # [S, I]
-    h = down(h, 1, eids).to(dtype)  # [S, H]: pair s reads its own row
+    h = up(hidden, k, eids, None)  # [S, N_up] fp32: pair s reads token s // k
+    if GLU_ON_LOAD and dtype in kernels.GLU_DTYPES and silu_gated(mod, names):
+        h = down(h, 1, eids, dtype).to(dtype)  # [S, H]: the activation as it reads its row
+    else:
+        h = h.to(dtype)
+        bias = bias_of(mod, names[0])
+        if bias is not None:
+            h = h + bias[eids]
+        h = activate(mod, h)  # [S, I]
+        h = down(h, 1, eids, None).to(dtype)  # [S, H]: pair s reads its own row
     bias = bias_of(mod, names[1])
     if bias is not None:
         h = h + bias[eids]
@@ -127,8 +133,10 @@ def _plain(weight: torch.Tensor, transposed: bool) -> GemvFn:
     n = weight.shape[2] if transposed else weight.shape[1]
     k_in = weight.shape[1] if transposed else weight.shape[2]
 
-    def fn(x: torch.Tensor, rows: torch.Tensor | int, eids: torch.Tensor) -> torch.Tensor:
-        return kernels.moe_gemv(x, rows, eids, weight, n=n, k=k_in, transposed=transposed)
+    def fn(
+        x: torch.Tensor, rows: torch.Tensor | int, eids: torch.Tensor, glu: torch.dtype | None
+    ) -> torch.Tensor:
+        return kernels.moe_gemv(x, rows, eids, weight, n=n, k=k_in, transposed=transposed, glu=glu)
 
     return fn
 
@@ -148,6 +156,12 @@ def _plain_fused(w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[UpActFn, Dow
 
     return up_act, down_sum
 
+
+GLU_ON_LOAD = True
+"""Where the module is `silu_gated` and the activations are bf16 or fp32, the down projection's
+GEMV reads ``silu(gate) * up`` from the up projection's fp32 output as it loads its row
+(`kernels.moe_gemv`'s `glu`), rounded as the activation kernel it replaces rounded it: one kernel
+less per MoE layer in a decode step."""
 
 FUSE = False
 """Serve's decode experts through the two fused kernels where they apply (`premoe_gemv` over plain

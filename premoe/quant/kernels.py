@@ -109,6 +109,9 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     "linear": {"dense": ((ANY, (1, 1024, 4)),)},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
+_GLU = {"": 0, "bf16": 1, "none": 2}  # the activation's rounding (`moe_gemv`'s `glu`)
+GLU_DTYPES = {torch.bfloat16: "bf16", torch.float32: "none"}
+"""Activation dtypes `moe_gemv`'s `glu` computes exactly as the activation kernel it replaces."""
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 
 
@@ -148,6 +151,7 @@ def _launch(
     fuse: str = "",
     per_row: int = 0,  # plain: pairs per x row, row = s // per_row (0: rows[s])
     has_bias: bool = False,  # linear: route_w is the bias [N]
+    glu: str = "",  # plain: x rows are [gate | up], read as silu(gate) * up ("bf16" | "none")
     wrap: Any = None,
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
@@ -188,6 +192,7 @@ def _launch(
         TOPK=topk,
         OUT_BF16=y.dtype == torch.bfloat16,
         HAS_BIAS=has_bias,
+        GLU=_GLU[glu],
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
@@ -225,10 +230,11 @@ def _register_ops() -> dict[str, Any]:
         scale_bk: int,
         mode: str,
         round_to: str,
+        glu: str,
     ) -> torch.Tensor:
         y = _out(x, experts.shape[0], n, "float32")
         _launch(x, rows, experts, weight, scale, x, y, n, k, scale_bn, scale_bk, mode, round_to,
-                per_row=per_row, wrap=wrap_triton)  # fmt: skip
+                per_row=per_row, glu=glu, wrap=wrap_triton)  # fmt: skip
         return y
 
     @triton_op("premoe::moe_gemv_silu", mutates_args=())
@@ -352,9 +358,15 @@ def moe_gemv(
     int4: bool = False,
     transposed: bool = False,
     round_dtype: torch.dtype | None = None,
+    glu: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`y [S, N]` fp32 with ``y[s] = W[experts[s]] @ x[rows[s]]`` (see the module docstring);
     `rows` an int r: ``x[s // r]`` (r pairs per row, token-major: no row tensor to compute).
+
+    `glu` (bf16 or fp32): x's rows are an up projection's output ``[gate | up]`` (2 `k` values,
+    fp32) and the product reads ``silu(gate) * up`` in its place, computed as
+    ``act(h.to(glu))`` rounded to `glu` once (`GLU_DTYPES`): the activation between the
+    up and the down projection without a kernel of its own.
 
     `scale=None`: plain weights `[E, N, K]` (`[E, K, N]` with `transposed`), read as they are.
     `round_dtype=torch.bfloat16` rounds every dequantized weight to bf16 first, so the weights
@@ -366,11 +378,12 @@ def moe_gemv(
     per_row = rows if isinstance(rows, int) else 0
     rows_t = experts if isinstance(rows, int) else rows.contiguous()  # never read with per_row
     scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
+    act = "" if glu is None else GLU_DTYPES[glu]
     op = _op(x, "")
     if op is not None:
-        return op(x, rows_t, per_row, experts, weight, scale_t, *args)
+        return op(x, rows_t, per_row, experts, weight, scale_t, *args, act)
     y = _out(x, experts.shape[0], n, "float32")
-    _launch(x, rows_t, experts, weight, scale_t, x, y, *args, per_row=per_row)
+    _launch(x, rows_t, experts, weight, scale_t, x, y, *args, per_row=per_row, glu=act)
     return y
 
 

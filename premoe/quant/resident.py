@@ -341,13 +341,13 @@ class QuantizedExperts:
     # ---- forward -------------------------------------------------------------------------------
 
     def _gemv(self, param: str, x: torch.Tensor, rows: torch.Tensor | int, eids: torch.Tensor,
-              storage: torch.Tensor) -> torch.Tensor:  # fmt: skip
+              glu: torch.dtype | None, storage: torch.Tensor) -> torch.Tensor:  # fmt: skip
         p = self.projs[param]
         wv, sv = self.views(param, storage)
         y = kernels.moe_gemv(
             x, rows, eids, wv, sv, n=p.n, k=p.k, scale_block=self.scale_block(param),
             int4=self.scheme == "int4",
-            round_dtype=self.dtype if self.exact_weights else None,
+            round_dtype=self.dtype if self.exact_weights else None, glu=glu,
         )  # fmt: skip
         return y
 
@@ -437,7 +437,7 @@ class QuantizedExperts:
         up, down = self._up_param(), self._down_param()
 
         def gemv(param: str) -> GemvFn:
-            return lambda x, rows, eids: self._gemv(param, x, rows, eids, storage)
+            return lambda x, rows, eids, glu: self._gemv(param, x, rows, eids, glu, storage)
 
         fused = self._fused(storage) if self.fuse else None
         return gemv_forward(

@@ -8,6 +8,13 @@ from premoe.quant.codecs import dequantize, quantize_fp8_block, quantize_int4_pa
 from premoe.quant.resident import quantize_resident
 from tests.tiny import build_tiny
 
+
+def silu_gated_ref(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 silu(gate) * up of rows [gate | up] in `dtype`, rounded once (an activation kernel)."""
+    gate, up = h.to(dtype).float().chunk(2, dim=-1)
+    return (gate * torch.sigmoid(gate) * up).to(dtype).float()
+
+
 torch.manual_seed(0)
 E, N, K, S = 3, 48, 96, 5
 # (scheme, fp8 block or int4 group): per-chunk scale, per-element scale gather, masked K chunks
@@ -61,6 +68,16 @@ for case in CASES:
         ref = torch.stack([deq[eids[i]].float() @ x[rows[i]].float() for i in range(S)])
         err = (y - ref).abs().max().item()
         assert err < 1e-4 * ref.abs().max().item(), (scheme, opt, round_dtype, err)
+        # the activation read as the row loads (`glu`): x rows are an up projection's [gate | up]
+        h = torch.randn(4, 2 * K)
+        act = silu_gated_ref(h, torch.bfloat16)
+        y = kernels.moe_gemv(
+            h, rows, eids, w, s, n=N, k=K, scale_block=blk, int4=scheme == "int4",
+            round_dtype=round_dtype, glu=torch.bfloat16,
+        )  # fmt: skip
+        ref = torch.stack([deq[eids[i]].float() @ act[rows[i]] for i in range(S)])
+        err = (y - ref).abs().max().item()
+        assert err < 1e-4 * ref.abs().max().item(), (scheme, opt, round_dtype, "glu", err)
     kernels.SHAPES.update(saved)
 print("fp8 ok", "int4 ok")
 
@@ -100,6 +117,12 @@ for transposed in (False, True):
     y = kernels.moe_gemv(x, 2, pairs, stored, n=N, k=K, transposed=transposed)
     ref = torch.stack([w[pairs[i]] @ x[i // 2] for i in range(len(pairs))])
     assert y.shape == ref.shape and (y - ref).abs().max().item() < 1e-4, transposed
+    for dtype in kernels.GLU_DTYPES:  # the activation read as the row loads (`glu`)
+        h = torch.randn(len(pairs), 2 * K)
+        y = kernels.moe_gemv(h, 1, pairs, stored, n=N, k=K, transposed=transposed, glu=dtype)
+        act = silu_gated_ref(h, dtype)
+        ref = torch.stack([w[pairs[i]] @ act[i] for i in range(len(pairs))])
+        assert (y - ref).abs().max().item() < 1e-4, (transposed, dtype)
 # a plain linear layer's few rows (`gemv_linear`): rounded once to x's 16-bit dtype, narrow and
 # wide table shapes, ragged N and K
 for dtype in (torch.bfloat16, torch.float16):

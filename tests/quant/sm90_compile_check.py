@@ -22,7 +22,10 @@ ARGS = ["x_ptr", "rows_ptr", "experts_ptr", "w_ptr", "s_ptr", "y_ptr", "rw_ptr",
         "stride_yr"]  # fmt: skip
 
 done = set()
-for fuse, k_in, y_type in (("", H, "fp32"), ("silu", H, "bf16"), ("wsum", I, "bf16")):
+# the plain kernel twice: an up projection (bf16 x), a down projection reading the activation
+# from the up projection's fp32 output (GLU 1)
+VARIANTS = (("", H, "fp32", 0), ("", I, "fp32", 1), ("silu", H, "bf16", 0), ("wsum", I, "bf16", 0))
+for fuse, k_in, y_type, glu in VARIANTS:
     for mode, (w_type, s_type, block) in FORMATS.items():
         for rows in (1, 8, 64, 256):
             bn, bk, fp8_mode, warps = kernels.launch_shape(block[1], mode, rows, fuse)
@@ -30,19 +33,19 @@ for fuse, k_in, y_type in (("", H, "fp32"), ("silu", H, "bf16"), ("wsum", I, "bf
             for round_bf16, topk in itertools.product(
                 (False, True) if mode != "dense" else (False,), (TOPK,) if fuse else (0, 8, 1)
             ):
-                key = (fuse, mode, bn, bk, fp8_mode, warps, round_bf16, topk)
+                key = (fuse, mode, bn, bk, fp8_mode, warps, round_bf16, topk, glu)
                 if key in done:
                     continue
                 done.add(key)
-                types = ["*bf16", "*i64", "*i64", f"*{w_type}", f"*{s_type}", f"*{y_type}",
-                         "*fp32", "i32", "constexpr"] + ["i32"] * 7  # fmt: skip
+                types = ["*fp32" if glu else "*bf16", "*i64", "*i64", f"*{w_type}", f"*{s_type}",
+                         f"*{y_type}", "*fp32", "i32", "constexpr"] + ["i32"] * 7  # fmt: skip
                 sig = dict(zip(ARGS, types, strict=True))
                 consts = {"K": k_in, "stride_wk": 1, "SCALE_BN": block[0],
                           "SCALE_BK": block[1], "INT4": mode == "int4",
                           "DENSE": mode == "dense", "ROUND_BF16": round_bf16,
                           "FP8_MODE": fp8_mode, "FUSE": kernels._FUSE[fuse],
                           "TOPK": topk, "OUT_BF16": y_type == "bf16", "HAS_BIAS": False,
-                          "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+                          "GLU": glu, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
                 sig.update(dict.fromkeys(consts, "constexpr"))
                 at = {(list(sig).index(c),): v for c, v in consts.items()}
                 src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
@@ -58,7 +61,7 @@ for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H
     consts = {"K": k_in, "stride_wk": 1, "SCALE_BN": 1, "SCALE_BK": 1, "INT4": False,
               "DENSE": True, "ROUND_BF16": False, "FP8_MODE": fp8_mode,
               "FUSE": kernels._FUSE["linear"], "TOPK": 1, "OUT_BF16": True, "HAS_BIAS": bias,
-              "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+              "GLU": 0, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
     sig.update(dict.fromkeys(consts, "constexpr"))
     at = {(list(sig).index(c),): v for c, v in consts.items()}
     src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)

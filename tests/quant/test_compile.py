@@ -47,7 +47,12 @@ def _(x, rows, experts, weight, scale, n, k, bn, bk, int4):  # type: ignore[no-u
     return x.new_empty(rows.shape[0], n, dtype=torch.float32)
 
 
-def _fake_moe_gemv(x, rows, experts, weight, scale, *, n, k, scale_block, int4, round_dtype=None):  # type: ignore[no-untyped-def]  # noqa: E501
+def _fake_moe_gemv(
+    x, rows, experts, weight, scale, *, n, k, scale_block, int4, round_dtype=None, glu=None
+):  # type: ignore[no-untyped-def]
+    if glu is not None:  # x [R, 2 k]: the up projection's [gate | up], read as the activation
+        gate, up = x.to(glu).float().chunk(2, dim=-1)
+        x = (gate * torch.sigmoid(gate) * up).to(glu)
     if isinstance(rows, int):  # pairs per x row (token-major)
         rows = torch.arange(experts.numel(), device=x.device) // rows
     return torch.ops.premoe_test.gemv_ref(
@@ -100,11 +105,11 @@ def _gemv_wsum_ref(
 
 
 @_gemv_wsum_ref.register_fake
-def _(x, experts, route_w, weight, scale, n, k, bn, bk, int4, out_dtype):  # type: ignore[no-untyped-def]  # noqa: E501
+def _(x, experts, route_w, weight, scale, n, k, bn, bk, int4, out_dtype):  # type: ignore[no-untyped-def]
     return x.new_empty(experts.shape[0], n, dtype=out_dtype)
 
 
-def _fake_silu(x, experts, weight, scale, *, n, k, out_dtype, scale_block, int4, round_dtype=None):  # type: ignore[no-untyped-def]  # noqa: E501
+def _fake_silu(x, experts, weight, scale, *, n, k, out_dtype, scale_block, int4, round_dtype=None):  # type: ignore[no-untyped-def]
     return torch.ops.premoe_test.gemv_silu_ref(
         x, experts, weight, scale, n, k, scale_block[0], scale_block[1], int4, out_dtype
     )
