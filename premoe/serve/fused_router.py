@@ -19,17 +19,18 @@ keeps its own forward (`FusedRouters.why` says why).
 
 `patched()` puts the fused forwards in place for a block; the decode step is traced and captured
 inside it (`premoe.serve.graphs`), so the graphs replay the kernel and nothing is patched while
-they run. The fused forward is one function for every router, set on the router's class (each
-router finds its settings in an attribute): a compiled decoder layer (`graphs.Regions`, one dynamo
-cache for all layers) would guard on a per-router object such as a `functools.partial` set as the
-instance's forward, recompile for every layer and hit dynamo's recompile limit (H100: 363.5
-against 491.2 tokens/s, bench/RESULTS.md). A class whose instances are not all checked routers
-of the model keeps its own forward.
+they run. Each router's forward is then `_fused_forward` bound to it (`types.MethodType`): a
+compiled decoder layer (`graphs.Regions`, one dynamo cache for all layers) guards on the bound
+function, the same for every layer, where a `functools.partial` per router made dynamo recompile
+for every layer and hit its recompile limit (H100: 363.5 against 491.2 tokens/s, bench/RESULTS.md);
+and the guard still tells a patched forward from the router's own, so layers traced inside the
+block are not replayed outside it (a prefill), nor the other way round.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -96,28 +97,17 @@ class FusedRouters:
         self.order: tuple[str, ...] = _OUTPUTS
         self.dtype: torch.dtype | None = None  # the weights' dtype, as the router returns them
         routers = [router_module(model, arch, i) for i in arch.moe_layer_ids(model.config)]
-        self.why = self._shared_class(model, routers)
         checked: set[type] = set()
         for router in routers:
-            if self.why is None and type(router) not in checked:
+            if type(router) not in checked:
                 self.why = self._check(router)
+                if self.why is not None:
+                    log.info("routers keep their own forward: %s", self.why)
+                    return
                 checked.add(type(router))
-        if self.why is not None:
-            log.info("routers keep their own forward: %s", self.why)
-            return
         self.routers = routers
         for router in routers:
             setattr(router, _ATTR, self)
-
-    @staticmethod
-    def _shared_class(model: Any, routers: list[nn.Module]) -> str | None:
-        """None when every module of the routers' classes in `model` is one of the routers (the
-        class's forward is patched, `patched`)."""
-        ids = {id(r) for r in routers}
-        classes = tuple({type(r) for r in routers})
-        others = (m for m in model.modules() if isinstance(m, classes) and id(m) not in ids)
-        other = next(others, None)
-        return None if other is None else f"{type(other).__name__} is not only a router"
 
     def _route(self, router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
@@ -161,23 +151,23 @@ class FusedRouters:
 
     @contextmanager
     def patched(self) -> Iterator[None]:
-        """During the block, the checked routers run the fused forward (their classes')."""
-        classes = {type(router) for router in self.routers}
-        own = {cls: cls.__dict__.get("forward") for cls in classes}
-        for cls in classes:
-            cls.forward = _fused_forward  # type: ignore[method-assign]
+        """During the block, the checked routers run the fused forward."""
+        own = [router.__dict__.get("forward") for router in self.routers]
+        for router in self.routers:
+            router.forward = types.MethodType(_fused_forward, router)
         try:
             yield
         finally:
-            for cls, fn in own.items():
+            for router, fn in zip(self.routers, own, strict=True):
                 if fn is None:
-                    del cls.forward
+                    del router.forward
                 else:
-                    cls.forward = fn  # type: ignore[method-assign]
+                    router.forward = fn
 
 
 def _fused_forward(router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Every fused router's forward while patched (one function: compiled layers guard on it)."""
+    """Every fused router's forward while patched, bound to it (compiled layers guard on the
+    function, one for all layers)."""
     fused: FusedRouters = getattr(router, _ATTR)
     return fused._route(router, hidden)
 

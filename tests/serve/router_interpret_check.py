@@ -46,8 +46,7 @@ def routers() -> None:
             want = model(input_ids=ids).logits
             with fused.patched():
                 got = model(input_ids=ids).logits
-        assert all("forward" not in r.__dict__ for r in fused.routers)
-        assert type(fused.routers[0]).forward is not fused_router._fused_forward  # restored
+        assert all("forward" not in r.__dict__ for r in fused.routers)  # restored
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         print(f"{family} fused ok")
 

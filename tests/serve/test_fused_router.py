@@ -4,6 +4,7 @@ the check against their own forward passes, and the patched model computes what 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,35 @@ def test_fused_routers_compile_once_for_every_layer(
     assert not breaks, breaks
     assert 0 < len(graphs) <= 3, len(graphs)  # per layer it would be 6 and more
     assert type(fused.routers[0]).__dict__.get("forward") is own
+
+
+def test_compiled_layers_do_not_reuse_the_fused_forward_outside_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dynamo guards on the routers' class forward: layers compiled while it is patched are not
+    replayed for a forward outside `patched()` (a prefill), and the other way round. The fused
+    forward here doubles the weights, so a wrong reuse changes the logits."""
+
+    def doubled(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = reference_route(*args)
+        return 2 * w, idx
+
+    model = tiny_model("qwen3_moe", num_hidden_layers=3).eval()
+    monkeypatch.setattr(topk, "route_topk", reference_route)
+    fused = fused_router.FusedRouters(model, arch_for_config(model.config))
+    assert fused.routers, fused.why
+    monkeypatch.setattr(topk, "route_topk", doubled)
+    torch._dynamo.reset()
+    regions = Regions(decoder_layers(model), backend="eager")
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        with fused.patched():
+            want_fused = model(input_ids=ids, use_cache=False).logits
+        assert not torch.allclose(want, want_fused)  # could fail: the doubling shows
+        for patched in (True, False, True, False):
+            with fused.patched() if patched else nullcontext(), regions.active():
+                got = model(input_ids=ids, use_cache=False).logits
+            torch.testing.assert_close(got, want_fused if patched else want)
