@@ -440,6 +440,7 @@ def make_engine(args: argparse.Namespace, ckpt: Path, patterns: dict, full: bool
         experts_implementation=args.experts_impl,
         served_model_name="bench",
         max_queue=4096,
+        meter=not args.no_meter,
     )
     engine = Engine(cfg)
     engine.load()
@@ -770,6 +771,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="inductor's combo kernels in the compiled decoder layers "
         "(premoe.serve.graphs.Regions.COMBO_KERNELS)",
+    )
+    p.add_argument(
+        "--no-meter",
+        action="store_true",
+        help="Serve without the dropped-mass meter (serve's --no-meter; on by default).",
     )
     p.add_argument("--decode-tokens", type=int, default=256, help="Batch-1 decode length.")
     p.add_argument(
