@@ -6,8 +6,9 @@ projection's rows (2 I when gated), I the intermediate size.
 `gemv_forward(mod, hidden, top_k_index, weights, up, down)` is the experts forward of one
 transformers experts module for a decode-sized batch: every routed pair (token, expert) is one
 row of the up projection's GEMV, then the module's own activation (`_apply_gate`: gated, clamped
-or interleaved as the family defines it), the down projection's GEMV, the routing weight and the
-sum over the k experts of each token. `up`/`down` compute ``y[s] = W[eids[s]] @ x[s // r]``
+or interleaved as the family defines it; a SiLU-gated one is read by the down projection's GEMV
+as it loads its row, `GLU_ON_LOAD`), the down projection's GEMV, the routing weight and the sum
+over the k experts of each token. `up`/`down` compute ``y[s] = W[eids[s]] @ x[s // r]``
 (r = k for the up projection, 1 for the down; no row-index tensor is computed):
 `premoe.quant.kernels.moe_gemv` over quantized slots (`premoe.quant.resident`) or over the plain
 ``[E, N, K]`` parameters (here). Only the S routed experts' weights are read, and every shape
