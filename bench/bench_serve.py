@@ -151,6 +151,15 @@ def dynamo_counters() -> dict[str, Any]:
     return {k: {str(a): b for a, b in v.items()} for k, v in counters.items() if v}
 
 
+def late_graphs(premoe: dict[str, Any]) -> int:
+    """Graphs dynamo compiled after warm-up (during the decode and load runs)."""
+
+    def graphs(key: str) -> int:
+        return int(premoe.get(key, {}).get("stats", {}).get("unique_graphs", 0))
+
+    return graphs("compile_counters_after_workload") - graphs("compile_counters_after_warmup")
+
+
 def random_patterns(layers: list[int], experts: int, keep: int, n: int, seed: int) -> dict:
     rng = random.Random(seed)
     out = {}
@@ -983,6 +992,8 @@ def report(
          else f"{results['premoe']['peak_device_bytes'] / 2**30:.2f} GiB"),
         ("load / warm-up", f"{results['premoe']['load_s']:.1f} s / "
                            f"{results['premoe']['warmup_s']:.1f} s"),
+        ("graphs compiled after warm-up", f"{late_graphs(results['premoe'])} (each a compile "
+                                          "under requests; 0 when the warm-up covers them)"),
         ("scheduler", f"{results['premoe']['info'].get('scheduler')}, patterns "
                       f"{results['premoe']['info'].get('patterns_mode')}"),
         ("decode b1 tokens/s", f"{b1['decode_tokens_per_s']:.1f}"),
