@@ -187,7 +187,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         gc.collect()
         # unfused steps first: fusing the projections changes the model's modules for good
         wide, programs = attention.WIDE_COLUMNS, attention.PROGRAMS
-        fuse_experts = gemv_experts.FUSE
+        fuse_experts, glu_on_load = gemv_experts.FUSE, gemv_experts.GLU_ON_LOAD
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
             attention.ENABLED = not mode.endswith(SDPA)
@@ -268,7 +268,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = False
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
-        gemv_experts.FUSE, gemv_experts.GLU_ON_LOAD = fuse_experts, True
+        gemv_experts.FUSE, gemv_experts.GLU_ON_LOAD = fuse_experts, glu_on_load
     del model, qr, dec
     torch._dynamo.reset()
     gc.collect()

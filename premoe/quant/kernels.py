@@ -109,9 +109,9 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     "linear": {"dense": ((ANY, (1, 1024, 4)),)},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
-_GLU = {"": 0, "bf16": 1, "none": 2}  # the activation's rounding (`moe_gemv`'s `glu`)
-GLU_DTYPES = {torch.bfloat16: "bf16", torch.float32: "none"}
-"""Activation dtypes `moe_gemv`'s `glu` computes exactly as the activation kernel it replaces."""
+GLU_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
+"""Activation dtypes `moe_gemv`'s `glu` computes exactly as the activation kernel it replaces,
+and the kernel's GLU mode for each (1: rounded to bf16, 2: fp32; 0: no activation)."""
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 
 
@@ -151,7 +151,7 @@ def _launch(
     fuse: str = "",
     per_row: int = 0,  # plain: pairs per x row, row = s // per_row (0: rows[s])
     has_bias: bool = False,  # linear: route_w is the bias [N]
-    glu: str = "",  # plain: x rows are [gate | up], read as silu(gate) * up ("bf16" | "none")
+    glu: int = 0,  # plain: x rows are [gate | up], read as silu(gate) * up (`GLU_DTYPES`)
     wrap: Any = None,
 ) -> None:
     kern = _kernel() if wrap is None else wrap(_kernel())
@@ -192,7 +192,7 @@ def _launch(
         TOPK=topk,
         OUT_BF16=y.dtype == torch.bfloat16,
         HAS_BIAS=has_bias,
-        GLU=_GLU[glu],
+        GLU=glu,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
@@ -230,7 +230,7 @@ def _register_ops() -> dict[str, Any]:
         scale_bk: int,
         mode: str,
         round_to: str,
-        glu: str,
+        glu: int,
     ) -> torch.Tensor:
         y = _out(x, experts.shape[0], n, "float32")
         _launch(x, rows, experts, weight, scale, x, y, n, k, scale_bn, scale_bk, mode, round_to,
@@ -378,7 +378,7 @@ def moe_gemv(
     per_row = rows if isinstance(rows, int) else 0
     rows_t = experts if isinstance(rows, int) else rows.contiguous()  # never read with per_row
     scale_t, args = _args(weight, scale, n, k, scale_block, int4, transposed, round_dtype)
-    act = "" if glu is None else GLU_DTYPES[glu]
+    act = 0 if glu is None else GLU_DTYPES[glu]
     op = _op(x, "")
     if op is not None:
         return op(x, rows_t, per_row, experts, weight, scale_t, *args, act)
