@@ -162,8 +162,9 @@ def serve_command(
         int,
         typer.Option(
             min=1,
-            help="Prompt tokens prefilled per step at most: bounds how long running streams "
-            "stall for newcomers.",
+            help="Prompt positions prefilled per step at most, padding of shorter chunks "
+            "included: bounds how long running streams stall for newcomers, and the "
+            "activation memory kept aside for that forward.",
         ),
     ] = 512,
     pipeline: Annotated[

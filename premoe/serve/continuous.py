@@ -7,12 +7,15 @@ Each admitted request (`Seq`) owns a slot of the `SlotKVCache` until it ends. On
 
 1. Drops rows whose client left (their slot is free at once).
 2. Prefill, batched and chunked: rows that still have prompt tokens to process get the next
-   chunk of them, oldest first, until `prefill_tokens` tokens are taken this step (at least one
-   chunk). This bounds how long the running rows' decode stalls for newcomers: one forward of at
-   most `prefill_tokens` tokens per step. Chunks are left-padded within the forward (padding
-   is written to the scratch column and attends to nothing real), so the last position is every
-   row's last prompt token of the chunk; a row whose prompt is now complete samples its first
-   token from it.
+   chunk of them, oldest first. The oldest row's chunk sets the forward's width S (at most
+   `prefill_tokens`); each later row gets a chunk of at most S tokens while the padded forward
+   [B, S] stays within `prefill_tokens` positions. This bounds how long the running rows'
+   decode stalls for newcomers, and the activations of the forward (memory.py's headroom), at
+   `prefill_tokens` positions a step, padding included: a sum of chunk lengths would not (one
+   256-token chunk beside 255 one-token chunks is a [256, 256] forward). Chunks are
+   left-padded within the forward (padding is written to the scratch column and attends to
+   nothing real), so the last position is every row's last prompt token of the chunk; a row
+   whose prompt is now complete samples its first token from it.
 3. One decode step for every row that has a sampled token not yet in the cache: the forward runs
    over slots 0..n-1 (n: the highest such slot + 1, so the cache is a view, no copy); idle and
    still-prefilling slots in that range are fed a padding token written to scratch. On CUDA
@@ -288,13 +291,14 @@ class ContinuousDecoder:
         self.drop_cancelled(report)
         pending = sorted((s for s in self.active() if s.prefilling), key=lambda s: s.order)
         chunks: list[tuple[Seq, int, int]] = []
-        budget = self.prefill_tokens
+        width = self.prefill_tokens  # S of the forward [B, S]: the oldest row's chunk
         for seq in pending:
-            if budget <= 0:
+            if chunks and (len(chunks) + 1) * width > self.prefill_tokens:
                 break
-            end = min(len(seq.prompt), seq.filled + budget)
+            end = min(len(seq.prompt), seq.filled + width)
+            if not chunks:
+                width = end - seq.filled
             chunks.append((seq, seq.filled, end))
-            budget -= end - seq.filled
         if chunks:
             if between is not None:
                 between()
@@ -434,6 +438,7 @@ class ContinuousDecoder:
             logits = self._forward(ids, qpos, mask, rows, metered)
         report.prefill_rows += b
         report.prefill_tokens += sum(end - start for _, start, end in chunks)
+        report.prefill_positions += b * s
         done = []
         for i, (seq, _, end) in enumerate(chunks):
             seq.filled = end
@@ -582,16 +587,35 @@ class ContinuousDecoder:
 
     def warm_prefill(self, ids: list[int], pattern: str | None) -> None:
         """Prefill (and a few decode steps) of every chunk-shape family the compiled layers
-        meet in serving, so that none compiles under a request: torch.compile specializes a
-        size-1 dimension (one row is not many rows) and the experts' kernel-or-grouped choice
-        (T·k routed pairs against the expert count) is a guard, so one row and several rows
-        each need a short and a long chunk. `ids`: a prompt (repeated if shorter than two)."""
+        meet in serving, so that none compiles under a request. torch.compile specializes a
+        size-1 dimension (one row is not many rows), and guards split the forward's positions
+        B·S into ranges: the experts' kernel-or-grouped choice (T·k routed pairs against the
+        expert count) and, on CUDA, inductor's padded-matmul choice (2048 positions). So one
+        row and several rows each run a short chunk, a 256-position one and the widest forward
+        the chunker forms (up to `prefill_tokens` positions, as many rows as slots allow).
+        `ids`: a prompt (repeated if shorter than two)."""
         params = SamplingParams(max_tokens=4, ignore_eos=True)
         ids = ids if len(ids) >= 2 else ids * 2
-        short = ids[:2]
-        long = (ids * (256 // len(ids) + 1))[: max(2, min(256, self.max_len // 2))]
-        for prompts in ([ids], [long], [short, short], [ids, long]):
-            self.run([(NullSink(), x, params, pattern) for x in prompts])
+        room = max(2, self.max_len - params.max_tokens)  # the longest prompt that fits
+
+        def prompt(n: int) -> list[int]:
+            return (ids * (n // len(ids) + 1))[: max(2, min(n, room))]
+
+        def widest(b: int) -> int:  # S of the widest [b, S] forward
+            return max(2, min(room, self.prefill_tokens // b))
+
+        short, mid = ids[:2], min(256, self.max_len // 2)
+        families = [[ids], [prompt(mid)], [prompt(self.prefill_tokens)]]
+        if self.slots > 1:  # several rows: the oldest row's chunk sets S, the others are padded
+            rows = max(range(2, self.slots + 1), key=lambda b: b * widest(b))
+            families += [[short, short], [prompt(min(mid, widest(2))), ids]]
+            families.append([prompt(widest(rows))] + [short] * (rows - 1))
+        shapes = set()
+        for family in families:
+            shape = (len(family), len(family[0]))  # [B, S] of its first chunk
+            if shape not in shapes:
+                shapes.add(shape)
+                self.run([(NullSink(), x, params, pattern) for x in family])
 
     def run(self, rows: Sequence[tuple[RowSink, list[int], SamplingParams, str | None]]) -> None:
         """Decode `rows` to completion (tests, benchmarks): admit as slots free up."""

@@ -64,7 +64,7 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] | None = None  # static cache batch sizes (default 1,2,4..)
     scheduler: str = "auto"  # auto (continuous where supported) | continuous | batch
     mixed: str = "auto"  # auto (when the union of the patterns fits) | on | off
-    prefill_tokens: int = 512  # prompt tokens prefilled per step at most (decode stall bound)
+    prefill_tokens: int = 512  # prompt positions [B, S] per prefill forward at most (stall bound)
     pipeline: bool = True  # launch a decode step before reading the last one's (CUDA graphs)
     kv_memory_fraction: float = 0.9  # without --budget: share of free memory the engine may take
     min_kv_slots: int = 4  # KV slots that must fit beside the weights (mixed mode: the union)

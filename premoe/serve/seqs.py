@@ -63,6 +63,7 @@ class Launched:
 class StepReport:
     prefill_rows: int = 0
     prefill_tokens: int = 0
+    prefill_positions: int = 0  # B·S of the prefill forward: padding included
     decode_rows: int = 0
     patterns: set[str] = field(default_factory=set)
     finished: int = 0

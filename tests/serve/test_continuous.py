@@ -131,8 +131,9 @@ def test_rows_joining_at_random_steps_equal_their_patterns_pruned_model(
     rng.shuffle(jobs)
     sinks, reports = run_joining(dec, jobs, rng)
     mixed_steps = sum(len(report.patterns) > 1 for report in reports)
-    # the decode stall bound (--prefill-tokens)
-    assert all(report.prefill_tokens <= 7 for report in reports)
+    # the decode stall bound (--prefill-tokens): the padded forward [B, S], not only its tokens
+    assert all(report.prefill_positions <= 7 for report in reports)
+    assert max(report.prefill_rows for report in reports) > 1, "no prefill had several rows"
     interleaved = sum(r.prefill_tokens > 0 and r.decode_rows > 0 for r in reports)
     assert mixed_steps > 0, "no step mixed patterns: the test could not fail"
     assert interleaved > 0, "prefill never shared a step with decoding rows"
@@ -283,12 +284,56 @@ def test_after_the_prefill_warm_up_no_chunk_shape_compiles(world: World) -> None
     warmed = len(log.codes)
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     cases = [(1, 3, 2048), (1, 17, 2048), (4, 10, 2048), (16, 12, 2048), (3, 30, 2048),
-             (2, 2, 2048), (16, 5, 2048), (1, 30, 7), (3, 30, 40), (2, 9, 5)]  # fmt: skip
+             (2, 2, 2048), (16, 5, 2048), (16, 128, 2048), (1, 30, 7), (3, 30, 40),
+             (2, 9, 5)]  # fmt: skip
     for rows, length, budget in cases:  # budget < prompt: later chunks follow a cached prefix
         dec.prefill_tokens = budget
         prompt = (ids * 10)[:length]
         dec.run([(Sink(), prompt, params, task) for _ in range(rows)])
         assert len(log.codes) == warmed, (rows, length, budget)  # could fail: a new family
+
+
+@GPU[0]
+@GPU[1]
+def test_after_the_prefill_warm_up_no_chunk_shape_compiles_with_inductor(world: World) -> None:
+    """The same with inductor on CUDA (bf16, the premoe_gemv experts, as serve runs), where a
+    guard of inductor's own splits the forward's positions at 2048 (padded matmuls): after
+    `warm_prefill`, forwards up to `prefill_tokens` positions of any row count compile
+    nothing (an H100 load run compiled one under its first burst of 32 rows)."""
+    from premoe.quant.gemv_experts import register
+
+    resident = ResidentModel(
+        world.source,
+        world.routing.union,
+        device="cuda",
+        dtype=torch.bfloat16,
+        experts_implementation=register(),
+    )
+    model = resident.model.eval()
+    routing = RowRouting(model, world.source.arch, world.routing.union, world.patterns)
+    budget = 3000
+    dec = ContinuousDecoder(
+        model, world.tokenizer, slots=16, max_len=MAX_LEN, prefill_tokens=budget,
+        routing=routing, graphs=True, compile=True,
+    )  # fmt: skip
+    torch._dynamo.reset()
+    assert dec.graphs is not None
+    with torch.no_grad():
+        dec.graphs.warmup()
+    ids = prompts(world)[0]
+    task = next(iter(world.patterns))
+    dec.warm_prefill(ids[:8], task)
+    stats = torch._dynamo.utils.counters["stats"]
+    warmed = stats["unique_graphs"]
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for rows, length in [(16, 180), (12, 250), (16, 140), (3, 252), (5, 60), (1, 200), (2, 2)]:
+        for _ in range(rows):
+            dec.add(Sink(), (ids * 100)[:length], params, task)
+        widest = 0
+        while dec.active():
+            widest = max(widest, dec.step().prefill_positions)
+        assert widest <= budget
+        assert stats["unique_graphs"] == warmed, (rows, length, widest)  # could fail: a family
 
 
 def test_a_compiled_prefill_that_fails_falls_back_to_eager_prefill(world: World) -> None:
