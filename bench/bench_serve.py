@@ -995,7 +995,8 @@ def report(
         ("graphs compiled after warm-up", f"{late_graphs(results['premoe'])} (each a compile "
                                           "under requests; 0 when the warm-up covers them)"),
         ("scheduler", f"{results['premoe']['info'].get('scheduler')}, patterns "
-                      f"{results['premoe']['info'].get('patterns_mode')}"),
+                      f"{results['premoe']['info'].get('patterns_mode')}, fused routers "
+                      f"{'on' if results['premoe']['info'].get('fused_routers') else 'off'}"),
         ("decode b1 tokens/s", f"{b1['decode_tokens_per_s']:.1f}"),
         ("bandwidth bound", f"{bound:.0f} tokens/s ({active['total'] / 1e9:.2f} GB/token at "
                             f"{bw / 1e9:.0f} GB/s)"),

@@ -320,6 +320,7 @@ class Engine:
             "routers": self.pattern_routers.to_json(self.patterns),
             "patterns_mode_reason": self.mode_reason,
             "resident_experts_per_layer": resident_keep.count,
+            "fused_routers": self.cont is not None and self.cont.fused_routers is not None,
             "miss_policy": cfg.miss_policy,
             "dropped_mass_metered": self.miss is not None,
             **(

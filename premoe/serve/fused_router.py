@@ -13,8 +13,9 @@ What the kernel computes comes from the family's routing rule (`premoe.arch.rout
 selection, renormalisation, routed scaling); families it cannot express (a selection-only
 correction bias, group-limited choice, sparsemixer) keep their own forward. Whether the fused
 forward returns what the router's own forward returns is not assumed but checked, once per router
-class, on random hidden states: the same logits, the same experts in the same order, weights equal
-to about one rounding of their dtype, the tuple in the same order. A router that fails the check
+class, on random hidden states: the same logits, the same experts in the same order (up to ties
+between equal logits), weights equal to about one rounding of their dtype, the tuple in the same
+order. A router that fails the check
 keeps its own forward (`FusedRouters.why` says why).
 
 `patched()` puts the fused forwards in place for a block; the decode step is traced and captured
@@ -102,7 +103,7 @@ class FusedRouters:
             if type(router) not in checked:
                 self.why = self._check(router)
                 if self.why is not None:
-                    log.info("routers keep their own forward: %s", self.why)
+                    log.warning("routers keep their own forward: %s", self.why)
                     return
                 checked.add(type(router))
         self.routers = routers
@@ -136,9 +137,10 @@ class FusedRouters:
                 return f"{type(router).__name__} returns a {type(t).__name__}"
             if t.shape == logits.shape and t.dtype == logits.dtype and torch.equal(t, logits):
                 order.append("logits")
-            elif not t.is_floating_point() and t.shape == idx.shape and torch.equal(t, idx):
-                order.append("indices")
-            elif t.is_floating_point() and t.shape == w.shape:
+            elif not t.is_floating_point():
+                if t.shape == idx.shape and _same_choice(t, idx, logits):
+                    order.append("indices")
+            elif t.shape == w.shape:
                 tol = max(4 * torch.finfo(t.dtype).eps, 1e-5)  # ~ one rounding of the dtype
                 if not torch.allclose(w.to(t.dtype).float(), t.float(), rtol=tol, atol=tol):
                     return f"{type(router).__name__}'s weights differ from the kernel's"
@@ -163,6 +165,19 @@ class FusedRouters:
                     del router.forward
                 else:
                     router.forward = fn
+
+
+def _same_choice(own: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor) -> bool:
+    """The same experts in the same order (idx, own [T, k]), up to ties: experts of equal logits
+    (logits [T, E]), whose order torch.topk leaves unspecified and the kernel gives by index.
+    Scoring is monotone in the logits (no correction bias here), so equal logits are equal
+    scores and weights; in bf16 ties are common (random hidden states of a model with 81
+    experts tied in 7 tokens, and the server's routers kept their own forward)."""
+    if torch.equal(own, idx):
+        return True
+    if own.min() < 0 or own.max() >= logits.shape[-1]:
+        return False
+    return torch.equal(logits.gather(-1, own), logits.gather(-1, idx))
 
 
 def _fused_forward(router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:

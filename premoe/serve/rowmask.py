@@ -104,6 +104,7 @@ class RowRouting:
         self.layers = sorted(union.layers)
         self.union = union
         device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype  # of the activations, so of the logits
         self._layer: int | None = None  # the router running (set by its pre-hook)
         self._per_layer: torch.Tensor | None = None  # [L, T, U] masks of the forward running
         self._token_pattern: torch.Tensor | None = None  # [T] pattern index of every token
@@ -202,8 +203,13 @@ class RowRouting:
         if rows is None:
             self._per_layer = self._token_pattern = None
             return
-        self._per_layer = rows.masks.repeat_interleave(tokens_per_row, 0).transpose(0, 1)
-        self._token_pattern = rows.index.repeat_interleave(tokens_per_row)  # [T]
+        masks, index = rows
+        if tokens_per_row > 1:
+            masks = masks.repeat_interleave(tokens_per_row, 0)
+            index = index.repeat_interleave(tokens_per_row)
+        # in the logits' dtype once a forward, not a cast in every layer (0 and -inf are exact)
+        self._per_layer = masks.transpose(0, 1).to(self.dtype)  # [L, T, U]
+        self._token_pattern = index  # [T]
 
     @contextmanager
     def hooked(self) -> Iterator[None]:

@@ -4,12 +4,19 @@ rule's reference for every scoring, and `FusedRouters` checked against tiny mode
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
 from premoe.arch.registry import arch_for_config
 from premoe.arch.routing import RoutingRule, route_from_logits
+from premoe.load import ResidentModel
+from premoe.prune import KeepSets
 from premoe.serve import fused_router, topk
-from tests.helpers import tiny_model
+from premoe.serve.rowmask import union_keep
+from premoe.source import resolve_model
+from tests.helpers import save_with_tokenizer, tiny_model
 
 
 def kernel() -> None:
@@ -51,6 +58,28 @@ def routers() -> None:
         print(f"{family} fused ok")
 
 
+def bf16_union(tmp: Path) -> None:
+    """A bf16 model over a union of 76 of 128 experts, as serve holds it: its routers' bf16
+    logits tie (the check must take tied experts in the kernel's order), and they are fused."""
+    model = tiny_model("qwen3_moe", num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)
+    src = resolve_model(str(save_with_tokenizer(model, tmp / "m")))
+    g = torch.Generator().manual_seed(0)
+    patterns = {
+        f"p{i}": KeepSets.from_mapping(
+            {n: torch.randperm(128, generator=g)[:32].tolist() for n in src.moe_layers}
+        )
+        for i in range(3)
+    }
+    union = union_keep(patterns, 128)
+    assert union.count > 64, union.count
+    resident = ResidentModel(src, union, device="cpu", dtype=torch.bfloat16).model.eval()
+    fused = fused_router.FusedRouters(resident, arch_for_config(resident.config))
+    assert fused.routers, fused.why
+    print("bf16 union fused ok")
+
+
 if __name__ == "__main__":
     kernel()
     routers()
+    with tempfile.TemporaryDirectory() as tmp:
+        bf16_union(Path(tmp))

@@ -28,6 +28,21 @@ def test_kernel_and_checks_under_the_interpreter() -> None:
     assert "deepseek_v3 keeps its routers: the router has a selection-only correction bias" in (
         stdout
     )
+    assert "bf16 union fused ok" in stdout, stdout
+
+
+def test_the_check_takes_tied_experts_in_either_order() -> None:
+    """bf16 logits tie often; torch.topk orders tied experts as it likes, the kernel by index.
+    The check took that for a different routing, and the server's bf16 routers kept their own
+    forward (three kernels a layer more on an H100)."""
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.5], [1.0, 1.0, 1.0, 0.0, 2.0]])  # [T, E]
+    kernel = torch.tensor([[0, 2, 3], [4, 0, 1]])  # [T, k] ties by the lower index
+    same = fused_router._same_choice
+    assert same(torch.tensor([[0, 3, 2], [4, 1, 0]]), kernel, logits)
+    assert same(torch.tensor([[0, 2, 3], [4, 2, 1]]), kernel, logits)  # 2 ties 0 and 1
+    assert not same(torch.tensor([[0, 2, 1], [4, 0, 1]]), kernel, logits)  # 1 is not 3
+    assert not same(torch.tensor([[0, 3, 2], [0, 4, 1]]), kernel, logits)  # out of order
+    assert not same(torch.tensor([[0, 2, 5], [4, 0, 1]]), kernel, logits)  # no expert 5
 
 
 def test_unsupported_rules_are_named() -> None:
