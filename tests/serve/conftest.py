@@ -214,6 +214,23 @@ def server(serve_world: ServeWorld) -> Iterator[Server]:
     stop_server(srv)
 
 
+def mixed_on_cuda(
+    source: Any, union: Any, patterns: Any, dtype: torch.dtype, quantize: Any = None
+) -> tuple[Any, Any]:
+    """The union of `patterns` resident on the GPU with the premoe_gemv experts (as serve holds
+    it), and its per-row routing."""
+    from premoe.load import ResidentModel
+    from premoe.quant.gemv_experts import register
+    from premoe.serve.rowmask import RowRouting
+
+    resident = ResidentModel(
+        source, union, device="cuda", dtype=dtype, quantize=quantize,
+        experts_implementation=register(),
+    )  # fmt: skip
+    model = resident.model.eval()
+    return model, RowRouting(model, source.arch, union, patterns)
+
+
 def reference_route(
     x: torch.Tensor, k: int, scoring: int, renorm: bool, scaling: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.serve.sampling import TokenLogprobs
 from premoe.source import resolve_model
 from tests.helpers import GPU, greedy_text
-from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld, reference_route
+from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld, mixed_on_cuda, reference_route
 
 
 @dataclass
@@ -300,17 +300,8 @@ def test_after_the_prefill_warm_up_no_chunk_shape_compiles_with_inductor(world: 
     guard of inductor's own splits the forward's positions at 2048 (padded matmuls): after
     `warm_prefill`, forwards up to `prefill_tokens` positions of any row count compile
     nothing (an H100 load run compiled one under its first burst of 32 rows)."""
-    from premoe.quant.gemv_experts import register
-
-    resident = ResidentModel(
-        world.source,
-        world.routing.union,
-        device="cuda",
-        dtype=torch.bfloat16,
-        experts_implementation=register(),
-    )
-    model = resident.model.eval()
-    routing = RowRouting(model, world.source.arch, world.routing.union, world.patterns)
+    union = world.routing.union
+    model, routing = mixed_on_cuda(world.source, union, world.patterns, torch.bfloat16)
     budget = 3000
     dec = ContinuousDecoder(
         model, world.tokenizer, slots=16, max_len=MAX_LEN, prefill_tokens=budget,
@@ -362,19 +353,10 @@ def test_cuda_graph_steps_equal_eager_steps(
     rows joining at random steps, experts through the premoe_gemv kernel or fp8 slots) give the
     eager steps' greedy text."""
     from premoe.load.loader import ExpertQuantization
-    from premoe.quant.gemv_experts import register
 
     q = ExpertQuantization(quantize, block=(16, 16)) if quantize else None
-    resident = ResidentModel(
-        world.source,
-        world.routing.union,
-        device="cuda",
-        dtype=torch.float32,
-        quantize=q,
-        experts_implementation=register(),
-    )
-    model = resident.model.eval()
-    routing = RowRouting(model, world.source.arch, world.routing.union, world.patterns)
+    union = world.routing.union
+    model, routing = mixed_on_cuda(world.source, union, world.patterns, torch.float32, q)
     names = list(world.patterns)
     jobs = [(ids, names[i % len(names)], 12) for i, ids in enumerate(prompts(world))]
     texts = {}

@@ -25,7 +25,7 @@ from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.source import resolve_model
 from tests.helpers import GPU
-from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld
+from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld, mixed_on_cuda
 from tests.serve.test_continuous import GraphLog, decode_shapes
 
 
@@ -271,16 +271,8 @@ def test_compiled_layers_tap_as_eager_layers(world: World) -> None:
 def test_cuda_graph_steps_meter_as_eager_steps(world: World, compile: bool) -> None:
     """Decode steps replayed from CUDA graphs measure every row's dropped mass as eager steps
     do (the captured step copies the router inputs into the meter's tap)."""
-    from premoe.quant.gemv_experts import register
-
-    model = ResidentModel(
-        world.source,
-        world.routing.union,
-        device="cuda",
-        dtype=torch.float32,
-        experts_implementation=register(),
-    ).model.eval()
-    routing = RowRouting(model, world.source.arch, world.routing.union, world.patterns)
+    union = world.routing.union
+    model, routing = mixed_on_cuda(world.source, union, world.patterns, torch.float32)
     meter = RowMeter(model, world.source, world.patterns)
     meter.attach()
     names = list(world.patterns)
