@@ -188,6 +188,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         # unfused steps first: fusing the projections changes the model's modules for good
         wide, programs = attention.WIDE_COLUMNS, attention.PROGRAMS
         fuse_experts, glu_on_load = gemv_experts.FUSE, gemv_experts.GLU_ON_LOAD
+        combo = Regions.COMBO_KERNELS
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
             attention.ENABLED = not mode.endswith(SDPA)
@@ -264,7 +265,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
         attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = True
-        Regions.COMBO_KERNELS = False
+        Regions.COMBO_KERNELS = combo
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = False
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs

@@ -609,16 +609,13 @@ class ContinuousDecoder:
 
         short, mid = ids[:2], min(256, self.max_len // 2)
         families = [[ids], [prompt(mid)], [prompt(self.prefill_tokens)]]
-        if self.slots > 1:  # several rows: the oldest row's chunk sets S, the others are padded
+        if self.slots > 1:  # several rows: the first (longest) sets S, the others are padded
             rows = max(range(2, self.slots + 1), key=lambda b: b * widest(b))
             families += [[short, short], [prompt(min(mid, widest(2))), ids]]
             families.append([prompt(widest(rows))] + [short] * (rows - 1))
-        shapes = set()
-        for family in families:
-            shape = (len(family), len(family[0]))  # [B, S] of its first chunk
-            if shape not in shapes:
-                shapes.add(shape)
-                self.run([(NullSink(), x, params, pattern) for x in family])
+        by_shape = {(len(f), len(f[0])): f for f in families}  # [B, S] of the first forward
+        for family in by_shape.values():
+            self.run([(NullSink(), x, params, pattern) for x in family])
 
     def run(self, rows: Sequence[tuple[RowSink, list[int], SamplingParams, str | None]]) -> None:
         """Decode `rows` to completion (tests, benchmarks): admit as slots free up."""
