@@ -540,6 +540,7 @@ def bench_premoe(
                 }[k]
             mixed0, single0 = m.steps.value(mode="mixed"), m.steps.value(mode="single")
             prefills0 = m.prefill_steps.value()
+            busy0, prefill_s0 = m.busy_seconds.value(), m.prefill_seconds.sum()
             guard0 = guard_counts(server)
             n_req = max(args.requests, 2 * conc)
             conc_jobs = (jobs * (n_req // len(jobs) + 1))[:n_req]
@@ -562,6 +563,10 @@ def bench_premoe(
                     "mixed_steps": m.steps.value(mode="mixed") - mixed0,
                     "single_steps": m.steps.value(mode="single") - single0,
                     "prefill_steps": m.prefill_steps.value() - prefills0,
+                    # the engine thread's time in steps, and of it in prefill forwards; the
+                    # rest of the wall it waited for requests (between waves, before the first)
+                    "engine_busy_s": m.busy_seconds.value() - busy0,
+                    "engine_prefill_s": m.prefill_seconds.sum() - prefill_s0,
                     "gc_full_passes": {"n": full_gc[0], "total_ms": 1e3 * full_gc[1]},
                     "connections_closed_by_guard": {
                         k: v - guard0[k] for k, v in guard_counts(server).items()
@@ -1032,6 +1037,9 @@ def report(
             ("  steps mixed / single / prefill", f"{x.get('mixed_steps', 0):.0f} / "
                                        f"{x.get('single_steps', 0):.0f} / "
                                        f"{x.get('prefill_steps', 0):.0f}"),
+            ("  engine in steps (prefill) / wall", f"{x.get('engine_busy_s', 0):.2f} s "
+                                                   f"({x.get('engine_prefill_s', 0):.2f} s) / "
+                                                   f"{x['wall_s']:.2f} s"),
             ("  swaps (bytes, s)", f"{x['swaps']:.0f} ({x['swap_bytes'] / 1e9:.2f} GB, "
                                    f"{x['swap_seconds']:.2f} s)"),
             ("  errors", f"{x['errors']} {x.get('error_kinds') or ''}".strip()),

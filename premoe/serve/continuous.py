@@ -305,7 +305,9 @@ class ContinuousDecoder:
         if chunks:
             if between is not None:
                 between()
+            t1 = time.perf_counter()
             self._prefill(chunks, report)
+            report.prefill_seconds = time.perf_counter() - t1
         rows = [s for s in self.active() if s.decodable]
         if rows:
             if between is not None:

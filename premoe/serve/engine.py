@@ -666,6 +666,7 @@ class Engine:
         m = self.metrics
         assert self.cont is not None
         m.running.set(len(self.cont.active()))
+        m.busy_seconds.inc(report.seconds)
         if report.decode_rows:
             mode = "mixed" if len(report.patterns) > 1 else "single"
             m.steps.inc(mode=mode)
@@ -675,6 +676,7 @@ class Engine:
         if report.prefill_tokens:
             m.prefill_steps.inc()
             m.prefill_step_tokens.observe(report.prefill_tokens)
+            m.prefill_seconds.observe(report.prefill_seconds)
 
     def _route_pending(self) -> None:
         while self._unrouted:

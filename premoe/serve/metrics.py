@@ -32,6 +32,9 @@ premoe_steps_total                          counter    mode (mixed: rows of seve
 premoe_step_patterns                        gauge      - (patterns in the last decode step)
 premoe_prefill_steps_total                  counter    - (steps that prefilled prompt tokens)
 premoe_prefill_step_tokens                  histogram  - (prompt tokens prefilled in one step)
+premoe_prefill_step_seconds                 histogram  - (a step's prefill forward, first samples)
+premoe_engine_busy_seconds_total            counter    - (continuous scheduler's steps; the rest of
+                                                       the time it waited for requests)
 premoe_dropped_mass                         histogram  task (a request's mean dropped mass over its
                                                        generated tokens; the pattern at its end)
 premoe_reroutes_total                       counter    from, to (pattern switches of --miss-policy
@@ -326,6 +329,21 @@ class ServeMetrics:
         )
         self.prefill_steps = r.add(
             Counter("premoe_prefill_steps_total", "Steps that prefilled prompt tokens.")
+        )
+        self.prefill_seconds = r.add(
+            Histogram(
+                "premoe_prefill_step_seconds",
+                "Wall time of one step's prefill forward, its first tokens sampled.",
+                (),
+                STEP_BUCKETS,
+            )
+        )
+        self.busy_seconds = r.add(
+            Counter(
+                "premoe_engine_busy_seconds_total",
+                "Wall time of the continuous scheduler's steps (prefill and decode); the rest "
+                "of the engine's time it waited for requests.",
+            )
         )
         self.prefill_step_tokens = r.add(
             Histogram(

@@ -68,5 +68,6 @@ class StepReport:
     patterns: set[str] = field(default_factory=set)
     finished: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0  # of `seconds`: the prefill forward and its first samples
     in_flight: bool = False  # the decode step was left running when `step` returned (pipeline)
     rerouted: list[Seq] = field(default_factory=list)  # rows taken out for another pattern
