@@ -51,6 +51,7 @@ from premoe.load.miss import (
 )
 from premoe.prune import KeepSets
 from premoe.runtime import upload
+from premoe.serve import meter_fold
 from premoe.serve.requests import GenRequest
 
 if TYPE_CHECKING:
@@ -175,6 +176,21 @@ class RowMeter(MissMeter):
             return self.tapped(b)
         finally:
             self._tok = None
+
+    def fold_tapped(
+        self, b: int, tok: torch.Tensor, live: torch.Tensor, sums: SlotAccumulator
+    ) -> None:
+        """`sums.add_rows(tapped_rows(b, tok), live)`: the full routers' matmul and one kernel
+        (meter_fold.py) where it runs, else in torch. Sync-free (captured in graphs)."""
+        assert self.rows is not None and self._tap is not None
+        if not meter_fold.available(self.device, self.scoring):
+            sums.add_rows(self.tapped_rows(b, tok), live)
+            return
+        w = self.rows.weight  # [L, E, H]
+        logits = torch.bmm(self._tap[:, :b].to(w.dtype), w.transpose(1, 2))  # [L, B, E]
+        meter_fold.fold(logits, tok, self.masks, live, sums, k=self.rule.top_k,
+                        scoring=self.scoring, bias=self.rows.bias,
+                        correction=self.rows.correction)  # fmt: skip
 
     def _share(self, w: torch.Tensor, idx: torch.Tensor, index: int | None) -> torch.Tensor:
         """Σ_j w·1[idx ∉ S_row] / Σ_j w, S_row the token's row's pattern."""
@@ -331,14 +347,15 @@ class SlotMiss:
         self._graph_tok = torch.zeros(n, dtype=torch.long, device=dev)  # [N] pattern index
         self._graph_live = torch.zeros(n, dtype=torch.float32, device=dev)  # [N] 1.0: decoding
         self._graph_rows: tuple[tuple[bool, str | None], ...] | None = None  # buffers' rows
+        self._warm_sums = SlotAccumulator(self.gen.layers, n, dev)  # what warm-up runs fold
 
     def tapping(self) -> AbstractContextManager[None]:
         return self.meter.tapping()
 
     def captured(self, b: int, *, warm: bool) -> None:
-        dropped = self.meter.tapped_rows(b, self._graph_tok[:b])  # [L, B]
-        if not warm:  # a warm-up run executes: running rows' sums stay as they are
-            self.gen.add_rows(dropped, self._graph_live[:b])
+        # a warm-up run executes: it folds into scratch sums, the running rows' stay as they are
+        sums = self._warm_sums if warm else self.gen
+        self.meter.fold_tapped(b, self._graph_tok[:b], self._graph_live[:b], sums)
 
     def before_replay(self, rows: Sequence[Seq | None]) -> None:
         """Rows 0..n-1 of the next replay (row b is slot b; None: idle): fills the buffers when

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,7 +25,7 @@ from premoe.serve.miss import RowMeter, SlotMiss, merge
 from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.source import resolve_model
-from tests.helpers import GPU
+from tests.helpers import GPU, run_triton_script
 from tests.serve.conftest import KEEP, MAX_LEN, ServeWorld, mixed_on_cuda
 from tests.serve.test_continuous import GraphLog, decode_shapes
 
@@ -238,6 +239,17 @@ def test_a_captured_step_measures_as_an_eager_step(world: World) -> None:
     assert a.count.tolist() == b.count.tolist() == [1.0, 0.0, 1.0, 1.0]
     assert torch.allclose(a.win_sum, b.win_sum, atol=1e-6)
     assert float(a.sum[0].sum()) != float(a.sum[2].sum()), "the test could not fail"
+
+
+def test_the_fold_kernel_under_the_interpreter() -> None:
+    """The captured step's meter pass in one kernel (meter_fold.py) folds what the eager pass
+    folds, for softmax and sigmoid routers, a logit bias and a correction, run by Triton's CPU
+    interpreter (needs `triton`)."""
+    stdout = run_triton_script(Path(__file__).with_name("meter_interpret_check.py"), 600)
+    assert "fold ok" in stdout, stdout
+    for family in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+        assert f"{family} captured ok" in stdout, stdout
+    assert "correction True" in stdout and "bias True" in stdout, stdout
 
 
 def test_compiled_layers_tap_as_eager_layers(world: World) -> None:
