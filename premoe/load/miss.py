@@ -438,11 +438,14 @@ class MissMeter:
 
         return hook
 
+    def _full_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The full routers' logits [L, T, E] of every layer's router inputs x [L, T, H]."""
+        assert self.rows is not None
+        return torch.bmm(x.to(self.rows.weight.dtype), self.rows.weight.transpose(1, 2))
+
     def _batched(self, x: torch.Tensor) -> torch.Tensor:
         """Dropped mass [L, T] from every layer's router inputs x [L, T, H] in one pass."""
-        assert self.rows is not None
-        logits = torch.bmm(x.to(self.rows.weight.dtype), self.rows.weight.transpose(1, 2))
-        return self._from_logits(logits, None)  # logits [L, T, E] -> [L, T]
+        return self._from_logits(self._full_logits(x), None)  # [L, T, E] -> [L, T]
 
     def _end(self, module: Any, args: Any, out: Any) -> None:
         if self._tapping or not self._active():

@@ -1,4 +1,4 @@
-"""The captured dropped-mass meter's pass in one kernel (decode steps on CUDA).
+"""The captured dropped-mass meter's pass in two small kernels (decode steps on CUDA).
 
 Shape legend: L MoE layers, B rows of the step, E routed experts (full router width), P patterns,
 N KV slots, k experts per token.

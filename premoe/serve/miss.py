@@ -180,14 +180,13 @@ class RowMeter(MissMeter):
     def fold_tapped(
         self, b: int, tok: torch.Tensor, live: torch.Tensor, sums: SlotAccumulator
     ) -> None:
-        """`sums.add_rows(tapped_rows(b, tok), live)`: the full routers' matmul and one kernel
-        (meter_fold.py) where it runs, else in torch. Sync-free (captured in graphs)."""
+        """`sums.add_rows(tapped_rows(b, tok), live)`: the full routers' matmul and two small
+        kernels (meter_fold.py) where they run, else in torch. Sync-free (captured in graphs)."""
         assert self.rows is not None and self._tap is not None
         if not meter_fold.available(self.device, self.scoring):
             sums.add_rows(self.tapped_rows(b, tok), live)
             return
-        w = self.rows.weight  # [L, E, H]
-        logits = torch.bmm(self._tap[:, :b].to(w.dtype), w.transpose(1, 2))  # [L, B, E]
+        logits = self._full_logits(self._tap[:, :b])  # [L, B, E]
         meter_fold.fold(logits, tok, self.masks, live, sums, k=self.rule.top_k,
                         scoring=self.scoring, bias=self.rows.bias,
                         correction=self.rows.correction)  # fmt: skip

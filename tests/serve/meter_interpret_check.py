@@ -1,7 +1,7 @@
 """Run by test_miss.py under Triton's CPU interpreter: `meter_fold.fold` folds what the eager
 meter pass folds (`MissMeter._from_logits`, `RowMeter._share`, `SlotAccumulator.add_rows`) for
-every scoring it takes, with and without a logit bias and a selection-only correction, over
-layers that need several tiles; and a captured step of tiny models (softmax, sigmoid with a
+every scoring it takes, with and without a logit bias and a selection-only correction; and a
+captured step of tiny models (softmax, sigmoid with a
 correction, a logit bias) meters through it as an eager step does."""
 
 from __future__ import annotations

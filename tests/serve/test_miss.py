@@ -242,7 +242,7 @@ def test_a_captured_step_measures_as_an_eager_step(world: World) -> None:
 
 
 def test_the_fold_kernel_under_the_interpreter() -> None:
-    """The captured step's meter pass in one kernel (meter_fold.py) folds what the eager pass
+    """The captured step's meter pass in two kernels (meter_fold.py) folds what the eager pass
     folds, for softmax and sigmoid routers, a logit bias and a correction, run by Triton's CPU
     interpreter (needs `triton`)."""
     stdout = run_triton_script(Path(__file__).with_name("meter_interpret_check.py"), 600)
