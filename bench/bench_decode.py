@@ -46,7 +46,7 @@ from premoe.arch.registry import arch_for_config
 from premoe.demo.tasks import build_tokenizer
 from premoe.load.miss import DroppedMass, FullRouterRows
 from premoe.prune import KeepSets
-from premoe.quant import gemv_experts
+from premoe.quant import gemv_experts, pdl
 from premoe.quant.gemv_experts import register
 from premoe.quant.resident import quantize_resident
 from premoe.serve import attention, gemv_linear
@@ -65,6 +65,7 @@ SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel
 PDL = "_pdl"  # fused, inductor's kernels launched with programmatic dependent launch (sm_90)
 COMBO = "_combo"  # fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS)
 NOGLU = "_noglu"  # fused, the experts' activation its own kernel (not gemv_experts.GLU_ON_LOAD)
+NOPDL = "_nopdl"  # fused, premoe's own kernels launched without PDL (not pdl.ENABLED)
 
 
 def say(msg: str) -> None:
@@ -204,6 +205,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
             gemv_experts.GLU_ON_LOAD = not mode.endswith(NOGLU)
+            pdl.ENABLED = not mode.endswith(NOPDL)
             for q in qr.layers.values() if qr is not None else ():
                 q.fuse = gemv_experts.FUSE
             torch._dynamo.reset()  # compiled layers do not guard on every patched function
@@ -264,7 +266,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             if args.profile:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
-        attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = True
+        attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = pdl.ENABLED = True
         Regions.COMBO_KERNELS = combo
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = False
@@ -312,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{PDL}",
             f"compiled{COMBO}",
             f"compiled{NOGLU}",
+            f"compiled{NOPDL}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
@@ -325,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(attention.MERGE_IN_KERNEL off); {PDL}: fused, inductor's kernels launched with "
         f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {COMBO}: "
         f"fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS); {NOGLU}: fused, "
-        "the experts' activation as its own kernel (gemv_experts.GLU_ON_LOAD off)",
+        f"the experts' activation as its own kernel (gemv_experts.GLU_ON_LOAD off); {NOPDL}: "
+        "fused, premoe's kernels (GEMVs, attention, top-k) launched without programmatic "
+        "dependent launch (premoe.quant.pdl.ENABLED off; on by default on sm_90+)",
     )
     p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(

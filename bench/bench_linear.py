@@ -4,9 +4,9 @@
 For every linear layer shape of the bench model at batch 1 (the fused q/k/v, o_proj, a router of
 `--routers` widths, the LM head), times one call of each on `--layers` distinct weights (more
 bytes than the L2 cache holds, as a decode step reads them) captured in one CUDA graph, as serve's
-step runs them; the GEMV at its table's launch shape (`kernels.FUSED_SHAPES["linear"]`) and at
-every shape of a small grid (`--sweep`). Prints µs per call and the weight bytes read per second,
-writes JSON.
+step runs them; the GEMV at its table's launch shape (`kernels.FUSED_SHAPES["linear"]`), with and
+without programmatic dependent launch (`premoe.quant.pdl.ENABLED`), and at every shape of a
+small grid (`--sweep`). Prints µs per call and the weight bytes read per second, writes JSON.
 
     python3 bench/bench_linear.py --sweep --out bench/results/linear_h200.json
 """
@@ -22,7 +22,7 @@ import _common as bc
 import torch
 import torch.nn.functional as F
 
-from premoe.quant import kernels
+from premoe.quant import kernels, pdl
 
 GRID = list(
     itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (4, 8))
@@ -57,6 +57,11 @@ def measure(n: int, k: int, layers: int, device: torch.device, sweep: bool) -> d
     row: dict[str, Any] = {"n": n, "k": k, "max_rel_err": err, "sweep": {}}
     row["cublas_us"] = bc.graph_seconds(cublas, device, layers) * 1e6
     row["gemv_us"] = bc.graph_seconds(gemv, device, layers) * 1e6
+    pdl.ENABLED = False
+    try:
+        row["gemv_nopdl_us"] = bc.graph_seconds(gemv, device, layers) * 1e6
+    finally:
+        pdl.ENABLED = True
     table = kernels.FUSED_SHAPES["linear"]["dense"]
     for shape in GRID if sweep else []:
         kernels.FUSED_SHAPES["linear"]["dense"] = ((kernels.ANY, shape),)
@@ -82,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     table = kernels.FUSED_SHAPES["linear"]["dense"]
     result: dict[str, Any] = {"args": vars(args), "table": table, "shapes": {}}
     print(f"{'layer':<12} {'N x K':>13} {'cuBLAS us':>9} {'GEMV us':>8} {'ratio':>6} "
-          f"{'GEMV GB/s':>9} {'best shape':>12} {'best us':>8}")  # fmt: skip
+          f"{'GEMV GB/s':>9} {'no-PDL us':>9} {'best shape':>12} {'best us':>8}")  # fmt: skip
     for name, (n, k) in shapes(args).items():
         layers = args.layers if n * k < (1 << 26) else 2  # the LM head: once per step
         row = result["shapes"][name] = measure(n, k, layers, device, args.sweep)
         gbs = n * k * 2 / row["gemv_us"] / 1e3
         print(f"{name:<12} {f'{n}x{k}':>13} {row['cublas_us']:9.2f} {row['gemv_us']:8.2f} "
-              f"{row['cublas_us'] / row['gemv_us']:6.2f} {gbs:9.0f} {row['best'][0]:>12} "
+              f"{row['cublas_us'] / row['gemv_us']:6.2f} {gbs:9.0f} {row['gemv_nopdl_us']:9.2f} "
+              f"{row['best'][0]:>12} "
               f"{row['best'][1]:8.2f}", flush=True)  # fmt: skip
     bc.write_json(args.out, result, device=device)
     return 0

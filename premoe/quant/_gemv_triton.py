@@ -18,12 +18,29 @@ a row is and what is stored:
 
 Every dot product goes through `_chunk_dot`, so each weight format (fp8 block, int4 packed,
 plain) gets every fusion.
+
+With ``PDL`` the kernel was launched with programmatic dependent launch (sm_90+,
+`kernels.pdl`): it may start while the kernel before it still runs, so it waits for that one
+(`pdl_enter`) before it reads anything another kernel wrote. FUSE 3 loads its first weight
+chunk before the wait (a linear layer's weights are written once, at load), so the weight
+fetch overlaps the previous kernel's tail; the others wait first (expert indices and the
+slots' weights may be new).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the kernel before this one has finished
+    (its writes visible), then let the kernel after this one launch. A kernel calls it before it
+    reads anything another kernel wrote; nothing without `PDL`."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -77,9 +94,10 @@ def _chunk_dot(
     FP8_MODE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GLU: tl.constexpr = 0,
+    WAIT: tl.constexpr = False,
 ):
     """[BN] fp32: sum over k in [k0, k0 + BLOCK_K) of W[n, k] * x[k], W dequantized (x as
-    `_load_x` reads it)."""
+    `_load_x` reads it). `WAIT` (plain weights): `pdl_enter` between the weight load and x's."""
     if INT4:
         # 8 nibbles per int32 word: load words once, unpack with shifts to [BN, BW, 8]
         BW: tl.constexpr = BLOCK_K // 8
@@ -127,8 +145,9 @@ def _chunk_dot(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         m2 = mask_n[:, None] & mask_k[None, :]
-        xk = _load_x(x_base + offs_k, mask_k, K, GLU)
         w = tl.load(w_row[:, None] + offs_k[None, :] * stride_wk, mask=m2, other=0.0)
+        pdl_enter(WAIT)
+        xk = _load_x(x_base + offs_k, mask_k, K, GLU)
         w = w.to(tl.float32)  # [BN, BK]
         if DENSE:
             out = tl.sum(w * xk[None, :], axis=1)
@@ -189,7 +208,10 @@ def moe_gemv_kernel(
     GLU: tl.constexpr,  # FUSE 0: x rows are [gate | up], read as silu(gate) * up (`_load_x`)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (module docstring)
 ):
+    if FUSE != 3:
+        pdl_enter(PDL)  # FUSE 3 waits in its first chunk, after the weight load
     pid = tl.program_id(0)  # the pair s (FUSE 0, 1) or the token t (FUSE 2, 3)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,11 +261,18 @@ def moe_gemv_kernel(
             e = tl.load(experts_ptr + pid).to(tl.int64)
         w_row, s_row = _row_ptrs(w_ptr, s_ptr, e, offs_n, stride_we, stride_wn, stride_se,
                                  stride_sn, SCALE_BN)  # fmt: skip
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            acc += _chunk_dot(x_ptr + r * stride_xr, w_row, s_row, k0, mask_n, K, stride_wk,
-                              SCALE_BK, INT4, DENSE, ROUND_BF16, FP8_MODE, BLOCK_K,
-                              GLU)  # fmt: skip
+        x_row = x_ptr + r * stride_xr
+        if FUSE == 3:  # the first chunk apart: its weight load comes before the PDL wait
+            tl.static_assert(DENSE)
+            acc = _chunk_dot(x_row, w_row, s_row, 0, mask_n, K, stride_wk, SCALE_BK, INT4, DENSE,
+                             ROUND_BF16, FP8_MODE, BLOCK_K, GLU, PDL)  # fmt: skip
+            start: tl.constexpr = BLOCK_K
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            start: tl.constexpr = 0
+        for k0 in range(start, K, BLOCK_K):
+            acc += _chunk_dot(x_row, w_row, s_row, k0, mask_n, K, stride_wk, SCALE_BK, INT4,
+                              DENSE, ROUND_BF16, FP8_MODE, BLOCK_K, GLU)  # fmt: skip
         if FUSE == 3:
             if HAS_BIAS:
                 acc += tl.load(rw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)

@@ -32,6 +32,10 @@ one rounding of the output dtype.
 
 Triton exists only where a GPU does: this module imports it lazily. `available()` says whether
 the kernel can run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
+
+On sm_90+ they are launched with programmatic dependent launch (`premoe.quant.pdl`): the ops are
+opaque custom ops, so compiled graphs launch them through `_launch` too (inductor's own launches
+of user kernels take no launch attributes).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import os
 from typing import Any
 
 import torch
+
+from premoe.quant import pdl
 
 _OPS: dict[str, Any] | None = None  # the custom ops by variant; {} where torch has none
 
@@ -152,9 +158,9 @@ def _launch(
     per_row: int = 0,  # plain: pairs per x row, row = s // per_row (0: rows[s])
     has_bias: bool = False,  # linear: route_w is the bias [N]
     glu: int = 0,  # plain: x rows are [gate | up], read as silu(gate) * up (`GLU_DTYPES`)
-    wrap: Any = None,
 ) -> None:
-    kern = _kernel() if wrap is None else wrap(_kernel())
+    kern = _kernel()
+    dependent = pdl.active(x.device)
     if mode == "dense_t":  # [E, K, N]: row n of W starts at n, element k at k * stride
         stride_wn, stride_wk = weight.stride(2), weight.stride(1)
     else:
@@ -195,7 +201,9 @@ def _launch(
         GLU=glu,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PDL=dependent,
         num_warps=warps,
+        **pdl.launch_options(dependent),
     )
 
 
@@ -212,11 +220,12 @@ def _out(x: torch.Tensor, rows: int, cols: int, out_dtype: str) -> torch.Tensor:
 
 
 def _register_ops() -> dict[str, Any]:
-    """`premoe::moe_gemv`, `premoe::moe_gemv_silu` and `premoe::moe_gemv_wsum` as torch custom
-    ops (traceable by torch.compile / CUDA graphs: output shapes from input shapes alone)."""
-    from torch.library import triton_op, wrap_triton
+    """`premoe::moe_gemv`, `premoe::moe_gemv_silu`, `premoe::moe_gemv_wsum` and
+    `premoe::gemv_linear` as opaque torch custom ops (traceable by torch.compile and CUDA
+    graphs: output shapes from input shapes alone; launched by `_launch`, with PDL)."""
+    from torch.library import custom_op
 
-    @triton_op("premoe::moe_gemv", mutates_args=())
+    @custom_op("premoe::moe_gemv", mutates_args=())
     def moe_gemv_op(
         x: torch.Tensor,
         rows: torch.Tensor,
@@ -234,10 +243,15 @@ def _register_ops() -> dict[str, Any]:
     ) -> torch.Tensor:
         y = _out(x, experts.shape[0], n, "float32")
         _launch(x, rows, experts, weight, scale, x, y, n, k, scale_bn, scale_bk, mode, round_to,
-                per_row=per_row, glu=glu, wrap=wrap_triton)  # fmt: skip
+                per_row=per_row, glu=glu)  # fmt: skip
         return y
 
-    @triton_op("premoe::moe_gemv_silu", mutates_args=())
+    @moe_gemv_op.register_fake
+    def _(x: torch.Tensor, rows: Any, per_row: int, experts: torch.Tensor, w: Any, s: Any,
+          n: int, *a: Any) -> Any:  # fmt: skip
+        return _out(x, experts.shape[0], n, "float32")
+
+    @custom_op("premoe::moe_gemv_silu", mutates_args=())
     def moe_gemv_silu_op(
         x: torch.Tensor,
         experts: torch.Tensor,
@@ -253,10 +267,14 @@ def _register_ops() -> dict[str, Any]:
     ) -> torch.Tensor:
         y = _out(x, experts.numel(), n, out_dtype)
         _launch(x, experts, experts, weight, scale, x, y, n, k, scale_bn, scale_bk, mode,
-                round_to, "silu", wrap=wrap_triton)  # fmt: skip
+                round_to, "silu")  # fmt: skip
         return y
 
-    @triton_op("premoe::moe_gemv_wsum", mutates_args=())
+    @moe_gemv_silu_op.register_fake
+    def _(x: torch.Tensor, experts: torch.Tensor, w: Any, s: Any, n: int, *a: Any) -> Any:
+        return _out(x, experts.numel(), n, a[-1])
+
+    @custom_op("premoe::moe_gemv_wsum", mutates_args=())
     def moe_gemv_wsum_op(
         x: torch.Tensor,
         experts: torch.Tensor,
@@ -273,33 +291,38 @@ def _register_ops() -> dict[str, Any]:
     ) -> torch.Tensor:
         y = _out(x, experts.shape[0], n, out_dtype)
         _launch(x, experts, experts, weight, scale, route_w, y, n, k, scale_bn, scale_bk, mode,
-                round_to, "wsum", wrap=wrap_triton)  # fmt: skip
+                round_to, "wsum")  # fmt: skip
         return y
 
-    @triton_op("premoe::gemv_linear", mutates_args=())
+    @moe_gemv_wsum_op.register_fake
+    def _(x: torch.Tensor, experts: torch.Tensor, rw: Any, w: Any, s: Any, n: int,
+          *a: Any) -> Any:  # fmt: skip
+        return _out(x, experts.shape[0], n, a[-1])
+
+    @custom_op("premoe::gemv_linear", mutates_args=())
     def gemv_linear_op(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         y = x.new_empty(x.shape[0], weight.shape[0])
-        _linear(x, weight, y, bias, wrap_triton)
+        _linear(x, weight, y, bias)
         return y
+
+    @gemv_linear_op.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: Any) -> Any:
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     return {"": moe_gemv_op, "silu": moe_gemv_silu_op, "wsum": moe_gemv_wsum_op,
             "linear": gemv_linear_op}  # fmt: skip
 
 
 def _linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    y: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    wrap: Any = None,
+    x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None
 ) -> None:
     n, k = weight.shape
     w = weight.unsqueeze(0)  # [1, N, K]: expert 0
     b = x if bias is None else bias  # a pointer the kernel never reads without a bias
     _launch(x, x, x, w, w, b, y, n, k, 1, 1, "dense", "none", "linear",
-            has_bias=bias is not None, wrap=wrap)  # fmt: skip
+            has_bias=bias is not None)  # fmt: skip
 
 
 def prepare(device: torch.device) -> bool:
@@ -311,7 +334,7 @@ def prepare(device: torch.device) -> bool:
     if device.type == "cuda" and _OPS is None:
         try:
             _OPS = _register_ops()
-        except Exception:  # older torch: no triton_op; eager launches still work
+        except Exception:  # older torch: no custom ops; eager launches still work
             _OPS = {}
     return True
 

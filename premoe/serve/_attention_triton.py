@@ -8,6 +8,8 @@ of each (row, KV head) to take its ticket merges them itself (`_merge` either wa
 import triton
 import triton.language as tl
 
+from premoe.quant._gemv_triton import pdl_enter
+
 
 @triton.jit
 def _merge(part_ptr, stat_ptr, out_ptr, bh, n_splits, out_off, so_h, G: tl.constexpr,
@@ -46,8 +48,9 @@ def decode_attention_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, MERGE: tl.constexpr,
-    N_SPLITS: tl.constexpr,
+    N_SPLITS: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_enter(PDL)  # launched with programmatic dependent launch: q and the cache are new
     bh = tl.program_id(0)  # row b, KV head h
     split = tl.program_id(1)
     b = bh // n_kv_heads

@@ -23,14 +23,13 @@ replay the kernel and nothing is patched while they run.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from premoe.quant import kernels
+from premoe.quant import kernels, pdl
 
 MAX_WIDTH = 1024
 MAX_K = 32
@@ -45,59 +44,16 @@ _TORCH_TOPK = torch.topk
 RAW, SOFTMAX, SIGMOID, TOPK_SOFTMAX = 0, 1, 2, 3
 
 
-@functools.lru_cache(maxsize=1)
 def _kernel() -> Any:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def route_topk_kernel(
-        x_ptr,
-        values_ptr,
-        indices_ptr,
-        E,
-        stride_x,
-        scaling,
-        K: tl.constexpr,
-        BLOCK_E: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        SCORING: tl.constexpr,
-        RENORM: tl.constexpr,
-    ):
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_E)
-        ok = offs < E
-        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=float("-inf")).to(tl.float32)
-        if SCORING == 1:  # softmax over the row, then its k largest
-            e = tl.where(ok, tl.exp(x - tl.max(x, axis=0)), 0.0)
-            x = e / tl.sum(e, axis=0)
-        elif SCORING == 2:  # sigmoid scores
-            x = tl.sigmoid(x)
-        # order-preserving int keys: larger float -> larger int; NaN above +inf
-        bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = tl.where(x != x, 0x7FFFFFFF, key)
-        taken = -2147483647 - 1  # below every real key (also -inf's)
-        key = tl.where(ok, key, taken)
-        offs_k = tl.arange(0, BLOCK_K)
-        vals = tl.zeros((BLOCK_K,), tl.float32)
-        for i in tl.static_range(K):
-            best = tl.max(key, axis=0)
-            idx = tl.min(tl.where(key == best, offs, BLOCK_E), axis=0)  # lowest index
-            vals = tl.where(offs_k == i, tl.sum(tl.where(offs == idx, x, 0.0), axis=0), vals)
-            tl.store(indices_ptr + row * K + i, idx.to(tl.int64))
-            key = tl.where(offs == idx, taken, key)
-        in_k = offs_k < K
-        if SCORING == 3:  # the k largest logits, then a softmax over them
-            e = tl.where(in_k, tl.exp(vals - tl.max(tl.where(in_k, vals, float("-inf")), 0)), 0.0)
-            vals = e / tl.sum(e, axis=0)
-        if RENORM:
-            vals = vals / tl.sum(tl.where(in_k, vals, 0.0), axis=0)
-        if SCORING != 0:
-            vals = vals * scaling
-        tl.store(values_ptr + row * K + offs_k, vals.to(values_ptr.dtype.element_ty), mask=in_k)
+    from premoe.serve._topk_triton import route_topk_kernel  # imports triton
 
     return route_topk_kernel
+
+
+def _outputs(x: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [T, k] in `dtype`, indices [T, k] int64), uninitialised."""
+    values = torch.empty((x.shape[0], k), dtype=dtype, device=x.device)
+    return values, torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
 
 
 def _launch(
@@ -105,39 +61,47 @@ def _launch(
     k: int,
     values: torch.Tensor,
     indices: torch.Tensor,
-    wrap: Any,
     scoring: int = RAW,
     renorm: bool = False,
     scaling: float = 1.0,
 ) -> None:
     import triton
 
-    kern = _kernel() if wrap is None else wrap(_kernel())
     e = x.shape[1]
     block = max(16, triton.next_power_of_2(e))
-    kern[(x.shape[0],)](x, values, indices, e, x.stride(0), scaling, K=k, BLOCK_E=block,
-                        BLOCK_K=max(2, triton.next_power_of_2(k)), SCORING=scoring,
-                        RENORM=renorm, num_warps=1)  # fmt: skip
+    dependent = pdl.active(x.device)
+    _kernel()[(x.shape[0],)](x, values, indices, e, x.stride(0), scaling, K=k, BLOCK_E=block,
+                             BLOCK_K=max(2, triton.next_power_of_2(k)), SCORING=scoring,
+                             RENORM=renorm, PDL=dependent, num_warps=1,
+                             **pdl.launch_options(dependent))  # fmt: skip
 
 
 def _register_op() -> Any:
-    from torch.library import triton_op, wrap_triton
+    """The kernel as opaque custom ops (launched by `_launch`, with PDL: `premoe.quant.pdl`)."""
+    from torch.library import custom_op
 
-    @triton_op("premoe::small_topk", mutates_args=())
+    @custom_op("premoe::small_topk", mutates_args=())
     def small_topk_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values = torch.empty((x.shape[0], k), dtype=x.dtype, device=x.device)
-        indices = torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
-        _launch(x, k, values, indices, wrap_triton)
+        values, indices = _outputs(x, k, x.dtype)
+        _launch(x, k, values, indices)
         return values, indices
 
-    @triton_op("premoe::route_topk", mutates_args=())
+    @small_topk_op.register_fake
+    def _(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _outputs(x, k, x.dtype)
+
+    @custom_op("premoe::route_topk", mutates_args=())
     def route_topk_op(
         x: torch.Tensor, k: int, scoring: int, renorm: bool, scaling: float, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        values = torch.empty((x.shape[0], k), dtype=dtype, device=x.device)
-        indices = torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
-        _launch(x, k, values, indices, wrap_triton, scoring, renorm, scaling)
+        values, indices = _outputs(x, k, dtype)
+        _launch(x, k, values, indices, scoring, renorm, scaling)
         return values, indices
+
+    @route_topk_op.register_fake
+    def _(x: torch.Tensor, k: int, scoring: int, renorm: bool, scaling: float,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        return _outputs(x, k, dtype)
 
     return small_topk_op, route_topk_op
 
@@ -155,7 +119,7 @@ def prepare(device: torch.device) -> bool:
         _kernel()
         try:
             _OP, _ROUTE_OP = _register_op()
-        except Exception:  # older torch without triton_op: keep torch.topk
+        except Exception:  # older torch without custom ops: keep torch.topk
             _OP = False
     _READY = _OP is not False
     return _READY
@@ -187,9 +151,8 @@ def route_topk(
         return _ROUTE_OP(x.contiguous(), k, scoring, renorm, scaling, dtype)
     if not kernels.available(x.device):
         raise RuntimeError("route_topk needs Triton on a CUDA device (or its interpreter)")
-    values = torch.empty((x.shape[0], k), dtype=dtype, device=x.device)
-    indices = torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
-    _launch(x.contiguous(), k, values, indices, None, scoring, renorm, scaling)  # interpreter
+    values, indices = _outputs(x, k, dtype)
+    _launch(x.contiguous(), k, values, indices, scoring, renorm, scaling)  # interpreter
     return values, indices
 
 

@@ -1,7 +1,8 @@
 """Run by tests/quant/test_resident.py: compile the GEMV kernel for an H100/H200 (sm_90) with no
 GPU present (Triton's code generator, LLVM and its bundled ptxas), for every variant (plain,
-silu, wsum), weight format and launch shape of the tables at H = 2048, I = 768, k = 8: the
-interpreter does not check what only the compiler rejects."""
+silu, wsum), weight format and launch shape of the tables at H = 2048, I = 768, k = 8, as
+launched on sm_90 (with programmatic dependent launch: `PDL`): the interpreter does not check
+what only the compiler rejects."""
 
 import itertools
 
@@ -45,13 +46,14 @@ for fuse, k_in, y_type, glu in VARIANTS:
                           "DENSE": mode == "dense", "ROUND_BF16": round_bf16,
                           "FP8_MODE": fp8_mode, "FUSE": kernels._FUSE[fuse],
                           "TOPK": topk, "OUT_BF16": y_type == "bf16", "HAS_BIAS": False,
-                          "GLU": glu, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+                          "GLU": glu, "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True}  # fmt: skip
                 sig.update(dict.fromkeys(consts, "constexpr"))
                 at = {(list(sig).index(c),): v for c, v in consts.items()}
                 src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                           options={"num_warps": warps})  # fmt: skip
                 assert compiled.asm["cubin"], key
+                assert "griddepcontrol.wait" in compiled.asm["ptx"], key
 for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H)), (False, True)):
     # a plain linear: router (with a row mask as its bias), o/qkv_proj
     bn, bk, fp8_mode, warps = kernels.launch_shape(1, "dense", n_out, "linear")
@@ -61,11 +63,13 @@ for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H
     consts = {"K": k_in, "stride_wk": 1, "SCALE_BN": 1, "SCALE_BK": 1, "INT4": False,
               "DENSE": True, "ROUND_BF16": False, "FP8_MODE": fp8_mode,
               "FUSE": kernels._FUSE["linear"], "TOPK": 1, "OUT_BF16": True, "HAS_BIAS": bias,
-              "GLU": 0, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+              "GLU": 0, "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True}  # fmt: skip
     sig.update(dict.fromkeys(consts, "constexpr"))
     at = {(list(sig).index(c),): v for c, v in consts.items()}
     src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"], ("linear", n_out)
+    ptx = compiled.asm["ptx"]  # the first weight chunk is loaded before the wait
+    assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), ("linear", n_out)
     done.add(("linear", n_out))
 print("sm_90 compile ok", len(done), "variants")

@@ -1,6 +1,7 @@
 """Run by tests/serve/test_attention.py: compile the decode step's own kernels (one-query
 attention and its split merge, the routers' top-k in every scoring) for an H100/H200 (sm_90)
-with no GPU present: the interpreter does not check what only the compiler rejects."""
+with no GPU present, as launched there (attention and top-k with programmatic dependent launch):
+the interpreter does not check what only the compiler rejects."""
 
 import os
 import subprocess
@@ -20,6 +21,7 @@ def compile_for_sm90(fn, types: dict[str, str], consts: dict, warps: int) -> Non
     compiled = triton.compile(ASTSource(fn, sig, constexprs=at), target=target,
                               options={"num_warps": warps})  # fmt: skip
     assert compiled.asm["cubin"], (fn, consts)
+    assert bool(consts.get("PDL")) == ("griddepcontrol.wait" in compiled.asm["ptx"]), (fn, consts)
     # registers: what ptxas reports for this PTX (a spill costs local-memory traffic per block)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -50,7 +52,7 @@ for dtype, precision, size in (("bf16", "tf32", 2), ("fp16", "tf32", 2), ("fp32"
                 consts = {"G": g, "BLOCK_G": block_g, "D": d, "BLOCK_D": block_d,
                           "BLOCK_N": block_n, "SPLIT_LEN": per, "HAS_MASK": True, "SPLIT": split,
                           "PRECISION": precision, "MERGE": merge_in_kernel,
-                          "N_SPLITS": 6 if merge_in_kernel else 1}  # fmt: skip
+                          "N_SPLITS": 6 if merge_in_kernel else 1, "PDL": True}  # fmt: skip
                 compile_for_sm90(attend, types, consts, attention._warps(block_d, block_n))
                 n += 1
         if split:
@@ -64,7 +66,8 @@ for x_type, v_type in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32")):
         for renorm in (False, True):
             types = {"x_ptr": f"*{x_type}", "values_ptr": f"*{v_type}", "indices_ptr": "*i64",
                      "E": "i32", "stride_x": "i32", "scaling": "fp32"}  # fmt: skip
-            consts = {"K": 8, "BLOCK_E": 128, "BLOCK_K": 8, "SCORING": scoring, "RENORM": renorm}
+            consts = {"K": 8, "BLOCK_E": 128, "BLOCK_K": 8, "SCORING": scoring, "RENORM": renorm,
+                      "PDL": True}  # fmt: skip
             compile_for_sm90(topk._kernel(), types, consts, 1)
             n += 1
 print("sm_90 compile ok", n, "variants")

@@ -1,0 +1,47 @@
+"""Programmatic dependent launch (PDL) of premoe's decode kernels on sm_90 and later.
+
+A kernel launched with PDL may start while the kernel before it in the stream is still running:
+its programs are scheduled as the previous kernel's finish, and each waits for that kernel's
+completion (`_gemv_triton.pdl_enter`) before it reads anything another kernel wrote; work that
+reads nothing new (a linear layer's weights) can go first. Inside a CUDA graph this turns each
+launch gap of the decode step into overlap. Every kernel that lets the next one launch early
+does so only after its own wait, so whatever ran two kernels back is complete when a kernel
+starts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+ENABLED = True
+"""Launch the GEMV, attention and top-k kernels with PDL where the device supports it."""
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    """sm_90+ and a Triton with grid dependency control (`tl.extra.cuda.gdc_wait`)."""
+    import triton.language as tl
+
+    extra = getattr(getattr(tl, "extra", None), "cuda", None)
+    gdc = extra is not None and hasattr(extra, "gdc_wait")
+    return gdc and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def active(device: torch.device) -> bool:
+    """True when kernels on `device` are launched with PDL (`ENABLED`, a CUDA device of sm_90 or
+    later, a Triton that has it). The kernels' `PDL` constexpr takes this value."""
+    if not ENABLED or device.type != "cuda":
+        return False
+    return _capable(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def launch_options(on: bool) -> dict[str, Any]:
+    """Triton launch options of a kernel launched with PDL (none otherwise: older Tritons have
+    no such option)."""
+    return {"launch_pdl": True} if on else {}
+
+
+__all__ = ["ENABLED", "active", "launch_options"]
