@@ -65,7 +65,8 @@ SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel
 PDL = "_pdl"  # fused, inductor's kernels launched with programmatic dependent launch (sm_90)
 COMBO = "_combo"  # fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS)
 NOGLU = "_noglu"  # fused, the experts' activation its own kernel (not gemv_experts.GLU_ON_LOAD)
-NOPDL = "_nopdl"  # fused, premoe's own kernels launched without PDL (not pdl.ENABLED)
+NOPDL = "_nopdl"  # fused, premoe's own kernels launched without PDL (pdl.ENABLED off)
+OWNPDL = "_ownpdl"  # fused, premoe's own kernels launched with PDL (pdl.ENABLED on)
 
 
 def say(msg: str) -> None:
@@ -189,7 +190,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
         # unfused steps first: fusing the projections changes the model's modules for good
         wide, programs = attention.WIDE_COLUMNS, attention.PROGRAMS
         fuse_experts, glu_on_load = gemv_experts.FUSE, gemv_experts.GLU_ON_LOAD
-        combo = Regions.COMBO_KERNELS
+        combo, own_pdl = Regions.COMBO_KERNELS, pdl.ENABLED
         for mode in sorted(args.modes, key=lambda m: not m.endswith(UNFUSED)):
             fuse = not mode.endswith(UNFUSED)
             attention.ENABLED = not mode.endswith(SDPA)
@@ -205,7 +206,7 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             gemv_linear.ENABLED = not mode.endswith((PREV, CUBLAS))
             gemv_experts.FUSE = mode.endswith(FX)
             gemv_experts.GLU_ON_LOAD = not mode.endswith(NOGLU)
-            pdl.ENABLED = not mode.endswith(NOPDL)
+            pdl.ENABLED = mode.endswith(OWNPDL) or (own_pdl and not mode.endswith(NOPDL))
             for q in qr.layers.values() if qr is not None else ():
                 q.fuse = gemv_experts.FUSE
             torch._dynamo.reset()  # compiled layers do not guard on every patched function
@@ -266,8 +267,8 @@ def run_precision(args: argparse.Namespace, prec: str, device: torch.device, bw:
             if args.profile:
                 fig["profile_b1"] = profile_steps(dec)
             out["modes"][mode] = fig
-        attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = pdl.ENABLED = True
-        Regions.COMBO_KERNELS = combo
+        attention.ENABLED = gemv_linear.ENABLED = attention.MERGE_IN_KERNEL = True
+        Regions.COMBO_KERNELS, pdl.ENABLED = combo, own_pdl
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = False
         attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             f"compiled{COMBO}",
             f"compiled{NOGLU}",
             f"compiled{NOPDL}",
+            f"compiled{OWNPDL}",
         ],  # fmt: skip
         help="graphs: CUDA graphs of eager steps; compiled: of torch.compile'd steps; "
         f"{UNFUSED}: without the serve step's fusions (projections, router top-k, one-query "
@@ -328,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(attention.MERGE_IN_KERNEL off); {PDL}: fused, inductor's kernels launched with "
         f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {COMBO}: "
         f"fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS); {NOGLU}: fused, "
-        f"the experts' activation as its own kernel (gemv_experts.GLU_ON_LOAD off); {NOPDL}: "
-        "fused, premoe's kernels (GEMVs, attention, top-k) launched without programmatic "
-        "dependent launch (premoe.quant.pdl.ENABLED off; on by default on sm_90+)",
+        f"the experts' activation as its own kernel (gemv_experts.GLU_ON_LOAD off); {NOPDL} / "
+        f"{OWNPDL}: fused, premoe's kernels (GEMVs, attention, top-k) launched without / with "
+        "programmatic dependent launch (premoe.quant.pdl.ENABLED; the other modes: its default)",
     )
     p.add_argument("--split-programs", type=int, default=0, help="attention programs (_split)")
     p.add_argument(

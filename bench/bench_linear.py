@@ -57,11 +57,14 @@ def measure(n: int, k: int, layers: int, device: torch.device, sweep: bool) -> d
     row: dict[str, Any] = {"n": n, "k": k, "max_rel_err": err, "sweep": {}}
     row["cublas_us"] = bc.graph_seconds(cublas, device, layers) * 1e6
     row["gemv_us"] = bc.graph_seconds(gemv, device, layers) * 1e6
-    pdl.ENABLED = False
+    default = pdl.ENABLED
     try:
+        pdl.ENABLED = False
         row["gemv_nopdl_us"] = bc.graph_seconds(gemv, device, layers) * 1e6
-    finally:
         pdl.ENABLED = True
+        row["gemv_pdl_us"] = bc.graph_seconds(gemv, device, layers) * 1e6
+    finally:
+        pdl.ENABLED = default
     table = kernels.FUSED_SHAPES["linear"]["dense"]
     for shape in GRID if sweep else []:
         kernels.FUSED_SHAPES["linear"]["dense"] = ((kernels.ANY, shape),)
@@ -87,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     table = kernels.FUSED_SHAPES["linear"]["dense"]
     result: dict[str, Any] = {"args": vars(args), "table": table, "shapes": {}}
     print(f"{'layer':<12} {'N x K':>13} {'cuBLAS us':>9} {'GEMV us':>8} {'ratio':>6} "
-          f"{'GEMV GB/s':>9} {'no-PDL us':>9} {'best shape':>12} {'best us':>8}")  # fmt: skip
+          f"{'GEMV GB/s':>9} {'no-PDL us':>9} {'PDL us':>8} {'best shape':>12} "
+          f"{'best us':>8}")  # fmt: skip
     for name, (n, k) in shapes(args).items():
         layers = args.layers if n * k < (1 << 26) else 2  # the LM head: once per step
         row = result["shapes"][name] = measure(n, k, layers, device, args.sweep)
         gbs = n * k * 2 / row["gemv_us"] / 1e3
         print(f"{name:<12} {f'{n}x{k}':>13} {row['cublas_us']:9.2f} {row['gemv_us']:8.2f} "
               f"{row['cublas_us'] / row['gemv_us']:6.2f} {gbs:9.0f} {row['gemv_nopdl_us']:9.2f} "
+              f"{row['gemv_pdl_us']:8.2f} "
               f"{row['best'][0]:>12} "
               f"{row['best'][1]:8.2f}", flush=True)  # fmt: skip
     bc.write_json(args.out, result, device=device)
