@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-ENABLED = True
-"""Launch the GEMV, attention and top-k kernels with PDL where the device supports it."""
+ENABLED = False
+"""Launch the GEMV, attention and top-k kernels with PDL where the device supports it. Off until
+measured on a GPU (bench/bench_decode.py --modes compiled_nopdl compiled_ownpdl; RESULTS.md)."""
 
 
 @functools.cache

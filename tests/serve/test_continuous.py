@@ -370,14 +370,26 @@ def test_a_compiled_prefill_that_fails_falls_back_to_eager_prefill(world: World)
 
 @GPU[0]
 @GPU[1]
-@pytest.mark.parametrize(("quantize", "compile"), [(None, False), (None, True), ("fp8", True)])
+@pytest.mark.parametrize(
+    ("quantize", "compile", "launch_pdl"),
+    [(None, False, False), (None, True, False), ("fp8", True, False), (None, True, True),
+     ("fp8", True, True)],
+)  # fmt: skip
 def test_cuda_graph_steps_equal_eager_steps(
-    world: World, quantize: str | None, compile: bool
+    world: World,
+    quantize: str | None,
+    compile: bool,
+    launch_pdl: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Decode steps replayed from CUDA graphs (of eager or torch.compile'd steps; mixed patterns,
-    rows joining at random steps, experts through the premoe_gemv kernel or fp8 slots) give the
-    eager steps' greedy text."""
+    rows joining at random steps, experts through the premoe_gemv kernel or fp8 slots; premoe's
+    kernels launched with programmatic dependent launch or not) give the eager steps' greedy
+    text."""
     from premoe.load.loader import ExpertQuantization
+    from premoe.quant import pdl
+
+    monkeypatch.setattr(pdl, "ENABLED", launch_pdl)
 
     q = ExpertQuantization(quantize, block=(16, 16)) if quantize else None
     union = world.routing.union
