@@ -20,7 +20,7 @@ Every dot product goes through `_chunk_dot`, so each weight format (fp8 block, i
 plain) gets every fusion.
 
 With ``PDL`` the kernel was launched with programmatic dependent launch (sm_90+,
-`kernels.pdl`): it may start while the kernel before it still runs, so it waits for that one
+`premoe.quant.pdl`): it may start while the kernel before it still runs, so it waits for that one
 (`pdl_enter`) before it reads anything another kernel wrote. FUSE 3 loads its first weight
 chunk before the wait (a linear layer's weights are written once, at load), so the weight
 fetch overlaps the previous kernel's tail; the others wait first (expert indices and the

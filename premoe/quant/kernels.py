@@ -33,8 +33,8 @@ one rounding of the output dtype.
 Triton exists only where a GPU does: this module imports it lazily. `available()` says whether
 the kernel can run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
 
-On sm_90+ they can be launched with programmatic dependent launch (`premoe.quant.pdl`): the ops
-are opaque custom ops, so compiled graphs launch them through `_launch` too (inductor's own
+On sm_90+ the kernels can be launched with programmatic dependent launch (`premoe.quant.pdl`):
+the ops are opaque custom ops, so compiled graphs launch them through `_launch` too (inductor's
 launches of user kernels take no launch attributes).
 """
 
