@@ -12,13 +12,15 @@ starts.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
 
-ENABLED = False
-"""Launch the GEMV, attention and top-k kernels with PDL where the device supports it. Off until
-measured on a GPU (bench/bench_decode.py --modes compiled_nopdl compiled_ownpdl; RESULTS.md)."""
+ENABLED = os.environ.get("PREMOE_PDL", "0") == "1"
+"""Launch the GEMV, attention and top-k kernels with PDL where the device supports it. Off by
+default until measured on a GPU (bench/bench_decode.py --modes compiled_nopdl compiled_ownpdl;
+RESULTS.md); `PREMOE_PDL=1` in the environment turns it on."""
 
 
 @functools.cache
