@@ -2,10 +2,12 @@
 
 For every format (dense bf16, fp8 128x128 blocks, int4 groups of 128) and every (BLOCK_N,
 BLOCK_K, num_warps) in a small grid, times `moe_gemv` on the bench model's expert projections
-(gate_up: N = 2 x 768, K = 2048; down: N = 2048, K = 768) for S routed pairs of distinct experts
-(8: batch 1, top-8; 64) and reports the weight bytes read per second, timed inside a CUDA graph
-as serve's decode step runs it. The best shape per format at 8 pairs is what `kernels.SHAPES`
-should say.
+(gate_up: N = 2 x 768, K = 2048; down: N = 2048, K = 768; down_glu: the down projection reading
+the up projection's output through the activation, as serve's step runs it) for S routed pairs
+of distinct experts (8: batch 1, top-8; 64), each projection alone, and reports the weight bytes
+read per second, timed inside a CUDA graph as serve's decode step runs it. The best shapes per
+format at 8 pairs are what `kernels.SHAPES` (gate_up) and `kernels.FUSED_SHAPES["glu"]`
+(down_glu) should say. `PREMOE_PDL=1` times them launched with programmatic dependent launch.
 
     python3 bench/tune_gemv.py --out bench/results/tune_gemv_h200.json
 """
@@ -23,9 +25,9 @@ import torch
 from premoe.quant import kernels
 from premoe.quant.codecs import quantize_fp8_block, quantize_int4_pack
 
-GRID_N = (8, 16, 32)
+GRID_N = (4, 8, 16, 32, 64)
 GRID_K = (128, 256, 512)
-GRID_W = (2, 4, 8)
+GRID_W = (4, 8)
 
 
 def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str, Any]:
@@ -72,60 +74,72 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device("cuda")
     kernels.prepare(device)
-    projs = {"gate_up": (1536, 2048), "down": (2048, 768)}
+    # name: (N, K, glu); down_glu reads the up projection's fp32 [gate | up] rows as serve's
+    # decode step does (`moe_gemv(..., glu=bf16)`, its own table `FUSED_SHAPES["glu"]`)
+    projs = {"gate_up": (1536, 2048, None), "down": (2048, 768, None),
+             "down_glu": (2048, 768, torch.bfloat16)}  # fmt: skip
     result: dict[str, Any] = {"formats": {}}
     rows = []
     for fmt in args.formats:
-        ws = {name: weights(fmt, args.experts, n, k, device) for name, (n, k) in projs.items()}
-        defaults = kernels.SHAPES[fmt]
+        ws = {name: weights(fmt, args.experts, n, k, device) for name, (n, k, _) in projs.items()}
+        tables = {"": kernels.SHAPES[fmt], "glu": kernels.FUSED_SHAPES["glu"].get(fmt)}
         fig: dict[str, Any] = {}
         for s in args.pairs:
             eids = torch.arange(s, device=device) % args.experts
-            rows_t = torch.arange(s, device=device)
-            xs = {name: torch.randn(s, k, dtype=torch.bfloat16, device=device)
-                  for name, (_, k) in projs.items()}  # fmt: skip
+            xs = {name: torch.randn(s, 2 * k if glu else k, device=device,
+                                    dtype=torch.float32 if glu else torch.bfloat16)
+                  for name, (_, k, glu) in projs.items()}  # fmt: skip
             distinct = min(s, args.experts)
-            timings = []
+            timings: dict[str, list[dict[str, Any]]] = {name: [] for name in projs}
             for bn, bk, warps in itertools.product(GRID_N, GRID_K, GRID_W):
                 kernels.SHAPES[fmt] = ((kernels.ANY, (bn, bk, warps)),)
-                total = 0.0
-                try:
-                    for name, (n, k) in projs.items():
-                        w = ws[name]
+                kernels.FUSED_SHAPES["glu"][fmt] = kernels.SHAPES[fmt]
+                for name, (n, k, glu) in projs.items():
+                    w = ws[name]
 
-                        def call(
-                            w: dict = w,
-                            x: torch.Tensor = xs[name],
-                            r: torch.Tensor = rows_t,
-                            e: torch.Tensor = eids,
-                            n: int = n,
-                            k: int = k,
-                        ) -> None:
-                            kernels.moe_gemv(
-                                x, r, e, w["w"], w["s"], n=n, k=k,
-                                scale_block=w["block"], int4=w["int4"],
-                            )  # fmt: skip
+                    def call(
+                        w: dict = w,
+                        x: torch.Tensor = xs[name],
+                        e: torch.Tensor = eids,
+                        n: int = n,
+                        k: int = k,
+                        glu: torch.dtype | None = glu,
+                    ) -> None:
+                        kernels.moe_gemv(
+                            x, 1, e, w["w"], w["s"], n=n, k=k,
+                            scale_block=w["block"], int4=w["int4"], glu=glu,
+                        )  # fmt: skip
 
-                        total += time_call(call, device)
-                except Exception as exc:  # a shape the kernel cannot take
-                    print(f"{fmt} {bn}x{bk} w{warps}: {type(exc).__name__}", file=sys.stderr)
-                    continue
-                nbytes = sum(w["bytes"] for w in ws.values()) * distinct / args.experts
-                timings.append({"shape": [bn, bk, warps], "us": total * 1e6,
-                                "gb_per_s": nbytes / total / 1e9})  # fmt: skip
-            kernels.SHAPES[fmt] = defaults
-            default = next(shape for bound, shape in defaults if s <= bound)
-            timings.sort(key=lambda r: r["us"])
-            base = next((r for r in timings if tuple(r["shape"]) == default), None)
-            fig[s] = {"best": timings[:5], "default": base}
-            best = timings[0]
-            rows.append(
-                [fmt, s, "x".join(map(str, best["shape"])), f"{best['us']:.1f}",
-                 f"{best['gb_per_s']:.0f}", "x".join(map(str, default)),
-                 f"{base['us']:.1f}" if base else "-", f"{base['gb_per_s']:.0f}" if base else "-"]
-            )  # fmt: skip
+                    try:
+                        sec = time_call(call, device)
+                    except Exception as exc:  # a shape the kernel cannot take
+                        print(f"{fmt} {name} {bn}x{bk} w{warps}: {type(exc).__name__}",
+                              file=sys.stderr)  # fmt: skip
+                        continue
+                    nbytes = w["bytes"] * distinct / args.experts
+                    timings[name].append({"shape": [bn, bk, warps], "us": sec * 1e6,
+                                          "gb_per_s": nbytes / sec / 1e9})  # fmt: skip
+            kernels.SHAPES[fmt] = tables[""]
+            if tables["glu"] is None:
+                del kernels.FUSED_SHAPES["glu"][fmt]
+            else:
+                kernels.FUSED_SHAPES["glu"][fmt] = tables["glu"]
+            fig[s] = {}
+            for name, (_, _, glu) in projs.items():
+                table = tables["glu"] if glu and tables["glu"] else tables[""]
+                default = next(shape for bound, shape in table if s <= bound)
+                ranked = sorted(timings[name], key=lambda r: r["us"])
+                base = next((r for r in ranked if tuple(r["shape"]) == default), None)
+                fig[s][name] = {"best": ranked[:5], "default": base}
+                best = ranked[0]
+                rows.append(
+                    [fmt, s, name, "x".join(map(str, best["shape"])), f"{best['us']:.2f}",
+                     f"{best['gb_per_s']:.0f}", "x".join(map(str, default)),
+                     f"{base['us']:.2f}" if base else "-",
+                     f"{base['gb_per_s']:.0f}" if base else "-"]
+                )  # fmt: skip
         result["formats"][fmt] = fig
-    head = ["format", "pairs", "best BNxBKxW", "us", "GB/s", "default", "us", "GB/s"]
+    head = ["format", "pairs", "projection", "best BNxBKxW", "us", "GB/s", "default", "us", "GB/s"]
     bc.print_table(head, rows)
     bc.write_json(args.out, result, device=device)
     return 0

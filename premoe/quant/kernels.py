@@ -12,12 +12,11 @@ reading W in its quantized form and dequantizing in registers:
 - plain (bf16 / fp16 / fp32, no scales): ``W`` as stored, ``[E, N, K]`` or transposed
   ``[E, K, N]`` (gpt-oss), for `premoe.quant.gemv_experts`.
 
-Dequantized weights stay fp32 (the exact quantized values); with `round_dtype=torch.bfloat16`
-each is rounded to bf16 first, so the kernel multiplies by exactly the weights
-`premoe.quant.codecs.dequantize(..., dtype=bfloat16)` gives and only the summation order differs
-from a dense matmul of the dequantized model. Work per row is K·N weight bytes, so it is meant
-for decode (few rows); prefill dequantizes the hit experts and uses dense matmuls
-(`QuantizedExperts.forward`).
+Dequantized weights stay fp32 (the exact quantized values); `round_dtype=torch.bfloat16` rounds
+each to bf16 first, so only the summation order differs from a dense matmul of
+`premoe.quant.codecs.dequantize(..., dtype=bfloat16)`'s weights. Work per row is K·N weight
+bytes: it is meant for decode (few rows); prefill dequantizes the hit experts and uses dense
+matmuls (`QuantizedExperts.forward`).
 
 Two fused variants make a gated SiLU experts forward two kernels instead of about six (up GEMV,
 casts, activation, down GEMV, routing weight, sum over the k experts), in any weight format:
@@ -27,8 +26,7 @@ casts, activation, down GEMV, routing weight, sum over the k experts), in any we
 - `moe_gemv_wsum(h, experts, route_w, W_down, ...)`: ``sum_j route_w[t, j] * W[e_tj] @ h[t*k+j]``
   ``[T, H]``, accumulated in fp32 and rounded once to the hidden dtype.
 
-Both round once, where the unfused path rounds after each step: they differ from it by about
-one rounding of the output dtype.
+Both round once (the unfused path rounds after each step): about one rounding of difference.
 
 Triton exists only where a GPU does: this module imports it lazily. `available()` says whether
 the kernel can run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
@@ -110,9 +108,10 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     # a plain linear layer at decode (`gemv_linear`), keyed by its output columns N: one output
     # row per program, K in 1024-wide chunks, was the best of 30 shapes for every layer of the
     # bench model on an H100 (q/k/v 5120 x 2048, o_proj 2048 x 4096, routers of 32-128 rows;
-    # bench/bench_linear.py --sweep, RESULTS.md); wider blocks only where the grid's second
-    # dimension would pass CUDA's 65535
+    # bench/bench_linear.py --sweep); wider blocks only where the grid's y passes 65535
     "linear": {"dense": ((ANY, (1, 1024, 4)),)},
+    # the down projection reading the up's [gate | up] (`moe_gemv(glu=)`); else SHAPES
+    "glu": {"dense": ((8, (16, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8)))},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
 GLU_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
@@ -126,10 +125,10 @@ def launch_shape(
 ) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SCALE_MODE, num_warps) for a format (`mode`: fp8 | int4 | dense |
     dense_t), its scale block / group width and `pairs` rows of the grid (routed pairs; tokens
-    for `fuse="wsum"`). A chunk of BLOCK_K lies in one scale block (SCALE_MODE 0: one scale per
-    row), spans whole fp8 blocks (1), or takes a scale per element (2: int4 chunks wider than a
-    group, fp8 widths that are not a power of two >= 16)."""
-    table = FUSED_SHAPES[fuse][mode] if fuse else SHAPES[mode]
+    for `fuse="wsum"`; `fuse`: a `FUSED_SHAPES` table, "glu" too). A chunk of BLOCK_K lies in
+    one scale block (SCALE_MODE 0: one scale per row), spans whole fp8 blocks (1), or takes a
+    scale per element (2: int4 chunks wider than a group, fp8 widths not a power of two >= 16)."""
+    table = FUSED_SHAPES[fuse].get(mode, SHAPES[mode]) if fuse else SHAPES[mode]
     bn, bk, warps = next(shape for bound, shape in table if pairs <= bound)
     if mode.startswith("dense"):
         return bn, bk, 2, warps
@@ -167,7 +166,8 @@ def _launch(
         stride_wn, stride_wk = weight.stride(1), 1
     topk = experts.shape[-1] if fuse else per_row
     key = y.shape[1] if fuse == "linear" else y.shape[0]
-    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, fuse)
+    table = fuse or ("glu" if glu else "")
+    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, table)
     while -(-y.shape[1] // block_n) > _MAX_GRID_Y:  # e.g. an LM head's 152k rows one by one
         block_n *= 2
     grid = (y.shape[0], -(-y.shape[1] // block_n))
