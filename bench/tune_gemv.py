@@ -7,7 +7,7 @@ the up projection's output through the activation, as serve's step runs it) for 
 of distinct experts (8: batch 1, top-8; 64), each projection alone, and reports the weight bytes
 read per second, timed inside a CUDA graph as serve's decode step runs it. The best shapes per
 format at 8 pairs are what `kernels.SHAPES` (gate_up) and `kernels.FUSED_SHAPES["glu"]`
-(down_glu) should say. `PREMOE_PDL=1` times them launched with programmatic dependent launch.
+(down_glu) should say. `PREMOE_PDL=0` times them launched without programmatic dependent launch.
 
     python3 bench/tune_gemv.py --out bench/results/tune_gemv_h200.json
 """
