@@ -85,6 +85,18 @@ def _routes(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return hidden, idx, w
 
 
+def test_launch_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each variant takes its own launch table; formats a table lacks fall back to SHAPES (the
+    down projection reading the GLU has only a dense table)."""
+    glu = {"dense": ((8, (4, 512, 4)), (kernels.ANY, (64, 128, 8)))}
+    monkeypatch.setitem(kernels.FUSED_SHAPES, "glu", glu)
+    assert kernels.launch_shape(1, "dense", 8, "glu") == (4, 512, 2, 4)
+    assert kernels.launch_shape(1, "dense", 9, "glu") == (64, 128, 2, 8)
+    assert kernels.launch_shape(128, "fp8", 8, "glu") == kernels.launch_shape(128, "fp8", 8)
+    bn, bk, warps = kernels.SHAPES["dense"][0][1]
+    assert kernels.launch_shape(1, "dense", 8) == (bn, bk, 2, warps)
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, what: Any) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape, what
     rel = float((got.float() - want.float()).abs().max() / want.float().abs().max())
