@@ -28,6 +28,10 @@ from premoe.quant.codecs import quantize_fp8_block, quantize_int4_pack
 GRID_N = (4, 8, 16, 32, 64)
 GRID_K = (128, 256, 512)
 GRID_W = (4, 8)
+# name: (N, K, glu); down_glu reads the up projection's fp32 [gate | up] rows as serve's decode
+# step does (`moe_gemv(..., glu=bf16)`, its own table `FUSED_SHAPES["glu"]`)
+PROJS = {"gate_up": (1536, 2048, None), "down": (2048, 768, None),
+         "down_glu": (2048, 768, torch.bfloat16)}  # fmt: skip
 
 
 def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str, Any]:
@@ -70,14 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--pairs", type=int, nargs="+", default=[8, 64])
     p.add_argument("--formats", nargs="+", default=["dense", "fp8", "int4"])
+    p.add_argument("--projections", nargs="+", choices=list(PROJS), default=list(PROJS))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
     kernels.prepare(device)
-    # name: (N, K, glu); down_glu reads the up projection's fp32 [gate | up] rows as serve's
-    # decode step does (`moe_gemv(..., glu=bf16)`, its own table `FUSED_SHAPES["glu"]`)
-    projs = {"gate_up": (1536, 2048, None), "down": (2048, 768, None),
-             "down_glu": (2048, 768, torch.bfloat16)}  # fmt: skip
+    projs = {name: PROJS[name] for name in args.projections}
     result: dict[str, Any] = {"formats": {}}
     rows = []
     for fmt in args.formats:
