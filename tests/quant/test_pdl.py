@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -19,3 +21,19 @@ def test_only_cuda_devices_launch_with_pdl(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(pdl, "ENABLED", False)  # switched off: the device is not even asked
     assert not pdl.active(torch.device("cuda", 1))
     assert asked == [1, 0]
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False)])
+def test_premoe_pdl_environment_switch(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, on: bool
+) -> None:
+    """On by default; PREMOE_PDL=0 turns it off (read when the module is imported)."""
+    if value is None:
+        monkeypatch.delenv("PREMOE_PDL", raising=False)
+    else:
+        monkeypatch.setenv("PREMOE_PDL", value)
+    try:
+        assert importlib.reload(pdl).ENABLED is on
+    finally:
+        monkeypatch.undo()
+        importlib.reload(pdl)
