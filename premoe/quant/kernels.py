@@ -159,15 +159,14 @@ def _launch(
     glu: int = 0,  # plain: x rows are [gate | up], read as silu(gate) * up (`GLU_DTYPES`)
 ) -> None:
     kern = _kernel()
-    dependent = pdl.active(x.device)
     if mode == "dense_t":  # [E, K, N]: row n of W starts at n, element k at k * stride
         stride_wn, stride_wk = weight.stride(2), weight.stride(1)
     else:
         stride_wn, stride_wk = weight.stride(1), 1
     topk = experts.shape[-1] if fuse else per_row
     key = y.shape[1] if fuse == "linear" else y.shape[0]
-    table = fuse or ("glu" if glu else "")
-    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, table)
+    shapes = fuse or ("glu" if glu else "")  # the FUSED_SHAPES table ("": SHAPES)
+    block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, shapes)
     while -(-y.shape[1] // block_n) > _MAX_GRID_Y:  # e.g. an LM head's 152k rows one by one
         block_n *= 2
     grid = (y.shape[0], -(-y.shape[1] // block_n))
@@ -201,9 +200,8 @@ def _launch(
         GLU=glu,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        PDL=dependent,
         num_warps=warps,
-        **pdl.launch_options(dependent),
+        **pdl.launch_args(x.device),
     )
 
 

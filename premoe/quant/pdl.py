@@ -47,4 +47,11 @@ def launch_options(on: bool) -> dict[str, Any]:
     return {"launch_pdl": True} if on else {}
 
 
-__all__ = ["ENABLED", "active", "launch_options"]
+def launch_args(device: torch.device) -> dict[str, Any]:
+    """A PDL-aware kernel's `PDL` constexpr and its launch options, decided together (a kernel
+    launched with PDL that does not wait would race the kernel before it)."""
+    on = active(device)
+    return {"PDL": on, **launch_options(on)}
+
+
+__all__ = ["ENABLED", "active", "launch_args", "launch_options"]

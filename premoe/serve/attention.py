@@ -127,7 +127,6 @@ def launch(
                            device=q.device)  # fmt: skip
         stat = torch.empty((b * hk * splits, 2, block_g), dtype=torch.float32, device=q.device)
     merged = tickets is not None
-    dependent = pdl.active(q.device)
     attend[(b * hk, splits)](
         q, k, v, m, out, part, stat, q if tickets is None else tickets,
         n_kv, hk, scale,
@@ -136,8 +135,8 @@ def launch(
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_LEN=per,
         HAS_MASK=mask is not None, SPLIT=splits > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MERGE=merged,
-        N_SPLITS=splits if merged else 1, PDL=dependent,
-        num_warps=_warps(block_d, block_n), num_stages=2, **pdl.launch_options(dependent),
+        N_SPLITS=splits if merged else 1,
+        num_warps=_warps(block_d, block_n), num_stages=2, **pdl.launch_args(q.device),
     )  # fmt: skip
     if splits > 1 and not merged:
         merge[(b * hk,)](

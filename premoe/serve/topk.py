@@ -69,11 +69,9 @@ def _launch(
 
     e = x.shape[1]
     block = max(16, triton.next_power_of_2(e))
-    dependent = pdl.active(x.device)
     _kernel()[(x.shape[0],)](x, values, indices, e, x.stride(0), scaling, K=k, BLOCK_E=block,
                              BLOCK_K=max(2, triton.next_power_of_2(k)), SCORING=scoring,
-                             RENORM=renorm, PDL=dependent, num_warps=1,
-                             **pdl.launch_options(dependent))  # fmt: skip
+                             RENORM=renorm, num_warps=1, **pdl.launch_args(x.device))  # fmt: skip
 
 
 def _register_op() -> Any:
