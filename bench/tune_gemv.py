@@ -5,8 +5,10 @@ BLOCK_K, num_warps) in a small grid, times `moe_gemv` on the bench model's exper
 (gate_up: N = 2 x 768, K = 2048; down: N = 2048, K = 768; down_glu: the down projection reading
 the up projection's output through the activation, as serve's step runs it) for S routed pairs
 of distinct experts (8: batch 1, top-8; 64), each projection alone, and reports the weight bytes
-read per second, timed inside a CUDA graph as serve's decode step runs it. The best shapes per
-format at 8 pairs are what `kernels.SHAPES` (gate_up) and `kernels.FUSED_SHAPES["glu"]`
+read per second, timed inside a CUDA graph as serve's decode step runs it. Each call of a graph
+routes its pairs to the next of `--experts` / S sets of experts, so that the weights one replay
+reads (hundreds of MB) do not stay in the L2 cache (50 MB), as a decode step's do not. The best
+shapes per format at 8 pairs are what `kernels.SHAPES` (gate_up) and `kernels.FUSED_SHAPES["glu"]`
 (down_glu) should say. `PREMOE_PDL=0` times them launched without programmatic dependent launch.
 
     python3 bench/tune_gemv.py --out bench/results/tune_gemv_h200.json
@@ -49,29 +51,9 @@ def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str,
     return {"w": w, "s": s, "block": (1, 128), "int4": True, "bytes": w.nbytes + s.nbytes}
 
 
-def time_call(fn: Any, device: torch.device, reps: int = 20, replays: int = 10) -> float:
-    """Seconds per call on the device alone: `reps` calls captured in one CUDA graph, replayed
-    (as the serve decode step runs them: no launch overhead, which dominates at 8 pairs)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    with bc.DeviceTimer(device) as t:
-        for _ in range(replays):
-            graph.replay()
-    return t.seconds / (reps * replays)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--experts", type=int, default=128, help="experts per projection")
     p.add_argument("--pairs", type=int, nargs="+", default=[8, 64])
     p.add_argument("--formats", nargs="+", default=["dense", "fp8", "int4"])
     p.add_argument("--projections", nargs="+", choices=list(PROJS), default=list(PROJS))
@@ -87,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         tables = {"": kernels.SHAPES[fmt], "glu": kernels.FUSED_SHAPES["glu"].get(fmt)}
         fig: dict[str, Any] = {}
         for s in args.pairs:
-            eids = torch.arange(s, device=device) % args.experts
+            sets = [(torch.arange(s, device=device) + r * s) % args.experts
+                    for r in range(max(1, args.experts // s))]  # fmt: skip
             xs = {name: torch.randn(s, 2 * k if glu else k, device=device,
                                     dtype=torch.float32 if glu else torch.bfloat16)
                   for name, (_, k, glu) in projs.items()}  # fmt: skip
@@ -102,18 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                     def call(
                         w: dict = w,
                         x: torch.Tensor = xs[name],
-                        e: torch.Tensor = eids,
+                        sets: list[torch.Tensor] = sets,
                         n: int = n,
                         k: int = k,
                         glu: torch.dtype | None = glu,
                     ) -> None:
-                        kernels.moe_gemv(
-                            x, 1, e, w["w"], w["s"], n=n, k=k,
-                            scale_block=w["block"], int4=w["int4"], glu=glu,
-                        )  # fmt: skip
+                        for e in sets:
+                            kernels.moe_gemv(
+                                x, 1, e, w["w"], w["s"], n=n, k=k,
+                                scale_block=w["block"], int4=w["int4"], glu=glu,
+                            )  # fmt: skip
 
                     try:
-                        sec = time_call(call, device)
+                        sec = bc.graph_seconds(call, device, calls=len(sets), replays=10)
                     except Exception as exc:  # a shape the kernel cannot take
                         print(f"{fmt} {name} {bn}x{bk} w{warps}: {type(exc).__name__}",
                               file=sys.stderr)  # fmt: skip

@@ -92,6 +92,7 @@ SHAPES: dict[str, Shapes] = {
 # so that their loads overlap): small BLOCK_N at T = 1 so that N = 2048 still gives 256 programs
 # for 132 SMs, and at most ~160 registers a thread (ptxas, sm_90, no spills). Untuned guesses
 # until measured (bench/bench_moe_kernels.py --sweep).
+_WIDE = (ANY, (8, 1024, 4))  # linear layers past 2048 columns: q/k/v, LM head
 FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     "silu": {
         "dense": ((8, (8, 256, 8)), (64, (8, 128, 4)), (ANY, (16, 128, 8))),
@@ -105,13 +106,13 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
         "fp8": ((ANY, (8, 256, 4)),),
         "int4": ((ANY, (8, 256, 4)),),
     },
-    # a plain linear layer at decode (`gemv_linear`), keyed by its output columns N: one output
-    # row per program, K in 1024-wide chunks, was the best of 30 shapes for every layer of the
-    # bench model on an H100 (q/k/v 5120 x 2048, o_proj 2048 x 4096, routers of 32-128 rows;
-    # bench/bench_linear.py --sweep); wider blocks only where the grid's y passes 65535
-    "linear": {"dense": ((ANY, (1, 1024, 4)),)},
-    # the down projection reading the up's [gate | up] (`moe_gemv(glu=)`); else SHAPES
-    "glu": {"dense": ((8, (16, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8)))},
+    # a plain linear layer at decode (`gemv_linear`), keyed by its output columns N: the best of
+    # 30 shapes for each layer of the bench model on an H100 (routers of 32-128 rows, o_proj
+    # 2048 x 4096, q/k/v 5120 x 2048, LM head; bench_linear.py --sweep); wider past grid y 65535
+    "linear": {"dense": ((81, (1, 1024, 4)), (128, (4, 1024, 4)), (2048, (1, 1024, 4)), _WIDE)},
+    # the down projection reading the up's [gate | up] (`moe_gemv(glu=)`; else SHAPES), S = 8 tuned
+    # alone on an H100 (bench/tune_gemv.py --projections down_glu)
+    "glu": {"dense": ((8, (32, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8)))},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
 GLU_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
