@@ -79,20 +79,21 @@ ANY = 1 << 30
 Shapes = tuple[tuple[int, tuple[int, int, int]], ...]
 # (BLOCK_N, BLOCK_K, num_warps) per format (dense_t: plain weights stored transposed) and number
 # of routed pairs S (the first entry whose bound >= S): the best at S = 8 (batch-1 decode,
-# top-8), 64 and 256 on an H200, timed inside a CUDA graph (bench/tune_gemv.py, RESULTS.md)
+# top-8), 64 and 256 on an H200, timed inside a CUDA graph (bench/tune_gemv.py, RESULTS.md;
+# fp8/int4 at S = 8 were timed on weights the L2 cache held, before the tuner rotated experts)
 SHAPES: dict[str, Shapes] = {
     "dense": ((8, (16, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8))),
     "dense_t": ((ANY, (64, 64, 4)),),
     "fp8": ((8, (16, 512, 2)), (64, (16, 256, 2)), (ANY, (32, 512, 2))),
     "int4": ((8, (16, 256, 2)), (64, (8, 256, 2)), (ANY, (16, 256, 2))),
 }
+_WIDE = (ANY, (8, 1024, 4))  # linear layers past 2048 columns: q/k/v, LM head
 # The fused variants, same layout. silu (keyed by pairs S): a program reads BLOCK_N gate and
 # BLOCK_N up rows, so BLOCK_N is half of SHAPES' for the same bytes per program. wsum (keyed by
 # tokens T: the grid is (T, N / BLOCK_N), each program loops over its token's k experts, unrolled
 # so that their loads overlap): small BLOCK_N at T = 1 so that N = 2048 still gives 256 programs
 # for 132 SMs, and at most ~160 registers a thread (ptxas, sm_90, no spills). Untuned guesses
 # until measured (bench/bench_moe_kernels.py --sweep).
-_WIDE = (ANY, (8, 1024, 4))  # linear layers past 2048 columns: q/k/v, LM head
 FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     "silu": {
         "dense": ((8, (8, 256, 8)), (64, (8, 128, 4)), (ANY, (16, 128, 8))),
