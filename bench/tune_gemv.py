@@ -20,6 +20,7 @@ import argparse
 import itertools
 import sys
 from typing import Any
+from unittest.mock import patch
 
 import _common as bc
 import torch
@@ -51,6 +52,50 @@ def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str,
     return {"w": w, "s": s, "block": (1, 128), "int4": True, "bytes": w.nbytes + s.nbytes}
 
 
+def time_grid(
+    fmt: str,
+    projs: dict[str, tuple[int, int, torch.dtype | None]],
+    ws: dict[str, dict[str, Any]],
+    xs: dict[str, torch.Tensor],
+    sets: list[torch.Tensor],
+    share: float,
+    device: torch.device,
+) -> dict[str, list[dict[str, Any]]]:
+    """{projection: [{shape, us, gb_per_s}]} at every grid shape, put in `SHAPES` and
+    `FUSED_SHAPES["glu"]` for `fmt` (both restored after); one call per set of experts."""
+    timings: dict[str, list[dict[str, Any]]] = {name: [] for name in projs}
+    with patch.dict(kernels.SHAPES), patch.dict(kernels.FUSED_SHAPES["glu"]):
+        for bn, bk, warps in itertools.product(GRID_N, GRID_K, GRID_W):
+            kernels.SHAPES[fmt] = kernels.FUSED_SHAPES["glu"][fmt] = (
+                (kernels.ANY, (bn, bk, warps)),
+            )
+            for name, (n, k, glu) in projs.items():
+                w = ws[name]
+
+                def call(
+                    w: dict = w,
+                    x: torch.Tensor = xs[name],
+                    n: int = n,
+                    k: int = k,
+                    glu: torch.dtype | None = glu,
+                ) -> None:
+                    for e in sets:
+                        kernels.moe_gemv(
+                            x, 1, e, w["w"], w["s"], n=n, k=k,
+                            scale_block=w["block"], int4=w["int4"], glu=glu,
+                        )  # fmt: skip
+
+                try:
+                    sec = bc.graph_seconds(call, device, calls=len(sets), replays=10)
+                except Exception as exc:  # a shape the kernel cannot take
+                    print(f"{fmt} {name} {bn}x{bk} w{warps}: {type(exc).__name__}",
+                          file=sys.stderr)  # fmt: skip
+                    continue
+                timings[name].append({"shape": [bn, bk, warps], "us": sec * 1e6,
+                                      "gb_per_s": w["bytes"] * share / sec / 1e9})  # fmt: skip
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--experts", type=int, default=128, help="experts per projection")
@@ -66,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for fmt in args.formats:
         ws = {name: weights(fmt, args.experts, n, k, device) for name, (n, k, _) in projs.items()}
-        tables = {"": kernels.SHAPES[fmt], "glu": kernels.FUSED_SHAPES["glu"].get(fmt)}
         fig: dict[str, Any] = {}
         for s in args.pairs:
             sets = [(torch.arange(s, device=device) + r * s) % args.experts
@@ -74,46 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             xs = {name: torch.randn(s, 2 * k if glu else k, device=device,
                                     dtype=torch.float32 if glu else torch.bfloat16)
                   for name, (_, k, glu) in projs.items()}  # fmt: skip
-            distinct = min(s, args.experts)
-            timings: dict[str, list[dict[str, Any]]] = {name: [] for name in projs}
-            for bn, bk, warps in itertools.product(GRID_N, GRID_K, GRID_W):
-                kernels.SHAPES[fmt] = ((kernels.ANY, (bn, bk, warps)),)
-                kernels.FUSED_SHAPES["glu"][fmt] = kernels.SHAPES[fmt]
-                for name, (n, k, glu) in projs.items():
-                    w = ws[name]
-
-                    def call(
-                        w: dict = w,
-                        x: torch.Tensor = xs[name],
-                        sets: list[torch.Tensor] = sets,
-                        n: int = n,
-                        k: int = k,
-                        glu: torch.dtype | None = glu,
-                    ) -> None:
-                        for e in sets:
-                            kernels.moe_gemv(
-                                x, 1, e, w["w"], w["s"], n=n, k=k,
-                                scale_block=w["block"], int4=w["int4"], glu=glu,
-                            )  # fmt: skip
-
-                    try:
-                        sec = bc.graph_seconds(call, device, calls=len(sets), replays=10)
-                    except Exception as exc:  # a shape the kernel cannot take
-                        print(f"{fmt} {name} {bn}x{bk} w{warps}: {type(exc).__name__}",
-                              file=sys.stderr)  # fmt: skip
-                        continue
-                    nbytes = w["bytes"] * distinct / args.experts
-                    timings[name].append({"shape": [bn, bk, warps], "us": sec * 1e6,
-                                          "gb_per_s": nbytes / sec / 1e9})  # fmt: skip
-            kernels.SHAPES[fmt] = tables[""]
-            if tables["glu"] is None:
-                del kernels.FUSED_SHAPES["glu"][fmt]
-            else:
-                kernels.FUSED_SHAPES["glu"][fmt] = tables["glu"]
+            share = min(s, args.experts) / args.experts  # of a projection's bytes a call reads
+            timings = time_grid(fmt, projs, ws, xs, sets, share, device)
             fig[s] = {}
             for name, (_, _, glu) in projs.items():
-                table = tables["glu"] if glu and tables["glu"] else tables[""]
-                default = next(shape for bound, shape in table if s <= bound)
+                bn, bk, _, warps = kernels.launch_shape(ws[name]["block"][1], fmt, s,
+                                                        "glu" if glu else "")  # fmt: skip
+                default = (bn, bk, warps)
                 ranked = sorted(timings[name], key=lambda r: r["us"])
                 base = next((r for r in ranked if tuple(r["shape"]) == default), None)
                 fig[s][name] = {"best": ranked[:5], "default": base}
