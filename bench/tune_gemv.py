@@ -9,7 +9,10 @@ read per second, timed inside a CUDA graph as serve's decode step runs it. Each 
 routes its pairs to the next of `--experts` / S sets of experts, so that the weights one replay
 reads (hundreds of MB) do not stay in the L2 cache (50 MB), as a decode step's do not. The best
 shapes per format at 8 pairs are what `kernels.SHAPES` (gate_up) and `kernels.FUSED_SHAPES["glu"]`
-(down_glu) should say. `PREMOE_PDL=0` times them launched without programmatic dependent launch.
+(down_glu) should say. `--projections mlp` times the one-kernel experts forward
+(`premoe.quant.fused_mlp`, dense weights; its best shapes go in `MLP_SHAPES`) beside the up and
+down_glu GEMVs it replaces. `PREMOE_PDL=0` times them launched without programmatic dependent
+launch.
 
     python3 bench/tune_gemv.py --out bench/results/tune_gemv_h200.json
 """
@@ -25,7 +28,7 @@ from unittest.mock import patch
 import _common as bc
 import torch
 
-from premoe.quant import kernels
+from premoe.quant import fused_mlp, kernels
 from premoe.quant.codecs import quantize_fp8_block, quantize_int4_pack
 
 GRID_N = (4, 8, 16, 32, 64)
@@ -96,17 +99,65 @@ def time_grid(
     return timings
 
 
+MLP_GRID = ((4, 8, 16, 32), (128, 256, 512), (128, 512), (4, 8))  # BLOCK_J, _K, _H, warps
+
+
+def time_mlp(
+    ws: dict[str, dict[str, Any]], s: int, sets: list[torch.Tensor], share: float,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """The one-kernel experts forward (`fused_mlp`, dense) at every `MLP_GRID` shape, and the
+    two kernels it replaces (up GEMV, down GEMV reading the activation, current tables) side by
+    side: {"grid": [{shape, us, gb_per_s}], "two_kernels": {us, gb_per_s}}."""
+    wu, wd = ws["gate_up"]["w"], ws["down_glu"]["w"]
+    nbytes = (wu.nbytes + wd.nbytes) * share
+    i, h = wd.shape[2], wd.shape[1]
+    x = torch.randn(s // 8, h, device=device, dtype=torch.bfloat16)  # top-8: S / 8 tokens
+    rw = torch.rand(s // 8, 8, device=device)
+    idx = [e.view(-1, 8) for e in sets]
+
+    def two() -> None:
+        for e in sets:
+            up = kernels.moe_gemv(x, 8, e, wu, n=2 * i, k=h)
+            kernels.moe_gemv(up, 1, e, wd, n=h, k=i, glu=torch.bfloat16)
+
+    sec = bc.graph_seconds(two, device, calls=len(sets), replays=10)
+    out: dict[str, Any] = {"two_kernels": {"us": sec * 1e6, "gb_per_s": nbytes / sec / 1e9},
+                           "grid": []}  # fmt: skip
+    with patch.object(fused_mlp, "MLP_SHAPES", fused_mlp.MLP_SHAPES):
+        for shape in itertools.product(*MLP_GRID):
+            fused_mlp.MLP_SHAPES = ((kernels.ANY, shape),)
+            parts = torch.empty(s, -(-i // shape[0]), h, device=device)
+
+            def one(parts: torch.Tensor = parts) -> None:
+                for e in idx:
+                    fused_mlp._launch(x, e, rw, wu, wd, parts, 1)
+
+            try:
+                sec = bc.graph_seconds(one, device, calls=len(sets), replays=10)
+            except Exception as exc:  # a shape the kernel cannot take
+                print(f"mlp {shape}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            out["grid"].append({"shape": list(shape), "us": sec * 1e6,
+                                "gb_per_s": nbytes / sec / 1e9})  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--experts", type=int, default=128, help="experts per projection")
     p.add_argument("--pairs", type=int, nargs="+", default=[8, 64])
     p.add_argument("--formats", nargs="+", default=["dense", "fp8", "int4"])
-    p.add_argument("--projections", nargs="+", choices=list(PROJS), default=list(PROJS))
+    p.add_argument("--projections", nargs="+", choices=[*PROJS, "mlp"], default=list(PROJS),
+                   help="mlp: the one-kernel experts forward (dense only) against the up and "
+                   "down_glu GEMVs it replaces")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
     kernels.prepare(device)
-    projs = {name: PROJS[name] for name in args.projections}
+    mlp = "mlp" in args.projections
+    names = {*args.projections, *(("gate_up", "down_glu") if mlp else ())} - {"mlp"}
+    projs = {name: PROJS[name] for name in PROJS if name in names}
     result: dict[str, Any] = {"formats": {}}
     rows = []
     for fmt in args.formats:
@@ -119,9 +170,26 @@ def main(argv: list[str] | None = None) -> int:
                                     dtype=torch.float32 if glu else torch.bfloat16)
                   for name, (_, k, glu) in projs.items()}  # fmt: skip
             share = min(s, args.experts) / args.experts  # of a projection's bytes a call reads
-            timings = time_grid(fmt, projs, ws, xs, sets, share, device)
+            tuned = {name: projs[name] for name in args.projections if name in projs}
+            timings = time_grid(fmt, tuned, ws, xs, sets, share, device) if tuned else {}
             fig[s] = {}
-            for name, (_, _, glu) in projs.items():
+            if mlp and fmt == "dense" and s % 8 == 0:  # top-8 routing: S / 8 tokens
+                fig[s]["mlp"] = m = time_mlp(ws, s, sets, share, device)
+                ranked = sorted(m["grid"], key=lambda r: r["us"])
+                default = list(fused_mlp.launch_shape(s))
+                base = next((r for r in ranked if r["shape"] == default), None)
+                m["best"], m["default"] = ranked[:5], base
+                two = m["two_kernels"]
+                rows.append(
+                    [fmt, s, "mlp", "x".join(map(str, ranked[0]["shape"])),
+                     f"{ranked[0]['us']:.2f}", f"{ranked[0]['gb_per_s']:.0f}",
+                     "two kernels", f"{two['us']:.2f}", f"{two['gb_per_s']:.0f}"]
+                )  # fmt: skip
+                if base:
+                    rows.append([fmt, s, "mlp default", "x".join(map(str, default)),
+                                 f"{base['us']:.2f}", f"{base['gb_per_s']:.0f}", "", "",
+                                 ""])  # fmt: skip
+            for name, (_, _, glu) in tuned.items():
                 bn, bk, _, warps = kernels.launch_shape(ws[name]["block"][1], fmt, s,
                                                         "glu" if glu else "")  # fmt: skip
                 default = (bn, bk, warps)
