@@ -99,7 +99,9 @@ def time_grid(
     return timings
 
 
-MLP_GRID = ((4, 8, 16, 32), (128, 256, 512), (128, 512), (4, 8))  # BLOCK_J, _K, _H, warps
+# (BLOCK_J, GROUP) pairs, then BLOCK_K, BLOCK_H, num_warps
+MLP_GRID = (((8, 1), (16, 1), (32, 1), (4, 2), (8, 2), (16, 2), (4, 8), (8, 8)), (256, 512),
+            (128, 512), (4, 8))  # fmt: skip
 
 
 def time_mlp(
@@ -125,9 +127,10 @@ def time_mlp(
     out: dict[str, Any] = {"two_kernels": {"us": sec * 1e6, "gb_per_s": nbytes / sec / 1e9},
                            "grid": []}  # fmt: skip
     with patch.object(fused_mlp, "MLP_SHAPES", fused_mlp.MLP_SHAPES):
-        for shape in itertools.product(*MLP_GRID):
+        for (bj, group), *rest in itertools.product(*MLP_GRID):
+            shape = (bj, group, *rest)
             fused_mlp.MLP_SHAPES = ((kernels.ANY, shape),)
-            parts = torch.empty(s, -(-i // shape[0]), h, device=device)
+            parts = torch.empty(s // group, -(-i // bj), h, device=device)
 
             def one(parts: torch.Tensor = parts) -> None:
                 for e in idx:
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             if mlp and fmt == "dense" and s % 8 == 0:  # top-8 routing: S / 8 tokens
                 fig[s]["mlp"] = m = time_mlp(ws, s, sets, share, device)
                 ranked = sorted(m["grid"], key=lambda r: r["us"])
-                default = list(fused_mlp.launch_shape(s))
+                default = list(fused_mlp.launch_shape(s, 8))
                 base = next((r for r in ranked if r["shape"] == default), None)
                 m["best"], m["default"] = ranked[:5], base
                 two = m["two_kernels"]

@@ -2,7 +2,8 @@
 down projection of every routed pair, over plain weights.
 
 Shape legend: T tokens, k experts routed per token, S = T*k routed pairs, H hidden, I the
-intermediate size, J = ceil(I / BLOCK_J) slices of the intermediate rows.
+intermediate size, J = ceil(I / BLOCK_J) slices of the intermediate rows, G pairs a program takes
+(GROUP, a power of two dividing k).
 
 `moe_mlp(x, experts, route_w, w_up, w_down, out_dtype=, glu=)` returns ``[T, H]``:
 
@@ -11,10 +12,12 @@ intermediate size, J = ceil(I / BLOCK_J) slices of the intermediate rows.
 with ``act = silu(gate) * up`` of the concatenated ``[gate; up]`` rows, computed and rounded as
 `premoe.quant.kernels.moe_gemv`'s `glu` computes it (the path it replaces: the up projection's
 GEMV, then the down projection's GEMV reading the activation as it loads its row). One program
-per (slice j of BLOCK_J intermediate rows, pair s) reads the slice's gate and up rows, forms its
-activation, and multiplies it into the slice's columns of the down projection:
-``parts[s, j] = route_w[s] * W_down[e_s][:, slice j] @ act[slice j]`` (``[S, J, H]`` fp32). The
-sum of the parts over (k, J) and the rounding to `out_dtype` are torch ops after the kernel,
+per (slice j of BLOCK_J intermediate rows, group g of G pairs of one token) reads the slice's
+gate and up rows of each pair, forms their activations, and multiplies them into the slice's
+columns of the down projections:
+``parts[g, j] = sum_{s in g} route_w[s] * W_down[e_s][:, slice j] @ act_s[slice j]``
+(``[S / G, J, H]`` fp32). The sum of the parts over (k / G, J) and the rounding to `out_dtype`
+are torch ops after the kernel,
 which torch.compile fuses with what follows (the residual add). A decode step so runs a MoE
 layer's experts in one launch instead of two, and no activation leaves the program.
 
@@ -25,33 +28,37 @@ rounding (the two-kernel path rounds each pair's output first): about one roundi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from premoe.quant import kernels, pdl
 
-# (BLOCK_J, BLOCK_K, BLOCK_H, num_warps) by routed pairs S (the first entry whose bound >= S).
-# At S = 8 (batch 1, top-8) and I = 768, BLOCK_J = 8 gives 96 x 8 = 768 programs of 96 KB of
-# weights each (the two-kernel path's up GEMV reads 64 KB a program). Guesses until tuned
-# (bench/tune_gemv.py --projections mlp); ptxas (sm_90) puts them at 32 registers a thread.
-MLP_SHAPES: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
-    (8, (8, 256, 512, 8)),
-    (kernels.ANY, (16, 256, 128, 8)),
+# (BLOCK_J, GROUP, BLOCK_K, BLOCK_H, num_warps) by routed pairs S (the first entry whose bound
+# >= S; GROUP is cut to the largest power of two dividing k). At S = 8 (batch 1, top-8) and
+# I = 768, BLOCK_J = 8 and GROUP = 1 give 96 x 8 = 768 programs of 96 KB of weights each (the
+# two-kernel path's up GEMV reads 64 KB a program). Guesses until tuned (bench/tune_gemv.py
+# --projections mlp); ptxas (sm_90) puts them at 32 registers a thread.
+MLP_SHAPES: tuple[tuple[int, tuple[int, int, int, int, int]], ...] = (
+    (8, (8, 1, 256, 512, 8)),
+    (kernels.ANY, (16, 1, 256, 128, 8)),
 )
 
 _OP: Any = None  # the custom op on CUDA (False: torch has none)
 
 
-def launch_shape(pairs: int) -> tuple[int, int, int, int]:
-    """(BLOCK_J, BLOCK_K, BLOCK_H, num_warps) for `pairs` routed pairs (`MLP_SHAPES`)."""
-    return next(shape for bound, shape in MLP_SHAPES if pairs <= bound)
+def launch_shape(pairs: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_J, GROUP, BLOCK_K, BLOCK_H, num_warps) for `pairs` routed pairs, `k` a token
+    (`MLP_SHAPES`; GROUP cut to divide k)."""
+    bj, group, bk, bh, warps = next(shape for bound, shape in MLP_SHAPES if pairs <= bound)
+    return bj, math.gcd(group, k), bk, bh, warps
 
 
 def _parts(x: torch.Tensor, experts: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     s, (h, i) = experts.numel(), w_down.shape[1:]
-    j = -(-i // launch_shape(s)[0])
-    return torch.empty(s, j, h, dtype=torch.float32, device=x.device)  # [S, J, H]
+    bj, group, *_ = launch_shape(s, experts.shape[-1])
+    return torch.empty(s // group, -(-i // bj), h, dtype=torch.float32, device=x.device)
 
 
 def _launch(
@@ -60,13 +67,13 @@ def _launch(
     route_w: torch.Tensor,  # [T, k]
     w_up: torch.Tensor,  # [E, 2I, H]
     w_down: torch.Tensor,  # [E, H, I]
-    y: torch.Tensor,  # [S, J, H] fp32 (out)
+    y: torch.Tensor,  # [S / G, J, H] fp32 (out)
     glu: int,
 ) -> None:
     from premoe.quant import _gemv_triton  # imports triton
 
-    block_j, block_k, block_h, warps = launch_shape(experts.numel())
-    grid = (y.shape[1], y.shape[0])  # slices fastest: a pair's programs run side by side
+    block_j, group, block_k, block_h, warps = launch_shape(experts.numel(), experts.shape[-1])
+    grid = (y.shape[1], y.shape[0])  # slices fastest: a group's programs run side by side
     _gemv_triton.moe_mlp_kernel[grid](
         x,
         experts,
@@ -86,6 +93,7 @@ def _launch(
         TOPK=experts.shape[-1],
         GLU=glu,
         BLOCK_J=block_j,
+        GROUP=group,
         BLOCK_K=block_k,
         BLOCK_H=block_h,
         num_warps=warps,
@@ -163,7 +171,7 @@ def moe_mlp(
     else:
         parts = _parts(x, experts, w_down)
         _launch(x, experts, route_w, w_up, w_down, parts, act)
-    return parts.view(experts.shape[0], -1, h).sum(dim=1).to(out_dtype)  # [T, H]: over k and J
+    return parts.view(experts.shape[0], -1, h).sum(dim=1).to(out_dtype)  # [T, H]: k / G and J
 
 
 __all__ = ["MLP_SHAPES", "launch_shape", "moe_mlp", "prepare"]

@@ -17,9 +17,11 @@ ROUTES = [  # one token; repeated experts within a token and across tokens
     torch.tensor([[2, 0, 4, 1]]),
     torch.tensor([[3, 3], [0, 3], [4, 1]]),
 ]
-# the table as it is (slices and chunks wider than I and H), and slices of 32 (I = 48: one
-# ragged), chunks of 64 (H = 96: ragged) and down steps of 64 (ragged)
-SHAPES = [fused_mlp.MLP_SHAPES, ((kernels.ANY, (32, 64, 64, 4)),)]
+# the table as it is (slices and chunks wider than I and H); slices of 32 (I = 48: one ragged),
+# chunks of 64 (H = 96: ragged) and down steps of 64 (ragged); groups of 2 and 4 pairs (cut to
+# 2 where k = 2)
+SHAPES = [fused_mlp.MLP_SHAPES, ((kernels.ANY, (32, 1, 64, 64, 4)),),
+          ((kernels.ANY, (16, 4, 64, 32, 4)),), ((kernels.ANY, (8, 2, 128, 64, 4)),)]  # fmt: skip
 
 
 def reference(wu: torch.Tensor, wd: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,

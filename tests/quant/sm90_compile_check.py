@@ -76,16 +76,16 @@ for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H
 MLP_ARGS = ["x_ptr", "experts_ptr", "rw_ptr", "wu_ptr", "wd_ptr", "y_ptr", "N_I", "H",
             "stride_xr", "stride_ue", "stride_un", "stride_de", "stride_dn", "stride_ys",
             "stride_yj"]  # fmt: skip
-for (_, (bj, bk, bh, warps)), glu in itertools.product(fused_mlp.MLP_SHAPES, (1, 2)):
+for (_, (bj, group, bk, bh, warps)), glu in itertools.product(fused_mlp.MLP_SHAPES, (1, 2)):
     act = "bf16" if glu == 1 else "fp32"
     types = [f"*{act}", "*i64", "*fp32", f"*{act}", f"*{act}", "*fp32", "i32", "constexpr"]
     sig = dict(zip(MLP_ARGS, types + ["i32"] * 7, strict=True))
-    consts = {"H": H, "TOPK": TOPK, "GLU": glu, "BLOCK_J": bj, "BLOCK_K": bk, "BLOCK_H": bh,
-              "PDL": True}  # fmt: skip
+    consts = {"H": H, "TOPK": TOPK, "GLU": glu, "BLOCK_J": bj, "GROUP": group, "BLOCK_K": bk,
+              "BLOCK_H": bh, "PDL": True}  # fmt: skip
     sig.update(dict.fromkeys(consts, "constexpr"))
     at = {(list(sig).index(c),): v for c, v in consts.items()}
     src = ASTSource(_gemv_triton.moe_mlp_kernel, sig, constexprs=at)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"] and "griddepcontrol.wait" in compiled.asm["ptx"], ("mlp", bj)
-    done.add(("mlp", bj, bk, bh, warps, glu))
+    done.add(("mlp", bj, group, bk, bh, warps, glu))
 print("sm_90 compile ok", len(done), "variants")
