@@ -17,9 +17,9 @@ gate and up rows of each pair, forms their activations, and multiplies them into
 columns of the down projections:
 ``parts[g, j] = sum_{s in g} route_w[s] * W_down[e_s][:, slice j] @ act_s[slice j]``
 (``[S / G, J, H]`` fp32). The sum of the parts over (k / G, J) and the rounding to `out_dtype`
-are torch ops after the kernel,
-which torch.compile fuses with what follows (the residual add). A decode step so runs a MoE
-layer's experts in one launch instead of two, and no activation leaves the program.
+are torch ops after the kernel, which torch.compile fuses with what follows (the residual add).
+A decode step so runs a MoE layer's experts in one launch instead of two, and no activation
+leaves the program.
 
 Plain ``[E, 2I, H]`` / ``[E, H, I]`` weights only (not transposed): quantized slots keep the
 two-kernel path of `premoe.quant.kernels`. The routing weight is applied in fp32 before the one
