@@ -55,6 +55,25 @@ def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str,
     return {"w": w, "s": s, "block": (1, 128), "int4": True, "bytes": w.nbytes + s.nbytes}
 
 
+def timing(
+    call: Any, shape: tuple[int, ...], nbytes: float, calls: int, device: torch.device, label: str
+) -> dict[str, Any] | None:
+    """{shape, us, gb_per_s} of `call` (`calls` calls, captured in a CUDA graph and replayed);
+    None, said on stderr, for a shape the kernel cannot take."""
+    try:
+        sec = bc.graph_seconds(call, device, calls=calls, replays=10)
+    except Exception as exc:
+        print(f"{label} {'x'.join(map(str, shape))}: {type(exc).__name__}", file=sys.stderr)
+        return None
+    return {"shape": list(shape), "us": sec * 1e6, "gb_per_s": nbytes / sec / 1e9}
+
+
+def ranked(timings: list[dict[str, Any]], default: list[int]) -> tuple[list, dict | None]:
+    """(timings fastest first, the one of the `default` shape or None)."""
+    order = sorted(timings, key=lambda r: r["us"])
+    return order, next((r for r in order if r["shape"] == default), None)
+
+
 def time_grid(
     fmt: str,
     projs: dict[str, tuple[int, int, torch.dtype | None]],
@@ -88,14 +107,10 @@ def time_grid(
                             scale_block=w["block"], int4=w["int4"], glu=glu,
                         )  # fmt: skip
 
-                try:
-                    sec = bc.graph_seconds(call, device, calls=len(sets), replays=10)
-                except Exception as exc:  # a shape the kernel cannot take
-                    print(f"{fmt} {name} {bn}x{bk} w{warps}: {type(exc).__name__}",
-                          file=sys.stderr)  # fmt: skip
-                    continue
-                timings[name].append({"shape": [bn, bk, warps], "us": sec * 1e6,
-                                      "gb_per_s": w["bytes"] * share / sec / 1e9})  # fmt: skip
+                r = timing(call, (bn, bk, warps), w["bytes"] * share, len(sets), device,
+                           f"{fmt} {name}")  # fmt: skip
+                if r:
+                    timings[name].append(r)
     return timings
 
 
@@ -123,8 +138,7 @@ def time_mlp(
             up = kernels.moe_gemv(x, 8, e, wu, n=2 * i, k=h)
             kernels.moe_gemv(up, 1, e, wd, n=h, k=i, glu=torch.bfloat16)
 
-    sec = bc.graph_seconds(two, device, calls=len(sets), replays=10)
-    out: dict[str, Any] = {"two_kernels": {"us": sec * 1e6, "gb_per_s": nbytes / sec / 1e9},
+    out: dict[str, Any] = {"two_kernels": timing(two, (), nbytes, len(sets), device, "two"),
                            "grid": []}  # fmt: skip
     with patch.object(fused_mlp, "MLP_SHAPES", fused_mlp.MLP_SHAPES):
         for (bj, group), *rest in itertools.product(*MLP_GRID):
@@ -136,13 +150,9 @@ def time_mlp(
                 for e in idx:
                     fused_mlp._launch(x, e, rw, wu, wd, parts, 1)
 
-            try:
-                sec = bc.graph_seconds(one, device, calls=len(sets), replays=10)
-            except Exception as exc:  # a shape the kernel cannot take
-                print(f"mlp {shape}: {type(exc).__name__}", file=sys.stderr)
-                continue
-            out["grid"].append({"shape": list(shape), "us": sec * 1e6,
-                                "gb_per_s": nbytes / sec / 1e9})  # fmt: skip
+            r = timing(one, shape, nbytes, len(sets), device, "mlp")
+            if r:
+                out["grid"].append(r)
     return out
 
 
@@ -178,14 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             fig[s] = {}
             if mlp and fmt == "dense" and s % 8 == 0:  # top-8 routing: S / 8 tokens
                 fig[s]["mlp"] = m = time_mlp(ws, s, sets, share, device)
-                ranked = sorted(m["grid"], key=lambda r: r["us"])
                 default = list(fused_mlp.launch_shape(s, 8))
-                base = next((r for r in ranked if r["shape"] == default), None)
-                m["best"], m["default"] = ranked[:5], base
+                order, base = ranked(m["grid"], default)
+                m["best"], m["default"] = order[:5], base
                 two = m["two_kernels"]
                 rows.append(
-                    [fmt, s, "mlp", "x".join(map(str, ranked[0]["shape"])),
-                     f"{ranked[0]['us']:.2f}", f"{ranked[0]['gb_per_s']:.0f}",
+                    [fmt, s, "mlp", "x".join(map(str, order[0]["shape"])),
+                     f"{order[0]['us']:.2f}", f"{order[0]['gb_per_s']:.0f}",
                      "two kernels", f"{two['us']:.2f}", f"{two['gb_per_s']:.0f}"]
                 )  # fmt: skip
                 if base:
@@ -195,11 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, (_, _, glu) in tuned.items():
                 bn, bk, _, warps = kernels.launch_shape(ws[name]["block"][1], fmt, s,
                                                         "glu" if glu else "")  # fmt: skip
-                default = (bn, bk, warps)
-                ranked = sorted(timings[name], key=lambda r: r["us"])
-                base = next((r for r in ranked if tuple(r["shape"]) == default), None)
-                fig[s][name] = {"best": ranked[:5], "default": base}
-                best = ranked[0]
+                default = [bn, bk, warps]
+                order, base = ranked(timings[name], default)
+                fig[s][name] = {"best": order[:5], "default": base}
+                best = order[0]
                 rows.append(
                     [fmt, s, name, "x".join(map(str, best["shape"])), f"{best['us']:.2f}",
                      f"{best['gb_per_s']:.0f}", "x".join(map(str, default)),

@@ -126,6 +126,28 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: Any) -> None:
     assert rel < 2e-2, (what, rel)
 
 
+def _replayed_equals_eager(
+    forward: Any, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, what: Any
+) -> None:
+    """`forward(..., fused=True)` captured in a CUDA graph on (hidden, idx, w), replayed on new
+    routes copied into them: close to the unfused path and bit-equal to the fused one, eager."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward(hidden, idx, w, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward(hidden, idx, w, True)
+    h2, i2, w2 = _routes(hidden.shape[0], seed=100 + hidden.shape[0])
+    for static, new in ((hidden, h2), (idx, i2), (w, w2)):
+        static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(out, forward(h2, i2, w2, False), what)
+    assert torch.equal(out, forward(h2, i2, w2, True))  # same kernels, same bits
+
+
 @GPU[0]
 @GPU[1]
 @pytest.mark.parametrize("scheme", ["dense", "fp8", "int4"])
@@ -150,22 +172,7 @@ def test_fused_equals_unfused_cuda_eager_and_graph(scheme: str) -> None:
             got = forward(hidden, idx, w, True)
             assert calls["silu"] == before + 1  # the fused path ran
             _close(got, want, (scheme, t, "eager"))
-            # captured in a CUDA graph, replayed on new inputs copied into the static ones
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                forward(hidden, idx, w, True)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = forward(hidden, idx, w, True)
-            h2, i2, w2 = _routes(t, seed=100 + t)
-            for static, new in ((hidden, h2), (idx, i2), (w, w2)):
-                static.copy_(new)
-            graph.replay()
-            torch.cuda.synchronize()
-            _close(out, forward(h2, i2, w2, False), (scheme, t, "graph"))
-            assert torch.equal(out, forward(h2, i2, w2, True))  # same kernels, same bits
+            _replayed_equals_eager(forward, hidden, idx, w, (scheme, t, "graph"))
 
 
 @GPU[0]
@@ -215,21 +222,7 @@ def test_fused_mlp_equals_two_kernels_cuda_eager_graph_compiled() -> None:
             assert calls["n"] == 1
             calls["n"] = 0
             _close(got, want, ("mlp", t, "eager"))
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                forward(hidden, idx, w, True)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = forward(hidden, idx, w, True)
-            h2, i2, w2 = _routes(t, seed=100 + t)
-            for static, new in ((hidden, h2), (idx, i2), (w, w2)):
-                static.copy_(new)
-            graph.replay()
-            torch.cuda.synchronize()
-            _close(out, forward(h2, i2, w2, False), ("mlp", t, "graph"))
-            assert torch.equal(out, forward(h2, i2, w2, True))  # same kernel, same bits
+            _replayed_equals_eager(forward, hidden, idx, w, ("mlp", t, "graph"))
             calls["n"] = 0
         torch._dynamo.reset()
         gemv_experts.FUSED_MLP = True
