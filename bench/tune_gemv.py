@@ -9,10 +9,7 @@ read per second, timed inside a CUDA graph as serve's decode step runs it. Each 
 routes its pairs to the next of `--experts` / S sets of experts, so that the weights one replay
 reads (hundreds of MB) do not stay in the L2 cache (50 MB), as a decode step's do not. The best
 shapes per format at 8 pairs are what `kernels.SHAPES` (gate_up) and `kernels.FUSED_SHAPES["glu"]`
-(down_glu) should say. `--projections mlp` times the one-kernel experts forward
-(`premoe.quant.fused_mlp`, dense weights; its best shapes go in `MLP_SHAPES`) beside the up and
-down_glu GEMVs it replaces. `PREMOE_PDL=0` times them launched without programmatic dependent
-launch.
+(down_glu) should say. `PREMOE_PDL=0` times them launched without programmatic dependent launch.
 
     python3 bench/tune_gemv.py --out bench/results/tune_gemv_h200.json
 """
@@ -28,7 +25,7 @@ from unittest.mock import patch
 import _common as bc
 import torch
 
-from premoe.quant import fused_mlp, kernels
+from premoe.quant import kernels
 from premoe.quant.codecs import quantize_fp8_block, quantize_int4_pack
 
 GRID_N = (4, 8, 16, 32, 64)
@@ -53,25 +50,6 @@ def weights(fmt: str, e: int, n: int, k: int, device: torch.device) -> dict[str,
     w = torch.stack([p["weight_packed"] for p in parts]).to(device)
     s = torch.stack([p["weight_scale"] for p in parts]).to(device)
     return {"w": w, "s": s, "block": (1, 128), "int4": True, "bytes": w.nbytes + s.nbytes}
-
-
-def timing(
-    call: Any, shape: tuple[int, ...], nbytes: float, calls: int, device: torch.device, label: str
-) -> dict[str, Any] | None:
-    """{shape, us, gb_per_s} of `call` (`calls` calls, captured in a CUDA graph and replayed);
-    None, said on stderr, for a shape the kernel cannot take."""
-    try:
-        sec = bc.graph_seconds(call, device, calls=calls, replays=10)
-    except Exception as exc:
-        print(f"{label} {'x'.join(map(str, shape))}: {type(exc).__name__}", file=sys.stderr)
-        return None
-    return {"shape": list(shape), "us": sec * 1e6, "gb_per_s": nbytes / sec / 1e9}
-
-
-def ranked(timings: list[dict[str, Any]], default: list[int]) -> tuple[list, dict | None]:
-    """(timings fastest first, the one of the `default` shape or None)."""
-    order = sorted(timings, key=lambda r: r["us"])
-    return order, next((r for r in order if r["shape"] == default), None)
 
 
 def time_grid(
@@ -107,53 +85,15 @@ def time_grid(
                             scale_block=w["block"], int4=w["int4"], glu=glu,
                         )  # fmt: skip
 
-                r = timing(call, (bn, bk, warps), w["bytes"] * share, len(sets), device,
-                           f"{fmt} {name}")  # fmt: skip
-                if r:
-                    timings[name].append(r)
+                try:
+                    sec = bc.graph_seconds(call, device, calls=len(sets), replays=10)
+                except Exception as exc:  # a shape the kernel cannot take
+                    print(f"{fmt} {name} {bn}x{bk} w{warps}: {type(exc).__name__}",
+                          file=sys.stderr)  # fmt: skip
+                    continue
+                timings[name].append({"shape": [bn, bk, warps], "us": sec * 1e6,
+                                      "gb_per_s": w["bytes"] * share / sec / 1e9})  # fmt: skip
     return timings
-
-
-# (BLOCK_J, GROUP) pairs, then BLOCK_K, BLOCK_H, num_warps
-MLP_GRID = (((8, 1), (16, 1), (32, 1), (4, 2), (8, 2), (16, 2), (4, 8), (8, 8)), (256, 512),
-            (128, 512), (4, 8))  # fmt: skip
-
-
-def time_mlp(
-    ws: dict[str, dict[str, Any]], s: int, sets: list[torch.Tensor], share: float,
-    device: torch.device,
-) -> dict[str, Any]:  # fmt: skip
-    """The one-kernel experts forward (`fused_mlp`, dense) at every `MLP_GRID` shape, and the
-    two kernels it replaces (up GEMV, down GEMV reading the activation, current tables) side by
-    side: {"grid": [{shape, us, gb_per_s}], "two_kernels": {us, gb_per_s}}."""
-    wu, wd = ws["gate_up"]["w"], ws["down_glu"]["w"]
-    nbytes = (wu.nbytes + wd.nbytes) * share
-    i, h = wd.shape[2], wd.shape[1]
-    x = torch.randn(s // 8, h, device=device, dtype=torch.bfloat16)  # top-8: S / 8 tokens
-    rw = torch.rand(s // 8, 8, device=device)
-    idx = [e.view(-1, 8) for e in sets]
-
-    def two() -> None:
-        for e in sets:
-            up = kernels.moe_gemv(x, 8, e, wu, n=2 * i, k=h)
-            kernels.moe_gemv(up, 1, e, wd, n=h, k=i, glu=torch.bfloat16)
-
-    out: dict[str, Any] = {"two_kernels": timing(two, (), nbytes, len(sets), device, "two"),
-                           "grid": []}  # fmt: skip
-    with patch.object(fused_mlp, "MLP_SHAPES", fused_mlp.MLP_SHAPES):
-        for (bj, group), *rest in itertools.product(*MLP_GRID):
-            shape = (bj, group, *rest)
-            fused_mlp.MLP_SHAPES = ((kernels.ANY, shape),)
-            parts = torch.empty(s // group, -(-i // bj), h, device=device)
-
-            def one(parts: torch.Tensor = parts) -> None:
-                for e in idx:
-                    fused_mlp._launch(x, e, rw, wu, wd, parts, 1)
-
-            r = timing(one, shape, nbytes, len(sets), device, "mlp")
-            if r:
-                out["grid"].append(r)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,16 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=128, help="experts per projection")
     p.add_argument("--pairs", type=int, nargs="+", default=[8, 64])
     p.add_argument("--formats", nargs="+", default=["dense", "fp8", "int4"])
-    p.add_argument("--projections", nargs="+", choices=[*PROJS, "mlp"], default=list(PROJS),
-                   help="mlp: the one-kernel experts forward (dense only) against the up and "
-                   "down_glu GEMVs it replaces")  # fmt: skip
+    p.add_argument("--projections", nargs="+", choices=list(PROJS), default=list(PROJS))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
     kernels.prepare(device)
-    mlp = "mlp" in args.projections
-    names = {*args.projections, *(("gate_up", "down_glu") if mlp else ())} - {"mlp"}
-    projs = {name: PROJS[name] for name in PROJS if name in names}
+    projs = {name: PROJS[name] for name in args.projections}
     result: dict[str, Any] = {"formats": {}}
     rows = []
     for fmt in args.formats:
@@ -183,31 +119,16 @@ def main(argv: list[str] | None = None) -> int:
                                     dtype=torch.float32 if glu else torch.bfloat16)
                   for name, (_, k, glu) in projs.items()}  # fmt: skip
             share = min(s, args.experts) / args.experts  # of a projection's bytes a call reads
-            tuned = {name: projs[name] for name in args.projections if name in projs}
-            timings = time_grid(fmt, tuned, ws, xs, sets, share, device) if tuned else {}
+            timings = time_grid(fmt, projs, ws, xs, sets, share, device)
             fig[s] = {}
-            if mlp and fmt == "dense" and s % 8 == 0:  # top-8 routing: S / 8 tokens
-                fig[s]["mlp"] = m = time_mlp(ws, s, sets, share, device)
-                default = list(fused_mlp.launch_shape(s, 8))
-                order, base = ranked(m["grid"], default)
-                m["best"], m["default"] = order[:5], base
-                two = m["two_kernels"]
-                rows.append(
-                    [fmt, s, "mlp", "x".join(map(str, order[0]["shape"])),
-                     f"{order[0]['us']:.2f}", f"{order[0]['gb_per_s']:.0f}",
-                     "two kernels", f"{two['us']:.2f}", f"{two['gb_per_s']:.0f}"]
-                )  # fmt: skip
-                if base:
-                    rows.append([fmt, s, "mlp default", "x".join(map(str, default)),
-                                 f"{base['us']:.2f}", f"{base['gb_per_s']:.0f}", "", "",
-                                 ""])  # fmt: skip
-            for name, (_, _, glu) in tuned.items():
+            for name, (_, _, glu) in projs.items():
                 bn, bk, _, warps = kernels.launch_shape(ws[name]["block"][1], fmt, s,
                                                         "glu" if glu else "")  # fmt: skip
-                default = [bn, bk, warps]
-                order, base = ranked(timings[name], default)
-                fig[s][name] = {"best": order[:5], "default": base}
-                best = order[0]
+                default = (bn, bk, warps)
+                ranked = sorted(timings[name], key=lambda r: r["us"])
+                base = next((r for r in ranked if tuple(r["shape"]) == default), None)
+                fig[s][name] = {"best": ranked[:5], "default": base}
+                best = ranked[0]
                 rows.append(
                     [fmt, s, name, "x".join(map(str, best["shape"])), f"{best['us']:.2f}",
                      f"{best['gb_per_s']:.0f}", "x".join(map(str, default)),

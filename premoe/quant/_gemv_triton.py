@@ -1,5 +1,4 @@
-"""The Triton kernels behind `premoe.quant.kernels` and `premoe.quant.fused_mlp` (imported only
-where Triton is).
+"""The Triton kernel behind `premoe.quant.kernels` (imported only where Triton is).
 
 `moe_gemv_kernel` runs one program per (row, block of BLOCK_N output columns); `FUSE` picks what
 a row is and what is stored:
@@ -19,11 +18,6 @@ a row is and what is stored:
 
 Every dot product goes through `_chunk_dot`, so each weight format (fp8 block, int4 packed,
 plain) gets every fusion.
-
-`moe_mlp_kernel` (`premoe.quant.fused_mlp`, plain weights) runs whole gated experts in one
-program per (slice of the intermediate rows, group of a token's routed pairs): up, activation,
-routing weight and the down projections' share of the slice, stored as fp32 partials summed by
-whatever follows.
 
 With ``PDL`` the kernel was launched with programmatic dependent launch (sm_90+,
 `premoe.quant.pdl`): it may start while the kernel before it still runs, so it waits for that one
@@ -75,13 +69,6 @@ def _load_x(ptrs, mask, K: tl.constexpr, GLU: tl.constexpr):
         return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
-    return _glu(gate, up, GLU)
-
-
-@triton.jit
-def _glu(gate, up, GLU: tl.constexpr):
-    """``silu(gate) * up`` of fp32 `gate` and `up`; GLU 1 rounds gate and up to bf16 first and
-    the activation after (as `_load_x` describes), 2 keeps fp32."""
     if GLU == 1:
         gate = _round_bf16(gate)
         up = _round_bf16(up)
@@ -292,64 +279,3 @@ def moe_gemv_kernel(
             _store(out_ptrs, acc, mask_n, OUT_BF16)
         else:
             tl.store(out_ptrs, acc, mask=mask_n)
-
-
-@triton.jit
-def moe_mlp_kernel(
-    x_ptr,  # [T, H] the tokens' hidden states
-    experts_ptr,  # [S] expert of each pair (token-major: pair s = token s // TOPK)
-    rw_ptr,  # [S] routing weight of each pair
-    wu_ptr,  # [E, 2 I, H] plain [gate; up] rows
-    wd_ptr,  # [E, H, I] plain down projection
-    y_ptr,  # [S / GROUP, J, H] fp32 (out): a group's share of slice j
-    N_I,  # intermediate size I
-    H: tl.constexpr,
-    stride_xr,
-    stride_ue,
-    stride_un,
-    stride_de,
-    stride_dn,
-    stride_ys,
-    stride_yj,
-    TOPK: tl.constexpr,
-    GLU: tl.constexpr,  # 1: the activation rounded as bf16 activations are, 2: fp32 (`_glu`)
-    BLOCK_J: tl.constexpr,  # intermediate rows a program takes: J = ceil(N_I / BLOCK_J)
-    GROUP: tl.constexpr,  # pairs a program takes (of one token: GROUP divides TOPK)
-    BLOCK_K: tl.constexpr,  # chunk of H in the gate and up dot products
-    BLOCK_H: tl.constexpr,  # down projection rows a loop step reads
-    PDL: tl.constexpr = False,
-):
-    """Whole gated experts for a group of GROUP routed pairs of one token and one slice j of
-    their intermediate rows: the gate and up rows of the slice of every pair (`_chunk_dot`, one
-    row per (pair, slice row), as FUSE 1 reads them), ``_glu``, times each pair's routing
-    weight, then the down projections' columns of the slice, summed over the group:
-    ``y[g, j, :] = sum_{s in g} rw[s] * W_down[e_s][:, slice j] @ act_s[slice j]``. Summing y over
-    j and over a token's groups gives the experts' output (`premoe.quant.fused_mlp`); no
-    activation leaves the program."""
-    pdl_enter(PDL)
-    j = tl.program_id(0)
-    grp = tl.program_id(1).to(tl.int64)
-    offs_r = tl.arange(0, GROUP * BLOCK_J)  # row r: pair r // BLOCK_J, slice row r % BLOCK_J
-    s = grp * GROUP + offs_r // BLOCK_J  # [R]
-    e = tl.load(experts_ptr + s).to(tl.int64)  # [R]
-    rows = j * BLOCK_J + offs_r % BLOCK_J  # [R] intermediate row of each
-    mask_r = rows < N_I
-    g_row = wu_ptr + e * stride_ue + rows.to(tl.int64) * stride_un  # [R]
-    u_row = g_row + N_I * stride_un
-    x_base = x_ptr + (grp * GROUP // TOPK) * stride_xr
-    gate = tl.zeros([GROUP * BLOCK_J], dtype=tl.float32)
-    up = tl.zeros([GROUP * BLOCK_J], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        gate += _chunk_dot(x_base, g_row, g_row, k0, mask_r, H, 1, 1, False, True, False, 2,
-                           BLOCK_K)  # fmt: skip
-        up += _chunk_dot(x_base, u_row, u_row, k0, mask_r, H, 1, 1, False, True, False, 2,
-                         BLOCK_K)  # fmt: skip
-    act = tl.where(mask_r, _glu(gate, up, GLU), 0.0) * tl.load(rw_ptr + s).to(tl.float32)
-    d_base = wd_ptr + (e * stride_de + rows)[None, :]  # [1, R]
-    y_base = y_ptr + grp * stride_ys + j * stride_yj
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        w = tl.load(d_base + offs_h[:, None].to(tl.int64) * stride_dn,
-                    mask=mask_h[:, None] & mask_r[None, :], other=0.0)  # [BH, R]  # fmt: skip
-        tl.store(y_base + offs_h, tl.sum(w.to(tl.float32) * act[None, :], axis=1), mask=mask_h)

@@ -19,8 +19,6 @@ Where the module is a SiLU-gated experts module with transformers' default gate 
 the caller passes `fused` kernels, the same forward is two kernels instead of about six:
 `kernels.moe_gemv_silu` (up projection and ``silu(gate) * up``) and `kernels.moe_gemv_wsum`
 (down projection, routing weight and sum over k), each rounding once to the output dtype.
-With `FUSED_MLP`, `experts_forward` over plain weights of such a module (bf16 or fp32
-activations) runs it as one kernel: `premoe.quant.fused_mlp.moe_mlp`.
 
 `register()` adds the experts implementation ``premoe_gemv`` to transformers' registry
 (`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`, chosen by
@@ -32,14 +30,13 @@ or transformers' eager loop (CPU).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers.activations import SiLUActivation
 
-from premoe.quant import fused_mlp, kernels
+from premoe.quant import kernels
 
 try:  # the gate `use_experts_implementation` installs on classes without their own
     from transformers.integrations.moe import _default_apply_gate as _DEFAULT_GATE
@@ -176,12 +173,6 @@ the server (H100, same machine, `bench_serve.py --fused-experts`) a batch-1 step
 2.19 ms against 2.17 unfused, and the load figures moved by -2 % to +4 % (bench/RESULTS.md)."""
 
 
-FUSED_MLP = os.environ.get("PREMOE_FUSED_MLP", "0") == "1"
-"""Plain SiLU-gated experts at decode through `premoe.quant.fused_mlp`'s one kernel (up,
-activation, routing weight, down) instead of two GEMVs: off until measured against them on a GPU;
-`PREMOE_FUSED_MLP=1` in the environment turns it on."""
-
-
 def plain_gemvs(mod: Any) -> tuple[GemvFn, GemvFn, tuple[UpActFn, DownSumFn] | None]:
     """(up, down, fused) for `gemv_forward` over the module's own parameters; fused is None
     where the weights are stored transposed."""
@@ -217,17 +208,8 @@ def experts_forward(mod: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) -
         or hidden.device.type not in _RUNS_ON
     ):
         return _fallback(mod, hidden, *args, **kwargs)
-    names = (up_name, "down_proj")
-    if (
-        FUSED_MLP
-        and GLU_ON_LOAD
-        and hidden.dtype in kernels.GLU_DTYPES
-        and not getattr(mod, "is_transposed", False)
-        and silu_gated(mod, names)
-    ):
-        return fused_mlp.moe_mlp(hidden, rest[0], rest[1], w_up, w_down, out_dtype=hidden.dtype,
-                                 glu=hidden.dtype)  # fmt: skip
     up, down, fused = plain_gemvs(mod)
+    names = (up_name, "down_proj")
     fused = fused if FUSE else None
     return gemv_forward(mod, hidden, rest[0], rest[1], up, down, names, hidden.dtype, fused)
 
@@ -240,7 +222,7 @@ def register() -> str:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     for dev in ("cuda", "cpu"):
-        if (dev == "cpu" or torch.cuda.is_available()) and fused_mlp.prepare(torch.device(dev)):
+        if (dev == "cpu" or torch.cuda.is_available()) and kernels.prepare(torch.device(dev)):
             _RUNS_ON.add(dev)
 
     if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:

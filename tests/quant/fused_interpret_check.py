@@ -139,7 +139,6 @@ for name in calls:
 # whole tiny models (T = 4 sequences x k = 2 = 8 pairs = E: the kernel path at decode)
 impl = gemv_experts.register()
 gemv_experts.FUSE = True  # off by default in serve (see its docstring)
-gemv_experts.FUSED_MLP = False  # the one-kernel path of plain weights, mlp_interpret_check.py's
 m = build_tiny("qwen3_moe", 0).eval()  # fp32: fused output unrounded, greedy tokens must agree
 prompt = torch.randint(0, 100, (4, 5), generator=torch.Generator().manual_seed(1))
 outs = {}

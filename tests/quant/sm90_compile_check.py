@@ -1,8 +1,8 @@
 """Run by tests/quant/test_resident.py: compile the GEMV kernel for an H100/H200 (sm_90) with no
 GPU present (Triton's code generator, LLVM and its bundled ptxas), for every variant (plain,
-silu, wsum, the one-kernel experts forward), weight format and launch shape of the tables at
-H = 2048, I = 768, k = 8, as launched on sm_90 (with programmatic dependent launch: `PDL`): the
-interpreter does not check what only the compiler rejects."""
+silu, wsum), weight format and launch shape of the tables at H = 2048, I = 768, k = 8, as
+launched on sm_90 (with programmatic dependent launch: `PDL`): the interpreter does not check
+what only the compiler rejects."""
 
 import itertools
 
@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from premoe.quant import _gemv_triton, fused_mlp, kernels
+from premoe.quant import _gemv_triton, kernels
 
 H, I, TOPK = 2048, 768, 8  # noqa: E741
 FORMATS = {  # mode: (weight, scale pointer types, scale block)
@@ -72,20 +72,4 @@ for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H
     ptx = compiled.asm["ptx"]  # the first weight chunk is loaded before the wait
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), ("linear", n_out)
     done.add(("linear", n_out))
-# the one-kernel experts forward (`fused_mlp`), every table entry, bf16 and fp32 activations
-MLP_ARGS = ["x_ptr", "experts_ptr", "rw_ptr", "wu_ptr", "wd_ptr", "y_ptr", "N_I", "H",
-            "stride_xr", "stride_ue", "stride_un", "stride_de", "stride_dn", "stride_ys",
-            "stride_yj"]  # fmt: skip
-for (_, (bj, group, bk, bh, warps)), glu in itertools.product(fused_mlp.MLP_SHAPES, (1, 2)):
-    act = "bf16" if glu == 1 else "fp32"
-    types = [f"*{act}", "*i64", "*fp32", f"*{act}", f"*{act}", "*fp32", "i32", "constexpr"]
-    sig = dict(zip(MLP_ARGS, types + ["i32"] * 7, strict=True))
-    consts = {"H": H, "TOPK": TOPK, "GLU": glu, "BLOCK_J": bj, "GROUP": group, "BLOCK_K": bk,
-              "BLOCK_H": bh, "PDL": True}  # fmt: skip
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    at = {(list(sig).index(c),): v for c, v in consts.items()}
-    src = ASTSource(_gemv_triton.moe_mlp_kernel, sig, constexprs=at)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert compiled.asm["cubin"] and "griddepcontrol.wait" in compiled.asm["ptx"], ("mlp", bj)
-    done.add(("mlp", bj, group, bk, bh, warps, glu))
 print("sm_90 compile ok", len(done), "variants")

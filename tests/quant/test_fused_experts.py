@@ -1,16 +1,13 @@
-"""The fused experts paths against the unfused GEMV path: `kernels.moe_gemv_silu` +
-`kernels.moe_gemv_wsum` (chosen by `gemv_experts.gemv_forward` for SiLU-gated modules) and the
-one-kernel `fused_mlp.moe_mlp` (chosen by `experts_forward` over plain weights): which modules
-qualify (CPU), Triton's interpreter, and on CUDA the same outputs within bf16 rounding, eager,
-inside a captured CUDA graph and under torch.compile, for bf16 weights and fp8 / int4 resident
-slots.
+"""The fused experts path (`kernels.moe_gemv_silu` + `kernels.moe_gemv_wsum`, chosen by
+`gemv_experts.gemv_forward` for SiLU-gated modules) against the unfused GEMV path: which modules
+qualify (CPU), and on CUDA the same outputs within bf16 rounding, eager, inside a captured CUDA
+graph and under torch.compile, for bf16 weights and fp8 / int4 resident slots.
 
 Shape legend: T tokens, k routed per token, S = T*k pairs, H hidden, I intermediate, E experts.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +15,10 @@ import torch
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from premoe.quant import fused_mlp, gemv_experts, kernels
-from premoe.quant.gemv_experts import experts_forward, gemv_forward, plain_gemvs, silu_gated
+from premoe.quant import gemv_experts, kernels
+from premoe.quant.gemv_experts import gemv_forward, plain_gemvs, silu_gated
 from premoe.quant.resident import quantize_resident
-from tests.helpers import GPU, run_triton_script
+from tests.helpers import GPU
 from tests.tiny import build_tiny
 
 NAMES = ("gate_up_proj", "down_proj")
@@ -37,26 +34,6 @@ def test_silu_gated_decides_the_fused_path() -> None:
     assert silu_gated(_experts("mixtral"), NAMES)
     assert not silu_gated(_experts("qwen3_moe", hidden_act="gelu"), NAMES)
     assert not silu_gated(_experts("gpt_oss"), NAMES)  # clamped interleaved gate, biases
-
-
-@pytest.mark.slow
-def test_fused_mlp_interpreter() -> None:
-    """The one-kernel experts forward against float64 of the same roundings, and tiny models
-    through it, run by Triton's interpreter (needs `triton`)."""
-    stdout = run_triton_script(Path(__file__).with_name("mlp_interpret_check.py"), 300)
-    for line in ("mlp kernel ok", "qwen3_moe fused mlp greedy ok", "mixtral fused mlp greedy ok",
-                 "qwen3_moe bf16 fused mlp ok"):  # fmt: skip
-        assert line in stdout, stdout
-
-
-def test_fused_mlp_refuses_mismatched_shapes() -> None:
-    w_up, w_down = torch.zeros(3, 8, 6), torch.zeros(3, 6, 4)
-    x, idx = torch.zeros(1, 6), torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="must be"):
-        fused_mlp.moe_mlp(x, idx, torch.zeros(2), w_up, w_down, out_dtype=x.dtype, glu=x.dtype)
-    with pytest.raises(ValueError, match="disagree"):
-        fused_mlp.moe_mlp(x, idx, torch.zeros(1, 2), w_up, w_down[:, :5], out_dtype=x.dtype,
-                          glu=x.dtype)  # fmt: skip
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
@@ -126,28 +103,6 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: Any) -> None:
     assert rel < 2e-2, (what, rel)
 
 
-def _replayed_equals_eager(
-    forward: Any, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, what: Any
-) -> None:
-    """`forward(..., fused=True)` captured in a CUDA graph on (hidden, idx, w), replayed on new
-    routes copied into them: close to the unfused path and bit-equal to the fused one, eager."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward(hidden, idx, w, True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward(hidden, idx, w, True)
-    h2, i2, w2 = _routes(hidden.shape[0], seed=100 + hidden.shape[0])
-    for static, new in ((hidden, h2), (idx, i2), (w, w2)):
-        static.copy_(new)
-    graph.replay()
-    torch.cuda.synchronize()
-    _close(out, forward(h2, i2, w2, False), what)
-    assert torch.equal(out, forward(h2, i2, w2, True))  # same kernels, same bits
-
-
 @GPU[0]
 @GPU[1]
 @pytest.mark.parametrize("scheme", ["dense", "fp8", "int4"])
@@ -172,7 +127,22 @@ def test_fused_equals_unfused_cuda_eager_and_graph(scheme: str) -> None:
             got = forward(hidden, idx, w, True)
             assert calls["silu"] == before + 1  # the fused path ran
             _close(got, want, (scheme, t, "eager"))
-            _replayed_equals_eager(forward, hidden, idx, w, (scheme, t, "graph"))
+            # captured in a CUDA graph, replayed on new inputs copied into the static ones
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                forward(hidden, idx, w, True)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = forward(hidden, idx, w, True)
+            h2, i2, w2 = _routes(t, seed=100 + t)
+            for static, new in ((hidden, h2), (idx, i2), (w, w2)):
+                static.copy_(new)
+            graph.replay()
+            torch.cuda.synchronize()
+            _close(out, forward(h2, i2, w2, False), (scheme, t, "graph"))
+            assert torch.equal(out, forward(h2, i2, w2, True))  # same kernels, same bits
 
 
 @GPU[0]
@@ -188,46 +158,3 @@ def test_fused_compiles_fullgraph_cuda() -> None:
     with torch.no_grad():
         assert torch.equal(compiled(hidden, idx, w), forward(hidden, idx, w, True))
     torch._dynamo.reset()
-
-
-@GPU[0]
-@GPU[1]
-def test_fused_mlp_equals_two_kernels_cuda_eager_graph_compiled() -> None:
-    """`experts_forward` over plain bf16 weights: the one kernel (`FUSED_MLP`) against the two
-    GEMVs, at S = 8 and 24 pairs, eager, replayed from a CUDA graph on new inputs, and compiled
-    (fullgraph)."""
-    if not kernels.available(torch.device("cuda")):
-        pytest.skip("needs triton")
-    gemv_experts.register()
-    mod, _ = _module("dense")
-    calls = {"n": 0}
-    moe_mlp = fused_mlp.moe_mlp
-
-    def counted(*a: Any, **kw: Any) -> torch.Tensor:
-        calls["n"] += 1
-        return moe_mlp(*a, **kw)
-
-    def forward(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, on: bool) -> Any:
-        gemv_experts.FUSED_MLP = on
-        return experts_forward(mod, hidden, idx, w)
-
-    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused_mlp, "moe_mlp", counted)
-        mp.setattr(gemv_experts, "FUSED_MLP", gemv_experts.FUSED_MLP)  # restored after
-        for t in (1, 3):  # S = 8 and 24 pairs (more than E = 24 would take grouped_mm)
-            hidden, idx, w = _routes(t, seed=t)
-            want = forward(hidden, idx, w, False)
-            assert calls["n"] == 0
-            got = forward(hidden, idx, w, True)
-            assert calls["n"] == 1
-            calls["n"] = 0
-            _close(got, want, ("mlp", t, "eager"))
-            _replayed_equals_eager(forward, hidden, idx, w, ("mlp", t, "graph"))
-            calls["n"] = 0
-        torch._dynamo.reset()
-        gemv_experts.FUSED_MLP = True
-        compiled = torch.compile(lambda h, i, r: experts_forward(mod, h, i, r), fullgraph=True)
-        hidden, idx, w = _routes(1, seed=5)
-        # the sum over the parts is inductor's then, in its own order
-        _close(compiled(hidden, idx, w), forward(hidden, idx, w, False), ("mlp", "compiled"))
-        torch._dynamo.reset()
