@@ -147,22 +147,7 @@ class ContinuousDecoder:
             if graphs:  # on CUDA: each router's forward as its matmul and one kernel
                 self.fused_routers = fused_router.for_model(model)
         if graphs:
-            self.graphs = DecodeGraphs(
-                self._graph_step,
-                lambda cols, kv_len: self.cache.plan(None, cols, kv_len),
-                slots=slots,
-                max_len=max_len,
-                pad_id=self.pad_id,
-                scratch=self.cache.scratch,
-                dtype=self.dtype,
-                device=self.device,
-                row_mask_shape=None
-                if routing is None
-                else (len(routing.layers), routing.union.count),
-                compile_layers=decoder_layers(model) if compile else (),
-                patched=functools.partial(self._patched, fuse),
-                keep=[self.sampled],
-            )
+            self.graphs = self._decode_graphs(compile, fuse)
         # prefill forwards run compiled layers too (`_prefill_compiled`): these, or the step's
         self.compile_prefill = True
         self.prefill_regions: Regions | None = None
@@ -401,6 +386,24 @@ class ContinuousDecoder:
     def _sample(self, logits: torch.Tensor) -> None:
         """Every row's greedy sample of `logits` [B, V], kept on the device (`sampled`)."""
         self.sampled[: logits.shape[0]].copy_(logits.argmax(-1))
+
+    def _decode_graphs(self, compile: bool, fuse: bool) -> DecodeGraphs:
+        """The decode step's CUDA graphs (captured per bucket on first use or at warm-up)."""
+        routing = self.routing
+        return DecodeGraphs(
+            self._graph_step,
+            lambda cols, kv_len: self.cache.plan(None, cols, kv_len),
+            slots=len(self.seqs),
+            max_len=self.max_len,
+            pad_id=self.pad_id,
+            scratch=self.cache.scratch,
+            dtype=self.dtype,
+            device=self.device,
+            row_mask_shape=None if routing is None else (len(routing.layers), routing.union.count),
+            compile_layers=decoder_layers(self.model) if compile else (),
+            patched=functools.partial(self._patched, fuse),
+            keep=[self.sampled],
+        )
 
     def _rows(self, patterns: Sequence[str | None]) -> Rows | None:
         return None if self.routing is None else self.routing.rows(patterns)

@@ -158,10 +158,10 @@ class DecodeGraphs:
         self.scratch = scratch
         self.batch_buckets = buckets_up_to(slots)
         self.kv_buckets = buckets_up_to(max_len + 1, min(first_kv_bucket, max_len + 1))
-        self.ids = torch.full((slots, 1), pad_id, dtype=torch.long, device=device)  # [N, 1]
-        self.pos = torch.zeros((slots, 1), dtype=torch.long, device=device)  # [N, 1]
-        self.cols = torch.full((slots, 1), scratch, dtype=torch.long, device=device)  # [N, 1]
-        self.fed = torch.zeros((slots, 1), dtype=torch.long, device=device)  # [N, 1]
+        # ids, positions, KV columns and fed flags in one buffer, so a step uploads them in one
+        # copy; rows padded to an even count keep every view 16-byte aligned (inductor's guard)
+        self.inputs = torch.empty((4, slots + slots % 2, 1), dtype=torch.long, device=device)
+        self.ids, self.pos, self.cols, self.fed = (t[:slots] for t in self.inputs)  # [N, 1] each
         self.rows = (
             None
             if row_mask_shape is None
@@ -175,6 +175,7 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         # measured inside every captured step (SlotMiss); set before capturing
         self.meter: CapturedMeter | None = None
+        self._staged_rows: Rows | None = None  # the `run` rows the row buffers hold
 
     @property
     def compiled(self) -> bool:
@@ -202,18 +203,34 @@ class DecodeGraphs:
 
     def _idle(self) -> None:
         """Every row: the padding token at position 0, written to scratch."""
-        self.ids.fill_(self.pad_id)
-        self.pos.zero_()
-        self.cols.fill_(self.scratch)
-        self.fed.zero_()
+        self.inputs.copy_(self._idle_inputs(self.inputs.shape[1])[:, :, None])
+        self._staged_rows = None
         if self.rows is not None:
             self.rows.masks.zero_()
             self.rows.index.zero_()
+
+    def _idle_inputs(self, n: int, pin: bool = False) -> torch.Tensor:
+        """[4, n] host rows of `inputs` for idle slots: padding token, position 0, scratch, not
+        fed."""
+        out = torch.empty((4, n), dtype=torch.long, pin_memory=pin)
+        out[0], out[1], out[2], out[3] = self.pad_id, 0, self.scratch, 0
+        return out
 
     def _capture(self, b: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         t0 = time.perf_counter()
         kept = [t.clone() for t in self.keep]  # e.g. the samples of a step in flight
         self._idle()
+        graph, out = self._record(b, kv)
+        for t, old in zip(self.keep, kept, strict=True):
+            t.copy_(old)
+        seconds = time.perf_counter() - t0
+        self.capture_seconds += seconds
+        log.info("captured the decode step of %d rows x %d KV columns in %.1f s", b, kv, seconds)
+        return graph, out
+
+    def _record(self, b: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The step of `b` rows x `kv` columns over the buffers, warmed up on a side stream, then
+        captured: the graph and its output [B, V]."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         meter = self.meter
@@ -229,12 +246,7 @@ class DecodeGraphs:
                 out = self._body(b, kv)
                 if meter is not None:
                     meter.captured(b, warm=False)
-        for t, old in zip(self.keep, kept, strict=True):
-            t.copy_(old)
         torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - t0
-        self.capture_seconds += seconds
-        log.info("captured the decode step of %d rows x %d KV columns in %.1f s", b, kv, seconds)
         return graph, out
 
     def warmup(self, batch: Sequence[int] | None = None, kv: Sequence[int] | None = None) -> float:
@@ -264,19 +276,20 @@ class DecodeGraphs:
             entry = self.graphs[key] = self._capture(*key)
         b = key[0]
         # a fresh pinned buffer (the caching host allocator keeps it until its copy has run):
-        # with a step in flight, the last step's copy may not have run yet
-        host = torch.empty((4, b), dtype=torch.long, pin_memory=True)  # ids, pos, cols, fed
+        # with a step in flight, the last step's copy may not have run yet. One copy, straight
+        # into the graph's inputs: every eager op between two replays is device time a step
+        host = self._idle_inputs(self.inputs.shape[1], self.device.type == "cuda")  # [4, N]
         host[0, :n], host[1, :n], host[2, :n] = ids[:, 0], pos[:, 0], cols[:, 0]
-        host[3, :n] = 0 if fed is None else fed[:, 0]
-        host[0, n:b], host[1, n:b], host[2, n:b], host[3, n:b] = self.pad_id, 0, self.scratch, 0
-        dev = host.to(self.device, non_blocking=True)  # [4, B]
-        for i, buf in enumerate((self.ids, self.pos, self.cols, self.fed)):
-            buf[:b, 0].copy_(dev[i])
-        if self.rows is not None and rows is not None:
+        if fed is not None:
+            host[3, :n] = fed[:, 0]
+        self.inputs.copy_(host[:, :, None], non_blocking=True)
+        # the same rows as the last step (`RowRouting.rows` returns them again): already there
+        if self.rows is not None and rows is not None and rows is not self._staged_rows:
             self.rows.masks[:n].copy_(rows.masks)
             self.rows.masks[n:b].zero_()
             self.rows.index[:n].copy_(rows.index)
             self.rows.index[n:b].zero_()
+            self._staged_rows = rows
         graph, out = entry
         graph.replay()
         return out[:n]

@@ -122,6 +122,7 @@ class RowRouting:
                 kept = [slot[e] for e in patterns[name].layers[layer]]
                 masks[p, i, kept] = 0.0
         self.masks = masks.to(device)  # [P, L, U]
+        self._last: tuple[tuple[str | None, ...], Rows] | None = None  # `rows`' last answer
         self.hits = 0
         own = {n: r for n, r in (routers or {}).items() if r is not None and n in patterns}
         self.weights: torch.Tensor | None = None  # [L, P, U, H]; None: shared
@@ -157,12 +158,17 @@ class RowRouting:
 
     def rows(self, names: Sequence[str | None]) -> Rows:
         """Masks [B, L, U] and pattern indices [B] of rows whose patterns are `names` (None:
-        an idle row, no mask)."""
+        an idle row, no mask). The same names as the last call return the same `Rows` (no
+        device work; `DecodeGraphs.run` then copies nothing): decode steps repeat them."""
+        key = tuple(names)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         idx = torch.tensor([self.names.index(n) if n is not None else -1 for n in names])
         # one pinned, non-blocking upload: a step may be in flight (continuous.py)
         dev = upload(torch.stack((idx.clamp(min=0), (idx >= 0).long())), self.masks.device)
         out = torch.where(dev[1, :, None, None] > 0, self.masks[dev[0]], 0.0)  # [B, L, U]
-        return Rows(out, dev[0])
+        self._last = (key, Rows(out, dev[0]))
+        return self._last[1]
 
     def _router_starts(self, i: int, module: Any, args: Any) -> None:
         self._layer = i

@@ -20,7 +20,7 @@ from premoe.serve import topk
 from premoe.serve.continuous import ContinuousDecoder, StepReport, decoder_layers
 from premoe.serve.decode import SamplingParams
 from premoe.serve.fused_router import FusedRouters
-from premoe.serve.graphs import Regions
+from premoe.serve.graphs import DecodeGraphs, Regions, buckets_up_to
 from premoe.serve.patterns import build_patterns
 from premoe.serve.rowmask import RowRouting, union_keep
 from premoe.serve.sampling import TokenLogprobs
@@ -199,6 +199,24 @@ def test_traced_step_equals_eager_forward_in_one_graph(world: World) -> None:
     torch.testing.assert_close(got, want)
     assert not torch.allclose(want[:2], unrouted[:2])  # the masks mattered: could fail
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+
+
+def test_rows_repeat_the_last_answer_only_for_the_same_names(world: World) -> None:
+    """`RowRouting.rows` returns its last `Rows` again for the same names (decode steps copy
+    nothing then), and fresh, right masks for any other names."""
+    routing, names = world.routing, list(world.patterns)
+    first = routing.rows([names[0], None, names[1]])
+    assert routing.rows([names[0], None, names[1]]) is first
+    other = routing.rows([names[1], names[0]])
+    assert other is not first
+    again = routing.rows([names[0], None, names[1]])
+    assert again is not first  # only the last answer is kept
+    for rows, row_names in ((first, [names[0], None, names[1]]), (other, names[1::-1])):
+        for b, name in enumerate(row_names):
+            want = routing.masks[names.index(name)] if name else torch.zeros_like(rows.masks[b])
+            torch.testing.assert_close(rows.masks[b], want)
+            assert int(rows.index[b]) == (names.index(name) if name else 0)
+    torch.testing.assert_close(again.masks, first.masks)
 
 
 class GraphLog:
@@ -417,6 +435,50 @@ def test_cuda_graph_steps_equal_eager_steps(
     if quantize is None:  # fp32 weights: also each pattern's own pruned model on the CPU
         want = [world.greedy(p, ids, n) for ids, p, n in reversed(jobs)]
         assert texts[True] == want
+
+
+class EagerReplay:
+    """A captured CUDA graph as `DecodeGraphs.run` relies on it, on the CPU: every replay runs the
+    step again over the same input buffers, into the same output tensor."""
+
+    def __init__(self, step: Any) -> None:
+        self.step = step
+        self.out = step()
+
+    def replay(self) -> None:
+        self.out.copy_(self.step())
+
+
+def test_graph_inputs_staged_as_eager_steps(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `DecodeGraphs.run` copies into the graphs' buffers (the inputs in one upload, the
+    rows' masks only when they changed, again after a capture idles them) gives the eager
+    steps' greedy text: mixed patterns, rows joining at random steps, several buckets captured
+    mid-run, the next step queued before the last is read. The graph itself is replayed eagerly
+    (CUDA graphs need a GPU: test_cuda_graph_steps_equal_eager_steps)."""
+
+    def record(self: DecodeGraphs, b: int, kv: int) -> tuple[EagerReplay, torch.Tensor]:
+        graph = EagerReplay(lambda: self._body(b, kv))
+        return graph, graph.out
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(DecodeGraphs, "_record", record)
+    names = list(world.patterns)
+    jobs = [(ids, names[i % len(names)], 12) for i, ids in enumerate(prompts(world))]
+    texts = {}
+    for graphs in (False, True):
+        dec = ContinuousDecoder(
+            world.model, world.tokenizer, slots=4, max_len=MAX_LEN, routing=world.routing
+        )
+        if graphs:
+            dec.graphs, dec.pipeline = dec._decode_graphs(False, False), True
+            # KV buckets of 8, 16, ...: rows cross them mid-answer, so a capture idles the
+            # buffers between two steps of the same rows
+            dec.graphs.kv_buckets = buckets_up_to(MAX_LEN + 1, 8)
+        rows, reports = run_joining(dec, jobs, random.Random(1))
+        texts[graphs] = [sink.text for sink, *_ in rows]
+    assert dec.graphs is not None and len({kv for _, kv in dec.graphs.graphs}) >= 2
+    assert any(r.in_flight for r in reports)
+    assert texts[True] == texts[False]
 
 
 def reference_penalized(
