@@ -203,16 +203,17 @@ class DecodeGraphs:
 
     def _idle(self) -> None:
         """Every row: the padding token at position 0, written to scratch."""
-        self.inputs.copy_(self._idle_inputs(self.inputs.shape[1])[:, :, None])
+        self.inputs.copy_(self._idle_inputs()[:, :, None])
         self._staged_rows = None
         if self.rows is not None:
             self.rows.masks.zero_()
             self.rows.index.zero_()
 
-    def _idle_inputs(self, n: int, pin: bool = False) -> torch.Tensor:
-        """[4, n] host rows of `inputs` for idle slots: padding token, position 0, scratch, not
-        fed."""
-        out = torch.empty((4, n), dtype=torch.long, pin_memory=pin)
+    def _idle_inputs(self) -> torch.Tensor:
+        """[4, N] host copy of `inputs` with every slot idle: padding token, position 0, scratch,
+        not fed (pinned on CUDA, so that `run` uploads it without waiting)."""
+        pin = self.device.type == "cuda"
+        out = torch.empty((4, self.inputs.shape[1]), dtype=torch.long, pin_memory=pin)
         out[0], out[1], out[2], out[3] = self.pad_id, 0, self.scratch, 0
         return out
 
@@ -278,7 +279,7 @@ class DecodeGraphs:
         # a fresh pinned buffer (the caching host allocator keeps it until its copy has run):
         # with a step in flight, the last step's copy may not have run yet. One copy, straight
         # into the graph's inputs: every eager op between two replays is device time a step
-        host = self._idle_inputs(self.inputs.shape[1], self.device.type == "cuda")  # [4, N]
+        host = self._idle_inputs()  # [4, N] ids, pos, cols, fed
         host[0, :n], host[1, :n], host[2, :n] = ids[:, 0], pos[:, 0], cols[:, 0]
         if fed is not None:
             host[3, :n] = fed[:, 0]
