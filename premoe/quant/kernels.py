@@ -159,6 +159,7 @@ def _launch(
     per_row: int = 0,  # plain: pairs per x row, row = s // per_row (0: rows[s])
     has_bias: bool = False,  # linear: route_w is the bias [N]
     glu: int = 0,  # plain: x rows are [gate | up], read as silu(gate) * up (`GLU_DTYPES`)
+    routed: tuple[torch.Tensor, dict[str, Any]] | None = None,  # a router: counters, constexprs
 ) -> None:
     kern = _kernel()
     if mode == "dense_t":  # [E, K, N]: row n of W starts at n, element k at k * stride
@@ -180,6 +181,7 @@ def _launch(
         scale,
         y,
         route_w,
+        x if routed is None else routed[0],
         y.shape[1],
         k,
         x.stride(0),
@@ -204,6 +206,7 @@ def _launch(
         BLOCK_K=block_k,
         num_warps=warps,
         **pdl.launch_args(x.device),
+        **({} if routed is None else routed[1]),
     )
 
 
@@ -304,7 +307,7 @@ def _register_ops() -> dict[str, Any]:
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         y = x.new_empty(x.shape[0], weight.shape[0])
-        _linear(x, weight, y, bias)
+        launch_linear(x, weight, y, bias)
         return y
 
     @gemv_linear_op.register_fake
@@ -315,14 +318,17 @@ def _register_ops() -> dict[str, Any]:
             "linear": gemv_linear_op}  # fmt: skip
 
 
-def _linear(
-    x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None
-) -> None:
-    n, k = weight.shape
+def launch_linear(
+    x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None,
+    routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]] | None = None,
+) -> None:  # fmt: skip
+    """``y [T, N] = x [T, K] @ weight [N, K].T (+ bias [N])``; `routed` (weights, experts [T, k]
+    out, counters, constexprs): a router that also selects its experts (`router_gemv`)."""
     w = weight.unsqueeze(0)  # [1, N, K]: expert 0
     b = x if bias is None else bias  # a pointer the kernel never reads without a bias
-    _launch(x, x, x, w, w, b, y, n, k, 1, 1, "dense", "none", "linear",
-            has_bias=bias is not None)  # fmt: skip
+    values, indices, *route = routed or (x, x)  # route: [counters, constexprs] or []
+    _launch(x, values, indices, w, w, b, y, *weight.shape, 1, 1, "dense", "none", "linear",
+            has_bias=bias is not None, routed=tuple(route) or None)  # fmt: skip
 
 
 def prepare(device: torch.device) -> bool:
@@ -484,17 +490,11 @@ def gemv_linear(
     if op is not None:
         return op(x, weight, bias)
     y = x.new_empty(x.shape[0], weight.shape[0])
-    _linear(x, weight, y, bias)
+    launch_linear(x, weight, y, bias)
     return y
 
 
 __all__ = [
-    "gemv_linear",
-    "available",
-    "interpret_mode",
-    "moe_gemv",
-    "moe_gemv_silu",
-    "moe_gemv_wsum",
-    "prepare",
-    "triton_importable",
-]
+    "available", "gemv_linear", "interpret_mode", "launch_linear", "moe_gemv", "moe_gemv_silu",
+    "moe_gemv_wsum", "prepare", "triton_importable",
+]  # fmt: skip

@@ -16,6 +16,12 @@ replaced. `over(fallback)` is the same wrapper over any other linear
 function (the row-mask hook of rowmask.py computes its router logits through it). The decode step
 is traced and captured inside the block (`premoe.serve.graphs`), so nothing is patched while the
 graphs replay.
+
+While patched, the wrapper also takes a router's `route` (`router_gemv.Route`, from
+`premoe.serve.fused_router`) and returns (logits, weights, experts): a one-row router of at most
+`router_gemv.MAX_WIDTH` experts is then one kernel that selects its top-k itself
+(`premoe.quant.router_gemv`); any other call computes the logits as above and then
+`topk.route_topk`. `routes()` says whether `F.linear` takes `route` now.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from typing import Any
 
 import torch
 
-from premoe.quant import kernels
+from premoe.quant import kernels, router_gemv
+from premoe.quant.router_gemv import Route
+from premoe.serve import topk
 
 ENABLED = True
 """Serve's fused decode steps patch the GEMV in; benches turn it off to compare with cuBLAS in
@@ -61,23 +69,45 @@ def over(fallback: Callable[..., Any]) -> Callable[..., Any]:
         return _wrappers[fallback]
 
     def linear(
-        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        route: Route | None = None,
+    ) -> Any:
         if _active and _eligible(x, weight, bias):
-            out = kernels.gemv_linear(x.reshape(1, -1), weight, bias)  # [1, N]
-            return out.view(*x.shape[:-1], weight.shape[0])
-        return fallback(x, weight, bias)
+            shape = (*x.shape[:-1], weight.shape[0])
+            if route is not None and weight.shape[0] <= router_gemv.MAX_WIDTH:
+                out, w, idx = router_gemv.gemv_route(x.reshape(1, -1), weight, bias, route)
+                return out.view(shape), w, idx  # [..., N], [1, k], [1, k]
+            out = kernels.gemv_linear(x.reshape(1, -1), weight, bias).view(shape)  # [..., N]
+        else:
+            out = fallback(x, weight, bias)
+        return routed(out, route)
 
     _wrappers[fallback] = linear
     _wrappers[linear] = linear  # wrapping the wrapper is the wrapper
     return linear
 
 
+def routed(logits: torch.Tensor, route: Route | None) -> Any:
+    """`logits` without a `route`; else (logits, weights [T, k], experts [T, k]) by
+    `topk.route_topk` (logits [..., E] of T tokens)."""
+    if route is None:
+        return logits
+    return (logits, *topk.route_topk(logits.reshape(-1, logits.shape[-1]), *route))
+
+
+def routes() -> bool:
+    """True while `F.linear` takes a router's `route` (patched in: its wrapper is at the bottom
+    of whatever hooks sit over it, and they pass `route` on)."""
+    return _active
+
+
 @contextmanager
 def patched(device: torch.device) -> Iterator[None]:
     """During the block, one-row linear layers on `device` run the GEMV (module docstring)."""
     global _active
-    if not ENABLED or device.type != "cuda" or not kernels.prepare(device) or _active:
+    if not ENABLED or device.type != "cuda" or not router_gemv.prepare(device) or _active:
         yield
         return
     functional = torch.nn.functional
@@ -91,4 +121,4 @@ def patched(device: torch.device) -> Iterator[None]:
         functional.linear = current
 
 
-__all__ = ["MAX_OUT", "over", "patched"]
+__all__ = ["MAX_OUT", "over", "patched", "routed", "routes"]
