@@ -8,6 +8,10 @@ step runs them; the GEMV at its table's launch shape (`kernels.FUSED_SHAPES["lin
 without programmatic dependent launch (`premoe.quant.pdl.ENABLED`), and at every shape of a
 small grid (`--sweep`). Prints µs per call and the weight bytes read per second, writes JSON.
 
+Then each router as a decode step runs it: its GEMV (with a row mask as bias) and then the top-k
+kernel (`premoe.serve.topk.route_topk`, softmax, top-8, renormalised), against the GEMV that
+selects the experts itself (`premoe.quant.router_gemv.gemv_route`), side by side.
+
     python3 bench/bench_linear.py --sweep --out bench/results/linear_h200.json
 """
 
@@ -22,7 +26,8 @@ import _common as bc
 import torch
 import torch.nn.functional as F
 
-from premoe.quant import kernels, pdl
+from premoe.quant import kernels, pdl, router_gemv
+from premoe.serve import topk
 
 GRID = list(
     itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (4, 8))
@@ -75,6 +80,30 @@ def measure(n: int, k: int, layers: int, device: torch.device, sweep: bool) -> d
     return row
 
 
+def measure_router(n: int, k: int, layers: int, device: torch.device) -> dict[str, Any]:
+    """µs per router call: the GEMV and then the top-k kernel, against the routed GEMV."""
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02 for _ in range(layers)]
+    x = torch.randn(1, k, dtype=torch.bfloat16, device=device)
+    mask = torch.where(torch.arange(n, device=device) % 5 == 0, float("-inf"), 0.0)
+    mask = mask.to(torch.bfloat16)  # [N]: a row's pattern over the union
+    route = router_gemv.Route(8, topk.SOFTMAX, True, 1.0, torch.bfloat16)
+
+    def two() -> None:
+        for w in ws:
+            topk.route_topk(kernels.gemv_linear(x, w, mask), *route)
+
+    def one() -> None:
+        for w in ws:
+            router_gemv.gemv_route(x, w, mask, route)
+
+    want = topk.route_topk(kernels.gemv_linear(x, ws[0], mask), *route)
+    same = all(map(torch.equal, router_gemv.gemv_route(x, ws[0], mask, route)[1:], want))
+    row = {"n": n, "k": k, "same": same}
+    row["two_kernels_us"] = bc.graph_seconds(two, device, layers) * 1e6
+    row["one_kernel_us"] = bc.graph_seconds(one, device, layers) * 1e6
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     bc.add_model_args(p)
@@ -100,6 +129,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['gemv_pdl_us']:8.2f} "
               f"{row['best'][0]:>12} "
               f"{row['best'][1]:8.2f}", flush=True)  # fmt: skip
+    topk.prepare(device)
+    router_gemv.prepare(device)
+    print(f"\n{'router':<12} {'N x K':>13} {'GEMV + top-k us':>15} {'routed GEMV us':>14} "
+          f"{'ratio':>6} {'same':>5}")  # fmt: skip
+    result["routers"] = {}
+    for n in args.routers:
+        row = result["routers"][n] = measure_router(n, args.hidden, args.layers, device)
+        print(f"{f'router_{n}':<12} {f'{n}x{args.hidden}':>13} {row['two_kernels_us']:15.2f} "
+              f"{row['one_kernel_us']:14.2f} {row['two_kernels_us'] / row['one_kernel_us']:6.2f} "
+              f"{str(row['same']):>5}")  # fmt: skip
     bc.write_json(args.out, result, device=device)
     return 0
 
