@@ -10,7 +10,9 @@ small grid (`--sweep`). Prints µs per call and the weight bytes read per second
 
 Then each router as a decode step runs it: its GEMV (with a row mask as bias) and then the top-k
 kernel (`premoe.serve.topk.route_topk`, softmax, top-8, renormalised), against the GEMV that
-selects the experts itself (`premoe.quant.router_gemv.gemv_route`), side by side.
+selects the experts itself (`premoe.quant.router_gemv.gemv_route`), side by side, the latter
+at its table's shape (`FUSED_SHAPES["route"]`) and at each of `ROUTED_SHAPES` (the selection
+runs on every warp of the last program: fewer warps select faster but read slower).
 
     python3 bench/bench_linear.py --sweep --out bench/results/linear_h200.json
 """
@@ -80,6 +82,10 @@ def measure(n: int, k: int, layers: int, device: torch.device, sweep: bool) -> d
     return row
 
 
+ROUTED_SHAPES = ((1, 1024, 1), (2, 1024, 1), (1, 2048, 1), (2, 1024, 2), (1, 1024, 4),
+                 (4, 1024, 4), (8, 512, 4), (4, 512, 2))  # (BLOCK_N, BLOCK_K, warps)  # fmt: skip
+
+
 def measure_router(n: int, k: int, layers: int, device: torch.device) -> dict[str, Any]:
     """µs per router call: the GEMV and then the top-k kernel, against the routed GEMV."""
     ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02 for _ in range(layers)]
@@ -97,10 +103,22 @@ def measure_router(n: int, k: int, layers: int, device: torch.device) -> dict[st
             router_gemv.gemv_route(x, w, mask, route)
 
     want = topk.route_topk(kernels.gemv_linear(x, ws[0], mask), *route)
-    same = all(map(torch.equal, router_gemv.gemv_route(x, ws[0], mask, route)[1:], want))
-    row = {"n": n, "k": k, "same": same}
+    row: dict[str, Any] = {"n": n, "k": k, "shapes": {}}
     row["two_kernels_us"] = bc.graph_seconds(two, device, layers) * 1e6
-    row["one_kernel_us"] = bc.graph_seconds(one, device, layers) * 1e6
+    table = kernels.FUSED_SHAPES["route"]
+    default = table["dense"]
+    try:
+        for shape in (None, *ROUTED_SHAPES):  # None: the table's own shape
+            table["dense"] = default if shape is None else ((kernels.ANY, shape),)
+            got = router_gemv.gemv_route(x, ws[0], mask, route)[1:]
+            us = bc.graph_seconds(one, device, layers) * 1e6
+            row["shapes"][str(shape or "table")] = {"us": us, "same": bool(
+                all(map(torch.equal, got, want)))}  # fmt: skip
+    finally:
+        table["dense"] = default
+    row["one_kernel_us"] = row["shapes"]["table"]["us"]
+    row["same"] = all(r["same"] for r in row["shapes"].values())
+    row["best"] = min(row["shapes"].items(), key=lambda item: item[1]["us"])
     return row
 
 
@@ -132,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     topk.prepare(device)
     router_gemv.prepare(device)
     print(f"\n{'router':<12} {'N x K':>13} {'GEMV + top-k us':>15} {'routed GEMV us':>14} "
-          f"{'ratio':>6} {'same':>5}")  # fmt: skip
+          f"{'ratio':>6} {'same':>5} {'best routed shape':>17} {'best us':>8}")  # fmt: skip
     result["routers"] = {}
     for n in args.routers:
         row = result["routers"][n] = measure_router(n, args.hidden, args.layers, device)
         print(f"{f'router_{n}':<12} {f'{n}x{args.hidden}':>13} {row['two_kernels_us']:15.2f} "
               f"{row['one_kernel_us']:14.2f} {row['two_kernels_us'] / row['one_kernel_us']:6.2f} "
-              f"{str(row['same']):>5}")  # fmt: skip
+              f"{str(row['same']):>5} {row['best'][0]:>17} "
+              f"{row['best'][1]['us']:8.2f}")  # fmt: skip
     bc.write_json(args.out, result, device=device)
     return 0
 

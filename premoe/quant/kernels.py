@@ -14,9 +14,8 @@ reading W in its quantized form and dequantizing in registers:
 
 Dequantized weights stay fp32 (the exact quantized values); `round_dtype=torch.bfloat16` rounds
 each to bf16 first, so only the summation order differs from a dense matmul of
-`premoe.quant.codecs.dequantize(..., dtype=bfloat16)`'s weights. Work per row is K·N weight
-bytes: it is meant for decode (few rows); prefill dequantizes the hit experts and uses dense
-matmuls (`QuantizedExperts.forward`).
+`premoe.quant.codecs.dequantize(..., dtype=bfloat16)`'s weights. Work per row is K·N weight bytes:
+decode (few rows); prefill dequantizes the hit experts, dense matmuls (`QuantizedExperts.forward`).
 
 Two fused variants make a gated SiLU experts forward two kernels instead of about six (up GEMV,
 casts, activation, down GEMV, routing weight, sum over the k experts), in any weight format:
@@ -27,9 +26,8 @@ casts, activation, down GEMV, routing weight, sum over the k experts), in any we
   ``[T, H]``, accumulated in fp32 and rounded once to the hidden dtype.
 
 Both round once (the unfused path rounds after each step): about one rounding of difference.
-
-Triton exists only where a GPU does: this module imports it lazily. `available()` says whether
-the kernel can run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
+Triton exists only where a GPU does: imported lazily. `available()` says whether the kernel can
+run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
 
 On sm_90+ the kernels can be launched with programmatic dependent launch (`premoe.quant.pdl`):
 the ops are opaque custom ops, so compiled graphs launch them through `_launch` too (inductor's
@@ -114,6 +112,8 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     # the down projection reading the up's [gate | up] (`moe_gemv(glu=)`; else SHAPES), S = 8 tuned
     # alone on an H100 (bench/tune_gemv.py --projections down_glu)
     "glu": {"dense": ((8, (32, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8)))},
+    # a router that selects its top-k (`router_gemv`) on all its warps (bench_linear.py routes)
+    "route": {"dense": ((81, (1, 1024, 4)), (ANY, (4, 1024, 4)))},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
 GLU_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
@@ -168,7 +168,7 @@ def _launch(
         stride_wn, stride_wk = weight.stride(1), 1
     topk = experts.shape[-1] if fuse else per_row
     key = y.shape[1] if fuse == "linear" else y.shape[0]
-    shapes = fuse or ("glu" if glu else "")  # the FUSED_SHAPES table ("": SHAPES)
+    shapes = "route" if routed else fuse or ("glu" if glu else "")  # FUSED_SHAPES ("": SHAPES)
     block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, shapes)
     while -(-y.shape[1] // block_n) > _MAX_GRID_Y:  # e.g. an LM head's 152k rows one by one
         block_n *= 2

@@ -64,9 +64,15 @@ LINEARS = (
     (81, H, 8),
     (1024, H, 8),
 )  # (N, K, a router's k): o/qkv_proj, routers selecting their top-k
-for (n_out, k_in, route_k), bias in itertools.product(LINEARS, (False, True)):
-    # a plain linear, a router with a row mask as its bias and its top-k in every scoring
-    bn, bk, fp8_mode, warps = kernels.launch_shape(1, "dense", n_out, "linear")
+# a router's shapes beyond its table's: one-warp ones (bench_linear.py's ROUTED_SHAPES)
+ONE_WARP = ((1, 1024, 2, 1), (2, 1024, 2, 1), (1, 2048, 2, 1))
+for (n_out, k_in, route_k), bias, extra in itertools.product(
+    LINEARS, (False, True), (None, *ONE_WARP)
+):  # a plain linear, a router with a row mask as its bias and its top-k in every scoring
+    if extra and not route_k:
+        continue
+    table = "route" if route_k else "linear"
+    bn, bk, fp8_mode, warps = extra or kernels.launch_shape(1, "dense", n_out, table)
     types = ["*bf16", "*fp32", "*i64", "*bf16", "*bf16", "*bf16", "*bf16", "*i32", "i32",
              "constexpr"] + ["i32"] * 7  # fmt: skip
     sig = dict(zip(ARGS, types, strict=True))
@@ -84,5 +90,5 @@ for (n_out, k_in, route_k), bias in itertools.product(LINEARS, (False, True)):
     ptx = compiled.asm["ptx"]  # the first weight chunk is loaded before the wait
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), ("linear", n_out)
     assert ("atom.global" in ptx) == bool(route_k), ("linear", n_out, route_k)
-    done.add(("linear", n_out, route_k, bias))
+    done.add(("linear", n_out, route_k, bias, extra))
 print("sm_90 compile ok", len(done), "variants")
