@@ -14,12 +14,16 @@ test_gemv_linear.py), from one kernel.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
 
 from premoe.quant import kernels, tickets
 
+ENABLED = os.environ.get("PREMOE_ROUTED_GEMV", "1") != "0"
+"""Patched-in routers (`premoe.serve.gemv_linear`) select their experts in the GEMV: on by
+default; `PREMOE_ROUTED_GEMV=0` in the environment keeps the top-k kernel after the GEMV."""
 MAX_WIDTH = 1024
 """Routers wider than this keep the top-k kernel (one program holds the token's logits)."""
 _OP: Any = None  # premoe::gemv_route; False where custom ops cannot be registered

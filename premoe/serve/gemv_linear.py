@@ -20,8 +20,8 @@ graphs replay.
 While patched, the wrapper also takes a router's `route` (`router_gemv.Route`, from
 `premoe.serve.fused_router`) and returns (logits, weights, experts): a one-row router of at most
 `router_gemv.MAX_WIDTH` experts is then one kernel that selects its top-k itself
-(`premoe.quant.router_gemv`); any other call computes the logits as above and then
-`topk.route_topk`. `routes()` says whether `F.linear` takes `route` now.
+(`premoe.quant.router_gemv`, unless `router_gemv.ENABLED` is off); any other call computes the
+logits as above and then `topk.route_topk`. `routes()` says whether `F.linear` takes `route` now.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from premoe.serve import topk
 ENABLED = True
 """Serve's fused decode steps patch the GEMV in; benches turn it off to compare with cuBLAS in
 one process."""
+_ROUTED = router_gemv.MAX_WIDTH
 MAX_OUT = 32768  # wider layers (the LM head) stay with cuBLAS, which reads them near bandwidth
 _DTYPES = (torch.bfloat16, torch.float16)
 _active = False
@@ -76,7 +77,7 @@ def over(fallback: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         if _active and _eligible(x, weight, bias):
             shape = (*x.shape[:-1], weight.shape[0])
-            if route is not None and weight.shape[0] <= router_gemv.MAX_WIDTH:
+            if route is not None and router_gemv.ENABLED and weight.shape[0] <= _ROUTED:
                 out, w, idx = router_gemv.gemv_route(x.reshape(1, -1), weight, bias, route)
                 return out.view(shape), w, idx  # [..., N], [1, k], [1, k]
             out = kernels.gemv_linear(x.reshape(1, -1), weight, bias).view(shape)  # [..., N]

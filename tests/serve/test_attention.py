@@ -171,12 +171,15 @@ def test_kernels_compile_for_sm90() -> None:
 @GPU[0]
 @GPU[1]
 @pytest.mark.parametrize("compile", [False, True])
-def test_decode_graphs_run_the_step_kernels(compile: bool) -> None:
+def test_decode_graphs_run_the_step_kernels(compile: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 model's captured decode step (eager or compiled layers) runs the one-query
     attention kernel, no sdpa kernel, and the fused routers with no top-k kernel (their GEMV
     selects the experts: test_gemv_linear.py counts it): the patches reach the layers' real
     calls (they once fell back to sdpa for every call, silently)."""
+    from premoe.quant import router_gemv
+
     _prepared()
+    monkeypatch.setattr(router_gemv, "ENABLED", True)
     launches, dec = captured_step_kernels(compile)
     assert dec.fused_routers is not None
     names = set(launches)

@@ -326,6 +326,7 @@ def test_fused_routers_take_their_top_k_from_the_gemv(
 
     monkeypatch.setattr(topk, "route_topk", reference_route)
     monkeypatch.setattr(router_gemv, "gemv_route", gemv_route)
+    monkeypatch.setattr(router_gemv, "ENABLED", True)
     monkeypatch.setattr(kernels, "gemv_linear", torch_linear)
     monkeypatch.setattr(gemv_linear, "_eligible", lambda x, w, b: x.numel() == x.shape[-1])
     monkeypatch.setattr(gemv_linear, "patched", patched)

@@ -89,8 +89,9 @@ def test_one_row_calls_take_the_gemv_others_stay() -> None:
 @GPU[1]
 def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
     """The GEMV adds 3 launches per layer (q/k/v fused, o_proj, router) and 1 for the tiny LM
-    head to a captured step, the router's GEMV selects its experts (no top-k kernel is left),
-    and the step decodes what the cuBLAS step decodes."""
+    head to a captured step, the router's GEMV selects its experts (no top-k kernel is left;
+    with `router_gemv.ENABLED` off the top-k kernel follows it), and the step decodes what the
+    cuBLAS step decodes."""
     _prepared()
     from premoe.serve.decode import NullSink
 
@@ -100,21 +101,22 @@ def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
         def on_delta(self, text: str, completion_tokens: int) -> None:
             self.text += text
 
-    runs: dict[bool, tuple[int, int, str]] = {}
-    for enabled in (False, True):
-        gemv_linear.ENABLED = enabled
+    runs: dict[tuple[bool, bool], tuple[int, int, str]] = {}
+    for enabled, routed in ((False, False), (True, False), (True, True)):
+        gemv_linear.ENABLED, router_gemv.ENABLED = enabled, routed
         sink = Text()
         try:
             launches, dec = captured_step_kernels(sink=sink)
         finally:
-            gemv_linear.ENABLED = True
+            gemv_linear.ENABLED = router_gemv.ENABLED = True
         gemvs = sum(n for k, n in launches.items() if "moe_gemv_kernel" in k)
         topks = sum(n for k, n in launches.items() if "route_topk_kernel" in k)
-        runs[enabled] = (gemvs, topks, sink.text)
+        runs[enabled, routed] = (gemvs, topks, sink.text)
     layers = dec.model.config.num_hidden_layers
-    assert runs[True][0] - runs[False][0] == 3 * (3 * layers + 1), runs
-    assert (runs[False][1], runs[True][1]) == (3 * layers, 0), runs
-    assert runs[True][2] == runs[False][2]
+    cublas, gemv, routed_gemv = runs.values()
+    assert gemv[0] - cublas[0] == routed_gemv[0] - cublas[0] == 3 * (3 * layers + 1), runs
+    assert (cublas[1], gemv[1], routed_gemv[1]) == (3 * layers, 3 * layers, 0), runs
+    assert cublas[2] == gemv[2] == routed_gemv[2]
 
 
 @GPU[0]
