@@ -21,9 +21,11 @@ import torch
 
 from premoe.quant import kernels, tickets
 
-ENABLED = os.environ.get("PREMOE_ROUTED_GEMV", "1") != "0"
-"""Patched-in routers (`premoe.serve.gemv_linear`) select their experts in the GEMV: on by
-default; `PREMOE_ROUTED_GEMV=0` in the environment keeps the top-k kernel after the GEMV."""
+ENABLED = os.environ.get("PREMOE_ROUTED_GEMV", "0") == "1"
+"""Patched-in routers (`premoe.serve.gemv_linear`) select their experts in the GEMV with
+`PREMOE_ROUTED_GEMV=1` in the environment. Off by default until it has run on a GPU: so far it
+has run only under the Triton interpreter (bit-equal there) and compiled for sm_90; by default
+the top-k kernel follows the GEMV, as before."""
 MAX_WIDTH = 1024
 """Routers wider than this keep the top-k kernel (one program holds the token's logits)."""
 _OP: Any = None  # premoe::gemv_route; False where custom ops cannot be registered

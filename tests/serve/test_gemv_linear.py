@@ -102,13 +102,14 @@ def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
             self.text += text
 
     runs: dict[tuple[bool, bool], tuple[int, int, str]] = {}
+    default = router_gemv.ENABLED
     for enabled, routed in ((False, False), (True, False), (True, True)):
         gemv_linear.ENABLED, router_gemv.ENABLED = enabled, routed
         sink = Text()
         try:
             launches, dec = captured_step_kernels(sink=sink)
         finally:
-            gemv_linear.ENABLED = router_gemv.ENABLED = True
+            gemv_linear.ENABLED, router_gemv.ENABLED = True, default
         gemvs = sum(n for k, n in launches.items() if "moe_gemv_kernel" in k)
         topks = sum(n for k, n in launches.items() if "route_topk_kernel" in k)
         runs[enabled, routed] = (gemvs, topks, sink.text)
