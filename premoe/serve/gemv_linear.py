@@ -39,7 +39,6 @@ from premoe.serve import topk
 ENABLED = True
 """Serve's fused decode steps patch the GEMV in; benches turn it off to compare with cuBLAS in
 one process."""
-_ROUTED = router_gemv.MAX_WIDTH
 MAX_OUT = 32768  # wider layers (the LM head) stay with cuBLAS, which reads them near bandwidth
 _DTYPES = (torch.bfloat16, torch.float16)
 _active = False
@@ -77,7 +76,8 @@ def over(fallback: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         if _active and _eligible(x, weight, bias):
             shape = (*x.shape[:-1], weight.shape[0])
-            if route is not None and router_gemv.ENABLED and weight.shape[0] <= _ROUTED:
+            routed_here = router_gemv.ENABLED and weight.shape[0] <= router_gemv.MAX_WIDTH
+            if route is not None and routed_here:
                 out, w, idx = router_gemv.gemv_route(x.reshape(1, -1), weight, bias, route)
                 return out.view(shape), w, idx  # [..., N], [1, k], [1, k]
             out = kernels.gemv_linear(x.reshape(1, -1), weight, bias).view(shape)  # [..., N]
