@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 TAKEN: tl.constexpr = tl.constexpr(-2147483647 - 1)  # below every real key (also -inf's)
-_TAKEN64: tl.constexpr = tl.constexpr(-9223372036854775807 - 1)  # below every 64-bit key
 
 
 @triton.jit
@@ -50,24 +49,26 @@ def route_select(
     as the largest, as in torch.topk) and their weights: the scores (module docstring), over
     their sum with RENORM, times `scaling` unless SCORING is 0; in fp32, cast once.
 
-    Each of the k rounds is one reduction: a 64-bit key holds the score's order key above the
-    column's reversed index, so its maximum is the best score at its lowest index, and its value
-    is read back from the key."""
+    Each of the k rounds is two 32-bit reductions, one `redux.sync` each on sm_80+: the largest
+    order key, then the lowest column holding it; the value is read back from the key. (A
+    64-bit key of both, one reduction a round, took five shuffle steps of two shuffles; Triton's
+    bitonic `tl.topk` of it compiles to 143 shuffles at E = 128, k = 8, against these rounds'
+    13 for the whole kernel, ptxas for sm_90.)"""
     if SCORING == 1:  # softmax over the row, then its k largest
         e = tl.where(ok, tl.exp(x - tl.max(x, axis=0)), 0.0)
         x = e / tl.sum(e, axis=0)
     elif SCORING == 2:  # sigmoid scores
         x = tl.sigmoid(x)
-    key = (order_keys(x, ok).to(tl.int64) << 32) | (BLOCK_E - 1 - offs).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
+    key = order_keys(x, ok)
     vals = tl.zeros((BLOCK_K,), tl.float32)
     idxs = tl.zeros((BLOCK_K,), tl.int64)
     for i in tl.static_range(K):
         best = tl.max(key, axis=0)
-        idx = BLOCK_E - 1 - (best & (BLOCK_E - 1))  # BLOCK_E: a power of two
-        vals = tl.where(offs_k == i, _key_value((best >> 32).to(tl.int32)), vals)
-        idxs = tl.where(offs_k == i, idx, idxs)
-        key = tl.where(key == best, _TAKEN64, key)
+        idx = tl.min(tl.where(key == best, offs, BLOCK_E), axis=0)
+        vals = tl.where(offs_k == i, _key_value(best), vals)
+        idxs = tl.where(offs_k == i, idx.to(tl.int64), idxs)
+        key = tl.where(offs == idx, TAKEN, key)
     in_k = offs_k < K
     if SCORING == 3:  # the k largest logits, then a softmax over them
         e = tl.where(in_k, tl.exp(vals - tl.max(tl.where(in_k, vals, float("-inf")), 0)), 0.0)

@@ -12,6 +12,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from premoe.quant import _gemv_triton, kernels, router_gemv
+from premoe.serve import _topk_triton
 
 H, I, TOPK = 2048, 768, 8  # noqa: E741
 FORMATS = {  # mode: (weight, scale pointer types, scale block)
@@ -91,4 +92,20 @@ for (n_out, k_in, route_k), bias, extra in itertools.product(
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), ("linear", n_out)
     assert ("atom.global" in ptx) == bool(route_k), ("linear", n_out, route_k)
     done.add(("linear", n_out, route_k, bias, extra))
+TOPK_ARGS = ["x_ptr", "values_ptr", "indices_ptr", "E", "stride_x", "scaling"]
+for (e, k), scoring in itertools.product(((128, 8), (1024, 8), (60, 6), (256, 32)), (0, 1, 3)):
+    # the top-k kernel as `topk._launch` launches it (one warp): its rounds are 32-bit warp
+    # reductions (`redux.sync`), not shuffles
+    sig = dict(zip(TOPK_ARGS, ["*fp32", "*bf16", "*i64", "i32", "i32", "fp32"], strict=True))
+    consts = {"K": k, "BLOCK_E": max(16, triton.next_power_of_2(e)),
+              "BLOCK_K": max(2, triton.next_power_of_2(k)), "SCORING": scoring,
+              "RENORM": scoring != 0, "PDL": True}  # fmt: skip
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    at = {(list(sig).index(c),): v for c, v in consts.items()}
+    src = ASTSource(_topk_triton.route_topk_kernel, sig, constexprs=at)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("redux.sync") == 2 * k, ("topk", e, k, scoring)
+    assert ptx.count("shfl.sync") <= 20, ("topk", e, k, scoring)  # softmax and sums only
+    done.add(("topk", e, k, scoring))
 print("sm_90 compile ok", len(done), "variants")

@@ -63,6 +63,30 @@ def gemv_route() -> None:
     print("gemv_route ok")
 
 
+def bitonic() -> None:
+    """The kernel's bitonic selection (`topk.BITONIC`) gives the k-round selection's outputs bit
+    for bit: every scoring, with and without renorm, k from 1 to 32 (powers of two or not),
+    widths from 16 to 1000, rows with ties, NaN, ±inf and ±0."""
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.5, 0.5])
+    for t, e, k in [(1, 16, 1), (2, 60, 6), (1, 81, 8), (3, 128, 8), (1, 128, 7),
+                    (2, 256, 32), (1, 1000, 8), (2, 33, 2)]:  # fmt: skip
+        x = torch.randn(t, e, generator=g)
+        x[:, : e // 4] = torch.round(x[:, : e // 4])  # ties
+        x[0, torch.randperm(e, generator=g)[: len(special)]] = special
+        for scoring in (topk.RAW, topk.SOFTMAX, topk.SIGMOID, topk.TOPK_SOFTMAX):
+            for renorm in (False, True):
+                outs = []
+                for flag in (False, True):
+                    topk.BITONIC = flag
+                    outs.append(topk.route_topk(x, k, scoring, renorm, 2.5, torch.float32))
+                topk.BITONIC = False
+                (w0, i0), (w1, i1) = outs
+                assert torch.equal(i0, i1), (t, e, k, scoring, renorm, i0, i1)
+                assert torch.equal(w0.view(torch.int32), w1.view(torch.int32)), (t, e, k, scoring)
+    print("bitonic ok")
+
+
 def routers() -> None:
     for family in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3"):
         model = tiny_model(family).eval()
@@ -106,6 +130,7 @@ def bf16_union(tmp: Path) -> None:
 
 if __name__ == "__main__":
     kernel()
+    bitonic()
     gemv_route()
     routers()
     with tempfile.TemporaryDirectory() as tmp:
