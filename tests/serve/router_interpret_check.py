@@ -63,28 +63,28 @@ def gemv_route() -> None:
     print("gemv_route ok")
 
 
-def bitonic() -> None:
-    """The kernel's bitonic selection (`topk.BITONIC`) gives the k-round selection's outputs bit
-    for bit: every scoring, with and without renorm, k from 1 to 32 (powers of two or not),
-    widths from 16 to 1000, rows with ties, NaN, ±inf and ±0."""
+def specials() -> None:
+    """The k-round selection on rows with ties, NaN, ±inf and ±0, k from 1 to 32 (powers of two
+    or not), widths from 16 to 1000: the values and experts of a stable descending sort (NaN
+    largest, -0.0 below 0.0, equal values by lower index), bit for bit (NaN as a NaN)."""
     g = torch.Generator().manual_seed(5)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.5, 0.5])
     for t, e, k in [(1, 16, 1), (2, 60, 6), (1, 81, 8), (3, 128, 8), (1, 128, 7),
                     (2, 256, 32), (1, 1000, 8), (2, 33, 2)]:  # fmt: skip
         x = torch.randn(t, e, generator=g)
-        x[:, : e // 4] = torch.round(x[:, : e // 4])  # ties
+        x[:, : e // 4] = torch.round(x[:, : e // 4])  # ties, -0.0 among them
         x[0, torch.randperm(e, generator=g)[: len(special)]] = special
-        for scoring in (topk.RAW, topk.SOFTMAX, topk.SIGMOID, topk.TOPK_SOFTMAX):
-            for renorm in (False, True):
-                outs = []
-                for flag in (False, True):
-                    topk.BITONIC = flag
-                    outs.append(topk.route_topk(x, k, scoring, renorm, 2.5, torch.float32))
-                topk.BITONIC = False
-                (w0, i0), (w1, i1) = outs
-                assert torch.equal(i0, i1), (t, e, k, scoring, renorm, i0, i1)
-                assert torch.equal(w0.view(torch.int32), w1.view(torch.int32)), (t, e, k, scoring)
-    print("bitonic ok")
+        bits = x.view(torch.int32)
+        order = torch.where(
+            x.isnan(), torch.iinfo(torch.int32).max, bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        )
+        want_idx = torch.sort(order, dim=-1, descending=True, stable=True).indices[:, :k]
+        w, idx = topk.route_topk(x, k, topk.RAW, False, 1.0, torch.float32)
+        assert torch.equal(idx, want_idx), (t, e, k, idx, want_idx)
+        want = x.gather(1, want_idx)
+        assert torch.equal(w.isnan(), want.isnan()), (t, e, k)  # a NaN of its own bits
+        assert torch.equal(*(torch.where(v.isnan(), 0, v.view(torch.int32)) for v in (w, want)))
+    print("specials ok")
 
 
 def routers() -> None:
@@ -130,7 +130,7 @@ def bf16_union(tmp: Path) -> None:
 
 if __name__ == "__main__":
     kernel()
-    bitonic()
+    specials()
     gemv_route()
     routers()
     with tempfile.TemporaryDirectory() as tmp:
