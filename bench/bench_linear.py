@@ -8,12 +8,6 @@ step runs them; the GEMV at its table's launch shape (`kernels.FUSED_SHAPES["lin
 without programmatic dependent launch (`premoe.quant.pdl.ENABLED`), and at every shape of a
 small grid (`--sweep`). Prints µs per call and the weight bytes read per second, writes JSON.
 
-Then each router as a decode step runs it: its GEMV (with a row mask as bias) and then the top-k
-kernel (`premoe.serve.topk.route_topk`, softmax, top-8, renormalised), against the GEMV that
-selects the experts itself (`premoe.quant.router_gemv.gemv_route`), side by side, the latter
-at its table's shape (`FUSED_SHAPES["route"]`) and at each of `ROUTED_SHAPES` (the selection
-runs on every warp of the last program: fewer warps select faster but read slower).
-
     python3 bench/bench_linear.py --sweep --out bench/results/linear_h200.json
 """
 
@@ -28,8 +22,7 @@ import _common as bc
 import torch
 import torch.nn.functional as F
 
-from premoe.quant import kernels, pdl, router_gemv
-from premoe.serve import topk
+from premoe.quant import kernels, pdl
 
 GRID = list(
     itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (4, 8))
@@ -82,46 +75,6 @@ def measure(n: int, k: int, layers: int, device: torch.device, sweep: bool) -> d
     return row
 
 
-ROUTED_SHAPES = ((1, 1024, 1), (2, 1024, 1), (1, 2048, 1), (2, 1024, 2), (1, 1024, 4),
-                 (4, 1024, 4), (8, 512, 4), (4, 512, 2))  # (BLOCK_N, BLOCK_K, warps)  # fmt: skip
-
-
-def measure_router(n: int, k: int, layers: int, device: torch.device) -> dict[str, Any]:
-    """µs per router call: the GEMV and then the top-k kernel, against the routed GEMV."""
-    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02 for _ in range(layers)]
-    x = torch.randn(1, k, dtype=torch.bfloat16, device=device)
-    mask = torch.where(torch.arange(n, device=device) % 5 == 0, float("-inf"), 0.0)
-    mask = mask.to(torch.bfloat16)  # [N]: a row's pattern over the union
-    route = router_gemv.Route(8, topk.SOFTMAX, True, 1.0, torch.bfloat16)
-
-    def two() -> None:
-        for w in ws:
-            topk.route_topk(kernels.gemv_linear(x, w, mask), *route)
-
-    def one() -> None:
-        for w in ws:
-            router_gemv.gemv_route(x, w, mask, route)
-
-    want = topk.route_topk(kernels.gemv_linear(x, ws[0], mask), *route)
-    row: dict[str, Any] = {"n": n, "k": k, "shapes": {}}
-    row["two_kernels_us"] = bc.graph_seconds(two, device, layers) * 1e6
-    table = kernels.FUSED_SHAPES["route"]
-    default = table["dense"]
-    try:
-        for shape in (None, *ROUTED_SHAPES):  # None: the table's own shape
-            table["dense"] = default if shape is None else ((kernels.ANY, shape),)
-            got = router_gemv.gemv_route(x, ws[0], mask, route)[1:]
-            us = bc.graph_seconds(one, device, layers) * 1e6
-            row["shapes"][str(shape or "table")] = {"us": us, "same": bool(
-                all(map(torch.equal, got, want)))}  # fmt: skip
-    finally:
-        table["dense"] = default
-    row["one_kernel_us"] = row["shapes"]["table"]["us"]
-    row["same"] = all(r["same"] for r in row["shapes"].values())
-    row["best"] = min(row["shapes"].items(), key=lambda item: item[1]["us"])
-    return row
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     bc.add_model_args(p)
@@ -147,17 +100,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['gemv_pdl_us']:8.2f} "
               f"{row['best'][0]:>12} "
               f"{row['best'][1]:8.2f}", flush=True)  # fmt: skip
-    topk.prepare(device)
-    router_gemv.prepare(device)
-    print(f"\n{'router':<12} {'N x K':>13} {'GEMV + top-k us':>15} {'routed GEMV us':>14} "
-          f"{'ratio':>6} {'same':>5} {'best routed shape':>17} {'best us':>8}")  # fmt: skip
-    result["routers"] = {}
-    for n in args.routers:
-        row = result["routers"][n] = measure_router(n, args.hidden, args.layers, device)
-        print(f"{f'router_{n}':<12} {f'{n}x{args.hidden}':>13} {row['two_kernels_us']:15.2f} "
-              f"{row['one_kernel_us']:14.2f} {row['two_kernels_us'] / row['one_kernel_us']:6.2f} "
-              f"{str(row['same']):>5} {row['best'][0]:>17} "
-              f"{row['best'][1]['us']:8.2f}")  # fmt: skip
     bc.write_json(args.out, result, device=device)
     return 0
 

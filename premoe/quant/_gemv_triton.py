@@ -15,10 +15,6 @@ a row is and what is stored:
   (`kernels.moe_gemv_wsum`);
 - 3: a token t of a plain linear layer (one weight, no index loads);
   ``y[t, n] = W[n, :] @ x[t] (+ bias[n])`` is stored once in y's dtype (`kernels.gemv_linear`).
-  With ROUTE_K > 0 the layer is a router and y its logits: the last program of the token to
-  finish (an atomic ticket) reads the token's stored logits back and stores its ROUTE_K experts
-  and their weights (`_route_triton.route_select`; `router_gemv.gemv_route`): the top-k kernel that
-  would follow is not launched.
 
 Every dot product goes through `_chunk_dot`, so each weight format (fp8 block, int4 packed,
 plain) gets every fusion.
@@ -35,8 +31,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from premoe.quant._route_triton import route_select
 
 
 @triton.jit
@@ -186,14 +180,12 @@ def _row_ptrs(w_ptr, s_ptr, e, rows_n, stride_we, stride_wn, stride_se, stride_s
 @triton.jit
 def moe_gemv_kernel(
     x_ptr,
-    rows_ptr,  # [S] x row of each pair (FUSE 0 with TOPK 0 only); FUSE 3: [T, ROUTE_K] weights out
-    experts_ptr,  # [S] expert of each pair (token-major: pair s = token s // TOPK); FUSE 3:
-    # [T, ROUTE_K] int64 experts out
+    rows_ptr,  # [S] x row of each pair (FUSE 0 with TOPK 0 only)
+    experts_ptr,  # [S] expert of each pair (token-major: pair s = token s // TOPK)
     w_ptr,
     s_ptr,
     y_ptr,
     rw_ptr,  # [S] routing weight of each pair (FUSE 2); [N] bias (FUSE 3 with HAS_BIAS)
-    ticket_ptr,  # [T] int32 counters, 0 between launches (FUSE 3 with ROUTE_K)
     N,  # output columns (FUSE 1: the intermediate size I; the projection has 2 I rows)
     K: tl.constexpr,
     stride_xr,
@@ -217,12 +209,6 @@ def moe_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (module docstring)
-    ROUTE_K: tl.constexpr = 0,  # FUSE 3: the layer is a router choosing this many experts
-    SCORING: tl.constexpr = 0,  # its scoring (`_route_triton`)
-    RENORM: tl.constexpr = False,
-    ROUTE_SCALE: tl.constexpr = 1.0,
-    BLOCK_E: tl.constexpr = 16,  # a power of two >= N (with ROUTE_K)
-    BLOCK_RK: tl.constexpr = 2,  # a power of two >= ROUTE_K
 ):
     if FUSE != 3:
         pdl_enter(PDL)  # FUSE 3 waits in its first chunk, after the weight load
@@ -291,17 +277,5 @@ def moe_gemv_kernel(
             if HAS_BIAS:
                 acc += tl.load(rw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             _store(out_ptrs, acc, mask_n, OUT_BF16)
-            if ROUTE_K > 0:  # the last program of the token to finish routes it
-                tl.debug_barrier()  # every thread's logits stored before the ticket (release)
-                ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
-                if ticket == tl.num_programs(1) - 1:
-                    offs_e = tl.arange(0, BLOCK_E)
-                    ok = offs_e < N
-                    logits = tl.load(y_ptr + r * stride_yr + offs_e, mask=ok, other=float("-inf"),
-                                     cache_modifier=".cg").to(tl.float32)  # fmt: skip
-                    route_select(logits, ok, offs_e, rows_ptr + r * ROUTE_K,
-                                 experts_ptr + r * ROUTE_K, ROUTE_SCALE, ROUTE_K, BLOCK_E,
-                                 BLOCK_RK, SCORING, RENORM)  # fmt: skip
-                    tl.store(ticket_ptr + pid, 0)  # ready for the next launch
         else:
             tl.store(out_ptrs, acc, mask=mask_n)

@@ -14,8 +14,9 @@ reading W in its quantized form and dequantizing in registers:
 
 Dequantized weights stay fp32 (the exact quantized values); `round_dtype=torch.bfloat16` rounds
 each to bf16 first, so only the summation order differs from a dense matmul of
-`premoe.quant.codecs.dequantize(..., dtype=bfloat16)`'s weights. Work per row is K·N weight bytes:
-decode (few rows); prefill dequantizes the hit experts, dense matmuls (`QuantizedExperts.forward`).
+`premoe.quant.codecs.dequantize(..., dtype=bfloat16)`'s weights. Work per row is K·N weight
+bytes: it is meant for decode (few rows); prefill dequantizes the hit experts and uses dense
+matmuls (`QuantizedExperts.forward`).
 
 Two fused variants make a gated SiLU experts forward two kernels instead of about six (up GEMV,
 casts, activation, down GEMV, routing weight, sum over the k experts), in any weight format:
@@ -26,8 +27,9 @@ casts, activation, down GEMV, routing weight, sum over the k experts), in any we
   ``[T, H]``, accumulated in fp32 and rounded once to the hidden dtype.
 
 Both round once (the unfused path rounds after each step): about one rounding of difference.
-Triton exists only where a GPU does: imported lazily. `available()` says whether the kernel can
-run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
+
+Triton exists only where a GPU does: this module imports it lazily. `available()` says whether
+the kernel can run on a device; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
 
 On sm_90+ the kernels can be launched with programmatic dependent launch (`premoe.quant.pdl`):
 the ops are opaque custom ops, so compiled graphs launch them through `_launch` too (inductor's
@@ -112,8 +114,6 @@ FUSED_SHAPES: dict[str, dict[str, Shapes]] = {
     # the down projection reading the up's [gate | up] (`moe_gemv(glu=)`; else SHAPES), S = 8 tuned
     # alone on an H100 (bench/tune_gemv.py --projections down_glu)
     "glu": {"dense": ((8, (32, 256, 8)), (64, (16, 128, 4)), (ANY, (32, 128, 8)))},
-    # a router that selects its top-k (`router_gemv`) on all its warps (bench_linear.py routes)
-    "route": {"dense": ((81, (1, 1024, 4)), (ANY, (4, 1024, 4)))},
 }
 _FUSE = {"": 0, "silu": 1, "wsum": 2, "linear": 3}
 GLU_DTYPES = {torch.bfloat16: 1, torch.float32: 2}
@@ -159,7 +159,6 @@ def _launch(
     per_row: int = 0,  # plain: pairs per x row, row = s // per_row (0: rows[s])
     has_bias: bool = False,  # linear: route_w is the bias [N]
     glu: int = 0,  # plain: x rows are [gate | up], read as silu(gate) * up (`GLU_DTYPES`)
-    routed: tuple[torch.Tensor, dict[str, Any]] | None = None,  # a router: counters, constexprs
 ) -> None:
     kern = _kernel()
     if mode == "dense_t":  # [E, K, N]: row n of W starts at n, element k at k * stride
@@ -168,7 +167,7 @@ def _launch(
         stride_wn, stride_wk = weight.stride(1), 1
     topk = experts.shape[-1] if fuse else per_row
     key = y.shape[1] if fuse == "linear" else y.shape[0]
-    shapes = "route" if routed else fuse or ("glu" if glu else "")  # FUSED_SHAPES ("": SHAPES)
+    shapes = fuse or ("glu" if glu else "")  # the FUSED_SHAPES table ("": SHAPES)
     block_n, block_k, fp8_mode, warps = launch_shape(scale_bk, mode, key, shapes)
     while -(-y.shape[1] // block_n) > _MAX_GRID_Y:  # e.g. an LM head's 152k rows one by one
         block_n *= 2
@@ -181,7 +180,6 @@ def _launch(
         scale,
         y,
         route_w,
-        x if routed is None else routed[0],
         y.shape[1],
         k,
         x.stride(0),
@@ -206,7 +204,6 @@ def _launch(
         BLOCK_K=block_k,
         num_warps=warps,
         **pdl.launch_args(x.device),
-        **({} if routed is None else routed[1]),
     )
 
 
@@ -307,7 +304,7 @@ def _register_ops() -> dict[str, Any]:
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         y = x.new_empty(x.shape[0], weight.shape[0])
-        launch_linear(x, weight, y, bias)
+        _linear(x, weight, y, bias)
         return y
 
     @gemv_linear_op.register_fake
@@ -318,17 +315,14 @@ def _register_ops() -> dict[str, Any]:
             "linear": gemv_linear_op}  # fmt: skip
 
 
-def launch_linear(
-    x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None,
-    routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]] | None = None,
-) -> None:  # fmt: skip
-    """``y [T, N] = x [T, K] @ weight [N, K].T (+ bias [N])``; `routed` (weights, experts [T, k]
-    out, counters, constexprs): a router that also selects its experts (`router_gemv`)."""
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    n, k = weight.shape
     w = weight.unsqueeze(0)  # [1, N, K]: expert 0
     b = x if bias is None else bias  # a pointer the kernel never reads without a bias
-    values, indices, *route = routed or (x, x)  # route: [counters, constexprs] or []
-    _launch(x, values, indices, w, w, b, y, *weight.shape, 1, 1, "dense", "none", "linear",
-            has_bias=bias is not None, routed=tuple(route) or None)  # fmt: skip
+    _launch(x, x, x, w, w, b, y, n, k, 1, 1, "dense", "none", "linear",
+            has_bias=bias is not None)  # fmt: skip
 
 
 def prepare(device: torch.device) -> bool:
@@ -490,11 +484,17 @@ def gemv_linear(
     if op is not None:
         return op(x, weight, bias)
     y = x.new_empty(x.shape[0], weight.shape[0])
-    launch_linear(x, weight, y, bias)
+    _linear(x, weight, y, bias)
     return y
 
 
 __all__ = [
-    "available", "gemv_linear", "interpret_mode", "launch_linear", "moe_gemv", "moe_gemv_silu",
-    "moe_gemv_wsum", "prepare", "triton_importable",
-]  # fmt: skip
+    "gemv_linear",
+    "available",
+    "interpret_mode",
+    "moe_gemv",
+    "moe_gemv_silu",
+    "moe_gemv_wsum",
+    "prepare",
+    "triton_importable",
+]

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from premoe.quant._route_triton import TAKEN, order_keys
+from premoe.serve._topk_triton import TAKEN, order_keys
 
 
 @triton.jit

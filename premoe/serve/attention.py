@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from premoe.quant import kernels, pdl, tickets
+from premoe.quant import kernels, pdl
 
 ENABLED = True
 """Serve's fused decode steps patch the kernel in (`ContinuousDecoder`'s `fuse`); benches turn it
@@ -59,6 +59,7 @@ MERGE_IN_KERNEL = True
 last program of each (row, KV head) to finish (an atomic ticket) merges them, so a split call is
 one kernel, not two. False, and for fp32 caches: the separate merge kernel (benches compare the
 two in one process)."""
+_TICKETS = 1 << 16  # (row, KV head) pairs the counters cover; calls with more use the kernel
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _OP: Any = None
 # keyword arguments that do not change what attention computes (flags are bools; any other
@@ -118,16 +119,16 @@ def launch(
     else:
         m, sm_b, sm_n = q, 0, 0  # a pointer the kernel never reads
     # fp32 tiles with the merge inlined spill registers (sm_90): those keep the merge kernel
-    wanted = MERGE_IN_KERNEL and splits > 1 and q.element_size() <= 2 and b * hk <= tickets.SIZE
-    counters = tickets.tickets(q.device) if wanted else None
+    wanted = MERGE_IN_KERNEL and splits > 1 and q.element_size() <= 2 and b * hk <= _TICKETS
+    tickets = _tickets(q.device) if wanted else None
     part = stat = q  # never read unless split
     if splits > 1:
         part = torch.empty((b * hk * splits, block_g, block_d), dtype=torch.float32,
                            device=q.device)  # fmt: skip
         stat = torch.empty((b * hk * splits, 2, block_g), dtype=torch.float32, device=q.device)
-    merged = counters is not None
+    merged = tickets is not None
     attend[(b * hk, splits)](
-        q, k, v, m, out, part, stat, q if counters is None else counters,
+        q, k, v, m, out, part, stat, q if tickets is None else tickets,
         n_kv, hk, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n, out.stride(0), out.stride(2),
@@ -142,6 +143,23 @@ def launch(
             part, stat, out, hk, out.stride(0), out.stride(2),
             N_SPLITS=splits, G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
+
+
+_ticket_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device) -> torch.Tensor | None:
+    """The device's split-merge counters `[_TICKETS]` int32, all 0 between calls (the merging
+    program resets its own). Made on first use outside a CUDA graph capture (`prepare` does it
+    before any trace); None where none exists yet and a capture is running. One set per device:
+    two steps on one device must not run their attention at the same time (one decoder per
+    device, its steps in one stream)."""
+    buf = _ticket_buffers.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _ticket_buffers[device] = torch.zeros(_TICKETS, dtype=torch.int32, device=device)
+    return buf
 
 
 def _register_op() -> Any:
@@ -174,7 +192,8 @@ def prepare(device: torch.device) -> bool:
         except Exception:  # a torch without custom ops: keep transformers' attention
             _OP = False
     if _OP:  # the merge counters exist before any capture
-        tickets.prepare(device)
+        _tickets(torch.device("cuda", torch.cuda.current_device()) if device.index is None
+                 else device)  # fmt: skip
     return bool(_OP)
 
 

@@ -8,9 +8,6 @@ softmax (or sigmoid), the top-k, the renormalisation of the k weights and a cast
 and a gap between kernels in a step that is mostly such gaps at batch 1. `FusedRouters` runs every
 router of a model as ``F.linear`` (the logits, so the per-row routing hook of rowmask.py still
 sees them) and `premoe.serve.topk.route_topk`, which does the rest in one kernel, in fp32.
-Where the one-row GEMV is patched in (`premoe.serve.gemv_linear`), ``F.linear`` takes the
-routing rule too and a decode row's router is a single kernel: the GEMV's last program selects
-the experts (`premoe.quant.router_gemv`).
 
 What the kernel computes comes from the family's routing rule (`premoe.arch.routing`: scoring,
 selection, renormalisation, routed scaling); families it cannot express (a selection-only
@@ -47,8 +44,7 @@ from premoe.arch.registry import arch_for_config
 from premoe.arch.routing import RoutingRule
 from premoe.arch.spec import ArchSpec
 from premoe.errors import UnsupportedArchitectureError
-from premoe.quant.router_gemv import Route
-from premoe.serve import gemv_linear, topk
+from premoe.serve import topk
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +114,9 @@ class FusedRouters:
         x = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
         weight = tensor_of(router, self.weight)  # [E, H]
         bias = None if self.bias is None else tensor_of(router, self.bias)
-        dtype = x.dtype if self.dtype is None else self.dtype
-        route = Route(self.k, self.scoring, self.renorm, self.scaling, dtype)
-        if gemv_linear.routes():  # F.linear routes too: one kernel where it can (gemv_linear)
-            logits, w, idx = torch.nn.functional.linear(x, weight, bias, route=route)
-        else:
-            logits = torch.nn.functional.linear(x, weight, bias)  # [T, E] (rowmask may patch)
-            w, idx = topk.route_topk(logits, *route)
+        logits = torch.nn.functional.linear(x, weight, bias)  # [T, E] (rowmask may patch it)
+        dtype = logits.dtype if self.dtype is None else self.dtype
+        w, idx = topk.route_topk(logits, self.k, self.scoring, self.renorm, self.scaling, dtype)
         parts = {"logits": logits, "weights": w, "indices": idx}  # [T, E], [T, k], [T, k]
         return tuple(parts[name] for name in self.order)
 

@@ -16,12 +16,6 @@ replaced. `over(fallback)` is the same wrapper over any other linear
 function (the row-mask hook of rowmask.py computes its router logits through it). The decode step
 is traced and captured inside the block (`premoe.serve.graphs`), so nothing is patched while the
 graphs replay.
-
-While patched, the wrapper also takes a router's `route` (`router_gemv.Route`, from
-`premoe.serve.fused_router`) and returns (logits, weights, experts): a one-row router of at most
-`router_gemv.MAX_WIDTH` experts is then one kernel that selects its top-k itself
-(`premoe.quant.router_gemv`, unless `router_gemv.ENABLED` is off); any other call computes the
-logits as above and then `topk.route_topk`. `routes()` says whether `F.linear` takes `route` now.
 """
 
 from __future__ import annotations
@@ -32,9 +26,7 @@ from typing import Any
 
 import torch
 
-from premoe.quant import kernels, router_gemv
-from premoe.quant.router_gemv import Route
-from premoe.serve import topk
+from premoe.quant import kernels
 
 ENABLED = True
 """Serve's fused decode steps patch the GEMV in; benches turn it off to compare with cuBLAS in
@@ -69,46 +61,23 @@ def over(fallback: Callable[..., Any]) -> Callable[..., Any]:
         return _wrappers[fallback]
 
     def linear(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        route: Route | None = None,
-    ) -> Any:
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if _active and _eligible(x, weight, bias):
-            shape = (*x.shape[:-1], weight.shape[0])
-            routed_here = router_gemv.ENABLED and weight.shape[0] <= router_gemv.MAX_WIDTH
-            if route is not None and routed_here:
-                out, w, idx = router_gemv.gemv_route(x.reshape(1, -1), weight, bias, route)
-                return out.view(shape), w, idx  # [..., N], [1, k], [1, k]
-            out = kernels.gemv_linear(x.reshape(1, -1), weight, bias).view(shape)  # [..., N]
-        else:
-            out = fallback(x, weight, bias)
-        return routed(out, route)
+            out = kernels.gemv_linear(x.reshape(1, -1), weight, bias)  # [1, N]
+            return out.view(*x.shape[:-1], weight.shape[0])
+        return fallback(x, weight, bias)
 
     _wrappers[fallback] = linear
     _wrappers[linear] = linear  # wrapping the wrapper is the wrapper
     return linear
 
 
-def routed(logits: torch.Tensor, route: Route | None) -> Any:
-    """`logits` without a `route`; else (logits, weights [T, k], experts [T, k]) by
-    `topk.route_topk` (logits [..., E] of T tokens)."""
-    if route is None:
-        return logits
-    return (logits, *topk.route_topk(logits.reshape(-1, logits.shape[-1]), *route))
-
-
-def routes() -> bool:
-    """True while `F.linear` takes a router's `route` (patched in: its wrapper is at the bottom
-    of whatever hooks sit over it, and they pass `route` on)."""
-    return _active
-
-
 @contextmanager
 def patched(device: torch.device) -> Iterator[None]:
     """During the block, one-row linear layers on `device` run the GEMV (module docstring)."""
     global _active
-    if not ENABLED or device.type != "cuda" or not router_gemv.prepare(device) or _active:
+    if not ENABLED or device.type != "cuda" or not kernels.prepare(device) or _active:
         yield
         return
     functional = torch.nn.functional
@@ -122,4 +91,4 @@ def patched(device: torch.device) -> Iterator[None]:
         functional.linear = current
 
 
-__all__ = ["MAX_OUT", "over", "patched", "routed", "routes"]
+__all__ = ["MAX_OUT", "over", "patched"]

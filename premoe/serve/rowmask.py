@@ -46,7 +46,6 @@ from premoe.errors import KeepSetError
 from premoe.load.loader import moe_layer, tensor_of
 from premoe.load.routers import RouterTensors
 from premoe.prune import KeepSets
-from premoe.quant.router_gemv import Route
 from premoe.runtime import upload
 from premoe.serve import gemv_linear
 
@@ -179,21 +178,18 @@ class RowRouting:
         original, width = gemv_linear.over(self._linear), self.union.count
 
         def linear(
-            x: torch.Tensor,
-            weight: torch.Tensor,
-            bias: torch.Tensor | None = None,
-            route: Route | None = None,  # a fused router's (gemv_linear.routes)
-        ) -> Any:
+            x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+        ) -> torch.Tensor:
             i, per_layer = self._layer, self._per_layer
             if i is None or per_layer is None or weight.shape[0] != width:
-                return original(x, weight, bias, route)
+                return original(x, weight, bias)
             self._layer = None  # the router's logits: later linears of the layer pass
             if not torch.compiler.is_compiling():  # a traced count would be guarded per layer
                 self.hits += 1
             if bias is None and self.weights is None and x.numel() == x.shape[-1]:
                 # one token: its mask is the matmul's bias (0 or -inf: adding it before or
                 # after the rounding is the same), one kernel where the GEMV is patched in
-                return original(x, weight, per_layer[i].to(x.dtype).view(-1), route)
+                return original(x, weight, per_layer[i].to(x.dtype).view(-1))
             out = original(x, weight, bias)
             if self.weights is not None:  # every pattern's logits, then each token's own
                 assert self._token_pattern is not None
@@ -202,8 +198,7 @@ class RowRouting:
                 pick = self._token_pattern.view(1, -1, 1).expand(1, *flat.shape[1:])
                 out = flat.gather(0, pick)[0].view(out.shape)
             m = per_layer[i].to(out.dtype)  # [T, U]
-            out = out + (m if out.dim() == 2 else m.view(*out.shape[:-1], -1))
-            return gemv_linear.routed(out, route)
+            return out + (m if out.dim() == 2 else m.view(*out.shape[:-1], -1))
 
         return linear
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from premoe.quant import kernels, pdl, router_gemv
+from premoe.quant import kernels, pdl
 
-MAX_WIDTH = router_gemv.MAX_WIDTH  # one program holds a row
+MAX_WIDTH = 1024
 MAX_K = 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OP: Any = None  # premoe::small_topk; False where it cannot be registered

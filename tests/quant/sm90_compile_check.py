@@ -6,12 +6,11 @@ what only the compiler rejects."""
 
 import itertools
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from premoe.quant import _gemv_triton, kernels, router_gemv
+from premoe.quant import _gemv_triton, kernels
 from premoe.serve import _topk_triton
 
 H, I, TOPK = 2048, 768, 8  # noqa: E741
@@ -20,8 +19,8 @@ FORMATS = {  # mode: (weight, scale pointer types, scale block)
     "fp8": ("fp8e4nv", "fp32", (128, 128)),
     "int4": ("i32", "bf16", (1, 128)),
 }
-ARGS = ["x_ptr", "rows_ptr", "experts_ptr", "w_ptr", "s_ptr", "y_ptr", "rw_ptr", "ticket_ptr",
-        "N", "K", "stride_xr", "stride_we", "stride_wn", "stride_wk", "stride_se", "stride_sn",
+ARGS = ["x_ptr", "rows_ptr", "experts_ptr", "w_ptr", "s_ptr", "y_ptr", "rw_ptr", "N", "K",
+        "stride_xr", "stride_we", "stride_wn", "stride_wk", "stride_se", "stride_sn",
         "stride_yr"]  # fmt: skip
 
 done = set()
@@ -41,8 +40,7 @@ for fuse, k_in, y_type, glu in VARIANTS:
                     continue
                 done.add(key)
                 types = ["*fp32" if glu else "*bf16", "*i64", "*i64", f"*{w_type}", f"*{s_type}",
-                         f"*{y_type}", "*fp32", "*i32", "i32", "constexpr",
-                         *["i32"] * 7]  # fmt: skip
+                         f"*{y_type}", "*fp32", "i32", "constexpr"] + ["i32"] * 7  # fmt: skip
                 sig = dict(zip(ARGS, types, strict=True))
                 consts = {"K": k_in, "stride_wk": 1, "SCALE_BN": block[0],
                           "SCALE_BK": block[1], "INT4": mode == "int4",
@@ -57,32 +55,16 @@ for fuse, k_in, y_type, glu in VARIANTS:
                                           options={"num_warps": warps})  # fmt: skip
                 assert compiled.asm["cubin"], key
                 assert "griddepcontrol.wait" in compiled.asm["ptx"], key
-LINEARS = (
-    (128, H, None),
-    (H, 2 * H, None),
-    (5 * 1024, H, None),
-    (128, H, 8),
-    (81, H, 8),
-    (1024, H, 8),
-)  # (N, K, a router's k): o/qkv_proj, routers selecting their top-k
-# a router's shapes beyond its table's: one-warp ones (bench_linear.py's ROUTED_SHAPES)
-ONE_WARP = ((1, 1024, 2, 1), (2, 1024, 2, 1), (1, 2048, 2, 1))
-for (n_out, k_in, route_k), bias, extra in itertools.product(
-    LINEARS, (False, True), (None, *ONE_WARP)
-):  # a plain linear, a router with a row mask as its bias and its top-k in every scoring
-    if extra and not route_k:
-        continue
-    table = "route" if route_k else "linear"
-    bn, bk, fp8_mode, warps = extra or kernels.launch_shape(1, "dense", n_out, table)
-    types = ["*bf16", "*fp32", "*i64", "*bf16", "*bf16", "*bf16", "*bf16", "*i32", "i32",
+for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H)), (False, True)):
+    # a plain linear: router (with a row mask as its bias), o/qkv_proj
+    bn, bk, fp8_mode, warps = kernels.launch_shape(1, "dense", n_out, "linear")
+    types = ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "i32",
              "constexpr"] + ["i32"] * 7  # fmt: skip
     sig = dict(zip(ARGS, types, strict=True))
     consts = {"K": k_in, "stride_wk": 1, "SCALE_BN": 1, "SCALE_BK": 1, "INT4": False,
               "DENSE": True, "ROUND_BF16": False, "FP8_MODE": fp8_mode,
               "FUSE": kernels._FUSE["linear"], "TOPK": 1, "OUT_BF16": True, "HAS_BIAS": bias,
               "GLU": 0, "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True}  # fmt: skip
-    route = router_gemv.Route(route_k or 0, 3 if bias else 1, bias, 2.5, torch.float32)
-    consts.update(route.constexprs(n_out) if route_k else {"ROUTE_K": 0})
     sig.update(dict.fromkeys(consts, "constexpr"))
     at = {(list(sig).index(c),): v for c, v in consts.items()}
     src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
@@ -90,8 +72,7 @@ for (n_out, k_in, route_k), bias, extra in itertools.product(
     assert compiled.asm["cubin"], ("linear", n_out)
     ptx = compiled.asm["ptx"]  # the first weight chunk is loaded before the wait
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), ("linear", n_out)
-    assert ("atom.global" in ptx) == bool(route_k), ("linear", n_out, route_k)
-    done.add(("linear", n_out, route_k, bias, extra))
+    done.add(("linear", n_out))
 TOPK_ARGS = ["x_ptr", "values_ptr", "indices_ptr", "E", "stride_x", "scaling"]
 for (e, k), scoring in itertools.product(((128, 8), (1024, 8), (60, 6), (256, 32)), (0, 1, 3)):
     # the top-k kernel as `topk._launch` launches it (one warp): its rounds are 32-bit warp

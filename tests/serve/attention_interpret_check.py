@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from premoe.quant import tickets
 from premoe.serve import attention
 
 
@@ -27,7 +26,7 @@ def main() -> None:
             attention.WIDE_COLUMNS, attention.PROGRAMS = wide, programs
             attention.MERGE_IN_KERNEL = merge_in_kernel
             check()
-            assert not tickets.tickets(torch.device("cpu")).any()  # every counter back at 0
+            assert not attention._tickets(torch.device("cpu")).any()  # every counter back at 0
     print("decode attention ok")
 
 

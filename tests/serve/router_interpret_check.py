@@ -13,7 +13,6 @@ from premoe.arch.registry import arch_for_config
 from premoe.arch.routing import RoutingRule, route_from_logits
 from premoe.load import ResidentModel
 from premoe.prune import KeepSets
-from premoe.quant import kernels, router_gemv, tickets
 from premoe.serve import fused_router, topk
 from premoe.serve.rowmask import union_keep
 from premoe.source import resolve_model
@@ -36,31 +35,6 @@ def kernel() -> None:
     x = torch.tensor([[0.5, 0.5, 0.1, 0.5, float("-inf"), 0.2]])  # ties: the lower index
     assert topk.route_topk(x, 3, topk.RAW, False, 1.0, torch.float32)[1].tolist() == [[0, 1, 3]]
     print("route_topk ok")
-
-
-def gemv_route() -> None:
-    """`router_gemv.gemv_route` (the router's GEMV selecting its own top-k) equals the GEMV and then
-    `route_topk`, bit for bit, for every scoring, with and without a -inf row mask as bias, on
-    one and several tokens; its counters are back at 0 after every call."""
-    g = torch.Generator().manual_seed(3)
-    for scoring in (topk.RAW, topk.SOFTMAX, topk.SIGMOID, topk.TOPK_SOFTMAX):
-        for t, e, k, h, masked in [(1, 128, 8, 64, False), (1, 81, 8, 96, True),
-                                   (3, 60, 6, 64, True), (1, 1000, 8, 32, False)]:  # fmt: skip
-            x = torch.randn(t, h, generator=g).to(torch.bfloat16)
-            w = (torch.randn(e, h, generator=g) / 4).to(torch.bfloat16)
-            bias = None
-            if masked:
-                bias = torch.where(torch.rand(e, generator=g) < 0.4, float("-inf"), 0.0)
-                bias = bias.to(torch.bfloat16)
-            route = router_gemv.Route(k, scoring, scoring != topk.RAW, 2.5, torch.float32)
-            logits, weights, experts = router_gemv.gemv_route(x, w, bias, route)
-            want = kernels.gemv_linear(x, w, bias)
-            assert torch.equal(logits, want), (scoring, t, e)
-            want_w, want_idx = topk.route_topk(want, *route)
-            assert torch.equal(experts, want_idx), (scoring, t, e, experts, want_idx)
-            assert torch.equal(weights, want_w), (scoring, t, e)
-            assert not tickets.tickets(x.device).any()
-    print("gemv_route ok")
 
 
 def specials() -> None:
@@ -131,7 +105,6 @@ def bf16_union(tmp: Path) -> None:
 if __name__ == "__main__":
     kernel()
     specials()
-    gemv_route()
     routers()
     with tempfile.TemporaryDirectory() as tmp:
         bf16_union(Path(tmp))

@@ -171,19 +171,15 @@ def test_kernels_compile_for_sm90() -> None:
 @GPU[0]
 @GPU[1]
 @pytest.mark.parametrize("compile", [False, True])
-def test_decode_graphs_run_the_step_kernels(compile: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_graphs_run_the_step_kernels(compile: bool) -> None:
     """A bf16 model's captured decode step (eager or compiled layers) runs the one-query
-    attention kernel, no sdpa kernel, and the fused routers with no top-k kernel (their GEMV
-    selects the experts: test_gemv_linear.py counts it): the patches reach the layers' real
-    calls (they once fell back to sdpa for every call, silently)."""
-    from premoe.quant import router_gemv
-
+    attention kernel and the fused routers' kernel, and no sdpa kernel: the patches reach the
+    layers' real calls (they once fell back to sdpa for every call, silently)."""
     _prepared()
-    monkeypatch.setattr(router_gemv, "ENABLED", True)
     launches, dec = captured_step_kernels(compile)
     assert dec.fused_routers is not None
     names = set(launches)
     assert any("decode_attention_kernel" in n for n in names), sorted(names)
-    assert not any("route_topk_kernel" in n for n in names), sorted(names)
+    assert any("route_topk_kernel" in n for n in names), sorted(names)
     sdpa = ("sdpa", "flash", "fmha", "efficient_attention")
     assert not any(word in n.lower() for n in names for word in sdpa), sorted(names)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,61 +289,6 @@ def test_layers_compile_once_for_every_layer_and_bucket(
     # layer index guarded, every one of them again per layer: 6 with two layers, 24 with 12)
     assert 0 < len(log.codes) <= 5, len(log.codes)
     assert not log.view_writes(), log.view_writes()
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fused_routers_take_their_top_k_from_the_gemv(
-    world: World, compiled: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With the one-row GEMV patched in (as on CUDA; here its kernels are the torch functions
-    they compute), a fused router passes its routing rule down `F.linear` through the row-mask
-    hook: one-row steps get logits, weights and experts from `router_gemv.gemv_route` with the row's
-    mask as its bias, wider ones from `route_topk` over the masked logits; every step equals
-    the eager one, and the compiled layers trace it without a graph break."""
-    import torch.nn.functional as F
-
-    from premoe.quant import kernels, router_gemv
-    from premoe.serve import gemv_linear
-
-    torch_linear = F.linear
-    calls: list[int] = []
-
-    def gemv_route(x: Any, w: Any, bias: Any, route: Any) -> tuple[Any, ...]:
-        if not torch.compiler.is_compiling():
-            calls.append(x.shape[0])
-        logits = torch_linear(x, w, bias)
-        return (logits, *reference_route(logits, *route))
-
-    @contextmanager
-    def patched(device: torch.device) -> Iterator[None]:  # gemv_linear.patched, on the CPU
-        monkeypatch.setattr(gemv_linear, "_active", True)
-        F.linear = gemv_linear.over(torch_linear)
-        try:
-            yield
-        finally:
-            F.linear = torch_linear
-            monkeypatch.setattr(gemv_linear, "_active", False)
-
-    monkeypatch.setattr(topk, "route_topk", reference_route)
-    monkeypatch.setattr(router_gemv, "gemv_route", gemv_route)
-    monkeypatch.setattr(router_gemv, "ENABLED", True)
-    monkeypatch.setattr(kernels, "gemv_linear", torch_linear)
-    monkeypatch.setattr(gemv_linear, "_eligible", lambda x, w, b: x.numel() == x.shape[-1])
-    monkeypatch.setattr(gemv_linear, "patched", patched)
-    dec = world.decoder(slots=8)
-    dec.fused_routers = FusedRouters(world.model, world.source.arch)
-    assert dec.fused_routers.routers, dec.fused_routers.why
-    regions = None
-    if compiled:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        regions = Regions(decoder_layers(world.model), backend=GraphLog().backend)
-    for want, got in decode_shapes(world, dec, regions, True, True):
-        torch.testing.assert_close(got, want)
-    assert not dict(torch._dynamo.utils.counters["graph_break"])
-    assert F.linear is torch_linear
-    if not compiled:  # every one-row step's routers, one kernel each
-        assert calls == [1] * 3 * len(world.routing.layers), calls
 
 
 def test_prefill_chunks_through_compiled_layers_equal_their_patterns_pruned_model(

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from premoe.quant import kernels, router_gemv
+from premoe.quant import kernels
 from premoe.serve import gemv_linear
 from tests.helpers import GPU, captured_step_kernels
 
@@ -89,9 +89,7 @@ def test_one_row_calls_take_the_gemv_others_stay() -> None:
 @GPU[1]
 def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
     """The GEMV adds 3 launches per layer (q/k/v fused, o_proj, router) and 1 for the tiny LM
-    head to a captured step, the router's GEMV selects its experts (no top-k kernel is left;
-    with `router_gemv.ENABLED` off the top-k kernel follows it), and the step decodes what the
-    cuBLAS step decodes."""
+    head to a captured step, and the step decodes what the cuBLAS step decodes."""
     _prepared()
     from premoe.serve.decode import NullSink
 
@@ -101,74 +99,15 @@ def test_captured_decode_step_runs_the_gemv_for_every_linear_layer() -> None:
         def on_delta(self, text: str, completion_tokens: int) -> None:
             self.text += text
 
-    runs: dict[tuple[bool, bool], tuple[int, int, str]] = {}
-    default = router_gemv.ENABLED
-    for enabled, routed in ((False, False), (True, False), (True, True)):
-        gemv_linear.ENABLED, router_gemv.ENABLED = enabled, routed
+    runs: dict[bool, tuple[int, str]] = {}
+    for enabled in (False, True):
+        gemv_linear.ENABLED = enabled
         sink = Text()
         try:
             launches, dec = captured_step_kernels(sink=sink)
         finally:
-            gemv_linear.ENABLED, router_gemv.ENABLED = True, default
-        gemvs = sum(n for k, n in launches.items() if "moe_gemv_kernel" in k)
-        topks = sum(n for k, n in launches.items() if "route_topk_kernel" in k)
-        runs[enabled, routed] = (gemvs, topks, sink.text)
+            gemv_linear.ENABLED = True
+        runs[enabled] = (sum(n for k, n in launches.items() if "moe_gemv_kernel" in k), sink.text)
     layers = dec.model.config.num_hidden_layers
-    cublas, gemv, routed_gemv = runs.values()
-    assert gemv[0] - cublas[0] == routed_gemv[0] - cublas[0] == 3 * (3 * layers + 1), runs
-    assert (cublas[1], gemv[1], routed_gemv[1]) == (3 * layers, 3 * layers, 0), runs
-    assert cublas[2] == gemv[2] == routed_gemv[2]
-
-
-@GPU[0]
-@GPU[1]
-def test_routers_select_their_experts_in_the_gemv() -> None:
-    """`router_gemv.gemv_route`, one row or several, eager and replayed 24 times a graph (one
-    counter for every call): the logits, weights and experts of the GEMV and then `route_topk`,
-    bit for bit, for every scoring, with a -inf row mask as bias or none; the patched `F.linear`
-    takes a router's `route` and returns the same."""
-    _prepared()
-    from premoe.serve import topk
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    cases = [(1, 128, 8, 2048), (1, 81, 8, 2048), (3, 60, 6, 512), (1, 1024, 8, 256)]
-    for scoring in (topk.RAW, topk.SOFTMAX, topk.SIGMOID, topk.TOPK_SOFTMAX):
-        for t, e, k, h in cases:
-            route = router_gemv.Route(k, scoring, scoring != topk.RAW, 2.5, torch.bfloat16)
-            xs = [torch.randn(t, h, device="cuda", generator=g).bfloat16() for _ in range(24)]
-            ws = [torch.randn(e, h, device="cuda", generator=g).bfloat16() / 8 for _ in xs]
-            masks = [torch.where(torch.rand(e, device="cuda", generator=g) < 0.4, float("-inf"),
-                                 0.0).bfloat16() for _ in xs]  # fmt: skip
-            biases = [m if i % 2 else None for i, m in enumerate(masks)]
-            want = []
-            for x, w, b in zip(xs, ws, biases, strict=True):
-                logits = kernels.gemv_linear(x, w, b)
-                want.append((logits, *topk.route_topk(logits, *route)))
-            eager = [router_gemv.gemv_route(x, w, b, route) for x, w, b in zip(xs, ws, biases,
-                                                                          strict=True)]  # fmt: skip
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                replayed = [router_gemv.gemv_route(x, w, b, route)
-                            for x, w, b in zip(xs, ws, biases, strict=True)]  # fmt: skip
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.synchronize()
-            for got in (eager, replayed):
-                for i, (a, b) in enumerate(zip(got, want, strict=True)):
-                    for name, u, v in zip(("logits", "weights", "experts"), a, b, strict=True):
-                        assert torch.equal(u, v), (scoring, t, e, i, name, u, v)
-    x, w = torch.randn(1, 1, 256, device="cuda").bfloat16(), torch.randn(128, 256, device="cuda")
-    route = router_gemv.Route(8, topk.SOFTMAX, True, 1.0, torch.float32)
-    with gemv_linear.patched(torch.device("cuda")):
-        assert gemv_linear.routes()
-        logits, weights, experts = F.linear(x, w.bfloat16(), route=route)
-        two = F.linear(x.expand(2, 1, 256), w.bfloat16(), route=route)  # not one row: two kernels
-    assert not gemv_linear.routes()
-    want = kernels.gemv_linear(x.view(1, -1), w.bfloat16())
-    assert torch.equal(logits, want.view(1, 1, -1))
-    assert all(
-        torch.equal(u, v)
-        for u, v in zip((weights, experts), topk.route_topk(want, *route), strict=True)
-    )
-    assert two[0].shape == (2, 1, 128) and two[2].shape == (2, 8), two
-    assert torch.equal(two[2], topk.route_topk(two[0].view(2, -1), *route)[1])
+    assert runs[True][0] - runs[False][0] == 3 * (3 * layers + 1), runs
+    assert runs[True][1] == runs[False][1]
