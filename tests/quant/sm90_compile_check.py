@@ -5,6 +5,7 @@ launched on sm_90 (with programmatic dependent launch: `PDL`): the interpreter d
 what only the compiler rejects."""
 
 import itertools
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -22,6 +23,15 @@ FORMATS = {  # mode: (weight, scale pointer types, scale block)
 ARGS = ["x_ptr", "rows_ptr", "experts_ptr", "w_ptr", "s_ptr", "y_ptr", "rw_ptr", "N", "K",
         "stride_xr", "stride_we", "stride_wn", "stride_wk", "stride_se", "stride_sn",
         "stride_yr"]  # fmt: skip
+
+
+def compile_sm90(kernel: Any, sig: dict[str, str], consts: dict[str, Any], warps: int) -> Any:
+    """`kernel` compiled for sm_90 with `sig`'s runtime argument types and `consts`."""
+    sig = {**sig, **dict.fromkeys(consts, "constexpr")}
+    at = {(list(sig).index(c),): v for c, v in consts.items()}
+    src = ASTSource(kernel, sig, constexprs=at)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
 
 done = set()
 # the plain kernel twice: an up projection (bf16 x), a down projection reading the activation
@@ -48,11 +58,7 @@ for fuse, k_in, y_type, glu in VARIANTS:
                           "FP8_MODE": fp8_mode, "FUSE": kernels._FUSE[fuse],
                           "TOPK": topk, "OUT_BF16": y_type == "bf16", "HAS_BIAS": False,
                           "GLU": glu, "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True}  # fmt: skip
-                sig.update(dict.fromkeys(consts, "constexpr"))
-                at = {(list(sig).index(c),): v for c, v in consts.items()}
-                src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
-                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                          options={"num_warps": warps})  # fmt: skip
+                compiled = compile_sm90(_gemv_triton.moe_gemv_kernel, sig, consts, warps)
                 assert compiled.asm["cubin"], key
                 assert "griddepcontrol.wait" in compiled.asm["ptx"], key
 for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H)), (False, True)):
@@ -65,10 +71,7 @@ for (n_out, k_in), bias in itertools.product(((128, H), (H, 2 * H), (5 * 1024, H
               "DENSE": True, "ROUND_BF16": False, "FP8_MODE": fp8_mode,
               "FUSE": kernels._FUSE["linear"], "TOPK": 1, "OUT_BF16": True, "HAS_BIAS": bias,
               "GLU": 0, "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True}  # fmt: skip
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    at = {(list(sig).index(c),): v for c, v in consts.items()}
-    src = ASTSource(_gemv_triton.moe_gemv_kernel, sig, constexprs=at)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    compiled = compile_sm90(_gemv_triton.moe_gemv_kernel, sig, consts, warps)
     assert compiled.asm["cubin"], ("linear", n_out)
     ptx = compiled.asm["ptx"]  # the first weight chunk is loaded before the wait
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), ("linear", n_out)
@@ -81,10 +84,7 @@ for (e, k), scoring in itertools.product(((128, 8), (1024, 8), (60, 6), (256, 32
     consts = {"K": k, "BLOCK_E": max(16, triton.next_power_of_2(e)),
               "BLOCK_K": max(2, triton.next_power_of_2(k)), "SCORING": scoring,
               "RENORM": scoring != 0, "PDL": True}  # fmt: skip
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    at = {(list(sig).index(c),): v for c, v in consts.items()}
-    src = ASTSource(_topk_triton.route_topk_kernel, sig, constexprs=at)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    compiled = compile_sm90(_topk_triton.route_topk_kernel, sig, consts, 1)
     ptx = compiled.asm["ptx"]
     assert ptx.count("redux.sync") == 2 * k, ("topk", e, k, scoring)
     assert ptx.count("shfl.sync") <= 20, ("topk", e, k, scoring)  # softmax and sums only
