@@ -489,8 +489,8 @@ def gemv_linear(
 
 
 __all__ = [
-    "gemv_linear",
     "available",
+    "gemv_linear",
     "interpret_mode",
     "moe_gemv",
     "moe_gemv_silu",

@@ -154,6 +154,8 @@ def _tickets(device: torch.device) -> torch.Tensor | None:
     before any trace); None where none exists yet and a capture is running. One set per device:
     two steps on one device must not run their attention at the same time (one decoder per
     device, its steps in one stream)."""
+    if device.type == "cuda" and device.index is None:  # "cuda": the current device's
+        device = torch.device("cuda", torch.cuda.current_device())
     buf = _ticket_buffers.get(device)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -192,8 +194,7 @@ def prepare(device: torch.device) -> bool:
         except Exception:  # a torch without custom ops: keep transformers' attention
             _OP = False
     if _OP:  # the merge counters exist before any capture
-        _tickets(torch.device("cuda", torch.cuda.current_device()) if device.index is None
-                 else device)  # fmt: skip
+        _tickets(device)
     return bool(_OP)
 
 
