@@ -63,7 +63,7 @@ FX = "_fx"  # fused, and the experts through the two fused GEMV kernels (gemv_ex
 SPLIT = "_split"  # fused, the attention's programs target at --split-programs
 SEPARATE = "_sepmerge"  # fused, split attention calls merged by a second kernel (not in-kernel)
 PDL = "_pdl"  # fused, inductor's kernels launched with programmatic dependent launch (sm_90)
-COMBO = "_combo"  # fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS)
+COMBO = "_combo"  # fused, combo kernels in one-row steps (Regions.COMBO_KERNELS; others: off)
 NOGLU = "_noglu"  # fused, the experts' activation its own kernel (not gemv_experts.GLU_ON_LOAD)
 NOPDL = "_nopdl"  # fused, premoe's own kernels launched without PDL (pdl.ENABLED off)
 OWNPDL = "_ownpdl"  # fused, premoe's own kernels launched with PDL (pdl.ENABLED on)
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         f"by length alone); {SEPARATE}: fused, split attention calls merged by a second kernel "
         f"(attention.MERGE_IN_KERNEL off); {PDL}: fused, inductor's kernels launched with "
         f"programmatic dependent launch (torch._inductor.config.triton.enable_pdl); {COMBO}: "
-        f"fused, with inductor's combo kernels (graphs.Regions.COMBO_KERNELS); {NOGLU}: fused, "
+        f"fused, with inductor's combo kernels in one-row steps (graphs.Regions.COMBO_KERNELS, "
+        f"as the server runs; the other modes run without); {NOGLU}: fused, "
         f"the experts' activation as its own kernel (gemv_experts.GLU_ON_LOAD off); {NOPDL} / "
         f"{OWNPDL}: fused, premoe's kernels (GEMVs, attention, top-k) launched without / with "
         "programmatic dependent launch (premoe.quant.pdl.ENABLED; the other modes: its default)",

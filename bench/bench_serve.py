@@ -792,10 +792,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="premoe_gemv experts through the two fused kernels (premoe.quant.gemv_experts.FUSE)",
     )
     p.add_argument(
-        "--combo-kernels",
+        "--no-combo-kernels",
         action="store_true",
-        help="inductor's combo kernels in the compiled decoder layers "
-        "(premoe.serve.graphs.Regions.COMBO_KERNELS)",
+        help="without inductor's combo kernels in the compiled decoder layers "
+        "of one-row steps (premoe.serve.graphs.Regions.COMBO_KERNELS, on by default)",
     )
     p.add_argument(
         "--no-meter",
@@ -842,10 +842,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from premoe.quant import gemv_experts
 
         gemv_experts.FUSE = True
-    if args.combo_kernels:
+    if args.no_combo_kernels:
         from premoe.serve.graphs import Regions
 
-        Regions.COMBO_KERNELS = True
+        Regions.COMBO_KERNELS = False
     if not 1 <= args.patterns:
         p.error("--patterns must be >= 1")
     return args

@@ -80,11 +80,12 @@ class Regions:
     """
 
     RECOMPILE_LIMIT = 64  # compiled variants kept per layer forward (shape ranges, guards)
-    COMBO_KERNELS = False
-    """Inductor's combo kernels: independent small kernels of a layer (the query's and the
-    key's norm and rotary embedding) launched as one. H100, bench model, batch 1 through
-    bench_decode.py: 499.7 against 491.2 tokens/s (bench/RESULTS.md); off until it has run in
-    the server's dynamic-shape buckets on a GPU (not yet measured there)."""
+    COMBO_KERNELS = True
+    """Inductor's combo kernels in the one-row decode step: independent small kernels of a
+    layer (the query's and the key's norm and rotary embedding) launched as one. H100, bench
+    model, through the server: batch 1 540.2 against 534.8 tokens/s (1.010x, three runs each,
+    alternated); in every step they cost batch 64 0.85x (5967.5 against 7030.3 tokens/s), so
+    steps of several rows compile without them (bench/RESULTS.md)."""
 
     def __init__(self, layers: Sequence[torch.nn.Module], backend: Any = "inductor") -> None:
         self.layers = list(layers)
@@ -95,15 +96,18 @@ class Regions:
         ]
 
     @contextmanager
-    def active(self) -> Iterator[None]:
-        """Within the block, the layers run their compiled forwards."""
+    def active(self, one_row: bool = False) -> Iterator[None]:
+        """Within the block, the layers run their compiled forwards (`one_row`: a decode step of
+        one row, compiled with `COMBO_KERNELS`; dynamo gives size-1 batches graphs of their
+        own)."""
         config = torch._dynamo.config.patch(
             allow_unspec_int_on_nn_module=True,
             recompile_limit=self.RECOMPILE_LIMIT,
             accumulated_recompile_limit=256,  # over all code objects
         )
         # patched only when on: a prefill forward enters this block every step
-        combo = inductor_config.patch(combo_kernels=True) if self.COMBO_KERNELS else nullcontext()
+        on = one_row and self.COMBO_KERNELS
+        combo = inductor_config.patch(combo_kernels=True) if on else nullcontext()
         with config, combo:
             for layer, fn in zip(self.layers, self._compiled, strict=True):
                 layer.forward = fn
@@ -197,7 +201,7 @@ class DecodeGraphs:
         mask = torch.where(keys[None, :] <= pos, zero, torch.finfo(self.dtype).min)  # [B, K]
         self.plan(self.cols[:b], kv)
         rows = None if self.rows is None else Rows(self.rows.masks[:b], self.rows.index[:b])
-        regions = self.regions.active() if self.regions is not None else nullcontext()
+        regions = self.regions.active(b == 1) if self.regions is not None else nullcontext()
         with self.patched(), regions:
             return self.step(self.ids[:b], self.fed[:b], pos, mask[:, None, None, :], rows)
 
