@@ -237,22 +237,30 @@ class GraphLog:
         return [ln for c in self.codes for ln in c.splitlines() if "_scatter" in ln]
 
 
+SHAPES = [(b, kv) for b in (1, 2, 4, 8) for kv in (16, 32, 64)]  # 4 batch x 3 KV buckets
+
+
 def decode_shapes(
-    world: Any, dec: ContinuousDecoder, regions: Regions | None, routed: bool, fuse: bool = False
+    world: Any,
+    dec: ContinuousDecoder,
+    regions: Regions | None,
+    routed: bool,
+    fuse: bool = False,
+    steps: list[tuple[int, int]] = SHAPES,
 ) -> Any:
-    """Decode steps over 4 batch x 3 KV buckets; per step the eager forward's logits and the
-    step's through `regions` (None: eager too)."""
+    """Decode steps of (rows, KV columns) `steps`; per step the eager forward's logits and the
+    step's through `regions` (None: eager too), entered as `DecodeGraphs` does."""
     names = list(world.patterns)
     low = torch.finfo(torch.float32).min
     with torch.no_grad():
-        for b, kv in [(b, kv) for b in (1, 2, 4, 8) for kv in (16, 32, 64)]:
+        for b, kv in steps:
             ids = torch.arange(5, 5 + b)[:, None]  # [B, 1]
             pos = torch.full((b, 1), 3)
             mask = torch.where(torch.arange(kv)[None, :] <= pos, 0.0, low)[:, None, None, :]
             rows = world.routing.rows([names[i % len(names)] for i in range(b)]) if routed else None
             dec.cache.plan(None, pos, kv)
             want = dec._forward(ids, pos, mask, rows)
-            with dec._patched(fuse), regions.active() if regions else nullcontext():
+            with dec._patched(fuse), regions.active(b == 1) if regions else nullcontext():
                 dec.cache.plan(None, pos, kv)
                 yield want, dec._graph_step(ids, 0 * ids, pos, mask, rows)
 
@@ -300,14 +308,13 @@ def test_one_row_steps_run_graphs_compiled_with_combo_kernels_others_without(
     batches graphs of their own), and the steps still equal the eager ones."""
     from torch._inductor import config as inductor_config
 
-    ran: list[tuple[bool, int]] = []  # (compiled with combo kernels, rows of the step run)
-    step_rows = [0]
+    ran: list[bool] = []  # per layer forward run: compiled with combo kernels
 
     def backend(gm: Any, example: Any) -> Any:
         combo = bool(inductor_config.combo_kernels)
 
         def run(*args: Any) -> Any:
-            ran.append((combo, step_rows[0]))
+            ran.append(combo)
             return gm.forward(*args)
 
         return run
@@ -318,23 +325,15 @@ def test_one_row_steps_run_graphs_compiled_with_combo_kernels_others_without(
     torch._dynamo.reset()
     regions = Regions(decoder_layers(world.model), backend=backend)
     assert Regions.COMBO_KERNELS
-    names = list(world.patterns)
-    low = torch.finfo(torch.float32).min
-    with torch.no_grad():
-        for b, kv in [(2, 16), (1, 16), (4, 32), (1, 32), (2, 32)]:
-            step_rows[0] = b
-            ids = torch.arange(5, 5 + b)[:, None]  # [B, 1]
-            pos = torch.full((b, 1), 3)
-            mask = torch.where(torch.arange(kv)[None, :] <= pos, 0.0, low)[:, None, None, :]
-            rows = world.routing.rows([names[i % len(names)] for i in range(b)])
-            dec.cache.plan(None, pos, kv)
-            want = dec._forward(ids, pos, mask, rows)
-            with dec._patched(False), regions.active(b == 1):
-                dec.cache.plan(None, pos, kv)
-                got = dec._graph_step(ids, 0 * ids, pos, mask, rows)
-            torch.testing.assert_close(got, want)
-    assert {combo for combo, _ in ran} == {True, False}, ran
-    assert all(combo == (b == 1) for combo, b in ran), ran
+    steps = [(2, 16), (1, 16), (4, 32), (1, 32), (2, 32)]
+    seen = 0
+    for (b, _), (want, got) in zip(
+        steps, decode_shapes(world, dec, regions, True, steps=steps), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+        assert all(combo == (b == 1) for combo in ran[seen:]), (b, ran)
+        seen = len(ran)
+    assert set(ran) == {True, False}, ran
 
 
 def test_prefill_chunks_through_compiled_layers_equal_their_patterns_pruned_model(
