@@ -6,7 +6,7 @@ reference computed here from full-vocabulary logits; seeded sampling is reproduc
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,7 +237,7 @@ class GraphLog:
         return [ln for c in self.codes for ln in c.splitlines() if "_scatter" in ln]
 
 
-SHAPES = [(b, kv) for b in (1, 2, 4, 8) for kv in (16, 32, 64)]  # 4 batch x 3 KV buckets
+SHAPES = tuple((b, kv) for b in (1, 2, 4, 8) for kv in (16, 32, 64))  # 4 batch x 3 KV buckets
 
 
 def decode_shapes(
@@ -246,7 +246,7 @@ def decode_shapes(
     regions: Regions | None,
     routed: bool,
     fuse: bool = False,
-    steps: list[tuple[int, int]] = SHAPES,
+    steps: Sequence[tuple[int, int]] = SHAPES,
 ) -> Any:
     """Decode steps of (rows, KV columns) `steps`; per step the eager forward's logits and the
     step's through `regions` (None: eager too), entered as `DecodeGraphs` does."""
